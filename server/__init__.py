@@ -1,0 +1,1 @@
+"""Online gRPC gateway in front of Triton. Never imports torch or the modelling package."""

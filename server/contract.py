@@ -1,0 +1,55 @@
+"""The serving contract shared by export code, generated Triton configs and the gateway.
+
+Defined once here (and imported by `export_scripts` and `ltrec`) so that a renamed tensor cannot
+drift between the ONNX graphs, `config.pbtxt` and the gateway. Pure Python: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+# --- Triton model names -------------------------------------------------------------------------
+ENSEMBLE_MODEL = "recommend"
+USER_ENCODER_MODEL = "user_encoder"
+CONTEXT_WEIGHTING_MODEL = "context_weighting"
+SCORER_MODEL = "scorer"
+ITEM_TEXT_ENCODER_MODEL = "item_text_encoder"
+
+# --- Ensemble inputs (all batch-first; the gateway sends batch 1) ------------------------------
+# Catalogue indices of the user's history, oldest first, 0 = padding. INT64 [batch, history].
+HISTORY_ITEMS = "history_items"
+# Event type index per history position (see EVENT_TYPES), 0 = padding. INT64 [batch, history].
+HISTORY_EVENT_TYPES = "history_event_types"
+# Context buckets (hour, weekday, device, region), each 0 = unknown. INT64 [batch, 4].
+CONTEXT = "context"
+# Catalogue indices never to return, 0 = padding. INT64 [batch, n_exclude].
+EXCLUDE_ITEMS = "exclude_items"
+# Popularity-debiasing strength. FP32 [batch, 1].
+LONG_TAIL_WEIGHT = "long_tail_weight"
+# Number of items to return (shared by the batch). INT64 [1].
+TOP_K = "top_k"
+
+# --- Intermediate tensors -----------------------------------------------------------------------
+USER_EMBEDDING = "user_embedding"
+WEIGHTED_USER_EMBEDDING = "weighted_user_embedding"
+
+# --- Ensemble outputs ---------------------------------------------------------------------------
+TOP_ITEMS = "top_items"  # INT64 [batch, k] catalogue indices
+TOP_SCORES = "top_scores"  # FP32 [batch, k]; -inf where fewer than k items were eligible
+REASON_POSITIONS = "reason_positions"  # INT64 [batch, k] history position closest to each item
+
+# --- Item text encoder (for encoding new items; not on the Recommend path) -------------------
+TEXT_INPUT_IDS = "input_ids"  # INT64 [batch, tokens]
+TEXT_ATTENTION_MASK = "attention_mask"  # INT64 [batch, tokens]
+ITEM_VECTOR = "item_vector"  # FP32 [batch, EMBEDDING_DIM] (not "embedding": clashes in torch.onnx)
+
+# --- Vocabularies and bounds --------------------------------------------------------------------
+PADDING_INDEX = 0
+# Index i+1 in HISTORY_EVENT_TYPES; request EVENT_TYPE_UNSPECIFIED maps to "view".
+EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "rating")
+CONTEXT_FIELDS: tuple[str, ...] = ("hour", "weekday", "device", "region")
+HOUR_BUCKETS = 25  # 0 unknown, 1 + UTC hour
+WEEKDAY_BUCKETS = 8  # 0 unknown, 1 + weekday (Monday = 0)
+UNKNOWN_BUCKET = 0  # device/region: 0 unknown, 1 + position in the exported vocabulary
+
+# --- Files the export writes at the root of the model repository -------------------------------
+METADATA_FILE = "ltrec_metadata.json"  # versions, data, training figures, hashes, vocabularies
+CATALOGUE_FILE = "ltrec_catalogue.csv"  # index,item_id,title,popularity,long_tail (index 1..N)
