@@ -1,0 +1,257 @@
+"""Turn a trained checkpoint into a Triton model repository.
+
+Writes ONNX models (item text encoder, user encoder, context weighting, scorer with the catalogue
+inside), their configs as `ModelConfig` protobufs, the `recommend` ensemble, and beside them the
+metadata (versions, data, training figures, hashes, parity) and the catalogue file the gateway
+reads. Every ONNX graph is run against its torch module during export; a mismatch fails the export.
+
+    python -m export_scripts.export --checkpoint artifacts/ml-1m/checkpoint.pt --output model_repository
+    python -m export_scripts.export ... --tensorrt   # configs for a GPU deployment (TensorRT EP)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export_scripts import onnx_graphs, triton_config
+from ltrec.models import ItemTextEncoder, Scorer, UserEncoder
+from ltrec.train import load_checkpoint
+from server import contract
+
+PARITY_TOLERANCE = 1e-4
+VERSION = "1"  # Triton version folder; the model version string lives in the metadata
+OWNED_MODELS = (
+    contract.ENSEMBLE_MODEL,
+    contract.USER_ENCODER_MODEL,
+    contract.CONTEXT_WEIGHTING_MODEL,
+    contract.SCORER_MODEL,
+    contract.ITEM_TEXT_ENCODER_MODEL,
+)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_config(repo: Path, cfg: object) -> None:
+    model_dir = repo / cfg.name  # type: ignore[attr-defined]
+    (model_dir / VERSION).mkdir(parents=True, exist_ok=True)
+    text = triton_config.to_pbtxt(cfg)  # type: ignore[arg-type]
+    triton_config.parse_pbtxt(text)  # round-trip: a config Triton cannot parse never lands
+    (model_dir / "config.pbtxt").write_text(text)
+
+
+def write_catalogue(path: Path, ckpt: dict) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "item_id", "title", "popularity", "long_tail"])
+        for i, (item_id, title) in enumerate(zip(ckpt["item_ids"], ckpt["titles"], strict=True)):
+            idx = i + 1
+            writer.writerow(
+                [idx, item_id, title, int(ckpt["popularity"][idx]), int(ckpt["long_tail"][idx])]
+            )
+
+
+def export(
+    checkpoint: Path,
+    output: Path,
+    *,
+    tensorrt: bool = False,
+    text_encoder: bool = True,
+    default_long_tail_weight: float = 0.0,
+    log=print,
+) -> dict:
+    """Export and verify; returns the metadata written beside the models."""
+    started = time.monotonic()
+    model, ckpt = load_checkpoint(checkpoint)
+    cfg = model.cfg
+    dim = cfg.embedding_dim
+    with torch.no_grad():
+        table = model.item_table()
+    output.mkdir(parents=True, exist_ok=True)
+    for name in OWNED_MODELS:
+        shutil.rmtree(output / name, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    parity: dict[str, dict[str, float]] = {}
+
+    # user encoder: history -> user embedding (item table inside)
+    encoder = UserEncoder(table, model.user_tower).eval()
+    path = output / contract.USER_ENCODER_MODEL / VERSION / "model.onnx"
+    onnx_graphs.export_user_encoder(encoder, path)
+    hist = rng.integers(1, cfg.n_items + 1, size=(3, 7)).astype(np.int64)
+    hist[0, :3] = 0
+    types = rng.integers(1, len(contract.EVENT_TYPES) + 1, size=hist.shape).astype(np.int64)
+    types[hist == 0] = 0
+    (diff,) = onnx_graphs.max_abs_diff(
+        path,
+        {contract.HISTORY_ITEMS: hist, contract.HISTORY_EVENT_TYPES: types},
+        lambda: (encoder(torch.from_numpy(hist), torch.from_numpy(types)),),
+    )
+    parity[contract.USER_ENCODER_MODEL] = {contract.USER_EMBEDDING: diff}
+
+    # context weighting
+    path = output / contract.CONTEXT_WEIGHTING_MODEL / VERSION / "model.onnx"
+    onnx_graphs.export_context_weighting(model.context_weighting, dim, path)
+    user = rng.standard_normal((3, dim)).astype(np.float32)
+    ctx = np.stack(
+        [
+            rng.integers(0, contract.HOUR_BUCKETS, 3),
+            rng.integers(0, contract.WEEKDAY_BUCKETS, 3),
+            rng.integers(0, cfg.n_devices, 3),
+            rng.integers(0, cfg.n_regions, 3),
+        ],
+        axis=1,
+    ).astype(np.int64)
+    (diff,) = onnx_graphs.max_abs_diff(
+        path,
+        {contract.USER_EMBEDDING: user, contract.CONTEXT: ctx},
+        lambda: (model.context_weighting(torch.from_numpy(user), torch.from_numpy(ctx)),),
+    )
+    parity[contract.CONTEXT_WEIGHTING_MODEL] = {contract.WEIGHTED_USER_EMBEDDING: diff}
+
+    # scorer: the catalogue and its popularity inside the graph
+    popularity = torch.from_numpy(np.asarray(ckpt["popularity"]))
+    scorer = Scorer(table, popularity).eval()
+    path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import onnx
+
+    onnx.save(onnx_graphs.scorer_graph(table.numpy(), np.asarray(ckpt["popularity"])), path)
+    parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(path, scorer, dim, cfg.n_items, rng)
+
+    configs = [
+        triton_config.onnx_model_config(
+            contract.USER_ENCODER_MODEL, triton_config.user_encoder_io(dim), tensorrt=tensorrt
+        ),
+        triton_config.onnx_model_config(
+            contract.CONTEXT_WEIGHTING_MODEL,
+            triton_config.context_weighting_io(dim),
+            tensorrt=tensorrt,
+        ),
+        triton_config.onnx_model_config(
+            contract.SCORER_MODEL, triton_config.scorer_io(dim), tensorrt=tensorrt
+        ),
+        triton_config.ensemble_config(dim),
+    ]
+
+    if text_encoder:
+        from ltrec.text_encoder import load_text_model, tokenize
+
+        tokenizer, minilm = load_text_model()
+        module = ItemTextEncoder(minilm, model.projection).eval()
+        path = output / contract.ITEM_TEXT_ENCODER_MODEL / VERSION / "model.onnx"
+        onnx_graphs.export_item_text_encoder(module, path)
+        batch = tokenize(tokenizer, list(ckpt["texts"][:4]), cfg.text_max_tokens)
+        ids = batch["input_ids"].numpy().astype(np.int64)
+        mask = batch["attention_mask"].numpy().astype(np.int64)
+        (diff,) = onnx_graphs.max_abs_diff(
+            path,
+            {contract.TEXT_INPUT_IDS: ids, contract.TEXT_ATTENTION_MASK: mask},
+            lambda: (module(torch.from_numpy(ids), torch.from_numpy(mask)),),
+        )
+        parity[contract.ITEM_TEXT_ENCODER_MODEL] = {contract.ITEM_VECTOR: diff}
+        configs.append(
+            triton_config.onnx_model_config(
+                contract.ITEM_TEXT_ENCODER_MODEL,
+                triton_config.item_text_encoder_io(dim),
+                tensorrt=tensorrt,
+                threads=2,
+            )
+        )
+        tokenizer.save_pretrained(str(output / contract.ITEM_TEXT_ENCODER_MODEL / "tokenizer"))
+
+    for model_cfg in configs:
+        _write_config(output, model_cfg)
+
+    for model_name, diffs in parity.items():
+        for tensor, value in diffs.items():
+            log(f"parity {model_name}.{tensor}: max abs diff {value:.2e}")
+    failed = [
+        f"{m}.{t}={v}" for m, d in parity.items() for t, v in d.items() if v > PARITY_TOLERANCE
+    ]
+    if failed:
+        raise RuntimeError(f"ONNX graphs disagree with torch: {', '.join(failed)}")
+
+    write_catalogue(output / contract.CATALOGUE_FILE, ckpt)
+    files = sorted(p for p in output.rglob("*") if p.is_file() and p.name != contract.METADATA_FILE)
+    summary = ckpt["summary"]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    ckpt_hash = sha256(checkpoint)
+    metadata = {
+        "model_version": f"{stamp}-{ckpt_hash[:8]}",
+        "created_at": datetime.now(UTC).isoformat(),
+        "embedding_dim": dim,
+        "max_history": cfg.max_history,
+        "n_items": cfg.n_items,
+        "default_long_tail_weight": default_long_tail_weight,
+        "long_tail_weight_max": 2.0,
+        "tensorrt": tensorrt,
+        "vocabularies": ckpt["vocabularies"],
+        "text_model": summary["text_model"],
+        "model_config": ckpt["model_config"],
+        "data": summary["data"],
+        "training": {
+            "best": summary["best"],
+            "most_popular_valid": summary["most_popular_valid"],
+            "stop_reason": summary["stop_reason"],
+            "train_seconds": summary["train_seconds"],
+            "train_config": summary["train_config"],
+        },
+        "parity_max_abs_diff": parity,
+        "checkpoint": {"path": str(checkpoint), "sha256": ckpt_hash},
+        "files": {
+            str(p.relative_to(output)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+            for p in files
+        },
+        "export_seconds": round(time.monotonic() - started, 2),
+    }
+    (output / contract.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--output", type=Path, default=Path("model_repository"))
+    parser.add_argument("--tensorrt", action="store_true", help="GPU configs (TensorRT EP, FP16)")
+    parser.add_argument(
+        "--no-text-encoder", action="store_true", help="skip the MiniLM item text encoder model"
+    )
+    parser.add_argument("--default-long-tail-weight", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        print(f"error: checkpoint {args.checkpoint} not found (run `make train` first)", file=sys.stderr)
+        return 2
+    meta = export(
+        args.checkpoint,
+        args.output,
+        tensorrt=args.tensorrt,
+        text_encoder=not args.no_text_encoder,
+        default_long_tail_weight=args.default_long_tail_weight,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    total = sum(f["bytes"] for f in meta["files"].values())
+    print(
+        f"exported model version {meta['model_version']} to {args.output} "
+        f"({len(meta['files'])} files, {total / 1e6:.1f} MB) in {meta['export_seconds']:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

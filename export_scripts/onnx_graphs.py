@@ -1,0 +1,242 @@
+"""ONNX graphs of the trained towers, and their parity check against torch.
+
+The torch towers go through `torch.onnx.export`. The scorer is written with `onnx.helper`: its
+`k` is a runtime input (TopK's second input), which traced exports would freeze; the torch
+`ltrec.models.Scorer` is the reference it is checked against.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ltrec.models import ContextWeighting, ItemTextEncoder, Scorer, UserEncoder
+from server import contract
+
+OPSET = 18
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+
+
+def _export(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            external_data=False,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    program.save(str(path), external_data=False)
+
+
+def export_user_encoder(encoder: UserEncoder, path: Path) -> None:
+    items = torch.tensor([[0, 0, 3, 1, 2], [4, 5, 6, 7, 1]], dtype=torch.long)
+    events = torch.tensor([[0, 0, 1, 2, 4], [1, 1, 3, 4, 4]], dtype=torch.long)
+    _export(
+        encoder,
+        (items, events),
+        path,
+        [contract.HISTORY_ITEMS, contract.HISTORY_EVENT_TYPES],
+        [contract.USER_EMBEDDING],
+        {
+            contract.HISTORY_ITEMS: {0: "batch", 1: "history"},
+            contract.HISTORY_EVENT_TYPES: {0: "batch", 1: "history"},
+            contract.USER_EMBEDDING: {0: "batch"},
+        },
+    )
+
+
+def export_context_weighting(module: ContextWeighting, dim: int, path: Path) -> None:
+    user = torch.randn(2, dim)
+    context = torch.tensor([[1, 2, 0, 1], [24, 7, 1, 0]], dtype=torch.long)
+    _export(
+        module,
+        (user, context),
+        path,
+        [contract.USER_EMBEDDING, contract.CONTEXT],
+        [contract.WEIGHTED_USER_EMBEDDING],
+        {
+            contract.USER_EMBEDDING: {0: "batch"},
+            contract.CONTEXT: {0: "batch"},
+            contract.WEIGHTED_USER_EMBEDDING: {0: "batch"},
+        },
+    )
+
+
+def export_item_text_encoder(module: ItemTextEncoder, path: Path) -> None:
+    ids = torch.tensor([[101, 2000, 2001, 102], [101, 2003, 102, 0]], dtype=torch.long)
+    mask = (ids != 0).long()
+    _export(
+        module,
+        (ids, mask),
+        path,
+        [contract.TEXT_INPUT_IDS, contract.TEXT_ATTENTION_MASK],
+        [contract.ITEM_VECTOR],
+        {
+            contract.TEXT_INPUT_IDS: {0: "batch", 1: "tokens"},
+            contract.TEXT_ATTENTION_MASK: {0: "batch", 1: "tokens"},
+            contract.ITEM_VECTOR: {0: "batch"},
+        },
+    )
+
+
+def scorer_graph(item_table: np.ndarray, popularity: np.ndarray) -> onnx.ModelProto:
+    """ONNX version of `ltrec.models.Scorer` with the catalogue inside the graph."""
+    n_rows, dim = item_table.shape
+    base_mask = np.zeros((1, n_rows), dtype=np.float32)
+    base_mask[0, contract.PADDING_INDEX] = -np.inf
+    inits = [
+        numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
+        numpy_helper.from_array(
+            np.log1p(popularity.astype(np.float32)).reshape(1, -1), "log_popularity"
+        ),
+        numpy_helper.from_array(base_mask, "base_mask"),
+        numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array(contract.PADDING_INDEX, dtype=np.int64), "pad_index"),
+        numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "norm_eps"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
+    ]
+    n = helper.make_node
+    nodes = [
+        # scores, adjusted for popularity, padding masked
+        n("Gemm", [contract.WEIGHTED_USER_EMBEDDING, "item_table"], ["raw"], transB=1),
+        n("Mul", [contract.LONG_TAIL_WEIGHT, "log_popularity"], ["penalty"]),
+        n("Sub", ["raw", "penalty"], ["adjusted"]),
+        n("Add", ["adjusted", "base_mask"], ["eligible"]),
+        # history and excluded items can never be returned
+        n("Concat", [contract.HISTORY_ITEMS, contract.EXCLUDE_ITEMS], ["masked_idx"], axis=1),
+        n("Shape", ["masked_idx"], ["masked_shape"]),
+        n("Expand", ["neg_inf", "masked_shape"], ["masked_val"]),
+        n("ScatterElements", ["eligible", "masked_idx", "masked_val"], ["scores"], axis=1),
+        n("TopK", ["scores", contract.TOP_K], [contract.TOP_SCORES, contract.TOP_ITEMS], axis=1),
+        # reason: the history position whose item is most similar (cosine) to each result
+        n("Gather", ["item_table", contract.TOP_ITEMS], ["rec_vec"]),
+        n("ReduceL2", ["rec_vec", "last_axis"], ["rec_norm"], keepdims=1),
+        n("Max", ["rec_norm", "norm_eps"], ["rec_norm_safe"]),
+        n("Div", ["rec_vec", "rec_norm_safe"], ["rec_unit"]),
+        n("Gather", ["item_table", contract.HISTORY_ITEMS], ["hist_vec"]),
+        n("ReduceL2", ["hist_vec", "last_axis"], ["hist_norm"], keepdims=1),
+        n("Max", ["hist_norm", "norm_eps"], ["hist_norm_safe"]),
+        n("Div", ["hist_vec", "hist_norm_safe"], ["hist_unit"]),
+        n("Transpose", ["hist_unit"], ["hist_unit_t"], perm=[0, 2, 1]),
+        n("MatMul", ["rec_unit", "hist_unit_t"], ["sims"]),
+        n("Equal", [contract.HISTORY_ITEMS, "pad_index"], ["is_pad"]),
+        n("Where", ["is_pad", "neg_inf", "zero"], ["pad_penalty"]),
+        n("Unsqueeze", ["pad_penalty", "one_axis"], ["pad_penalty3"]),
+        n("Add", ["sims", "pad_penalty3"], ["reason_sims"]),
+        n("ArgMax", ["reason_sims"], [contract.REASON_POSITIONS], axis=2, keepdims=0),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"))
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    graph = helper.make_graph(
+        nodes,
+        "scorer",
+        [
+            helper.make_tensor_value_info(contract.WEIGHTED_USER_EMBEDDING, f32, ["batch", dim]),
+            helper.make_tensor_value_info(contract.HISTORY_ITEMS, i64, ["batch", "history"]),
+            helper.make_tensor_value_info(contract.EXCLUDE_ITEMS, i64, ["batch", "exclude"]),
+            helper.make_tensor_value_info(contract.LONG_TAIL_WEIGHT, f32, ["batch", 1]),
+            helper.make_tensor_value_info(contract.TOP_K, i64, [1]),
+        ],
+        [
+            helper.make_tensor_value_info(contract.TOP_ITEMS, i64, ["batch", "k"]),
+            helper.make_tensor_value_info(contract.TOP_SCORES, f32, ["batch", "k"]),
+            helper.make_tensor_value_info(contract.REASON_POSITIONS, i64, ["batch", "k"]),
+        ],
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="ltrec-export",
+        ir_version=10,  # onnxruntime 1.31 and the NGC image read IR <= 10
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def max_abs_diff(
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    reference: Callable[[], tuple[torch.Tensor, ...]],
+) -> list[float]:
+    """Run the ONNX file and the torch module on the same inputs; one figure per output."""
+    got = session(path).run(None, feeds)
+    with torch.no_grad():
+        want = reference()
+    diffs = []
+    for g, w in zip(got, want, strict=True):
+        w_np = w.numpy()
+        finite = np.isfinite(w_np)
+        if not np.array_equal(finite, np.isfinite(g)):
+            diffs.append(float("inf"))
+            continue
+        diffs.append(float(np.max(np.abs(g[finite] - w_np[finite]), initial=0.0)))
+    return diffs
+
+
+def scorer_parity(
+    path: Path, scorer: Scorer, dim: int, n_items: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """Scores and order must match; ties aside, the same items in the same order."""
+    user = rng.standard_normal((2, dim)).astype(np.float32)
+    hist = rng.integers(0, n_items + 1, size=(2, 6)).astype(np.int64)
+    hist[0, :2] = 0
+    excl = rng.integers(0, n_items + 1, size=(2, 3)).astype(np.int64)
+    weight = np.array([[0.0], [0.7]], dtype=np.float32)
+    k = min(10, max(1, n_items - 9))
+    feeds = {
+        contract.WEIGHTED_USER_EMBEDDING: user,
+        contract.HISTORY_ITEMS: hist,
+        contract.EXCLUDE_ITEMS: excl,
+        contract.LONG_TAIL_WEIGHT: weight,
+        contract.TOP_K: np.array([k], dtype=np.int64),
+    }
+    items, scores, reasons = session(path).run(
+        [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS], feeds
+    )
+    with torch.no_grad():
+        t_items, t_scores, t_reasons = scorer(
+            torch.from_numpy(user),
+            torch.from_numpy(hist),
+            torch.from_numpy(excl),
+            torch.from_numpy(weight),
+            k,
+        )
+    finite = np.isfinite(t_scores.numpy())
+    return {
+        contract.TOP_SCORES: float(np.max(np.abs(scores[finite] - t_scores.numpy()[finite]))),
+        contract.TOP_ITEMS: float(np.mean(items[finite] != t_items.numpy()[finite])),
+        contract.REASON_POSITIONS: float(np.mean(reasons[finite] != t_reasons.numpy()[finite])),
+    }

@@ -1,0 +1,81 @@
+"""Context buckets and training sequences, from the cleaned events table.
+
+The bucket rules mirror the gateway's (`server/features.py`); a unit test holds them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from server import contract
+
+
+def build_vocabulary(values: pd.Series | None) -> list[str]:
+    """Sorted distinct normalised labels; bucket = 1 + position, 0 = unknown."""
+    if values is None:
+        return []
+    clean = values.dropna().astype(str).str.strip().str.lower()
+    return sorted(v for v in clean.unique() if v)
+
+
+def label_buckets(values: pd.Series | None, vocabulary: list[str], n: int) -> np.ndarray:
+    if values is None or not vocabulary:
+        return np.zeros(n, dtype=np.int64)
+    lookup = {v: i + 1 for i, v in enumerate(vocabulary)}
+    clean = values.astype("string").str.strip().str.lower()
+    return clean.map(lookup).fillna(contract.UNKNOWN_BUCKET).astype(np.int64).to_numpy()
+
+
+def time_buckets(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(1 + UTC hour, 1 + UTC weekday with Monday = 0) for epoch seconds."""
+    ts = np.asarray(timestamps, dtype=np.int64)
+    hour = (ts // 3600) % 24 + 1
+    weekday = ((ts // 86400) + 3) % 7 + 1  # 1970-01-01 was a Thursday (weekday 3)
+    return hour.astype(np.int64), weekday.astype(np.int64)
+
+
+def context_matrix(
+    events: pd.DataFrame, device_vocab: list[str], region_vocab: list[str]
+) -> np.ndarray:
+    """[n_events, 4] context buckets in `contract.CONTEXT_FIELDS` order."""
+    n = len(events)
+    hour, weekday = time_buckets(events["timestamp"].to_numpy())
+    device = label_buckets(events.get("device"), device_vocab, n)
+    region = label_buckets(events.get("region"), region_vocab, n)
+    return np.stack([hour, weekday, device, region], axis=1)
+
+
+@dataclass
+class Sequences:
+    """Per-user event sequences in time order, as flat arrays with offsets."""
+
+    users: np.ndarray  # user ids, one per sequence
+    offsets: np.ndarray  # [n_users + 1]
+    items: np.ndarray  # catalogue index per event
+    event_types: np.ndarray  # 1 + EVENT_TYPES index per event
+    context: np.ndarray  # [n_events, 4]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def user_slice(self, u: int) -> slice:
+        return slice(int(self.offsets[u]), int(self.offsets[u + 1]))
+
+
+def build_sequences(
+    events: pd.DataFrame, device_vocab: list[str], region_vocab: list[str]
+) -> Sequences:
+    """Events must be sorted by user then time (as `load_dataset` returns them)."""
+    user_col = events["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]]) if len(events) else []
+    offsets = np.r_[starts, len(events)].astype(np.int64)
+    return Sequences(
+        users=user_col[starts] if len(events) else np.array([], dtype=object),
+        offsets=offsets,
+        items=events["item_index"].to_numpy(np.int64),
+        event_types=events["event_index"].to_numpy(np.int64),
+        context=context_matrix(events, device_vocab, region_vocab),
+    )

@@ -1,0 +1,248 @@
+"""The towers: item text encoder, GPT-style user encoder, context weighting, catalogue scorer.
+
+Item vectors come from item *text* (MiniLM over title, category, brand, price bucket,
+description), so an item seen twice is represented as well as one seen a million times, and a new
+item needs only its text. The user tower reads the item vectors of the history, never item ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from server import contract
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the towers; stored in the checkpoint so export rebuilds the same modules."""
+
+    n_items: int  # catalogue size N (indices 1..N; 0 is padding)
+    n_devices: int  # device vocabulary size + 1 (0 = unknown)
+    n_regions: int  # region vocabulary size + 1 (0 = unknown)
+    text_dim: int = 384
+    embedding_dim: int = 64
+    projection_hidden: int = 256
+    n_layers: int = 2
+    n_heads: int = 2
+    max_history: int = 200
+    dropout: float = 0.2
+    context_dim: int = 16
+    text_max_tokens: int = 64
+
+    def to_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+class TextProjection(nn.Module):
+    """Trained map from the frozen sentence embedding into the recommendation space."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.projection_hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.projection_hidden, cfg.embedding_dim),
+        )
+
+    def forward(self, text_features: torch.Tensor) -> torch.Tensor:
+        return self.net(text_features)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence-transformers pooling for all-MiniLM-L6-v2: masked mean, then L2 norm."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * mask).sum(dim=1)
+    counts = mask.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(summed / counts, p=2.0, dim=-1)
+
+
+class ItemTextEncoder(nn.Module):
+    """MiniLM + pooling + trained projection: text tokens -> item vector (exported to Triton)."""
+
+    def __init__(self, encoder: nn.Module, projection: TextProjection) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projection = projection
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.projection(mean_pool(hidden, attention_mask))
+
+
+class UserTower(nn.Module):
+    """GPT-2 architecture over the item vectors of a history (plus event-type embeddings).
+
+    A learned begin-of-history vector is prepended, so an empty history still has a defined
+    embedding and the first history item is a training target too. Padding (index 0) may sit on
+    either side: positions count real events only, and the user embedding is the state at the
+    last real position.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.event_embedding = nn.Embedding(len(contract.EVENT_TYPES) + 1, cfg.embedding_dim)
+        self.begin = nn.Parameter(torch.randn(cfg.embedding_dim) * 0.02)
+        gpt_cfg = GPT2Config(
+            vocab_size=1,
+            n_positions=cfg.max_history + 1,
+            n_embd=cfg.embedding_dim,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.embedding_dim * 4,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        gpt_cfg._attn_implementation = "eager"  # exports to plain ONNX ops
+        self.gpt = GPT2Model(gpt_cfg)
+
+    def states(
+        self, item_vectors: torch.Tensor, history_items: torch.Tensor, event_types: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden state after the begin vector and after each history position: [B, L+1, D]."""
+        batch = history_items.shape[0]
+        inputs = item_vectors + self.event_embedding(event_types)
+        begin = self.begin.expand(batch, 1, -1)
+        inputs = torch.cat([begin, inputs], dim=1)
+        real = torch.cat(
+            [torch.ones_like(history_items[:, :1]), (history_items != contract.PADDING_INDEX).long()],
+            dim=1,
+        )
+        positions = (real.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.gpt(
+            inputs_embeds=inputs, attention_mask=real, position_ids=positions
+        ).last_hidden_state
+        return hidden, real
+
+    def forward(
+        self, item_vectors: torch.Tensor, history_items: torch.Tensor, event_types: torch.Tensor
+    ) -> torch.Tensor:
+        hidden, real = self.states(item_vectors, history_items, event_types)
+        steps = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
+        last = (real * steps).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0]), last]
+
+
+class ContextWeighting(nn.Module):
+    """Context (hour, weekday, device, region) -> a per-dimension weight on the user embedding.
+
+    The weight is 2*sigmoid(MLP), initialised to exactly 1 so the context starts neutral and
+    training moves it only where it helps.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.context_dim
+        self.hour = nn.Embedding(contract.HOUR_BUCKETS, d)
+        self.weekday = nn.Embedding(contract.WEEKDAY_BUCKETS, d)
+        self.device = nn.Embedding(cfg.n_devices, d)
+        self.region = nn.Embedding(cfg.n_regions, d)
+        self.mlp = nn.Sequential(nn.Linear(4 * d, 4 * d), nn.GELU(), nn.Linear(4 * d, cfg.embedding_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def weights(self, context: torch.Tensor) -> torch.Tensor:
+        features = torch.cat(
+            [
+                self.hour(context[..., 0]),
+                self.weekday(context[..., 1]),
+                self.device(context[..., 2]),
+                self.region(context[..., 3]),
+            ],
+            dim=-1,
+        )
+        return 2.0 * torch.sigmoid(self.mlp(features))
+
+    def forward(self, user_embedding: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return user_embedding * self.weights(context)
+
+
+class Recommender(nn.Module):
+    """Everything trained together: projection, user tower, context weighting.
+
+    `text_features` (the frozen MiniLM embedding of every catalogue item, row 0 = padding) is a
+    buffer: MiniLM is run once per item, not per step.
+    """
+
+    def __init__(self, cfg: ModelConfig, text_features: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("text_features", text_features, persistent=False)
+        self.projection = TextProjection(cfg)
+        self.user_tower = UserTower(cfg)
+        self.context_weighting = ContextWeighting(cfg)
+
+    def item_table(self) -> torch.Tensor:
+        """Item vectors of the whole catalogue, [N+1, D], row 0 zero (padding)."""
+        table = self.projection(self.text_features)
+        keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
+        keep[contract.PADDING_INDEX] = 0.0
+        return table * keep
+
+
+class UserEncoder(nn.Module):
+    """Exported user encoder: history indices -> user embedding (item table baked in)."""
+
+    def __init__(self, item_table: torch.Tensor, user_tower: UserTower) -> None:
+        super().__init__()
+        self.register_buffer("item_table", item_table.detach().clone())
+        self.user_tower = user_tower
+
+    def forward(self, history_items: torch.Tensor, history_event_types: torch.Tensor) -> torch.Tensor:
+        vectors = F.embedding(history_items, self.item_table)
+        return self.user_tower(vectors, history_items, history_event_types)
+
+
+class Scorer(nn.Module):
+    """Reference scorer (torch); export writes the same computation as an ONNX graph.
+
+    score_i = <u, e_i> - w * log(1 + popularity_i); padding, history and excluded items get -inf;
+    top-k; and, per returned item, the history position with the most similar item (cosine),
+    which the gateway turns into an explanation.
+    """
+
+    def __init__(self, item_table: torch.Tensor, popularity: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("item_table", item_table.detach().clone())
+        self.register_buffer("log_popularity", torch.log1p(popularity.float()).unsqueeze(0))
+        base = torch.zeros(1, item_table.shape[0])
+        base[0, contract.PADDING_INDEX] = float("-inf")
+        self.register_buffer("base_mask", base)
+
+    def scores(
+        self,
+        user: torch.Tensor,
+        history_items: torch.Tensor,
+        exclude_items: torch.Tensor,
+        long_tail_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        raw = user @ self.item_table.T
+        adjusted = raw - long_tail_weight * self.log_popularity + self.base_mask
+        masked_idx = torch.cat([history_items, exclude_items], dim=1)
+        return adjusted.scatter(1, masked_idx, float("-inf"))
+
+    def forward(
+        self,
+        user: torch.Tensor,
+        history_items: torch.Tensor,
+        exclude_items: torch.Tensor,
+        long_tail_weight: torch.Tensor,
+        k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = self.scores(user, history_items, exclude_items, long_tail_weight)
+        top_scores, top_items = scores.topk(k, dim=1)
+        recommended = F.normalize(F.embedding(top_items, self.item_table), dim=-1)
+        history = F.normalize(F.embedding(history_items, self.item_table), dim=-1)
+        sims = recommended @ history.transpose(1, 2)
+        pad = torch.where(history_items == contract.PADDING_INDEX, float("-inf"), 0.0)
+        reasons = (sims + pad.unsqueeze(1)).argmax(dim=2)
+        return top_items, top_scores, reasons

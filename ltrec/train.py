@@ -1,0 +1,378 @@
+"""Train the towers on a dataset directory and write a checkpoint the export script reads.
+
+Next-item prediction at every position of each user's training sequence (SASRec-style), with a
+full softmax over the catalogue by default, or a sampled softmax with the logQ popularity
+correction (`--loss sampled`, for catalogues too large for a full softmax). Validation Recall@10
+and NDCG@10 use full ranking on a leave-one-out split, next to the most-popular baseline.
+
+    python -m ltrec.train --data data/ml-1m --out artifacts/ml-1m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ltrec.data import LeaveOneOut, item_texts, leave_one_out, load_dataset
+from ltrec.evaluation import EvalCases, ScoreFn, evaluate, make_cases, most_popular
+from ltrec.features import Sequences, build_sequences, build_vocabulary
+from ltrec.models import ModelConfig, Recommender
+from ltrec.text_encoder import TEXT_MODEL_NAME, cached_text_features
+from server import contract
+
+HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interactions
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    max_minutes: float = 20.0
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    loss: str = "full"  # "full" softmax, or "sampled" with logQ correction
+    negatives: int = 1024
+    patience: int = 4
+    seed: int = 0
+    threads: int = 0  # 0 = torch default
+    model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
+
+
+@dataclass
+class Prepared:
+    """Everything training and export need from a dataset directory."""
+
+    data_dir: Path
+    item_ids: list[str]
+    titles: list[str]
+    texts: list[str]
+    text_features: np.ndarray  # [N+1, 384], row 0 zeros
+    popularity: np.ndarray  # [N+1] training interactions per item, row 0 zero
+    device_vocab: list[str]
+    region_vocab: list[str]
+    split: LeaveOneOut
+    train_sequences: Sequences
+    report: dict
+
+
+def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
+    dataset = load_dataset(data_dir)
+    split = leave_one_out(dataset.events)
+    n_items = len(dataset.items)
+    texts = item_texts(dataset.items)
+    features = np.zeros((n_items + 1, 384), dtype=np.float32)
+    features[1:] = cached_text_features(texts, cache_dir)
+    popularity = np.bincount(split.train["item_index"].to_numpy(), minlength=n_items + 1)
+    popularity[contract.PADDING_INDEX] = 0
+    device_vocab = build_vocabulary(dataset.events.get("device"))
+    region_vocab = build_vocabulary(dataset.events.get("region"))
+    return Prepared(
+        data_dir=Path(data_dir),
+        item_ids=dataset.items["item_id"].astype(str).tolist(),
+        titles=dataset.items["title"].astype(str).tolist(),
+        texts=texts,
+        text_features=features,
+        popularity=popularity.astype(np.int64),
+        device_vocab=device_vocab,
+        region_vocab=region_vocab,
+        split=split,
+        train_sequences=build_sequences(split.train, device_vocab, region_vocab),
+        report=dataset.report.to_dict(),
+    )
+
+
+def long_tail_mask(popularity: np.ndarray, head_share: float = HEAD_SHARE) -> np.ndarray:
+    """True for tail items: everything outside the top `head_share` of items by popularity."""
+    n = len(popularity) - 1
+    order = np.argsort(-popularity[1:], kind="stable") + 1
+    tail = np.ones(len(popularity), dtype=bool)
+    tail[order[: int(math.ceil(head_share * n))]] = False
+    tail[contract.PADDING_INDEX] = False
+    return tail
+
+
+def _pad_left(rows: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, width - len(r) :] = r
+    return out
+
+
+def model_score_fn(model: Recommender, max_history: int, batch_limit: int = 256) -> ScoreFn:
+    """Scores of the whole catalogue for evaluation, exactly as served with weight 0."""
+    model.eval()
+    with torch.no_grad():
+        table = model.item_table()
+
+    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+        hist = [cases.histories[r][-max_history:] for r in rows]
+        types = [cases.event_types[r][-max_history:] for r in rows]
+        width = max(1, max(len(h) for h in hist))
+        items = torch.from_numpy(_pad_left(hist, width))
+        events = torch.from_numpy(_pad_left(types, width))
+        ctx = torch.from_numpy(cases.context[rows])
+        with torch.no_grad():
+            user = model.user_tower(F.embedding(items, table), items, events)
+            user = model.context_weighting(user, ctx)
+            return (user @ table.T).numpy()
+
+    return score
+
+
+def _batches(seqs: Sequences, window: int, batch_size: int, rng: np.random.Generator):
+    """Random windows of each user's sequence (all of it is seen over the epochs)."""
+    users = rng.permutation(len(seqs))
+    for start in range(0, len(users), batch_size):
+        chosen = users[start : start + batch_size]
+        spans = []
+        for u in chosen:
+            s = seqs.user_slice(u)
+            length = s.stop - s.start
+            end = s.stop if length <= window else s.start + int(rng.integers(window, length + 1))
+            spans.append((max(s.start, end - window), end))
+        width = max(e - b for b, e in spans)
+        b_size = len(spans)
+        hist = np.zeros((b_size, max(width - 1, 1)), dtype=np.int64)
+        hist_types = np.zeros_like(hist)
+        targets = np.zeros((b_size, hist.shape[1] + 1), dtype=np.int64)
+        context = np.zeros((b_size, hist.shape[1] + 1, 4), dtype=np.int64)
+        for i, (b, e) in enumerate(spans):
+            n = e - b
+            hist[i, : n - 1] = seqs.items[b : e - 1]
+            hist_types[i, : n - 1] = seqs.event_types[b : e - 1]
+            targets[i, :n] = seqs.items[b:e]
+            context[i, :n] = seqs.context[b:e]
+        yield (
+            torch.from_numpy(hist),
+            torch.from_numpy(hist_types),
+            torch.from_numpy(targets),
+            torch.from_numpy(context),
+        )
+
+
+def _loss(
+    model: Recommender,
+    batch: tuple[torch.Tensor, ...],
+    cfg: TrainConfig,
+    log_q: torch.Tensor,
+    q: torch.Tensor,
+) -> torch.Tensor:
+    hist, hist_types, targets, context = batch
+    table = model.item_table()
+    states, _ = model.user_tower.states(F.embedding(hist, table), hist, hist_types)
+    valid = targets != contract.PADDING_INDEX
+    users = model.context_weighting(states[valid], context[valid])
+    target = targets[valid]
+    if cfg.loss == "full":
+        logits = users @ table.T
+        logits[:, contract.PADDING_INDEX] = float("-inf")
+        return F.cross_entropy(logits, target)
+    # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ).
+    negatives = torch.multinomial(q, cfg.negatives, replacement=True)
+    pos = (users * table[target]).sum(-1, keepdim=True) - log_q[target].unsqueeze(1)
+    neg = users @ table[negatives].T - log_q[negatives].unsqueeze(0)
+    neg = neg.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
+
+
+def train(
+    prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True
+) -> dict:
+    """Train with early stopping on validation NDCG@10; writes checkpoint.pt and metrics.json."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_cfg = ModelConfig(
+        n_items=len(prepared.item_ids),
+        n_devices=len(prepared.device_vocab) + 1,
+        n_regions=len(prepared.region_vocab) + 1,
+        **cfg.model,  # type: ignore[arg-type]
+    )
+    model = Recommender(model_cfg, torch.from_numpy(prepared.text_features))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pop = torch.from_numpy(prepared.popularity).double()
+    q = (pop + 1.0) / (pop + 1.0).sum()
+    q[contract.PADDING_INDEX] = 0.0
+    log_q = torch.log(q.clamp(min=1e-12)).float()
+    q = q.float()
+
+    split = prepared.split
+    valid_cases = make_cases(split.train, split.valid, prepared.device_vocab, prepared.region_vocab)
+    popular_metrics, _ = evaluate(
+        most_popular(prepared.popularity), valid_cases, desc="most-popular", progress=progress
+    )
+    window = model_cfg.max_history + 1
+    steps_per_epoch = math.ceil(len(prepared.train_sequences) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1
+    )
+    started = time.monotonic()
+    best: dict = {"ndcg@10": -1.0}
+    history: list[dict] = []
+    best_state = None
+    bad_epochs = 0
+    stop_reason = "epochs"
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        losses = []
+        bar = tqdm(
+            _batches(prepared.train_sequences, window, cfg.batch_size, rng),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            disable=not progress,
+        )
+        for batch in bar:
+            loss = _loss(model, batch, cfg, log_q, q)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            scheduler.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        metrics, _ = evaluate(
+            model_score_fn(model, model_cfg.max_history),
+            valid_cases,
+            desc="validation",
+            progress=progress,
+        )
+        elapsed = time.monotonic() - started
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": elapsed, **metrics}
+        history.append(record)
+        print(
+            f"epoch {epoch}: loss {record['loss']:.4f}  valid recall@10 {metrics['recall@10']:.4f}"
+            f"  ndcg@10 {metrics['ndcg@10']:.4f}  ({elapsed / 60:.1f} min)",
+            file=sys.stderr,
+        )
+        if metrics["ndcg@10"] > best["ndcg@10"]:
+            best = {"epoch": epoch, **metrics}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        if bad_epochs >= cfg.patience:
+            stop_reason = f"no validation gain for {cfg.patience} epochs"
+            break
+        if elapsed > cfg.max_minutes * 60:
+            stop_reason = f"time budget of {cfg.max_minutes} min"
+            break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    summary = {
+        "text_model": TEXT_MODEL_NAME,
+        "train_config": asdict(cfg),
+        "model_config": model_cfg.to_dict(),
+        "best": best,
+        "most_popular_valid": popular_metrics,
+        "epochs": history,
+        "stop_reason": stop_reason,
+        "train_seconds": time.monotonic() - started,
+        "data": {"dir": str(prepared.data_dir), "cleaning": prepared.report},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model_config": model_cfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "text_features": prepared.text_features,
+            "popularity": prepared.popularity,
+            "long_tail": long_tail_mask(prepared.popularity),
+            "item_ids": prepared.item_ids,
+            "titles": prepared.titles,
+            "texts": prepared.texts,
+            "vocabularies": {
+                "event_types": list(contract.EVENT_TYPES),
+                "device": prepared.device_vocab,
+                "region": prepared.region_vocab,
+            },
+            "summary": summary,
+        },
+        out_dir / "checkpoint.pt",
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_checkpoint(path: Path) -> tuple[Recommender, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = ModelConfig(**ckpt["model_config"])
+    model = Recommender(cfg, torch.from_numpy(ckpt["text_features"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--out", type=Path, required=True, help="where checkpoint.pt goes")
+    parser.add_argument("--cache", type=Path, default=Path("artifacts/cache"))
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--loss", choices=("full", "sampled"), default=TrainConfig.loss)
+    parser.add_argument("--negatives", type=int, default=TrainConfig.negatives)
+    parser.add_argument("--patience", type=int, default=TrainConfig.patience)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--embedding-dim", type=int, default=ModelConfig.embedding_dim)
+    parser.add_argument("--layers", type=int, default=ModelConfig.n_layers)
+    parser.add_argument("--heads", type=int, default=ModelConfig.n_heads)
+    parser.add_argument("--max-history", type=int, default=ModelConfig.max_history)
+    parser.add_argument("--dropout", type=float, default=ModelConfig.dropout)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        max_minutes=args.max_minutes,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        negatives=args.negatives,
+        patience=args.patience,
+        seed=args.seed,
+        model={
+            "embedding_dim": args.embedding_dim,
+            "n_layers": args.layers,
+            "n_heads": args.heads,
+            "max_history": args.max_history,
+            "dropout": args.dropout,
+        },
+    )
+    started = time.monotonic()
+    prepared = prepare(args.data, args.cache)
+    print(
+        f"data: {len(prepared.item_ids)} items, {len(prepared.train_sequences)} users, "
+        f"{len(prepared.split.train)} train events, {len(prepared.split.valid)} validation cases",
+        file=sys.stderr,
+    )
+    summary = train(prepared, cfg, args.out, progress=not args.no_progress)
+    best, pop = summary["best"], summary["most_popular_valid"]
+    print(f"\nvalidation (leave-one-out, full ranking, {len(prepared.split.valid)} users):")
+    print(f"  {'model':<14} {'Recall@10':>10} {'NDCG@10':>10}")
+    print(f"  {'most-popular':<14} {pop['recall@10']:>10.4f} {pop['ndcg@10']:>10.4f}")
+    print(f"  {'ltrec':<14} {best['recall@10']:>10.4f} {best['ndcg@10']:>10.4f}")
+    print(
+        f"best epoch {best['epoch']}, stopped: {summary['stop_reason']}, "
+        f"total {(time.monotonic() - started) / 60:.1f} min; checkpoint {args.out / 'checkpoint.pt'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
