@@ -33,6 +33,9 @@ class ModelConfig:
     dropout: float = 0.2
     context_dim: int = 16
     text_max_tokens: int = 64
+    # A trained per-item vector added to the text vector. Weight decay keeps it near zero for
+    # items with few interactions, so they (and new items: exactly zero) ride on their text.
+    id_embeddings: bool = True
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -180,10 +183,15 @@ class Recommender(nn.Module):
         self.projection = TextProjection(cfg)
         self.user_tower = UserTower(cfg)
         self.context_weighting = ContextWeighting(cfg)
+        self.item_ids = nn.Embedding(cfg.n_items + 1, cfg.embedding_dim) if cfg.id_embeddings else None
+        if self.item_ids is not None:
+            nn.init.zeros_(self.item_ids.weight)
 
     def item_table(self) -> torch.Tensor:
         """Item vectors of the whole catalogue, [N+1, D], row 0 zero (padding)."""
         table = self.projection(self.text_features)
+        if self.item_ids is not None:
+            table = table + self.item_ids.weight
         keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
         keep[contract.PADDING_INDEX] = 0.0
         return table * keep

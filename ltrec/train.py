@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=ModelConfig.n_heads)
     parser.add_argument("--max-history", type=int, default=ModelConfig.max_history)
     parser.add_argument("--dropout", type=float, default=ModelConfig.dropout)
+    parser.add_argument(
+        "--text-only", action="store_true", help="no per-item ID vectors (item = its text alone)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cfg = TrainConfig(
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_heads": args.heads,
             "max_history": args.max_history,
             "dropout": args.dropout,
+            "id_embeddings": not args.text_only,
         },
     )
     started = time.monotonic()

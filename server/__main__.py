@@ -1,0 +1,36 @@
+"""`python -m server`: run the gateway configured from `LTREC_*` environment variables.
+
+Exits 2 when the configuration or the model repository files are unusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from server.app import serve
+from server.config import GatewayConfig
+from server.errors import StartupError
+
+
+def main() -> int:
+    try:
+        config = GatewayConfig.from_env()
+    except StartupError as exc:
+        print(f"cannot start the gateway: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        logging.getLogger("server").error("cannot start the gateway: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Wiring: build the gRPC server (services, interceptor, health, reflection) and run it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from server import metrics
+from server.catalogue import describe, load_model_repository
+from server.config import GatewayConfig
+from server.gen.ltrec.v1 import recommender_pb2_grpc
+from server.health import HealthReporter
+from server.interceptors import GatewayInterceptor
+from server.servicer import SERVICE_NAME, RecommenderServicer
+from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
+from server.validation import RequestLimits
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class GatewayServer(grpc.aio.Server):
+    """A `grpc.aio.Server` that owns the gateway's other resources.
+
+    `start` also starts the health poll; `stop(grace)` is the shutdown sequence: NOT_SERVING,
+    `await server.stop(grace)`, then close the Triton client.
+    """
+
+    def __init__(
+        self, server: grpc.aio.Server, health: HealthReporter, triton: TritonClient
+    ) -> None:
+        self._server = server
+        self._health = health
+        self._triton = triton
+        self._stopped = False
+
+    @property
+    def health(self) -> HealthReporter:
+        return self._health
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: Any, method_handlers: Any) -> None:
+        self._server.add_registered_method_handlers(service_name, method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self._server.start()
+        await self._health.start()
+
+    async def stop(self, grace: float | None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.shutdown()
+        await self._server.stop(grace)
+        await self._triton.close()
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self._server.wait_for_termination(timeout)
+
+
+def create_server(
+    config: GatewayConfig, *, transport: TritonTransport | None = None
+) -> tuple[GatewayServer, int]:
+    """Loads the model repository files and binds the port (0 picks a free one); not started.
+
+    `transport` replaces the tritonclient connection (tests pass a fake).
+    """
+    metadata, catalogue = load_model_repository(config.model_repository)
+    logger.info(
+        "loaded model repository %s: %s", config.model_repository, describe(metadata, catalogue)
+    )
+    metrics.CATALOGUE_ITEMS.set(catalogue.size)
+    metrics.MODEL.info({"model_version": metadata.model_version})
+
+    triton = TritonClient(
+        transport if transport is not None else GrpcTritonTransport(config.triton_url),
+        timeout_seconds=config.triton_timeout_seconds,
+        retries=config.triton_retries,
+        backoff_seconds=config.triton_retry_backoff_seconds,
+    )
+    limits = RequestLimits(
+        max_k=config.max_k,
+        max_history=config.max_request_history,
+        max_exclude=config.max_exclude,
+        long_tail_weight_max=metadata.long_tail_weight_max,
+    )
+    server = grpc.aio.server(
+        interceptors=[GatewayInterceptor((SERVICE_NAME,))],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(
+        RecommenderServicer(metadata, catalogue, triton, limits), server
+    )
+    health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+    return GatewayServer(server, health, triton), port
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down within `shutdown_grace_seconds`."""
+    server, port = create_server(config)
+    if config.metrics_port:
+        start_http_server(config.metrics_port)
+        logger.info("metrics on :%d/metrics", config.metrics_port)
+    await server.start()
+    logger.info(
+        "gateway listening on %s:%d, Triton at %s", config.grpc_host, port, config.triton_url
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutting down (grace %.1f s)", config.shutdown_grace_seconds)
+    finally:
+        await server.stop(config.shutdown_grace_seconds)
+    logger.info("gateway stopped")

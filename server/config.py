@@ -1,0 +1,98 @@
+"""Gateway configuration: one frozen dataclass read from `LTREC_*` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import StartupError
+
+ENV_PREFIX = "LTREC_"
+
+
+class ConfigError(StartupError):
+    """An environment variable holds a value the gateway cannot use."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Every field `name` is read from `LTREC_<NAME>`; units are part of the names."""
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    # 0 disables the Prometheus HTTP endpoint (tests); the gRPC port 0 picks a free port.
+    metrics_port: int = 9100
+    triton_url: str = "127.0.0.1:8001"
+    model_repository: Path = Path("model_repository")
+    triton_timeout_seconds: float = 2.0
+    triton_retries: int = 2
+    triton_retry_backoff_seconds: float = 0.05
+    max_k: int = 500
+    max_request_history: int = 1000
+    max_exclude: int = 1000
+    # Beyond this many concurrent RPCs gRPC itself answers RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 1000
+    health_poll_interval_seconds: float = 1.0
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check(self.grpc_port, "grpc_port", 0 <= self.grpc_port <= 65535, "in [0, 65535]")
+        _check(self.metrics_port, "metrics_port", 0 <= self.metrics_port <= 65535, "in [0, 65535]")
+        _check(self.grpc_host, "grpc_host", bool(self.grpc_host.strip()), "non-empty")
+        _check(self.triton_url, "triton_url", bool(self.triton_url.strip()), "non-empty")
+        for name in (
+            "triton_timeout_seconds",
+            "health_poll_interval_seconds",
+        ):
+            value = getattr(self, name)
+            _check(value, name, math.isfinite(value) and value > 0, "a finite number > 0")
+        for name in ("triton_retry_backoff_seconds", "shutdown_grace_seconds"):
+            value = getattr(self, name)
+            _check(value, name, math.isfinite(value) and value >= 0, "a finite number >= 0")
+        _check(self.triton_retries, "triton_retries", 0 <= self.triton_retries <= 10, "in [0, 10]")
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+        _check(self.log_level, "log_level", self.log_level in levels, f"one of {levels}")
+        for name in ("max_k", "max_request_history", "max_exclude", "max_concurrent_rpcs"):
+            value = getattr(self, name)
+            _check(value, name, value >= 1, ">= 1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+        """Reads the configuration; unset variables keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            var = env_var(field.name)
+            raw = env.get(var)
+            if raw is None:
+                continue
+            default = field.default
+            try:
+                if isinstance(default, int):
+                    values[field.name] = int(raw.strip())
+                elif isinstance(default, float):
+                    values[field.name] = float(raw.strip())
+                elif isinstance(default, Path):
+                    values[field.name] = Path(raw)
+                elif field.name == "log_level":
+                    values[field.name] = raw.strip().upper()
+                else:
+                    values[field.name] = raw.strip()
+            except ValueError:
+                kind = "an integer" if isinstance(default, int) else "a number"
+                raise ConfigError(f"{var} must be {kind}, got {raw!r}") from None
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def env_var(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _check(value: object, field_name: str, ok: bool, bound: str) -> None:
+    if not ok:
+        raise ConfigError(f"{env_var(field_name)} must be {bound}, got {value!r}")

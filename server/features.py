@@ -1,0 +1,110 @@
+"""Request -> ensemble input tensors (batch 1; the ensemble has `max_batch_size: 0`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from server import contract
+from server.catalogue import Catalogue, ModelMetadata
+from server.gen.ltrec.v1 import recommender_pb2
+
+_EVENT_TYPE_NAMES: dict[int, str] = {
+    recommender_pb2.EVENT_TYPE_UNSPECIFIED: "view",
+    recommender_pb2.EVENT_TYPE_VIEW: "view",
+    recommender_pb2.EVENT_TYPE_CART: "cart",
+    recommender_pb2.EVENT_TYPE_PURCHASE: "purchase",
+    recommender_pb2.EVENT_TYPE_RATING: "rating",
+}
+# Proto enum value -> HISTORY_EVENT_TYPES index (1 + position in contract.EVENT_TYPES).
+EVENT_TYPE_INDEX: dict[int, int] = {
+    value: 1 + contract.EVENT_TYPES.index(name) for value, name in _EVENT_TYPE_NAMES.items()
+}
+
+
+@dataclass(frozen=True)
+class Features:
+    history_items: npt.NDArray[np.int64]  # [1, L], oldest first; [[0]] without known history
+    history_event_types: npt.NDArray[np.int64]  # [1, L]
+    context: npt.NDArray[np.int64]  # [1, 4]: hour, weekday, device, region buckets
+    exclude_items: npt.NDArray[np.int64]  # [1, E]; [[0]] without known exclusions
+    long_tail_weight: npt.NDArray[np.float32]  # [1, 1]
+    top_k: npt.NDArray[np.int64]  # [1]
+    skipped_history_items: int
+
+    def as_inputs(self) -> dict[str, np.ndarray]:
+        return {
+            contract.HISTORY_ITEMS: self.history_items,
+            contract.HISTORY_EVENT_TYPES: self.history_event_types,
+            contract.CONTEXT: self.context,
+            contract.EXCLUDE_ITEMS: self.exclude_items,
+            contract.LONG_TAIL_WEIGHT: self.long_tail_weight,
+            contract.TOP_K: self.top_k,
+        }
+
+    @property
+    def has_history(self) -> bool:
+        return bool(self.history_items[0, 0] != contract.PADDING_INDEX)
+
+
+def build_features(
+    request: recommender_pb2.RecommendRequest,
+    metadata: ModelMetadata,
+    catalogue: Catalogue,
+    now_seconds: float,
+) -> Features:
+    """Expects a validated request; unknown history ids are skipped and counted."""
+    # sorted() is stable: events given oldest first keep their order on ties and missing times.
+    events = sorted(request.history, key=lambda event: event.timestamp)
+    items: list[int] = []
+    event_types: list[int] = []
+    skipped = 0
+    for event in events:
+        index = catalogue.index_of.get(event.item_id)
+        if index is None:
+            skipped += 1
+            continue
+        items.append(index)
+        event_types.append(EVENT_TYPE_INDEX[event.event_type])
+    items = items[-metadata.max_history :]
+    event_types = event_types[-metadata.max_history :]
+    if not items:
+        items, event_types = [contract.PADDING_INDEX], [contract.PADDING_INDEX]
+
+    excluded = [
+        index
+        for index in dict.fromkeys(catalogue.index_of.get(i) for i in request.exclude_item_ids)
+        if index is not None
+    ] or [contract.PADDING_INDEX]
+
+    weight = (
+        request.long_tail_weight
+        if request.HasField("long_tail_weight")
+        else metadata.default_long_tail_weight
+    )
+    return Features(
+        history_items=np.asarray([items], dtype=np.int64),
+        history_event_types=np.asarray([event_types], dtype=np.int64),
+        context=np.asarray([context_buckets(request.context, metadata, now_seconds)], np.int64),
+        exclude_items=np.asarray([excluded], dtype=np.int64),
+        long_tail_weight=np.asarray([[weight]], dtype=np.float32),
+        top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
+        skipped_history_items=skipped,
+    )
+
+
+def context_buckets(
+    context: recommender_pb2.Context, metadata: ModelMetadata, now_seconds: float
+) -> list[int]:
+    """(1 + UTC hour, 1 + UTC weekday with Monday = 0, device bucket, region bucket)."""
+    seconds = context.timestamp or now_seconds
+    moment = dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+    return [
+        1 + moment.hour,
+        1 + moment.weekday(),
+        metadata.device_buckets.get(context.device.strip().lower(), contract.UNKNOWN_BUCKET),
+        metadata.region_buckets.get(context.region.strip().lower(), contract.UNKNOWN_BUCKET),
+    ]

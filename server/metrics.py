@@ -1,0 +1,119 @@
+"""Every Prometheus metric of the gateway, as module constants on the default registry.
+
+Names follow `ltrec_gateway_<name>_<unit>`; labels come from small fixed sets (`method`, `code`,
+`stage`, `model_version`) and never carry user or item ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+NAMESPACE = "ltrec"
+SUBSYSTEM = "gateway"
+
+# Whole RPCs: a recommendation SLO sits around 50-100 ms, with a tail up to the caller's deadline.
+REQUEST_BUCKETS_SECONDS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Pipeline stages and single Triton calls: from sub-millisecond feature building upwards.
+STAGE_BUCKETS_SECONDS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+REQUEST_DURATION_SECONDS = Histogram(
+    "request_duration_seconds",
+    "Time to answer one gateway RPC, by method and status code.",
+    ["method", "code"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+    buckets=REQUEST_BUCKETS_SECONDS,
+)
+REQUESTS_TOTAL = Counter(
+    "requests_total",
+    "Gateway RPCs answered, by method and status code.",
+    ["method", "code"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+IN_FLIGHT_REQUESTS = Gauge(
+    "in_flight_requests",
+    "Gateway RPCs being served now.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+STAGE_DURATION_SECONDS = Histogram(
+    "stage_duration_seconds",
+    "Time spent in one stage of the Recommend pipeline (validate, features, triton, postprocess).",
+    ["stage"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+    buckets=STAGE_BUCKETS_SECONDS,
+)
+TRITON_REQUEST_DURATION_SECONDS = Histogram(
+    "triton_request_duration_seconds",
+    "Time of one inference call to Triton (one attempt; retries are observed separately).",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+    buckets=STAGE_BUCKETS_SECONDS,
+)
+TRITON_ERRORS_TOTAL = Counter(
+    "triton_errors_total",
+    "Failed inference attempts against Triton, by gRPC status code.",
+    ["code"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+TRITON_RETRIES_TOTAL = Counter(
+    "triton_retries_total",
+    "Inference attempts repeated after Triton answered UNAVAILABLE.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+SKIPPED_HISTORY_ITEMS_TOTAL = Counter(
+    "skipped_history_items_total",
+    "History events ignored because their item id is not in the catalogue.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+CATALOGUE_ITEMS = Gauge(
+    "catalogue_items",
+    "Items in the loaded catalogue.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+TRITON_READY = Gauge(
+    "triton_ready",
+    "1 when Triton reported the ensemble ready at the last health poll, else 0.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+MODEL = Info(
+    "model",
+    "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)

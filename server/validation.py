@@ -1,0 +1,87 @@
+"""Request validation: every message names the field and its bound, e.g. `k must be in [1, 500]`.
+
+Runs before any feature is built, so that later stages may trust lengths, enums and ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from server.errors import InvalidArgument
+from server.gen.ltrec.v1 import recommender_pb2
+
+MAX_USER_ID_CHARS = 256
+MAX_ITEM_ID_CHARS = 256
+MAX_REQUEST_ID_CHARS = 128
+MAX_CONTEXT_LABEL_CHARS = 64
+# 9999-12-31T23:59:59Z: beyond it a timestamp cannot be turned into an hour and a weekday.
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+_EVENT_TYPES = frozenset(recommender_pb2.EventType.values())
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_k: int
+    max_history: int
+    max_exclude: int
+    long_tail_weight_max: float
+
+
+def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
+    """Raises InvalidArgument for the first field out of bounds."""
+    _max_chars("user_id", request.user_id, MAX_USER_ID_CHARS)
+    if not request.request_id.isprintable():
+        raise InvalidArgument("request_id must contain printable characters only")
+    _max_chars("request_id", request.request_id, MAX_REQUEST_ID_CHARS)
+
+    if not 1 <= request.k <= limits.max_k:
+        raise InvalidArgument(f"k must be in [1, {limits.max_k}], got {request.k}")
+
+    if len(request.history) > limits.max_history:
+        raise InvalidArgument(
+            f"history must have at most {limits.max_history} events, got {len(request.history)}"
+        )
+    for position, event in enumerate(request.history):
+        field = f"history[{position}]"
+        _item_id(f"{field}.item_id", event.item_id)
+        if event.event_type not in _EVENT_TYPES:
+            raise InvalidArgument(
+                f"{field}.event_type must be a defined EventType, got {event.event_type}"
+            )
+        _timestamp(f"{field}.timestamp", event.timestamp)
+
+    if len(request.exclude_item_ids) > limits.max_exclude:
+        raise InvalidArgument(
+            f"exclude_item_ids must have at most {limits.max_exclude} ids, "
+            f"got {len(request.exclude_item_ids)}"
+        )
+    for position, item_id in enumerate(request.exclude_item_ids):
+        _item_id(f"exclude_item_ids[{position}]", item_id)
+
+    if request.HasField("long_tail_weight"):
+        weight = request.long_tail_weight
+        bound = limits.long_tail_weight_max
+        if not (math.isfinite(weight) and 0 <= weight <= bound):
+            raise InvalidArgument(f"long_tail_weight must be in [0, {bound:g}], got {weight:g}")
+
+    _timestamp("context.timestamp", request.context.timestamp)
+    _max_chars("context.device", request.context.device, MAX_CONTEXT_LABEL_CHARS)
+    _max_chars("context.region", request.context.region, MAX_CONTEXT_LABEL_CHARS)
+
+
+def _max_chars(field: str, value: str, bound: int) -> None:
+    if len(value) > bound:
+        raise InvalidArgument(f"{field} must be at most {bound} characters, got {len(value)}")
+
+
+def _item_id(field: str, value: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field} must be non-empty")
+    _max_chars(field, value, MAX_ITEM_ID_CHARS)
+
+
+def _timestamp(field: str, value: int) -> None:
+    if not 0 <= value <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidArgument(f"{field} must be in [0, {MAX_TIMESTAMP_SECONDS}], got {value}")

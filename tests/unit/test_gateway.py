@@ -1,0 +1,589 @@
+"""The gateway end to end in-process: the real grpc.aio server against a fake Triton transport."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import datetime as dt
+import functools
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
+from tritonclient.utils import InferenceServerException
+
+from server import contract
+from server.app import GatewayServer, create_server
+from server.config import GatewayConfig
+from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from server.interceptors import INTERNAL_MESSAGE, REQUEST_ID_METADATA_KEY
+
+SERVICE = "ltrec.v1.Recommender"
+NEG_INF = float("-inf")
+
+# (item_id, title, popularity, long_tail); catalogue index = position + 1.
+ITEMS = [
+    ("i1", "Toy Story (1995)", 500, 0),
+    ("i2", 'Heat, "The" (1995)', 400, 0),
+    ("i3", "Casino (1995)", 300, 0),
+    ("i4", "Sabrina (1995)", 20, 1),
+    ("i5", "Nixon, Part 2 (1995)", 10, 1),
+    ("i6", "Balto (1995)", 5, 1),
+]
+METADATA = {
+    "model_version": "20261129-ab12cd",
+    "max_history": 3,
+    "default_long_tail_weight": 0.25,
+    "long_tail_weight_max": 2.0,
+    "vocabularies": {
+        "event_types": ["view", "cart", "purchase", "rating"],
+        "device": ["desktop", "mobile"],
+        "region": ["zip0", "zip1"],
+    },
+    "data": {"ignored": True},
+    "hashes": {},
+}
+
+
+def write_repository(directory: Path, items: Sequence[tuple[str, str, int, int]] = ITEMS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / contract.METADATA_FILE).write_text(json.dumps(METADATA), encoding="utf-8")
+    with (directory / contract.CATALOGUE_FILE).open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "item_id", "title", "popularity", "long_tail"])
+        for index, (item_id, title, popularity, long_tail) in enumerate(items, start=1):
+            writer.writerow([index, item_id, title, popularity, long_tail])
+    return directory
+
+
+def outputs(items: list[int], scores: list[float], positions: list[int]) -> dict[str, np.ndarray]:
+    return {
+        contract.TOP_ITEMS: np.asarray([items], dtype=np.int64),
+        contract.TOP_SCORES: np.asarray([scores], dtype=np.float32),
+        contract.REASON_POSITIONS: np.asarray([positions], dtype=np.int64),
+    }
+
+
+@dataclass
+class InferCall:
+    model_name: str
+    inputs: dict[str, np.ndarray]
+    client_timeout: float
+    request_id: str
+
+
+class FakeTransport:
+    """Stands in for tritonclient: records each call, then answers, fails or stalls."""
+
+    def __init__(self, result: Mapping[str, np.ndarray] | None = None) -> None:
+        self.result = dict(result) if result is not None else outputs([1], [1.0], [0])
+        self.errors: list[BaseException] = []  # raised first, one per call
+        self.always: BaseException | None = None
+        self.delay_seconds = 0.0
+        self.ready = True
+        self.closed = False
+        self.calls: list[InferCall] = []
+
+    async def infer(
+        self,
+        model_name: str,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        *,
+        client_timeout: float,
+        request_id: str,
+    ) -> dict[str, np.ndarray]:
+        assert tuple(output_names) == (
+            contract.TOP_ITEMS,
+            contract.TOP_SCORES,
+            contract.REASON_POSITIONS,
+        )
+        self.calls.append(InferCall(model_name, dict(inputs), client_timeout, request_id))
+        if self.errors:
+            raise self.errors.pop(0)
+        if self.always is not None:
+            raise self.always
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
+        return self.result
+
+    async def is_model_ready(self, model_name: str, *, client_timeout: float) -> bool:
+        assert model_name == contract.ENSEMBLE_MODEL
+        return self.ready
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def unavailable() -> InferenceServerException:
+    return InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
+
+
+@dataclass
+class Gateway:
+    server: GatewayServer
+    channel: grpc.aio.Channel
+    stub: recommender_pb2_grpc.RecommenderStub
+    fake: FakeTransport
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    repository: Path, fake: FakeTransport, **config: Any
+) -> AsyncIterator[Gateway]:
+    settings: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "model_repository": repository,
+        "triton_retry_backoff_seconds": 0.01,
+        "health_poll_interval_seconds": 0.02,
+    }
+    settings.update(config)
+    server, port = create_server(GatewayConfig(**settings), transport=fake)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Gateway(server, channel, recommender_pb2_grpc.RecommenderStub(channel), fake)
+    finally:
+        await server.stop(None)
+
+
+def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Runs an async test in its own event loop (no pytest asyncio plugin is installed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=30))
+
+    return wrapper
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    return write_repository(tmp_path / "model_repository")
+
+
+def event(item_id: str, event_type: int, timestamp: int) -> recommender_pb2.HistoryEvent:
+    return recommender_pb2.HistoryEvent(item_id=item_id, event_type=event_type, timestamp=timestamp)
+
+
+WEDNESDAY_1530_UTC = int(dt.datetime(2024, 1, 3, 15, 30, tzinfo=dt.UTC).timestamp())
+
+
+def full_request() -> recommender_pb2.RecommendRequest:
+    return recommender_pb2.RecommendRequest(
+        user_id="user-42",
+        history=[
+            event("i1", recommender_pb2.EVENT_TYPE_PURCHASE, 300),
+            event("not-in-catalogue", recommender_pb2.EVENT_TYPE_VIEW, 50),
+            event("i2", recommender_pb2.EVENT_TYPE_UNSPECIFIED, 100),
+            event("i3", recommender_pb2.EVENT_TYPE_CART, 100),  # tie: stays after i2
+            event("i4", recommender_pb2.EVENT_TYPE_RATING, 0),  # unknown time: sorts first
+        ],
+        context=recommender_pb2.Context(
+            timestamp=WEDNESDAY_1530_UTC, device=" Mobile ", region="zip9"
+        ),
+        k=10,
+        exclude_item_ids=["i6", "unknown-exclusion", "i6"],
+        request_id="req-123",
+    )
+
+
+# --- The happy path ----------------------------------------------------------------------------
+
+
+@run_async
+async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(repository: Path) -> None:
+    fake = FakeTransport(
+        # i2 is in the history: the scorer should have removed it, the gateway drops it anyway.
+        outputs([5, 4, 2, 0, 0, 0], [1.5, 0.5, 0.25, NEG_INF, NEG_INF, NEG_INF], [1, 0, 1, 0, 0, 0])
+    )
+    async with running_gateway(repository, fake) as gw:
+        call = gw.stub.Recommend(full_request(), timeout=5)
+        response = await call
+        trailing = dict(await call.trailing_metadata())
+
+    assert [item.item_id for item in response.items] == ["i5", "i4"]
+    assert [item.title for item in response.items] == ["Nixon, Part 2 (1995)", "Sabrina (1995)"]
+    assert [item.score for item in response.items] == [1.5, 0.5]
+    assert [item.long_tail for item in response.items] == [True, True]
+    # Reason positions index the history sent: [i2 (view), i3 (cart), i1 (purchase)].
+    assert [item.reason for item in response.items] == [
+        'Because you added to cart "Casino (1995)"',
+        'Because you viewed "Heat, "The" (1995)"',
+    ]
+    assert response.model_version == "20261129-ab12cd"
+    assert response.request_id == "req-123"
+    assert trailing[REQUEST_ID_METADATA_KEY] == "req-123"
+    assert response.skipped_history_items == 1
+
+    (sent,) = fake.calls
+    assert sent.model_name == contract.ENSEMBLE_MODEL
+    assert sent.request_id == "req-123"
+    tensors = sent.inputs
+    assert set(tensors) == {
+        contract.HISTORY_ITEMS,
+        contract.HISTORY_EVENT_TYPES,
+        contract.CONTEXT,
+        contract.EXCLUDE_ITEMS,
+        contract.LONG_TAIL_WEIGHT,
+        contract.TOP_K,
+    }
+    # Sorted by time (stable), unknown id dropped, then the last max_history=3 known events.
+    np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[2, 3, 1]])
+    # UNSPECIFIED -> view (1), cart (2), purchase (3).
+    np.testing.assert_array_equal(tensors[contract.HISTORY_EVENT_TYPES], [[1, 2, 3]])
+    # 15:xx UTC -> 16; Wednesday (Monday = 0) -> 3; " Mobile " -> mobile -> 2; unknown region -> 0.
+    np.testing.assert_array_equal(tensors[contract.CONTEXT], [[16, 3, 2, 0]])
+    np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[6]])
+    np.testing.assert_array_equal(tensors[contract.LONG_TAIL_WEIGHT], [[0.25]])
+    np.testing.assert_array_equal(tensors[contract.TOP_K], [6])  # min(k=10, N=6)
+    expected_dtypes = {
+        contract.HISTORY_ITEMS: np.int64,
+        contract.HISTORY_EVENT_TYPES: np.int64,
+        contract.CONTEXT: np.int64,
+        contract.EXCLUDE_ITEMS: np.int64,
+        contract.LONG_TAIL_WEIGHT: np.float32,
+        contract.TOP_K: np.int64,
+    }
+    assert {name: array.dtype.type for name, array in tensors.items()} == expected_dtypes
+
+
+@run_async
+async def test_recommend_without_history_pads_and_uses_generic_reasons(repository: Path) -> None:
+    fake = FakeTransport(outputs([4, 1], [0.9, 0.8], [0, 0]))
+    request = recommender_pb2.RecommendRequest(
+        k=2, long_tail_weight=1.5, history=[event("gone", recommender_pb2.EVENT_TYPE_VIEW, 1)]
+    )
+    async with running_gateway(repository, fake) as gw:
+        before = dt.datetime.now(dt.UTC)
+        response = await gw.stub.Recommend(request, timeout=5)
+        after = dt.datetime.now(dt.UTC)
+
+    assert [(i.item_id, i.reason) for i in response.items] == [
+        ("i4", "A long-tail pick"),
+        ("i1", "Popular right now"),
+    ]
+    assert response.skipped_history_items == 1
+    assert len(response.request_id) == 32 and int(response.request_id, 16) >= 0
+    tensors = fake.calls[0].inputs
+    np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[0]])
+    np.testing.assert_array_equal(tensors[contract.HISTORY_EVENT_TYPES], [[0]])
+    np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[0]])
+    np.testing.assert_array_equal(tensors[contract.LONG_TAIL_WEIGHT], [[1.5]])
+    np.testing.assert_array_equal(tensors[contract.TOP_K], [2])
+    hour, weekday, device, region = tensors[contract.CONTEXT][0].tolist()
+    assert (hour, weekday) in {
+        (1 + moment.hour, 1 + moment.weekday()) for moment in (before, after)
+    }  # timestamp 0 means now
+    assert (device, region) == (contract.UNKNOWN_BUCKET, contract.UNKNOWN_BUCKET)
+
+
+@run_async
+async def test_history_is_truncated_to_the_last_max_history_known_items(repository: Path) -> None:
+    fake = FakeTransport()
+    history = [event(f"i{n}", recommender_pb2.EVENT_TYPE_VIEW, 0) for n in (6, 5, 4, 3, 2, 1)]
+    async with running_gateway(repository, fake) as gw:
+        await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1, history=history), timeout=5)
+    np.testing.assert_array_equal(fake.calls[0].inputs[contract.HISTORY_ITEMS], [[3, 2, 1]])
+
+
+@run_async
+async def test_out_of_range_index_from_the_model_is_internal(repository: Path) -> None:
+    fake = FakeTransport(outputs([99], [1.0], [0]))
+    async with running_gateway(repository, fake) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details() == INTERNAL_MESSAGE
+
+
+# --- Validation ----------------------------------------------------------------------------------
+
+
+def _set(**fields: Any) -> Callable[[recommender_pb2.RecommendRequest], None]:
+    def mutate(request: recommender_pb2.RecommendRequest) -> None:
+        for name, value in fields.items():
+            if isinstance(value, list):
+                del getattr(request, name)[:]
+                getattr(request, name).extend(value)
+            else:
+                setattr(request, name, value)
+
+    return mutate
+
+
+def _context(**fields: Any) -> Callable[[recommender_pb2.RecommendRequest], None]:
+    def mutate(request: recommender_pb2.RecommendRequest) -> None:
+        for name, value in fields.items():
+            setattr(request.context, name, value)
+
+    return mutate
+
+
+VIEW = recommender_pb2.EVENT_TYPE_VIEW
+VALIDATION_CASES = {
+    "k zero": (_set(k=0), "k must be in [1, 500], got 0"),
+    "k above max": (_set(k=501), "k must be in [1, 500], got 501"),
+    "user_id too long": (_set(user_id="u" * 257), "user_id must be at most 256 characters"),
+    "history too long": (
+        _set(history=[event("i1", VIEW, 1)] * 1001),
+        "history must have at most 1000 events, got 1001",
+    ),
+    "empty history id": (
+        _set(history=[event("i1", VIEW, 1), event("", VIEW, 1)]),
+        "history[1].item_id must be non-empty",
+    ),
+    "history id too long": (
+        _set(history=[event("x" * 257, VIEW, 1)]),
+        "history[0].item_id must be at most 256 characters",
+    ),
+    "undefined event type": (
+        _set(history=[event("i1", 9, 1)]),
+        "history[0].event_type must be a defined EventType, got 9",
+    ),
+    "negative history timestamp": (
+        _set(history=[event("i1", VIEW, -1)]),
+        "history[0].timestamp must be in [0, ",
+    ),
+    "too many exclusions": (
+        _set(exclude_item_ids=["i1"] * 1001),
+        "exclude_item_ids must have at most 1000 ids, got 1001",
+    ),
+    "empty exclusion": (_set(exclude_item_ids=[""]), "exclude_item_ids[0] must be non-empty"),
+    "weight above max": (_set(long_tail_weight=3.5), "long_tail_weight must be in [0, 2], got 3.5"),
+    "negative weight": (
+        _set(long_tail_weight=-0.5),
+        "long_tail_weight must be in [0, 2], got -0.5",
+    ),
+    "nan weight": (_set(long_tail_weight=math.nan), "long_tail_weight must be in [0, 2], got nan"),
+    "request_id too long": (
+        _set(request_id="r" * 129),
+        "request_id must be at most 128 characters",
+    ),
+    "request_id unprintable": (_set(request_id="a\nb"), "request_id must contain printable"),
+    "device too long": (_context(device="d" * 65), "context.device must be at most 64 characters"),
+    "region too long": (_context(region="r" * 65), "context.region must be at most 64 characters"),
+    "negative context timestamp": (_context(timestamp=-5), "context.timestamp must be in [0, "),
+}
+
+
+@pytest.mark.parametrize("case", VALIDATION_CASES.values(), ids=VALIDATION_CASES.keys())
+@run_async
+async def test_invalid_requests_name_the_field_and_bound(
+    repository: Path, case: tuple[Callable[[recommender_pb2.RecommendRequest], None], str]
+) -> None:
+    mutate, expected = case
+    request = recommender_pb2.RecommendRequest(k=5, history=[event("i1", VIEW, 1)])
+    mutate(request)
+    fake = FakeTransport()
+    async with running_gateway(repository, fake) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in (caught.value.details() or "")
+    assert fake.calls == []
+    # Errors carry a request id too, so that callers can quote it.
+    assert REQUEST_ID_METADATA_KEY in dict(caught.value.trailing_metadata() or ())
+
+
+# --- Backend failures ----------------------------------------------------------------------------
+
+
+@run_async
+async def test_unavailable_triton_gives_unavailable_after_bounded_retries(repository: Path) -> None:
+    fake = FakeTransport()
+    fake.always = unavailable()
+    async with running_gateway(repository, fake, triton_retries=2) as gw:
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
+        elapsed = time.monotonic() - start
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(fake.calls) == 3  # the first attempt and two retries
+    assert elapsed < 1.0
+
+
+@run_async
+async def test_connection_errors_count_as_unavailable_and_a_retry_can_succeed(
+    repository: Path,
+) -> None:
+    fake = FakeTransport(outputs([3], [1.0], [0]))
+    fake.errors = [ConnectionRefusedError("refused"), unavailable()]
+    async with running_gateway(repository, fake, triton_retries=2) as gw:
+        response = await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
+    assert [item.item_id for item in response.items] == ["i3"]
+    assert len(fake.calls) == 3
+
+
+@run_async
+async def test_slow_triton_gives_deadline_exceeded_within_the_callers_deadline(
+    repository: Path,
+) -> None:
+    fake = FakeTransport()
+    fake.delay_seconds = 10
+    async with running_gateway(repository, fake, triton_timeout_seconds=5.0) as gw:
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=0.3)
+        elapsed = time.monotonic() - start
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 1.0
+    (sent,) = fake.calls
+    assert 0 < sent.client_timeout <= 0.3  # the caller's remaining deadline, not the 5 s config
+
+
+@run_async
+async def test_configured_triton_timeout_gives_deadline_exceeded(repository: Path) -> None:
+    fake = FakeTransport()
+    fake.delay_seconds = 10
+    async with running_gateway(repository, fake, triton_timeout_seconds=0.2) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
+    # The gateway, not the caller's channel, ended the call.
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "timed out" in (caught.value.details() or "")
+    assert fake.calls[0].client_timeout == pytest.approx(0.2)
+
+
+@run_async
+async def test_triton_deadline_status_maps_to_deadline_exceeded(repository: Path) -> None:
+    fake = FakeTransport()
+    fake.always = InferenceServerException("slow", status="StatusCode.DEADLINE_EXCEEDED")
+    async with running_gateway(repository, fake) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(fake.calls) == 1  # only UNAVAILABLE is retried
+
+
+@run_async
+async def test_backend_errors_are_internal_never_invalid_argument(
+    repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeTransport()
+    fake.always = InferenceServerException("bad shape", status="StatusCode.INVALID_ARGUMENT")
+    async with running_gateway(repository, fake) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details() == INTERNAL_MESSAGE
+    assert len(fake.calls) == 1
+    assert "bad shape" in caplog.text
+
+
+@run_async
+async def test_unexpected_exception_is_internal_with_a_generic_message(
+    repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeTransport()
+    fake.always = RuntimeError("secret detail")
+    caplog.set_level(logging.INFO)
+    async with running_gateway(repository, fake) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(
+                recommender_pb2.RecommendRequest(user_id="user-secret", k=1, request_id="r-9"),
+                timeout=5,
+            )
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details() == INTERNAL_MESSAGE
+    assert "secret detail" in caplog.text and "Traceback" in caplog.text
+    assert "request_id=r-9 method=Recommend code=INTERNAL" in caplog.text
+    assert "user-secret" not in caplog.text
+
+
+# --- Health, reflection, metrics, lifecycle ------------------------------------------------------
+
+
+async def _wait_for_status(
+    stub: health_pb2_grpc.HealthStub, service: str, status: int, timeout: float = 3.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        if response.status == status:
+            return
+        assert time.monotonic() < deadline, f"{service!r} stayed {response.status}"
+        await asyncio.sleep(0.01)
+
+
+@run_async
+async def test_health_follows_triton_readiness_both_ways(repository: Path) -> None:
+    fake = FakeTransport()
+    fake.ready = False
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    async with running_gateway(repository, fake) as gw:
+        health = health_pb2_grpc.HealthStub(gw.channel)
+        for service in ("", SERVICE):
+            check = health_pb2.HealthCheckRequest(service=service)
+            assert (await health.Check(check, timeout=1)).status == not_serving
+        fake.ready = True
+        for service in ("", SERVICE):
+            await _wait_for_status(health, service, serving)
+        fake.ready = False
+        for service in ("", SERVICE):
+            await _wait_for_status(health, service, not_serving)
+        fake.ready = True
+        await _wait_for_status(health, SERVICE, serving)
+        await gw.server.stop(1.0)
+        assert fake.closed
+        assert REGISTRY.get_sample_value("ltrec_gateway_triton_ready") == 0
+
+
+@run_async
+async def test_reflection_lists_the_services(repository: Path) -> None:
+    async with running_gateway(repository, FakeTransport()) as gw:
+        stub = reflection_pb2_grpc.ServerReflectionStub(gw.channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in stub.ServerReflectionInfo(iter([request]), timeout=5)]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@run_async
+async def test_metrics_count_requests_by_code(repository: Path) -> None:
+    ok = {"method": "Recommend", "code": "OK"}
+    invalid = {"method": "Recommend", "code": "INVALID_ARGUMENT"}
+    before_ok = _sample("ltrec_gateway_requests_total", **ok)
+    before_invalid = _sample("ltrec_gateway_requests_total", **invalid)
+    before_seconds = _sample("ltrec_gateway_request_duration_seconds_count", **ok)
+    before_skipped = _sample("ltrec_gateway_skipped_history_items_total")
+    before_triton = _sample("ltrec_gateway_stage_duration_seconds_count", stage="triton")
+    async with running_gateway(repository, FakeTransport()) as gw:
+        await gw.stub.Recommend(full_request(), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=0), timeout=5)
+        health = health_pb2_grpc.HealthStub(gw.channel)
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=1)  # not counted
+    assert _sample("ltrec_gateway_requests_total", **ok) == before_ok + 1
+    assert _sample("ltrec_gateway_requests_total", **invalid) == before_invalid + 1
+    assert _sample("ltrec_gateway_request_duration_seconds_count", **ok) == before_seconds + 1
+    assert _sample("ltrec_gateway_skipped_history_items_total") == before_skipped + 1
+    assert (
+        _sample("ltrec_gateway_stage_duration_seconds_count", stage="triton") == before_triton + 1
+    )
+    assert _sample("ltrec_gateway_requests_total", method="Check", code="OK") == 0
+    assert _sample("ltrec_gateway_in_flight_requests") == 0
+    assert _sample("ltrec_gateway_catalogue_items") == len(ITEMS)
+    assert _sample("ltrec_gateway_model_info", model_version="20261129-ab12cd") == 1
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            assert not {"user-42", "i1", "req-123"} & set(sample.labels.values())
