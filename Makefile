@@ -32,3 +32,48 @@ install: $(VENV)/.installed proto
 proto: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iserver/gen=proto --python_out=. --grpc_python_out=. --pyi_out=. \
 		proto/ltrec/v1/recommender.proto
+
+# --- the main job: data -> train -> export -> serve ----------------------------------------------
+$(DATA_DIR)/source.json: | $(VENV)/.installed
+	$(PY) -m ltrec.data convert-movielens --output $(DATA_DIR)
+
+data: $(DATA_DIR)/source.json
+
+$(ARTIFACTS)/checkpoint.pt: $(DATA_DIR)/source.json
+	$(PY) -m ltrec.train --data $(DATA_DIR) --out $(ARTIFACTS) $(TRAIN_ARGS)
+
+train: $(ARTIFACTS)/checkpoint.pt
+
+$(MODEL_REPOSITORY)/ltrec_metadata.json: $(ARTIFACTS)/checkpoint.pt
+	$(PY) -m export_scripts.export --checkpoint $(ARTIFACTS)/checkpoint.pt --output $(MODEL_REPOSITORY) $(EXPORT_ARGS)
+
+export: $(MODEL_REPOSITORY)/ltrec_metadata.json
+
+# Triton (real tritonserver, local onnxruntime stand-in) + the gateway, in the foreground.
+serve: install export
+	$(PY) -m triton_local.stack --model-repository $(MODEL_REPOSITORY)
+
+# The README's run command: everything from a fresh clone to a serving gateway.
+run: serve
+
+# Ask the running gateway for recommendations for a real MovieLens history; prints titles.
+client: install
+	$(PY) examples/recommend_client.py $(CLIENT_ARGS)
+
+# --- tests and lint ------------------------------------------------------------------------------
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit -m "not slow"
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf build artifacts $(filter-out model_repository/README.md,$(wildcard model_repository/*)) server/gen

@@ -15,13 +15,17 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from export_scripts import onnx_graphs, triton_config
@@ -67,16 +71,41 @@ def write_catalogue(path: Path, ckpt: dict) -> None:
             )
 
 
-def export(
+def export(checkpoint: Path, output: Path, **options: Any) -> dict:
+    """Export and verify into a staging folder, then swap the result into `output`.
+
+    A failed export (a parity mismatch, say) leaves the previous repository as it was; the
+    metadata goes in last, so a reader never sees metadata that describes other files.
+    """
+    staging = output.parent / f".{output.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        metadata = _export_into(checkpoint, staging, **options)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / contract.METADATA_FILE).unlink(missing_ok=True)
+        for name in (*OWNED_MODELS, contract.CATALOGUE_FILE):
+            target = output / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+            if (staging / name).exists():
+                os.replace(staging / name, target)
+        os.replace(staging / contract.METADATA_FILE, output / contract.METADATA_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metadata
+
+
+def _export_into(
     checkpoint: Path,
     output: Path,
     *,
     tensorrt: bool = False,
     text_encoder: bool = True,
     default_long_tail_weight: float = 0.0,
-    log=print,
+    log: Callable[[str], object] = print,
 ) -> dict:
-    """Export and verify; returns the metadata written beside the models."""
     started = time.monotonic()
     model, ckpt = load_checkpoint(checkpoint)
     cfg = model.cfg
@@ -84,8 +113,6 @@ def export(
     with torch.no_grad():
         table = model.item_table()
     output.mkdir(parents=True, exist_ok=True)
-    for name in OWNED_MODELS:
-        shutil.rmtree(output / name, ignore_errors=True)
     rng = np.random.default_rng(0)
     parity: dict[str, dict[str, float]] = {}
 
@@ -129,8 +156,6 @@ def export(
     scorer = Scorer(table, popularity).eval()
     path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    import onnx
-
     onnx.save(onnx_graphs.scorer_graph(table.numpy(), np.asarray(ckpt["popularity"])), path)
     parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(path, scorer, dim, cfg.n_items, rng)
 

@@ -66,8 +66,10 @@ def target_ranks(scores: np.ndarray, cases: EvalCases, rows: np.ndarray) -> np.n
     scores[:, 0] = -np.inf
     for j, r in enumerate(rows):
         scores[j, cases.histories[r]] = -np.inf
-    target_scores = scores[np.arange(len(rows)), cases.targets[rows]]
-    return (scores > target_scores[:, None]).sum(axis=1)
+    target_scores = scores[np.arange(len(rows)), cases.targets[rows]][:, None]
+    # Ties count against the target (a constant scorer must not look good): every other item
+    # with the same score is ranked ahead of it.
+    return (scores > target_scores).sum(axis=1) + (scores == target_scores).sum(axis=1) - 1
 
 
 def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 50)) -> dict[str, float]:

@@ -91,6 +91,8 @@ class UserTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.event_embedding = nn.Embedding(len(contract.EVENT_TYPES) + 1, cfg.embedding_dim)
+        # Small, like GPT-2's own embeddings: a unit-scale vector would drown the item signal.
+        nn.init.normal_(self.event_embedding.weight, std=0.02)
         self.begin = nn.Parameter(torch.randn(cfg.embedding_dim) * 0.02)
         gpt_cfg = GPT2Config(
             vocab_size=1,

@@ -101,7 +101,7 @@ def prepare_backend_dir(build_dir: Path) -> Path:
     return backends
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct free ports on 127.0.0.1; held open together so that none is handed out twice."""
     with contextlib.ExitStack() as stack:
         sockets = []
@@ -226,7 +226,7 @@ class TritonServer:
             raise TritonServerError(f"no model repository at {self.model_repository}")
         backend_dir = prepare_backend_dir(self.build_dir)
         wanted = [self.grpc_port, self.http_port, self.metrics_port]
-        free = iter(_free_ports(wanted.count(0)))
+        free = iter(free_ports(wanted.count(0)))
         self.grpc_port, self.http_port, self.metrics_port = (p or next(free) for p in wanted)
         if self.log_path is None:
             self.log_path = self.build_dir / "logs" / f"tritonserver-{self.http_port}.log"

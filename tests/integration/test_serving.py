@@ -1,0 +1,236 @@
+"""End to end: real ML-1M data -> training -> ONNX export -> real tritonserver -> gateway -> gRPC.
+
+A small slice of MovieLens-1M and a tiny model keep this to about a minute on two cores; the
+item text encoder is the real MiniLM, exported and served by Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from export_scripts.export import export
+from ltrec.data import load_dataset, write_dataset
+from ltrec.models import ItemTextEncoder, Scorer, UserEncoder
+from ltrec.movielens import convert_movielens_1m
+from ltrec.text_encoder import load_text_model, tokenize
+from ltrec.train import TrainConfig, load_checkpoint, prepare, train
+from server import contract
+from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from triton_local.server import TritonServer
+from triton_local.stack import GatewayProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+N_USERS = 150
+
+
+@dataclass
+class Stack:
+    repo: Path
+    triton: TritonServer
+    gateway: GatewayProcess
+    channel: grpc.Channel
+    stub: recommender_pb2_grpc.RecommenderStub
+    metadata: dict
+    catalogue: pd.DataFrame
+    history: list[str]  # item ids of a real user history, oldest first
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("serving")
+    full = convert_movielens_1m(root / "ml-1m-full")
+    dataset = load_dataset(full)
+    users = dataset.events["user_id"].drop_duplicates().iloc[:N_USERS]
+    events = dataset.events[dataset.events["user_id"].isin(users)]
+    items = dataset.items[dataset.items["item_id"].isin(events["item_id"])]
+    small = root / "ml-1m-small"
+    write_dataset(items, events, small)
+
+    prepared = prepare(small, root / "cache")
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=64,
+        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 2, "max_history": 20},
+    )
+    train(prepared, cfg, root / "artifacts", progress=False)
+    repo = root / "model_repository"
+    metadata = export(root / "artifacts" / "checkpoint.pt", repo, log=lambda _m: None)
+
+    triton = TritonServer(repo, build_dir=triton_build_dir)
+    triton.start()
+    gateway = GatewayProcess(repo, triton.grpc_url, log_path=root / "gateway.log")
+    try:
+        triton.wait_ready(timeout_s=180)
+        gateway.start()
+        gateway.wait_serving(timeout_s=120)
+        channel = grpc.insecure_channel(gateway.address)
+        first_user = prepared.split.train[prepared.split.train["user_id"] == users.iloc[0]]
+        yield Stack(
+            repo=repo,
+            triton=triton,
+            gateway=gateway,
+            channel=channel,
+            stub=recommender_pb2_grpc.RecommenderStub(channel),
+            metadata=metadata,
+            catalogue=pd.read_csv(repo / contract.CATALOGUE_FILE, keep_default_na=False),
+            history=first_user["item_id"].tolist()[-15:],
+        )
+        channel.close()
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+def _request(history: list[str], k: int = 10, **kwargs: object) -> recommender_pb2.RecommendRequest:
+    return recommender_pb2.RecommendRequest(
+        user_id="integration-user",
+        history=[
+            recommender_pb2.HistoryEvent(
+                item_id=i, event_type=recommender_pb2.EVENT_TYPE_RATING, timestamp=1_000 + n
+            )
+            for n, i in enumerate(history)
+        ],
+        context=recommender_pb2.Context(timestamp=978_300_760, region="zip4"),
+        k=k,
+        **kwargs,
+    )
+
+
+def test_recommend_returns_ranked_titles(stack: Stack) -> None:
+    reply = stack.stub.Recommend(_request(stack.history, k=10), timeout=10)
+    assert len(reply.items) == 10
+    assert reply.model_version == stack.metadata["model_version"]
+    assert reply.request_id
+    by_id = stack.catalogue.set_index("item_id")
+    scores = [item.score for item in reply.items]
+    assert scores == sorted(scores, reverse=True)
+    history_titles = {by_id.loc[i, "title"] for i in stack.history}
+    for item in reply.items:
+        assert item.item_id not in stack.history
+        assert item.title == by_id.loc[item.item_id, "title"]
+        assert item.long_tail == bool(by_id.loc[item.item_id, "long_tail"])
+        assert any(title in item.reason for title in history_titles), item.reason
+
+
+def test_served_ranking_is_the_torch_models_ranking(stack: Stack) -> None:
+    """What is measured offline is what runs: the same top-k from torch and from the gateway."""
+    model, ckpt = load_checkpoint(stack.repo.parent / "artifacts" / "checkpoint.pt")
+    index = {item_id: i + 1 for i, item_id in enumerate(ckpt["item_ids"])}
+    hist = torch.tensor([[index[i] for i in stack.history]])
+    types = torch.full_like(hist, 1 + contract.EVENT_TYPES.index("rating"))
+    region = 1 + ckpt["vocabularies"]["region"].index("zip4")
+    # 978300760 = 2000-12-31 22:12:40 UTC, a Sunday: hour bucket 23, weekday bucket 7
+    context = torch.tensor([[23, 7, 0, region]])
+    with torch.no_grad():
+        table = model.item_table()
+        user = UserEncoder(table, model.user_tower)(hist, types)
+        weighted = model.context_weighting(user, context)
+        scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt["popularity"])))
+        for weight in (0.0, 1.0):
+            items, scores, _ = scorer(
+                weighted, hist, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[weight]]), 10
+            )
+            reply = stack.stub.Recommend(
+                _request(stack.history, k=10, long_tail_weight=weight), timeout=10
+            )
+            served = [index[item.item_id] for item in reply.items]
+            assert served == items[0].tolist()
+            np.testing.assert_allclose([i.score for i in reply.items], scores[0], atol=1e-4)
+
+
+def test_long_tail_weight_raises_the_long_tail_share(stack: Stack) -> None:
+    def tail_share(weight: float) -> float:
+        reply = stack.stub.Recommend(
+            _request(stack.history, k=50, long_tail_weight=weight), timeout=10
+        )
+        return float(np.mean([item.long_tail for item in reply.items]))
+
+    assert tail_share(2.0) > tail_share(0.0)
+
+
+def test_exclusions_and_unknown_history_items(stack: Stack) -> None:
+    first = stack.stub.Recommend(_request(stack.history, k=5), timeout=10)
+    banned = [item.item_id for item in first.items[:2]]
+    reply = stack.stub.Recommend(
+        _request([*stack.history, "no such movie (2099)"], k=5, exclude_item_ids=banned),
+        timeout=10,
+    )
+    assert reply.skipped_history_items == 1
+    assert not {item.item_id for item in reply.items} & set(banned)
+    assert [item.item_id for item in reply.items][:3] == [i.item_id for i in first.items[2:5]]
+
+
+def test_empty_history_still_recommends(stack: Stack) -> None:
+    reply = stack.stub.Recommend(_request([], k=5), timeout=10)
+    assert len(reply.items) == 5
+
+
+def test_invalid_request_names_the_field(stack: Stack) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stack.stub.Recommend(_request(stack.history, k=0), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "k must be in [1, 500], got 0" in err.value.details()
+
+
+def test_item_text_encoder_served_by_triton_matches_torch(stack: Stack) -> None:
+    """The real MiniLM, exported to ONNX and run by Triton, encodes a new item's text."""
+    texts = ["Space Odyssey Returns (2031). Category: Sci-Fi > Adventure"]
+    tokenizer, minilm = load_text_model()
+    batch = tokenize(tokenizer, texts, max_tokens=64)
+    model, _ = load_checkpoint(stack.repo.parent / "artifacts" / "checkpoint.pt")
+    with torch.no_grad():
+        want = ItemTextEncoder(minilm, model.projection).eval()(**batch).numpy()
+    client = triton_grpc.InferenceServerClient(stack.triton.grpc_url)
+    inputs = []
+    for name in (contract.TEXT_INPUT_IDS, contract.TEXT_ATTENTION_MASK):
+        array = batch[name].numpy().astype(np.int64)
+        inp = triton_grpc.InferInput(name, list(array.shape), "INT64")
+        inp.set_data_from_numpy(array)
+        inputs.append(inp)
+    result = client.infer(contract.ITEM_TEXT_ENCODER_MODEL, inputs)
+    got = result.as_numpy(contract.ITEM_VECTOR)
+    assert got.shape == (1, stack.metadata["embedding_dim"])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_health_and_metrics(stack: Stack) -> None:
+    health = health_pb2_grpc.HealthStub(stack.channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service="ltrec.v1.Recommender"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    url = f"http://127.0.0.1:{stack.gateway.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'ltrec_gateway_requests_total{code="OK",method="Recommend"}' in body
+    assert 'ltrec_gateway_stage_duration_seconds_count{stage="triton"}' in body
+    assert "integration-user" not in body
+
+
+def test_triton_down_gives_unavailable_then_not_serving(stack: Stack) -> None:
+    """Runs last in this module: it stops Triton."""
+    stack.triton.stop()
+    with pytest.raises(grpc.RpcError) as err:
+        stack.stub.Recommend(_request(stack.history), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    health = health_pb2_grpc.HealthStub(stack.channel)
+    for _ in range(50):
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.2)
+    assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert json.loads((stack.repo / contract.METADATA_FILE).read_text())["model_version"]

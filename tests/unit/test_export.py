@@ -1,0 +1,429 @@
+"""The export: a tiny checkpoint in, a Triton repository out that the gateway and Triton accept.
+
+The repository is exported once per module (the torch.onnx exports are the slow part); tests that
+need a second export reuse its ONNX files for the torch towers and rebuild the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export_scripts import export as export_module
+from export_scripts import onnx_graphs, triton_config
+from ltrec.models import ModelConfig, Recommender, Scorer, UserEncoder
+from ltrec.train import load_checkpoint, long_tail_mask
+from server import contract
+from server.catalogue import load_model_repository
+
+N_ITEMS = 40
+CFG = ModelConfig(
+    n_items=N_ITEMS,
+    n_devices=3,
+    n_regions=3,
+    text_dim=24,
+    embedding_dim=16,
+    projection_hidden=32,
+    n_layers=1,
+    n_heads=2,
+    max_history=12,
+    context_dim=4,
+)
+VOCABULARIES = {
+    "event_types": list(contract.EVENT_TYPES),
+    "device": ["desktop", "mobile"],
+    "region": ["eu", "us"],
+}
+# Titles the CSV must quote: commas, quotes, a line break, non-ASCII.
+SPECIAL_TITLES = {
+    1: "Heat, The (1995)",
+    2: 'Say "Hi", Bob',
+    3: "Amélie, Le fabuleux destin",
+    4: "Two\nlines",
+}
+TRITON_TYPES = {mc.TYPE_INT64: "tensor(int64)", mc.TYPE_FP32: "tensor(float)"}
+TOWER_MODELS = (
+    contract.USER_ENCODER_MODEL,
+    contract.CONTEXT_WEIGHTING_MODEL,
+    contract.SCORER_MODEL,
+)
+EXPORTED_MODELS = (contract.ENSEMBLE_MODEL, *TOWER_MODELS)
+
+
+def write_checkpoint(path: Path) -> dict:
+    """A random checkpoint with exactly the keys `ltrec.train.train` saves."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    text_features = rng.standard_normal((N_ITEMS + 1, CFG.text_dim)).astype(np.float32)
+    text_features[contract.PADDING_INDEX] = 0.0
+    model = Recommender(CFG, torch.from_numpy(text_features))
+    with torch.no_grad():
+        # Both start at zero; random values make the parity checks non-trivial.
+        assert model.item_ids is not None
+        model.item_ids.weight.normal_(std=0.5)
+        model.context_weighting.mlp[-1].weight.normal_(std=0.5)
+        model.context_weighting.mlp[-1].bias.normal_(std=0.5)
+    popularity = rng.integers(0, 500, size=N_ITEMS + 1).astype(np.int64)
+    popularity[contract.PADDING_INDEX] = 0
+    item_ids = [f"item-{i}" for i in range(1, N_ITEMS + 1)]
+    titles = [SPECIAL_TITLES.get(i, f"Title {i}") for i in range(1, N_ITEMS + 1)]
+    summary = {
+        "text_model": "sentence-transformers/all-MiniLM-L6-v2",
+        "train_config": {"epochs": 1, "lr": 0.002, "model": {}},
+        "model_config": CFG.to_dict(),
+        "best": {"epoch": 1, "recall@10": 0.1, "ndcg@10": 0.05},
+        "most_popular_valid": {"recall@10": 0.05, "ndcg@10": 0.02},
+        "epochs": [{"epoch": 1, "loss": 3.0}],
+        "stop_reason": "epochs",
+        "train_seconds": 1.5,
+        "data": {"dir": "data/tiny", "cleaning": {}},
+    }
+    ckpt = {
+        "model_config": CFG.to_dict(),
+        "state_dict": model.state_dict(),
+        "text_features": text_features,
+        "popularity": popularity,
+        "long_tail": long_tail_mask(popularity),
+        "item_ids": item_ids,
+        "titles": titles,
+        "texts": [f"{t} | category" for t in titles],
+        "vocabularies": VOCABULARIES,
+        "summary": summary,
+    }
+    torch.save(ckpt, path)
+    return ckpt
+
+
+class Exported:
+    def __init__(self, checkpoint: Path, ckpt: dict, repo: Path, metadata: dict) -> None:
+        self.checkpoint = checkpoint
+        self.ckpt = ckpt
+        self.repo = repo
+        self.metadata = metadata
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
+    root = tmp_path_factory.mktemp("export")
+    checkpoint = root / "checkpoint.pt"
+    ckpt = write_checkpoint(checkpoint)
+    repo = root / "model_repository"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        metadata = export_module.export(checkpoint, repo, text_encoder=False, log=lambda _: None)
+        yield Exported(checkpoint, ckpt, repo, metadata)
+
+
+def reuse_tower_exports(mp: pytest.MonkeyPatch, source: Path) -> None:
+    """Make further exports copy the module's torch.onnx files instead of re-exporting them."""
+
+    def copier(model: str):
+        def copy(*args: object) -> None:
+            path = args[-1]
+            assert isinstance(path, Path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / model / export_module.VERSION / "model.onnx", path)
+
+        return copy
+
+    mp.setattr(onnx_graphs, "export_user_encoder", copier(contract.USER_ENCODER_MODEL))
+    mp.setattr(onnx_graphs, "export_context_weighting", copier(contract.CONTEXT_WEIGHTING_MODEL))
+
+
+def read_config(repo: Path, model: str) -> mc.ModelConfig:
+    return text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def session(repo: Path, model: str) -> ort.InferenceSession:
+    return onnx_graphs.session(repo / model / export_module.VERSION / "model.onnx")
+
+
+# --- parity ------------------------------------------------------------------------------------
+
+
+def test_every_parity_figure_is_within_tolerance(exported: Exported) -> None:
+    parity = exported.metadata["parity_max_abs_diff"]
+    assert set(parity) == set(TOWER_MODELS)
+    assert set(parity[contract.SCORER_MODEL]) == {
+        contract.TOP_SCORES,
+        contract.TOP_ITEMS,
+        contract.REASON_POSITIONS,
+    }
+    figures = [v for diffs in parity.values() for v in diffs.values()]
+    assert figures and all(math.isfinite(v) and v <= 1e-4 for v in figures), parity
+
+
+def test_export_fails_when_a_graph_disagrees_with_torch(
+    exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reuse_tower_exports(monkeypatch, exported.repo)
+    real_graph = onnx_graphs.scorer_graph
+
+    def perturbed(item_table: np.ndarray, popularity: np.ndarray):
+        return real_graph(item_table + np.float32(0.01), popularity)
+
+    monkeypatch.setattr(onnx_graphs, "scorer_graph", perturbed)
+    repo = tmp_path / "repo"
+    with pytest.raises(RuntimeError, match=r"disagree with torch: scorer\.top_scores"):
+        export_module.export(exported.checkpoint, repo, text_encoder=False, log=lambda _: None)
+    assert not (repo / contract.METADATA_FILE).exists()
+    assert not (repo / contract.CATALOGUE_FILE).exists()
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+def test_repository_layout(exported: Exported) -> None:
+    models = sorted(p.name for p in exported.repo.iterdir() if p.is_dir())
+    assert models == sorted(EXPORTED_MODELS)
+    for model in TOWER_MODELS:
+        assert (exported.repo / model / export_module.VERSION / "model.onnx").is_file()
+    ensemble_version = exported.repo / contract.ENSEMBLE_MODEL / export_module.VERSION
+    assert ensemble_version.is_dir() and not any(ensemble_version.iterdir())
+
+
+@pytest.mark.parametrize("model", EXPORTED_MODELS)
+def test_config_round_trips_through_text_format(exported: Exported, model: str) -> None:
+    text = (exported.repo / model / "config.pbtxt").read_text()
+    parsed = text_format.Parse(text, mc.ModelConfig())
+    assert text_format.MessageToString(parsed) == text
+    assert parsed.name == model
+    assert parsed.max_batch_size == 0
+    if model == contract.ENSEMBLE_MODEL:
+        assert parsed.platform == "ensemble"
+    else:
+        assert parsed.backend == "onnxruntime"
+        assert [g.kind for g in parsed.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+        assert not parsed.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_ensemble_steps_are_wired_to_existing_models_in_order(exported: Exported) -> None:
+    ensemble = read_config(exported.repo, contract.ENSEMBLE_MODEL)
+    available = {i.name for i in ensemble.input}
+    assert available == {
+        contract.HISTORY_ITEMS,
+        contract.HISTORY_EVENT_TYPES,
+        contract.CONTEXT,
+        contract.EXCLUDE_ITEMS,
+        contract.LONG_TAIL_WEIGHT,
+        contract.TOP_K,
+    }
+    steps = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == list(TOWER_MODELS)
+    for step in steps:
+        model = read_config(exported.repo, step.model_name)
+        # Keys are the step model's own tensor names, values the ensemble's tensors.
+        assert set(step.input_map) == {i.name for i in model.input}
+        assert set(step.output_map) == {o.name for o in model.output}
+        for ensemble_tensor in step.input_map.values():
+            assert ensemble_tensor in available, (step.model_name, ensemble_tensor)
+        available |= set(step.output_map.values())
+    assert {o.name for o in ensemble.output} <= available
+    assert {o.name for o in ensemble.output} == {
+        contract.TOP_ITEMS,
+        contract.TOP_SCORES,
+        contract.REASON_POSITIONS,
+    }
+
+
+@pytest.mark.parametrize("model", TOWER_MODELS)
+def test_onnx_signature_matches_config(exported: Exported, model: str) -> None:
+    cfg = read_config(exported.repo, model)
+    sess = session(exported.repo, model)
+
+    def signature(tensors) -> dict[str, tuple[str, int]]:
+        return {t.name: (t.type, len(t.shape)) for t in tensors}
+
+    def declared(tensors) -> dict[str, tuple[str, int]]:
+        return {t.name: (TRITON_TYPES[t.data_type], len(t.dims)) for t in tensors}
+
+    assert signature(sess.get_inputs()) == declared(cfg.input)
+    assert signature(sess.get_outputs()) == declared(cfg.output)
+    # Fixed sizes in the config are fixed in the graph; -1 is a symbolic (dynamic) dimension.
+    onnx_dims = {t.name: t.shape for t in [*sess.get_inputs(), *sess.get_outputs()]}
+    for t in [*cfg.input, *cfg.output]:
+        for want, got in zip(t.dims, onnx_dims[t.name], strict=True):
+            if want == -1:
+                assert not isinstance(got, int), (t.name, onnx_dims[t.name])
+            else:
+                assert got == want, (t.name, onnx_dims[t.name])
+
+
+def test_tensorrt_configs_run_on_gpu_with_the_tensorrt_accelerator(
+    exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reuse_tower_exports(monkeypatch, exported.repo)
+    repo = tmp_path / "repo"
+    metadata = export_module.export(
+        exported.checkpoint, repo, tensorrt=True, text_encoder=False, log=lambda _: None
+    )
+    assert metadata["tensorrt"] is True and exported.metadata["tensorrt"] is False
+    for model in TOWER_MODELS:
+        cfg = read_config(repo, model)
+        assert [g.kind for g in cfg.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+        accelerators = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        assert [a.name for a in accelerators] == ["tensorrt"]
+        assert accelerators[0].parameters["precision_mode"] == "FP16"
+        assert text_format.MessageToString(cfg) == (repo / model / "config.pbtxt").read_text()
+    # The same tensors either way: only placement changes.
+    for model in EXPORTED_MODELS:
+        gpu, cpu = read_config(repo, model), read_config(exported.repo, model)
+        assert gpu.input == cpu.input and gpu.output == cpu.output
+
+    direct = triton_config.onnx_model_config(
+        contract.SCORER_MODEL, triton_config.scorer_io(CFG.embedding_dim), tensorrt=True
+    )
+    assert direct.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert direct.optimization.execution_accelerators.gpu_execution_accelerator[0].name == (
+        "tensorrt"
+    )
+
+
+# --- the chained graphs against torch ----------------------------------------------------------
+
+
+def pad_left(rows: list[list[int]]) -> np.ndarray:
+    width = max(len(r) for r in rows)
+    return np.array([[0] * (width - len(r)) + r for r in rows], dtype=np.int64)
+
+
+@pytest.mark.parametrize(
+    ("histories", "weight"),
+    [
+        ([[7]], 0.0),
+        ([[3, 9, 27, 1, 40]], 0.8),
+        ([list(range(5, 5 + CFG.max_history))], 0.3),
+        ([[2, 4, 6], [11, 13, 17, 19, 23, 29, 31]], 0.5),  # batch 2, left-padded
+    ],
+)
+def test_chained_onnx_models_recommend_what_torch_does(
+    exported: Exported, histories: list[list[int]], weight: float
+) -> None:
+    hist = pad_left(histories)
+    rng = np.random.default_rng(len(histories[-1]))
+    types = np.where(hist == 0, 0, rng.integers(1, len(contract.EVENT_TYPES) + 1, hist.shape))
+    batch = hist.shape[0]
+    context = np.tile(np.array([[14, 3, 2, 1]], dtype=np.int64), (batch, 1))
+    exclude = np.tile(np.array([[8, 12]], dtype=np.int64), (batch, 1))
+    long_tail = np.full((batch, 1), weight, dtype=np.float32)
+    k = 10
+
+    repo = exported.repo
+    (user,) = session(repo, contract.USER_ENCODER_MODEL).run(
+        None, {contract.HISTORY_ITEMS: hist, contract.HISTORY_EVENT_TYPES: types.astype(np.int64)}
+    )
+    (weighted,) = session(repo, contract.CONTEXT_WEIGHTING_MODEL).run(
+        None, {contract.USER_EMBEDDING: user, contract.CONTEXT: context}
+    )
+    items, scores, reasons = session(repo, contract.SCORER_MODEL).run(
+        [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS],
+        {
+            contract.WEIGHTED_USER_EMBEDDING: weighted,
+            contract.HISTORY_ITEMS: hist,
+            contract.EXCLUDE_ITEMS: exclude,
+            contract.LONG_TAIL_WEIGHT: long_tail,
+            contract.TOP_K: np.array([k], dtype=np.int64),
+        },
+    )
+
+    model, ckpt = load_checkpoint(exported.checkpoint)
+    with torch.no_grad():
+        table = model.item_table()
+        t_user = UserEncoder(table, model.user_tower).eval()(
+            torch.from_numpy(hist), torch.from_numpy(types.astype(np.int64))
+        )
+        t_weighted = model.context_weighting(t_user, torch.from_numpy(context))
+        t_items, t_scores, t_reasons = Scorer(table, torch.from_numpy(ckpt["popularity"]))(
+            t_weighted,
+            torch.from_numpy(hist),
+            torch.from_numpy(exclude),
+            torch.from_numpy(long_tail),
+            k,
+        )
+    np.testing.assert_allclose(user, t_user.numpy(), atol=1e-4, rtol=0)
+    assert items.shape == (batch, k)
+    assert items.tolist() == t_items.tolist()
+    np.testing.assert_allclose(scores, t_scores.numpy(), atol=1e-4, rtol=0)
+    assert reasons.tolist() == t_reasons.tolist()
+    for row, history in enumerate(histories):
+        assert not set(items[row].tolist()) & {0, 8, 12, *history}
+        # The reason position points at a real (non-padding) history item.
+        assert all(hist[row, p] != 0 for p in reasons[row])
+
+
+# --- catalogue and metadata --------------------------------------------------------------------
+
+
+def test_catalogue_csv(exported: Exported) -> None:
+    path = exported.repo / contract.CATALOGUE_FILE
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    assert (
+        path.read_text(encoding="utf-8").splitlines()[0]
+        == "index,item_id,title,popularity,long_tail"
+    )
+    body = rows[1:]
+    assert len(body) == N_ITEMS
+    assert [int(r[0]) for r in body] == list(range(1, N_ITEMS + 1))
+    assert [r[2] for r in body] == exported.ckpt["titles"]
+    assert body[0][2] == "Heat, The (1995)" and body[3][2] == "Two\nlines"
+    assert [int(r[3]) for r in body] == exported.ckpt["popularity"][1:].tolist()
+    assert [r[4] == "1" for r in body] == exported.ckpt["long_tail"][1:].tolist()
+    # ceil(20% of 40) = 8 head items.
+    assert sum(r[4] == "0" for r in body) == 8
+
+
+def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
+    metadata, catalogue = load_model_repository(exported.repo)
+    ckpt = exported.ckpt
+    assert metadata.model_version == exported.metadata["model_version"]
+    assert metadata.max_history == CFG.max_history
+    assert metadata.event_types == contract.EVENT_TYPES
+    assert metadata.device_buckets == {"desktop": 1, "mobile": 2}
+    assert metadata.region_buckets == {"eu": 1, "us": 2}
+    assert catalogue.size == N_ITEMS
+    assert catalogue.item_ids[1:] == ckpt["item_ids"]
+    assert catalogue.titles[1:] == ckpt["titles"]
+    assert catalogue.index_of["item-3"] == 3
+    assert catalogue.titles[2] == 'Say "Hi", Bob'
+    assert catalogue.popularity.tolist() == ckpt["popularity"].tolist()
+    assert catalogue.long_tail.tolist() == ckpt["long_tail"].tolist()
+
+
+def test_metadata_records_version_and_file_hashes(exported: Exported) -> None:
+    repo = exported.repo
+    on_disk = json.loads((repo / contract.METADATA_FILE).read_text())
+    assert on_disk == exported.metadata
+    assert isinstance(on_disk["model_version"], str) and on_disk["model_version"]
+    ckpt_hash = hashlib.sha256(exported.checkpoint.read_bytes()).hexdigest()
+    assert on_disk["checkpoint"]["sha256"] == ckpt_hash
+    assert on_disk["model_version"].endswith(ckpt_hash[:8])
+    assert on_disk["n_items"] == N_ITEMS and on_disk["embedding_dim"] == CFG.embedding_dim
+    assert on_disk["vocabularies"] == VOCABULARIES
+
+    files = on_disk["files"]
+    every_file = {
+        str(p.relative_to(repo))
+        for p in repo.rglob("*")
+        if p.is_file() and p.name != contract.METADATA_FILE
+    }
+    assert set(files) == every_file
+    assert contract.CATALOGUE_FILE in files
+    for model in TOWER_MODELS:
+        assert f"{model}/{export_module.VERSION}/model.onnx" in files
+    for name, entry in files.items():
+        data = (repo / name).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest(), name
+        assert entry["bytes"] == len(data), name

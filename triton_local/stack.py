@@ -1,0 +1,175 @@
+"""The whole local serving stack: the real tritonserver, then the gateway in front of it.
+
+`python -m triton_local.stack` is what `make serve` runs: it starts Triton on the exported model
+repository, starts the gateway (`python -m server`) pointed at it, waits until the gateway's
+`grpc.health.v1` check says SERVING (which needs the ensemble ready in Triton), and stays in the
+foreground until SIGTERM/SIGINT, then stops the gateway first and Triton second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from triton_local.server import TritonServer, TritonServerError, free_ports
+
+logger = logging.getLogger("triton_local.stack")
+
+
+class GatewayProcess:
+    """`python -m server` as a child process, configured through `LTREC_*` variables."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        triton_grpc_url: str,
+        *,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        ports = iter(free_ports(2))
+        self.grpc_port = grpc_port or next(ports)
+        self.metrics_port = metrics_port or next(ports)
+        self.model_repository = model_repository
+        self.triton_grpc_url = triton_grpc_url
+        self.log_path = log_path
+        self.extra_env = dict(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "LTREC_GRPC_HOST": "127.0.0.1",
+            "LTREC_GRPC_PORT": str(self.grpc_port),
+            "LTREC_METRICS_PORT": str(self.metrics_port),
+            "LTREC_TRITON_URL": self.triton_grpc_url,
+            "LTREC_MODEL_REPOSITORY": str(self.model_repository),
+            **self.extra_env,
+        }
+        out = self.log_path.open("ab") if self.log_path else None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    def wait_serving(self, timeout_s: float = 120.0) -> float:
+        """Polls gRPC health until SERVING; fails fast if the process exits."""
+        assert self.process is not None
+        started = time.monotonic()
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    raise RuntimeError(f"the gateway exited with code {code} before serving")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.monotonic() - started
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"the gateway did not report SERVING within {timeout_s} s")
+                time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+class _Stop(BaseException):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m triton_local.stack", description=__doc__)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's port")
+    parser.add_argument("--metrics-port", type=int, default=9100, help="the gateway's metrics")
+    parser.add_argument("--triton-grpc-port", type=int, default=8001)
+    parser.add_argument("--triton-http-port", type=int, default=8000)
+    parser.add_argument("--triton-metrics-port", type=int, default=8002)
+    parser.add_argument("--build-dir", type=Path, default=Path("build/triton"))
+    args = parser.parse_args(argv)
+    if not (args.model_repository / "recommend" / "config.pbtxt").is_file():
+        logger.error("no exported models in %s: run `make export` first", args.model_repository)
+        return 2
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    started = time.monotonic()
+    triton = TritonServer(
+        args.model_repository.resolve(),
+        grpc_port=args.triton_grpc_port,
+        http_port=args.triton_http_port,
+        metrics_port=args.triton_metrics_port,
+        build_dir=args.build_dir,
+    )
+    gateway: GatewayProcess | None = None
+    try:
+        triton.start()
+        triton.wait_ready()
+        gateway = GatewayProcess(
+            args.model_repository.resolve(),
+            triton.grpc_url,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+        )
+        gateway.start()
+        gateway.wait_serving()
+        print(
+            f"serving: gateway 127.0.0.1:{args.grpc_port} (gRPC, ltrec.v1.Recommender), "
+            f"metrics http://127.0.0.1:{args.metrics_port}/metrics, Triton {triton.grpc_url}, "
+            f"Triton metrics {triton.metrics_url}/metrics; ready in "
+            f"{time.monotonic() - started:.1f} s. Try: make client",
+            flush=True,
+        )
+        while triton.is_running() and gateway.process and gateway.process.poll() is None:
+            time.sleep(0.5)
+        logger.error("a serving process exited; stopping the stack")
+        return 1
+    except _Stop:
+        logger.info("stopping the stack")
+        return 0
+    except (TritonServerError, RuntimeError) as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        triton.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
