@@ -195,7 +195,8 @@ def test_item_text_encoder_served_by_triton_matches_torch(stack: Stack) -> None:
     batch = tokenize(tokenizer, texts, max_tokens=64)
     model, _ = load_checkpoint(stack.repo.parent / "artifacts" / "checkpoint.pt")
     with torch.no_grad():
-        want = ItemTextEncoder(minilm, model.projection).eval()(**batch).numpy()
+        encoder = ItemTextEncoder(minilm, model.projection).eval()
+        want = encoder(batch["input_ids"], batch["attention_mask"]).numpy()
     client = triton_grpc.InferenceServerClient(stack.triton.grpc_url)
     inputs = []
     for name in (contract.TEXT_INPUT_IDS, contract.TEXT_ATTENTION_MASK):
