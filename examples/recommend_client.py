@@ -35,7 +35,9 @@ HISTORY = [
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--address", default="127.0.0.1:50051")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--long-tail-weight", type=float, default=None)

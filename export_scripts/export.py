@@ -5,7 +5,8 @@ inside), their configs as `ModelConfig` protobufs, the `recommend` ensemble, and
 metadata (versions, data, training figures, hashes, parity) and the catalogue file the gateway
 reads. Every ONNX graph is run against its torch module during export; a mismatch fails the export.
 
-    python -m export_scripts.export --checkpoint artifacts/ml-1m/checkpoint.pt --output model_repository
+    python -m export_scripts.export --checkpoint artifacts/ml-1m/checkpoint.pt \
+        --output model_repository
     python -m export_scripts.export ... --tensorrt   # configs for a GPU deployment (TensorRT EP)
 """
 
@@ -19,8 +20,8 @@ import os
 import shutil
 import sys
 import time
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,9 @@ def _export_into(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--output", type=Path, default=Path("model_repository"))
     parser.add_argument("--tensorrt", action="store_true", help="GPU configs (TensorRT EP, FP16)")
@@ -260,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-long-tail-weight", type=float, default=0.0)
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
-        print(f"error: checkpoint {args.checkpoint} not found (run `make train` first)", file=sys.stderr)
+        print(
+            f"error: checkpoint {args.checkpoint} not found (run `make train` first)",
+            file=sys.stderr,
+        )
         return 2
     meta = export(
         args.checkpoint,

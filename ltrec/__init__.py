@@ -1,1 +1,1 @@
-"""Modelling code shared by training, evaluation, export scripts and tests (data, models, training)."""
+"""Modelling code shared by training, evaluation, export scripts and tests."""

@@ -36,7 +36,9 @@ def load_text_model() -> tuple[AutoTokenizer, torch.nn.Module]:
     return tokenizer, model
 
 
-def tokenize(tokenizer: AutoTokenizer, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+def tokenize(
+    tokenizer: AutoTokenizer, texts: list[str], max_tokens: int
+) -> dict[str, torch.Tensor]:
     return tokenizer(
         texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
     )

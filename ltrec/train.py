@@ -36,7 +36,7 @@ HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interaction
 @dataclass
 class TrainConfig:
     epochs: int = 40
-    max_minutes: float = 20.0
+    max_minutes: float = 12.0
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -187,9 +187,27 @@ def _loss(
     return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
 
 
-def train(
-    prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True
-) -> dict:
+def _set_lr(
+    optimiser: torch.optim.Optimizer,
+    peak: float,
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    started: float,
+    max_minutes: float,
+) -> None:
+    """Linear warm-up, then cosine decay over whichever budget (steps or minutes) runs out first,
+    so a run stopped by its time budget still ends at a low learning rate."""
+    if step < warmup_steps:
+        lr = peak * (step + 1) / warmup_steps
+    else:
+        progress = max(step / total_steps, (time.monotonic() - started) / (max_minutes * 60))
+        lr = peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
+def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
     """Train with early stopping on validation NDCG@10; writes checkpoint.pt and metrics.json."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -217,15 +235,15 @@ def train(
     window = model_cfg.max_history + 1
     steps_per_epoch = math.ceil(len(prepared.train_sequences) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1
-    )
+    warmup_steps = min(100, total_steps // 10 + 1)
     started = time.monotonic()
     best: dict = {"ndcg@10": -1.0}
     history: list[dict] = []
     best_state = None
     bad_epochs = 0
     stop_reason = "epochs"
+    step = 0
+    _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, started, cfg.max_minutes)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         losses = []
@@ -242,7 +260,8 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimiser.step()
-            scheduler.step()
+            step += 1
+            _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, started, cfg.max_minutes)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         metrics, _ = evaluate(
@@ -318,7 +337,9 @@ def load_checkpoint(path: Path) -> tuple[Recommender, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--data", type=Path, required=True, help="dataset directory")
     parser.add_argument("--out", type=Path, required=True, help="where checkpoint.pt goes")
     parser.add_argument("--cache", type=Path, default=Path("artifacts/cache"))
@@ -373,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'ltrec':<14} {best['recall@10']:>10.4f} {best['ndcg@10']:>10.4f}")
     print(
         f"best epoch {best['epoch']}, stopped: {summary['stop_reason']}, "
-        f"total {(time.monotonic() - started) / 60:.1f} min; checkpoint {args.out / 'checkpoint.pt'}"
+        f"total {(time.monotonic() - started) / 60:.1f} min; "
+        f"checkpoint {args.out / 'checkpoint.pt'}"
     )
     return 0
 

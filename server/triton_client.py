@@ -136,6 +136,8 @@ class TritonClient:
                 metrics.TRITON_ERRORS_TOTAL.labels(code=code).inc()
                 if code == "DEADLINE_EXCEEDED":
                     raise BackendTimeout(f"model call timed out after {timeout:.3f} s") from exc
+                if code == "NOT_FOUND":  # the ensemble is not loaded (yet): not ready
+                    raise BackendUnavailable("the model is not loaded in Triton") from exc
                 if code != "UNAVAILABLE":
                     raise BackendError(f"Triton answered {code}: {exc.message()}") from exc
                 failure: Exception = exc

@@ -587,3 +587,18 @@ async def test_metrics_count_requests_by_code(repository: Path) -> None:
     for family in REGISTRY.collect():
         for sample in family.samples:
             assert not {"user-42", "i1", "req-123"} & set(sample.labels.values())
+
+
+@run_async
+async def test_model_not_loaded_in_triton_gives_unavailable_without_retry(
+    repository: Path,
+) -> None:
+    fake = FakeTransport()
+    fake.always = InferenceServerException(
+        "Request for unknown model: 'recommend' is not found", status="StatusCode.NOT_FOUND"
+    )
+    async with running_gateway(repository, fake, triton_retries=2) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(fake.calls) == 1
