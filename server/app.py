@@ -123,7 +123,7 @@ async def serve(config: GatewayConfig) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down within `shutdown_grace_seconds`."""
     server, port = create_server(config)
     if config.metrics_port:
-        start_http_server(config.metrics_port)
+        start_http_server(config.metrics_port, addr=config.grpc_host)
         logger.info("metrics on :%d/metrics", config.metrics_port)
     await server.start()
     logger.info(
