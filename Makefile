@@ -25,11 +25,15 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	$(PIP) install --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed proto
+STUBS := server/gen/ltrec/v1/recommender_pb2.py
+
+install: $(VENV)/.installed $(STUBS)
 
 # Generated stubs are not committed: `make proto` writes them to server/gen/ (git-ignored).
 # The proto path is mapped so that the stubs import as `server.gen.ltrec.v1`.
-proto: $(VENV)/.installed
+proto: $(STUBS)
+
+$(STUBS): proto/ltrec/v1/recommender.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iserver/gen=proto --python_out=. --grpc_python_out=. --pyi_out=. \
 		proto/ltrec/v1/recommender.proto
 

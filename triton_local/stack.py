@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"serving: gateway 127.0.0.1:{args.grpc_port} (gRPC, ltrec.v1.Recommender), "
             f"metrics http://127.0.0.1:{args.metrics_port}/metrics, Triton {triton.grpc_url}, "
-            f"Triton metrics {triton.metrics_url}/metrics; ready in "
+            f"Triton metrics {triton.metrics_url}; ready in "
             f"{time.monotonic() - started:.1f} s. Try: make client",
             flush=True,
         )
