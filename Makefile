@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto data train export serve run client test test-unit test-integration lint clean
+.PHONY: install proto data train export serve run client evaluate evaluate-quick test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -63,6 +63,15 @@ run: serve
 # Ask the running gateway for recommendations for a real MovieLens history; prints titles.
 client: install
 	$(PY) examples/recommend_client.py $(CLIENT_ARGS)
+
+# The evaluation report: baselines, ablations, long-tail and cold-start views (docs/evaluation.md).
+REPORT_DIR ?= reports/ml-1m
+REPORT_ARGS ?=
+evaluate: install $(DATA_DIR)/source.json
+	$(PY) -m ltrec.report --data $(DATA_DIR) --out $(REPORT_DIR) $(REPORT_ARGS)
+
+evaluate-quick: install $(DATA_DIR)/source.json
+	$(PY) -m ltrec.report --data $(DATA_DIR) --out reports/quick --quick
 
 # --- tests and lint ------------------------------------------------------------------------------
 test: install

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ltrec.data import LeaveOneOut
 from ltrec.features import Sequences, build_sequences, context_matrix
 
 
@@ -106,3 +107,153 @@ def most_popular(popularity: np.ndarray) -> ScoreFn:
         return np.broadcast_to(base, (len(rows), len(base))).copy()
 
     return score
+
+
+# --- Views beyond accuracy: top-k lists, long-tail and cold-start ------------------------------
+
+
+def events_in_order(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Concatenate event frames into the order `make_cases` needs: grouped by user (users in
+    order of first appearance), then by timestamp.
+
+    The sort is stable, so events with equal timestamps keep their concatenation order; pass the
+    frames earliest part first (train, then validation) and a tie resolves as in the file.
+    """
+    frame = pd.concat(frames, ignore_index=True)
+    user_order, _ = pd.factorize(frame["user_id"])
+    order = np.lexsort((frame["timestamp"].to_numpy(), user_order))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def top_k_items(scores: np.ndarray, cases: EvalCases, rows: np.ndarray, k: int) -> np.ndarray:
+    """[len(rows), k] catalogue indices, best first, with the exclusions of `target_ranks`.
+
+    Equal scores are ordered by catalogue index. Slots that no eligible item can fill (a
+    catalogue smaller than history + k) hold -1.
+    """
+    scores = scores.astype(np.float64, copy=True)
+    scores[:, 0] = -np.inf
+    for j, r in enumerate(rows):
+        scores[j, cases.histories[r]] = -np.inf
+    k_eff = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)
+    top = np.take_along_axis(part, order, axis=1)
+    top[~np.isfinite(np.take_along_axis(part_scores, order, axis=1))] = -1
+    if k_eff < k:
+        top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-1)
+    return top
+
+
+def evaluate_lists(
+    score_fn: ScoreFn,
+    cases: EvalCases,
+    k: int = 10,
+    batch_size: int = 256,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`evaluate`'s target ranks plus each case's top-k list, from one scoring pass.
+
+    Beyond-accuracy metrics (coverage, popularity bias) need the lists, not only the ranks.
+    """
+    ranks = np.zeros(len(cases), dtype=np.int64)
+    top = np.full((len(cases), k), -1, dtype=np.int64)
+    batches = range(0, len(cases), batch_size)
+    for start in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        rows = np.arange(start, min(start + batch_size, len(cases)))
+        scores = score_fn(cases, rows)
+        ranks[rows] = target_ranks(scores, cases, rows)
+        top[rows] = top_k_items(scores, cases, rows, k)
+    return ranks, top
+
+
+def long_tail_adjusted(score_fn: ScoreFn, popularity: np.ndarray, weight: float) -> ScoreFn:
+    """score - weight * log(1 + popularity), the serving scorer's long-tail adjustment."""
+    penalty = weight * np.log1p(popularity.astype(np.float64))
+
+    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return score_fn(cases, rows).astype(np.float64) - penalty
+
+    return score
+
+
+def gini(exposure: np.ndarray) -> float:
+    """Gini coefficient of non-negative counts: 0 = equal exposure, (n-1)/n = one item gets all.
+
+    G = sum_i (2i - n - 1) x_(i) / (n sum x), with x sorted ascending and i = 1..n.
+    """
+    x = np.sort(np.asarray(exposure, dtype=np.float64))
+    n, total = len(x), x.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    i = np.arange(1, n + 1)
+    return float(((2 * i - n - 1) * x).sum() / (n * total))
+
+
+def long_tail_metrics(
+    top: np.ndarray, popularity: np.ndarray, tail: np.ndarray
+) -> dict[str, float]:
+    """Coverage, ARP, APLT and Gini of the top-k lists (`k` = the lists' width).
+
+    - coverage@k: share of the catalogue (indices 1..N) that appears in any list;
+    - arp@k: mean over lists of the mean training popularity of the list's items;
+    - aplt@k: mean over lists of the share of tail items in the list;
+    - gini@k: Gini of how often each catalogue item is recommended (items never shown count).
+    Unfilled slots (-1) are ignored.
+    """
+    k = top.shape[1]
+    n_items = len(popularity) - 1
+    filled = top > 0
+    safe = np.where(filled, top, 0)
+    lengths = filled.sum(axis=1)
+    listed = lengths > 0
+    pop = np.where(filled, popularity[safe], 0).sum(axis=1)
+    in_tail = np.where(filled, tail[safe], False).sum(axis=1)
+    exposure = np.bincount(top[filled], minlength=n_items + 1)[1:]
+    return {
+        f"coverage@{k}": float((exposure > 0).sum() / n_items) if n_items else 0.0,
+        f"arp@{k}": float((pop[listed] / lengths[listed]).mean()) if listed.any() else 0.0,
+        f"aplt@{k}": float((in_tail[listed] / lengths[listed]).mean()) if listed.any() else 0.0,
+        f"gini@{k}": gini(exposure),
+    }
+
+
+def cold_start_split(
+    split: LeaveOneOut, n_items: int, share: float = 0.1, seed: int = 0
+) -> tuple[LeaveOneOut, np.ndarray]:
+    """Hide a seeded `share` of the interacted items from training, as if they were new.
+
+    Candidates are the items with at least one event in any part (an item nobody touched has no
+    test case). Every event of a chosen item leaves train and validation, so neither training
+    nor tuning sees it; the test part is kept whole and the catalogue is unchanged, so the chosen
+    items are still ranked (by their text, for a model that reads it). Returns the new split and
+    a boolean mask over catalogue indices 0..N, True for the chosen items.
+    """
+    seen = np.unique(
+        np.concatenate([p["item_index"].to_numpy() for p in (split.train, split.valid, split.test)])
+    )
+    seen = seen[seen > 0]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(seen, size=int(round(share * len(seen))), replace=False)
+    cold = np.zeros(n_items + 1, dtype=bool)
+    cold[chosen] = True
+
+    def warm(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[~cold[frame["item_index"].to_numpy()]].reset_index(drop=True)
+
+    return LeaveOneOut(train=warm(split.train), valid=warm(split.valid), test=split.test), cold
+
+
+def subsample_users(split: LeaveOneOut, n_users: int, seed: int = 0) -> LeaveOneOut:
+    """A seeded sample of whole users (every part of each), for quick runs."""
+    users = split.train["user_id"].unique()
+    if n_users >= len(users):
+        return split
+    keep = set(np.random.default_rng(seed).choice(users, size=n_users, replace=False).tolist())
+
+    def part(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[frame["user_id"].isin(keep)].reset_index(drop=True)
+
+    return LeaveOneOut(train=part(split.train), valid=part(split.valid), test=part(split.test))

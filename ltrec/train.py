@@ -178,8 +178,7 @@ def _loss(
     users = model.context_weighting(states[valid], context[valid])
     target = targets[valid]
     if cfg.loss == "full":
-        logits = users @ table.T
-        logits[:, contract.PADDING_INDEX] = float("-inf")
+        logits = (users @ table.T).masked_fill(q == 0, float("-inf"))
         return F.cross_entropy(logits, target)
     # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ).
     negatives = torch.multinomial(q, cfg.negatives, replacement=True)
@@ -225,43 +224,62 @@ def _bound_heap_growth() -> None:
     libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
-def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Train with early stopping on validation NDCG@10; writes checkpoint.pt and metrics.json."""
-    _bound_heap_growth()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model_cfg = ModelConfig(
+def model_config(prepared: Prepared, cfg: TrainConfig) -> ModelConfig:
+    return ModelConfig(
         n_items=len(prepared.item_ids),
         n_devices=len(prepared.device_vocab) + 1,
         n_regions=len(prepared.region_vocab) + 1,
         **cfg.model,  # type: ignore[arg-type]
     )
-    model = Recommender(model_cfg, torch.from_numpy(prepared.text_features))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pop = torch.from_numpy(prepared.popularity).double()
-    q = (pop + 1.0) / (pop + 1.0).sum()
-    q[contract.PADDING_INDEX] = 0.0
-    log_q = torch.log(q.clamp(min=1e-12)).float()
-    q = q.float()
 
+
+def target_distribution(popularity: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, log q) over the catalogue: training popularity, smoothed by one.
+
+    Items that are never a training target (no training interactions: new in the catalogue, or
+    held out as cold) get q = 0, which keeps them out of the softmax and out of the sampled
+    negatives. A full softmax would otherwise push them down as "never wanted" at every step,
+    and they would be served worse than an item added after training.
+    """
+    pop = torch.from_numpy(np.asarray(popularity)).double()
+    q = (pop + 1.0) / (pop + 1.0).sum()
+    q[pop <= 0] = 0.0
+    q[contract.PADDING_INDEX] = 0.0
+    q = q / q.sum()
+    return q.float(), torch.log(q.clamp(min=1e-12)).float()
+
+
+def fit(
+    prepared: Prepared,
+    cfg: TrainConfig,
+    model: Recommender,
+    name: str = "",
+    progress: bool = True,
+) -> tuple[Recommender, dict]:
+    """The training loop shared by `train` and the evaluation's models and ablations.
+
+    Early stopping on validation NDCG@10; the best epoch's weights are loaded back.
+    """
+    _bound_heap_growth()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_cfg = model.cfg
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    q, log_q = target_distribution(prepared.popularity)
     split = prepared.split
     valid_cases = make_cases(split.train, split.valid, prepared.device_vocab, prepared.region_vocab)
-    popular_metrics, _ = evaluate(
-        most_popular(prepared.popularity), valid_cases, desc="most-popular", progress=progress
-    )
     window = model_cfg.max_history + 1
     steps_per_epoch = math.ceil(len(prepared.train_sequences) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = min(100, total_steps // 10 + 1)
+    label = f"{name} " if name else ""
     started = time.monotonic()
-    best: dict = {"ndcg@10": -1.0}
+    best: dict = {"epoch": 0, "ndcg@10": -1.0}
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[dict] = []
-    best_state = None
-    bad_epochs = 0
-    stop_reason = "epochs"
-    step = 0
+    bad_epochs, step, stop_reason = 0, 0, "epochs"
     _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, started, cfg.max_minutes)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -269,7 +287,7 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
         bar = tqdm(
             _batches(prepared.train_sequences, window, cfg.batch_size, rng),
             total=steps_per_epoch,
-            desc=f"epoch {epoch}/{cfg.epochs}",
+            desc=f"{label}epoch {epoch}/{cfg.epochs}",
             unit="batch",
             disable=not progress,
         )
@@ -293,8 +311,9 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": elapsed, **metrics}
         history.append(record)
         print(
-            f"epoch {epoch}: loss {record['loss']:.4f}  valid recall@10 {metrics['recall@10']:.4f}"
-            f"  ndcg@10 {metrics['ndcg@10']:.4f}  ({elapsed / 60:.1f} min)",
+            f"{label}epoch {epoch}: loss {record['loss']:.4f}  valid recall@10 "
+            f"{metrics['recall@10']:.4f}  ndcg@10 {metrics['ndcg@10']:.4f}  "
+            f"({elapsed / 60:.1f} min)",
             file=sys.stderr,
         )
         if metrics["ndcg@10"] > best["ndcg@10"]:
@@ -310,17 +329,36 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
         if elapsed * (epoch + 1) / epoch > cfg.max_minutes * 60:
             stop_reason = f"time budget of {cfg.max_minutes} min"
             break
-    assert best_state is not None
     model.load_state_dict(best_state)
+    model.eval()
     summary = {
-        "text_model": TEXT_MODEL_NAME,
         "train_config": asdict(cfg),
         "model_config": model_cfg.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "never_target_items": int((q[1:] == 0).sum()),
         "best": best,
-        "most_popular_valid": popular_metrics,
         "epochs": history,
         "stop_reason": stop_reason,
         "train_seconds": time.monotonic() - started,
+    }
+    return model, summary
+
+
+def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
+    """Train our model; writes checkpoint.pt (what export reads) and metrics.json."""
+    model_cfg = model_config(prepared, cfg)
+    model = Recommender(model_cfg, torch.from_numpy(prepared.text_features))
+    valid_cases = make_cases(
+        prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
+    )
+    popular_metrics, _ = evaluate(
+        most_popular(prepared.popularity), valid_cases, desc="most-popular", progress=progress
+    )
+    model, fitted = fit(prepared, cfg, model, progress=progress)
+    summary = {
+        "text_model": TEXT_MODEL_NAME,
+        **fitted,
+        "most_popular_valid": popular_metrics,
         "data": {"dir": str(prepared.data_dir), "cleaning": prepared.report},
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -414,7 +414,7 @@ async def test_unavailable_triton_gives_unavailable_after_bounded_retries(reposi
         elapsed = time.monotonic() - start
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(fake.calls) == 3  # the first attempt and two retries
-    assert elapsed < 1.0
+    assert elapsed < 3.0  # bounded retries with short backoff, not a hang
 
 
 @run_async
@@ -441,7 +441,7 @@ async def test_slow_triton_gives_deadline_exceeded_within_the_callers_deadline(
             await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=0.3)
         elapsed = time.monotonic() - start
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert elapsed < 1.0
+    assert elapsed < 3.0  # far below the fake's 10 s: the deadline, not the backend, ended it
     (sent,) = fake.calls
     assert 0 < sent.client_timeout <= 0.3  # the caller's remaining deadline, not the 5 s config
 

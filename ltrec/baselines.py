@@ -1,0 +1,162 @@
+"""Baselines the long-tail claim is measured against, all scored by the same full-ranking loop.
+
+- ItemKNN: item-item cosine on the binary training interaction matrix, with a shrink term; a
+  candidate item scores the sum of its similarities to the history items among its nearest
+  neighbours (Sarwar et al. 2001; Deshpande & Karypis 2004).
+- EASE: the closed-form item-item linear autoencoder with a zero diagonal (Steck 2019).
+- SASRec: our own user tower and training loop with an item table made of ID vectors only, so it
+  differs from our model only in what an item is (Kang & McAuley 2018, trained with a full
+  softmax as in Klenitskiy & Vasilev 2023).
+
+Most-popular lives in `ltrec.evaluation`. ItemKNN and EASE fold a user in from the history of
+the case (train, plus the validation event for a test case); their item-item weights are fitted
+on the training events only, like every other model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ltrec.evaluation import EvalCases, ScoreFn, evaluate
+from ltrec.models import ModelConfig, Recommender
+from ltrec.train import Prepared, TrainConfig, fit, model_config
+from server import contract
+
+# --- Item-item models ---------------------------------------------------------------------------
+
+
+def interaction_matrix(events: pd.DataFrame, n_items: int) -> np.ndarray:
+    """Binary [n_users, N+1] matrix of who interacted with what (repeats count once)."""
+    users, _ = pd.factorize(events["user_id"])
+    x = np.zeros((users.max() + 1 if len(users) else 0, n_items + 1), dtype=np.float32)
+    x[users, events["item_index"].to_numpy()] = 1.0
+    x[:, contract.PADDING_INDEX] = 0.0
+    return x
+
+
+def history_matrix(cases: EvalCases, rows: np.ndarray, n_items: int) -> np.ndarray:
+    """Binary [len(rows), N+1] history vectors of some cases (the fold-in of ItemKNN and EASE)."""
+    x = np.zeros((len(rows), n_items + 1), dtype=np.float32)
+    for j, r in enumerate(rows):
+        x[j, cases.histories[r]] = 1.0
+    x[:, contract.PADDING_INDEX] = 0.0
+    return x
+
+
+def item_item_score_fn(weights: np.ndarray) -> ScoreFn:
+    """score(user, j) = sum over the user's history items h of weights[h, j]."""
+    n_items = weights.shape[0] - 1
+
+    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return history_matrix(cases, rows, n_items) @ weights
+
+    return score
+
+
+def cooccurrence(x: np.ndarray) -> np.ndarray:
+    """X^T X in float64: co-occurrence counts, with item counts on the diagonal."""
+    x64 = x.astype(np.float64)
+    return x64.T @ x64
+
+
+def itemknn_weights(gram: np.ndarray, neighbours: int, shrink: float) -> np.ndarray:
+    """Shrunk cosine similarity, each candidate item (column) keeping its `neighbours` most
+    similar items; the diagonal is zero, so an item never recommends itself."""
+    counts = np.diag(gram).copy()
+    norms = np.sqrt(counts)
+    denom = np.outer(norms, norms) + shrink
+    sim = np.divide(gram, denom, out=np.zeros_like(gram), where=denom > 0)
+    np.fill_diagonal(sim, 0.0)
+    n = sim.shape[0]
+    if neighbours < n:
+        # Per column j, zero everything below its `neighbours`-th largest similarity.
+        drop = np.argpartition(-sim, neighbours, axis=0)[neighbours:]
+        np.put_along_axis(sim, drop, 0.0, axis=0)
+    return sim.astype(np.float32)
+
+
+def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
+    """B = I - P diagMat(1 / diag(P)) with P = (X^T X + lambda I)^-1, i.e. B_ij = -P_ij / P_jj
+    off the diagonal and 0 on it (Steck 2019, eq. 8).
+
+    Items without training interactions (and padding) have zero rows and columns in X^T X, so
+    their weights are exactly zero; they are left out of the inverse, which is then smaller.
+    """
+    active = np.flatnonzero(np.diag(gram) > 0)
+    g = gram[np.ix_(active, active)].copy()
+    g[np.diag_indices_from(g)] += lam
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    weights = np.zeros(gram.shape, dtype=np.float32)
+    weights[np.ix_(active, active)] = b
+    return weights
+
+
+def tune(
+    name: str,
+    candidates: list[dict[str, float]],
+    build: Callable[..., ScoreFn],
+    valid_cases: EvalCases,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Grid search on validation NDCG@10; returns the best parameters and every grid point."""
+    grid = []
+    for params in tqdm(candidates, desc=f"tune {name}", unit="setting", disable=not progress):
+        metrics, _ = evaluate(build(**params), valid_cases, desc=name, progress=False)
+        grid.append({**params, **metrics})
+    best = max(grid, key=lambda g: g["ndcg@10"])
+    return {key: best[key] for key in candidates[0]}, grid
+
+
+# --- SASRec: our towers over ID vectors only ----------------------------------------------------
+
+
+class IDOnlyRecommender(Recommender):
+    """Our user tower and context weighting over an item table of ID vectors alone.
+
+    The text projection is dropped, so an item is nothing but its ID: the ablation "ID-only
+    item inputs", which is SASRec with our tower. The ID vectors start small and random
+    (std 0.02, SASRec's init): with no text to ride on, a zero start would make every item
+    identical at the first step.
+    """
+
+    def __init__(self, cfg: ModelConfig, text_features: torch.Tensor | None = None) -> None:
+        cfg = ModelConfig(**{**cfg.to_dict(), "id_embeddings": True})  # type: ignore[arg-type]
+        features = (
+            torch.zeros(cfg.n_items + 1, cfg.text_dim) if text_features is None else (text_features)
+        )
+        super().__init__(cfg, features)
+        self.projection = nn.Identity()  # type: ignore[assignment]
+        assert self.item_ids is not None
+        nn.init.normal_(self.item_ids.weight, std=0.02)
+
+    def item_table(self) -> torch.Tensor:
+        assert self.item_ids is not None
+        table = self.item_ids.weight
+        keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
+        keep[contract.PADDING_INDEX] = 0.0
+        return table * keep
+
+
+def fit_recommender(
+    prepared: Prepared,
+    cfg: TrainConfig,
+    make_model: Callable[[ModelConfig, torch.Tensor], Recommender] = Recommender,
+    name: str = "model",
+    progress: bool = True,
+) -> tuple[Recommender, dict]:
+    """Train any `Recommender` with `ltrec.train.fit`, in memory (no checkpoint written).
+
+    The report trains our model, its text-only ablation and SASRec through this one loop so that
+    they differ only in the item table. Items with no training interactions (cold-start items
+    included) stay out of the softmax, as `ltrec.train.target_distribution` explains.
+    """
+    model = make_model(model_config(prepared, cfg), torch.from_numpy(prepared.text_features))
+    return fit(prepared, cfg, model, name=name, progress=progress)

@@ -1,0 +1,764 @@
+"""The evaluation report: our model, its ablations and the baselines on one leave-one-out split.
+
+Every model is trained on the training part, tuned on validation (early stopping for the neural
+models, a small grid for ItemKNN and EASE) and reported on test with full ranking over the whole
+catalogue, history excluded (`docs/evaluation.md` has the protocol). Beside accuracy: the
+long-tail view (tail- vs head-target accuracy, coverage, ARP, APLT, Gini), the cold-start view
+(items hidden from training entirely) and the serving-time long-tail weight sweep, which is
+computed both in torch and through the exported ONNX graphs.
+
+    python -m ltrec.report --data data/ml-1m --out reports/ml-1m \
+        [--checkpoint artifacts/ml-1m/checkpoint.pt] [--quick]
+
+writes `report.md`, `report.json` and `report.png` into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from tqdm import tqdm
+
+from export_scripts import onnx_graphs
+from ltrec import baselines
+from ltrec.data import LeaveOneOut
+from ltrec.evaluation import (
+    EvalCases,
+    ScoreFn,
+    cold_start_split,
+    evaluate,
+    evaluate_lists,
+    events_in_order,
+    long_tail_adjusted,
+    long_tail_metrics,
+    make_cases,
+    most_popular,
+    ranking_metrics,
+    subsample_users,
+)
+from ltrec.features import build_sequences
+from ltrec.models import ModelConfig, Recommender, UserEncoder
+from ltrec.train import (
+    HEAD_SHARE,
+    Prepared,
+    TrainConfig,
+    load_checkpoint,
+    long_tail_mask,
+    model_score_fn,
+    prepare,
+)
+from server import contract
+
+K = 10
+KS = (10, 50)
+LONG_TAIL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5)
+COLD_SHARE = 0.1
+PRECISION = 4  # decimals printed in the report; the ONNX figures must match at this precision
+
+# Display order and labels; the JSON uses the keys.
+MODELS: dict[str, str] = {
+    "most_popular": "Most popular",
+    "itemknn": "ItemKNN",
+    "ease": "EASE",
+    "sasrec": "SASRec (ours, ID-only items)",
+    "ours_text": "ours, text-only items",
+    "ours": "ours, text + ID items",
+}
+NEURAL = ("sasrec", "ours_text", "ours")
+
+
+@dataclass
+class ReportConfig:
+    """Sizes and grids of one run; `--quick` swaps in a CI-sized one."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    users: int | None = None  # subsample this many users (whole users), None = all
+    itemknn_grid: list[dict[str, float]] = field(
+        default_factory=lambda: [
+            {"neighbours": n, "shrink": s} for n in (20, 50, 100, 200, 500) for s in (0, 10, 100)
+        ]
+    )
+    ease_grid: list[dict[str, float]] = field(
+        default_factory=lambda: [{"lam": lam} for lam in (50, 100, 250, 500, 1000, 2500, 5000)]
+    )
+    cold_share: float = COLD_SHARE
+    seed: int = 0
+    # TrainConfig fields set on the command line; they win over a checkpoint's training config.
+    train_overrides: dict[str, float | int] = field(default_factory=dict)
+
+
+def quick_config() -> ReportConfig:
+    return ReportConfig(
+        train=TrainConfig(
+            epochs=2,
+            max_minutes=1.0,
+            batch_size=64,
+            patience=2,
+            model={
+                "embedding_dim": 16,
+                "n_layers": 1,
+                "n_heads": 1,
+                "max_history": 50,
+                "projection_hidden": 32,
+                "context_dim": 4,
+            },
+        ),
+        users=300,
+        itemknn_grid=[{"neighbours": 20, "shrink": 0}, {"neighbours": 100, "shrink": 10}],
+        ease_grid=[{"lam": 10}, {"lam": 100}, {"lam": 1000}],
+    )
+
+
+# --- Splits and cases ---------------------------------------------------------------------------
+
+
+def with_split(prepared: Prepared, split: LeaveOneOut) -> Prepared:
+    """The same catalogue (ids, texts, text features) with another split; popularity and
+    training sequences follow the new training part."""
+    popularity = np.bincount(
+        split.train["item_index"].to_numpy(), minlength=len(prepared.item_ids) + 1
+    )
+    popularity[contract.PADDING_INDEX] = 0
+    return dataclasses.replace(
+        prepared,
+        split=split,
+        popularity=popularity.astype(np.int64),
+        train_sequences=build_sequences(split.train, prepared.device_vocab, prepared.region_vocab),
+    )
+
+
+def validation_cases(prepared: Prepared) -> EvalCases:
+    split = prepared.split
+    return make_cases(split.train, split.valid, prepared.device_vocab, prepared.region_vocab)
+
+
+def held_out_cases(prepared: Prepared, targets: np.ndarray | None = None) -> EvalCases:
+    """Test targets with train + validation as history; `targets` (a mask over catalogue
+    indices) keeps only test events whose item is in it."""
+    split = prepared.split
+    test = split.test
+    if targets is not None:
+        test = test[targets[test["item_index"].to_numpy()]].reset_index(drop=True)
+    history = events_in_order(split.train, split.valid)
+    return make_cases(history, test, prepared.device_vocab, prepared.region_vocab)
+
+
+def cached(score_fn: ScoreFn) -> ScoreFn:
+    """Memoise a scorer per batch, so the weight sweep scores the catalogue once."""
+    store: dict[tuple[int, int], np.ndarray] = {}
+
+    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+        key = (int(rows[0]), len(rows))
+        if key not in store:
+            store[key] = score_fn(cases, rows)
+        return store[key]
+
+    return score
+
+
+# --- Fitting ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    score_fn: ScoreFn
+    info: dict
+    model: Recommender | None = None
+
+
+def _text_only(cfg: ModelConfig, features: torch.Tensor) -> Recommender:
+    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": False}), features)
+
+
+def _text_and_id(cfg: ModelConfig, features: torch.Tensor) -> Recommender:
+    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features)
+
+
+FACTORIES: dict[str, Callable[[ModelConfig, torch.Tensor], Recommender]] = {
+    "sasrec": baselines.IDOnlyRecommender,
+    "ours_text": _text_only,
+    "ours": _text_and_id,
+}
+
+
+def fit_all(
+    prepared: Prepared,
+    cfg: ReportConfig,
+    view: str,
+    checkpoint: tuple[Recommender, dict] | None = None,
+    progress: bool = True,
+) -> dict[str, Fitted]:
+    """Every model of the table, fitted on `prepared.split.train` and tuned on its validation.
+
+    Items absent from that training part (the cold-start view's) are never softmax targets nor
+    negatives for the neural models, as if they were added to the catalogue after training."""
+    n_items = len(prepared.item_ids)
+    valid = validation_cases(prepared)
+    fitted: dict[str, Fitted] = {
+        "most_popular": Fitted(most_popular(prepared.popularity), {"tuning": "none"})
+    }
+    gram = baselines.cooccurrence(baselines.interaction_matrix(prepared.split.train, n_items))
+
+    def knn(neighbours: float, shrink: float) -> ScoreFn:
+        return baselines.item_item_score_fn(
+            baselines.itemknn_weights(gram, int(neighbours), shrink)
+        )
+
+    def ease(lam: float) -> ScoreFn:
+        return baselines.item_item_score_fn(baselines.ease_weights(gram, lam))
+
+    for name, build, grid in (("itemknn", knn, cfg.itemknn_grid), ("ease", ease, cfg.ease_grid)):
+        best, points = baselines.tune(f"{view}: {name}", grid, build, valid, progress)
+        fitted[name] = Fitted(
+            build(**best), {"tuning": "grid on validation NDCG@10", "best": best, "grid": points}
+        )
+        print(f"{view}: {name} best {best}", file=sys.stderr)
+
+    for name in NEURAL:
+        if name == "ours" and checkpoint is not None:
+            model, ckpt = checkpoint
+            summary = ckpt.get("summary", {})
+            info = {
+                "tuning": "early stopping on validation NDCG@10 (make train)",
+                "checkpoint": True,
+                "best": summary.get("best"),
+                "train_config": summary.get("train_config"),
+                "model_config": ckpt["model_config"],
+            }
+        else:
+            model, summary = baselines.fit_recommender(
+                prepared,
+                cfg.train,
+                FACTORIES[name],
+                name=f"{view}: {name}",
+                progress=progress,
+            )
+            info = {"tuning": "early stopping on validation NDCG@10", **summary}
+        fitted[name] = Fitted(model_score_fn(model, model.cfg.max_history), info, model)
+    return fitted
+
+
+# --- Measuring ----------------------------------------------------------------------------------
+
+
+def _subset(ranks: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    return {**ranking_metrics(ranks[mask], ks=(K,)), "cases": int(mask.sum())}
+
+
+def measure(
+    score_fn: ScoreFn,
+    cases: EvalCases,
+    popularity: np.ndarray,
+    tail: np.ndarray,
+    desc: str,
+    progress: bool = True,
+) -> dict:
+    ranks, top = evaluate_lists(score_fn, cases, k=K, desc=desc, progress=progress)
+    target_tail = tail[cases.targets]
+    return {
+        **ranking_metrics(ranks, KS),
+        **long_tail_metrics(top, popularity, tail),
+        "tail": _subset(ranks, target_tail),
+        "head": _subset(ranks, ~target_tail),
+    }
+
+
+def _figures_from_lists(
+    top: np.ndarray, targets: np.ndarray, popularity: np.ndarray, tail: np.ndarray
+) -> dict[str, float]:
+    """Ranking metrics up to the lists' width, read off the lists themselves."""
+    hit = top == targets[:, None]
+    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), np.iinfo(np.int64).max // 2)
+    return {
+        **ranking_metrics(ranks, KS),
+        **long_tail_metrics(top[:, :K], popularity, tail),
+    }
+
+
+def onnx_sweep(
+    model: Recommender,
+    cases: EvalCases,
+    popularity: np.ndarray,
+    tail: np.ndarray,
+    weights: tuple[float, ...],
+    workdir: Path,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> dict[float, dict[str, float]]:
+    """The sweep through the exported graphs, user_encoder -> context_weighting -> scorer,
+    as Triton runs them; the history goes to the scorer whole, so it is excluded as in torch."""
+    model.eval()
+    with torch.no_grad():
+        table = model.item_table().detach()
+    paths = {
+        name: workdir / f"{name}.onnx" for name in ("user_encoder", "context_weighting", "scorer")
+    }
+    onnx_graphs.export_user_encoder(UserEncoder(table, model.user_tower), paths["user_encoder"])
+    onnx_graphs.export_context_weighting(
+        model.context_weighting, model.cfg.embedding_dim, paths["context_weighting"]
+    )
+    onnx.save(onnx_graphs.scorer_graph(table.numpy(), popularity), str(paths["scorer"]))
+    sessions = {name: onnx_graphs.session(path) for name, path in paths.items()}
+    # TopK needs k <= catalogue rows; slots the catalogue cannot fill stay -1, as in torch.
+    width = min(max(KS), len(popularity))
+    tops = {w: np.full((len(cases), max(KS)), -1, dtype=np.int64) for w in weights}
+    max_history = model.cfg.max_history
+    for start in tqdm(
+        range(0, len(cases), batch_size),
+        desc="ONNX sweep",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    ):
+        rows = np.arange(start, min(start + batch_size, len(cases)))
+        recent = [cases.histories[r][-max_history:] for r in rows]
+        types = [cases.event_types[r][-max_history:] for r in rows]
+        items = _pad_left(recent)
+        user = sessions["user_encoder"].run(
+            None, {contract.HISTORY_ITEMS: items, contract.HISTORY_EVENT_TYPES: _pad_left(types)}
+        )[0]
+        weighted = sessions["context_weighting"].run(
+            None, {contract.USER_EMBEDDING: user, contract.CONTEXT: cases.context[rows]}
+        )[0]
+        whole = _pad_left([cases.histories[r] for r in rows])
+        for w in weights:
+            top, scores = sessions["scorer"].run(
+                [contract.TOP_ITEMS, contract.TOP_SCORES],
+                {
+                    contract.WEIGHTED_USER_EMBEDDING: weighted,
+                    contract.HISTORY_ITEMS: whole,
+                    contract.EXCLUDE_ITEMS: np.zeros((len(rows), 1), dtype=np.int64),
+                    contract.LONG_TAIL_WEIGHT: np.full((len(rows), 1), w, dtype=np.float32),
+                    contract.TOP_K: np.array([width], dtype=np.int64),
+                },
+            )
+            tops[w][rows, :width] = np.where(np.isfinite(scores), top, -1)
+    return {w: _figures_from_lists(tops[w], cases.targets, popularity, tail) for w in weights}
+
+
+def _pad_left(rows: list[np.ndarray]) -> np.ndarray:
+    width = max(1, max(len(r) for r in rows))
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, width - len(r) :] = r
+    return out
+
+
+def _printed(value: float) -> str:
+    return f"{value:.{PRECISION}f}"
+
+
+def parity(torch_row: dict, onnx_row: dict) -> dict:
+    keys = [k for k in onnx_row if isinstance(onnx_row[k], float)]
+    diff = max(abs(torch_row[k] - onnx_row[k]) for k in keys)
+    return {
+        "max_abs_diff": diff,
+        "match_at_printed_precision": all(
+            _printed(torch_row[k]) == _printed(onnx_row[k]) for k in keys
+        ),
+    }
+
+
+# --- The run ------------------------------------------------------------------------------------
+
+
+def run_report(
+    data: Path,
+    cfg: ReportConfig,
+    cache: Path,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    quick: bool = False,
+) -> dict:
+    started = time.monotonic()
+    full = prepare(data, cache)
+    prepared = full
+    sampled: int | None = None
+    if cfg.users is not None and cfg.users < full.split.train["user_id"].nunique():
+        prepared = with_split(full, subsample_users(full.split, cfg.users, cfg.seed))
+        sampled = cfg.users
+    loaded: tuple[Recommender, dict] | None = None
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint)
+        ckpt = loaded[1]
+        if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
+            ckpt["popularity"], prepared.popularity
+        ):
+            raise SystemExit(
+                f"error: {checkpoint} was not trained on this split of {data} "
+                "(catalogue or training popularity differ); leave out --checkpoint to train here"
+            )
+        trained_cfg = ckpt.get("summary", {}).get("train_config")
+        if trained_cfg:  # the ablations get the checkpoint's sizes and training budget
+            train = TrainConfig(**{**trained_cfg, **cfg.train_overrides})
+            cfg = dataclasses.replace(cfg, train=train)
+    n_items = len(prepared.item_ids)
+    popularity = prepared.popularity
+    tail = long_tail_mask(popularity)
+    cases = held_out_cases(prepared)
+    print(f"main view: {len(cases)} test cases, {n_items} items", file=sys.stderr)
+
+    fitted = fit_all(prepared, cfg, "main", loaded, progress)
+    models: dict[str, dict] = {}
+    for name in MODELS:
+        figures = measure(fitted[name].score_fn, cases, popularity, tail, name, progress)
+        models[name] = {"label": MODELS[name], "test": figures, "fit": fitted[name].info}
+        print(f"{MODELS[name]}: test ndcg@10 {figures['ndcg@10']:.4f}", file=sys.stderr)
+
+    # Serving-time long-tail weight sweep, torch and ONNX.
+    ours = fitted["ours"]
+    assert ours.model is not None
+    raw = cached(ours.score_fn)
+    sweep_torch = {
+        w: measure(
+            long_tail_adjusted(raw, popularity, w), cases, popularity, tail, f"w={w}", progress
+        )
+        for w in LONG_TAIL_WEIGHTS
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep_onnx = onnx_sweep(
+            ours.model, cases, popularity, tail, LONG_TAIL_WEIGHTS, Path(tmp), progress=progress
+        )
+    sweep = []
+    for w in LONG_TAIL_WEIGHTS:
+        t = {k: v for k, v in sweep_torch[w].items() if k not in ("tail", "head")}
+        sweep.append(
+            {"weight": w, "torch": t, "onnx": sweep_onnx[w], "parity": parity(t, sweep_onnx[w])}
+        )
+    del fitted, raw
+
+    # Cold-start view: a seeded share of items hidden from training and tuning.
+    cold_split, cold = cold_start_split(prepared.split, n_items, cfg.cold_share, cfg.seed)
+    cold_prepared = with_split(prepared, cold_split)
+    cold_cases = held_out_cases(cold_prepared, targets=cold)
+    print(
+        f"cold-start view: {int(cold.sum())} items hidden, {len(cold_cases)} test cases",
+        file=sys.stderr,
+    )
+    cold_fitted = fit_all(cold_prepared, cfg, "cold", None, progress)
+    for name in MODELS:
+        metrics, _ = evaluate(
+            cold_fitted[name].score_fn, cold_cases, ks=(K,), desc=f"cold {name}", progress=progress
+        )
+        models[name]["cold_start"] = {
+            **metrics,
+            "cases": len(cold_cases),
+            "fit": cold_fitted[name].info,
+        }
+
+    split = prepared.split
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": {
+            "dir": str(data),
+            "quick": quick,
+            "users_evaluated": len(cases),
+            "users_sampled": sampled,
+            "items": n_items,
+            "train_events": len(split.train),
+            "valid_events": len(split.valid),
+            "test_events": len(split.test),
+            "head_share": HEAD_SHARE,
+            "tail_items": int(tail.sum()),
+            "tail_test_cases": int(tail[cases.targets].sum()),
+            "head_test_cases": int((~tail[cases.targets]).sum()),
+            "cold_items": int(cold.sum()),
+            "cold_test_cases": len(cold_cases),
+            "cold_train_events": len(cold_split.train),
+        },
+        "protocol": {
+            "split": "leave-one-out per user (last = test, second-to-last = validation)",
+            "ranking": "full catalogue, history excluded, ties count against the target",
+            "ks": list(KS),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "config": dataclasses.asdict(cfg),
+        },
+        "models": models,
+        "long_tail_sweep": sweep,
+        "seconds": time.monotonic() - started,
+    }
+
+
+# --- Writing ------------------------------------------------------------------------------------
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report: dict) -> str:
+    d, models, f = report["data"], report["models"], _printed
+    lines = [
+        "# Evaluation report" + (" (quick)" if d["quick"] else ""),
+        "",
+        f"Data `{d['dir']}`: {d['items']:,} items, {d['users_evaluated']:,} test users"
+        + (f" (a sample of {d['users_sampled']:,})" if d["users_sampled"] else "")
+        + f", {d['train_events']:,} training events. Leave-one-out (last event = test, "
+        "second-to-last = validation), full ranking over the whole catalogue, history excluded, "
+        "ties against the "
+        f"target; every model trained on train, tuned on validation, reported on test. "
+        f"Protocol: `docs/evaluation.md`. Created {report['created']}, took "
+        f"{report['seconds'] / 60:.1f} min.",
+        "",
+        "## Accuracy (test)",
+        "",
+        _row(["model", "Recall@10", "NDCG@10", "Recall@50", "NDCG@50", "tuned"]),
+        _row(["---"] + ["---:"] * 4 + ["---"]),
+    ]
+    for m in models.values():
+        t = m["test"]
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    f(t["recall@10"]),
+                    f(t["ndcg@10"]),
+                    f(t["recall@50"]),
+                    f(t["ndcg@50"]),
+                    _tuned(m["fit"]),
+                ]
+            )
+        )
+    lines += [
+        "",
+        "## Long tail (test)",
+        "",
+        f"Head = the top {d['head_share']:.0%} of items by training interactions, tail = the other "
+        f"{d['tail_items']:,} items. {d['tail_test_cases']:,} test cases have a tail target, "
+        f"{d['head_test_cases']:,} a head target. Coverage@10 = share of the catalogue in any "
+        "top-10; ARP@10 = mean training popularity of recommended items; APLT@10 = mean share of "
+        "tail items per list; Gini@10 = inequality of exposure over the catalogue "
+        "(1 = one item gets all).",
+        "",
+        _row(
+            [
+                "model",
+                "tail Recall@10",
+                "tail NDCG@10",
+                "head Recall@10",
+                "head NDCG@10",
+                "Coverage@10",
+                "ARP@10",
+                "APLT@10",
+                "Gini@10",
+            ]
+        ),
+        _row(["---"] + ["---:"] * 8),
+    ]
+    for m in models.values():
+        t = m["test"]
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    f(t["tail"]["recall@10"]),
+                    f(t["tail"]["ndcg@10"]),
+                    f(t["head"]["recall@10"]),
+                    f(t["head"]["ndcg@10"]),
+                    f(t["coverage@10"]),
+                    f"{t['arp@10']:.1f}",
+                    f(t["aplt@10"]),
+                    f(t["gini@10"]),
+                ]
+            )
+        )
+    lines += [
+        "",
+        "## Cold start (test)",
+        "",
+        f"{d['cold_items']:,} items (a seeded 10% of those with events) hidden from training and "
+        f"tuning, kept in the catalogue with their text; every model refitted without them "
+        f"({d['cold_train_events']:,} training events). {d['cold_test_cases']:,} test cases have "
+        "one of them as target. An ID-based model has learnt nothing about these items.",
+        "",
+        _row(["model", "Recall@10", "NDCG@10"]),
+        _row(["---", "---:", "---:"]),
+    ]
+    for m in models.values():
+        c = m["cold_start"]
+        lines.append(_row([m["label"], f(c["recall@10"]), f(c["ndcg@10"])]))
+    lines += [
+        "",
+        "## Serving-time long-tail weight (ours, text + ID)",
+        "",
+        "Scores adjusted as served: `score - w * log(1 + popularity)`. Each figure computed twice: "
+        "in torch (full ranking) and through the exported ONNX graphs run by onnxruntime "
+        "(user_encoder -> context_weighting -> scorer, top-50 read from the scorer's output).",
+        "",
+        _row(
+            [
+                "w",
+                "Recall@10",
+                "NDCG@10",
+                "NDCG@10 (ONNX)",
+                "Coverage@10",
+                "Coverage@10 (ONNX)",
+                "APLT@10",
+                "APLT@10 (ONNX)",
+                "ARP@10",
+                "Gini@10",
+            ]
+        ),
+        _row(["---:"] * 10),
+    ]
+    for s in report["long_tail_sweep"]:
+        t, o = s["torch"], s["onnx"]
+        lines.append(
+            _row(
+                [
+                    f"{s['weight']:g}",
+                    f(t["recall@10"]),
+                    f(t["ndcg@10"]),
+                    f(o["ndcg@10"]),
+                    f(t["coverage@10"]),
+                    f(o["coverage@10"]),
+                    f(t["aplt@10"]),
+                    f(o["aplt@10"]),
+                    f"{t['arp@10']:.1f}",
+                    f(t["gini@10"]),
+                ]
+            )
+        )
+    matches = all(s["parity"]["match_at_printed_precision"] for s in report["long_tail_sweep"])
+    worst = max(s["parity"]["max_abs_diff"] for s in report["long_tail_sweep"])
+    lines += [
+        "",
+        f"ONNX vs torch, every figure of every weight (Recall/NDCG@10/50, Coverage, ARP, APLT, "
+        f"Gini): {'identical' if matches else 'NOT identical'} at {PRECISION} decimals; largest "
+        f"absolute difference {worst:.2g}.",
+        "",
+        "![long-tail plot](report.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _tuned(info: dict) -> str:
+    if "best" in info and isinstance(info["best"], dict) and "epoch" not in info["best"]:
+        return ", ".join(f"{k} {v:g}" for k, v in info["best"].items())
+    if "best" in info and isinstance(info["best"], dict):
+        source = "checkpoint, " if info.get("checkpoint") else ""
+        return f"{source}best epoch {info['best'].get('epoch')}"
+    return info.get("tuning", "")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    labels = [m["label"] for m in models.values()]
+    x = np.arange(len(labels))
+    tail = [m["test"]["tail"]["ndcg@10"] for m in models.values()]
+    head = [m["test"]["head"]["ndcg@10"] for m in models.values()]
+    left.bar(x - 0.2, tail, 0.4, label="tail targets")
+    left.bar(x + 0.2, head, 0.4, label="head targets")
+    left.set_xticks(x, labels, rotation=25, ha="right", fontsize=8)
+    left.set_ylabel("NDCG@10 (test)")
+    left.set_title("Accuracy on tail vs head targets")
+    left.legend()
+
+    sweep = report["long_tail_sweep"]
+    cov = [s["torch"]["coverage@10"] for s in sweep]
+    ndcg = [s["torch"]["ndcg@10"] for s in sweep]
+    right.plot(cov, ndcg, "o-", label="ours, text + ID")
+    for s, cx, ny in zip(sweep, cov, ndcg, strict=True):
+        right.annotate(
+            f"w={s['weight']:g}\nAPLT {s['torch']['aplt@10']:.2f}",
+            (cx, ny),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, 4),
+        )
+    for name in ("ease", "itemknn", "sasrec"):
+        t = models[name]["test"]
+        right.plot([t["coverage@10"]], [t["ndcg@10"]], "s", label=models[name]["label"])
+    right.set_xlabel("Coverage@10")
+    right.set_ylabel("NDCG@10 (test)")
+    right.set_title("Long-tail weight: accuracy vs coverage")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out / "report.png")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ltrec.report",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--out", type=Path, required=True, help="where report.{md,json,png} go")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("artifacts/cache"), help="text feature cache"
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="use this trained model as 'ours' (main view)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CI size: 300 users, 2 epochs, tiny models"
+    )
+    parser.add_argument("--users", type=int, help="subsample this many users")
+    parser.add_argument("--epochs", type=int, help="epochs per neural model")
+    parser.add_argument("--max-minutes", type=float, help="training budget per neural model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = quick_config() if args.quick else ReportConfig()
+    overrides: dict[str, float | int] = {"seed": args.seed}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.max_minutes is not None:
+        overrides["max_minutes"] = args.max_minutes
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, **overrides),  # type: ignore[arg-type]
+        train_overrides=overrides,
+        seed=args.seed,
+        users=args.users if args.users is not None else cfg.users,
+    )
+    report = run_report(
+        args.data, cfg, args.cache, args.checkpoint, not args.no_progress, args.quick
+    )
+    write_report(report, args.out)
+    print(markdown(report))
+    print(f"wrote {args.out / 'report.md'}, report.json, report.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The evaluation report: long-tail metrics by hand, top-k lists, the splits, and a quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ltrec.train
+from ltrec.data import leave_one_out, load_dataset, write_dataset
+from ltrec.evaluation import (
+    EvalCases,
+    cold_start_split,
+    evaluate,
+    evaluate_lists,
+    events_in_order,
+    gini,
+    long_tail_adjusted,
+    long_tail_metrics,
+    subsample_users,
+    top_k_items,
+)
+from ltrec.report import LONG_TAIL_WEIGHTS, MODELS, held_out_cases, main, with_split
+from ltrec.train import Prepared, prepare
+
+
+def cases(histories: list[list[int]], targets: list[int]) -> EvalCases:
+    return EvalCases(
+        histories=[np.array(h, dtype=np.int64) for h in histories],
+        event_types=[np.ones(len(h), dtype=np.int64) for h in histories],
+        targets=np.array(targets, dtype=np.int64),
+        context=np.zeros((len(histories), 4), dtype=np.int64),
+    )
+
+
+# --- Long-tail metrics, by hand -----------------------------------------------------------------
+
+# Five items (index 0 is padding). Items 1 and 2 are head, 3-5 tail.
+POPULARITY = np.array([0, 10, 8, 3, 1, 0])
+TAIL = np.array([False, False, False, True, True, True])
+# Three top-2 lists; the third has one slot the catalogue could not fill (-1).
+LISTS = np.array([[1, 2], [1, 3], [4, -1]])
+
+
+def test_long_tail_metrics_by_hand() -> None:
+    got = long_tail_metrics(LISTS, POPULARITY, TAIL)
+    assert set(got) == {"coverage@2", "arp@2", "aplt@2", "gini@2"}
+    # Coverage: items {1, 2, 3, 4} of 5 appear -> 4/5.
+    assert got["coverage@2"] == pytest.approx(0.8)
+    # ARP: list means (10 + 8)/2 = 9, (10 + 3)/2 = 6.5, 1/1 = 1 -> (9 + 6.5 + 1)/3 = 5.5.
+    assert got["arp@2"] == pytest.approx(5.5)
+    # APLT: tail shares 0/2, 1/2, 1/1 -> (0 + 0.5 + 1)/3 = 0.5.
+    assert got["aplt@2"] == pytest.approx(0.5)
+    # Gini of exposure (item 1: 2, items 2-4: 1, item 5: 0): sorted x = [0, 1, 1, 1, 2], n = 5,
+    # sum x = 5; sum (2i - n - 1) x_i = -4*0 - 2*1 + 0*1 + 2*1 + 4*2 = 8 -> 8 / (5 * 5) = 0.32.
+    assert got["gini@2"] == pytest.approx(0.32)
+
+
+def test_gini_extremes() -> None:
+    assert gini(np.array([3, 3, 3])) == 0.0
+    # One item gets everything: (n - 1)/n = 2/3 (sum (2i - 4) x_i = 2 * 5 = 10; 10 / 15).
+    assert gini(np.array([0, 0, 5])) == pytest.approx(2 / 3)
+    assert gini(np.zeros(4)) == 0.0
+
+
+# --- Top-k lists --------------------------------------------------------------------------------
+
+# Padding (9.0) and history item 2 (0.9) are excluded; eligible 1: 0.5, 3: 0.5, 4: 0.1, 5: 0.7.
+SCORES = np.array([[9.0, 0.5, 0.9, 0.5, 0.1, 0.7], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+
+
+def test_top_k_items_exclude_history_and_break_ties_by_index() -> None:
+    toy = cases([[2], [1, 2, 3, 4]], [1, 5])
+    top = top_k_items(SCORES, toy, np.arange(2), k=3)
+    # Row 1: 5 (0.7), then the tie 1 and 3 (0.5) in index order. Row 2: only item 5 is eligible.
+    assert top.tolist() == [[5, 1, 3], [5, -1, -1]]
+    # k wider than the catalogue: padded with -1.
+    assert top_k_items(SCORES[:1], toy, np.arange(1), k=7).tolist() == [[5, 1, 3, 4, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 256])
+def test_evaluate_lists_agrees_with_evaluate(batch_size: int) -> None:
+    toy = cases([[2], [1, 2, 3, 4]], [1, 5])
+
+    def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return SCORES[rows]
+
+    ranks, top = evaluate_lists(score, toy, k=3, batch_size=batch_size, progress=False)
+    _, want = evaluate(score, toy, progress=False)
+    # Target 1 ties with item 3 (ties count against it) and trails item 5 -> rank 2.
+    assert ranks.tolist() == want.tolist() == [2, 0]
+    assert top.tolist() == [[5, 1, 3], [5, -1, -1]]
+
+
+def test_long_tail_adjustment_moves_unpopular_items_up() -> None:
+    toy = cases([[]], [2])
+    popularity = np.array([0, math.e - 1, 0])  # log1p: item 1 -> 1, item 2 -> 0
+
+    def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return np.array([[0.0, 2.0, 1.0]])
+
+    # w = 1.5: item 1 scores 2 - 1.5 = 0.5 < item 2's 1.0, so the order flips.
+    assert long_tail_adjusted(score, popularity, 0.0)(toy, np.arange(1)).tolist() == [[0, 2, 1]]
+    adjusted = long_tail_adjusted(score, popularity, 1.5)(toy, np.arange(1))
+    assert adjusted[0, 1:] == pytest.approx([0.5, 1.0])
+
+
+# --- Splits -------------------------------------------------------------------------------------
+
+
+def events() -> pd.DataFrame:
+    # Sorted by user (u2 first: file order) then time; u2's last two events share a timestamp.
+    rows = [
+        ("u2", 5, 3),
+        ("u2", 7, 4),
+        ("u2", 9, 1),
+        ("u2", 9, 2),
+        ("u1", 1, 1),
+        ("u1", 2, 2),
+        ("u1", 3, 5),
+        ("u1", 4, 3),
+        ("u3", 1, 5),
+        ("u3", 2, 2),
+        ("u3", 3, 4),
+    ]
+    frame = pd.DataFrame(rows, columns=["user_id", "timestamp", "item_index"])
+    frame["event_index"] = 1
+    frame["item_id"] = "i" + frame["item_index"].astype(str)
+    return frame
+
+
+def test_events_in_order_rebuilds_the_sequences_without_the_test_events() -> None:
+    split = leave_one_out(events())
+    history = events_in_order(split.train, split.valid)
+    # Exactly the original order, less each user's last event; u2's tie keeps file order.
+    assert history.equals(events().drop(index=[3, 7, 10]).reset_index(drop=True))
+
+
+def test_cold_start_split_hides_exactly_the_chosen_items() -> None:
+    split = leave_one_out(events())
+    cold_split, cold = cold_start_split(split, n_items=6, share=0.4, seed=3)
+    # Items 1..5 have events; 40% of them = 2 are chosen. Item 6 has none and is never chosen.
+    chosen = np.flatnonzero(cold)
+    assert len(chosen) == 2 and set(chosen) <= {1, 2, 3, 4, 5} and not cold[0] and not cold[6]
+    for part, before in ((cold_split.train, split.train), (cold_split.valid, split.valid)):
+        assert not part["item_index"].isin(chosen).any()
+        # Nothing else is removed.
+        assert part.equals(before[~before["item_index"].isin(chosen)].reset_index(drop=True))
+    assert cold_split.test.equals(split.test)
+    # Seeded: the same call chooses the same items.
+    assert np.array_equal(cold_start_split(split, 6, 0.4, seed=3)[1], cold)
+
+
+def test_subsample_users_keeps_whole_users() -> None:
+    split = leave_one_out(events())
+    small = subsample_users(split, 2, seed=0)
+    users = set(small.train["user_id"])
+    assert len(users) == 2
+    for part, whole in ((small.train, split.train), (small.test, split.test)):
+        assert set(part["user_id"]) <= users
+        assert len(part) == whole["user_id"].isin(users).sum()
+    assert subsample_users(split, 10) is split
+
+
+# --- A tiny synthetic dataset, end to end --------------------------------------------------------
+
+N_ITEMS = 40
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """40 items in 4 genres, 30 users who mostly stay in one genre, popularity skewed.
+
+    Text features are stood in by random vectors (with a genre component) instead of MiniLM, so
+    the test needs no model load.
+    """
+    rng = np.random.default_rng(0)
+    genres = ["drama", "comedy", "horror", "sci-fi"]
+    items = pd.DataFrame(
+        {
+            "item_id": [f"m{i}" for i in range(N_ITEMS)],
+            "title": [f"Movie {i}" for i in range(N_ITEMS)],
+            "category": [genres[i % 4] for i in range(N_ITEMS)],
+        }
+    )
+    weights = 1.0 / np.arange(1, N_ITEMS + 1)  # Zipf-like popularity
+    rows = []
+    for u in range(30):
+        genre = u % 4
+        own = np.flatnonzero(np.arange(N_ITEMS) % 4 == genre)
+        p = weights[own] / weights[own].sum()
+        n = int(rng.integers(5, 10))
+        picks = rng.choice(own, size=n, replace=False, p=p)
+        for t, i in enumerate(picks):
+            rows.append((f"u{u}", f"m{i}", 1_000_000 + 3600 * t + u, "view", "mobile", "r1"))
+    events = pd.DataFrame(
+        rows, columns=["user_id", "item_id", "timestamp", "event_type", "device", "region"]
+    )
+    write_dataset(items, events, tmp_path / "data", fmt="csv")
+
+    def fake_features(texts: list[str], cache_dir: Path, max_tokens: int = 64) -> np.ndarray:
+        genre = np.array([[g in t for g in genres] for t in texts], dtype=np.float32)
+        noise = np.random.default_rng(1).standard_normal((len(texts), 380)).astype(np.float32)
+        return np.concatenate([genre * 3.0, noise * 0.1], axis=1)
+
+    monkeypatch.setattr(ltrec.train, "cached_text_features", fake_features)
+    return tmp_path / "data"
+
+
+def test_cold_items_stay_in_the_catalogue(tiny_data: Path, tmp_path: Path) -> None:
+    prepared: Prepared = prepare(tiny_data, tmp_path / "cache")
+    cold_split, cold = cold_start_split(prepared.split, N_ITEMS, share=0.1, seed=0)
+    derived = with_split(prepared, cold_split)
+    split = prepared.split
+    seen = pd.concat([split.train, split.valid, split.test])["item_index"].nunique()
+    assert cold.sum() == round(0.1 * seen) > 0  # 10% of the items with events
+    # Same catalogue: ids, texts, text features; popularity of the hidden items is zero.
+    assert derived.item_ids == prepared.item_ids and derived.texts == prepared.texts
+    assert np.array_equal(derived.text_features, prepared.text_features)
+    assert not derived.popularity[cold].any()
+    assert derived.popularity.sum() == len(cold_split.train)
+    assert not np.isin(derived.train_sequences.items, np.flatnonzero(cold)).any()
+    # Cold test cases: only hidden targets, and their histories never contain a hidden item.
+    cold_cases = held_out_cases(derived, targets=cold)
+    assert len(cold_cases) > 0 and cold[cold_cases.targets].all()
+    assert not any(cold[h].any() for h in cold_cases.histories)
+    assert len(load_dataset(tiny_data).items) == N_ITEMS
+
+
+def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--quick", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert set(report["models"]) == set(MODELS)
+    accuracy = {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 50)}
+    long_tail = {f"{m}@10" for m in ("coverage", "arp", "aplt", "gini")}
+    for name, model in report["models"].items():
+        assert MODELS[name] in md
+        test = model["test"]
+        assert accuracy | long_tail | {"tail", "head"} <= set(test)
+        for group in ("tail", "head"):
+            assert {"recall@10", "ndcg@10", "cases"} <= set(test[group])
+        assert test["tail"]["cases"] + test["head"]["cases"] == report["data"]["users_evaluated"]
+        assert {"recall@10", "ndcg@10", "cases"} <= set(model["cold_start"])
+        for value in (*[test[k] for k in accuracy | long_tail], model["cold_start"]["ndcg@10"]):
+            assert math.isfinite(value) and value >= 0
+    # Most-popular shows everyone the same list less their history: at most 10 + the longest
+    # history's items are ever shown.
+    longest = load_dataset(tiny_data).events["user_id"].value_counts().max()
+    assert report["models"]["most_popular"]["test"]["coverage@10"] <= (10 + longest) / N_ITEMS
+    sweep = report["long_tail_sweep"]
+    assert [s["weight"] for s in sweep] == list(LONG_TAIL_WEIGHTS)
+    for s in sweep:
+        assert accuracy | long_tail <= set(s["torch"]) and accuracy | long_tail <= set(s["onnx"])
+        assert s["parity"]["match_at_printed_precision"], s
+    # A larger long-tail weight recommends less popular items.
+    assert sweep[-1]["torch"]["arp@10"] < sweep[0]["torch"]["arp@10"]
