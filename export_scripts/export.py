@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import onnx
 import torch
 
 from export_scripts import onnx_graphs, triton_config
+from ltrec.data import sha256_file
 from ltrec.models import ItemTextEncoder, Scorer, UserEncoder
 from ltrec.train import load_checkpoint
 from server import contract
@@ -43,14 +43,6 @@ OWNED_MODELS = (
     contract.SCORER_MODEL,
     contract.ITEM_TEXT_ENCODER_MODEL,
 )
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_config(repo: Path, cfg: object) -> None:
@@ -217,7 +209,7 @@ def _export_into(
     files = sorted(p for p in output.rglob("*") if p.is_file() and p.name != contract.METADATA_FILE)
     summary = ckpt["summary"]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    ckpt_hash = sha256(checkpoint)
+    ckpt_hash = sha256_file(checkpoint)
     metadata = {
         "model_version": f"{stamp}-{ckpt_hash[:8]}",
         "created_at": datetime.now(UTC).isoformat(),
@@ -241,7 +233,7 @@ def _export_into(
         "parity_max_abs_diff": parity,
         "checkpoint": {"path": str(checkpoint), "sha256": ckpt_hash},
         "files": {
-            str(p.relative_to(output)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+            str(p.relative_to(output)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in files
         },
         "export_seconds": round(time.monotonic() - started, 2),

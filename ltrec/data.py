@@ -15,6 +15,7 @@ Run ``python -m ltrec.data check DIR`` to validate a directory and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -398,6 +399,15 @@ def _load_users(path: Path, report: CleaningReport) -> pd.DataFrame:
         users[column] = _to_object(users[column])
     users["user_id"] = users["user_id"].astype("str")
     return users
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (datasets and models are large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_dataset(path: str | Path) -> Dataset:

