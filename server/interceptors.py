@@ -132,6 +132,12 @@ def _status_of(exc: GatewayError) -> tuple[grpc.StatusCode, str]:
 def _request_id_of(request: Any) -> str:
     """Echoes a usable caller id; a malformed one (rejected by validation) is not logged."""
     given = getattr(request, "request_id", "")
-    if isinstance(given, str) and given.isprintable() and 0 < len(given) <= MAX_REQUEST_ID_CHARS:
+    # gRPC metadata values are printable ASCII; anything else cannot be echoed in a header.
+    if (
+        isinstance(given, str)
+        and given.isascii()
+        and given.isprintable()
+        and 0 < len(given) <= MAX_REQUEST_ID_CHARS
+    ):
         return given
     return uuid.uuid4().hex

@@ -32,8 +32,8 @@ class RequestLimits:
 def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
     """Raises InvalidArgument for the first field out of bounds."""
     _max_chars("user_id", request.user_id, MAX_USER_ID_CHARS)
-    if not request.request_id.isprintable():
-        raise InvalidArgument("request_id must contain printable characters only")
+    if not (request.request_id.isascii() and request.request_id.isprintable()):
+        raise InvalidArgument("request_id must contain printable ASCII characters only")
     _max_chars("request_id", request.request_id, MAX_REQUEST_ID_CHARS)
 
     if not 1 <= request.k <= limits.max_k:
