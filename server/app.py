@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 from server import metrics
 from server.catalogue import describe, load_model_repository
 from server.config import GatewayConfig
-from server.gen.ltrec.v1 import recommender_pb2_grpc
+from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
 from server.servicer import SERVICE_NAME, RecommenderServicer
@@ -89,6 +89,9 @@ def create_server(
         "loaded model repository %s: %s", config.model_repository, describe(metadata, catalogue)
     )
     metrics.CATALOGUE_ITEMS.set(catalogue.size)
+    metrics.initialise_request_counters(
+        recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].methods_by_name
+    )
     metrics.MODEL.info({"model_version": metadata.model_version})
 
     triton = TritonClient(

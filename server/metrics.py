@@ -6,6 +6,8 @@ Names follow `ltrec_gateway_<name>_<unit>`; labels come from small fixed sets (`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 NAMESPACE = "ltrec"
@@ -117,3 +119,23 @@ MODEL = Info(
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )
+
+
+# The status codes the gateway documents; their counters exist from start-up at zero, so that an
+# error ratio reads 0 (not "no data") while all is well and the first error is seen by rate().
+DOCUMENTED_CODES = (
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "INTERNAL",
+    "CANCELLED",
+)
+
+
+def initialise_request_counters(methods: Iterable[str]) -> None:
+    for method in methods:
+        for code in DOCUMENTED_CODES:
+            REQUESTS_TOTAL.labels(method=method, code=code)
