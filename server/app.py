@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from prometheus_client import start_http_server
 from server import metrics
 from server.catalogue import describe, load_model_repository
 from server.config import GatewayConfig
+from server.errors import StartupError
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
@@ -118,8 +120,35 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+    address = f"{config.grpc_host}:{config.grpc_port}"
+    if config.tls:
+        port = server.add_secure_port(address, server_credentials(config))
+    else:
+        port = server.add_insecure_port(address)
     return GatewayServer(server, health, triton), port
+
+
+def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:
+    """TLS from PEM files; with a client CA, mutual TLS (client certificates required)."""
+
+    def read(path: str, variable: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise StartupError(f"{variable}: cannot read {path}: {exc.strerror}") from exc
+
+    key = read(config.tls_key_file, "LTREC_TLS_KEY_FILE")
+    chain = read(config.tls_cert_file, "LTREC_TLS_CERT_FILE")
+    client_ca = (
+        read(config.tls_client_ca_file, "LTREC_TLS_CLIENT_CA_FILE")
+        if config.tls_client_ca_file
+        else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, chain)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def serve(config: GatewayConfig) -> None:

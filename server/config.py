@@ -39,8 +39,25 @@ class GatewayConfig:
     health_poll_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # TLS: a PEM certificate chain and key serve gRPC over TLS; with a client CA as well, callers
+    # must present a certificate it signed (mutual TLS). All empty: plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     def __post_init__(self) -> None:
+        _check(
+            self.tls_key_file,
+            "tls_key_file",
+            bool(self.tls_cert_file) == bool(self.tls_key_file),
+            "set together with LTREC_TLS_CERT_FILE",
+        )
+        _check(
+            self.tls_client_ca_file,
+            "tls_client_ca_file",
+            not self.tls_client_ca_file or bool(self.tls_cert_file),
+            "used only with LTREC_TLS_CERT_FILE and LTREC_TLS_KEY_FILE",
+        )
         _check(self.grpc_port, "grpc_port", 0 <= self.grpc_port <= 65535, "in [0, 65535]")
         _check(self.metrics_port, "metrics_port", 0 <= self.metrics_port <= 65535, "in [0, 65535]")
         _check(self.grpc_host, "grpc_host", bool(self.grpc_host.strip()), "non-empty")
@@ -60,6 +77,10 @@ class GatewayConfig:
         for name in ("max_k", "max_request_history", "max_exclude", "max_concurrent_rpcs"):
             value = getattr(self, name)
             _check(value, name, value >= 1, ">= 1")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:

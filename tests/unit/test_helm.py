@@ -24,8 +24,6 @@ KUBE_VERSION = "1.30.0"
 RELEASE = "ltrec"
 NAMESPACE = "recsys"
 OPERATOR_KINDS = {"ServiceMonitor": ServiceMonitor, "PrometheusRule": PrometheusRule}
-# Environment variables the chart sets that server/config.py does not read yet.
-PENDING_GATEWAY_ENV = {"LTREC_TLS_CERT_FILE", "LTREC_TLS_KEY_FILE"}
 
 
 def values_file(name: str) -> dict[str, Any]:
@@ -199,7 +197,7 @@ def test_gateway_env_names_are_config_fields(name: str) -> None:
     (gateway,) = pod_spec(render(VALUES[name]), "gateway")["containers"]
     env = {e["name"]: e["value"] for e in gateway["env"]}
     known = {f"LTREC_{f.upper()}" for f in GatewayConfig.__dataclass_fields__}
-    assert set(env) - known <= PENDING_GATEWAY_ENV
+    assert set(env) <= known, set(env) - known
     GatewayConfig.from_env(env)
 
 
@@ -238,10 +236,18 @@ def test_model_bundle_from_object_store_reaches_triton_and_gateway() -> None:
         assert annotations["ltrec.io/model-version"] == version
 
 
-def test_gateway_tls_secret_is_mounted() -> None:
+def test_gateway_tls_secret_is_mounted_and_used() -> None:
     spec = pod_spec(render(VALUES["object-store"]), "gateway")
     (tls,) = [v for v in spec["volumes"] if v["name"] == "tls"]
     assert tls["secret"]["secretName"] == "ltrec-gateway-tls"
+    (container,) = [c for c in spec["containers"] if c["name"] == "gateway"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    assert env["LTREC_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert env["LTREC_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    # Kubernetes' gRPC probes cannot speak TLS: readiness falls back to a TCP check.
+    assert "grpc" not in container["readinessProbe"]
+    assert container["readinessProbe"]["tcpSocket"]["port"] == "grpc"
 
 
 def test_hpa_scales_gateway_on_cpu_and_triton_on_queue_time() -> None:
