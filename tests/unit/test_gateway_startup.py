@@ -6,16 +6,12 @@ inference service, so the tensors' wire names, dtypes and shapes are checked too
 
 from __future__ import annotations
 
-import asyncio
-import csv
-import functools
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,46 +26,9 @@ from server.app import create_server
 from server.catalogue import ModelRepositoryError, load_catalogue, load_metadata
 from server.config import ConfigError, GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.unit.test_gateway import ITEMS, METADATA, run_async, write_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# Kept apart from test_gateway.py's fixtures on purpose: test modules do not import each other.
-ITEMS = [
-    ("i1", "Toy Story (1995)", 500, 0),
-    ("i2", 'Heat, "The" (1995)', 400, 0),
-    ("i3", "Casino (1995)", 30, 1),
-]
-METADATA: dict[str, Any] = {
-    "model_version": "20261129-ab12cd",
-    "max_history": 200,
-    "default_long_tail_weight": 0.25,
-    "long_tail_weight_max": 2.0,
-    "vocabularies": {
-        "event_types": ["view", "cart", "purchase", "rating"],
-        "device": ["desktop", "mobile"],
-        "region": ["zip0", "zip1"],
-    },
-}
-
-
-def write_repository(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / contract.METADATA_FILE).write_text(json.dumps(METADATA), encoding="utf-8")
-    with (directory / contract.CATALOGUE_FILE).open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "item_id", "title", "popularity", "long_tail"])
-        for index, row in enumerate(ITEMS, start=1):
-            writer.writerow([index, *row])
-    return directory
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=30))
-
-    return wrapper
-
 
 # --- Configuration -------------------------------------------------------------------------------
 
@@ -126,7 +85,8 @@ def test_catalogue_and_metadata_load(tmp_path: Path) -> None:
     metadata = load_metadata(repository / contract.METADATA_FILE)
     assert catalogue.size == len(ITEMS)
     assert catalogue.index_of["i2"] == 2 and catalogue.titles[2] == 'Heat, "The" (1995)'
-    assert catalogue.long_tail.tolist() == [False, False, False, True]
+    # index 0 is padding (never long tail), then the catalogue's own flags in order
+    assert catalogue.long_tail.tolist() == [False] + [bool(row[3]) for row in ITEMS]
     assert catalogue.popularity[1] == 500 and catalogue.popularity.dtype == np.int64
     assert metadata.device_buckets == {"desktop": 1, "mobile": 2}
     assert metadata.region_buckets == {"zip0": 1, "zip1": 2}
