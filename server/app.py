@@ -94,7 +94,7 @@ def create_server(
     metrics.initialise_request_counters(
         recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].methods_by_name
     )
-    metrics.MODEL.info({"model_version": metadata.model_version})
+    metrics.set_model_version(metadata.model_version)
 
     triton = TritonClient(
         transport if transport is not None else GrpcTritonTransport(config.triton_url),
@@ -109,7 +109,7 @@ def create_server(
         long_tail_weight_max=metadata.long_tail_weight_max,
     )
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor((SERVICE_NAME,))],
+        interceptors=[GatewayInterceptor((SERVICE_NAME,), config.user_hash_key)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(

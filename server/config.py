@@ -44,6 +44,8 @@ class GatewayConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # Key of the HMAC that stands for user ids in log lines; empty: a random key per process.
+    user_hash_key: str = ""
 
     def __post_init__(self) -> None:
         _check(

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
+import hmac
+import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -54,8 +58,10 @@ def current_request_id() -> str:
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the unary RPCs of the given services (not health or reflection checks)."""
 
-    def __init__(self, service_names: tuple[str, ...]) -> None:
+    def __init__(self, service_names: tuple[str, ...], user_hash_key: str = "") -> None:
         self._prefixes = tuple(f"/{name}/" for name in service_names)
+        # Without a configured key, user hashes are consistent within this process only.
+        self._user_hash_key = (user_hash_key or secrets.token_hex(32)).encode()
 
     async def intercept_service(
         self,
@@ -71,13 +77,20 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         ):
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _wrap(full_method.rsplit("/", 1)[-1], handler.unary_unary),
+            _wrap(full_method.rsplit("/", 1)[-1], handler.unary_unary, self._user_hash_key),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
-def _wrap(method: str, behavior: Behavior) -> Behavior:
+def user_hash(user_id: str, key: bytes) -> str:
+    """Keyed hash of a user id for logs: joinable across lines, not reversible without the key."""
+    if not user_id:
+        return ""
+    return hmac.new(key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+
+
+def _wrap(method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         request_id = _request_id_of(request)
         _request_id.set(request_id)
@@ -110,12 +123,19 @@ def _wrap(method: str, behavior: Behavior) -> Behavior:
             metrics.IN_FLIGHT_REQUESTS.dec()
             metrics.REQUESTS_TOTAL.labels(method=method, code=code.name).inc()
             metrics.REQUEST_DURATION_SECONDS.labels(method=method, code=code.name).observe(elapsed)
+            # One JSON line per request; the user only as a keyed hash.
             logger.info(
-                "request_id=%s method=%s code=%s latency_ms=%.1f",
-                request_id,
-                method,
-                code.name,
-                elapsed * 1000,
+                json.dumps(
+                    {
+                        "event": "rpc",
+                        "request_id": request_id,
+                        "method": method,
+                        "code": code.name,
+                        "latency_ms": round(elapsed * 1000, 3),
+                        "user": user_hash(getattr(request, "user_id", ""), user_hash_key),
+                        "model_version": metrics.model_version(),
+                    }
+                )
             )
 
     return wrapped

@@ -139,3 +139,17 @@ def initialise_request_counters(methods: Iterable[str]) -> None:
     for method in methods:
         for code in DOCUMENTED_CODES:
             REQUESTS_TOTAL.labels(method=method, code=code)
+
+
+_model_version = ""
+
+
+def set_model_version(version: str) -> None:
+    """Records the served model version (the `MODEL` info metric and every access-log line)."""
+    global _model_version
+    _model_version = version
+    MODEL.info({"model_version": version})
+
+
+def model_version() -> str:
+    return _model_version

@@ -28,7 +28,7 @@ from server import contract
 from server.app import GatewayServer, create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from server.interceptors import INTERNAL_MESSAGE, REQUEST_ID_METADATA_KEY
+from server.interceptors import INTERNAL_MESSAGE, REQUEST_ID_METADATA_KEY, user_hash
 
 SERVICE = "ltrec.v1.Recommender"
 NEG_INF = float("-inf")
@@ -159,6 +159,12 @@ async def running_gateway(
             yield Gateway(server, channel, recommender_pb2_grpc.RecommenderStub(channel), fake)
     finally:
         await server.stop(None)
+
+
+def access_log(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The gateway's per-request JSON lines."""
+    messages = [record.getMessage() for record in caplog.records]
+    return [json.loads(m) for m in messages if m.startswith('{"event": "rpc"')]
 
 
 def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -501,7 +507,12 @@ async def test_unexpected_exception_is_internal_with_a_generic_message(
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert caught.value.details() == INTERNAL_MESSAGE
     assert "secret detail" in caplog.text and "Traceback" in caplog.text
-    assert "request_id=r-9 method=Recommend code=INTERNAL" in caplog.text
+    (line,) = [
+        json.loads(r.getMessage()) for r in caplog.records if '"event": "rpc"' in r.getMessage()
+    ]
+    assert line["request_id"] == "r-9" and line["method"] == "Recommend"
+    assert line["code"] == "INTERNAL" and line["model_version"] == METADATA["model_version"]
+    assert len(line["user"]) == 16  # a keyed hash (random key when none is configured)
     assert "user-secret" not in caplog.text
 
 
@@ -602,3 +613,22 @@ async def test_model_not_loaded_in_triton_gives_unavailable_without_retry(
             await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=1), timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(fake.calls) == 1
+
+
+@run_async
+async def test_access_log_is_json_with_a_keyed_user_hash(
+    repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.interceptors")
+    fake = FakeTransport(outputs([3], [1.0], [0]))
+    async with running_gateway(repository, fake, user_hash_key="k1") as gw:
+        for user in ("alice@example.com", "alice@example.com", "bob"):
+            await gw.stub.Recommend(recommender_pb2.RecommendRequest(user_id=user, k=1), timeout=5)
+    lines = [
+        json.loads(r.getMessage()) for r in caplog.records if '"event": "rpc"' in r.getMessage()
+    ]
+    assert [line["code"] for line in lines] == ["OK", "OK", "OK"]
+    users = [line["user"] for line in lines]
+    assert users[0] == users[1] == user_hash("alice@example.com", b"k1") != users[2]
+    assert user_hash("alice@example.com", b"k2") != users[0]  # keyed: another key, another hash
+    assert "alice" not in caplog.text and "bob" not in caplog.text
