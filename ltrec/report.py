@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from export_scripts import onnx_graphs
 from ltrec import baselines
-from ltrec.data import LeaveOneOut
+from ltrec.data import DatasetError, LeaveOneOut
 from ltrec.evaluation import (
     EvalCases,
     ScoreFn,
@@ -751,9 +751,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         users=args.users if args.users is not None else cfg.users,
     )
-    report = run_report(
-        args.data, cfg, args.cache, args.checkpoint, not args.no_progress, args.quick
-    )
+    try:
+        report = run_report(
+            args.data, cfg, args.cache, args.checkpoint, not args.no_progress, args.quick
+        )
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     write_report(report, args.out)
     print(markdown(report))
     print(f"wrote {args.out / 'report.md'}, report.json, report.png", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ltrec.data import LeaveOneOut, item_texts, leave_one_out, load_dataset
+from ltrec.data import DatasetError, LeaveOneOut, item_texts, leave_one_out, load_dataset
 from ltrec.evaluation import EvalCases, ScoreFn, evaluate, make_cases, most_popular
 from ltrec.features import Sequences, build_sequences, build_vocabulary
 from ltrec.models import ModelConfig, Recommender
@@ -112,7 +112,7 @@ def _pad_left(rows: list[np.ndarray], width: int) -> np.ndarray:
     return out
 
 
-def model_score_fn(model: Recommender, max_history: int, batch_limit: int = 256) -> ScoreFn:
+def model_score_fn(model: Recommender, max_history: int) -> ScoreFn:
     """Scores of the whole catalogue for evaluation, exactly as served with weight 0."""
     model.eval()
     with torch.no_grad():
@@ -438,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     started = time.monotonic()
-    prepared = prepare(args.data, args.cache)
+    try:
+        prepared = prepare(args.data, args.cache)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"cleaning: {prepared.report_text}", file=sys.stderr)
     print(
         f"data: {len(prepared.item_ids)} items, {len(prepared.train_sequences)} users, "

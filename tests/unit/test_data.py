@@ -534,3 +534,16 @@ def test_movielens_1m_conversion(tmp_path: Path, fmt: str) -> None:
     assert first["user_id"] == "1m_1"
     assert ds.events.groupby("user_id", sort=False)["timestamp"].is_monotonic_increasing.all()
     assert loaded - converted < 10
+
+
+@pytest.mark.parametrize("module", ["ltrec.train", "ltrec.report"])
+def test_training_commands_reject_a_bad_dataset_with_a_clear_error(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad dataset directory is a one-line error and exit code 2, not a traceback."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    missing = tmp_path / "no-such-dataset"
+    assert main(["--data", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert f"error: {missing}: not a dataset directory" in capsys.readouterr().err
