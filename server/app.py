@@ -18,6 +18,7 @@ from server import metrics
 from server.catalogue import describe, load_model_repository
 from server.config import GatewayConfig
 from server.errors import StartupError
+from server.feedback import FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
@@ -33,16 +34,22 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 class GatewayServer(grpc.aio.Server):
     """A `grpc.aio.Server` that owns the gateway's other resources.
 
-    `start` also starts the health poll; `stop(grace)` is the shutdown sequence: NOT_SERVING,
-    `await server.stop(grace)`, then close the Triton client.
+    `start` also starts the feedback writer and the health poll; `stop(grace)` is the shutdown
+    sequence: NOT_SERVING, `await server.stop(grace)`, close the feedback store, close the Triton
+    client.
     """
 
     def __init__(
-        self, server: grpc.aio.Server, health: HealthReporter, triton: TritonClient
+        self,
+        server: grpc.aio.Server,
+        health: HealthReporter,
+        triton: TritonClient,
+        feedback: FeedbackStore,
     ) -> None:
         self._server = server
         self._health = health
         self._triton = triton
+        self._feedback = feedback
         self._stopped = False
 
     @property
@@ -63,7 +70,12 @@ class GatewayServer(grpc.aio.Server):
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
         return self._server.add_secure_port(address, server_credentials)
 
+    @property
+    def feedback(self) -> FeedbackStore:
+        return self._feedback
+
     async def start(self) -> None:
+        await self._feedback.start()
         await self._server.start()
         await self._health.start()
 
@@ -73,6 +85,9 @@ class GatewayServer(grpc.aio.Server):
         self._stopped = True
         await self._health.shutdown()
         await self._server.stop(grace)
+        # After the drain: every Feedback call that was answered OK is already on disk; this
+        # writes the served lists still queued.
+        await self._feedback.close()
         await self._triton.close()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -107,13 +122,22 @@ def create_server(
         max_history=config.max_request_history,
         max_exclude=config.max_exclude,
         long_tail_weight_max=metadata.long_tail_weight_max,
+        max_feedback_batch=config.feedback_max_batch,
     )
+    feedback = FeedbackStore(
+        config.feedback_dir,
+        replica=config.feedback_replica,
+        max_segment_bytes=config.feedback_max_segment_bytes,
+        max_pending_records=config.feedback_max_pending,
+    )
+    feedback.open()
+    logger.info("feedback store %s (replica %s)", config.feedback_dir, feedback.replica)
     server = grpc.aio.server(
         interceptors=[GatewayInterceptor((SERVICE_NAME,), config.user_hash_key)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(metadata, catalogue, triton, limits), server
+        RecommenderServicer(metadata, catalogue, triton, limits, feedback), server
     )
     health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -125,7 +149,7 @@ def create_server(
         port = server.add_secure_port(address, server_credentials(config))
     else:
         port = server.add_insecure_port(address)
-    return GatewayServer(server, health, triton), port
+    return GatewayServer(server, health, triton, feedback), port
 
 
 def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:

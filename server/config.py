@@ -40,12 +40,23 @@ class GatewayConfig:
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
     # TLS: a PEM certificate chain and key serve gRPC over TLS; with a client CA as well, callers
-    # must present a certificate it signed (mutual TLS). All empty: plaintext.
+    # must present a certificate it signed (mutual TLS). Without them the gateway refuses to
+    # start unless plaintext is explicitly allowed (local development, a mesh that adds mTLS).
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    allow_plaintext: bool = False
     # Key of the HMAC that stands for user ids in log lines; empty: a random key per process.
     user_hash_key: str = ""
+    # The feedback store (`server.feedback`): served lists and Feedback records, fsync'd JSON
+    # lines in segments of at most this many bytes, one series of segments per replica (default
+    # name: the host name).
+    feedback_dir: Path = Path("feedback")
+    feedback_replica: str = ""
+    feedback_max_segment_bytes: int = 64 * 1024 * 1024
+    feedback_max_batch: int = 1000
+    # Records waiting for the disk beyond which Feedback answers RESOURCE_EXHAUSTED.
+    feedback_max_pending: int = 10_000
 
     def __post_init__(self) -> None:
         _check(
@@ -76,9 +87,28 @@ class GatewayConfig:
         _check(self.triton_retries, "triton_retries", 0 <= self.triton_retries <= 10, "in [0, 10]")
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _check(self.log_level, "log_level", self.log_level in levels, f"one of {levels}")
-        for name in ("max_k", "max_request_history", "max_exclude", "max_concurrent_rpcs"):
+        for name in (
+            "max_k",
+            "max_request_history",
+            "max_exclude",
+            "max_concurrent_rpcs",
+            "feedback_max_batch",
+            "feedback_max_pending",
+        ):
             value = getattr(self, name)
             _check(value, name, value >= 1, ">= 1")
+        _check(
+            self.feedback_max_segment_bytes,
+            "feedback_max_segment_bytes",
+            self.feedback_max_segment_bytes >= 4096,
+            ">= 4096",
+        )
+        _check(
+            self.allow_plaintext,
+            "allow_plaintext",
+            self.tls or self.allow_plaintext,
+            "true to serve without TLS (or set LTREC_TLS_CERT_FILE and LTREC_TLS_KEY_FILE)",
+        )
 
     @property
     def tls(self) -> bool:
@@ -96,11 +126,15 @@ class GatewayConfig:
                 continue
             default = field.default
             try:
-                if isinstance(default, int):
+                if isinstance(default, bool):
+                    values[field.name] = _boolean(var, raw)
+                elif isinstance(default, int):
                     values[field.name] = int(raw.strip())
                 elif isinstance(default, float):
                     values[field.name] = float(raw.strip())
                 elif isinstance(default, Path):
+                    if not raw.strip():
+                        raise ConfigError(f"{var} must be a non-empty path")
                     values[field.name] = Path(raw)
                 elif field.name == "log_level":
                     values[field.name] = raw.strip().upper()
@@ -114,6 +148,19 @@ class GatewayConfig:
 
 def env_var(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _boolean(var: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{var} must be one of true/false (or 1/0, yes/no, on/off), got {raw!r}")
 
 
 def _check(value: object, field_name: str, ok: bool, bound: str) -> None:

@@ -113,6 +113,38 @@ TRITON_READY = Gauge(
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )
+FEEDBACK_EVENTS_TOTAL = Counter(
+    "feedback_events_total",
+    "Feedback events acknowledged (on disk), by type (impression, click, cart, purchase).",
+    ["type"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FEEDBACK_COMMIT_DURATION_SECONDS = Histogram(
+    "feedback_commit_duration_seconds",
+    "Time to write and fsync one group commit of the feedback store.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+    buckets=STAGE_BUCKETS_SECONDS,
+)
+FEEDBACK_WRITE_ERRORS_TOTAL = Counter(
+    "feedback_write_errors_total",
+    "Group commits of the feedback store that failed (disk full, I/O error); none acknowledged.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FEEDBACK_DROPPED_TOTAL = Counter(
+    "feedback_served_lists_dropped_total",
+    "Served-list records not logged because the feedback store was full, failing or closing.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FEEDBACK_SEGMENTS_TOTAL = Counter(
+    "feedback_segments_total",
+    "Feedback store segment files begun by this process (rotation).",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",

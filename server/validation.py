@@ -6,6 +6,7 @@ Runs before any feature is built, so that later stages may trust lengths, enums 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.errors import InvalidArgument
@@ -19,6 +20,9 @@ MAX_CONTEXT_LABEL_CHARS = 64
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 _EVENT_TYPES = frozenset(recommender_pb2.EventType.values())
+_FEEDBACK_TYPES = frozenset(recommender_pb2.FeedbackType.values()) - {
+    recommender_pb2.FEEDBACK_TYPE_UNSPECIFIED
+}
 
 
 @dataclass(frozen=True)
@@ -27,14 +31,13 @@ class RequestLimits:
     max_history: int
     max_exclude: int
     long_tail_weight_max: float
+    max_feedback_batch: int = 1000
 
 
 def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
     """Raises InvalidArgument for the first field out of bounds."""
     _max_chars("user_id", request.user_id, MAX_USER_ID_CHARS)
-    if not (request.request_id.isascii() and request.request_id.isprintable()):
-        raise InvalidArgument("request_id must contain printable ASCII characters only")
-    _max_chars("request_id", request.request_id, MAX_REQUEST_ID_CHARS)
+    _request_id("request_id", request.request_id)
 
     if not 1 <= request.k <= limits.max_k:
         raise InvalidArgument(f"k must be in [1, {limits.max_k}], got {request.k}")
@@ -66,9 +69,53 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
         if not (math.isfinite(weight) and 0 <= weight <= bound):
             raise InvalidArgument(f"long_tail_weight must be in [0, {bound:g}], got {weight:g}")
 
-    _timestamp("context.timestamp", request.context.timestamp)
-    _max_chars("context.device", request.context.device, MAX_CONTEXT_LABEL_CHARS)
-    _max_chars("context.region", request.context.region, MAX_CONTEXT_LABEL_CHARS)
+    _context("context", request.context)
+
+
+def validate_feedback_events(
+    events: Sequence[recommender_pb2.FeedbackEvent], field: str, limits: RequestLimits
+) -> None:
+    """Raises InvalidArgument for the first field out of bounds, e.g. `events[3].item_id`."""
+    if not 1 <= len(events) <= limits.max_feedback_batch:
+        raise InvalidArgument(
+            f"{field} must have between 1 and {limits.max_feedback_batch} events, got {len(events)}"
+        )
+    for position, event in enumerate(events):
+        validate_feedback_event(event, f"{field}[{position}]", limits)
+
+
+def validate_feedback_event(
+    event: recommender_pb2.FeedbackEvent, field: str, limits: RequestLimits
+) -> None:
+    _request_id(f"{field}.request_id", event.request_id)
+    if not event.request_id:
+        raise InvalidArgument(f"{field}.request_id must be non-empty (the served list's id)")
+    if not event.user_id:
+        raise InvalidArgument(f"{field}.user_id must be non-empty")
+    _max_chars(f"{field}.user_id", event.user_id, MAX_USER_ID_CHARS)
+    _item_id(f"{field}.item_id", event.item_id)
+    if event.type not in _FEEDBACK_TYPES:
+        raise InvalidArgument(
+            f"{field}.type must be one of IMPRESSION, CLICK, CART, PURCHASE, got {event.type}"
+        )
+    _timestamp(f"{field}.timestamp", event.timestamp)
+    if event.HasField("position") and not 0 <= event.position < limits.max_k:
+        raise InvalidArgument(
+            f"{field}.position must be in [0, {limits.max_k - 1}], got {event.position}"
+        )
+    _context(f"{field}.context", event.context)
+
+
+def _context(field: str, context: recommender_pb2.Context) -> None:
+    _timestamp(f"{field}.timestamp", context.timestamp)
+    _max_chars(f"{field}.device", context.device, MAX_CONTEXT_LABEL_CHARS)
+    _max_chars(f"{field}.region", context.region, MAX_CONTEXT_LABEL_CHARS)
+
+
+def _request_id(field: str, value: str) -> None:
+    if not (value.isascii() and value.isprintable()):
+        raise InvalidArgument(f"{field} must contain printable ASCII characters only")
+    _max_chars(field, value, MAX_REQUEST_ID_CHARS)
 
 
 def _max_chars(field: str, value: str, bound: int) -> None:

@@ -38,6 +38,7 @@ class GatewayProcess:
         metrics_port: int = 0,
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        feedback_dir: Path | None = None,
     ) -> None:
         ports = iter(free_ports(2))
         self.grpc_port = grpc_port or next(ports)
@@ -45,6 +46,8 @@ class GatewayProcess:
         self.model_repository = model_repository
         self.triton_grpc_url = triton_grpc_url
         self.log_path = log_path
+        # Served lists and Feedback records (default: beside the model repository).
+        self.feedback_dir = feedback_dir or model_repository.parent / "feedback"
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -60,6 +63,9 @@ class GatewayProcess:
             "LTREC_METRICS_PORT": str(self.metrics_port),
             "LTREC_TRITON_URL": self.triton_grpc_url,
             "LTREC_MODEL_REPOSITORY": str(self.model_repository),
+            # A local stack on 127.0.0.1; deployments serve TLS (or sit behind a mesh that does).
+            "LTREC_ALLOW_PLAINTEXT": "true",
+            "LTREC_FEEDBACK_DIR": str(self.feedback_dir),
             **self.extra_env,
         }
         out = self.log_path.open("ab") if self.log_path else None
@@ -116,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-http-port", type=int, default=8000)
     parser.add_argument("--triton-metrics-port", type=int, default=8002)
     parser.add_argument("--build-dir", type=Path, default=Path("build/triton"))
+    parser.add_argument(
+        "--feedback-dir",
+        type=Path,
+        default=Path("feedback"),
+        help="the gateway's feedback store (served lists and Feedback records)",
+    )
     args = parser.parse_args(argv)
     if not (args.model_repository / "recommend" / "config.pbtxt").is_file():
         logger.error("no exported models in %s: run `make export` first", args.model_repository)
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             triton.grpc_url,
             grpc_port=args.grpc_port,
             metrics_port=args.metrics_port,
+            feedback_dir=args.feedback_dir.resolve(),
         )
         gateway.start()
         gateway.wait_serving()

@@ -150,6 +150,8 @@ async def running_gateway(
         "model_repository": repository,
         "triton_retry_backoff_seconds": 0.01,
         "health_poll_interval_seconds": 0.02,
+        "allow_plaintext": True,
+        "feedback_dir": repository.parent / "feedback",
     }
     settings.update(config)
     server, port = create_server(GatewayConfig(**settings), transport=fake)

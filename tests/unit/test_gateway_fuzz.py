@@ -1,4 +1,4 @@
-"""Property-based fuzzing of Recommend: malformed and extreme requests get only documented codes.
+"""Property-based fuzzing of every RPC: malformed and extreme requests get only documented codes.
 
 The gateway runs once (its own event loop, in a thread) against the fake Triton of
 `test_gateway`; hypothesis sends thousands of requests over a real gRPC channel.
@@ -25,12 +25,29 @@ from tests.unit.test_gateway import ITEMS, FakeTransport, outputs, write_reposit
 MAX_K = 50
 MAX_REQUEST_HISTORY = 20
 MAX_EXCLUDE = 10
+MAX_FEEDBACK_BATCH = 8
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 KNOWN_IDS = [item_id for item_id, *_ in ITEMS]
 ITEM_IDS = st.one_of(st.sampled_from(KNOWN_IDS), st.text(max_size=300))
 SMALL_TIMESTAMPS = st.integers(min_value=0, max_value=4_000_000_000)
 
+CONTEXTS = st.builds(
+    recommender_pb2.Context,
+    timestamp=st.one_of(SMALL_TIMESTAMPS, INT64),
+    device=st.text(max_size=80),
+    region=st.text(max_size=80),
+)
+FEEDBACK_EVENTS = st.builds(
+    recommender_pb2.FeedbackEvent,
+    request_id=st.one_of(st.text(max_size=140), st.from_regex(r"[a-z0-9-]{1,40}", fullmatch=True)),
+    user_id=st.text(max_size=300),
+    item_id=ITEM_IDS,
+    type=st.integers(min_value=-2, max_value=8),
+    timestamp=st.one_of(SMALL_TIMESTAMPS, INT64),
+    position=st.one_of(st.none(), INT32, st.integers(min_value=-1, max_value=MAX_K + 1)),
+    context=CONTEXTS,
+)
 EVENTS = st.builds(
     recommender_pb2.HistoryEvent,
     item_id=ITEM_IDS,
@@ -41,12 +58,7 @@ REQUESTS = st.builds(
     recommender_pb2.RecommendRequest,
     user_id=st.text(max_size=300),
     history=st.lists(EVENTS, max_size=MAX_REQUEST_HISTORY + 3),
-    context=st.builds(
-        recommender_pb2.Context,
-        timestamp=st.one_of(SMALL_TIMESTAMPS, INT64),
-        device=st.text(max_size=80),
-        region=st.text(max_size=80),
-    ),
+    context=CONTEXTS,
     k=st.one_of(st.integers(min_value=-2, max_value=MAX_K + 2), INT32),
     exclude_item_ids=st.lists(ITEM_IDS, max_size=MAX_EXCLUDE + 2),
     request_id=st.text(max_size=140),
@@ -75,7 +87,8 @@ class RankingFake(FakeTransport):
 def stub(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[recommender_pb2_grpc.RecommenderStub]:
-    repository = write_repository(tmp_path_factory.mktemp("fuzz") / "model_repository")
+    root = tmp_path_factory.mktemp("fuzz")
+    repository = write_repository(root / "model_repository")
     fake = RankingFake()
     config = GatewayConfig(
         grpc_host="127.0.0.1",
@@ -86,6 +99,9 @@ def stub(
         max_request_history=MAX_REQUEST_HISTORY,
         max_exclude=MAX_EXCLUDE,
         health_poll_interval_seconds=0.05,
+        allow_plaintext=True,
+        feedback_dir=root / "feedback",
+        feedback_max_batch=MAX_FEEDBACK_BATCH,
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -135,3 +151,48 @@ def test_any_request_gets_ok_or_invalid_argument(
     assert len(reply.items) <= request.k
     assert all(item.item_id in KNOWN_IDS for item in reply.items)
     assert not {item.item_id for item in reply.items} & set(request.exclude_item_ids)
+
+
+def _accepted_event(event: recommender_pb2.FeedbackEvent) -> bool:
+    """The documented bounds of one feedback event."""
+    request_id = event.request_id
+    return (
+        0 < len(request_id) <= 128
+        and request_id.isascii()
+        and request_id.isprintable()
+        and 0 < len(event.user_id) <= 256
+        and 0 < len(event.item_id) <= 256
+        and 1 <= event.type <= 4
+        and 0 <= event.timestamp <= 253_402_300_799
+        and (not event.HasField("position") or 0 <= event.position < MAX_K)
+        and 0 <= event.context.timestamp <= 253_402_300_799
+        and len(event.context.device) <= 64
+        and len(event.context.region) <= 64
+    )
+
+
+@settings(
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(events=st.lists(FEEDBACK_EVENTS, max_size=MAX_FEEDBACK_BATCH + 2), single=st.booleans())
+def test_any_feedback_gets_ok_or_invalid_argument(
+    stub: recommender_pb2_grpc.RecommenderStub,
+    events: list[recommender_pb2.FeedbackEvent],
+    single: bool,
+) -> None:
+    try:
+        if single and events:
+            reply = stub.Feedback(recommender_pb2.FeedbackRequest(event=events[0]), timeout=10)
+            events = events[:1]
+        else:
+            reply = stub.FeedbackBatch(recommender_pb2.FeedbackBatchRequest(events=events), timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        assert exc.details(), "an INVALID_ARGUMENT must say which field and bound"
+        assert not (1 <= len(events) <= MAX_FEEDBACK_BATCH and all(map(_accepted_event, events)))
+        return
+    assert 1 <= len(events) <= MAX_FEEDBACK_BATCH
+    assert all(map(_accepted_event, events)), events
+    assert reply.accepted == len(events)

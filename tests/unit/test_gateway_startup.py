@@ -44,6 +44,7 @@ def test_config_reads_prefixed_environment_variables(tmp_path: Path) -> None:
             "LTREC_TRITON_RETRIES": "0",
             "LTREC_MAX_K": "50",
             "LTREC_LOG_LEVEL": "debug",
+            "LTREC_ALLOW_PLAINTEXT": "true",
             "UNRELATED": "x",
         }
     )
@@ -180,6 +181,8 @@ def test_python_m_server_exits_non_zero_when_the_catalogue_is_missing(tmp_path: 
         "LTREC_GRPC_PORT": "0",
         "LTREC_METRICS_PORT": "0",
         "LTREC_MODEL_REPOSITORY": str(repository),
+        "LTREC_ALLOW_PLAINTEXT": "1",
+        "LTREC_FEEDBACK_DIR": str(tmp_path / "feedback"),
     }
     result = subprocess.run(
         [sys.executable, "-m", "server"],
@@ -201,6 +204,8 @@ def _config(repository: Path, **changes: Any) -> GatewayConfig:
         "model_repository": repository,
         "health_poll_interval_seconds": 0.05,
         "triton_retry_backoff_seconds": 0.01,
+        "allow_plaintext": True,
+        "feedback_dir": repository.parent / "feedback",
     }
     settings.update(changes)
     return GatewayConfig(**settings)

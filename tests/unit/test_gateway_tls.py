@@ -46,7 +46,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @asynccontextmanager
 async def tls_gateway(repository: Path, **tls: str) -> AsyncIterator[int]:
     config = GatewayConfig(
-        grpc_host="127.0.0.1", grpc_port=0, metrics_port=0, model_repository=repository, **tls
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=0,
+        model_repository=repository,
+        feedback_dir=repository.parent / "feedback",
+        **tls,
     )
     server, port = create_server(config, transport=FakeTransport())
     await server.start()
