@@ -116,7 +116,9 @@ class FeedbackStore:
     async def append(self, records: list[dict[str, Any]]) -> None:
         """Returns once every record is on disk; BackendUnavailable if it could not be written."""
         if self._closing or self._task is None:
-            raise BackendUnavailable("the feedback store is shutting down; retry on another replica")
+            raise BackendUnavailable(
+                "the feedback store is shutting down; retry on another replica"
+            )
         if self._pending_records + len(records) > self.max_pending_records:
             raise Overloaded(
                 f"the feedback store has {self._pending_records} records waiting for the disk "
@@ -196,7 +198,9 @@ class FeedbackStore:
 
     def _open_segment(self) -> None:
         self._sequence += 1
-        path = self.directory / f"{SEGMENT_PREFIX}{self.replica}-{self._sequence:06d}{SEGMENT_SUFFIX}"
+        path = (
+            self.directory / f"{SEGMENT_PREFIX}{self.replica}-{self._sequence:06d}{SEGMENT_SUFFIX}"
+        )
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
         self._segment = path
         self._size = 0
@@ -225,7 +229,7 @@ def _encode(records: list[dict[str, Any]]) -> bytes:
     )
 
 
-# --- reading ---------------------------------------------------------------------------------------
+# --- reading ----------------------------------------------------------------------------------
 @dataclass
 class ReadStats:
     segments: int = 0

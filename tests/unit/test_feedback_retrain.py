@@ -1,0 +1,163 @@
+"""Retraining on feedback: the gateway's store merged into a dataset, then before/after compared."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from ltrec.data import load_dataset, write_dataset
+from ltrec.feedback import REPORT_FILE, main, merge
+from ltrec.train import TrainConfig, prepare, train
+from server.feedback import FeedbackStore, segments
+from tests.unit.test_report import tiny_data  # noqa: F401  (fixture)
+
+T0 = 2_000_000_000  # after every base event
+
+
+def record(user: str, item: str, kind: str, n: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "feedback",
+        "request_id": f"req-{n}",
+        "user_id": user,
+        "item_id": item,
+        "type": kind,
+        "timestamp": T0 + n,
+        "position": 0,
+        "device": "tablet",
+        "region": "r1",
+        "model_version": "v1",
+        "received_at": T0 + n,
+        **extra,
+    }
+
+
+def write_store(directory: Path, records: list[dict[str, Any]]) -> None:
+    async def write() -> None:
+        store = FeedbackStore(directory, replica="gw-0")
+        store.open()
+        await store.start()
+        store.offer({"kind": "served", "request_id": "req-0", "user_id": "u0", "items": ["m1"]})
+        await store.append(records)
+        await store.close()
+
+    asyncio.run(write())
+
+
+FEEDBACK = [
+    record("u0", "m4", "impression", 1),  # exposure only
+    record("u0", "m4", "click", 2),  # -> view
+    record("u0", "m8", "cart", 3),
+    record("u0", "m8", "purchase", 4),
+    record("u1", "no-such-item", "click", 5),  # unknown item: dropped, counted
+    record("newcomer", "m2", "purchase", 6),  # a user the base data has never seen
+    record("newcomer", "m3", "click", 7),
+    record("newcomer", "m5", "click", 8),
+]
+
+
+def test_merge_turns_interactions_into_events_and_counts_the_rest(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "feedback"
+    write_store(store, FEEDBACK)
+    with segments(store)[-1].open("ab") as handle:
+        handle.write(b'{"kind":"feedback","request_id":"torn"')  # a crash mid-write
+    out = tmp_path / "merged"
+    report = merge(tiny_data, store, out)
+
+    base = load_dataset(tiny_data)
+    merged = load_dataset(out)
+    assert len(merged.items) == len(base.items)
+    added = merged.events[merged.events["timestamp"] >= T0]
+    assert added[["user_id", "item_id", "event_type", "device"]].values.tolist() == [
+        ["u0", "m4", "view", "tablet"],
+        ["u0", "m8", "cart", "tablet"],
+        ["u0", "m8", "purchase", "tablet"],
+        ["newcomer", "m2", "purchase", "tablet"],
+        ["newcomer", "m3", "view", "tablet"],
+        ["newcomer", "m5", "view", "tablet"],
+    ]
+    assert len(merged.events) == len(base.events) + 6
+    # The feedback events are the newest of u0's history: they come last in its order.
+    u0 = merged.events[merged.events["user_id"] == "u0"]
+    assert u0["item_id"].tolist()[-3:] == ["m4", "m8", "m8"]
+    fb = report["feedback"]
+    assert fb["feedback_by_type"] == {"cart": 1, "click": 4, "impression": 1, "purchase": 2}
+    assert (fb["served_lists"], fb["events"], fb["events_unknown_item"]) == (1, 7, 1)
+    assert (fb["events_added"], fb["users_with_feedback"], fb["new_users"]) == (6, 2, 1)
+    assert fb["unreadable_lines"] == 1
+    assert json.loads((out / REPORT_FILE).read_text()) == report
+
+
+def test_merge_refuses_to_overwrite_the_base_data(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = tmp_path / "feedback"
+    write_store(store, FEEDBACK[:2])
+    args = ["merge", "--data", str(tiny_data), "--feedback", str(store)]
+    assert main([*args, "--out", str(tiny_data)]) == 2
+    assert "must not overwrite the base data" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
+    assert "no feedback store here" in capsys.readouterr().err
+
+
+def test_retrain_and_compare_before_and_after(
+    tiny_data: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=16,
+        patience=5,
+        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
+    )
+    cache = tmp_path / "cache"
+    train(prepare(tiny_data, cache), cfg, tmp_path / "before", progress=False)
+    store = tmp_path / "feedback"
+    # Every user of genre 0 clicks two more genre-0 items.
+    write_store(
+        store,
+        [
+            record(f"u{u}", f"m{i}", "click", 10 * u + j)
+            for u in range(0, 30, 4)
+            for j, i in enumerate((20, 24))
+        ],
+    )
+    merged = tmp_path / "merged"
+    assert (
+        main(["merge", "--data", str(tiny_data), "--feedback", str(store), "--out", str(merged)])
+        == 0
+    )
+    train(prepare(merged, cache), cfg, tmp_path / "after", progress=False)
+    out = tmp_path / "report"
+    args = ["compare", "--data", str(merged), "--out", str(out), "--cache", str(cache)]
+    before, after = tmp_path / "before" / "checkpoint.pt", tmp_path / "after" / "checkpoint.pt"
+    assert main([*args, "--before", str(before), "--after", str(after), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    users = pd.read_parquet(merged / "events.parquet")["user_id"].nunique()
+    assert report["data"]["test_cases"] == users == 30
+    assert report["data"]["feedback_user_cases"] == 8  # users 0, 4, ..., 28
+    assert set(report["models"]) == {"most_popular", "before", "after"}
+    for row in report["models"].values():
+        assert 0 <= row["test"]["ndcg@10"] <= row["test"]["recall@10"] <= 1
+        assert row["feedback_users"]["cases"] == 8
+        assert 0 <= row["feedback_users"]["ndcg@10"] <= 1
+    md = (out / "report.md").read_text()
+    assert "| before |" in md and "| after |" in md and "| most_popular |" in md
+    # A checkpoint of another catalogue is refused.
+    other = tmp_path / "other"
+    items = load_dataset(tiny_data).items.iloc[:-1]
+    events = load_dataset(tiny_data).events
+    write_dataset(items, events[events["item_id"].isin(items["item_id"])], other)
+    assert (
+        main([*args[:2], str(other), *args[3:], "--before", str(before), "--after", str(after)])
+        == 2
+    )
