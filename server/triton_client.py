@@ -28,6 +28,18 @@ OUTPUT_NAMES = (contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIO
 # A retry is not worth starting with less time than this left before the caller's deadline.
 MIN_ATTEMPT_SECONDS = 0.01
 MAX_BACKOFF_SECONDS = 1.0
+# The channel to Triton: tritonclient's message limits, and a reconnect backoff capped at one
+# second (gRPC's default grows to two minutes), so that a restarted Triton is found again within
+# about a second instead of after the last failed attempt's backoff.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", triton_grpc.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", triton_grpc.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
 
 
 class TritonTransport(Protocol):
@@ -50,7 +62,7 @@ class GrpcTritonTransport:
     """The production transport over `tritonclient.grpc.aio`."""
 
     def __init__(self, url: str) -> None:
-        self._client = triton_grpc.InferenceServerClient(url=url)
+        self._client = triton_grpc.InferenceServerClient(url=url, channel_args=CHANNEL_ARGS)
 
     async def infer(
         self,
