@@ -1,9 +1,12 @@
 """Call the running gateway with a real MovieLens-1M viewing history and print the titles.
 
     python examples/recommend_client.py [--address 127.0.0.1:50051] [-k 10] [--long-tail-weight 0.5]
+                                        [--click N]
 
 The history below is user 1m_1's first twelve ratings in MovieLens-1M, in time order (item ids
 there are titles). Any internal service calls `ltrec.v1.Recommender/Recommend` the same way.
+With `--click N` it then reports feedback for the list: an impression for every item shown and a
+click on the N-th (`FeedbackBatch`, acknowledged once it is on disk in the gateway's store).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> int:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--long-tail-weight", type=float, default=None)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--click", type=int, metavar="N", help="report a click on the N-th item")
     args = parser.parse_args()
     now = int(time.time())
     request = recommender_pb2.RecommendRequest(
@@ -63,15 +67,49 @@ def main() -> int:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
         try:
             reply = stub.Recommend(request, timeout=args.timeout)
+            accepted = 0
+            if args.click is not None:
+                accepted = stub.FeedbackBatch(
+                    feedback(reply, request.user_id, args.click), timeout=args.timeout
+                ).accepted
         except grpc.RpcError as exc:
-            print(f"Recommend failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"call failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     print(f"history: {', '.join(HISTORY[-5:])} ...")
     print(f"model {reply.model_version}, request {reply.request_id}:")
     for rank, item in enumerate(reply.items, 1):
         tail = " [long tail]" if item.long_tail else ""
         print(f"{rank:>3}. {item.title}  (score {item.score:.3f}){tail} - {item.reason}")
+    if accepted:
+        print(f"feedback: {accepted} events stored (impressions, click on #{args.click})")
     return 0
+
+
+def feedback(
+    reply: recommender_pb2.RecommendResponse, user_id: str, click: int
+) -> recommender_pb2.FeedbackBatchRequest:
+    """Impressions for the whole list and a click on its `click`-th item (1-based)."""
+    events = [
+        recommender_pb2.FeedbackEvent(
+            request_id=reply.request_id,
+            user_id=user_id,
+            item_id=item.item_id,
+            type=recommender_pb2.FEEDBACK_TYPE_IMPRESSION,
+            position=position,
+        )
+        for position, item in enumerate(reply.items)
+    ]
+    if 1 <= click <= len(reply.items):
+        events.append(
+            recommender_pb2.FeedbackEvent(
+                request_id=reply.request_id,
+                user_id=user_id,
+                item_id=reply.items[click - 1].item_id,
+                type=recommender_pb2.FEEDBACK_TYPE_CLICK,
+                position=click - 1,
+            )
+        )
+    return recommender_pb2.FeedbackBatchRequest(events=events)
 
 
 if __name__ == "__main__":
