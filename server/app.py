@@ -135,6 +135,7 @@ def create_server(
     server = grpc.aio.server(
         interceptors=[GatewayInterceptor((SERVICE_NAME,), config.user_hash_key)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[("grpc.max_receive_message_length", config.max_message_bytes)],
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(metadata, catalogue, triton, limits, feedback), server

@@ -36,6 +36,8 @@ class GatewayConfig:
     max_exclude: int = 1000
     # Beyond this many concurrent RPCs gRPC itself answers RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1000
+    # Larger request messages are refused by gRPC with RESOURCE_EXHAUSTED before any work.
+    max_message_bytes: int = 4 * 1024 * 1024
     health_poll_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -92,6 +94,7 @@ class GatewayConfig:
             "max_request_history",
             "max_exclude",
             "max_concurrent_rpcs",
+            "max_message_bytes",
             "feedback_max_batch",
             "feedback_max_pending",
         ):

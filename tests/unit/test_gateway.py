@@ -634,3 +634,37 @@ async def test_access_log_is_json_with_a_keyed_user_hash(
     assert users[0] == users[1] == user_hash("alice@example.com", b"k1") != users[2]
     assert user_hash("alice@example.com", b"k2") != users[0]  # keyed: another key, another hash
     assert "alice" not in caplog.text and "bob" not in caplog.text
+
+
+@run_async
+async def test_overload_fails_fast_with_resource_exhausted(repository: Path) -> None:
+    fake = FakeTransport()
+    fake.delay_seconds = 1.0
+    async with running_gateway(repository, fake, max_concurrent_rpcs=2) as gw:
+
+        async def call() -> tuple[grpc.StatusCode, float]:
+            started = time.monotonic()
+            try:
+                await gw.stub.Recommend(full_request(), timeout=5)
+                return grpc.StatusCode.OK, time.monotonic() - started
+            except grpc.aio.AioRpcError as exc:
+                return exc.code(), time.monotonic() - started
+
+        results = await asyncio.gather(*(call() for _ in range(6)))
+    codes = [code for code, _ in results]
+    assert codes.count(grpc.StatusCode.OK) == 2
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+    # Shed at once, not queued behind the slow calls.
+    assert all(s < 0.5 for code, s in results if code is grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@run_async
+async def test_oversized_messages_are_refused(repository: Path) -> None:
+    async with running_gateway(repository, FakeTransport(), max_message_bytes=16_384) as gw:
+        request = full_request()
+        request.exclude_item_ids.extend(f"item-{n:0200d}" for n in range(100))  # ~20 KB
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(request, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in (caught.value.details() or "")
+        assert (await gw.stub.Recommend(full_request(), timeout=5)).request_id == "req-123"

@@ -187,7 +187,9 @@ def test_any_feedback_gets_ok_or_invalid_argument(
             reply = stub.Feedback(recommender_pb2.FeedbackRequest(event=events[0]), timeout=10)
             events = events[:1]
         else:
-            reply = stub.FeedbackBatch(recommender_pb2.FeedbackBatchRequest(events=events), timeout=10)
+            reply = stub.FeedbackBatch(
+                recommender_pb2.FeedbackBatchRequest(events=events), timeout=10
+            )
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
         assert exc.details(), "an INVALID_ARGUMENT must say which field and bound"
