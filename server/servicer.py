@@ -10,6 +10,7 @@ import grpc
 from server import metrics
 from server.catalogue import Catalogue, ModelMetadata
 from server.features import build_features
+from server.errors import NotFound
 from server.feedback import FEEDBACK, SERVED, FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.interceptors import current_request_id
@@ -57,6 +58,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         request_id = current_request_id()
         with metrics.STAGE_DURATION_SECONDS.labels(stage="validate").time():
             validate_request(request, self._limits)
+        served = self._metadata.model_version
+        if request.model_version and request.model_version != served:
+            raise NotFound(
+                f"model_version {request.model_version!r} is not served here (serving {served!r})"
+            )
         with metrics.STAGE_DURATION_SECONDS.labels(stage="features").time():
             features = build_features(request, self._metadata, self._catalogue, time.time())
         metrics.SKIPPED_HISTORY_ITEMS_TOTAL.inc(features.skipped_history_items)

@@ -38,6 +38,7 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
     """Raises InvalidArgument for the first field out of bounds."""
     _max_chars("user_id", request.user_id, MAX_USER_ID_CHARS)
     _request_id("request_id", request.request_id)
+    _max_chars("model_version", request.model_version, MAX_REQUEST_ID_CHARS)
 
     if not 1 <= request.k <= limits.max_k:
         raise InvalidArgument(f"k must be in [1, {limits.max_k}], got {request.k}")

@@ -668,3 +668,19 @@ async def test_oversized_messages_are_refused(repository: Path) -> None:
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in (caught.value.details() or "")
         assert (await gw.stub.Recommend(full_request(), timeout=5)).request_id == "req-123"
+
+
+@run_async
+async def test_an_unserved_model_version_is_not_found(repository: Path) -> None:
+    async with running_gateway(repository, FakeTransport()) as gw:
+        pinned = full_request()
+        pinned.model_version = METADATA["model_version"]
+        assert (await gw.stub.Recommend(pinned)).model_version == METADATA["model_version"]
+        pinned.model_version = "19990101-000000"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(pinned)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "model_version '19990101-000000' is not served here (serving '20261129-ab12cd')" in (
+            caught.value.details() or ""
+        )
+        assert len(gw.fake.calls) == 1
