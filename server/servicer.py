@@ -9,8 +9,8 @@ import grpc
 
 from server import metrics
 from server.catalogue import Catalogue, ModelMetadata
-from server.features import build_features
 from server.errors import NotFound
+from server.features import build_features
 from server.feedback import FEEDBACK, SERVED, FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.interceptors import current_request_id
