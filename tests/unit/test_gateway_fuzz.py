@@ -20,12 +20,13 @@ from server import contract
 from server.app import create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.unit.test_gateway import ITEMS, FakeTransport, outputs, write_repository
+from tests.unit.test_gateway import ITEMS, METADATA, FakeTransport, outputs, write_repository
 
 MAX_K = 50
 MAX_REQUEST_HISTORY = 20
 MAX_EXCLUDE = 10
 MAX_FEEDBACK_BATCH = 8
+SERVED_VERSION = METADATA["model_version"]
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 KNOWN_IDS = [item_id for item_id, *_ in ITEMS]
@@ -62,6 +63,7 @@ REQUESTS = st.builds(
     k=st.one_of(st.integers(min_value=-2, max_value=MAX_K + 2), INT32),
     exclude_item_ids=st.lists(ITEM_IDS, max_size=MAX_EXCLUDE + 2),
     request_id=st.text(max_size=140),
+    model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
 )
 WEIGHTS = st.one_of(st.none(), st.floats(width=32, allow_nan=True, allow_infinity=True))
 
@@ -129,7 +131,7 @@ def stub(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(request=REQUESTS, weight=WEIGHTS)
-def test_any_request_gets_ok_or_invalid_argument(
+def test_any_request_gets_ok_invalid_argument_or_not_found(
     stub: recommender_pb2_grpc.RecommenderStub,
     request: recommender_pb2.RecommendRequest,
     weight: float | None,
@@ -139,9 +141,14 @@ def test_any_request_gets_ok_or_invalid_argument(
     try:
         reply = stub.Recommend(request, timeout=10)
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:  # only for a version not served here
+            assert request.model_version not in ("", SERVED_VERSION)
+            assert "is not served here" in exc.details()
+            return
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
         assert exc.details(), "an INVALID_ARGUMENT must say which field and bound"
         return
+    assert request.model_version in ("", SERVED_VERSION)
     # Accepted requests were within every documented bound.
     assert 1 <= request.k <= MAX_K
     assert len(request.history) <= MAX_REQUEST_HISTORY
