@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto data train export serve run client evaluate evaluate-quick image test test-unit test-integration lint clean
+.PHONY: install proto grafana-schema data train export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -31,7 +31,26 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 
 STUBS := server/gen/ltrec/v1/recommender_pb2.py
 
-install: $(VENV)/.installed $(STUBS)
+# A JSON Schema of Grafana dashboards generated from Grafana's own TypeScript types (npm packages
+# pinned in tools/grafana-schema/package-lock.json); tests/unit/test_dashboard.py validates
+# helm/ltrec/files/dashboard.json against it. Node.js and npm come from apt when missing (as root).
+GRAFANA_SCHEMA := build/grafana-schema/dashboard.schema.json
+GRAFANA_TYPES := node_modules/@grafana/schema/dist/types/raw/dashboard/x/types.gen.d.ts
+
+grafana-schema: $(GRAFANA_SCHEMA)
+
+$(GRAFANA_SCHEMA): tools/grafana-schema/package.json tools/grafana-schema/package-lock.json
+	@command -v npm >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
+	  else echo "npm missing: run 'sudo apt-get install -y nodejs npm'" >&2; exit 1; fi; }
+	mkdir -p $(@D)
+	cp tools/grafana-schema/package.json tools/grafana-schema/package-lock.json $(@D)/
+	cd $(@D) && npm ci --no-audit --no-fund --loglevel=error \
+	  && npx --no-install ts-json-schema-generator --path $(GRAFANA_TYPES) --type Dashboard \
+	       --no-type-check --additional-properties -o dashboard.schema.json.tmp \
+	  && mv dashboard.schema.json.tmp dashboard.schema.json
+
+install: $(VENV)/.installed $(STUBS) $(GRAFANA_SCHEMA)
 
 # Generated stubs are not committed: `make proto` writes them to server/gen/ (git-ignored).
 # The proto path is mapped so that the stubs import as `server.gen.ltrec.v1`.
@@ -74,8 +93,33 @@ REPORT_ARGS ?=
 evaluate: install $(DATA_DIR)/source.json
 	$(PY) -m ltrec.report --data $(DATA_DIR) --out $(REPORT_DIR) $(REPORT_ARGS)
 
+# Retraining on what the gateway logged (`make serve` writes feedback/): merge the feedback store
+# into the base data, train a new model, and compare it with the current one on the merged test
+# split. Exporting the new model is a separate, deliberate step (see the README).
+FEEDBACK_DIR ?= feedback
+RETRAIN_DATA ?= $(DATA_DIR)-feedback
+RETRAIN_ARTIFACTS ?= $(ARTIFACTS)-retrained
+retrain: install $(ARTIFACTS)/checkpoint.pt
+	$(PY) -m ltrec.feedback merge --data $(DATA_DIR) --feedback $(FEEDBACK_DIR) --out $(RETRAIN_DATA)
+	$(PY) -m ltrec.train --data $(RETRAIN_DATA) --out $(RETRAIN_ARTIFACTS) $(TRAIN_ARGS)
+	$(PY) -m ltrec.feedback compare --data $(RETRAIN_DATA) --before $(ARTIFACTS)/checkpoint.pt \
+		--after $(RETRAIN_ARTIFACTS)/checkpoint.pt --out reports/retrain
+
 evaluate-quick: install $(DATA_DIR)/source.json
 	$(PY) -m ltrec.report --data $(DATA_DIR) --out reports/quick --quick
+
+# Performance: the in-process floor, direct Triton, the gateway and a naive torch peer side by
+# side, then history length and catalogue size (benchmarks/bench.py). `bench` writes
+# reports/bench/ and the README's table; `bench-quick` (a few minutes, reports/bench-quick/,
+# git-ignored) trains a tiny model first when there is no trained checkpoint.
+BENCH_ARGS ?=
+bench: install $(ARTIFACTS)/checkpoint.pt
+	$(PY) -m benchmarks.bench --checkpoint $(ARTIFACTS)/checkpoint.pt --data $(DATA_DIR) \
+		--update-readme README.md $(BENCH_ARGS)
+
+bench-quick: install $(DATA_DIR)/source.json
+	$(PY) -m benchmarks.bench --quick --checkpoint $(ARTIFACTS)/checkpoint.pt --data $(DATA_DIR) \
+		$(BENCH_ARGS)
 
 # The gateway's container image (needs a Docker engine; the chart in helm/ltrec deploys it).
 image:

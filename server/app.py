@@ -35,8 +35,8 @@ class GatewayServer(grpc.aio.Server):
     """A `grpc.aio.Server` that owns the gateway's other resources.
 
     `start` also starts the feedback writer and the health poll; `stop(grace)` is the shutdown
-    sequence: NOT_SERVING, `await server.stop(grace)`, close the feedback store, close the Triton
-    client.
+    sequence: NOT_SERVING, keep serving for the drain time, `await server.stop(grace)`, close the
+    feedback store, close the Triton client.
     """
 
     def __init__(
@@ -45,11 +45,13 @@ class GatewayServer(grpc.aio.Server):
         health: HealthReporter,
         triton: TritonClient,
         feedback: FeedbackStore,
+        drain_seconds: float = 0.0,
     ) -> None:
         self._server = server
         self._health = health
         self._triton = triton
         self._feedback = feedback
+        self._drain_seconds = drain_seconds
         self._stopped = False
 
     @property
@@ -84,6 +86,9 @@ class GatewayServer(grpc.aio.Server):
             return
         self._stopped = True
         await self._health.shutdown()
+        if self._drain_seconds > 0:
+            logger.info("NOT_SERVING; still serving for %.1f s (drain)", self._drain_seconds)
+            await asyncio.sleep(self._drain_seconds)
         await self._server.stop(grace)
         # After the drain: every Feedback call that was answered OK is already on disk; this
         # writes the served lists still queued.
@@ -135,7 +140,7 @@ def create_server(
     server = grpc.aio.server(
         interceptors=[GatewayInterceptor((SERVICE_NAME,), config.user_hash_key)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        options=[("grpc.max_receive_message_length", config.max_message_bytes)],
+        options=server_options(config),
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(metadata, catalogue, triton, limits, feedback), server
@@ -150,7 +155,18 @@ def create_server(
         port = server.add_secure_port(address, server_credentials(config))
     else:
         port = server.add_insecure_port(address)
-    return GatewayServer(server, health, triton, feedback), port
+    return GatewayServer(server, health, triton, feedback, config.shutdown_drain_seconds), port
+
+
+def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    options = [("grpc.max_receive_message_length", config.max_message_bytes)]
+    if config.max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            # In-flight calls on an aged connection get the shutdown grace to finish.
+            ("grpc.max_connection_age_grace_ms", int(config.shutdown_grace_seconds * 1000)),
+        ]
+    return options
 
 
 def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:

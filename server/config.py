@@ -39,7 +39,16 @@ class GatewayConfig:
     # Larger request messages are refused by gRPC with RESOURCE_EXHAUSTED before any work.
     max_message_bytes: int = 4 * 1024 * 1024
     health_poll_interval_seconds: float = 1.0
+    # SIGTERM: NOT_SERVING at once, then keep serving for the drain time (load balancers and
+    # health-checking clients move away; connections older than the max age get a graceful
+    # GOAWAY and reconnect elsewhere), then stop accepting and finish in-flight calls within the
+    # grace time. Stopping while clients still send on open connections loses the calls that
+    # cross the final GOAWAY (grpc/grpc#41785), hence drain >= max connection age in a rollout.
     shutdown_grace_seconds: float = 10.0
+    shutdown_drain_seconds: float = 0.0
+    # Connections are closed gracefully after this age (0: never), so callers rebalance over
+    # replicas and a draining replica loses its connections without losing calls.
+    max_connection_age_seconds: float = 30.0
     log_level: str = "INFO"
     # TLS: a PEM certificate chain and key serve gRPC over TLS; with a client CA as well, callers
     # must present a certificate it signed (mutual TLS). Without them the gateway refuses to
@@ -83,7 +92,12 @@ class GatewayConfig:
         ):
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value > 0, "a finite number > 0")
-        for name in ("triton_retry_backoff_seconds", "shutdown_grace_seconds"):
+        for name in (
+            "triton_retry_backoff_seconds",
+            "shutdown_grace_seconds",
+            "shutdown_drain_seconds",
+            "max_connection_age_seconds",
+        ):
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value >= 0, "a finite number >= 0")
         _check(self.triton_retries, "triton_retries", 0 <= self.triton_retries <= 10, "in [0, 10]")

@@ -23,20 +23,17 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export_scripts.export import export
-from ltrec.data import load_dataset, write_dataset
 from ltrec.models import ItemTextEncoder, Scorer, UserEncoder
-from ltrec.movielens import convert_movielens_1m
 from ltrec.text_encoder import load_text_model, tokenize
-from ltrec.train import TrainConfig, load_checkpoint, prepare, train
+from ltrec.train import load_checkpoint
 from server import contract
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.integration.tiny_model import ml1m_slice, train_tiny
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-N_USERS = 150
 
 
 @dataclass
@@ -54,23 +51,10 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("serving")
-    full = convert_movielens_1m(root / "ml-1m-full")
-    dataset = load_dataset(full)
-    users = dataset.events["user_id"].drop_duplicates().iloc[:N_USERS]
-    events = dataset.events[dataset.events["user_id"].isin(users)]
-    items = dataset.items[dataset.items["item_id"].isin(events["item_id"])]
-    small = root / "ml-1m-small"
-    write_dataset(items, events, small)
-
-    prepared = prepare(small, root / "cache")
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=64,
-        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 2, "max_history": 20},
-    )
-    train(prepared, cfg, root / "artifacts", progress=False)
+    prepared, users = ml1m_slice(root)
+    checkpoint = train_tiny(prepared, root / "artifacts")
     repo = root / "model_repository"
-    metadata = export(root / "artifacts" / "checkpoint.pt", repo, log=lambda _m: None)
+    metadata = export(checkpoint, repo, log=lambda _m: None)
 
     triton = TritonServer(repo, build_dir=triton_build_dir)
     triton.start()

@@ -684,3 +684,24 @@ async def test_an_unserved_model_version_is_not_found(repository: Path) -> None:
             caught.value.details() or ""
         )
         assert len(gw.fake.calls) == 1
+
+
+@run_async
+async def test_shutdown_keeps_serving_through_the_drain_while_not_serving(
+    repository: Path,
+) -> None:
+    async with running_gateway(
+        repository, FakeTransport(), shutdown_drain_seconds=0.6, max_connection_age_seconds=0.2
+    ) as gw:
+        health = health_pb2_grpc.HealthStub(gw.channel)
+        stopping = asyncio.create_task(gw.server.stop(5.0))
+        await asyncio.sleep(0.2)
+        status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Still answering during the drain, across aged-out connections (the channel reconnects).
+        for _ in range(5):
+            reply = await gw.stub.Recommend(full_request(), timeout=5, wait_for_ready=True)
+            assert reply.request_id == "req-123"
+            await asyncio.sleep(0.05)
+        assert not stopping.done()
+        await stopping

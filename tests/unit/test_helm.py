@@ -86,6 +86,7 @@ def test_rendered_kinds() -> None:
         "Deployment",
         "Deployment",
         "NetworkPolicy",
+        "NetworkPolicy",
         "Service",
         "Service",
         "ServiceAccount",
@@ -123,6 +124,16 @@ def test_rendered_kinds() -> None:
             "/monitoring/prometheusRule/errorRatioThreshold",
             "maximum",
         ),
+        (
+            {"networkPolicy": {"gatewayFrom": [{"podSelecter": {}}]}},
+            "/networkPolicy/gatewayFrom/0",
+            "additional properties 'podSelecter'",
+        ),
+        (
+            {"networkPolicy": {"metricsFrom": [{"ipBlock": {"except": ["10.0.0.0/8"]}}]}},
+            "/networkPolicy/metricsFrom/0/ipBlock",
+            "missing property 'cidr'",
+        ),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(
@@ -159,6 +170,66 @@ def test_network_policy_lets_only_gateway_pods_reach_triton_serving_ports() -> N
     assert [sorted(p["port"] for p in r["ports"]) for r in others] == [[8002]]
 
 
+def pod_labels(docs: list[dict[str, Any]], component: str) -> dict[str, str]:
+    template = one(docs, "Deployment", f"{RELEASE}-{component}")["spec"]["template"]
+    labels: dict[str, str] = template["metadata"]["labels"]
+    return labels
+
+
+def rule_for_port(policy: dict[str, Any], port: int) -> dict[str, Any]:
+    (rule,) = [r for r in policy["ingress"] if port in {p["port"] for p in r["ports"]}]
+    assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+    return rule
+
+
+def test_gateway_network_policy_admits_callers_to_grpc_and_scrapers_to_metrics() -> None:
+    """By default any pod of the release's namespace may call the gateway (`podSelector: {}`),
+    any namespace may scrape its metrics port, and nothing else reaches gateway pods."""
+    docs = render({})
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-gateway")
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    spec = policy["spec"]
+    selects = spec["podSelector"]["matchLabels"]
+    assert selects.items() <= pod_labels(docs, "gateway").items()
+    assert not selects.items() <= pod_labels(docs, "triton").items()
+    assert selects == one(docs, "Service", f"{RELEASE}-gateway")["spec"]["selector"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert len(spec["ingress"]) == 2
+    assert rule_for_port(spec, 50051)["from"] == [{"podSelector": {}}]
+    assert rule_for_port(spec, 9100)["from"] == [{"namespaceSelector": {}}]
+
+
+def test_gateway_network_policy_peers_and_ports_come_from_values() -> None:
+    callers = [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "storefront"}},
+        },
+        {"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.5.0/24"]}},
+    ]
+    scrapers = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    docs = render(
+        {
+            "networkPolicy": {"gatewayFrom": callers, "metricsFrom": scrapers},
+            "gateway": {"ports": {"grpc": 6000, "metrics": 6001}},
+        }
+    )
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-gateway")
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    assert rule_for_port(policy["spec"], 6000)["from"] == callers
+    assert rule_for_port(policy["spec"], 6001)["from"] == scrapers
+    # The metrics peers apply to Triton's metrics port too; its serving ports stay gateway-only.
+    triton = one(docs, "NetworkPolicy", f"{RELEASE}-triton")["spec"]
+    assert rule_for_port(triton, 8002)["from"] == scrapers
+    (container,) = pod_spec(docs, "gateway")["containers"]
+    assert sorted(p["containerPort"] for p in container["ports"]) == [6000, 6001]
+
+
+def test_network_policies_can_be_turned_off() -> None:
+    docs = render({"networkPolicy": {"enabled": False}})
+    assert [d for d in docs if d["kind"] == "NetworkPolicy"] == []
+
+
 def test_triton_container_serves_the_repository_with_health_probes() -> None:
     docs = render({})
     (triton,) = pod_spec(docs, "triton")["containers"]
@@ -184,7 +255,7 @@ def test_gateway_probes_and_environment() -> None:
     (gateway,) = pod_spec(docs, "gateway")["containers"]
     assert gateway["readinessProbe"]["grpc"] == {"port": 50051}
     assert gateway["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
-    env = {e["name"]: e["value"] for e in gateway["env"]}
+    env = {e["name"]: e.get("value", "") for e in gateway["env"]}
     assert env["LTREC_TRITON_URL"] == f"{RELEASE}-triton:8001"
     assert env["LTREC_MODEL_REPOSITORY"] == "/models"
     config = GatewayConfig.from_env(env)
@@ -195,7 +266,7 @@ def test_gateway_probes_and_environment() -> None:
 def test_gateway_env_names_are_config_fields(name: str) -> None:
     """A typo in an LTREC_* name would be ignored silently by the gateway."""
     (gateway,) = pod_spec(render(VALUES[name]), "gateway")["containers"]
-    env = {e["name"]: e["value"] for e in gateway["env"]}
+    env = {e["name"]: e.get("value", "") for e in gateway["env"]}
     known = {f"LTREC_{f.upper()}" for f in GatewayConfig.__dataclass_fields__}
     assert set(env) <= known, set(env) - known
     GatewayConfig.from_env(env)
@@ -241,7 +312,7 @@ def test_gateway_tls_secret_is_mounted_and_used() -> None:
     (tls,) = [v for v in spec["volumes"] if v["name"] == "tls"]
     assert tls["secret"]["secretName"] == "ltrec-gateway-tls"
     (container,) = [c for c in spec["containers"] if c["name"] == "gateway"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
     assert env["LTREC_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
     assert env["LTREC_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
@@ -321,3 +392,22 @@ def test_grafana_dashboard_config_map_and_panels() -> None:
         "histogram_quantile(0.99",
     ]
     assert all("ltrec_gateway_request_duration_seconds_bucket" in t["expr"] for t in latency)
+
+
+def test_gateway_plaintext_only_when_allowed_and_feedback_store_per_pod() -> None:
+    (gateway,) = pod_spec(render({}), "gateway")["containers"]
+    env = {e["name"]: e for e in gateway["env"]}
+    assert env["LTREC_ALLOW_PLAINTEXT"]["value"] == "true"
+    assert env["LTREC_FEEDBACK_REPLICA"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
+    claim = {"gateway": {"feedback": {"existingClaim": "ltrec-feedback"}}}
+    spec = pod_spec(render(claim), "gateway")
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "feedback"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "ltrec-feedback"}
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "feedback"]
+    assert mount["mountPath"] == env["LTREC_FEEDBACK_DIR"]["value"]
+    tls_spec = pod_spec(render(VALUES["object-store"]), "gateway")
+    assert "LTREC_ALLOW_PLAINTEXT" not in {e["name"] for e in tls_spec["containers"][0]["env"]}
+    with pytest.raises(Exception, match="allow plaintext explicitly"):
+        render({"gateway": {"tls": {"allowPlaintext": False}}})
