@@ -104,36 +104,123 @@ def export_item_text_encoder(module: ItemTextEncoder, path: Path) -> None:
     )
 
 
-def scorer_graph(item_table: np.ndarray, popularity: np.ndarray) -> onnx.ModelProto:
-    """ONNX version of `ltrec.models.Scorer` with the catalogue inside the graph."""
+CATALOGUE_SCANS = ("fp32", "int8")
+# int8 scan: the approximate top (k + RERANK_EXTRA) are re-scored exactly in fp32.
+RERANK_EXTRA = 256
+
+
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: `table[i] ≈ q[i] * scale[i]`; an all-zero row gets scale 0."""
+    peak = np.abs(table).max(axis=1)
+    scale = (peak / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(table / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def scorer_graph(
+    item_table: np.ndarray, popularity: np.ndarray, *, scan: str = "fp32"
+) -> onnx.ModelProto:
+    """ONNX version of `ltrec.models.Scorer` with the catalogue inside the graph.
+
+    `scan="int8"` reads the catalogue as per-row int8 (a quarter of the bytes: the scan is
+    memory-bound on large catalogues), keeps the best `k + RERANK_EXTRA` and re-scores those
+    exactly in fp32: the same top-k as fp32 whenever it lies within those candidates, with exact
+    scores. The fp32 table stays for that and for the reasons.
+    """
+    if scan not in CATALOGUE_SCANS:
+        raise ValueError(f"scan must be one of {CATALOGUE_SCANS}, got {scan!r}")
     n_rows, dim = item_table.shape
-    base_mask = np.zeros((1, n_rows), dtype=np.float32)
-    base_mask[0, contract.PADDING_INDEX] = -np.inf
+    log_popularity = np.log1p(popularity.astype(np.float32)).reshape(1, -1)
     inits = [
         numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
-        numpy_helper.from_array(
-            np.log1p(popularity.astype(np.float32)).reshape(1, -1), "log_popularity"
-        ),
-        numpy_helper.from_array(base_mask, "base_mask"),
+        numpy_helper.from_array(log_popularity, "log_popularity"),
         numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"),
         numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
         numpy_helper.from_array(np.array(contract.PADDING_INDEX, dtype=np.int64), "pad_index"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "norm_eps"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
     ]
     n = helper.make_node
+    # Every pass over the catalogue counts at a million items: the padding row is masked with the
+    # history (one scatter) rather than by adding a mask row, and the int8 scan leaves its
+    # per-request scale on the popularity weight (a ranking is unchanged by a positive factor).
+    weight = contract.LONG_TAIL_WEIGHT
+    if scan == "fp32":
+        score_nodes = [
+            n("Gemm", [contract.WEIGHTED_USER_EMBEDDING, "item_table"], ["raw"], transB=1)
+        ]
+    else:
+        q, scale = quantize_rows(item_table.astype(np.float32))
+        inits += [
+            numpy_helper.from_array(np.ascontiguousarray(q.T), "item_table_q_t"),  # [D, N+1]
+            numpy_helper.from_array(scale.reshape(1, -1), "item_scale"),
+        ]
+        score_nodes = [
+            n(
+                "DynamicQuantizeLinear",
+                [contract.WEIGHTED_USER_EMBEDDING],
+                ["user_q", "user_scale", "user_zero"],
+            ),
+            n("MatMulInteger", ["user_q", "item_table_q_t", "user_zero"], ["raw_int"]),
+            n("Cast", ["raw_int"], ["raw_units"], to=TensorProto.FLOAT),
+            n("Mul", ["raw_units", "item_scale"], ["raw"]),  # exact score / user_scale
+            n("Div", [contract.LONG_TAIL_WEIGHT, "user_scale"], ["scaled_weight"]),
+        ]
+        weight = "scaled_weight"
     nodes = [
-        # scores, adjusted for popularity, padding masked
-        n("Gemm", [contract.WEIGHTED_USER_EMBEDDING, "item_table"], ["raw"], transB=1),
-        n("Mul", [contract.LONG_TAIL_WEIGHT, "log_popularity"], ["penalty"]),
+        *score_nodes,
+        # scores, adjusted for popularity
+        n("Mul", [weight, "log_popularity"], ["penalty"]),
         n("Sub", ["raw", "penalty"], ["adjusted"]),
-        n("Add", ["adjusted", "base_mask"], ["eligible"]),
-        # history and excluded items can never be returned
-        n("Concat", [contract.HISTORY_ITEMS, contract.EXCLUDE_ITEMS], ["masked_idx"], axis=1),
+        # padding, history and excluded items can never be returned
+        n("Shape", [contract.WEIGHTED_USER_EMBEDDING], ["batch_size"], start=0, end=1),
+        n("Concat", ["batch_size", "one_axis"], ["pad_shape"], axis=0),
+        n(
+            "ConstantOfShape",
+            ["pad_shape"],
+            ["pad_column"],  # [batch, 1] of PADDING_INDEX
+            value=helper.make_tensor("pad", TensorProto.INT64, [1], [contract.PADDING_INDEX]),
+        ),
+        n(
+            "Concat",
+            [contract.HISTORY_ITEMS, contract.EXCLUDE_ITEMS, "pad_column"],
+            ["masked_idx"],
+            axis=1,
+        ),
         n("Shape", ["masked_idx"], ["masked_shape"]),
         n("Expand", ["neg_inf", "masked_shape"], ["masked_val"]),
-        n("ScatterElements", ["eligible", "masked_idx", "masked_val"], ["scores"], axis=1),
-        n("TopK", ["scores", contract.TOP_K], [contract.TOP_SCORES, contract.TOP_ITEMS], axis=1),
+        n("ScatterElements", ["adjusted", "masked_idx", "masked_val"], ["scores"], axis=1),
+    ]
+    if scan == "fp32":
+        nodes.append(
+            n("TopK", ["scores", contract.TOP_K], [contract.TOP_SCORES, contract.TOP_ITEMS], axis=1)
+        )
+    else:
+        inits += [
+            numpy_helper.from_array(np.array([RERANK_EXTRA], dtype=np.int64), "rerank_extra"),
+            numpy_helper.from_array(np.array([n_rows], dtype=np.int64), "n_rows"),
+            numpy_helper.from_array(log_popularity.reshape(-1), "log_popularity_flat"),
+        ]
+        nodes += [
+            n("Add", [contract.TOP_K, "rerank_extra"], ["wanted"]),
+            n("Min", ["wanted", "n_rows"], ["n_candidates"]),
+            n("TopK", ["scores", "n_candidates"], ["cand_scores", "cand_items"], axis=1),
+            # exact fp32 scores of the candidates; masked ones stay -inf
+            n("Gather", ["item_table", "cand_items"], ["cand_vec"]),
+            n("Unsqueeze", [contract.WEIGHTED_USER_EMBEDDING, "last_axis"], ["user_col"]),
+            n("MatMul", ["cand_vec", "user_col"], ["cand_raw3"]),
+            n("Squeeze", ["cand_raw3", "last_axis"], ["cand_raw"]),
+            n("Gather", ["log_popularity_flat", "cand_items"], ["cand_log_pop"]),
+            n("Mul", [contract.LONG_TAIL_WEIGHT, "cand_log_pop"], ["cand_penalty"]),
+            n("Sub", ["cand_raw", "cand_penalty"], ["cand_exact"]),
+            n("IsInf", ["cand_scores"], ["cand_masked"], detect_positive=0),
+            n("Where", ["cand_masked", "neg_inf", "cand_exact"], ["cand_final"]),
+            n("TopK", ["cand_final", contract.TOP_K], [contract.TOP_SCORES, "top_pos"], axis=1),
+            n("GatherElements", ["cand_items", "top_pos"], [contract.TOP_ITEMS], axis=1),
+        ]
+    nodes += [
         # reason: the history position whose item is most similar (cosine) to each result
         n("Gather", ["item_table", contract.TOP_ITEMS], ["rec_vec"]),
         n("ReduceL2", ["rec_vec", "last_axis"], ["rec_norm"], keepdims=1),
@@ -151,7 +238,6 @@ def scorer_graph(item_table: np.ndarray, popularity: np.ndarray) -> onnx.ModelPr
         n("Add", ["sims", "pad_penalty3"], ["reason_sims"]),
         n("ArgMax", ["reason_sims"], [contract.REASON_POSITIONS], axis=2, keepdims=0),
     ]
-    inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"))
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     graph = helper.make_graph(
         nodes,

@@ -171,8 +171,8 @@ def test_export_fails_when_a_graph_disagrees_with_torch(
     reuse_tower_exports(monkeypatch, exported.repo)
     real_graph = onnx_graphs.scorer_graph
 
-    def perturbed(item_table: np.ndarray, popularity: np.ndarray):
-        return real_graph(item_table + np.float32(0.01), popularity)
+    def perturbed(item_table: np.ndarray, popularity: np.ndarray, **options: str):
+        return real_graph(item_table + np.float32(0.01), popularity, **options)
 
     monkeypatch.setattr(onnx_graphs, "scorer_graph", perturbed)
     repo = tmp_path / "repo"
