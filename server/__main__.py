@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import logging.handlers
+import queue
 import sys
 
 from server.app import serve
@@ -20,15 +22,21 @@ def main() -> int:
     except StartupError as exc:
         print(f"cannot start the gateway: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    # Log records are handed to a thread that formats and writes them, so a slow stderr never
+    # blocks the event loop that serves requests.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    logging.basicConfig(level=config.log_level, handlers=[logging.handlers.QueueHandler(records)])
+    listener.start()
     try:
         asyncio.run(serve(config))
     except StartupError as exc:
         logging.getLogger("server").error("cannot start the gateway: %s", exc)
         return 2
+    finally:
+        listener.stop()
     return 0
 
 

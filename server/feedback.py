@@ -154,8 +154,11 @@ class FeedbackStore:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
+        # Served lists nobody waits for are written without a sync (the next acknowledged
+        # batch's sync covers them), so Recommend traffic alone costs no fsync per request.
+        sync = any(p.done is not None for p in batch)
         try:
-            await asyncio.to_thread(self._write_and_sync, b"".join(p.data for p in batch))
+            await asyncio.to_thread(self._write, b"".join(p.data for p in batch), sync)
         except OSError as exc:
             metrics.FEEDBACK_WRITE_ERRORS_TOTAL.inc()
             logger.error("feedback store: write to %s failed: %s", self._segment, exc)
@@ -166,13 +169,14 @@ class FeedbackStore:
                 elif not pending.done.done():
                     pending.done.set_exception(error)
             return
-        metrics.FEEDBACK_COMMIT_DURATION_SECONDS.observe(time.perf_counter() - started)
+        if sync:
+            metrics.FEEDBACK_COMMIT_DURATION_SECONDS.observe(time.perf_counter() - started)
         for pending in batch:
             if pending.done is not None and not pending.done.done():
                 pending.done.set_result(None)
 
     # --- file work (runs in a worker thread, one call at a time) -------------------------------
-    def _write_and_sync(self, data: bytes) -> None:
+    def _write(self, data: bytes, sync: bool) -> None:
         if self._fd is None:
             self._open_segment()
         assert self._fd is not None
@@ -182,7 +186,8 @@ class FeedbackStore:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
-            os.fdatasync(self._fd)
+            if sync:
+                os.fdatasync(self._fd)
         except OSError:
             # Drop the partial write so the segment stays line-aligned; if even that fails,
             # start a new segment next time (the reader tolerates one torn tail line).

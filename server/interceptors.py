@@ -62,25 +62,32 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         self._prefixes = tuple(f"/{name}/" for name in service_names)
         # Without a configured key, user hashes are consistent within this process only.
         self._user_hash_key = (user_hash_key or secrets.token_hex(32)).encode()
+        # Wrapped handlers are built once per method (handlers are static), not per RPC.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
         full_method: str = handler_call_details.method  # type: ignore[attr-defined]
+        wrapped = self._wrapped.get(full_method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if (
             handler is None
             or handler.unary_unary is None
             or not full_method.startswith(self._prefixes)
         ):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             _wrap(full_method.rsplit("/", 1)[-1], handler.unary_unary, self._user_hash_key),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[full_method] = wrapped
+        return wrapped
 
 
 def user_hash(user_id: str, key: bytes) -> str:
@@ -91,6 +98,17 @@ def user_hash(user_id: str, key: bytes) -> str:
 
 
 def _wrap(method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:
+    # Metric children bound once per status code instead of a labels() lookup per RPC.
+    counters: dict[grpc.StatusCode, Any] = {}
+    durations: dict[grpc.StatusCode, Any] = {}
+
+    def observe(code: grpc.StatusCode, elapsed: float) -> None:
+        if code not in counters:
+            counters[code] = metrics.REQUESTS_TOTAL.labels(method=method, code=code.name)
+            durations[code] = metrics.REQUEST_DURATION_SECONDS.labels(method=method, code=code.name)
+        counters[code].inc()
+        durations[code].observe(elapsed)
+
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         request_id = _request_id_of(request)
         _request_id.set(request_id)
@@ -121,8 +139,7 @@ def _wrap(method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:
         finally:
             elapsed = time.perf_counter() - start
             metrics.IN_FLIGHT_REQUESTS.dec()
-            metrics.REQUESTS_TOTAL.labels(method=method, code=code.name).inc()
-            metrics.REQUEST_DURATION_SECONDS.labels(method=method, code=code.name).observe(elapsed)
+            observe(code, elapsed)
             # One JSON line per request; the user only as a keyed hash.
             logger.info(
                 json.dumps(

@@ -24,6 +24,11 @@ from server.validation import (
 )
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+# Stage histograms bound once.
+_VALIDATE, _FEATURES, _TRITON, _POSTPROCESS = (
+    metrics.STAGE_DURATION_SECONDS.labels(stage=stage)
+    for stage in ("validate", "features", "triton", "postprocess")
+)
 # FEEDBACK_TYPE_CLICK -> "click"
 FEEDBACK_TYPE_NAMES = {
     value: name.removeprefix("FEEDBACK_TYPE_").lower()
@@ -56,21 +61,21 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         request_id = current_request_id()
-        with metrics.STAGE_DURATION_SECONDS.labels(stage="validate").time():
+        with _VALIDATE.time():
             validate_request(request, self._limits)
         served = self._metadata.model_version
         if request.model_version and request.model_version != served:
             raise NotFound(
                 f"model_version {request.model_version!r} is not served here (serving {served!r})"
             )
-        with metrics.STAGE_DURATION_SECONDS.labels(stage="features").time():
+        with _FEATURES.time():
             features = build_features(request, self._metadata, self._catalogue, time.time())
         metrics.SKIPPED_HISTORY_ITEMS_TOTAL.inc(features.skipped_history_items)
-        with metrics.STAGE_DURATION_SECONDS.labels(stage="triton").time():
+        with _TRITON.time():
             outputs = await self._triton.infer(
                 features.as_inputs(), deadline=deadline, request_id=request_id
             )
-        with metrics.STAGE_DURATION_SECONDS.labels(stage="postprocess").time():
+        with _POSTPROCESS.time():
             items = build_items(outputs, features, self._catalogue)
         # The served list goes to the feedback store without waiting for the disk.
         self._feedback.offer(

@@ -63,6 +63,7 @@ class GrpcTritonTransport:
 
     def __init__(self, url: str) -> None:
         self._client = triton_grpc.InferenceServerClient(url=url, channel_args=CHANNEL_ARGS)
+        self._outputs: dict[tuple[str, ...], list[InferRequestedOutput]] = {}
 
     async def infer(
         self,
@@ -78,10 +79,14 @@ class GrpcTritonTransport:
             infer_input = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             infer_input.set_data_from_numpy(array)
             infer_inputs.append(infer_input)
+        key = tuple(output_names)
+        requested = self._outputs.get(key)
+        if requested is None:  # built once per set of outputs, not per request
+            requested = self._outputs[key] = [InferRequestedOutput(name) for name in key]
         result = await self._client.infer(
             model_name,
             infer_inputs,
-            outputs=[InferRequestedOutput(name) for name in output_names],
+            outputs=requested,
             request_id=request_id,
             client_timeout=client_timeout,
         )
