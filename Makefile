@@ -71,7 +71,8 @@ $(ARTIFACTS)/checkpoint.pt: $(DATA_DIR)/source.json
 
 train: $(ARTIFACTS)/checkpoint.pt
 
-$(MODEL_REPOSITORY)/ltrec_metadata.json: $(ARTIFACTS)/checkpoint.pt
+# Re-exported when the checkpoint or the export code changes (the graphs' contract may have).
+$(MODEL_REPOSITORY)/ltrec_metadata.json: $(ARTIFACTS)/checkpoint.pt $(wildcard export_scripts/*.py)
 	$(PY) -m export_scripts.export --checkpoint $(ARTIFACTS)/checkpoint.pt --output $(MODEL_REPOSITORY) $(EXPORT_ARGS)
 
 export: $(MODEL_REPOSITORY)/ltrec_metadata.json

@@ -54,6 +54,7 @@ class InProcessRecommender:
             {
                 contract.HISTORY_ITEMS: t[contract.HISTORY_ITEMS],
                 contract.HISTORY_EVENT_TYPES: t[contract.HISTORY_EVENT_TYPES],
+                contract.EXTRA_ITEM_VECTORS: t[contract.EXTRA_ITEM_VECTORS],
             },
         )
         (weighted,) = self.context.run(
@@ -68,6 +69,8 @@ class InProcessRecommender:
                 contract.EXCLUDE_ITEMS: t[contract.EXCLUDE_ITEMS],
                 contract.LONG_TAIL_WEIGHT: t[contract.LONG_TAIL_WEIGHT],
                 contract.TOP_K: t[contract.TOP_K],
+                contract.EXTRA_ITEM_VECTORS: t[contract.EXTRA_ITEM_VECTORS],
+                contract.EXTRA_POPULARITY: t[contract.EXTRA_POPULARITY],
             },
         )
         return dict(zip(self._outputs, results, strict=True))

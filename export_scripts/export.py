@@ -1,9 +1,13 @@
 """Turn a trained checkpoint into a Triton model repository.
 
 Writes ONNX models (item text encoder, user encoder, context weighting, scorer with the catalogue
-inside), their configs as `ModelConfig` protobufs, the `recommend` ensemble, and beside them the
-metadata (versions, data, training figures, hashes, parity) and the catalogue file the gateway
-reads. Every ONNX graph is run against its torch module during export; a mismatch fails the export.
+inside, item lookup), their configs as `ModelConfig` protobufs, the `recommend` and
+`similar_items` ensembles, and beside them the metadata (versions, data, training figures,
+hashes, parity) and the catalogue file the gateway reads. Every ONNX graph is run against its
+torch module during export; a mismatch fails the export. The user encoder, scorer and item
+lookup take the item overlay (`extra_item_vectors`, and `extra_popularity` for the scorer: items
+added after training, see `server/items.py`); their parity is checked without (M = 0) and with
+overlay items.
 
     python -m export_scripts.export --checkpoint artifacts/ml-1m/checkpoint.pt \
         --output model_repository
@@ -31,7 +35,7 @@ import torch
 
 from export_scripts import onnx_graphs, triton_config
 from ltrec.data import sha256_file
-from ltrec.models import ItemTextEncoder, Scorer, UserEncoder
+from ltrec.models import ItemLookup, ItemTextEncoder, Scorer, UserEncoder
 from ltrec.train import load_checkpoint
 from server import contract
 
@@ -43,6 +47,8 @@ OWNED_MODELS = (
     contract.CONTEXT_WEIGHTING_MODEL,
     contract.SCORER_MODEL,
     contract.ITEM_TEXT_ENCODER_MODEL,
+    contract.ITEM_LOOKUP_MODEL,
+    contract.SIMILAR_ITEMS_MODEL,
 )
 
 
@@ -111,20 +117,32 @@ def _export_into(
     rng = np.random.default_rng(0)
     parity: dict[str, dict[str, float]] = {}
 
-    # user encoder: history -> user embedding (item table inside)
+    # user encoder: history -> user embedding (item table inside, overlay rows appended)
     encoder = UserEncoder(table, model.user_tower).eval()
     path = output / contract.USER_ENCODER_MODEL / VERSION / "model.onnx"
-    onnx_graphs.export_user_encoder(encoder, path)
-    hist = rng.integers(1, cfg.n_items + 1, size=(3, 7)).astype(np.int64)
-    hist[0, :3] = 0
-    types = rng.integers(1, len(contract.EVENT_TYPES) + 1, size=hist.shape).astype(np.int64)
-    types[hist == 0] = 0
-    (diff,) = onnx_graphs.max_abs_diff(
-        path,
-        {contract.HISTORY_ITEMS: hist, contract.HISTORY_EVENT_TYPES: types},
-        lambda: (encoder(torch.from_numpy(hist), torch.from_numpy(types)),),
-    )
-    parity[contract.USER_ENCODER_MODEL] = {contract.USER_EMBEDDING: diff}
+    onnx_graphs.export_user_encoder(encoder, path, overlay=True)
+    worst = 0.0
+    for n_extra in (0, 3):
+        extra, _ = onnx_graphs.overlay_case(rng, n_extra, dim)
+        hist = rng.integers(1, cfg.n_items + n_extra + 1, size=(3, 7)).astype(np.int64)
+        hist[0, :3] = 0
+        if n_extra:
+            hist[1, -2:] = [cfg.n_items + 1, cfg.n_items + n_extra]
+        types = rng.integers(1, len(contract.EVENT_TYPES) + 1, size=hist.shape).astype(np.int64)
+        types[hist == 0] = 0
+        (diff,) = onnx_graphs.max_abs_diff(
+            path,
+            {
+                contract.HISTORY_ITEMS: hist,
+                contract.HISTORY_EVENT_TYPES: types,
+                contract.EXTRA_ITEM_VECTORS: extra,
+            },
+            lambda h=hist, t=types, e=extra: (
+                encoder(torch.from_numpy(h), torch.from_numpy(t), torch.from_numpy(e)),
+            ),
+        )
+        worst = max(worst, diff)
+    parity[contract.USER_ENCODER_MODEL] = {contract.USER_EMBEDDING: worst}
 
     # context weighting
     path = output / contract.CONTEXT_WEIGHTING_MODEL / VERSION / "model.onnx"
@@ -146,16 +164,28 @@ def _export_into(
     )
     parity[contract.CONTEXT_WEIGHTING_MODEL] = {contract.WEIGHTED_USER_EMBEDDING: diff}
 
-    # scorer: the catalogue and its popularity inside the graph
+    # scorer: the catalogue and its popularity inside the graph, overlay rows appended
     popularity = torch.from_numpy(np.asarray(ckpt["popularity"]))
     scorer = Scorer(table, popularity).eval()
     path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = onnx_graphs.scorer_graph(
-        table.numpy(), np.asarray(ckpt["popularity"]), scan=catalogue_scan
+        table.numpy(), np.asarray(ckpt["popularity"]), scan=catalogue_scan, overlay=True
     )
     onnx.save(graph, path)
-    parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(path, scorer, dim, cfg.n_items, rng)
+    parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(
+        path, scorer, dim, cfg.n_items, rng, overlay=True
+    )
+
+    # item lookup (SimilarItems): catalogue index -> item vector
+    path = output / contract.ITEM_LOOKUP_MODEL / VERSION / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(onnx_graphs.item_lookup_graph(table.numpy()), path)
+    parity[contract.ITEM_LOOKUP_MODEL] = {
+        contract.QUERY_EMBEDDING: onnx_graphs.item_lookup_parity(
+            path, ItemLookup(table).eval(), dim, cfg.n_items, rng
+        )
+    }
 
     configs = [
         triton_config.onnx_model_config(
@@ -169,7 +199,11 @@ def _export_into(
         triton_config.onnx_model_config(
             contract.SCORER_MODEL, triton_config.scorer_io(dim), tensorrt=tensorrt
         ),
+        triton_config.onnx_model_config(
+            contract.ITEM_LOOKUP_MODEL, triton_config.item_lookup_io(dim), tensorrt=tensorrt
+        ),
         triton_config.ensemble_config(dim),
+        triton_config.similar_items_config(dim),
     ]
 
     if text_encoder:
@@ -225,6 +259,8 @@ def _export_into(
         "long_tail_weight_max": 2.0,
         "tensorrt": tensorrt,
         "catalogue_scan": catalogue_scan,
+        # The user encoder, scorer and item lookup take extra_item_vectors/extra_popularity.
+        "item_overlay": True,
         "vocabularies": ckpt["vocabularies"],
         "text_model": summary["text_model"],
         "model_config": ckpt["model_config"],

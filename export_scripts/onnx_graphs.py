@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ltrec.models import ContextWeighting, ItemTextEncoder, Scorer, UserEncoder
+from ltrec.models import ContextWeighting, ItemLookup, ItemTextEncoder, Scorer, UserEncoder
 from server import contract
 
 OPSET = 18
@@ -53,21 +53,24 @@ def _export(
     program.save(str(path), external_data=False)
 
 
-def export_user_encoder(encoder: UserEncoder, path: Path) -> None:
+def export_user_encoder(encoder: UserEncoder, path: Path, *, overlay: bool = False) -> None:
+    """`overlay` adds the `extra_item_vectors` [M, D] input (items added after training)."""
     items = torch.tensor([[0, 0, 3, 1, 2], [4, 5, 6, 7, 1]], dtype=torch.long)
     events = torch.tensor([[0, 0, 1, 2, 4], [1, 1, 3, 4, 4]], dtype=torch.long)
-    _export(
-        encoder,
-        (items, events),
-        path,
-        [contract.HISTORY_ITEMS, contract.HISTORY_EVENT_TYPES],
-        [contract.USER_EMBEDDING],
-        {
-            contract.HISTORY_ITEMS: {0: "batch", 1: "history"},
-            contract.HISTORY_EVENT_TYPES: {0: "batch", 1: "history"},
-            contract.USER_EMBEDDING: {0: "batch"},
-        },
-    )
+    args: tuple[torch.Tensor, ...] = (items, events)
+    names = [contract.HISTORY_ITEMS, contract.HISTORY_EVENT_TYPES]
+    axes = {
+        contract.HISTORY_ITEMS: {0: "batch", 1: "history"},
+        contract.HISTORY_EVENT_TYPES: {0: "batch", 1: "history"},
+        contract.USER_EMBEDDING: {0: "batch"},
+    }
+    if overlay:
+        n_rows, dim = encoder.item_table.shape
+        items[1, 0] = n_rows + 1  # an overlay row, so the trace keeps both sides of the gather
+        args = (items, events, torch.randn(3, dim))
+        names.append(contract.EXTRA_ITEM_VECTORS)
+        axes[contract.EXTRA_ITEM_VECTORS] = {0: "extra"}
+    _export(encoder, args, path, names, [contract.USER_EMBEDDING], axes)
 
 
 def export_context_weighting(module: ContextWeighting, dim: int, path: Path) -> None:
@@ -118,8 +121,58 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def _overlay_gather(
+    rows: str, extra_rows: str, indices: str, out: str, *, vectors: bool
+) -> list[onnx.NodeProto]:
+    """`out = concat(rows, extra_rows)[indices]` without copying the trained rows per request.
+
+    Needs `n_trained` (N+1), `n_trained_last` (N) and `n_extra` (M) in the graph, and
+    `extra_rows` padded with one zero row, so that M = 0 still gathers (a row nobody keeps).
+    """
+    n = helper.make_node
+    nodes = [
+        n("Min", [indices, "n_trained_last"], [f"{out}_trained_idx"]),
+        n("Gather", [rows, f"{out}_trained_idx"], [f"{out}_trained"]),
+        n("Sub", [indices, "n_trained"], [f"{out}_extra_rel"]),
+        n("Clip", [f"{out}_extra_rel", "zero_index", "n_extra"], [f"{out}_extra_idx"]),
+        n("Gather", [extra_rows, f"{out}_extra_idx"], [f"{out}_extra"]),
+        n("GreaterOrEqual", [indices, "n_trained"], [f"{out}_is_extra"]),
+    ]
+    condition = f"{out}_is_extra"
+    if vectors:
+        nodes.append(n("Unsqueeze", [condition, "last_axis"], [f"{out}_is_extra_col"]))
+        condition = f"{out}_is_extra_col"
+    nodes.append(n("Where", [condition, f"{out}_extra", f"{out}_trained"], [out]))
+    return nodes
+
+
+def _overlay_inits(n_rows: int) -> list[onnx.TensorProto]:
+    return [
+        numpy_helper.from_array(np.array(n_rows, dtype=np.int64), "n_trained"),
+        numpy_helper.from_array(np.array(n_rows - 1, dtype=np.int64), "n_trained_last"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "zero_index"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "zero_axis"),
+    ]
+
+
+def _overlay_rows_nodes(dim: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """`extra_rows` (the overlay plus one zero row) and `n_extra` (M, a scalar)."""
+    n = helper.make_node
+    inits = [numpy_helper.from_array(np.zeros((1, dim), dtype=np.float32), "zero_row")]
+    nodes = [
+        n("Concat", [contract.EXTRA_ITEM_VECTORS, "zero_row"], ["extra_rows"], axis=0),
+        n("Shape", [contract.EXTRA_ITEM_VECTORS], ["n_extra_1d"], start=0, end=1),
+        n("Squeeze", ["n_extra_1d", "zero_axis"], ["n_extra"]),
+    ]
+    return nodes, inits
+
+
 def scorer_graph(
-    item_table: np.ndarray, popularity: np.ndarray, *, scan: str = "fp32"
+    item_table: np.ndarray,
+    popularity: np.ndarray,
+    *,
+    scan: str = "fp32",
+    overlay: bool = False,
 ) -> onnx.ModelProto:
     """ONNX version of `ltrec.models.Scorer` with the catalogue inside the graph.
 
@@ -127,6 +180,11 @@ def scorer_graph(
     memory-bound on large catalogues), keeps the best `k + RERANK_EXTRA` and re-scores those
     exactly in fp32: the same top-k as fp32 whenever it lies within those candidates, with exact
     scores. The fp32 table stays for that and for the reasons.
+
+    `overlay=True` (what the export writes) adds the inputs `extra_item_vectors` [M, D] and
+    `extra_popularity` [M]: items added after training, catalogue indices N+1..N+M. They are
+    scored in fp32 beside the trained catalogue (whose table is never copied per request) and
+    the two score rows are concatenated before masking and top-k.
     """
     if scan not in CATALOGUE_SCANS:
         raise ValueError(f"scan must be one of {CATALOGUE_SCANS}, got {scan!r}")
@@ -173,7 +231,40 @@ def scorer_graph(
         *score_nodes,
         # scores, adjusted for popularity
         n("Mul", [weight, "log_popularity"], ["penalty"]),
-        n("Sub", ["raw", "penalty"], ["adjusted"]),
+        n("Sub", ["raw", "penalty"], ["adjusted_trained" if overlay else "adjusted"]),
+    ]
+
+    # Where the reasons (and the int8 re-scoring) read item vectors and popularity from.
+    def gather_vectors(indices: str, out: str) -> list[onnx.NodeProto]:
+        if overlay:
+            return _overlay_gather("item_table", "extra_rows", indices, out, vectors=True)
+        return [n("Gather", ["item_table", indices], [out])]
+
+    if overlay:
+        rows_nodes, rows_inits = _overlay_rows_nodes(dim)
+        inits += [
+            *_overlay_inits(n_rows),
+            *rows_inits,
+            numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        ]
+        user = contract.WEIGHTED_USER_EMBEDDING
+        nodes += [
+            *rows_nodes,
+            n("Gemm", [user, contract.EXTRA_ITEM_VECTORS], ["extra_raw_exact"], transB=1),
+            n("Add", [contract.EXTRA_POPULARITY, "one"], ["extra_pop_plus_one"]),
+            n("Log", ["extra_pop_plus_one"], ["extra_log_pop"]),
+            n("Unsqueeze", ["extra_log_pop", "zero_axis"], ["extra_log_pop_row"]),
+        ]
+        if scan == "fp32":
+            nodes.append(n("Identity", ["extra_raw_exact"], ["extra_raw"]))
+        else:  # the trained scores are in units of user_scale here
+            nodes.append(n("Div", ["extra_raw_exact", "user_scale"], ["extra_raw"]))
+        nodes += [
+            n("Mul", [weight, "extra_log_pop_row"], ["extra_penalty"]),
+            n("Sub", ["extra_raw", "extra_penalty"], ["adjusted_extra"]),
+            n("Concat", ["adjusted_trained", "adjusted_extra"], ["adjusted"], axis=1),
+        ]
+    nodes += [
         # padding, history and excluded items can never be returned
         n("Shape", [contract.WEIGHTED_USER_EMBEDDING], ["batch_size"], start=0, end=1),
         n("Concat", ["batch_size", "one_axis"], ["pad_shape"], axis=0),
@@ -203,16 +294,32 @@ def scorer_graph(
             numpy_helper.from_array(np.array([n_rows], dtype=np.int64), "n_rows"),
             numpy_helper.from_array(log_popularity.reshape(-1), "log_popularity_flat"),
         ]
+        if overlay:
+            inits.append(numpy_helper.from_array(np.zeros(1, dtype=np.float32), "zero_1d"))
+            nodes += [
+                n("Add", ["n_rows", "n_extra_1d"], ["n_all_rows"]),
+                n("Concat", ["extra_log_pop", "zero_1d"], ["extra_log_pop_padded"], axis=0),
+            ]
+            cand_log_pop = _overlay_gather(
+                "log_popularity_flat",
+                "extra_log_pop_padded",
+                "cand_items",
+                "cand_log_pop",
+                vectors=False,
+            )
+        else:
+            nodes.append(n("Identity", ["n_rows"], ["n_all_rows"]))
+            cand_log_pop = [n("Gather", ["log_popularity_flat", "cand_items"], ["cand_log_pop"])]
         nodes += [
             n("Add", [contract.TOP_K, "rerank_extra"], ["wanted"]),
-            n("Min", ["wanted", "n_rows"], ["n_candidates"]),
+            n("Min", ["wanted", "n_all_rows"], ["n_candidates"]),
             n("TopK", ["scores", "n_candidates"], ["cand_scores", "cand_items"], axis=1),
             # exact fp32 scores of the candidates; masked ones stay -inf
-            n("Gather", ["item_table", "cand_items"], ["cand_vec"]),
+            *gather_vectors("cand_items", "cand_vec"),
             n("Unsqueeze", [contract.WEIGHTED_USER_EMBEDDING, "last_axis"], ["user_col"]),
             n("MatMul", ["cand_vec", "user_col"], ["cand_raw3"]),
             n("Squeeze", ["cand_raw3", "last_axis"], ["cand_raw"]),
-            n("Gather", ["log_popularity_flat", "cand_items"], ["cand_log_pop"]),
+            *cand_log_pop,
             n("Mul", [contract.LONG_TAIL_WEIGHT, "cand_log_pop"], ["cand_penalty"]),
             n("Sub", ["cand_raw", "cand_penalty"], ["cand_exact"]),
             n("IsInf", ["cand_scores"], ["cand_masked"], detect_positive=0),
@@ -222,11 +329,11 @@ def scorer_graph(
         ]
     nodes += [
         # reason: the history position whose item is most similar (cosine) to each result
-        n("Gather", ["item_table", contract.TOP_ITEMS], ["rec_vec"]),
+        *gather_vectors(contract.TOP_ITEMS, "rec_vec"),
         n("ReduceL2", ["rec_vec", "last_axis"], ["rec_norm"], keepdims=1),
         n("Max", ["rec_norm", "norm_eps"], ["rec_norm_safe"]),
         n("Div", ["rec_vec", "rec_norm_safe"], ["rec_unit"]),
-        n("Gather", ["item_table", contract.HISTORY_ITEMS], ["hist_vec"]),
+        *gather_vectors(contract.HISTORY_ITEMS, "hist_vec"),
         n("ReduceL2", ["hist_vec", "last_axis"], ["hist_norm"], keepdims=1),
         n("Max", ["hist_norm", "norm_eps"], ["hist_norm_safe"]),
         n("Div", ["hist_vec", "hist_norm_safe"], ["hist_unit"]),
@@ -239,16 +346,22 @@ def scorer_graph(
         n("ArgMax", ["reason_sims"], [contract.REASON_POSITIONS], axis=2, keepdims=0),
     ]
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info(contract.WEIGHTED_USER_EMBEDDING, f32, ["batch", dim]),
+        helper.make_tensor_value_info(contract.HISTORY_ITEMS, i64, ["batch", "history"]),
+        helper.make_tensor_value_info(contract.EXCLUDE_ITEMS, i64, ["batch", "exclude"]),
+        helper.make_tensor_value_info(contract.LONG_TAIL_WEIGHT, f32, ["batch", 1]),
+        helper.make_tensor_value_info(contract.TOP_K, i64, [1]),
+    ]
+    if overlay:
+        inputs += [
+            helper.make_tensor_value_info(contract.EXTRA_ITEM_VECTORS, f32, ["extra", dim]),
+            helper.make_tensor_value_info(contract.EXTRA_POPULARITY, f32, ["extra"]),
+        ]
     graph = helper.make_graph(
         nodes,
         "scorer",
-        [
-            helper.make_tensor_value_info(contract.WEIGHTED_USER_EMBEDDING, f32, ["batch", dim]),
-            helper.make_tensor_value_info(contract.HISTORY_ITEMS, i64, ["batch", "history"]),
-            helper.make_tensor_value_info(contract.EXCLUDE_ITEMS, i64, ["batch", "exclude"]),
-            helper.make_tensor_value_info(contract.LONG_TAIL_WEIGHT, f32, ["batch", 1]),
-            helper.make_tensor_value_info(contract.TOP_K, i64, [1]),
-        ],
+        inputs,
         [
             helper.make_tensor_value_info(contract.TOP_ITEMS, i64, ["batch", "k"]),
             helper.make_tensor_value_info(contract.TOP_SCORES, f32, ["batch", "k"]),
@@ -256,6 +369,44 @@ def scorer_graph(
         ],
         inits,
     )
+    return _model(graph)
+
+
+def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
+    """ONNX version of `ltrec.models.ItemLookup`: `query_items` [B, 1] -> `query_embedding`
+    [B, D], from the trained table or the overlay (SimilarItems' first step)."""
+    n_rows, dim = item_table.shape
+    rows_nodes, rows_inits = _overlay_rows_nodes(dim)
+    n = helper.make_node
+    nodes = [
+        *rows_nodes,
+        n("Squeeze", [contract.QUERY_ITEMS, "one_axis"], ["query_index"]),
+        *_overlay_gather(
+            "item_table", "extra_rows", "query_index", contract.QUERY_EMBEDDING, vectors=True
+        ),
+    ]
+    inits = [
+        numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
+        *_overlay_inits(n_rows),
+        *rows_inits,
+    ]
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    graph = helper.make_graph(
+        nodes,
+        "item_lookup",
+        [
+            helper.make_tensor_value_info(contract.QUERY_ITEMS, i64, ["batch", 1]),
+            helper.make_tensor_value_info(contract.EXTRA_ITEM_VECTORS, f32, ["extra", dim]),
+        ],
+        [helper.make_tensor_value_info(contract.QUERY_EMBEDDING, f32, ["batch", dim])],
+        inits,
+    )
+    return _model(graph)
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -292,37 +443,87 @@ def max_abs_diff(
     return diffs
 
 
+def overlay_case(rng: np.random.Generator, n_extra: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlay inputs for a parity check: M random vectors and popularity counts."""
+    vectors = rng.standard_normal((n_extra, dim)).astype(np.float32)
+    popularity = rng.integers(0, 50, size=n_extra).astype(np.float32)
+    return vectors, popularity
+
+
 def scorer_parity(
-    path: Path, scorer: Scorer, dim: int, n_items: int, rng: np.random.Generator
+    path: Path,
+    scorer: Scorer,
+    dim: int,
+    n_items: int,
+    rng: np.random.Generator,
+    *,
+    overlay: bool = False,
 ) -> dict[str, float]:
-    """Scores and order must match; ties aside, the same items in the same order."""
-    user = rng.standard_normal((2, dim)).astype(np.float32)
-    hist = rng.integers(0, n_items + 1, size=(2, 6)).astype(np.int64)
-    hist[0, :2] = 0
-    excl = rng.integers(0, n_items + 1, size=(2, 3)).astype(np.int64)
-    weight = np.array([[0.0], [0.7]], dtype=np.float32)
-    k = min(10, max(1, n_items - 9))
-    feeds = {
-        contract.WEIGHTED_USER_EMBEDDING: user,
-        contract.HISTORY_ITEMS: hist,
-        contract.EXCLUDE_ITEMS: excl,
-        contract.LONG_TAIL_WEIGHT: weight,
-        contract.TOP_K: np.array([k], dtype=np.int64),
-    }
-    items, scores, reasons = session(path).run(
-        [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS], feeds
-    )
-    with torch.no_grad():
-        t_items, t_scores, t_reasons = scorer(
-            torch.from_numpy(user),
-            torch.from_numpy(hist),
-            torch.from_numpy(excl),
-            torch.from_numpy(weight),
-            k,
+    """Scores and order must match; ties aside, the same items in the same order.
+
+    With `overlay`, the worst figure over no overlay (M = 0) and an overlay of 3 items that
+    appear in the history and the exclusions.
+    """
+    figures: dict[str, float] = {}
+    for n_extra in (0, 3) if overlay else (0,):
+        extra, extra_pop = overlay_case(rng, n_extra, dim)
+        user = rng.standard_normal((2, dim)).astype(np.float32)
+        hist = rng.integers(0, n_items + n_extra + 1, size=(2, 6)).astype(np.int64)
+        hist[0, :2] = 0
+        excl = rng.integers(0, n_items + n_extra + 1, size=(2, 3)).astype(np.int64)
+        if n_extra:
+            hist[1, -1] = n_items + 1  # an overlay item in the history (reasons read it)
+            excl[0, 0] = n_items + n_extra
+        weight = np.array([[0.0], [0.7]], dtype=np.float32)
+        k = min(10, max(1, n_items + n_extra - 9))
+        feeds = {
+            contract.WEIGHTED_USER_EMBEDDING: user,
+            contract.HISTORY_ITEMS: hist,
+            contract.EXCLUDE_ITEMS: excl,
+            contract.LONG_TAIL_WEIGHT: weight,
+            contract.TOP_K: np.array([k], dtype=np.int64),
+        }
+        if overlay:
+            feeds[contract.EXTRA_ITEM_VECTORS] = extra
+            feeds[contract.EXTRA_POPULARITY] = extra_pop
+        items, scores, reasons = session(path).run(
+            [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS], feeds
         )
-    finite = np.isfinite(t_scores.numpy())
-    return {
-        contract.TOP_SCORES: float(np.max(np.abs(scores[finite] - t_scores.numpy()[finite]))),
-        contract.TOP_ITEMS: float(np.mean(items[finite] != t_items.numpy()[finite])),
-        contract.REASON_POSITIONS: float(np.mean(reasons[finite] != t_reasons.numpy()[finite])),
-    }
+        with torch.no_grad():
+            t_items, t_scores, t_reasons = scorer(
+                torch.from_numpy(user),
+                torch.from_numpy(hist),
+                torch.from_numpy(excl),
+                torch.from_numpy(weight),
+                k,
+                torch.from_numpy(extra) if overlay else None,
+                torch.from_numpy(extra_pop) if overlay else None,
+            )
+        finite = np.isfinite(t_scores.numpy())
+        case = {
+            contract.TOP_SCORES: float(np.max(np.abs(scores[finite] - t_scores.numpy()[finite]))),
+            contract.TOP_ITEMS: float(np.mean(items[finite] != t_items.numpy()[finite])),
+            contract.REASON_POSITIONS: float(np.mean(reasons[finite] != t_reasons.numpy()[finite])),
+        }
+        for name, value in case.items():
+            figures[name] = max(figures.get(name, 0.0), value)
+    return figures
+
+
+def item_lookup_parity(
+    path: Path, lookup: ItemLookup, dim: int, n_items: int, rng: np.random.Generator
+) -> float:
+    """Max abs difference over a trained-only (M = 0) and a mixed (M = 3) lookup."""
+    worst = 0.0
+    for n_extra in (0, 3):
+        extra, _ = overlay_case(rng, n_extra, dim)
+        query = rng.integers(1, n_items + n_extra + 1, size=(4, 1)).astype(np.int64)
+        if n_extra:
+            query[0, 0] = n_items + n_extra
+        (diff,) = max_abs_diff(
+            path,
+            {contract.QUERY_ITEMS: query, contract.EXTRA_ITEM_VECTORS: extra},
+            lambda q=query, e=extra: (lookup(torch.from_numpy(q), torch.from_numpy(e)),),
+        )
+        worst = max(worst, diff)
+    return worst

@@ -34,6 +34,7 @@ def user_encoder_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
         [
             Tensor(contract.HISTORY_ITEMS, INT64, (-1, -1)),
             Tensor(contract.HISTORY_EVENT_TYPES, INT64, (-1, -1)),
+            Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
         ],
         [Tensor(contract.USER_EMBEDDING, FP32, (-1, dim))],
     )
@@ -57,12 +58,24 @@ def scorer_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
             Tensor(contract.EXCLUDE_ITEMS, INT64, (-1, -1)),
             Tensor(contract.LONG_TAIL_WEIGHT, FP32, (-1, 1)),
             Tensor(contract.TOP_K, INT64, (1,)),
+            Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
+            Tensor(contract.EXTRA_POPULARITY, FP32, (-1,)),
         ],
         [
             Tensor(contract.TOP_ITEMS, INT64, (-1, -1)),
             Tensor(contract.TOP_SCORES, FP32, (-1, -1)),
             Tensor(contract.REASON_POSITIONS, INT64, (-1, -1)),
         ],
+    )
+
+
+def item_lookup_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
+    return (
+        [
+            Tensor(contract.QUERY_ITEMS, INT64, (-1, 1)),
+            Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
+        ],
+        [Tensor(contract.QUERY_EMBEDDING, FP32, (-1, dim))],
     )
 
 
@@ -76,12 +89,54 @@ def item_text_encoder_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     )
 
 
+# (model, its io, {model tensor: ensemble tensor} where the names differ)
+Step = tuple[str, tuple[list[Tensor], list[Tensor]], dict[str, str]]
+
+
+def recommend_steps(dim: int) -> list[Step]:
+    return [
+        (contract.USER_ENCODER_MODEL, user_encoder_io(dim), {}),
+        (contract.CONTEXT_WEIGHTING_MODEL, context_weighting_io(dim), {}),
+        (contract.SCORER_MODEL, scorer_io(dim), {}),
+    ]
+
+
+def similar_items_steps(dim: int) -> list[Step]:
+    """The query item's vector stands in for the user embedding, and the query item for the
+    history: it is excluded from its own neighbours, and reasons point at it."""
+    return [
+        (contract.ITEM_LOOKUP_MODEL, item_lookup_io(dim), {}),
+        (
+            contract.SCORER_MODEL,
+            scorer_io(dim),
+            {
+                contract.WEIGHTED_USER_EMBEDDING: contract.QUERY_EMBEDDING,
+                contract.HISTORY_ITEMS: contract.QUERY_ITEMS,
+            },
+        ),
+    ]
+
+
+def _ensemble_io(steps: list[Step]) -> tuple[list[Tensor], list[Tensor]]:
+    """Request inputs: every step input no earlier step produces (first declaration wins);
+    outputs: the last step's."""
+    inputs: dict[str, Tensor] = {}
+    produced: set[str] = set()
+    for _, (step_in, step_out), renames in steps:
+        for t in step_in:
+            name = renames.get(t.name, t.name)
+            if name not in produced and name not in inputs:
+                inputs[name] = Tensor(name, t.dtype, t.dims)
+        produced |= {renames.get(t.name, t.name) for t in step_out}
+    return list(inputs.values()), steps[-1][1][1]
+
+
 def ensemble_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
-    user_in, _ = user_encoder_io(dim)
-    ctx_in, _ = context_weighting_io(dim)
-    score_in, score_out = scorer_io(dim)
-    request_inputs = [*user_in, ctx_in[1], *score_in[2:]]
-    return request_inputs, score_out
+    return _ensemble_io(recommend_steps(dim))
+
+
+def similar_items_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
+    return _ensemble_io(similar_items_steps(dim))
 
 
 def onnx_model_config(
@@ -114,29 +169,32 @@ def onnx_model_config(
     return cfg
 
 
-def ensemble_config(dim: int) -> mc.ModelConfig:
-    """encode -> context-weight -> score, one Triton request from the gateway."""
-    inputs, outputs = ensemble_io(dim)
+def _ensemble(name: str, steps: list[Step]) -> mc.ModelConfig:
+    inputs, outputs = _ensemble_io(steps)
     cfg = mc.ModelConfig(
-        name=contract.ENSEMBLE_MODEL,
+        name=name,
         platform="ensemble",
         max_batch_size=0,
         input=_io(inputs, mc.ModelInput),
         output=_io(outputs, mc.ModelOutput),
     )
-    steps = cfg.ensemble_scheduling.step
-
-    def step(model: str, io: tuple[list[Tensor], list[Tensor]]) -> None:
-        s = steps.add(model_name=model, model_version=-1)
-        for t in io[0]:
-            s.input_map[t.name] = t.name
-        for t in io[1]:
-            s.output_map[t.name] = t.name
-
-    step(contract.USER_ENCODER_MODEL, user_encoder_io(dim))
-    step(contract.CONTEXT_WEIGHTING_MODEL, context_weighting_io(dim))
-    step(contract.SCORER_MODEL, scorer_io(dim))
+    for model, (step_in, step_out), renames in steps:
+        s = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        for t in step_in:
+            s.input_map[t.name] = renames.get(t.name, t.name)
+        for t in step_out:
+            s.output_map[t.name] = renames.get(t.name, t.name)
     return cfg
+
+
+def ensemble_config(dim: int) -> mc.ModelConfig:
+    """encode -> context-weight -> score, one Triton request from the gateway."""
+    return _ensemble(contract.ENSEMBLE_MODEL, recommend_steps(dim))
+
+
+def similar_items_config(dim: int) -> mc.ModelConfig:
+    """item lookup -> score (SimilarItems), one Triton request from the gateway."""
+    return _ensemble(contract.SIMILAR_ITEMS_MODEL, similar_items_steps(dim))
 
 
 def to_pbtxt(cfg: mc.ModelConfig) -> str:

@@ -206,8 +206,29 @@ class Recommender(nn.Module):
         return table * keep
 
 
+def overlay_rows(
+    table: torch.Tensor, extra: torch.Tensor | None, indices: torch.Tensor
+) -> torch.Tensor:
+    """Rows of `table` (indices 0..N) followed by the rows of `extra` (N+1..N+M).
+
+    Items added after training (the gateway's item overlay) arrive per request as `extra`; the
+    trained table is not copied to append them: each index is gathered from the side it falls
+    in (a zero row stands in on the other side, so that M = 0 needs no special case).
+    """
+    if extra is None:
+        return F.embedding(indices, table)
+    n_rows = table.shape[0]
+    padded = torch.cat([extra, torch.zeros_like(table[:1])], dim=0)
+    trained = F.embedding(indices.clamp(max=n_rows - 1), table)
+    added = F.embedding((indices - n_rows).clamp(min=0).clamp(max=extra.shape[0]), padded)
+    return torch.where((indices >= n_rows).unsqueeze(-1), added, trained)
+
+
 class UserEncoder(nn.Module):
-    """Exported user encoder: history indices -> user embedding (item table baked in)."""
+    """Exported user encoder: history indices -> user embedding (item table baked in).
+
+    `extra_item_vectors` [M, D] are items added after training; history index N+1+j is row j.
+    """
 
     def __init__(self, item_table: torch.Tensor, user_tower: UserTower) -> None:
         super().__init__()
@@ -215,10 +236,26 @@ class UserEncoder(nn.Module):
         self.user_tower = user_tower
 
     def forward(
-        self, history_items: torch.Tensor, history_event_types: torch.Tensor
+        self,
+        history_items: torch.Tensor,
+        history_event_types: torch.Tensor,
+        extra_item_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        vectors = F.embedding(history_items, self.item_table)
+        vectors = overlay_rows(self.item_table, extra_item_vectors, history_items)
         return self.user_tower(vectors, history_items, history_event_types)
+
+
+class ItemLookup(nn.Module):
+    """Exported for SimilarItems: one catalogue index per row -> that item's vector [B, D]."""
+
+    def __init__(self, item_table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("item_table", item_table.detach().clone())
+
+    def forward(
+        self, query_items: torch.Tensor, extra_item_vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return overlay_rows(self.item_table, extra_item_vectors, query_items[:, 0])
 
 
 class Scorer(nn.Module):
@@ -226,7 +263,8 @@ class Scorer(nn.Module):
 
     score_i = <u, e_i> - w * log(1 + popularity_i); padding, history and excluded items get -inf;
     top-k; and, per returned item, the history position with the most similar item (cosine),
-    which the gateway turns into an explanation.
+    which the gateway turns into an explanation. Items added after training
+    (`extra_item_vectors`, `extra_popularity`) follow the trained catalogue as indices N+1..N+M.
     """
 
     def __init__(self, item_table: torch.Tensor, popularity: torch.Tensor) -> None:
@@ -243,11 +281,29 @@ class Scorer(nn.Module):
         history_items: torch.Tensor,
         exclude_items: torch.Tensor,
         long_tail_weight: torch.Tensor,
+        extra_item_vectors: torch.Tensor | None = None,
+        extra_popularity: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        raw = user @ self.item_table.T
-        adjusted = raw - long_tail_weight * self.log_popularity + self.base_mask
+        table, log_popularity, base_mask = self._tables(extra_item_vectors, extra_popularity)
+        raw = user @ table.T
+        adjusted = raw - long_tail_weight * log_popularity + base_mask
         masked_idx = torch.cat([history_items, exclude_items], dim=1)
         return adjusted.scatter(1, masked_idx, float("-inf"))
+
+    def _tables(
+        self, extra_item_vectors: torch.Tensor | None, extra_popularity: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The catalogue with the overlay appended (indices N+1..N+M), as the export sees it."""
+        if extra_item_vectors is None:
+            return self.item_table, self.log_popularity, self.base_mask
+        if extra_popularity is None:
+            extra_popularity = torch.zeros(extra_item_vectors.shape[0])
+        extra_log = torch.log1p(extra_popularity.float()).unsqueeze(0)
+        return (
+            torch.cat([self.item_table, extra_item_vectors], dim=0),
+            torch.cat([self.log_popularity, extra_log], dim=1),
+            torch.cat([self.base_mask, torch.zeros_like(extra_log)], dim=1),
+        )
 
     def forward(
         self,
@@ -256,11 +312,21 @@ class Scorer(nn.Module):
         exclude_items: torch.Tensor,
         long_tail_weight: torch.Tensor,
         k: int,
+        extra_item_vectors: torch.Tensor | None = None,
+        extra_popularity: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        scores = self.scores(user, history_items, exclude_items, long_tail_weight)
+        scores = self.scores(
+            user,
+            history_items,
+            exclude_items,
+            long_tail_weight,
+            extra_item_vectors,
+            extra_popularity,
+        )
         top_scores, top_items = scores.topk(k, dim=1)
-        recommended = F.normalize(F.embedding(top_items, self.item_table), dim=-1)
-        history = F.normalize(F.embedding(history_items, self.item_table), dim=-1)
+        table, _, _ = self._tables(extra_item_vectors, extra_popularity)
+        recommended = F.normalize(F.embedding(top_items, table), dim=-1)
+        history = F.normalize(F.embedding(history_items, table), dim=-1)
         sims = recommended @ history.transpose(1, 2)
         pad = torch.where(history_items == contract.PADDING_INDEX, float("-inf"), 0.0)
         reasons = (sims + pad.unsqueeze(1)).argmax(dim=2)

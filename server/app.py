@@ -22,6 +22,8 @@ from server.feedback import FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
+from server.item_text import ItemEncoder, ItemTokenizer
+from server.items import ItemStore
 from server.servicer import SERVICE_NAME, RecommenderServicer
 from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
 from server.validation import RequestLimits
@@ -34,9 +36,9 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 class GatewayServer(grpc.aio.Server):
     """A `grpc.aio.Server` that owns the gateway's other resources.
 
-    `start` also starts the feedback writer and the health poll; `stop(grace)` is the shutdown
-    sequence: NOT_SERVING, keep serving for the drain time, `await server.stop(grace)`, close the
-    feedback store, close the Triton client.
+    `start` also starts the feedback writer, the item store poll and the health poll;
+    `stop(grace)` is the shutdown sequence: NOT_SERVING, keep serving for the drain time,
+    `await server.stop(grace)`, close the feedback and item stores, close the Triton client.
     """
 
     def __init__(
@@ -45,12 +47,14 @@ class GatewayServer(grpc.aio.Server):
         health: HealthReporter,
         triton: TritonClient,
         feedback: FeedbackStore,
+        items: ItemStore,
         drain_seconds: float = 0.0,
     ) -> None:
         self._server = server
         self._health = health
         self._triton = triton
         self._feedback = feedback
+        self._items = items
         self._drain_seconds = drain_seconds
         self._stopped = False
 
@@ -76,8 +80,13 @@ class GatewayServer(grpc.aio.Server):
     def feedback(self) -> FeedbackStore:
         return self._feedback
 
+    @property
+    def items(self) -> ItemStore:
+        return self._items
+
     async def start(self) -> None:
         await self._feedback.start()
+        await self._items.start()
         await self._server.start()
         await self._health.start()
 
@@ -93,6 +102,7 @@ class GatewayServer(grpc.aio.Server):
         # After the drain: every Feedback call that was answered OK is already on disk; this
         # writes the served lists still queued.
         await self._feedback.close()
+        await self._items.close()
         await self._triton.close()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -128,6 +138,7 @@ def create_server(
         max_exclude=config.max_exclude,
         long_tail_weight_max=metadata.long_tail_weight_max,
         max_feedback_batch=config.feedback_max_batch,
+        max_item_batch=config.items_max_batch,
     )
     feedback = FeedbackStore(
         config.feedback_dir,
@@ -137,13 +148,32 @@ def create_server(
     )
     feedback.open()
     logger.info("feedback store %s (replica %s)", config.feedback_dir, feedback.replica)
+    items = ItemStore(
+        config.items_dir,
+        catalogue,
+        metadata,
+        replica=config.feedback_replica,
+        poll_interval_seconds=config.items_poll_interval_seconds,
+        max_segment_bytes=config.items_max_segment_bytes,
+        max_overlay_items=config.items_max_overlay,
+    )
+    items.open()
+    tokenizer = ItemTokenizer.from_repository(config.model_repository, metadata.text_max_tokens)
+    encoder = (
+        None
+        if tokenizer is None
+        else ItemEncoder(
+            tokenizer, triton, metadata.embedding_dim, config.items_encode_timeout_seconds
+        )
+    )
+    items.set_encoder(None if encoder is None else encoder.encode)
     server = grpc.aio.server(
         interceptors=[GatewayInterceptor((SERVICE_NAME,), config.user_hash_key)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=server_options(config),
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(metadata, catalogue, triton, limits, feedback), server
+        RecommenderServicer(metadata, items, triton, limits, feedback, encoder), server
     )
     health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -155,7 +185,10 @@ def create_server(
         port = server.add_secure_port(address, server_credentials(config))
     else:
         port = server.add_insecure_port(address)
-    return GatewayServer(server, health, triton, feedback, config.shutdown_drain_seconds), port
+    return (
+        GatewayServer(server, health, triton, feedback, items, config.shutdown_drain_seconds),
+        port,
+    )
 
 
 def server_options(config: GatewayConfig) -> list[tuple[str, int]]:

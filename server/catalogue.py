@@ -2,15 +2,19 @@
 
 Both are written by the export next to the Triton models, so that the ids the gateway maps and the
 indices the models were trained on come from the same export. Anything missing or malformed fails
-start-up with the file named, never a request later.
+start-up with the file named, never a request later. Items added after training (the item
+overlay of `server.items`) extend a `Catalogue` with `Catalogue.with_overlay`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from collections import ChainMap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +41,82 @@ class ModelMetadata:
     # Normalised label -> bucket (1 + position in the exported vocabulary); 0 means unknown.
     device_buckets: dict[str, int]
     region_buckets: dict[str, int]
+    embedding_dim: int = 64
+    # Tokens of item text the item text encoder reads (the training setting).
+    text_max_tokens: int = 64
+
+
+def _no_vectors() -> npt.NDArray[np.float32]:
+    return np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass(frozen=True)
 class Catalogue:
-    """Items by catalogue index; position 0 is the padding index and holds no item."""
+    """Items by catalogue index; position 0 is the padding index and holds no item.
+
+    Indices 1..N are the trained catalogue (`trained_size` N); N+1..N+M are items added after
+    training, whose vectors (`extra_vectors`, [M, D]) and popularity go to Triton with every
+    request (`extra_popularity`: their interaction counts, for the long-tail term). `hidden`
+    holds indices never to return (deleted, or replaced by an added item).
+    """
 
     item_ids: list[str]
     titles: list[str]
     popularity: npt.NDArray[np.int64]
     long_tail: npt.NDArray[np.bool_]
-    index_of: dict[str, int]
+    index_of: Mapping[str, int]
+    trained_size: int = -1
+    extra_vectors: npt.NDArray[np.float32] = field(default_factory=_no_vectors)
+    extra_popularity: npt.NDArray[np.float32] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.float32)
+    )
+    hidden: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def size(self) -> int:
-        """N, the number of real items (indices 1..N)."""
+        """N + M, the number of real items (indices 1..N+M)."""
         return len(self.item_ids) - 1
+
+    def is_hidden(self, index: int) -> bool:
+        return bool(self.hidden.size) and bool(np.isin(index, self.hidden))
+
+    def with_overlay(
+        self,
+        item_ids: list[str],
+        titles: list[str],
+        vectors: npt.NDArray[np.float32],
+        popularity: npt.NDArray[np.int64],
+        long_tail: npt.NDArray[np.bool_],
+        hidden: npt.NDArray[np.int64],
+    ) -> Catalogue:
+        """This trained catalogue plus added items as indices N+1..N+M; an added id shadows a
+        trained one (whose index should then be hidden)."""
+        n = self.trained_size
+        if self.size != n:
+            raise ValueError("with_overlay extends the trained catalogue, not an overlay")
+        base = slice(0, n + 1)
+        return Catalogue(
+            item_ids=self.item_ids[base] + item_ids,
+            titles=self.titles[base] + titles,
+            popularity=np.concatenate([self.popularity[base], popularity.astype(np.int64)]),
+            long_tail=np.concatenate([self.long_tail[base], long_tail.astype(np.bool_)]),
+            index_of=ChainMap(
+                {item_id: n + 1 + j for j, item_id in enumerate(item_ids)},
+                self.index_of,  # type: ignore[arg-type]
+            ),
+            trained_size=n,
+            extra_vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+            extra_popularity=popularity.astype(np.float32),
+            hidden=np.unique(hidden.astype(np.int64)),
+        )
 
 
 def load_model_repository(directory: Path) -> tuple[ModelMetadata, Catalogue]:
-    return (
-        load_metadata(directory / contract.METADATA_FILE),
-        load_catalogue(directory / contract.CATALOGUE_FILE),
-    )
+    metadata = load_metadata(directory / contract.METADATA_FILE)
+    catalogue = load_catalogue(directory / contract.CATALOGUE_FILE)
+    # No items added yet: an empty overlay of the model's width ([0, D] on the wire).
+    empty = np.zeros((0, metadata.embedding_dim), dtype=np.float32)
+    return metadata, dataclasses.replace(catalogue, extra_vectors=empty)
 
 
 def load_metadata(path: Path) -> ModelMetadata:
@@ -112,6 +169,18 @@ def load_metadata(path: Path) -> ModelMetadata:
             f"vocabularies.event_types must be {list(contract.EVENT_TYPES)} "
             f"(server/contract.py), got {list(event_types)}"
         )
+    dim = raw.get("embedding_dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise fail(f"embedding_dim must be an integer >= 1, got {dim!r}")
+    if raw.get("item_overlay") is not True:
+        raise fail(
+            "item_overlay must be true: this repository was exported before the models took "
+            "the item overlay (extra_item_vectors); re-run the export"
+        )
+    model_config = raw.get("model_config", {})
+    max_tokens = model_config.get("text_max_tokens", 64) if isinstance(model_config, dict) else 64
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise fail(f"model_config.text_max_tokens must be an integer >= 1, got {max_tokens!r}")
     return ModelMetadata(
         model_version=model_version,
         max_history=max_history,
@@ -120,6 +189,8 @@ def load_metadata(path: Path) -> ModelMetadata:
         event_types=event_types,
         device_buckets=_buckets(vocabulary("device")),
         region_buckets=_buckets(vocabulary("region")),
+        embedding_dim=dim,
+        text_max_tokens=max_tokens,
     )
 
 
@@ -183,6 +254,7 @@ def load_catalogue(path: Path) -> Catalogue:
         popularity=np.asarray(popularity, dtype=np.int64),
         long_tail=np.asarray(long_tail, dtype=np.bool_),
         index_of=index_of,
+        trained_size=len(item_ids) - 1,
     )
 
 

@@ -68,6 +68,19 @@ class GatewayConfig:
     feedback_max_batch: int = 1000
     # Records waiting for the disk beyond which Feedback answers RESOURCE_EXHAUSTED.
     feedback_max_pending: int = 10_000
+    # The item store (`server.items`): items added (UpsertItems) or hidden (DeleteItems) after
+    # training, fsync'd JSON lines that every replica writes (segments named by
+    # feedback_replica) and reads: a directory all replicas mount, polled every interval.
+    items_dir: Path = Path("items")
+    items_poll_interval_seconds: float = 1.0
+    items_max_segment_bytes: int = 64 * 1024 * 1024
+    # Items per UpsertItems call and ids per DeleteItems call.
+    items_max_batch: int = 64
+    # Added items served at once (each goes to Triton with every request: M x D floats).
+    items_max_overlay: int = 10_000
+    # Per item text encoder call (MiniLM on up to items_max_batch texts); the caller's deadline
+    # wins if smaller.
+    items_encode_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         _check(
@@ -89,6 +102,8 @@ class GatewayConfig:
         for name in (
             "triton_timeout_seconds",
             "health_poll_interval_seconds",
+            "items_poll_interval_seconds",
+            "items_encode_timeout_seconds",
         ):
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value > 0, "a finite number > 0")
@@ -111,9 +126,17 @@ class GatewayConfig:
             "max_message_bytes",
             "feedback_max_batch",
             "feedback_max_pending",
+            "items_max_batch",
+            "items_max_overlay",
         ):
             value = getattr(self, name)
             _check(value, name, value >= 1, ">= 1")
+        _check(
+            self.items_max_segment_bytes,
+            "items_max_segment_bytes",
+            self.items_max_segment_bytes >= 4096,
+            ">= 4096",
+        )
         _check(
             self.feedback_max_segment_bytes,
             "feedback_max_segment_bytes",

@@ -12,6 +12,9 @@ USER_ENCODER_MODEL = "user_encoder"
 CONTEXT_WEIGHTING_MODEL = "context_weighting"
 SCORER_MODEL = "scorer"
 ITEM_TEXT_ENCODER_MODEL = "item_text_encoder"
+# SimilarItems: ensemble item_lookup -> scorer (the item's own vector as the query).
+SIMILAR_ITEMS_MODEL = "similar_items"
+ITEM_LOOKUP_MODEL = "item_lookup"
 
 # --- Ensemble inputs (all batch-first; the gateway sends batch 1) ------------------------------
 # Catalogue indices of the user's history, oldest first, 0 = padding. INT64 [batch, history].
@@ -26,10 +29,19 @@ EXCLUDE_ITEMS = "exclude_items"
 LONG_TAIL_WEIGHT = "long_tail_weight"
 # Number of items to return (shared by the batch). INT64 [1].
 TOP_K = "top_k"
+# The item overlay: items added after training (UpsertItems), shared by the batch. Row j is
+# catalogue index N+1+j in history, exclusions and outputs; M may be 0. FP32 [M, D] and FP32 [M]
+# (interaction counts, for the long-tail term).
+EXTRA_ITEM_VECTORS = "extra_item_vectors"
+EXTRA_POPULARITY = "extra_popularity"
+# SimilarItems ensemble input: the catalogue index of the item to find neighbours of.
+# INT64 [batch, 1].
+QUERY_ITEMS = "query_items"
 
 # --- Intermediate tensors -----------------------------------------------------------------------
 USER_EMBEDDING = "user_embedding"
 WEIGHTED_USER_EMBEDDING = "weighted_user_embedding"
+QUERY_EMBEDDING = "query_embedding"  # the query item's vector, scored like a user embedding
 
 # --- Ensemble outputs ---------------------------------------------------------------------------
 TOP_ITEMS = "top_items"  # INT64 [batch, k] catalogue indices
@@ -40,6 +52,8 @@ REASON_POSITIONS = "reason_positions"  # INT64 [batch, k] history position close
 TEXT_INPUT_IDS = "input_ids"  # INT64 [batch, tokens]
 TEXT_ATTENTION_MASK = "attention_mask"  # INT64 [batch, tokens]
 ITEM_VECTOR = "item_vector"  # FP32 [batch, EMBEDDING_DIM] (not "embedding": clashes in torch.onnx)
+# The tokenizer files (tokenizer.json) the gateway tokenizes new items' text with, no torch.
+TOKENIZER_DIR = "tokenizer"  # under <repository>/item_text_encoder/
 
 # --- Vocabularies and bounds --------------------------------------------------------------------
 PADDING_INDEX = 0

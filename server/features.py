@@ -1,8 +1,13 @@
-"""Request -> ensemble input tensors (batch 1; the ensemble has `max_batch_size: 0`)."""
+"""Request -> ensemble input tensors (batch 1; the ensemble has `max_batch_size: 0`).
+
+Every request carries the catalogue snapshot's item overlay (items added after training,
+indices N+1..N+M) and excludes its hidden items (deleted, or replaced by an added item).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +39,8 @@ class Features:
     long_tail_weight: npt.NDArray[np.float32]  # [1, 1]
     top_k: npt.NDArray[np.int64]  # [1]
     skipped_history_items: int
+    extra_item_vectors: npt.NDArray[np.float32]  # [M, D]
+    extra_popularity: npt.NDArray[np.float32]  # [M]
 
     def as_inputs(self) -> dict[str, np.ndarray]:
         return {
@@ -43,6 +50,8 @@ class Features:
             contract.EXCLUDE_ITEMS: self.exclude_items,
             contract.LONG_TAIL_WEIGHT: self.long_tail_weight,
             contract.TOP_K: self.top_k,
+            contract.EXTRA_ITEM_VECTORS: self.extra_item_vectors,
+            contract.EXTRA_POPULARITY: self.extra_popularity,
         }
 
     @property
@@ -74,26 +83,80 @@ def build_features(
     if not items:
         items, event_types = [contract.PADDING_INDEX], [contract.PADDING_INDEX]
 
-    excluded = [
-        index
-        for index in dict.fromkeys(catalogue.index_of.get(i) for i in request.exclude_item_ids)
-        if index is not None
-    ] or [contract.PADDING_INDEX]
+    return Features(
+        history_items=np.asarray([items], dtype=np.int64),
+        history_event_types=np.asarray([event_types], dtype=np.int64),
+        context=np.asarray([context_buckets(request.context, metadata, now_seconds)], np.int64),
+        exclude_items=exclusions(request.exclude_item_ids, catalogue),
+        long_tail_weight=long_tail_weight(request, metadata),
+        top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
+        skipped_history_items=skipped,
+        extra_item_vectors=catalogue.extra_vectors,
+        extra_popularity=catalogue.extra_popularity,
+    )
 
+
+@dataclass(frozen=True)
+class SimilarFeatures:
+    """The `similar_items` ensemble's inputs: one query item instead of a history."""
+
+    query_items: npt.NDArray[np.int64]  # [1, 1]
+    exclude_items: npt.NDArray[np.int64]  # [1, E]
+    long_tail_weight: npt.NDArray[np.float32]  # [1, 1]
+    top_k: npt.NDArray[np.int64]  # [1]
+    extra_item_vectors: npt.NDArray[np.float32]  # [M, D]
+    extra_popularity: npt.NDArray[np.float32]  # [M]
+
+    def as_inputs(self) -> dict[str, np.ndarray]:
+        return {
+            contract.QUERY_ITEMS: self.query_items,
+            contract.EXCLUDE_ITEMS: self.exclude_items,
+            contract.LONG_TAIL_WEIGHT: self.long_tail_weight,
+            contract.TOP_K: self.top_k,
+            contract.EXTRA_ITEM_VECTORS: self.extra_item_vectors,
+            contract.EXTRA_POPULARITY: self.extra_popularity,
+        }
+
+
+def build_similar_features(
+    request: recommender_pb2.SimilarItemsRequest,
+    metadata: ModelMetadata,
+    catalogue: Catalogue,
+    query_index: int,
+) -> SimilarFeatures:
+    """Expects a validated request and the query item's (known, not hidden) index."""
+    return SimilarFeatures(
+        query_items=np.asarray([[query_index]], dtype=np.int64),
+        exclude_items=exclusions(request.exclude_item_ids, catalogue),
+        long_tail_weight=long_tail_weight(request, metadata),
+        # the query item itself is masked: at most N + M - 1 others
+        top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
+        extra_item_vectors=catalogue.extra_vectors,
+        extra_popularity=catalogue.extra_popularity,
+    )
+
+
+def exclusions(item_ids: Iterable[str], catalogue: Catalogue) -> npt.NDArray[np.int64]:
+    """[1, E]: the known requested exclusions, then the catalogue's hidden items."""
+    requested = [catalogue.index_of.get(i) for i in item_ids]
+    excluded = [i for i in dict.fromkeys(requested) if i is not None]
+    if catalogue.hidden.size:
+        return np.concatenate([np.asarray(excluded, dtype=np.int64), catalogue.hidden]).reshape(
+            1, -1
+        )
+    return np.asarray([excluded or [contract.PADDING_INDEX]], dtype=np.int64)
+
+
+def long_tail_weight(
+    request: recommender_pb2.RecommendRequest | recommender_pb2.SimilarItemsRequest,
+    metadata: ModelMetadata,
+) -> npt.NDArray[np.float32]:
     weight = (
         request.long_tail_weight
         if request.HasField("long_tail_weight")
         else metadata.default_long_tail_weight
     )
-    return Features(
-        history_items=np.asarray([items], dtype=np.int64),
-        history_event_types=np.asarray([event_types], dtype=np.int64),
-        context=np.asarray([context_buckets(request.context, metadata, now_seconds)], np.int64),
-        exclude_items=np.asarray([excluded], dtype=np.int64),
-        long_tail_weight=np.asarray([[weight]], dtype=np.float32),
-        top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
-        skipped_history_items=skipped,
-    )
+    return np.asarray([[weight]], dtype=np.float32)
 
 
 def context_buckets(

@@ -69,7 +69,8 @@ IN_FLIGHT_REQUESTS = Gauge(
 )
 STAGE_DURATION_SECONDS = Histogram(
     "stage_duration_seconds",
-    "Time spent in one stage of the Recommend pipeline (validate, features, triton, postprocess).",
+    "Time spent in one stage of the Recommend and SimilarItems pipelines (validate, features, "
+    "triton, postprocess) or of UpsertItems (encode).",
     ["stage"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
@@ -142,6 +143,43 @@ FEEDBACK_DROPPED_TOTAL = Counter(
 FEEDBACK_SEGMENTS_TOTAL = Counter(
     "feedback_segments_total",
     "Feedback store segment files begun by this process (rotation).",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+OVERLAY_ITEMS = Gauge(
+    "overlay_items",
+    "Items added after training (UpsertItems) that this replica serves now.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+HIDDEN_ITEMS = Gauge(
+    "hidden_items",
+    "Trained items never returned now: deleted, or replaced by an upserted item.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+ITEMS_PENDING_ENCODING = Gauge(
+    "items_pending_encoding",
+    "Added items encoded by another model version, waiting to be re-encoded by this one.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+ITEM_UPDATES_TOTAL = Counter(
+    "item_updates_total",
+    "Item upserts and deletes acknowledged (on disk) by this replica, by op (upsert, delete).",
+    ["op"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+ITEM_STORE_WRITE_ERRORS_TOTAL = Counter(
+    "item_store_write_errors_total",
+    "Item store writes that failed (disk full, I/O error); none acknowledged.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+ITEM_STORE_UNREADABLE_LINES_TOTAL = Counter(
+    "item_store_unreadable_lines_total",
+    "Item store lines that are not a complete record (skipped).",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from server import contract
 from server.catalogue import Catalogue
 from server.errors import BackendError
-from server.features import Features
+from server.features import Features, SimilarFeatures
 from server.gen.ltrec.v1 import recommender_pb2
 
 # Keyed by contract.EVENT_TYPES names, so a reordered vocabulary cannot swap the verbs.
@@ -22,6 +22,39 @@ def build_items(
     outputs: Mapping[str, np.ndarray], features: Features, catalogue: Catalogue
 ) -> list[recommender_pb2.RecommendedItem]:
     """Drops the -inf padding of short rankings; anything inconsistent is a backend error."""
+    history = features.history_items[0]
+    event_types = features.history_event_types[0]
+    # The scorer already removes these; checking again keeps a filter bug from reaching users.
+    never = set(history.tolist()) | set(features.exclude_items[0].tolist())
+
+    def reason(long_tail: bool, position: int) -> str:
+        if features.has_history and 0 <= position < len(history):
+            verb = _VERBS[contract.EVENT_TYPES[int(event_types[position]) - 1]]
+            return f'Because you {verb} "{catalogue.titles[int(history[position])]}"'
+        return LONG_TAIL_REASON if long_tail else POPULAR_REASON
+
+    return _ranked_items(outputs, int(features.top_k[0]), never, catalogue, reason)
+
+
+def build_similar_items(
+    outputs: Mapping[str, np.ndarray], features: SimilarFeatures, catalogue: Catalogue
+) -> list[recommender_pb2.RecommendedItem]:
+    """Like `build_items`; the query item is never returned and every reason names it."""
+    query = int(features.query_items[0, 0])
+    never = {query} | set(features.exclude_items[0].tolist())
+    because = f'Similar to "{catalogue.titles[query]}"'
+    return _ranked_items(
+        outputs, int(features.top_k[0]), never, catalogue, lambda _tail, _pos: because
+    )
+
+
+def _ranked_items(
+    outputs: Mapping[str, np.ndarray],
+    top_k: int,
+    never: set[int],
+    catalogue: Catalogue,
+    reason: Callable[[bool, int], str],
+) -> list[recommender_pb2.RecommendedItem]:
     items = _flat(outputs, contract.TOP_ITEMS)
     scores = _flat(outputs, contract.TOP_SCORES)
     positions = _flat(outputs, contract.REASON_POSITIONS)
@@ -30,13 +63,9 @@ def build_items(
             f"ensemble returned {len(items)} items, {len(scores)} scores and "
             f"{len(positions)} reason positions"
         )
-    if len(items) > int(features.top_k[0]):
-        raise BackendError(f"ensemble returned {len(items)} items for top_k {features.top_k[0]}")
-    history = features.history_items[0]
-    event_types = features.history_event_types[0]
-    # The scorer already removes these; checking again keeps a filter bug from reaching users.
-    never = set(history.tolist()) | set(features.exclude_items[0].tolist())
-    never.add(contract.PADDING_INDEX)
+    if len(items) > top_k:
+        raise BackendError(f"ensemble returned {len(items)} items for top_k {top_k}")
+    never = never | {contract.PADDING_INDEX}
 
     response: list[recommender_pb2.RecommendedItem] = []
     for index, score, position in zip(
@@ -52,18 +81,13 @@ def build_items(
         if index in never:
             continue
         long_tail = bool(catalogue.long_tail[index])
-        if features.has_history and 0 <= position < len(history):
-            verb = _VERBS[contract.EVENT_TYPES[int(event_types[position]) - 1]]
-            reason = f'Because you {verb} "{catalogue.titles[int(history[position])]}"'
-        else:
-            reason = LONG_TAIL_REASON if long_tail else POPULAR_REASON
         response.append(
             recommender_pb2.RecommendedItem(
                 item_id=catalogue.item_ids[index],
                 title=catalogue.titles[index],
                 score=score,
                 long_tail=long_tail,
-                reason=reason,
+                reason=reason(long_tail, position),
             )
         )
     return response

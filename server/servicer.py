@@ -1,4 +1,9 @@
-"""The `ltrec.v1.Recommender` service: validate -> features -> Triton -> postprocess."""
+"""The `ltrec.v1.Recommender` service: validate -> features -> Triton -> postprocess.
+
+Recommend and SimilarItems read one catalogue snapshot per request from the item store (the
+trained catalogue plus the items added or hidden since); UpsertItems encodes items through the
+Triton item text encoder and DeleteItems hides items, both through the store.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +12,44 @@ from collections.abc import Sequence
 
 import grpc
 
-from server import metrics
-from server.catalogue import Catalogue, ModelMetadata
-from server.errors import NotFound
-from server.features import build_features
+from server import contract, metrics
+from server.catalogue import ModelMetadata
+from server.errors import BackendUnavailable, NotFound
+from server.features import build_features, build_similar_features
 from server.feedback import FEEDBACK, SERVED, FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.interceptors import current_request_id
-from server.postprocess import build_items
-from server.triton_client import TritonClient
+from server.item_text import PRICE_BUCKETS, ItemEncoder, ItemFields, item_text
+from server.items import ItemStore, NewItem
+from server.postprocess import build_items, build_similar_items
+from server.triton_client import OUTPUT_NAMES, TritonClient
 from server.validation import (
     RequestLimits,
+    validate_delete_request,
     validate_feedback_event,
     validate_feedback_events,
     validate_request,
+    validate_similar_request,
+    validate_upsert_request,
 )
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 # Stage histograms bound once.
-_VALIDATE, _FEATURES, _TRITON, _POSTPROCESS = (
+_VALIDATE, _FEATURES, _TRITON, _POSTPROCESS, _ENCODE = (
     metrics.STAGE_DURATION_SECONDS.labels(stage=stage)
-    for stage in ("validate", "features", "triton", "postprocess")
+    for stage in ("validate", "features", "triton", "postprocess", "encode")
 )
 # FEEDBACK_TYPE_CLICK -> "click"
 FEEDBACK_TYPE_NAMES = {
     value: name.removeprefix("FEEDBACK_TYPE_").lower()
     for name, value in recommender_pb2.FeedbackType.items()
+}
+# PRICE_BUCKET_MID_RANGE -> "mid-range" (the training text's wording), UNSPECIFIED -> ""
+PRICE_BUCKET_NAMES = {
+    recommender_pb2.PRICE_BUCKET_UNSPECIFIED: "",
+    recommender_pb2.PRICE_BUCKET_BUDGET: PRICE_BUCKETS[0],
+    recommender_pb2.PRICE_BUCKET_MID_RANGE: PRICE_BUCKETS[1],
+    recommender_pb2.PRICE_BUCKET_PREMIUM: PRICE_BUCKETS[2],
 }
 
 
@@ -42,41 +59,39 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(
         self,
         metadata: ModelMetadata,
-        catalogue: Catalogue,
+        items: ItemStore,
         triton: TritonClient,
         limits: RequestLimits,
         feedback: FeedbackStore,
+        encoder: ItemEncoder | None,
     ) -> None:
         self._metadata = metadata
-        self._catalogue = catalogue
+        self._items = items
         self._triton = triton
         self._limits = limits
         self._feedback = feedback
+        self._encoder = encoder
 
     async def Recommend(
         self,
         request: recommender_pb2.RecommendRequest,
         context: grpc.aio.ServicerContext,
     ) -> recommender_pb2.RecommendResponse:
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+        deadline = _deadline(context)
         request_id = current_request_id()
         with _VALIDATE.time():
             validate_request(request, self._limits)
-        served = self._metadata.model_version
-        if request.model_version and request.model_version != served:
-            raise NotFound(
-                f"model_version {request.model_version!r} is not served here (serving {served!r})"
-            )
+        self._check_model_version(request.model_version)
+        catalogue = self._items.catalogue  # one snapshot for the whole request
         with _FEATURES.time():
-            features = build_features(request, self._metadata, self._catalogue, time.time())
+            features = build_features(request, self._metadata, catalogue, time.time())
         metrics.SKIPPED_HISTORY_ITEMS_TOTAL.inc(features.skipped_history_items)
         with _TRITON.time():
             outputs = await self._triton.infer(
                 features.as_inputs(), deadline=deadline, request_id=request_id
             )
         with _POSTPROCESS.time():
-            items = build_items(outputs, features, self._catalogue)
+            items = build_items(outputs, features, catalogue)
         # The served list goes to the feedback store without waiting for the disk.
         self._feedback.offer(
             {
@@ -96,6 +111,86 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             request_id=request_id,
             skipped_history_items=features.skipped_history_items,
         )
+
+    async def SimilarItems(
+        self,
+        request: recommender_pb2.SimilarItemsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> recommender_pb2.SimilarItemsResponse:
+        deadline = _deadline(context)
+        request_id = current_request_id()
+        with _VALIDATE.time():
+            validate_similar_request(request, self._limits)
+        self._check_model_version(request.model_version)
+        catalogue = self._items.catalogue
+        index = catalogue.index_of.get(request.item_id)
+        if index is None or catalogue.is_hidden(index):
+            raise NotFound(f"item_id {request.item_id!r} is not in the catalogue")
+        with _FEATURES.time():
+            features = build_similar_features(request, self._metadata, catalogue, index)
+        with _TRITON.time():
+            outputs = await self._triton.infer(
+                features.as_inputs(),
+                deadline=deadline,
+                request_id=request_id,
+                model_name=contract.SIMILAR_ITEMS_MODEL,
+                output_names=OUTPUT_NAMES,
+            )
+        with _POSTPROCESS.time():
+            items = build_similar_items(outputs, features, catalogue)
+        return recommender_pb2.SimilarItemsResponse(
+            items=items, model_version=self._metadata.model_version, request_id=request_id
+        )
+
+    async def UpsertItems(
+        self,
+        request: recommender_pb2.UpsertItemsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> recommender_pb2.UpsertItemsResponse:
+        deadline = _deadline(context)
+        request_id = current_request_id()
+        with _VALIDATE.time():
+            validate_upsert_request(request, self._limits)
+        if self._encoder is None:
+            raise BackendUnavailable(
+                "this model repository has no item text encoder (exported with "
+                "--no-text-encoder): items cannot be encoded"
+            )
+        new = [_new_item(item) for item in request.items]
+        self._items.check_capacity(item.item_id for item in new)
+        with _ENCODE.time():
+            vectors = await self._encoder.encode(
+                [item.text for item in new], deadline=deadline, request_id=request_id
+            )
+        known = self._items.catalogue.index_of
+        created = sum(1 for item in new if item.item_id not in known)
+        await self._items.upsert(new, vectors, request_id)
+        return recommender_pb2.UpsertItemsResponse(
+            upserted=len(new),
+            created=created,
+            images_not_encoded=sum(1 for item in new if item.image_bytes or item.image_path),
+            model_version=self._metadata.model_version,
+            request_id=request_id,
+        )
+
+    async def DeleteItems(
+        self,
+        request: recommender_pb2.DeleteItemsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> recommender_pb2.DeleteItemsResponse:
+        request_id = current_request_id()
+        validate_delete_request(request, self._limits)
+        for position, item_id in enumerate(request.item_ids):
+            if not self._items.knows(item_id):
+                raise NotFound(f"item_ids[{position}] {item_id!r} is not in the catalogue")
+        ids = list(dict.fromkeys(request.item_ids))
+        await self._items.delete(ids, request_id)
+        return recommender_pb2.DeleteItemsResponse(deleted=len(ids), request_id=request_id)
+
+    def _check_model_version(self, requested: str) -> None:
+        served = self._metadata.model_version
+        if requested and requested != served:
+            raise NotFound(f"model_version {requested!r} is not served here (serving {served!r})")
 
     async def Feedback(
         self,
@@ -138,3 +233,27 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         for record in records:
             metrics.FEEDBACK_EVENTS_TOTAL.labels(type=record["type"]).inc()
         return len(records)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline in `time.monotonic()` seconds (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _new_item(item: recommender_pb2.Item) -> NewItem:
+    fields = ItemFields(
+        title=item.title,
+        description=item.description,
+        category=item.category,
+        brand=item.brand,
+        price_bucket=PRICE_BUCKET_NAMES[item.price_bucket],
+    )
+    return NewItem(
+        item_id=item.item_id,
+        fields=fields,
+        text=item_text(fields),
+        attributes=dict(item.attributes),
+        image_path=item.image_path,
+        image_bytes=len(item.image),
+    )

@@ -128,20 +128,24 @@ class TritonClient:
         *,
         deadline: float | None,
         request_id: str,
+        model_name: str = contract.ENSEMBLE_MODEL,
+        output_names: Sequence[str] = OUTPUT_NAMES,
+        timeout_seconds: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """`deadline` is the caller's, in `time.monotonic()` seconds (None: no deadline)."""
+        """`deadline` is the caller's, in `time.monotonic()` seconds (None: no deadline);
+        `timeout_seconds` replaces the configured per-call timeout (the item text encoder)."""
         attempt = 0
         while True:
-            timeout = self._attempt_timeout(deadline)
+            timeout = self._attempt_timeout(deadline, timeout_seconds)
             if timeout is None:
                 raise BackendTimeout("deadline exceeded before the model was called")
             try:
                 with metrics.TRITON_REQUEST_DURATION_SECONDS.time():
                     async with asyncio.timeout(timeout):
                         return await self._transport.infer(
-                            contract.ENSEMBLE_MODEL,
+                            model_name,
                             inputs,
-                            OUTPUT_NAMES,
+                            output_names,
                             client_timeout=timeout,
                             request_id=request_id,
                         )
@@ -153,8 +157,8 @@ class TritonClient:
                 metrics.TRITON_ERRORS_TOTAL.labels(code=code).inc()
                 if code == "DEADLINE_EXCEEDED":
                     raise BackendTimeout(f"model call timed out after {timeout:.3f} s") from exc
-                if code == "NOT_FOUND":  # the ensemble is not loaded (yet): not ready
-                    raise BackendUnavailable("the model is not loaded in Triton") from exc
+                if code == "NOT_FOUND":  # the model is not loaded (yet): not ready
+                    raise BackendUnavailable(f"{model_name} is not loaded in Triton") from exc
                 if code != "UNAVAILABLE":
                     raise BackendError(f"Triton answered {code}: {exc.message()}") from exc
                 failure: Exception = exc
@@ -181,13 +185,16 @@ class TritonClient:
     async def close(self) -> None:
         await self._transport.close()
 
-    def _attempt_timeout(self, deadline: float | None) -> float | None:
+    def _attempt_timeout(
+        self, deadline: float | None, timeout_seconds: float | None = None
+    ) -> float | None:
+        configured = self._timeout_seconds if timeout_seconds is None else timeout_seconds
         if deadline is None:
-            return self._timeout_seconds
+            return configured
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        return min(self._timeout_seconds, remaining)
+        return min(configured, remaining)
 
     async def _backoff(self, attempt: int, deadline: float | None) -> bool:
         """Sleeps before a retry; False when the retry could not finish before the deadline."""

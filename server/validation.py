@@ -18,11 +18,22 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_CONTEXT_LABEL_CHARS = 64
 # 9999-12-31T23:59:59Z: beyond it a timestamp cannot be turned into an hour and a weekday.
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
+# UpsertItems item fields.
+MAX_TITLE_CHARS = 512
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_CATEGORY_CHARS = 512
+MAX_BRAND_CHARS = 256
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_KEY_CHARS = 64
+MAX_ATTRIBUTE_VALUE_CHARS = 1024
+MAX_IMAGE_BYTES = 1024 * 1024
+MAX_IMAGE_PATH_CHARS = 1024
 
 _EVENT_TYPES = frozenset(recommender_pb2.EventType.values())
 _FEEDBACK_TYPES = frozenset(recommender_pb2.FeedbackType.values()) - {
     recommender_pb2.FEEDBACK_TYPE_UNSPECIFIED
 }
+_PRICE_BUCKETS = frozenset(recommender_pb2.PriceBucket.values())
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,8 @@ class RequestLimits:
     max_exclude: int
     long_tail_weight_max: float
     max_feedback_batch: int = 1000
+    # Items per UpsertItems call, ids per DeleteItems call.
+    max_item_batch: int = 64
 
 
 def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
@@ -40,8 +53,7 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
     _request_id("request_id", request.request_id)
     _max_chars("model_version", request.model_version, MAX_REQUEST_ID_CHARS)
 
-    if not 1 <= request.k <= limits.max_k:
-        raise InvalidArgument(f"k must be in [1, {limits.max_k}], got {request.k}")
+    _k(request.k, limits)
 
     if len(request.history) > limits.max_history:
         raise InvalidArgument(
@@ -56,21 +68,82 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
             )
         _timestamp(f"{field}.timestamp", event.timestamp)
 
-    if len(request.exclude_item_ids) > limits.max_exclude:
-        raise InvalidArgument(
-            f"exclude_item_ids must have at most {limits.max_exclude} ids, "
-            f"got {len(request.exclude_item_ids)}"
-        )
-    for position, item_id in enumerate(request.exclude_item_ids):
-        _item_id(f"exclude_item_ids[{position}]", item_id)
-
-    if request.HasField("long_tail_weight"):
-        weight = request.long_tail_weight
-        bound = limits.long_tail_weight_max
-        if not (math.isfinite(weight) and 0 <= weight <= bound):
-            raise InvalidArgument(f"long_tail_weight must be in [0, {bound:g}], got {weight:g}")
-
+    _exclusions(request.exclude_item_ids, limits)
+    _long_tail_weight(request, limits)
     _context("context", request.context)
+
+
+def validate_similar_request(
+    request: recommender_pb2.SimilarItemsRequest, limits: RequestLimits
+) -> None:
+    _request_id("request_id", request.request_id)
+    _max_chars("model_version", request.model_version, MAX_REQUEST_ID_CHARS)
+    _item_id("item_id", request.item_id)
+    _k(request.k, limits)
+    _exclusions(request.exclude_item_ids, limits)
+    _long_tail_weight(request, limits)
+
+
+def validate_upsert_request(
+    request: recommender_pb2.UpsertItemsRequest, limits: RequestLimits
+) -> None:
+    """Raises InvalidArgument for the first field out of bounds, e.g. `items[2].title`."""
+    _request_id("request_id", request.request_id)
+    items = request.items
+    if not 1 <= len(items) <= limits.max_item_batch:
+        raise InvalidArgument(
+            f"items must have between 1 and {limits.max_item_batch} items, got {len(items)}"
+        )
+    first: dict[str, int] = {}
+    for position, item in enumerate(items):
+        field = f"items[{position}]"
+        _item_id(f"{field}.item_id", item.item_id)
+        if item.item_id in first:
+            raise InvalidArgument(
+                f"{field}.item_id repeats items[{first[item.item_id]}].item_id (ids must be "
+                "distinct)"
+            )
+        first[item.item_id] = position
+        if not item.title.strip():
+            raise InvalidArgument(f"{field}.title must be non-empty")
+        _max_chars(f"{field}.title", item.title, MAX_TITLE_CHARS)
+        _max_chars(f"{field}.description", item.description, MAX_DESCRIPTION_CHARS)
+        _max_chars(f"{field}.category", item.category, MAX_CATEGORY_CHARS)
+        _max_chars(f"{field}.brand", item.brand, MAX_BRAND_CHARS)
+        if item.price_bucket not in _PRICE_BUCKETS:
+            raise InvalidArgument(
+                f"{field}.price_bucket must be a defined PriceBucket, got {item.price_bucket}"
+            )
+        if len(item.attributes) > MAX_ATTRIBUTES:
+            raise InvalidArgument(
+                f"{field}.attributes must have at most {MAX_ATTRIBUTES} entries, "
+                f"got {len(item.attributes)}"
+            )
+        for key in sorted(item.attributes):
+            if not key:
+                raise InvalidArgument(f"{field}.attributes keys must be non-empty")
+            _max_chars(f"{field}.attributes key", key, MAX_ATTRIBUTE_KEY_CHARS)
+            _max_chars(
+                f"{field}.attributes[{key!r}]", item.attributes[key], MAX_ATTRIBUTE_VALUE_CHARS
+            )
+        if len(item.image) > MAX_IMAGE_BYTES:
+            raise InvalidArgument(
+                f"{field}.image must be at most {MAX_IMAGE_BYTES} bytes, got {len(item.image)}"
+            )
+        _max_chars(f"{field}.image_path", item.image_path, MAX_IMAGE_PATH_CHARS)
+
+
+def validate_delete_request(
+    request: recommender_pb2.DeleteItemsRequest, limits: RequestLimits
+) -> None:
+    _request_id("request_id", request.request_id)
+    ids = request.item_ids
+    if not 1 <= len(ids) <= limits.max_item_batch:
+        raise InvalidArgument(
+            f"item_ids must have between 1 and {limits.max_item_batch} ids, got {len(ids)}"
+        )
+    for position, item_id in enumerate(ids):
+        _item_id(f"item_ids[{position}]", item_id)
 
 
 def validate_feedback_events(
@@ -105,6 +178,31 @@ def validate_feedback_event(
             f"{field}.position must be in [0, {limits.max_k - 1}], got {event.position}"
         )
     _context(f"{field}.context", event.context)
+
+
+def _k(k: int, limits: RequestLimits) -> None:
+    if not 1 <= k <= limits.max_k:
+        raise InvalidArgument(f"k must be in [1, {limits.max_k}], got {k}")
+
+
+def _exclusions(item_ids: Sequence[str], limits: RequestLimits) -> None:
+    if len(item_ids) > limits.max_exclude:
+        raise InvalidArgument(
+            f"exclude_item_ids must have at most {limits.max_exclude} ids, got {len(item_ids)}"
+        )
+    for position, item_id in enumerate(item_ids):
+        _item_id(f"exclude_item_ids[{position}]", item_id)
+
+
+def _long_tail_weight(
+    request: recommender_pb2.RecommendRequest | recommender_pb2.SimilarItemsRequest,
+    limits: RequestLimits,
+) -> None:
+    if request.HasField("long_tail_weight"):
+        weight = request.long_tail_weight
+        bound = limits.long_tail_weight_max
+        if not (math.isfinite(weight) and 0 <= weight <= bound):
+            raise InvalidArgument(f"long_tail_weight must be in [0, {bound:g}], got {weight:g}")
 
 
 def _context(field: str, context: recommender_pb2.Context) -> None:

@@ -39,6 +39,7 @@ class GatewayProcess:
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
         feedback_dir: Path | None = None,
+        items_dir: Path | None = None,
     ) -> None:
         ports = iter(free_ports(2))
         self.grpc_port = grpc_port or next(ports)
@@ -48,6 +49,8 @@ class GatewayProcess:
         self.log_path = log_path
         # Served lists and Feedback records (default: beside the model repository).
         self.feedback_dir = feedback_dir or model_repository.parent / "feedback"
+        # Items added or hidden after training (UpsertItems/DeleteItems), shared by replicas.
+        self.items_dir = items_dir or model_repository.parent / "items"
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -66,6 +69,7 @@ class GatewayProcess:
             # A local stack on 127.0.0.1; deployments serve TLS (or sit behind a mesh that does).
             "LTREC_ALLOW_PLAINTEXT": "true",
             "LTREC_FEEDBACK_DIR": str(self.feedback_dir),
+            "LTREC_ITEMS_DIR": str(self.items_dir),
             **self.extra_env,
         }
         out = self.log_path.open("ab") if self.log_path else None
@@ -128,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("feedback"),
         help="the gateway's feedback store (served lists and Feedback records)",
     )
+    parser.add_argument(
+        "--items-dir",
+        type=Path,
+        default=Path("items"),
+        help="the gateway's item store (items added or hidden after training)",
+    )
     args = parser.parse_args(argv)
     if not (args.model_repository / "recommend" / "config.pbtxt").is_file():
         logger.error("no exported models in %s: run `make export` first", args.model_repository)
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_port=args.grpc_port,
             metrics_port=args.metrics_port,
             feedback_dir=args.feedback_dir.resolve(),
+            items_dir=args.items_dir.resolve(),
         )
         gateway.start()
         gateway.wait_serving()

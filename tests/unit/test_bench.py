@@ -292,39 +292,46 @@ def _reference_top_k(
     return top, scores[top]
 
 
+@pytest.mark.parametrize("n_extra", [None, 0, 300], ids=["no-overlay", "M=0", "M=300"])
 @pytest.mark.parametrize("scan", onnx_graphs.CATALOGUE_SCANS)
-def test_scorer_graph_top_k_matches_numpy(scan: str) -> None:
-    """Both scans return numpy's exact top-k and scores; padding, history and exclusions never."""
+def test_scorer_graph_top_k_matches_numpy(scan: str, n_extra: int | None) -> None:
+    """Both scans return numpy's exact top-k and scores; padding, history and exclusions never.
+    Items added after training (the overlay) rank exactly as if they were in the table."""
     rng = np.random.default_rng(3)
     n_items, dim, k = 5000, 16, 10
     table = rng.standard_normal((n_items + 1, dim)).astype(np.float32)
     table[contract.PADDING_INDEX] = 0.0
     popularity = rng.integers(0, 1000, n_items + 1)
     popularity[contract.PADDING_INDEX] = 0
+    extra = 1.2 * rng.standard_normal((n_extra or 0, dim)).astype(np.float32)
+    extra_pop = rng.integers(0, 1000, n_extra or 0)
+    full_table = np.concatenate([table, extra])
+    full_pop = np.concatenate([popularity, extra_pop])
+    n_all = n_items + (n_extra or 0)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        onnx_graphs.scorer_graph(table, popularity, scan=scan).SerializeToString(), options
-    )
+    graph = onnx_graphs.scorer_graph(table, popularity, scan=scan, overlay=n_extra is not None)
+    session = ort.InferenceSession(graph.SerializeToString(), options)
     for case in range(20):
         user = rng.standard_normal((1, dim)).astype(np.float32)
         weight = 0.0 if case % 2 else 0.8
         # the reference's best items are in the history or excluded, so the masks matter
-        best, _ = _reference_top_k(table, popularity, user[0], np.array([], int), [], weight, 4)
-        history = np.concatenate([[0, 0], best[:2], rng.integers(1, n_items + 1, 5)])
+        best, _ = _reference_top_k(full_table, full_pop, user[0], np.array([], int), [], weight, 4)
+        history = np.concatenate([[0, 0], best[:2], rng.integers(1, n_all + 1, 5)])
         exclude = np.concatenate([best[2:], [0]])
-        items, scores = session.run(
-            [contract.TOP_ITEMS, contract.TOP_SCORES],
-            {
-                contract.WEIGHTED_USER_EMBEDDING: user,
-                contract.HISTORY_ITEMS: history.reshape(1, -1).astype(np.int64),
-                contract.EXCLUDE_ITEMS: exclude.reshape(1, -1).astype(np.int64),
-                contract.LONG_TAIL_WEIGHT: np.array([[weight]], dtype=np.float32),
-                contract.TOP_K: np.array([k], dtype=np.int64),
-            },
-        )
+        feeds = {
+            contract.WEIGHTED_USER_EMBEDDING: user,
+            contract.HISTORY_ITEMS: history.reshape(1, -1).astype(np.int64),
+            contract.EXCLUDE_ITEMS: exclude.reshape(1, -1).astype(np.int64),
+            contract.LONG_TAIL_WEIGHT: np.array([[weight]], dtype=np.float32),
+            contract.TOP_K: np.array([k], dtype=np.int64),
+        }
+        if n_extra is not None:
+            feeds[contract.EXTRA_ITEM_VECTORS] = extra
+            feeds[contract.EXTRA_POPULARITY] = extra_pop.astype(np.float32)
+        items, scores = session.run([contract.TOP_ITEMS, contract.TOP_SCORES], feeds)
         want_items, want_scores = _reference_top_k(
-            table, popularity, user[0], history, exclude, weight, k
+            full_table, full_pop, user[0], history, exclude, weight, k
         )
         assert items[0].tolist() == want_items.tolist(), (scan, case)
         np.testing.assert_allclose(scores[0], want_scores, rtol=1e-5, atol=1e-5)
@@ -389,6 +396,8 @@ def test_synthetic_catalogue_exports_a_scorer_that_ranks_like_numpy(tmp_path: Pa
                 contract.EXCLUDE_ITEMS: np.zeros((1, 1), dtype=np.int64),
                 contract.LONG_TAIL_WEIGHT: np.array([[0.5]], dtype=np.float32),
                 contract.TOP_K: np.array([10], dtype=np.int64),
+                contract.EXTRA_ITEM_VECTORS: np.zeros((0, table.shape[1]), dtype=np.float32),
+                contract.EXTRA_POPULARITY: np.zeros(0, dtype=np.float32),
             },
         )
         want, want_scores = _reference_top_k(

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export_scripts import export as export_module
 from export_scripts import onnx_graphs, triton_config
-from ltrec.models import ModelConfig, Recommender, Scorer, UserEncoder
+from ltrec.models import ItemLookup, ModelConfig, Recommender, Scorer, UserEncoder
 from ltrec.train import load_checkpoint, long_tail_mask
 from server import contract
 from server.catalogue import load_model_repository
@@ -58,8 +58,10 @@ TOWER_MODELS = (
     contract.USER_ENCODER_MODEL,
     contract.CONTEXT_WEIGHTING_MODEL,
     contract.SCORER_MODEL,
+    contract.ITEM_LOOKUP_MODEL,
 )
-EXPORTED_MODELS = (contract.ENSEMBLE_MODEL, *TOWER_MODELS)
+ENSEMBLES = (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
+EXPORTED_MODELS = (*ENSEMBLES, *TOWER_MODELS)
 
 
 def write_checkpoint(path: Path) -> dict:
@@ -130,7 +132,7 @@ def reuse_tower_exports(mp: pytest.MonkeyPatch, source: Path) -> None:
     """Make further exports copy the module's torch.onnx files instead of re-exporting them."""
 
     def copier(model: str):
-        def copy(*args: object) -> None:
+        def copy(*args: object, **_options: object) -> None:
             path = args[-1]
             assert isinstance(path, Path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +173,7 @@ def test_export_fails_when_a_graph_disagrees_with_torch(
     reuse_tower_exports(monkeypatch, exported.repo)
     real_graph = onnx_graphs.scorer_graph
 
-    def perturbed(item_table: np.ndarray, popularity: np.ndarray, **options: str):
+    def perturbed(item_table: np.ndarray, popularity: np.ndarray, **options: object):
         return real_graph(item_table + np.float32(0.01), popularity, **options)
 
     monkeypatch.setattr(onnx_graphs, "scorer_graph", perturbed)
@@ -190,8 +192,9 @@ def test_repository_layout(exported: Exported) -> None:
     assert models == sorted(EXPORTED_MODELS)
     for model in TOWER_MODELS:
         assert (exported.repo / model / export_module.VERSION / "model.onnx").is_file()
-    ensemble_version = exported.repo / contract.ENSEMBLE_MODEL / export_module.VERSION
-    assert ensemble_version.is_dir() and not any(ensemble_version.iterdir())
+    for ensemble in ENSEMBLES:
+        ensemble_version = exported.repo / ensemble / export_module.VERSION
+        assert ensemble_version.is_dir() and not any(ensemble_version.iterdir())
 
 
 @pytest.mark.parametrize("model", EXPORTED_MODELS)
@@ -201,7 +204,7 @@ def test_config_round_trips_through_text_format(exported: Exported, model: str) 
     assert text_format.MessageToString(parsed) == text
     assert parsed.name == model
     assert parsed.max_batch_size == 0
-    if model == contract.ENSEMBLE_MODEL:
+    if model in ENSEMBLES:
         assert parsed.platform == "ensemble"
     else:
         assert parsed.backend == "onnxruntime"
@@ -209,19 +212,44 @@ def test_config_round_trips_through_text_format(exported: Exported, model: str) 
         assert not parsed.optimization.execution_accelerators.gpu_execution_accelerator
 
 
-def test_ensemble_steps_are_wired_to_existing_models_in_order(exported: Exported) -> None:
-    ensemble = read_config(exported.repo, contract.ENSEMBLE_MODEL)
+ENSEMBLE_WIRING = {
+    contract.ENSEMBLE_MODEL: (
+        {
+            contract.HISTORY_ITEMS,
+            contract.HISTORY_EVENT_TYPES,
+            contract.CONTEXT,
+            contract.EXCLUDE_ITEMS,
+            contract.LONG_TAIL_WEIGHT,
+            contract.TOP_K,
+            contract.EXTRA_ITEM_VECTORS,
+            contract.EXTRA_POPULARITY,
+        },
+        [contract.USER_ENCODER_MODEL, contract.CONTEXT_WEIGHTING_MODEL, contract.SCORER_MODEL],
+    ),
+    contract.SIMILAR_ITEMS_MODEL: (
+        {
+            contract.QUERY_ITEMS,
+            contract.EXCLUDE_ITEMS,
+            contract.LONG_TAIL_WEIGHT,
+            contract.TOP_K,
+            contract.EXTRA_ITEM_VECTORS,
+            contract.EXTRA_POPULARITY,
+        },
+        [contract.ITEM_LOOKUP_MODEL, contract.SCORER_MODEL],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ENSEMBLES)
+def test_ensemble_steps_are_wired_to_existing_models_in_order(
+    exported: Exported, name: str
+) -> None:
+    ensemble = read_config(exported.repo, name)
     available = {i.name for i in ensemble.input}
-    assert available == {
-        contract.HISTORY_ITEMS,
-        contract.HISTORY_EVENT_TYPES,
-        contract.CONTEXT,
-        contract.EXCLUDE_ITEMS,
-        contract.LONG_TAIL_WEIGHT,
-        contract.TOP_K,
-    }
+    want_inputs, want_steps = ENSEMBLE_WIRING[name]
+    assert available == want_inputs
     steps = ensemble.ensemble_scheduling.step
-    assert [s.model_name for s in steps] == list(TOWER_MODELS)
+    assert [s.model_name for s in steps] == want_steps
     for step in steps:
         model = read_config(exported.repo, step.model_name)
         # Keys are the step model's own tensor names, values the ensemble's tensors.
@@ -236,6 +264,10 @@ def test_ensemble_steps_are_wired_to_existing_models_in_order(exported: Exported
         contract.TOP_SCORES,
         contract.REASON_POSITIONS,
     }
+    if name == contract.SIMILAR_ITEMS_MODEL:  # the query item is the scorer's "history"
+        scorer_step = steps[-1]
+        assert scorer_step.input_map[contract.HISTORY_ITEMS] == contract.QUERY_ITEMS
+        assert scorer_step.input_map[contract.WEIGHTED_USER_EMBEDDING] == contract.QUERY_EMBEDDING
 
 
 @pytest.mark.parametrize("model", TOWER_MODELS)
@@ -299,30 +331,25 @@ def pad_left(rows: list[list[int]]) -> np.ndarray:
     return np.array([[0] * (width - len(r)) + r for r in rows], dtype=np.int64)
 
 
-@pytest.mark.parametrize(
-    ("histories", "weight"),
-    [
-        ([[7]], 0.0),
-        ([[3, 9, 27, 1, 40]], 0.8),
-        ([list(range(5, 5 + CFG.max_history))], 0.3),
-        ([[2, 4, 6], [11, 13, 17, 19, 23, 29, 31]], 0.5),  # batch 2, left-padded
-    ],
-)
-def test_chained_onnx_models_recommend_what_torch_does(
-    exported: Exported, histories: list[list[int]], weight: float
-) -> None:
-    hist = pad_left(histories)
-    rng = np.random.default_rng(len(histories[-1]))
-    types = np.where(hist == 0, 0, rng.integers(1, len(contract.EVENT_TYPES) + 1, hist.shape))
-    batch = hist.shape[0]
-    context = np.tile(np.array([[14, 3, 2, 1]], dtype=np.int64), (batch, 1))
-    exclude = np.tile(np.array([[8, 12]], dtype=np.int64), (batch, 1))
-    long_tail = np.full((batch, 1), weight, dtype=np.float32)
-    k = 10
-
-    repo = exported.repo
+def run_chain(
+    repo: Path,
+    hist: np.ndarray,
+    types: np.ndarray,
+    context: np.ndarray,
+    exclude: np.ndarray,
+    long_tail: np.ndarray,
+    k: int,
+    extra: np.ndarray,
+    extra_pop: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """The recommend ensemble's three graphs chained with onnxruntime."""
     (user,) = session(repo, contract.USER_ENCODER_MODEL).run(
-        None, {contract.HISTORY_ITEMS: hist, contract.HISTORY_EVENT_TYPES: types.astype(np.int64)}
+        None,
+        {
+            contract.HISTORY_ITEMS: hist,
+            contract.HISTORY_EVENT_TYPES: types,
+            contract.EXTRA_ITEM_VECTORS: extra,
+        },
     )
     (weighted,) = session(repo, contract.CONTEXT_WEIGHTING_MODEL).run(
         None, {contract.USER_EMBEDDING: user, contract.CONTEXT: context}
@@ -335,14 +362,51 @@ def test_chained_onnx_models_recommend_what_torch_does(
             contract.EXCLUDE_ITEMS: exclude,
             contract.LONG_TAIL_WEIGHT: long_tail,
             contract.TOP_K: np.array([k], dtype=np.int64),
+            contract.EXTRA_ITEM_VECTORS: extra,
+            contract.EXTRA_POPULARITY: extra_pop,
         },
+    )
+    return user, weighted, items, scores, reasons
+
+
+@pytest.mark.parametrize(
+    ("histories", "weight", "n_extra"),
+    [
+        ([[7]], 0.0, 0),
+        ([[3, 9, 27, 1, 40]], 0.8, 0),
+        ([list(range(5, 5 + CFG.max_history))], 0.3, 0),
+        ([[2, 4, 6], [11, 13, 17, 19, 23, 29, 31]], 0.5, 0),  # batch 2, left-padded
+        # items added after training (indices N+1..N+M) in the history and the exclusions
+        ([[3, N_ITEMS + 1, 9, N_ITEMS + 3]], 0.8, 3),
+        ([[N_ITEMS + 2], [11, 13, N_ITEMS + 1, 19]], 0.5, 2),
+    ],
+)
+def test_chained_onnx_models_recommend_what_torch_does(
+    exported: Exported, histories: list[list[int]], weight: float, n_extra: int
+) -> None:
+    hist = pad_left(histories)
+    rng = np.random.default_rng(len(histories[-1]))
+    types = np.where(hist == 0, 0, rng.integers(1, len(contract.EVENT_TYPES) + 1, hist.shape))
+    types = types.astype(np.int64)
+    batch = hist.shape[0]
+    context = np.tile(np.array([[14, 3, 2, 1]], dtype=np.int64), (batch, 1))
+    excluded = [8, 12] + ([N_ITEMS + n_extra] if n_extra else [])
+    exclude = np.tile(np.array([excluded], dtype=np.int64), (batch, 1))
+    long_tail = np.full((batch, 1), weight, dtype=np.float32)
+    extra = rng.standard_normal((n_extra, CFG.embedding_dim)).astype(np.float32)
+    extra_pop = rng.integers(0, 20, n_extra).astype(np.float32)
+    k = 10
+
+    user, weighted, items, scores, reasons = run_chain(
+        exported.repo, hist, types, context, exclude, long_tail, k, extra, extra_pop
     )
 
     model, ckpt = load_checkpoint(exported.checkpoint)
     with torch.no_grad():
         table = model.item_table()
+        t_extra = torch.from_numpy(extra)
         t_user = UserEncoder(table, model.user_tower).eval()(
-            torch.from_numpy(hist), torch.from_numpy(types.astype(np.int64))
+            torch.from_numpy(hist), torch.from_numpy(types), t_extra
         )
         t_weighted = model.context_weighting(t_user, torch.from_numpy(context))
         t_items, t_scores, t_reasons = Scorer(table, torch.from_numpy(ckpt["popularity"]))(
@@ -351,6 +415,8 @@ def test_chained_onnx_models_recommend_what_torch_does(
             torch.from_numpy(exclude),
             torch.from_numpy(long_tail),
             k,
+            t_extra,
+            torch.from_numpy(extra_pop),
         )
     np.testing.assert_allclose(user, t_user.numpy(), atol=1e-4, rtol=0)
     assert items.shape == (batch, k)
@@ -358,9 +424,68 @@ def test_chained_onnx_models_recommend_what_torch_does(
     np.testing.assert_allclose(scores, t_scores.numpy(), atol=1e-4, rtol=0)
     assert reasons.tolist() == t_reasons.tolist()
     for row, history in enumerate(histories):
-        assert not set(items[row].tolist()) & {0, 8, 12, *history}
+        assert not set(items[row].tolist()) & {0, *excluded, *history}
+        assert all(0 < i <= N_ITEMS + n_extra for i in items[row].tolist())
         # The reason position points at a real (non-padding) history item.
         assert all(hist[row, p] != 0 for p in reasons[row])
+
+
+def test_a_new_item_is_recommended_and_has_similar_items_through_onnx(exported: Exported) -> None:
+    """An item that was never trained on, given only as an overlay vector, is ranked by the
+    graphs like any other: first when it is closest to the user, and its neighbours (item
+    lookup -> scorer, as the similar_items ensemble) are the torch scorer's for its vector."""
+    repo, dim = exported.repo, CFG.embedding_dim
+    hist = np.array([[3, 9, 27]], dtype=np.int64)
+    types = np.ones_like(hist)
+    context = np.array([[14, 3, 2, 1]], dtype=np.int64)
+    no_extra = np.zeros((0, dim), dtype=np.float32)
+    none = np.zeros((1, 1), dtype=np.int64)
+    weight = np.array([[0.5]], dtype=np.float32)
+    _, weighted, before, _, _ = run_chain(
+        repo, hist, types, context, none, weight, 5, no_extra, np.zeros(0, np.float32)
+    )
+    assert N_ITEMS + 1 not in before[0]
+    # A new item pointing where the user points, far out: it must come first.
+    new = 10 * weighted / np.linalg.norm(weighted)
+    other = -new  # and one pointing away: never in the top 5
+    extra = np.concatenate([other, new]).astype(np.float32)
+    _, _, items, scores, reasons = run_chain(
+        repo, hist, types, context, none, weight, 5, extra, np.zeros(2, np.float32)
+    )
+    assert items[0, 0] == N_ITEMS + 2 and N_ITEMS + 1 not in items[0]
+    assert items[0, 1:].tolist() == before[0, :4].tolist()  # the rest shift down by one
+
+    (query,) = session(repo, contract.ITEM_LOOKUP_MODEL).run(
+        None,
+        {contract.QUERY_ITEMS: np.array([[N_ITEMS + 2]]), contract.EXTRA_ITEM_VECTORS: extra},
+    )
+    np.testing.assert_allclose(query, new, atol=1e-6)
+    feeds = {
+        contract.WEIGHTED_USER_EMBEDDING: query,
+        contract.HISTORY_ITEMS: np.array([[N_ITEMS + 2]]),
+        contract.EXCLUDE_ITEMS: np.array([[5]]),
+        contract.LONG_TAIL_WEIGHT: weight,
+        contract.TOP_K: np.array([6], dtype=np.int64),
+        contract.EXTRA_ITEM_VECTORS: extra,
+        contract.EXTRA_POPULARITY: np.zeros(2, np.float32),
+    }
+    similar, similar_scores, _ = session(repo, contract.SCORER_MODEL).run(None, feeds)
+    model, ckpt = load_checkpoint(exported.checkpoint)
+    with torch.no_grad():
+        table = model.item_table()
+        t_query = ItemLookup(table)(torch.tensor([[N_ITEMS + 2]]), torch.from_numpy(extra))
+        t_items, t_scores, _ = Scorer(table, torch.from_numpy(ckpt["popularity"]))(
+            t_query,
+            torch.tensor([[N_ITEMS + 2]]),
+            torch.tensor([[5]]),
+            torch.from_numpy(weight),
+            6,
+            torch.from_numpy(extra),
+            torch.zeros(2),
+        )
+    assert similar.tolist() == t_items.tolist()
+    np.testing.assert_allclose(similar_scores, t_scores.numpy(), atol=1e-4, rtol=0)
+    assert not {N_ITEMS + 2, 5, 0} & set(similar[0].tolist())
 
 
 # --- catalogue and metadata --------------------------------------------------------------------

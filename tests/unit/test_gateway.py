@@ -42,9 +42,13 @@ ITEMS = [
     ("i5", "Nixon, Part 2 (1995)", 10, 1),
     ("i6", "Balto (1995)", 5, 1),
 ]
+DIM = 4
 METADATA = {
     "model_version": "20261129-ab12cd",
     "max_history": 3,
+    "embedding_dim": DIM,
+    "item_overlay": True,
+    "model_config": {"text_max_tokens": 16},
     "default_long_tail_weight": 0.25,
     "long_tail_weight_max": 2.0,
     "vocabularies": {
@@ -57,8 +61,28 @@ METADATA = {
 }
 
 
-def write_repository(directory: Path, items: Sequence[tuple[str, str, int, int]] = ITEMS) -> Path:
+def write_tokenizer(directory: Path) -> None:
+    """A tiny word-level tokenizer where the export writes MiniLM's (no download)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", ".", ":", ">", "category", "brand", "price", "toy", "space"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = directory / contract.ITEM_TEXT_ENCODER_MODEL / contract.TOKENIZER_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+def write_repository(
+    directory: Path,
+    items: Sequence[tuple[str, str, int, int]] = ITEMS,
+    *,
+    tokenizer: bool = True,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        write_tokenizer(directory)
     (directory / contract.METADATA_FILE).write_text(json.dumps(METADATA), encoding="utf-8")
     with (directory / contract.CATALOGUE_FILE).open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
@@ -84,11 +108,25 @@ class InferCall:
     request_id: str
 
 
+RANKING_OUTPUTS = (contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS)
+
+
+def fake_item_vectors(input_ids: np.ndarray) -> np.ndarray:
+    """What the fake item text encoder answers: a vector that depends on the tokens."""
+    seeds = input_ids.sum(axis=1, keepdims=True).astype(np.float32)
+    return (np.arange(1, DIM + 1, dtype=np.float32) * (1.0 + seeds)).astype(np.float32)
+
+
 class FakeTransport:
-    """Stands in for tritonclient: records each call, then answers, fails or stalls."""
+    """Stands in for tritonclient: records each call, then answers, fails or stalls.
+
+    The ranking ensembles (recommend, similar_items) answer `result`; the item text encoder
+    answers `fake_item_vectors` of its input ids (or `encoder_result` when set).
+    """
 
     def __init__(self, result: Mapping[str, np.ndarray] | None = None) -> None:
         self.result = dict(result) if result is not None else outputs([1], [1.0], [0])
+        self.encoder_result: dict[str, np.ndarray] | None = None
         self.errors: list[BaseException] = []  # raised first, one per call
         self.always: BaseException | None = None
         self.delay_seconds = 0.0
@@ -105,11 +143,11 @@ class FakeTransport:
         client_timeout: float,
         request_id: str,
     ) -> dict[str, np.ndarray]:
-        assert tuple(output_names) == (
-            contract.TOP_ITEMS,
-            contract.TOP_SCORES,
-            contract.REASON_POSITIONS,
-        )
+        if model_name == contract.ITEM_TEXT_ENCODER_MODEL:
+            assert tuple(output_names) == (contract.ITEM_VECTOR,)
+        else:
+            assert model_name in (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
+            assert tuple(output_names) == RANKING_OUTPUTS
         self.calls.append(InferCall(model_name, dict(inputs), client_timeout, request_id))
         if self.errors:
             raise self.errors.pop(0)
@@ -117,7 +155,14 @@ class FakeTransport:
             raise self.always
         if self.delay_seconds:
             await asyncio.sleep(self.delay_seconds)
+        if model_name == contract.ITEM_TEXT_ENCODER_MODEL:
+            if self.encoder_result is not None:
+                return self.encoder_result
+            return {contract.ITEM_VECTOR: fake_item_vectors(inputs[contract.TEXT_INPUT_IDS])}
         return self.result
+
+    def ranking_calls(self, model_name: str = contract.ENSEMBLE_MODEL) -> list[InferCall]:
+        return [call for call in self.calls if call.model_name == model_name]
 
     async def is_model_ready(self, model_name: str, *, client_timeout: float) -> bool:
         assert model_name == contract.ENSEMBLE_MODEL
@@ -152,6 +197,7 @@ async def running_gateway(
         "health_poll_interval_seconds": 0.02,
         "allow_plaintext": True,
         "feedback_dir": repository.parent / "feedback",
+        "items_dir": repository.parent / "items",
     }
     settings.update(config)
     server, port = create_server(GatewayConfig(**settings), transport=fake)
@@ -249,6 +295,8 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
         contract.EXCLUDE_ITEMS,
         contract.LONG_TAIL_WEIGHT,
         contract.TOP_K,
+        contract.EXTRA_ITEM_VECTORS,
+        contract.EXTRA_POPULARITY,
     }
     # Sorted by time (stable), unknown id dropped, then the last max_history=3 known events.
     np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[2, 3, 1]])
@@ -259,6 +307,9 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
     np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[6]])
     np.testing.assert_array_equal(tensors[contract.LONG_TAIL_WEIGHT], [[0.25]])
     np.testing.assert_array_equal(tensors[contract.TOP_K], [6])  # min(k=10, N=6)
+    # No items added after training: an empty overlay of the model's width.
+    assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (0, DIM)
+    assert tensors[contract.EXTRA_POPULARITY].shape == (0,)
     expected_dtypes = {
         contract.HISTORY_ITEMS: np.int64,
         contract.HISTORY_EVENT_TYPES: np.int64,
@@ -266,6 +317,8 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
         contract.EXCLUDE_ITEMS: np.int64,
         contract.LONG_TAIL_WEIGHT: np.float32,
         contract.TOP_K: np.int64,
+        contract.EXTRA_ITEM_VECTORS: np.float32,
+        contract.EXTRA_POPULARITY: np.float32,
     }
     assert {name: array.dtype.type for name, array in tensors.items()} == expected_dtypes
 

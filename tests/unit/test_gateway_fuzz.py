@@ -1,15 +1,20 @@
 """Property-based fuzzing of every RPC: malformed and extreme requests get only documented codes.
 
-The gateway runs once (its own event loop, in a thread) against the fake Triton of
-`test_gateway`; hypothesis sends thousands of requests over a real gRPC channel.
+The gateway runs once per module fixture (its own event loop, in a thread) against the fake
+Triton of `test_gateway`; hypothesis sends thousands of requests over a real gRPC channel. The
+item RPCs (UpsertItems, DeleteItems, SimilarItems) get a gateway of their own, so that the items
+they add do not change what the Recommend properties call known.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -26,6 +31,7 @@ MAX_K = 50
 MAX_REQUEST_HISTORY = 20
 MAX_EXCLUDE = 10
 MAX_FEEDBACK_BATCH = 8
+MAX_ITEM_BATCH = 6
 SERVED_VERSION = METADATA["model_version"]
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
@@ -69,27 +75,29 @@ WEIGHTS = st.one_of(st.none(), st.floats(width=32, allow_nan=True, allow_infinit
 
 
 class RankingFake(FakeTransport):
-    """Answers like the scorer: at most `top_k` items, never padding, history or exclusions."""
+    """Answers like the scorer: at most `top_k` items, never padding, history or exclusions
+    (for SimilarItems: never the query item); the item text encoder answers like
+    `FakeTransport`."""
 
     async def infer(self, model_name, inputs, output_names, *, client_timeout, request_id):  # type: ignore[no-untyped-def]
-        await super().infer(
+        answer = await super().infer(
             model_name, inputs, output_names, client_timeout=client_timeout, request_id=request_id
         )
-        banned = set(inputs[contract.HISTORY_ITEMS].ravel()) | set(
-            inputs[contract.EXCLUDE_ITEMS].ravel()
-        )
-        eligible = [i for i in range(1, len(ITEMS) + 1) if i not in banned]
+        if model_name == contract.ITEM_TEXT_ENCODER_MODEL:
+            return answer
+        self.calls.clear()  # thousands of calls: keep none
+        history = inputs.get(contract.HISTORY_ITEMS, inputs.get(contract.QUERY_ITEMS))
+        banned = set(history.ravel()) | set(inputs[contract.EXCLUDE_ITEMS].ravel())
+        n_rows = len(ITEMS) + len(inputs[contract.EXTRA_ITEM_VECTORS])
+        eligible = [i for i in range(1, n_rows + 1) if i not in banned]
         k = int(inputs[contract.TOP_K][0])
         ranked = (eligible + [0] * k)[:k]
-        scores = [float(len(ITEMS) - n) if i else float("-inf") for n, i in enumerate(ranked)]
+        scores = [float(n_rows - n) if i else float("-inf") for n, i in enumerate(ranked)]
         return outputs(ranked, scores, [0] * k)
 
 
-@pytest.fixture(scope="module")
-def stub(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[recommender_pb2_grpc.RecommenderStub]:
-    root = tmp_path_factory.mktemp("fuzz")
+@contextlib.contextmanager
+def fuzzed_gateway(root: Path, **settings: Any) -> Iterator[recommender_pb2_grpc.RecommenderStub]:
     repository = write_repository(root / "model_repository")
     fake = RankingFake()
     config = GatewayConfig(
@@ -103,7 +111,10 @@ def stub(
         health_poll_interval_seconds=0.05,
         allow_plaintext=True,
         feedback_dir=root / "feedback",
+        items_dir=root / "items",
         feedback_max_batch=MAX_FEEDBACK_BATCH,
+        items_max_batch=MAX_ITEM_BATCH,
+        **settings,
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -123,6 +134,22 @@ def stub(
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(timeout=30)  # type: ignore[attr-defined]
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stub(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[recommender_pb2_grpc.RecommenderStub]:
+    with fuzzed_gateway(tmp_path_factory.mktemp("fuzz")) as stub:
+        yield stub
+
+
+@pytest.fixture(scope="module")
+def items_stub(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[recommender_pb2_grpc.RecommenderStub]:
+    with fuzzed_gateway(tmp_path_factory.mktemp("fuzz-items")) as stub:
+        yield stub
 
 
 @settings(
@@ -205,3 +232,111 @@ def test_any_feedback_gets_ok_or_invalid_argument(
     assert 1 <= len(events) <= MAX_FEEDBACK_BATCH
     assert all(map(_accepted_event, events)), events
     assert reply.accepted == len(events)
+
+
+# --- The item RPCs -----------------------------------------------------------------------------
+
+NEW_IDS = st.sampled_from(["new-a", "new-b", "new-c"])
+ITEMS_IDS = st.one_of(st.sampled_from(KNOWN_IDS), NEW_IDS, st.text(max_size=300))
+ITEM_MESSAGES = st.builds(
+    recommender_pb2.Item,
+    item_id=ITEMS_IDS,
+    title=st.one_of(st.just("A new film (2031)"), st.text(max_size=600)),
+    description=st.one_of(st.just(""), st.text(max_size=200), st.just("d" * 10_001)),
+    category=st.text(max_size=600),
+    brand=st.text(max_size=300),
+    price_bucket=st.integers(min_value=-1, max_value=5),
+    attributes=st.dictionaries(st.text(max_size=70), st.text(max_size=40), max_size=3),
+    image=st.one_of(st.just(b""), st.binary(max_size=16)),
+    image_path=st.text(max_size=40),
+)
+
+
+def _accepted_item(item: recommender_pb2.Item) -> bool:
+    return (
+        0 < len(item.item_id) <= 256
+        and bool(item.title.strip())
+        and len(item.title) <= 512
+        and len(item.description) <= 10_000
+        and len(item.category) <= 512
+        and len(item.brand) <= 256
+        and 0 <= item.price_bucket <= 3
+        and all(0 < len(key) <= 64 and len(v) <= 1024 for key, v in item.attributes.items())
+    )
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    items=st.lists(ITEM_MESSAGES, max_size=MAX_ITEM_BATCH + 2),
+    delete=st.lists(ITEMS_IDS, max_size=MAX_ITEM_BATCH + 2),
+    similar=st.builds(
+        recommender_pb2.SimilarItemsRequest,
+        item_id=ITEMS_IDS,
+        k=st.one_of(st.integers(min_value=-2, max_value=MAX_K + 2), INT32),
+        exclude_item_ids=st.lists(ITEMS_IDS, max_size=MAX_EXCLUDE + 2),
+        model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
+    ),
+    weight=WEIGHTS,
+)
+def test_any_item_request_gets_only_documented_codes(
+    items_stub: recommender_pb2_grpc.RecommenderStub,
+    items: list[recommender_pb2.Item],
+    delete: list[str],
+    similar: recommender_pb2.SimilarItemsRequest,
+    weight: float | None,
+) -> None:
+    # UpsertItems: OK exactly when every bound holds (ids distinct), else INVALID_ARGUMENT.
+    accepted = (
+        1 <= len(items) <= MAX_ITEM_BATCH
+        and all(map(_accepted_item, items))
+        and len({i.item_id for i in items}) == len(items)
+    )
+    try:
+        reply = items_stub.UpsertItems(recommender_pb2.UpsertItemsRequest(items=items), timeout=10)
+        assert accepted, items
+        assert reply.upserted == len(items)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        assert exc.details() and not accepted
+
+    # DeleteItems: INVALID_ARGUMENT out of bounds, NOT_FOUND for an id never seen, else OK.
+    try:
+        deleted = items_stub.DeleteItems(
+            recommender_pb2.DeleteItemsRequest(item_ids=delete), timeout=10
+        )
+        assert 1 <= len(delete) <= MAX_ITEM_BATCH
+        assert deleted.deleted == len(set(delete))
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (
+            exc.code(),
+            exc.details(),
+        )
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            assert "is not in the catalogue" in exc.details()
+            assert 1 <= len(delete) <= MAX_ITEM_BATCH and all(0 < len(i) <= 256 for i in delete)
+
+    # SimilarItems: INVALID_ARGUMENT out of bounds, NOT_FOUND for an unknown, hidden or
+    # unserved thing, else at most k items, never the query or an exclusion.
+    if weight is not None:
+        similar.long_tail_weight = weight
+    try:
+        reply = items_stub.SimilarItems(similar, timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (
+            exc.code(),
+            exc.details(),
+        )
+        assert exc.details()
+        return
+    assert similar.model_version in ("", SERVED_VERSION)
+    assert 1 <= similar.k <= MAX_K and len(similar.exclude_item_ids) <= MAX_EXCLUDE
+    if weight is not None:
+        assert math.isfinite(weight) and 0 <= weight <= 2
+    returned = [item.item_id for item in reply.items]
+    assert len(returned) <= similar.k
+    assert similar.item_id not in returned
+    assert not set(returned) & set(similar.exclude_item_ids)

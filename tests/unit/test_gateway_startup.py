@@ -206,6 +206,7 @@ def _config(repository: Path, **changes: Any) -> GatewayConfig:
         "triton_retry_backoff_seconds": 0.01,
         "allow_plaintext": True,
         "feedback_dir": repository.parent / "feedback",
+        "items_dir": repository.parent / "items",
     }
     settings.update(changes)
     return GatewayConfig(**settings)
@@ -290,6 +291,8 @@ async def test_grpc_transport_sends_the_contract_tensors_to_triton(tmp_path: Pat
         contract.EXCLUDE_ITEMS: ("INT64", [1, 1]),
         contract.LONG_TAIL_WEIGHT: ("FP32", [1, 1]),
         contract.TOP_K: ("INT64", [1]),
+        contract.EXTRA_ITEM_VECTORS: ("FP32", [0, METADATA["embedding_dim"]]),
+        contract.EXTRA_POPULARITY: ("FP32", [0]),
     }
     assert {o.name for o in sent.outputs} == {
         contract.TOP_ITEMS,

@@ -51,6 +51,7 @@ async def tls_gateway(repository: Path, **tls: str) -> AsyncIterator[int]:
         metrics_port=0,
         model_repository=repository,
         feedback_dir=repository.parent / "feedback",
+        items_dir=repository.parent / "items",
         **tls,
     )
     server, port = create_server(config, transport=FakeTransport())
@@ -119,6 +120,8 @@ async def test_tls_configuration_errors_name_the_variable(pki: Path, tmp_path: P
         model_repository=write_repository(tmp_path / "repo"),
         tls_cert_file=str(pki / "server.crt"),
         tls_key_file=str(tmp_path / "missing.key"),
+        feedback_dir=tmp_path / "feedback",
+        items_dir=tmp_path / "items",
     )
     with pytest.raises(StartupError, match="LTREC_TLS_KEY_FILE: cannot read .*missing.key"):
         create_server(config, transport=FakeTransport())

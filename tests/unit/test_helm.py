@@ -407,6 +407,12 @@ def test_gateway_plaintext_only_when_allowed_and_feedback_store_per_pod() -> Non
     assert volume["persistentVolumeClaim"] == {"claimName": "ltrec-feedback"}
     (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "feedback"]
     assert mount["mountPath"] == env["LTREC_FEEDBACK_DIR"]["value"]
+    # The item store: one claim shared by every replica (they poll each other's segments).
+    shared = pod_spec(render({"gateway": {"items": {"existingClaim": "ltrec-items"}}}), "gateway")
+    (volume,) = [v for v in shared["volumes"] if v["name"] == "items"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "ltrec-items"}
+    (mount,) = [m for m in shared["containers"][0]["volumeMounts"] if m["name"] == "items"]
+    assert mount["mountPath"] == env["LTREC_ITEMS_DIR"]["value"]
     tls_spec = pod_spec(render(VALUES["object-store"]), "gateway")
     assert "LTREC_ALLOW_PLAINTEXT" not in {e["name"] for e in tls_spec["containers"][0]["env"]}
     with pytest.raises(Exception, match="allow plaintext explicitly"):

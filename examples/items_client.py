@@ -1,0 +1,147 @@
+"""Add, hide and relate catalogue items on the running gateway, without retraining.
+
+    python examples/items_client.py upsert --file examples/new_items.csv [--batch 64]
+    python examples/items_client.py delete "Grave Shadows (2031)" [ID ...]
+    python examples/items_client.py similar "Toy Story (1995)" [-k 10] [--long-tail-weight 0.5]
+    (every command takes --address 127.0.0.1:50051 and --timeout SECONDS)
+
+`upsert` reads a CSV (UTF-8, header row) with the dataset format's item columns: `item_id` and
+`title` (required), `description`, `category` (`Books|Fiction`), `brand`, `price_bucket`
+(`budget`, `mid-range`, `premium` or empty) and `image_path`; any other column is kept as an
+attribute. It sends `UpsertItems` in batches (each encoded by the model's text encoder in Triton,
+acknowledged once on disk) and retries a batch on UNAVAILABLE: upserts are idempotent. Once it
+returns, the items are recommendable on every gateway replica within the poll interval (1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc  # noqa: E402
+
+FIELDS = ("item_id", "title", "description", "category", "brand", "price_bucket", "image_path")
+PRICE_BUCKETS = {
+    "": recommender_pb2.PRICE_BUCKET_UNSPECIFIED,
+    "budget": recommender_pb2.PRICE_BUCKET_BUDGET,
+    "mid-range": recommender_pb2.PRICE_BUCKET_MID_RANGE,
+    "premium": recommender_pb2.PRICE_BUCKET_PREMIUM,
+}
+RETRIES = 3
+T = TypeVar("T")
+
+
+def read_items(path: Path) -> list[recommender_pb2.Item]:
+    """CSV rows -> Items; a bad price bucket names its line."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        items = []
+        for row in reader:
+            bucket = (row.get("price_bucket") or "").strip().lower()
+            if bucket not in PRICE_BUCKETS:
+                raise SystemExit(
+                    f"{path}, line {reader.line_num}: price_bucket must be one of "
+                    f"{sorted(k for k in PRICE_BUCKETS if k)} or empty, got {bucket!r}"
+                )
+            items.append(
+                recommender_pb2.Item(
+                    item_id=(row.get("item_id") or "").strip(),
+                    title=(row.get("title") or "").strip(),
+                    description=row.get("description") or "",
+                    category=row.get("category") or "",
+                    brand=row.get("brand") or "",
+                    price_bucket=PRICE_BUCKETS[bucket],
+                    image_path=row.get("image_path") or "",
+                    attributes={k: v for k, v in row.items() if k and k not in FIELDS and v},
+                )
+            )
+    return items
+
+
+def batches(items: list[recommender_pb2.Item], size: int) -> Iterator[list[recommender_pb2.Item]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def with_retries(call: Callable[[], T]) -> T:
+    """Retries UNAVAILABLE (Triton or the store briefly away) with backoff."""
+    for attempt in range(RETRIES):
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--address", default="127.0.0.1:50051")
+    parser.add_argument("--timeout", type=float, default=30.0)
+    commands = parser.add_subparsers(dest="command", required=True)
+    upsert = commands.add_parser("upsert", help="add or replace items from a CSV file")
+    upsert.add_argument("--file", type=Path, required=True)
+    upsert.add_argument("--batch", type=int, default=64, help="items per call (gateway max 64)")
+    delete = commands.add_parser("delete", help="hide items: never recommended again")
+    delete.add_argument("item_ids", nargs="+")
+    similar = commands.add_parser("similar", help="items related to one item")
+    similar.add_argument("item_id")
+    similar.add_argument("-k", type=int, default=10)
+    similar.add_argument("--long-tail-weight", type=float, default=None)
+    args = parser.parse_args(argv)
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        try:
+            if args.command == "upsert":
+                items = read_items(args.file)
+                done = 0
+                for batch in batches(items, args.batch):
+                    reply = with_retries(
+                        lambda b=batch: stub.UpsertItems(
+                            recommender_pb2.UpsertItemsRequest(items=b), timeout=args.timeout
+                        )
+                    )
+                    done += reply.upserted
+                    print(
+                        f"upserted {reply.upserted} ({reply.created} new, "
+                        f"{reply.images_not_encoded} images not encoded yet) with model "
+                        f"{reply.model_version}"
+                    )
+                print(f"{done} items from {args.file} are recommendable")
+            elif args.command == "delete":
+                reply = with_retries(
+                    lambda: stub.DeleteItems(
+                        recommender_pb2.DeleteItemsRequest(item_ids=args.item_ids),
+                        timeout=args.timeout,
+                    )
+                )
+                print(f"hidden: {reply.deleted} items")
+            else:
+                request = recommender_pb2.SimilarItemsRequest(item_id=args.item_id, k=args.k)
+                if args.long_tail_weight is not None:
+                    request.long_tail_weight = args.long_tail_weight
+                reply = stub.SimilarItems(request, timeout=args.timeout)
+                print(f"related to {args.item_id} (model {reply.model_version}):")
+                for rank, item in enumerate(reply.items, 1):
+                    tail = " [long tail]" if item.long_tail else ""
+                    print(f"{rank:>3}. {item.title}  (score {item.score:.3f}){tail}")
+        except grpc.RpcError as exc:
+            print(f"call failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

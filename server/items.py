@@ -1,0 +1,455 @@
+"""The item store: items added or hidden after training, durable and shared by every replica.
+
+`UpsertItems` encodes new items through the Triton item text encoder and `DeleteItems` hides
+items; both append records (JSON lines) to segment files ``items-<replica>-<sequence>.jsonl``
+under one directory (`LTREC_ITEMS_DIR`, a volume every gateway replica mounts) and answer only
+after ``fdatasync``. Each replica writes its own segments (no locking) and reads everyone's: it
+applies its own records at once and polls the directory (every `LTREC_ITEMS_POLL_INTERVAL_SECONDS`,
+by file size) for the others', so a restarted or added replica rebuilds the same items from the
+files, and all replicas agree within one poll interval.
+
+State per item id is a last-writer-wins register keyed by (wall-clock time, replica, segment,
+line): the order in which a replica reads the segments does not matter, so replicas converge.
+(Two writes to the same item on two replicas within their clock skew may resolve either way.)
+
+The live items become the overlay of the trained catalogue (`Catalogue.with_overlay`): added
+items are indices N+1..N+M, whose vectors and popularity go to Triton with every request;
+deleted trained items, and trained items replaced by an upsert, are hidden (excluded from every
+request). A record's vector belongs to the model version that encoded it: after a rollout, each
+replica re-encodes the items (through Triton, in the background) before serving them.
+
+A crash can leave one torn line at the end of a segment (never acknowledged; a segment is never
+reopened); readers apply complete lines only. Writes are rare (catalogue changes, not traffic),
+so one write and one sync per call, serialised, is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server import metrics
+from server.catalogue import Catalogue, ModelMetadata
+from server.errors import BackendUnavailable, GatewayError, Overloaded, StartupError
+from server.feedback import replica_name
+from server.item_text import ItemFields
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_PREFIX = "items-"
+SEGMENT_SUFFIX = ".jsonl"
+_SEGMENT_RE = re.compile(r"^items-(?P<replica>[A-Za-z0-9_.-]+)-(?P<sequence>\d{6,})\.jsonl$")
+
+# Record kinds.
+UPSERT = "item_upsert"
+DELETE = "item_delete"
+# Re-encoding after a model rollout: items per Triton call.
+REENCODE_BATCH = 32
+
+Encoder = Callable[[list[str]], Awaitable[npt.NDArray[np.float32]]]
+Key = tuple[float, str, int, int]
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """One validated UpsertItems item, with the text the encoder reads."""
+
+    item_id: str
+    fields: ItemFields
+    text: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    image_path: str = ""
+    image_bytes: int = 0
+
+
+@dataclass
+class _Entry:
+    key: Key
+    deleted: bool
+    title: str = ""
+    text: str = ""
+    # None: encoded by another model version (or not at all): waiting to be re-encoded.
+    vector: npt.NDArray[np.float32] | None = None
+
+
+def encode_vector(vector: npt.NDArray[np.float32]) -> str:
+    """Little-endian float32 bytes, base64: exact and compact in a JSON line."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(text: str, dim: int) -> npt.NDArray[np.float32] | None:
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+    if len(raw) != 4 * dim:
+        return None
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    return vector if np.isfinite(vector).all() else None
+
+
+class ItemStore:
+    """The overlay of added and hidden items over the trained catalogue, kept in sync with the
+    shared directory. `catalogue` is the snapshot to serve a request with (immutable)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        trained: Catalogue,
+        metadata: ModelMetadata,
+        *,
+        replica: str = "",
+        poll_interval_seconds: float = 1.0,
+        max_segment_bytes: int = 64 * 1024 * 1024,
+        max_overlay_items: int = 10_000,
+    ) -> None:
+        self.directory = Path(directory)
+        self.replica = replica_name(replica)
+        self.poll_interval_seconds = poll_interval_seconds
+        self.max_segment_bytes = max_segment_bytes
+        self.max_overlay_items = max_overlay_items
+        self._trained = trained
+        self._model_version = metadata.model_version
+        self._dim = metadata.embedding_dim
+        self._entries: dict[str, _Entry] = {}
+        self._offsets: dict[str, int] = {}
+        self._catalogue = trained
+        self._live_added = 0
+        self._encoder: Encoder | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
+        self._size = 0
+        self._sequence = 0
+        self._line = 0
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self._catalogue
+
+    def set_encoder(self, encoder: Encoder | None) -> None:
+        """How records encoded by another model version get re-encoded (None: they wait)."""
+        self._encoder = encoder
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def open(self) -> None:
+        """Creates the directory and reads every segment; call before serving."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            own = [
+                int(match["sequence"])
+                for path in self.directory.iterdir()
+                if (match := _SEGMENT_RE.match(path.name)) and match["replica"] == self.replica
+            ]
+            records = self._scan()
+        except OSError as exc:
+            raise StartupError(
+                f"LTREC_ITEMS_DIR: cannot use {self.directory}: {exc.strerror}"
+            ) from exc
+        self._sequence = max(own, default=0)
+        self._apply(records)
+        logger.info(
+            "item store %s: %d added items, %d hidden trained items, %d to re-encode",
+            self.directory,
+            self._live_added,
+            self._catalogue.hidden.size,
+            self._pending_count(),
+        )
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._poll(), name="item-store-poll")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        async with self._lock:
+            await asyncio.to_thread(self._close_segment)
+
+    # --- queries -------------------------------------------------------------------------------
+    def knows(self, item_id: str) -> bool:
+        """A trained item or one the store has a record of (deleted ones included)."""
+        return item_id in self._trained.index_of or item_id in self._entries
+
+    def check_capacity(self, item_ids: Iterable[str]) -> None:
+        """Overloaded when upserting these would take the overlay past its bound."""
+        new = {
+            i
+            for i in item_ids
+            if (e := self._entries.get(i)) is None or e.deleted or e.vector is None
+        }
+        if self._live_added + len(new) > self.max_overlay_items:
+            raise Overloaded(
+                f"the item overlay holds {self._live_added} of at most {self.max_overlay_items} "
+                "added items; retrain (or raise LTREC_ITEMS_MAX_OVERLAY) to add more"
+            )
+
+    # --- writing -------------------------------------------------------------------------------
+    async def upsert(
+        self, items: list[NewItem], vectors: npt.NDArray[np.float32], request_id: str
+    ) -> None:
+        """Returns once every record is on disk and applied here; BackendUnavailable if not."""
+        records = [
+            {
+                "kind": UPSERT,
+                "item_id": item.item_id,
+                "title": item.fields.title,
+                "description": item.fields.description,
+                "category": item.fields.category,
+                "brand": item.fields.brand,
+                "price_bucket": item.fields.price_bucket,
+                "attributes": item.attributes,
+                "image_path": item.image_path,
+                "image_bytes": item.image_bytes,
+                "image_encoded": False,
+                "text": item.text,
+                "vector": encode_vector(vector),
+                "model_version": self._model_version,
+                "request_id": request_id,
+            }
+            for item, vector in zip(items, vectors, strict=True)
+        ]
+        await self._append(records)
+        metrics.ITEM_UPDATES_TOTAL.labels(op="upsert").inc(len(records))
+
+    async def delete(self, item_ids: list[str], request_id: str) -> None:
+        records = [
+            {"kind": DELETE, "item_id": item_id, "request_id": request_id} for item_id in item_ids
+        ]
+        await self._append(records)
+        metrics.ITEM_UPDATES_TOTAL.labels(op="delete").inc(len(records))
+
+    async def _append(self, records: list[dict[str, Any]]) -> None:
+        async with self._lock:
+            try:
+                if self._fd is None:
+                    await asyncio.to_thread(self._open_segment)
+                now = time.time()
+                for record in records:
+                    self._line += 1
+                    record.update(
+                        ts=now, replica=self.replica, segment=self._sequence, line=self._line
+                    )
+                data = b"".join(
+                    json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+                    for r in records
+                )
+                await asyncio.to_thread(self._write, data)
+            except OSError as exc:
+                metrics.ITEM_STORE_WRITE_ERRORS_TOTAL.inc()
+                logger.error("item store: write failed: %s", exc)
+                raise BackendUnavailable(
+                    f"the item store cannot write ({exc.strerror}); retry (upserts and deletes "
+                    "are idempotent)"
+                ) from exc
+            self._apply(records)
+
+    # --- file work (worker threads; writes serialised by the lock) -----------------------------
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fdatasync(self._fd)
+        except OSError:
+            # Readers may already hold part of this write: never write over it; the next write
+            # begins a new segment. (Callers retry; records are idempotent.)
+            self._close_segment()
+            raise
+        self._size += len(data)
+        if self._size >= self.max_segment_bytes:
+            self._close_segment()
+
+    def _open_segment(self) -> None:
+        self._sequence += 1
+        self._line = 0
+        name = f"{SEGMENT_PREFIX}{self.replica}-{self._sequence:06d}{SEGMENT_SUFFIX}"
+        self._fd = os.open(
+            self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640
+        )
+        self._size = 0
+        directory_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+        logger.info("item store: writing %s", name)
+
+    def _close_segment(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = None
+
+    def _scan(self) -> list[dict[str, Any]]:
+        """Complete lines appended to any segment since the last scan."""
+        records: list[dict[str, Any]] = []
+        names = sorted(p.name for p in self.directory.iterdir() if _SEGMENT_RE.match(p.name))
+        for name in names:
+            path = self.directory / name
+            try:
+                size = path.stat().st_size
+                offset = self._offsets.get(name, 0)
+                if size < offset:  # never happens to an append-only file: read it again
+                    offset = 0
+                if size == offset:
+                    continue
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read(size - offset)
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1  # a torn or unfinished last line waits
+            self._offsets[name] = offset + end
+            for line in data[:end].splitlines():
+                record = _parse(line)
+                if record is None:
+                    if line.strip(b"\0"):
+                        metrics.ITEM_STORE_UNREADABLE_LINES_TOTAL.inc()
+                        logger.warning("item store: %s has an unreadable line; skipped", name)
+                    continue
+                records.append(record)
+        return records
+
+    # --- state -----------------------------------------------------------------------------------
+    def _apply(self, records: list[dict[str, Any]]) -> None:
+        changed = False
+        for record in records:
+            key: Key = (
+                float(record["ts"]),
+                str(record["replica"]),
+                int(record["segment"]),
+                int(record["line"]),
+            )
+            item_id = record["item_id"]
+            current = self._entries.get(item_id)
+            if current is not None and current.key >= key:
+                continue
+            if record["kind"] == DELETE:
+                self._entries[item_id] = _Entry(key, deleted=True)
+            else:
+                vector = None
+                if record.get("model_version") == self._model_version:
+                    vector = decode_vector(str(record.get("vector", "")), self._dim)
+                self._entries[item_id] = _Entry(
+                    key,
+                    deleted=False,
+                    title=str(record.get("title", "")),
+                    text=str(record.get("text", "")),
+                    vector=vector,
+                )
+            changed = True
+        if changed:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        trained = self._trained
+        ids: list[str] = []
+        titles: list[str] = []
+        vectors: list[npt.NDArray[np.float32]] = []
+        popularity: list[int] = []
+        long_tail: list[bool] = []
+        hidden: list[int] = []
+        for item_id, entry in self._entries.items():
+            trained_index = trained.index_of.get(item_id)
+            if entry.deleted:
+                if trained_index is not None:
+                    hidden.append(trained_index)
+                continue
+            if entry.vector is None:  # until re-encoded, a trained item stays as trained
+                continue
+            ids.append(item_id)
+            titles.append(entry.title)
+            vectors.append(entry.vector)
+            if trained_index is None:
+                popularity.append(0)
+                long_tail.append(True)
+            else:  # replaced: the added row keeps what training knew of its popularity
+                hidden.append(trained_index)
+                popularity.append(int(trained.popularity[trained_index]))
+                long_tail.append(bool(trained.long_tail[trained_index]))
+        self._catalogue = trained.with_overlay(
+            ids,
+            titles,
+            np.asarray(vectors, dtype=np.float32).reshape(len(ids), self._dim),
+            np.asarray(popularity, dtype=np.int64),
+            np.asarray(long_tail, dtype=np.bool_),
+            np.asarray(hidden, dtype=np.int64),
+        )
+        self._live_added = len(ids)
+        metrics.OVERLAY_ITEMS.set(len(ids))
+        metrics.HIDDEN_ITEMS.set(self._catalogue.hidden.size)
+        metrics.ITEMS_PENDING_ENCODING.set(self._pending_count())
+
+    def _pending_count(self) -> int:
+        return sum(1 for e in self._entries.values() if not e.deleted and e.vector is None)
+
+    # --- polling ---------------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_seconds)
+            try:
+                records = await asyncio.to_thread(self._scan)
+                if records:
+                    self._apply(records)
+                await self._reencode()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("item store poll failed; retrying")
+
+    async def _reencode(self) -> None:
+        """Encodes, with this model, a batch of items another model version encoded."""
+        if self._encoder is None:
+            return
+        pending = [
+            (item_id, entry)
+            for item_id, entry in self._entries.items()
+            if not entry.deleted and entry.vector is None and entry.text
+        ][:REENCODE_BATCH]
+        if not pending:
+            return
+        try:
+            vectors = await self._encoder([entry.text for _, entry in pending])
+        except GatewayError as exc:
+            logger.info("item store: re-encoding %d items failed (%s); retrying", len(pending), exc)
+            return
+        for (item_id, entry), vector in zip(pending, vectors, strict=True):
+            if self._entries.get(item_id) is entry:  # not replaced meanwhile
+                entry.vector = np.asarray(vector, dtype=np.float32)
+        self._rebuild()
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """A complete, well-formed record, or None."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("kind") not in (UPSERT, DELETE):
+        return None
+    try:
+        float(record["ts"]), int(record["segment"]), int(record["line"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(record.get("item_id"), str) or not isinstance(record.get("replica"), str):
+        return None
+    return record
