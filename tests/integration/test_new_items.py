@@ -139,13 +139,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path) -> I
         process.start()
         process.wait_serving(timeout_s=120)
         channel = grpc.insecure_channel(process.address)
-        return Replica(process, channel, recommender_pb2_grpc.RecommenderStub(channel))
+        replica = Replica(process, channel, recommender_pb2_grpc.RecommenderStub(channel))
+        replicas.append(replica)  # restarted ones too: every process is stopped at teardown
+        return replica
 
     replicas: list[Replica] = []
     try:
         triton.wait_ready(timeout_s=180)
-        replicas += [start_replica("a"), start_replica("b")]
-        yield Stack(root, repo, triton, *replicas, cases, genres, start_replica)
+        start_replica("a")
+        start_replica("b")
+        yield Stack(root, repo, triton, replicas[0], replicas[1], cases, genres, start_replica)
     finally:
         for replica in replicas:
             replica.close()
