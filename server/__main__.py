@@ -28,7 +28,9 @@ def main() -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler)
-    logging.basicConfig(level=config.log_level, handlers=[logging.handlers.QueueHandler(records)])
+    root = logging.getLogger()
+    root.setLevel(config.log_level)
+    root.addHandler(logging.handlers.QueueHandler(records))  # formats nothing; the listener does
     listener.start()
     try:
         asyncio.run(serve(config))
