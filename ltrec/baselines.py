@@ -7,6 +7,8 @@
 - SASRec: our own user tower and training loop with an item table made of ID vectors only, so it
   differs from our model only in what an item is (Kang & McAuley 2018, trained with a full
   softmax as in Klenitskiy & Vasilev 2023).
+- No context weighting: our model with the context weighting replaced by the identity, for the
+  context ablation.
 
 Most-popular lives in `ltrec.evaluation`. ItemKNN and EASE fold a user in from the history of
 the case (train, plus the validation event for a test case); their item-item weights are fitted
@@ -145,12 +147,56 @@ class IDOnlyRecommender(Recommender):
         return table * keep
 
 
+# --- The context ablation: the same model with the weighting switched off ----------------------
+
+
+class NeutralContext(nn.Module):
+    """A context weighting that is exactly the identity: weight 1 on every dimension whatever
+    the context, and no parameters to learn. Stands in for `ContextWeighting` in training and
+    evaluation alike, so "no context" means the user vector is never re-weighted."""
+
+    def __init__(self, embedding_dim: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+
+    def weights(self, context: torch.Tensor) -> torch.Tensor:
+        return torch.ones(*context.shape[:-1], self.embedding_dim, device=context.device)
+
+    def forward(self, user_embedding: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return user_embedding
+
+
+class NoContextRecommender(Recommender):
+    """Our model as served (text + ID items) without context weighting: the ablation that
+    measures what the weighting adds."""
+
+    def __init__(self, cfg: ModelConfig, text_features: torch.Tensor) -> None:
+        super().__init__(cfg, text_features)
+        self.context_weighting = NeutralContext(cfg.embedding_dim)  # type: ignore[assignment]
+
+
+def build_model(
+    prepared: Prepared,
+    cfg: TrainConfig,
+    make_model: Callable[[ModelConfig, torch.Tensor], Recommender] = Recommender,
+) -> Recommender:
+    """A fresh model, its weights drawn from `cfg.seed` alone.
+
+    Seeded here rather than left to whatever the previous fit drew, so a row's initial weights
+    do not depend on which rows ran before it or for how many epochs, and two variants that share
+    modules (our model with and without context weighting) start from the same weights.
+    """
+    torch.manual_seed(cfg.seed)
+    return make_model(model_config(prepared, cfg), torch.from_numpy(prepared.text_features))
+
+
 def fit_recommender(
     prepared: Prepared,
     cfg: TrainConfig,
     make_model: Callable[[ModelConfig, torch.Tensor], Recommender] = Recommender,
     name: str = "model",
     progress: bool = True,
+    valid_cases: EvalCases | None = None,
 ) -> tuple[Recommender, dict]:
     """Train any `Recommender` with `ltrec.train.fit`, in memory (no checkpoint written).
 
@@ -158,5 +204,5 @@ def fit_recommender(
     they differ only in the item table. Items with no training interactions (cold-start items
     included) stay out of the softmax, as `ltrec.train.target_distribution` explains.
     """
-    model = make_model(model_config(prepared, cfg), torch.from_numpy(prepared.text_features))
-    return fit(prepared, cfg, model, name=name, progress=progress)
+    model = build_model(prepared, cfg, make_model)
+    return fit(prepared, cfg, model, name=name, progress=progress, valid_cases=valid_cases)

@@ -257,3 +257,62 @@ def subsample_users(split: LeaveOneOut, n_users: int, seed: int = 0) -> LeaveOne
         return frame[frame["user_id"].isin(keep)].reset_index(drop=True)
 
     return LeaveOneOut(train=part(split.train), valid=part(split.valid), test=part(split.test))
+
+
+# --- The context ablation: shuffled context, paired differences ---------------------------------
+
+
+def shuffled_context(cases: EvalCases, seed: int = 0) -> EvalCases:
+    """The same cases with their context rows permuted across cases (one case per user).
+
+    Histories and targets stay where they are; each case gets another user's context. The
+    context keeps its distribution (every row is still used once) and loses its link to the user.
+    """
+    order = np.random.default_rng(seed).permutation(len(cases))
+    return EvalCases(
+        histories=cases.histories,
+        event_types=cases.event_types,
+        targets=cases.targets,
+        context=cases.context[order],
+    )
+
+
+def paired_difference(
+    ranks: np.ndarray,
+    base_ranks: np.ndarray,
+    ks: Sequence[int] = (10, 50),
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float | list[float]]:
+    """Mean per-case difference (row minus base) in Recall@K and NDCG@K, from the target ranks
+    of two rows on the same cases, with a 95% paired bootstrap interval over the cases.
+
+    Both rank arrays must be over the same cases in the same order. The interval covers the
+    test sample only, not the spread between training runs (seeds, time budgets).
+    """
+    if len(ranks) != len(base_ranks):
+        raise ValueError(f"paired cases differ in number: {len(ranks)} vs {len(base_ranks)}")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ranks), size=(resamples, len(ranks))) if len(ranks) else None
+    out: dict[str, float | list[float]] = {}
+    for k in ks:
+        for metric in ("recall", "ndcg"):
+            per_case = _gains(ranks, k, metric) - _gains(base_ranks, k, metric)
+            key = f"{metric}@{k}"
+            out[key] = float(per_case.mean()) if len(per_case) else 0.0
+            if draws is None:
+                out[f"{key}_ci95"] = [0.0, 0.0]
+                continue
+            means = per_case[draws].mean(axis=1)
+            out[f"{key}_ci95"] = [
+                float(np.quantile(means, 0.025)),
+                float(np.quantile(means, 0.975)),
+            ]
+    return out
+
+
+def _gains(ranks: np.ndarray, k: int, metric: str) -> np.ndarray:
+    hit = ranks < k
+    if metric == "recall":
+        return hit.astype(np.float64)
+    return np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)

@@ -255,10 +255,13 @@ def fit(
     model: Recommender,
     name: str = "",
     progress: bool = True,
+    valid_cases: EvalCases | None = None,
 ) -> tuple[Recommender, dict]:
     """The training loop shared by `train` and the evaluation's models and ablations.
 
     Early stopping on validation NDCG@10; the best epoch's weights are loaded back.
+    `valid_cases` replaces the validation cases built from `prepared.split` (the context
+    ablation validates on shuffled context, as it trains on it).
     """
     _bound_heap_growth()
     torch.manual_seed(cfg.seed)
@@ -269,7 +272,10 @@ def fit(
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     q, log_q = target_distribution(prepared.popularity)
     split = prepared.split
-    valid_cases = make_cases(split.train, split.valid, prepared.device_vocab, prepared.region_vocab)
+    if valid_cases is None:
+        valid_cases = make_cases(
+            split.train, split.valid, prepared.device_vocab, prepared.region_vocab
+        )
     window = model_cfg.max_history + 1
     steps_per_epoch = math.ceil(len(prepared.train_sequences) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import ltrec.train
+from ltrec.baselines import build_model
 from ltrec.data import leave_one_out, load_dataset, write_dataset
 from ltrec.evaluation import (
     EvalCases,
@@ -21,11 +23,25 @@ from ltrec.evaluation import (
     gini,
     long_tail_adjusted,
     long_tail_metrics,
+    paired_difference,
+    shuffled_context,
     subsample_users,
     top_k_items,
 )
-from ltrec.report import LONG_TAIL_WEIGHTS, MODELS, held_out_cases, main, with_split
-from ltrec.train import Prepared, prepare
+from ltrec.models import ModelConfig
+from ltrec.report import (
+    CONTEXT_ABLATIONS,
+    FACTORIES,
+    LONG_TAIL_WEIGHTS,
+    MODELS,
+    held_out_cases,
+    main,
+    quick_config,
+    with_shuffled_context,
+    with_split,
+)
+from ltrec.train import Prepared, _loss, model_score_fn, prepare, target_distribution
+from server import contract
 
 
 def cases(histories: list[list[int]], targets: list[int]) -> EvalCases:
@@ -107,6 +123,109 @@ def test_long_tail_adjustment_moves_unpopular_items_up() -> None:
     assert long_tail_adjusted(score, popularity, 0.0)(toy, np.arange(1)).tolist() == [[0, 2, 1]]
     adjusted = long_tail_adjusted(score, popularity, 1.5)(toy, np.arange(1))
     assert adjusted[0, 1:] == pytest.approx([0.5, 1.0])
+
+
+# --- The context ablation ------------------------------------------------------------------------
+
+CTX_CFG = ModelConfig(
+    n_items=12,
+    n_devices=3,
+    n_regions=4,
+    embedding_dim=8,
+    projection_hidden=16,
+    n_layers=1,
+    n_heads=1,
+    max_history=10,
+    context_dim=4,
+    dropout=0.0,
+)
+
+
+def random_contexts(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack(
+        [
+            rng.integers(1, contract.HOUR_BUCKETS, n),
+            rng.integers(1, contract.WEEKDAY_BUCKETS, n),
+            rng.integers(0, CTX_CFG.n_devices, n),
+            rng.integers(0, CTX_CFG.n_regions, n),
+        ],
+        axis=1,
+    ).astype(np.int64)
+
+
+def scrambled(name: str) -> torch.nn.Module:
+    """The report's model for `name`, every parameter random (a trained weighting is not 1)."""
+    torch.manual_seed(0)
+    model = FACTORIES[name](CTX_CFG, torch.randn(CTX_CFG.n_items + 1, CTX_CFG.text_dim))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def test_no_context_weighting_is_the_identity_whatever_the_context() -> None:
+    toy = cases([[1, 2, 3], [4], [5, 6, 7, 8], [9, 10]], [4, 5, 6, 7])
+    with_a = dataclasses_replace_context(toy, random_contexts(4, seed=1))
+    with_b = dataclasses_replace_context(toy, random_contexts(4, seed=2))
+    rows = np.arange(len(toy))
+    off = scrambled("ours_no_context")
+    assert not any(p.numel() for p in off.context_weighting.parameters())  # nothing to learn
+    off_a = model_score_fn(off, 10)(with_a, rows)
+    assert np.array_equal(off_a, model_score_fn(off, 10)(with_b, rows))
+    # ... and equal to scoring the raw user vector, never re-weighted.
+    with torch.no_grad():
+        items = torch.tensor([[0, 1, 2, 3], [0, 0, 0, 4], [5, 6, 7, 8], [0, 0, 9, 10]])
+        table = off.item_table()
+        user = off.user_tower(torch.nn.functional.embedding(items, table), items, items.sign())
+        assert np.allclose(off_a, (user @ table.T).numpy(), atol=1e-6)
+    # The real weighting, with the same random parameters, does depend on the context; so the
+    # assertion above would fail if "no context" were the served model.
+    on = scrambled("ours")
+    assert not np.allclose(
+        model_score_fn(on, 10)(with_a, rows), model_score_fn(on, 10)(with_b, rows)
+    )
+
+
+def dataclasses_replace_context(toy: EvalCases, context: np.ndarray) -> EvalCases:
+    return EvalCases(toy.histories, toy.event_types, toy.targets, context)
+
+
+def test_no_context_training_loss_ignores_the_context() -> None:
+    hist = torch.tensor([[1, 2, 3], [0, 4, 5]])
+    targets = torch.tensor([[1, 2, 3, 4], [0, 4, 5, 6]])
+    popularity = np.ones(CTX_CFG.n_items + 1, dtype=np.int64)
+    q, log_q = target_distribution(popularity)
+    cfg = ltrec.train.TrainConfig()
+
+    def loss(name: str, seed: int) -> float:
+        ctx = torch.from_numpy(random_contexts(8, seed).reshape(2, 4, 4))
+        with torch.no_grad():
+            return _loss(scrambled(name), (hist, hist.sign(), targets, ctx), cfg, log_q, q).item()
+
+    assert loss("ours_no_context", 1) == loss("ours_no_context", 2)
+    assert loss("ours", 1) != loss("ours", 2)
+
+
+def test_shuffled_context_permutes_rows_and_keeps_the_rest() -> None:
+    toy = cases([[1], [2], [3], [4], [5], [6]], [2, 3, 4, 5, 6, 1])
+    toy = dataclasses_replace_context(toy, np.arange(24, dtype=np.int64).reshape(6, 4))
+    mixed = shuffled_context(toy, seed=0)
+    assert mixed.histories is toy.histories and mixed.targets is toy.targets
+    assert not np.array_equal(mixed.context, toy.context)
+    assert sorted(map(tuple, mixed.context.tolist())) == sorted(map(tuple, toy.context.tolist()))
+    assert np.array_equal(shuffled_context(toy, seed=0).context, mixed.context)  # seeded
+
+
+def test_paired_difference_by_hand() -> None:
+    # Ranks 0 (NDCG 1), 1 (1/log2 3), 20 (miss) against 0, 0, 0.
+    diff = paired_difference(np.array([0, 1, 20]), np.array([0, 0, 0]), ks=(10,), resamples=200)
+    assert diff["recall@10"] == pytest.approx(-1 / 3)
+    assert diff["ndcg@10"] == pytest.approx(((1 / np.log2(3)) - 1 - 1) / 3)
+    low, high = diff["ndcg@10_ci95"]
+    assert low <= diff["ndcg@10"] <= high <= 0
+    same = paired_difference(np.array([3, 4]), np.array([3, 4]), ks=(10,))
+    assert same["ndcg@10"] == 0 and same["ndcg@10_ci95"] == [0.0, 0.0]
 
 
 # --- Splits -------------------------------------------------------------------------------------
@@ -239,6 +358,7 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert set(report["models"]) == set(MODELS)
+    assert set(CONTEXT_ABLATIONS) < set(MODELS)
     accuracy = {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 50)}
     long_tail = {f"{m}@10" for m in ("coverage", "arp", "aplt", "gini")}
     for name, model in report["models"].items():
@@ -248,9 +368,12 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         for group in ("tail", "head"):
             assert {"recall@10", "ndcg@10", "cases"} <= set(test[group])
         assert test["tail"]["cases"] + test["head"]["cases"] == report["data"]["users_evaluated"]
-        assert {"recall@10", "ndcg@10", "cases"} <= set(model["cold_start"])
-        for value in (*[test[k] for k in accuracy | long_tail], model["cold_start"]["ndcg@10"]):
+        for value in [test[k] for k in accuracy | long_tail]:
             assert math.isfinite(value) and value >= 0
+        if name in CONTEXT_ABLATIONS:
+            continue  # main view only (below)
+        assert {"recall@10", "ndcg@10", "cases"} <= set(model["cold_start"])
+        assert math.isfinite(model["cold_start"]["ndcg@10"]) and model["cold_start"]["ndcg@10"] >= 0
     # Most-popular shows everyone the same list less their history: at most 10 + the longest
     # history's items are ever shown.
     longest = load_dataset(tiny_data).events["user_id"].value_counts().max()
@@ -262,3 +385,60 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         assert s["parity"]["match_at_printed_precision"], s
     # A larger long-tail weight recommends less popular items.
     assert sweep[-1]["torch"]["arp@10"] < sweep[0]["torch"]["arp@10"]
+    # The context ablation: rows beside the main one, with their paired difference to it.
+    models = report["models"]
+    assert "## Context ablation (test)" in md
+    context = models["ours"]["context"]
+    assert (context["train"], context["test"]) == ("real", "real")
+    assert set(context["weights"]) == {
+        "mean_abs_deviation",
+        "max_abs_deviation",
+        "std_across_cases",
+    }
+    assert "weights" not in models["ours_no_context"]["context"]
+    for name in CONTEXT_ABLATIONS:
+        diff = models[name]["vs_ours"]
+        got = models[name]["test"]
+        for key in ("recall@10", "ndcg@10", "ndcg@50"):
+            assert diff[key] == pytest.approx(got[key] - models["ours"]["test"][key])
+            low, high = diff[f"{key}_ci95"]
+            assert low <= diff[key] <= high
+        assert "cold_start" not in models[name]  # main view only
+    assert models["ours_no_context"]["fit"]["epochs"]  # trained, not copied
+    assert models["ours_context_shuffled"]["fit"]["epochs"]
+    assert models["ours_context_shuffled_test"]["fit"]["same_model_as"] == "ours"
+    assert report["data"]["context_fields"]["device"] == {"distinct": 1, "unknown_share": 0.0}
+
+
+def test_report_runs_only_the_chosen_rows(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--quick", "--no-progress", "--models", "ours_no_context"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["ours", "ours_no_context"]  # "ours" always comes along
+    assert "Only these rows were run" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*args, "--quick", "--models", "ours,nonsense"])
+
+
+def test_rows_start_from_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
+    prepared = prepare(tiny_data, tmp_path / "cache")
+    cfg = quick_config().train
+    ours = build_model(prepared, cfg, FACTORIES["ours"]).state_dict()
+    torch.rand(17)  # whatever ran before (another row's training) must not matter
+    assert all(torch.equal(v, ours[k]) for k, v in build_model(prepared, cfg).state_dict().items())
+    off = build_model(prepared, cfg, FACTORIES["ours_no_context"]).state_dict()
+    assert not any(k.startswith("context_weighting") for k in off)
+    assert set(off) < set(ours)
+    assert all(torch.equal(v, ours[k]) for k, v in off.items())  # same start but the weighting
+
+
+def test_shuffled_training_context_keeps_the_events(tiny_data: Path, tmp_path: Path) -> None:
+    prepared = prepare(tiny_data, tmp_path / "cache")
+    # Vary the context so a permutation shows.
+    seqs = prepared.train_sequences
+    seqs.context[:, 3] = np.arange(len(seqs.context)) % 5
+    mixed = with_shuffled_context(prepared, seed=0).train_sequences
+    assert np.array_equal(mixed.items, seqs.items) and np.array_equal(mixed.offsets, seqs.offsets)
+    assert not np.array_equal(mixed.context, seqs.context)
+    assert np.array_equal(np.sort(mixed.context, axis=0), np.sort(seqs.context, axis=0))
