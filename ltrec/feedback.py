@@ -137,13 +137,13 @@ def compare(
     for name, path, score_fn, vocab in scorers:
         # Context ids follow each model's own vocabularies.
         cases = make_cases(history, split.test, vocab["device"], vocab["region"])
-        figures = measure(score_fn, cases, popularity, tail, name, progress)
+        figures, _ = measure(score_fn, cases, popularity, tail, name, progress)
         subset: dict[str, float] = {}
         if in_feedback.any():
             sub_cases = make_cases(
                 history, split.test[in_feedback], vocab["device"], vocab["region"]
             )
-            sub = measure(score_fn, sub_cases, popularity, tail, f"{name}, feedback", progress)
+            sub, _ = measure(score_fn, sub_cases, popularity, tail, f"{name}, feedback", progress)
             subset = {k: sub[k] for k in ("ndcg@10", "recall@10")}
         rows[name] = {
             "checkpoint": None if path is None else str(path),
