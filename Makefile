@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto grafana-schema data train export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
+.PHONY: install proto grafana-schema data photo-data run-photos train export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -83,6 +83,20 @@ serve: install export
 
 # The README's run command: everything from a fresh clone to a serving gateway.
 run: serve
+
+# A small shop whose items carry real photos (scikit-image's sample images), served end to end:
+# EfficientNet-Lite0 features in training, the image encoder in Triton for UpsertItems.
+PHOTO_DATA ?= data/photo-shop
+PHOTO_ARTIFACTS ?= artifacts/photo-shop
+PHOTO_REPOSITORY ?= model_repository_photo-shop
+$(PHOTO_DATA)/source.json: | $(VENV)/.installed
+	$(PY) -m ltrec.photo_catalogue --out $(PHOTO_DATA)
+
+photo-data: $(PHOTO_DATA)/source.json
+
+run-photos: install photo-data
+	$(MAKE) serve DATA_DIR=$(PHOTO_DATA) ARTIFACTS=$(PHOTO_ARTIFACTS) \
+		MODEL_REPOSITORY=$(PHOTO_REPOSITORY) TRAIN_ARGS="--epochs 40 --max-minutes 3"
 
 # Ask the running gateway for recommendations for a real MovieLens history; prints titles.
 client: install

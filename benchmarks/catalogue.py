@@ -69,7 +69,7 @@ def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) 
         if name.startswith(("user_tower.", "context_weighting.")):
             state[name] = value
     for name in list(state):
-        if name.startswith("projection."):
+        if name.startswith("fusion."):
             state[name] = torch.zeros_like(state[name])
     state["item_ids.weight"] = torch.from_numpy(table)
     synthetic.load_state_dict(state)
@@ -81,11 +81,15 @@ def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) 
         "model_config": cfg.to_dict(),
         "state_dict": synthetic.state_dict(),
         "text_features": text_features,
+        "image_rows": np.zeros(0, dtype=np.int64),
+        "image_features": np.zeros((0, cfg.image_dim), dtype=np.float32),
+        "attribute_ids": None,
         "popularity": popularity,
         "long_tail": long_tail_mask(popularity),
         "item_ids": ids,
         "titles": [f"Synthetic item {i}" for i in range(1, n_items + 1)],
         "texts": [""] * n_items,
+        "image_paths": [None] * n_items,
         "vocabularies": ckpt["vocabularies"],
         "summary": summary,
     }

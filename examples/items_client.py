@@ -7,10 +7,14 @@
 
 `upsert` reads a CSV (UTF-8, header row) with the dataset format's item columns: `item_id` and
 `title` (required), `description`, `category` (`Books|Fiction`), `brand`, `price_bucket`
-(`budget`, `mid-range`, `premium` or empty) and `image_path`; any other column is kept as an
-attribute. It sends `UpsertItems` in batches (each encoded by the model's text encoder in Triton,
-acknowledged once on disk) and retries a batch on UNAVAILABLE: upserts are idempotent. Once it
-returns, the items are recommendable on every gateway replica within the poll interval (1 s).
+(`budget`, `mid-range`, `premium` or empty), `image` (a local image file, relative to the CSV's
+folder, that this client reads and sends as bytes; at most 1 MiB) and `image_path` (a path the
+gateway reads under its LTREC_IMAGE_ROOT); any other column is kept as an attribute. It sends
+`UpsertItems` in batches (each encoded by the model's image and item encoders in Triton,
+acknowledged once on disk) and retries a batch on UNAVAILABLE: upserts are idempotent. An image
+the gateway cannot use does not fail the item: it is printed, and the item is served by its text
+and attributes. Once it returns, the items are recommendable on every gateway replica within
+the poll interval (1 s).
 """
 
 from __future__ import annotations
@@ -28,7 +32,17 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc  # noqa: E402
 
-FIELDS = ("item_id", "title", "description", "category", "brand", "price_bucket", "image_path")
+FIELDS = (
+    "item_id",
+    "title",
+    "description",
+    "category",
+    "brand",
+    "price_bucket",
+    "image",
+    "image_path",
+)
+MAX_IMAGE_BYTES = 1024 * 1024  # the gateway's bound on Item.image
 PRICE_BUCKETS = {
     "": recommender_pb2.PRICE_BUCKET_UNSPECIFIED,
     "budget": recommender_pb2.PRICE_BUCKET_BUDGET,
@@ -39,8 +53,25 @@ RETRIES = 3
 T = TypeVar("T")
 
 
+def read_image(csv_path: Path, line: int, value: str) -> bytes:
+    """The `image` column: a local file (relative to the CSV's folder) -> its bytes."""
+    if not value.strip():
+        return b""
+    path = csv_path.parent / value.strip()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"{csv_path}, line {line}: image {str(path)!r}: {exc.strerror}") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise SystemExit(
+            f"{csv_path}, line {line}: image {str(path)!r} has {len(data)} bytes, at most "
+            f"{MAX_IMAGE_BYTES} are sent (resize it, or use image_path on the gateway's side)"
+        )
+    return data
+
+
 def read_items(path: Path) -> list[recommender_pb2.Item]:
-    """CSV rows -> Items; a bad price bucket names its line."""
+    """CSV rows -> Items; a bad price bucket or image names its line."""
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         items = []
@@ -59,6 +90,7 @@ def read_items(path: Path) -> list[recommender_pb2.Item]:
                     category=row.get("category") or "",
                     brand=row.get("brand") or "",
                     price_bucket=PRICE_BUCKETS[bucket],
+                    image=read_image(path, reader.line_num, row.get("image") or ""),
                     image_path=row.get("image_path") or "",
                     attributes={k: v for k, v in row.items() if k and k not in FIELDS and v},
                 )
@@ -115,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     done += reply.upserted
                     print(
-                        f"upserted {reply.upserted} ({reply.created} new, "
-                        f"{reply.images_not_encoded} images not encoded yet) with model "
-                        f"{reply.model_version}"
+                        f"upserted {reply.upserted} ({reply.created} new; images: "
+                        f"{reply.images_encoded} encoded, {reply.images_not_encoded} not used) "
+                        f"with model {reply.model_version}"
                     )
+                    for problem in reply.image_problems:
+                        print(f"  {batch[problem.index].item_id}: {problem.reason}")
                 print(f"{done} items from {args.file} are recommendable")
             elif args.command == "delete":
                 reply = with_retries(

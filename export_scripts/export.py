@@ -35,7 +35,7 @@ import torch
 
 from export_scripts import onnx_graphs, triton_config
 from ltrec.data import sha256_file
-from ltrec.models import ItemLookup, ItemTextEncoder, Scorer, UserEncoder
+from ltrec.models import ItemEncoder, ItemLookup, Scorer, UserEncoder
 from ltrec.train import load_checkpoint
 from server import contract
 
@@ -46,7 +46,8 @@ OWNED_MODELS = (
     contract.USER_ENCODER_MODEL,
     contract.CONTEXT_WEIGHTING_MODEL,
     contract.SCORER_MODEL,
-    contract.ITEM_TEXT_ENCODER_MODEL,
+    contract.ITEM_ENCODER_MODEL,
+    contract.IMAGE_ENCODER_MODEL,
     contract.ITEM_LOOKUP_MODEL,
     contract.SIMILAR_ITEMS_MODEL,
 )
@@ -69,6 +70,70 @@ def write_catalogue(path: Path, ckpt: dict) -> None:
             writer.writerow(
                 [idx, item_id, title, int(ckpt["popularity"][idx]), int(ckpt["long_tail"][idx])]
             )
+
+
+def _export_item_encoders(
+    output: Path, model: Any, ckpt: dict, dim: int, parity: dict, *, tensorrt: bool
+) -> list[object]:
+    """The encoders for items added after training: image encoder (EfficientNet-Lite0) and
+    item encoder (MiniLM + the trained fusion), each checked against torch on real inputs."""
+    from ltrec.image_encoder import load_image_encoder
+    from ltrec.text_encoder import load_text_model, tokenize
+    from server.images import image_batch, load_image_file
+
+    cfg = model.cfg
+    tokenizer, minilm = load_text_model()
+    module = ItemEncoder(minilm, model.fusion).eval()
+    path = output / contract.ITEM_ENCODER_MODEL / VERSION / "model.onnx"
+    onnx_graphs.export_item_encoder(module, path)
+    batch = tokenize(tokenizer, list(ckpt["texts"][:4]), cfg.text_max_tokens)
+    n = batch["input_ids"].shape[0]
+    rng = np.random.default_rng(0)
+    inputs = {
+        contract.TEXT_INPUT_IDS: batch["input_ids"].numpy().astype(np.int64),
+        contract.TEXT_ATTENTION_MASK: batch["attention_mask"].numpy().astype(np.int64),
+        contract.IMAGE_FEATURES: rng.random((n, cfg.image_dim), dtype=np.float32) * 3,
+        contract.HAS_IMAGE: (np.arange(n) % 2 == 0).astype(np.float32).reshape(n, 1),
+        contract.ATTRIBUTE_IDS: np.asarray(ckpt["attribute_ids"][1 : n + 1], dtype=np.int64),
+    }
+    (diff,) = onnx_graphs.max_abs_diff(
+        path,
+        inputs,
+        lambda: (module(*(torch.from_numpy(inputs[k]) for k in onnx_graphs.ITEM_ENCODER_INPUTS)),),
+    )
+    parity[contract.ITEM_ENCODER_MODEL] = {contract.ITEM_VECTOR: diff}
+    tokenizer.save_pretrained(str(output / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR))
+
+    image_module = load_image_encoder()
+    path = output / contract.IMAGE_ENCODER_MODEL / VERSION / "model.onnx"
+    onnx_graphs.export_image_encoder(image_module, path)
+    # Parity on the catalogue's own photos where it has some, random pixels otherwise.
+    photos = []
+    for p in [p for p in ckpt.get("image_paths", []) if p][:2]:
+        try:
+            photos.append(load_image_file(p))
+        except ValueError:
+            continue
+    size = contract.IMAGE_SIZE
+    pixels = image_batch(photos) if photos else rng.random((2, 3, size, size), dtype=np.float32)
+    (diff,) = onnx_graphs.max_abs_diff(
+        path, {contract.IMAGE: pixels}, lambda: (image_module(torch.from_numpy(pixels)),)
+    )
+    parity[contract.IMAGE_ENCODER_MODEL] = {contract.IMAGE_FEATURES: diff}
+    return [
+        triton_config.onnx_model_config(
+            contract.ITEM_ENCODER_MODEL,
+            triton_config.item_encoder_io(dim),
+            tensorrt=tensorrt,
+            threads=2,
+        ),
+        triton_config.onnx_model_config(
+            contract.IMAGE_ENCODER_MODEL,
+            triton_config.image_encoder_io(),
+            tensorrt=tensorrt,
+            threads=2,
+        ),
+    ]
 
 
 def export(checkpoint: Path, output: Path, **options: Any) -> dict:
@@ -207,30 +272,7 @@ def _export_into(
     ]
 
     if text_encoder:
-        from ltrec.text_encoder import load_text_model, tokenize
-
-        tokenizer, minilm = load_text_model()
-        module = ItemTextEncoder(minilm, model.projection).eval()
-        path = output / contract.ITEM_TEXT_ENCODER_MODEL / VERSION / "model.onnx"
-        onnx_graphs.export_item_text_encoder(module, path)
-        batch = tokenize(tokenizer, list(ckpt["texts"][:4]), cfg.text_max_tokens)
-        ids = batch["input_ids"].numpy().astype(np.int64)
-        mask = batch["attention_mask"].numpy().astype(np.int64)
-        (diff,) = onnx_graphs.max_abs_diff(
-            path,
-            {contract.TEXT_INPUT_IDS: ids, contract.TEXT_ATTENTION_MASK: mask},
-            lambda: (module(torch.from_numpy(ids), torch.from_numpy(mask)),),
-        )
-        parity[contract.ITEM_TEXT_ENCODER_MODEL] = {contract.ITEM_VECTOR: diff}
-        configs.append(
-            triton_config.onnx_model_config(
-                contract.ITEM_TEXT_ENCODER_MODEL,
-                triton_config.item_text_encoder_io(dim),
-                tensorrt=tensorrt,
-                threads=2,
-            )
-        )
-        tokenizer.save_pretrained(str(output / contract.ITEM_TEXT_ENCODER_MODEL / "tokenizer"))
+        configs += _export_item_encoders(output, model, ckpt, dim, parity, tensorrt=tensorrt)
 
     for model_cfg in configs:
         _write_config(output, model_cfg)

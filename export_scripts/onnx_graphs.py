@@ -18,7 +18,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ltrec.models import ContextWeighting, ItemLookup, ItemTextEncoder, Scorer, UserEncoder
+from ltrec.image_encoder import ImageEncoder
+from ltrec.models import ContextWeighting, ItemEncoder, ItemLookup, Scorer, UserEncoder
 from server import contract
 
 OPSET = 18
@@ -90,20 +91,59 @@ def export_context_weighting(module: ContextWeighting, dim: int, path: Path) -> 
     )
 
 
-def export_item_text_encoder(module: ItemTextEncoder, path: Path) -> None:
+def item_encoder_example(dim: int = contract.IMAGE_FEATURE_DIM) -> dict[str, torch.Tensor]:
+    """Example inputs of the item encoder: two items, one with an image and one without."""
     ids = torch.tensor([[101, 2000, 2001, 102], [101, 2003, 102, 0]], dtype=torch.long)
-    mask = (ids != 0).long()
+    generator = torch.Generator().manual_seed(0)
+    return {
+        contract.TEXT_INPUT_IDS: ids,
+        contract.TEXT_ATTENTION_MASK: (ids != 0).long(),
+        contract.IMAGE_FEATURES: torch.rand(2, dim, generator=generator),
+        contract.HAS_IMAGE: torch.tensor([[1.0], [0.0]]),
+        contract.ATTRIBUTE_IDS: torch.tensor(
+            [[5, 9] + [0] * (contract.ATTRIBUTE_SLOTS - 2), [0] * contract.ATTRIBUTE_SLOTS]
+        ),
+    }
+
+
+ITEM_ENCODER_INPUTS = (
+    contract.TEXT_INPUT_IDS,
+    contract.TEXT_ATTENTION_MASK,
+    contract.IMAGE_FEATURES,
+    contract.HAS_IMAGE,
+    contract.ATTRIBUTE_IDS,
+)
+
+
+def export_item_encoder(module: ItemEncoder, path: Path) -> None:
+    example = item_encoder_example(module.fusion.image[0].normalized_shape[0])
     _export(
         module,
-        (ids, mask),
+        tuple(example[name] for name in ITEM_ENCODER_INPUTS),
         path,
-        [contract.TEXT_INPUT_IDS, contract.TEXT_ATTENTION_MASK],
+        list(ITEM_ENCODER_INPUTS),
         [contract.ITEM_VECTOR],
         {
             contract.TEXT_INPUT_IDS: {0: "batch", 1: "tokens"},
             contract.TEXT_ATTENTION_MASK: {0: "batch", 1: "tokens"},
+            contract.IMAGE_FEATURES: {0: "batch"},
+            contract.HAS_IMAGE: {0: "batch"},
+            contract.ATTRIBUTE_IDS: {0: "batch"},
             contract.ITEM_VECTOR: {0: "batch"},
         },
+    )
+
+
+def export_image_encoder(module: ImageEncoder, path: Path) -> None:
+    size = contract.IMAGE_SIZE
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    _export(
+        module,
+        (example,),
+        path,
+        [contract.IMAGE],
+        [contract.IMAGE_FEATURES],
+        {contract.IMAGE: {0: "batch"}, contract.IMAGE_FEATURES: {0: "batch"}},
     )
 
 

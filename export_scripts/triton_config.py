@@ -79,13 +79,24 @@ def item_lookup_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     )
 
 
-def item_text_encoder_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
+def item_encoder_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     return (
         [
             Tensor(contract.TEXT_INPUT_IDS, INT64, (-1, -1)),
             Tensor(contract.TEXT_ATTENTION_MASK, INT64, (-1, -1)),
+            Tensor(contract.IMAGE_FEATURES, FP32, (-1, contract.IMAGE_FEATURE_DIM)),
+            Tensor(contract.HAS_IMAGE, FP32, (-1, 1)),
+            Tensor(contract.ATTRIBUTE_IDS, INT64, (-1, contract.ATTRIBUTE_SLOTS)),
         ],
         [Tensor(contract.ITEM_VECTOR, FP32, (-1, dim))],
+    )
+
+
+def image_encoder_io() -> tuple[list[Tensor], list[Tensor]]:
+    size = contract.IMAGE_SIZE
+    return (
+        [Tensor(contract.IMAGE, FP32, (-1, 3, size, size))],
+        [Tensor(contract.IMAGE_FEATURES, FP32, (-1, contract.IMAGE_FEATURE_DIM))],
     )
 
 

@@ -26,9 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ltrec.evaluation import EvalCases, ScoreFn, evaluate
-from ltrec.models import ModelConfig, Recommender
-from ltrec.train import Prepared, TrainConfig, fit, model_config
+from ltrec.models import ItemSide, ModelConfig, Recommender
+from ltrec.train import Prepared, TrainConfig, fit, item_side, model_config
 from server import contract
+
+# Builds a model from its config, the catalogue's text features and its other item inputs.
+ModelFactory = Callable[[ModelConfig, torch.Tensor, ItemSide | None], Recommender]
 
 # --- Item-item models ---------------------------------------------------------------------------
 
@@ -129,13 +132,18 @@ class IDOnlyRecommender(Recommender):
     identical at the first step.
     """
 
-    def __init__(self, cfg: ModelConfig, text_features: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        text_features: torch.Tensor | None = None,
+        side: ItemSide | None = None,
+    ) -> None:
         cfg = ModelConfig(**{**cfg.to_dict(), "id_embeddings": True})  # type: ignore[arg-type]
         features = (
             torch.zeros(cfg.n_items + 1, cfg.text_dim) if text_features is None else (text_features)
         )
-        super().__init__(cfg, features)
-        self.projection = nn.Identity()  # type: ignore[assignment]
+        super().__init__(cfg, features)  # no content: the item side is dropped
+        self.fusion = nn.Identity()  # type: ignore[assignment]
         assert self.item_ids is not None
         nn.init.normal_(self.item_ids.weight, std=0.02)
 
@@ -170,15 +178,17 @@ class NoContextRecommender(Recommender):
     """Our model as served (text + ID items) without context weighting: the ablation that
     measures what the weighting adds."""
 
-    def __init__(self, cfg: ModelConfig, text_features: torch.Tensor) -> None:
-        super().__init__(cfg, text_features)
+    def __init__(
+        self, cfg: ModelConfig, text_features: torch.Tensor, side: ItemSide | None = None
+    ) -> None:
+        super().__init__(cfg, text_features, side)
         self.context_weighting = NeutralContext(cfg.embedding_dim)  # type: ignore[assignment]
 
 
 def build_model(
     prepared: Prepared,
     cfg: TrainConfig,
-    make_model: Callable[[ModelConfig, torch.Tensor], Recommender] = Recommender,
+    make_model: ModelFactory = Recommender,
 ) -> Recommender:
     """A fresh model, its weights drawn from `cfg.seed` alone.
 
@@ -187,13 +197,15 @@ def build_model(
     modules (our model with and without context weighting) start from the same weights.
     """
     torch.manual_seed(cfg.seed)
-    return make_model(model_config(prepared, cfg), torch.from_numpy(prepared.text_features))
+    return make_model(
+        model_config(prepared, cfg), torch.from_numpy(prepared.text_features), item_side(prepared)
+    )
 
 
 def fit_recommender(
     prepared: Prepared,
     cfg: TrainConfig,
-    make_model: Callable[[ModelConfig, torch.Tensor], Recommender] = Recommender,
+    make_model: ModelFactory = Recommender,
     name: str = "model",
     progress: bool = True,
     valid_cases: EvalCases | None = None,

@@ -1,8 +1,11 @@
-"""The towers: item text encoder, GPT-style user encoder, context weighting, catalogue scorer.
+"""The towers: item tower (text + image + attributes), GPT-style user encoder, context
+weighting, catalogue scorer.
 
-Item vectors come from item *text* (MiniLM over title, category, brand, price bucket,
-description), so an item seen twice is represented as well as one seen a million times, and a new
-item needs only its text. The user tower reads the item vectors of the history, never item ids.
+Item vectors come from item *content*: MiniLM over the item text (title, category, brand, price
+bucket, description), EfficientNet-Lite0 over the product photo where there is one, and hashed
+attribute tokens, fused by `ItemFusion`. An item seen twice is represented as well as one seen a
+million times, and a new item needs only its content. The user tower reads the item vectors of
+the history, never item ids.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class ModelConfig:
     # A trained per-item vector added to the text vector. Weight decay keeps it near zero for
     # items with few interactions, so they (and new items: exactly zero) ride on their text.
     id_embeddings: bool = True
+    image_dim: int = contract.IMAGE_FEATURE_DIM
+    # Training only: the share of image-bearing items shown to a step without their image, so the
+    # text + attribute path stands on its own for the (many) items that have no image.
+    image_dropout: float = 0.3
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -65,17 +72,89 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return F.normalize(summed / counts, p=2.0, dim=-1)
 
 
-class ItemTextEncoder(nn.Module):
-    """MiniLM + pooling + trained projection: text tokens -> item vector (exported to Triton)."""
+class ItemFusion(nn.Module):
+    """Text features + image features + attribute ids -> item vector.
 
-    def __init__(self, encoder: nn.Module, projection: TextProjection) -> None:
+    vector = text(t) + has_image * image(i) + sum of attribute embeddings. The image branch and
+    the attribute embeddings start at exactly zero, so until training gives them something to
+    say they add nothing; an item without an image gets the text + attribute vector, the same
+    vector training used for every image-less item (and, by image dropout, for image-bearing
+    items too), never a vector computed from a blank picture.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.text = TextProjection(cfg)
+        self.image = nn.Sequential(
+            nn.LayerNorm(cfg.image_dim),
+            nn.Linear(cfg.image_dim, cfg.projection_hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.projection_hidden, cfg.embedding_dim),
+        )
+        nn.init.zeros_(self.image[-1].weight)
+        nn.init.zeros_(self.image[-1].bias)
+        self.attributes = nn.Embedding(
+            contract.ATTRIBUTE_BUCKETS, cfg.embedding_dim, padding_idx=contract.PADDING_INDEX
+        )
+        nn.init.zeros_(self.attributes.weight)
+
+    def attribute_vectors(self, attribute_ids: torch.Tensor) -> torch.Tensor:
+        return self.attributes(attribute_ids).sum(dim=1)
+
+    def forward(
+        self,
+        text_features: torch.Tensor,
+        image_features: torch.Tensor,
+        has_image: torch.Tensor,
+        attribute_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        return (
+            self.text(text_features)
+            + has_image * self.image(image_features)
+            + self.attribute_vectors(attribute_ids)
+        )
+
+
+@dataclass
+class ItemSide:
+    """The item inputs besides text, for the trained catalogue (row 0 = padding).
+
+    Image features are kept only for the rows that have an image (`image_rows`), so a catalogue
+    of a million image-less items costs nothing here.
+    """
+
+    image_rows: torch.Tensor  # INT64 [n_img] catalogue indices with a readable image
+    image_features: torch.Tensor  # FP32 [n_img, image_dim]
+    attribute_ids: torch.Tensor | None  # INT64 [N+1, ATTRIBUTE_SLOTS], or None: no attributes
+
+    @classmethod
+    def empty(cls, image_dim: int = contract.IMAGE_FEATURE_DIM) -> ItemSide:
+        return cls(
+            torch.zeros(0, dtype=torch.int64), torch.zeros(0, image_dim, dtype=torch.float32), None
+        )
+
+
+class ItemEncoder(nn.Module):
+    """MiniLM + pooling + the trained fusion: an item's text tokens, image features and
+    attribute ids -> its item vector (exported to Triton for items added after training)."""
+
+    def __init__(self, encoder: nn.Module, fusion: ItemFusion) -> None:
         super().__init__()
         self.encoder = encoder
-        self.projection = projection
+        self.fusion = fusion
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: torch.Tensor,
+        has_image: torch.Tensor,
+        attribute_ids: torch.Tensor,
+    ) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.projection(mean_pool(hidden, attention_mask))
+        text = mean_pool(hidden, attention_mask)
+        return self.fusion(text, image_features, has_image, attribute_ids)
 
 
 class UserTower(nn.Module):
@@ -177,17 +256,24 @@ class ContextWeighting(nn.Module):
 
 
 class Recommender(nn.Module):
-    """Everything trained together: projection, user tower, context weighting.
+    """Everything trained together: item fusion, user tower, context weighting.
 
-    `text_features` (the frozen MiniLM embedding of every catalogue item, row 0 = padding) is a
-    buffer: MiniLM is run once per item, not per step.
+    `text_features` (the frozen MiniLM embedding of every catalogue item, row 0 = padding) and
+    `side` (frozen EfficientNet-Lite0 features of the items with photos, and attribute ids) are
+    buffers: the pretrained encoders run once per item, not per step.
     """
 
-    def __init__(self, cfg: ModelConfig, text_features: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: ModelConfig, text_features: torch.Tensor, side: ItemSide | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        side = side if side is not None else ItemSide.empty(cfg.image_dim)
         self.register_buffer("text_features", text_features, persistent=False)
-        self.projection = TextProjection(cfg)
+        self.register_buffer("image_rows", side.image_rows, persistent=False)
+        self.register_buffer("image_features", side.image_features, persistent=False)
+        self.register_buffer("attribute_ids", side.attribute_ids, persistent=False)
+        self.fusion = ItemFusion(cfg)
         self.user_tower = UserTower(cfg)
         self.context_weighting = ContextWeighting(cfg)
         self.item_ids = (
@@ -196,9 +282,26 @@ class Recommender(nn.Module):
         if self.item_ids is not None:
             nn.init.zeros_(self.item_ids.weight)
 
+    def content_table(self) -> torch.Tensor:
+        """The fusion over every catalogue item's content, [N+1, D] (row 0 not yet zeroed).
+
+        Computed as `ItemFusion.forward` computes one item, with the image term added only on
+        the rows that have an image. In training, image dropout hides a share of those images.
+        """
+        table = self.fusion.text(self.text_features)
+        if self.attribute_ids is not None:
+            table = table + self.fusion.attribute_vectors(self.attribute_ids)
+        if self.image_rows.numel():
+            image = self.fusion.image(self.image_features)
+            if self.training and self.cfg.image_dropout > 0:
+                keep = torch.rand(image.shape[0], 1, device=image.device) >= self.cfg.image_dropout
+                image = image * keep.to(image.dtype)
+            table = table.index_add(0, self.image_rows, image)
+        return table
+
     def item_table(self) -> torch.Tensor:
         """Item vectors of the whole catalogue, [N+1, D], row 0 zero (padding)."""
-        table = self.projection(self.text_features)
+        table = self.content_table()
         if self.item_ids is not None:
             table = table + self.item_ids.weight
         keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)

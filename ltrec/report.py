@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from export_scripts import onnx_graphs
 from ltrec import baselines
+from ltrec.baselines import ModelFactory
 from ltrec.data import DatasetError, LeaveOneOut
 from ltrec.evaluation import (
     EvalCases,
@@ -53,7 +54,7 @@ from ltrec.evaluation import (
     subsample_users,
 )
 from ltrec.features import build_sequences
-from ltrec.models import ModelConfig, Recommender, UserEncoder
+from ltrec.models import ItemSide, ModelConfig, Recommender, UserEncoder
 from ltrec.train import (
     HEAD_SHARE,
     Prepared,
@@ -207,21 +208,27 @@ class Fitted:
     model: Recommender | None = None
 
 
-def _text_only(cfg: ModelConfig, features: torch.Tensor) -> Recommender:
-    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": False}), features)
+def _text_only(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
+    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": False}), features, side)
 
 
-def _text_and_id(cfg: ModelConfig, features: torch.Tensor) -> Recommender:
-    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features)
+def _text_and_id(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
+    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features, side)
 
 
-def _text_and_id_no_context(cfg: ModelConfig, features: torch.Tensor) -> Recommender:
+def _text_and_id_no_context(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
     return baselines.NoContextRecommender(
-        ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features
+        ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features, side
     )
 
 
-FACTORIES: dict[str, Callable[[ModelConfig, torch.Tensor], Recommender]] = {
+FACTORIES: dict[str, ModelFactory] = {
     "sasrec": baselines.IDOnlyRecommender,
     "ours_text": _text_only,
     "ours": _text_and_id,

@@ -20,16 +20,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ltrec.data import DatasetError, LeaveOneOut, item_texts, leave_one_out, load_dataset
+from ltrec.data import (
+    DatasetError,
+    LeaveOneOut,
+    item_texts,
+    leave_one_out,
+    load_dataset,
+    price_buckets,
+)
 from ltrec.evaluation import EvalCases, ScoreFn, evaluate, make_cases, most_popular
 from ltrec.features import Sequences, build_sequences, build_vocabulary
-from ltrec.models import ModelConfig, Recommender
+from ltrec.image_encoder import IMAGE_MODEL_NAME, cached_image_features
+from ltrec.models import ItemSide, ModelConfig, Recommender
 from ltrec.text_encoder import TEXT_MODEL_NAME, cached_text_features
 from server import contract
+from server.item_attributes import attribute_ids
 
 HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interactions
 
@@ -57,7 +67,11 @@ class Prepared:
     item_ids: list[str]
     titles: list[str]
     texts: list[str]
+    image_paths: list[str | None]  # as given (resolved), readable or not
     text_features: np.ndarray  # [N+1, 384], row 0 zeros
+    image_rows: np.ndarray  # INT64 [n_img] catalogue indices (1..N) with a readable image
+    image_features: np.ndarray  # FP32 [n_img, 1280] EfficientNet-Lite0 features of those
+    attribute_ids: np.ndarray  # INT64 [N+1, ATTRIBUTE_SLOTS], row 0 padding
     popularity: np.ndarray  # [N+1] training interactions per item, row 0 zero
     device_vocab: list[str]
     region_vocab: list[str]
@@ -74,6 +88,21 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
     texts = item_texts(dataset.items)
     features = np.zeros((n_items + 1, 384), dtype=np.float32)
     features[1:] = cached_text_features(texts, cache_dir)
+    images = cached_image_features(dataset.items["image"].tolist(), cache_dir)
+    attributes = np.zeros((n_items + 1, contract.ATTRIBUTE_SLOTS), dtype=np.int64)
+    attributes[1:] = item_attribute_ids(dataset.items)
+    report = dataset.report.to_dict()
+    report["images"] = {
+        "items_with_image": int(dataset.items["image"].notna().sum()),
+        **images.counts,
+    }
+    report_text = str(dataset.report)
+    if report["images"]["items_with_image"]:
+        problems = "".join(f", {n} {reason}" for reason, n in sorted(images.problems.items()))
+        report_text += (
+            f"\nimages: {report['images']['items_with_image']} items have one, "
+            f"{images.counts['encoded']} encoded{problems} (treated as image-less)"
+        )
     popularity = np.bincount(split.train["item_index"].to_numpy(), minlength=n_items + 1)
     popularity[contract.PADDING_INDEX] = 0
     device_vocab = build_vocabulary(dataset.events.get("device"))
@@ -83,14 +112,44 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
         item_ids=dataset.items["item_id"].astype(str).tolist(),
         titles=dataset.items["title"].astype(str).tolist(),
         texts=texts,
+        image_paths=[None if pd.isna(p) else str(p) for p in dataset.items["image"].tolist()],
         text_features=features,
+        image_rows=images.rows + 1,
+        image_features=images.features,
+        attribute_ids=attributes,
         popularity=popularity.astype(np.int64),
         device_vocab=device_vocab,
         region_vocab=region_vocab,
         split=split,
         train_sequences=build_sequences(split.train, device_vocab, region_vocab),
-        report=dataset.report.to_dict(),
-        report_text=str(dataset.report),
+        report=report,
+        report_text=report_text,
+    )
+
+
+def item_attribute_ids(items: pd.DataFrame) -> np.ndarray:
+    """`server.item_attributes.attribute_ids` of every item row, INT64 [n, ATTRIBUTE_SLOTS]."""
+    n = len(items)
+    prices = price_buckets(items["price"]) if "price" in items.columns else [None] * n
+
+    def column(name: str) -> list[str | None]:
+        if name not in items.columns:
+            return [None] * n
+        return [None if pd.isna(v) else str(v) for v in items[name].tolist()]
+
+    rows = [
+        attribute_ids(category, brand, price)
+        for category, brand, price in zip(column("category"), column("brand"), prices, strict=True)
+    ]
+    return np.asarray(rows, dtype=np.int64).reshape(n, contract.ATTRIBUTE_SLOTS)
+
+
+def item_side(prepared: Prepared) -> ItemSide:
+    """The non-text item inputs of `prepared` as the model takes them."""
+    return ItemSide(
+        torch.from_numpy(prepared.image_rows),
+        torch.from_numpy(prepared.image_features),
+        torch.from_numpy(prepared.attribute_ids),
     )
 
 
@@ -353,7 +412,7 @@ def fit(
 def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
     """Train our model; writes checkpoint.pt (what export reads) and metrics.json."""
     model_cfg = model_config(prepared, cfg)
-    model = Recommender(model_cfg, torch.from_numpy(prepared.text_features))
+    model = Recommender(model_cfg, torch.from_numpy(prepared.text_features), item_side(prepared))
     valid_cases = make_cases(
         prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
     )
@@ -363,6 +422,7 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
     model, fitted = fit(prepared, cfg, model, progress=progress)
     summary = {
         "text_model": TEXT_MODEL_NAME,
+        "image_model": IMAGE_MODEL_NAME,
         **fitted,
         "most_popular_valid": popular_metrics,
         "data": {"dir": str(prepared.data_dir), "cleaning": prepared.report},
@@ -373,11 +433,15 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
             "model_config": model_cfg.to_dict(),
             "state_dict": model.state_dict(),
             "text_features": prepared.text_features,
+            "image_rows": prepared.image_rows,
+            "image_features": prepared.image_features,
+            "attribute_ids": prepared.attribute_ids,
             "popularity": prepared.popularity,
             "long_tail": long_tail_mask(prepared.popularity),
             "item_ids": prepared.item_ids,
             "titles": prepared.titles,
             "texts": prepared.texts,
+            "image_paths": prepared.image_paths,
             "vocabularies": {
                 "event_types": list(contract.EVENT_TYPES),
                 "device": prepared.device_vocab,
@@ -391,10 +455,24 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
     return summary
 
 
+def checkpoint_side(ckpt: dict) -> ItemSide:
+    if "image_rows" not in ckpt:
+        raise ValueError(
+            "this checkpoint predates the item fusion (text + image + attributes); "
+            "retrain it: remove it and run `make train`"
+        )
+    attributes = ckpt["attribute_ids"]
+    return ItemSide(
+        torch.from_numpy(np.asarray(ckpt["image_rows"], dtype=np.int64)),
+        torch.from_numpy(np.asarray(ckpt["image_features"], dtype=np.float32)),
+        None if attributes is None else torch.from_numpy(np.asarray(attributes, dtype=np.int64)),
+    )
+
+
 def load_checkpoint(path: Path) -> tuple[Recommender, dict]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ModelConfig(**ckpt["model_config"])
-    model = Recommender(cfg, torch.from_numpy(ckpt["text_features"]))
+    model = Recommender(cfg, torch.from_numpy(ckpt["text_features"]), checkpoint_side(ckpt))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt

@@ -22,7 +22,9 @@ from server.feedback import FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
-from server.item_text import ItemEncoder, ItemTokenizer
+from server.item_encoder import ItemEncoder
+from server.item_images import ItemImages
+from server.item_text import ItemTokenizer
 from server.items import ItemStore
 from server.servicer import SERVICE_NAME, RecommenderServicer
 from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
@@ -126,6 +128,7 @@ def create_server(
     )
     metrics.set_model_version(metadata.model_version)
 
+    images = ItemImages(config.image_root)  # before any store is opened: fails fast
     triton = TritonClient(
         transport if transport is not None else GrpcTritonTransport(config.triton_url),
         timeout_seconds=config.triton_timeout_seconds,
@@ -173,7 +176,8 @@ def create_server(
         options=server_options(config),
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(metadata, items, triton, limits, feedback, encoder), server
+        RecommenderServicer(metadata, items, triton, limits, feedback, encoder, images),
+        server,
     )
     health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

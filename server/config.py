@@ -78,9 +78,12 @@ class GatewayConfig:
     items_max_batch: int = 64
     # Added items served at once (each goes to Triton with every request: M x D floats).
     items_max_overlay: int = 10_000
-    # Per item text encoder call (MiniLM on up to items_max_batch texts); the caller's deadline
-    # wins if smaller.
+    # Per item encoder call (the image encoder on the batch's images, then MiniLM and the fusion
+    # on up to items_max_batch items); the caller's deadline wins if smaller.
     items_encode_timeout_seconds: float = 10.0
+    # The directory UpsertItems' Item.image_path is read from (paths resolved against it, none
+    # may leave it); unset: image_path is refused (each item reports an ImageProblem).
+    image_root: Path | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -176,6 +179,8 @@ class GatewayConfig:
                     if not raw.strip():
                         raise ConfigError(f"{var} must be a non-empty path")
                     values[field.name] = Path(raw)
+                elif field.name == "image_root":  # optional: empty is unset
+                    values[field.name] = Path(raw.strip()) if raw.strip() else None
                 elif field.name == "log_level":
                     values[field.name] = raw.strip().upper()
                 else:

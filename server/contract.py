@@ -11,7 +11,11 @@ ENSEMBLE_MODEL = "recommend"
 USER_ENCODER_MODEL = "user_encoder"
 CONTEXT_WEIGHTING_MODEL = "context_weighting"
 SCORER_MODEL = "scorer"
-ITEM_TEXT_ENCODER_MODEL = "item_text_encoder"
+# Item tower for items added after training: MiniLM + the trained fusion of text, image
+# features and attributes. The image encoder (EfficientNet-Lite0) runs first, only for items
+# that have an image.
+ITEM_ENCODER_MODEL = "item_encoder"
+IMAGE_ENCODER_MODEL = "image_encoder"
 # SimilarItems: ensemble item_lookup -> scorer (the item's own vector as the query).
 SIMILAR_ITEMS_MODEL = "similar_items"
 ITEM_LOOKUP_MODEL = "item_lookup"
@@ -48,12 +52,28 @@ TOP_ITEMS = "top_items"  # INT64 [batch, k] catalogue indices
 TOP_SCORES = "top_scores"  # FP32 [batch, k]; -inf where fewer than k items were eligible
 REASON_POSITIONS = "reason_positions"  # INT64 [batch, k] history position closest to each item
 
-# --- Item text encoder (for encoding new items; not on the Recommend path) -------------------
+# --- Item encoders (for encoding new items; not on the Recommend path) -----------------------
 TEXT_INPUT_IDS = "input_ids"  # INT64 [batch, tokens]
 TEXT_ATTENTION_MASK = "attention_mask"  # INT64 [batch, tokens]
+# Image encoder input: RGB in [0, 1], channels first, as `server.images.to_model_input` makes it
+# (resize the shorter side, centre crop); the ImageNet normalisation is inside the graph.
+# FP32 [batch, 3, IMAGE_SIZE, IMAGE_SIZE].
+IMAGE = "image"
+IMAGE_SIZE = 224
+# Pooled EfficientNet-Lite0 features. FP32 [batch, IMAGE_FEATURE_DIM]; zeros for no image.
+IMAGE_FEATURES = "image_features"
+IMAGE_FEATURE_DIM = 1280
+# 1.0 where the row has a real image, 0.0 where not (the fusion then ignores IMAGE_FEATURES).
+# FP32 [batch, 1].
+HAS_IMAGE = "has_image"
+# Hashed attribute tokens (category path parts, brand, price bucket; see
+# `server.item_attributes`), 0 = padding. INT64 [batch, ATTRIBUTE_SLOTS].
+ATTRIBUTE_IDS = "attribute_ids"
+ATTRIBUTE_SLOTS = 8
+ATTRIBUTE_BUCKETS = 1024  # ids 1..ATTRIBUTE_BUCKETS-1
 ITEM_VECTOR = "item_vector"  # FP32 [batch, EMBEDDING_DIM] (not "embedding": clashes in torch.onnx)
 # The tokenizer files (tokenizer.json) the gateway tokenizes new items' text with, no torch.
-TOKENIZER_DIR = "tokenizer"  # under <repository>/item_text_encoder/
+TOKENIZER_DIR = "tokenizer"  # under <repository>/item_encoder/
 
 # --- Vocabularies and bounds --------------------------------------------------------------------
 PADDING_INDEX = 0

@@ -1,4 +1,4 @@
-"""A new item's text, as training rendered it, tokenized for the item text encoder in Triton.
+"""A new item's text, as training rendered it, tokenized for the item encoder in Triton.
 
 `item_text` must produce exactly the text `ltrec.data.item_texts` gives a row with the same
 fields (a unit test compares them), or added items would be encoded off the distribution the
@@ -16,8 +16,7 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from server import contract
-from server.errors import BackendError, StartupError
-from server.triton_client import TritonClient
+from server.errors import StartupError
 
 # ltrec.data.PRICE_BUCKETS and DESCRIPTION_CHARS (the gateway cannot import ltrec).
 PRICE_BUCKETS: tuple[str, str, str] = ("budget", "mid-range", "premium")
@@ -81,8 +80,8 @@ class ItemTokenizer:
 
     @classmethod
     def from_repository(cls, repository: Path, max_tokens: int) -> ItemTokenizer | None:
-        """None when the repository has no item text encoder (exported without it)."""
-        path = repository / contract.ITEM_TEXT_ENCODER_MODEL / contract.TOKENIZER_DIR
+        """None when the repository has no item encoder (exported without it)."""
+        path = repository / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR
         if not (path / "tokenizer.json").is_file():
             return None
         return cls(path / "tokenizer.json", max_tokens)
@@ -95,42 +94,3 @@ class ItemTokenizer:
                 [e.attention_mask for e in encodings], dtype=np.int64
             ),
         }
-
-
-class ItemEncoder:
-    """Item texts -> item vectors [n, D] through the Triton item text encoder (MiniLM + the
-    trained projection), the same model that encoded the trained catalogue's texts."""
-
-    def __init__(
-        self,
-        tokenizer: ItemTokenizer,
-        triton: TritonClient,
-        embedding_dim: int,
-        timeout_seconds: float,
-    ) -> None:
-        self._tokenizer = tokenizer
-        self._triton = triton
-        self._dim = embedding_dim
-        self._timeout_seconds = timeout_seconds
-
-    async def encode(
-        self, texts: list[str], *, deadline: float | None = None, request_id: str = ""
-    ) -> npt.NDArray[np.float32]:
-        outputs = await self._triton.infer(
-            self._tokenizer(texts),
-            deadline=deadline,
-            request_id=request_id,
-            model_name=contract.ITEM_TEXT_ENCODER_MODEL,
-            output_names=(contract.ITEM_VECTOR,),
-            timeout_seconds=self._timeout_seconds,
-        )
-        vectors = outputs.get(contract.ITEM_VECTOR)
-        if vectors is None or vectors.shape != (len(texts), self._dim):
-            shape = None if vectors is None else vectors.shape
-            raise BackendError(
-                f"{contract.ITEM_TEXT_ENCODER_MODEL} returned {contract.ITEM_VECTOR} of shape "
-                f"{shape}, expected {(len(texts), self._dim)}"
-            )
-        if not np.isfinite(vectors).all():
-            raise BackendError(f"{contract.ITEM_TEXT_ENCODER_MODEL} returned non-finite vectors")
-        return np.asarray(vectors, dtype=np.float32)

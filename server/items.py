@@ -1,6 +1,6 @@
 """The item store: items added or hidden after training, durable and shared by every replica.
 
-`UpsertItems` encodes new items through the Triton item text encoder and `DeleteItems` hides
+`UpsertItems` encodes new items through the Triton item encoder and `DeleteItems` hides
 items; both append records (JSON lines) to segment files ``items-<replica>-<sequence>.jsonl``
 under one directory (`LTREC_ITEMS_DIR`, a volume every gateway replica mounts) and answer only
 after ``fdatasync``. Each replica writes its own segments (no locking) and reads everyone's: it
@@ -16,7 +16,10 @@ The live items become the overlay of the trained catalogue (`Catalogue.with_over
 items are indices N+1..N+M, whose vectors and popularity go to Triton with every request;
 deleted trained items, and trained items replaced by an upsert, are hidden (excluded from every
 request). A record's vector belongs to the model version that encoded it: after a rollout, each
-replica re-encodes the items (through Triton, in the background) before serving them.
+replica re-encodes the items (through Triton, in the background) before serving them, from
+their text, attributes and image features: the image bytes are not kept, but the frozen image
+encoder's output is (1,280 floats per item with a photo), so a rollout re-runs only the item
+encoder's trained fusion.
 
 A crash can leave one torn line at the end of a segment (never acknowledged; a segment is never
 reopened); readers apply complete lines only. Writes are rare (catalogue changes, not traffic),
@@ -33,7 +36,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +44,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server import metrics
+from server import contract, metrics
 from server.catalogue import Catalogue, ModelMetadata
 from server.errors import BackendUnavailable, GatewayError, Overloaded, StartupError
 from server.feedback import replica_name
+from server.item_encoder import ItemRow
 from server.item_text import ItemFields
 
 logger = logging.getLogger(__name__)
@@ -59,7 +63,7 @@ DELETE = "item_delete"
 # Re-encoding after a model rollout: items per Triton call.
 REENCODE_BATCH = 32
 
-Encoder = Callable[[list[str]], Awaitable[npt.NDArray[np.float32]]]
+Encoder = Callable[[list[ItemRow]], Awaitable[npt.NDArray[np.float32]]]
 Key = tuple[float, str, int, int]
 
 
@@ -73,6 +77,7 @@ class NewItem:
     attributes: dict[str, str] = field(default_factory=dict)
     image_path: str = ""
     image_bytes: int = 0
+    image_encoded: bool = False  # its image went into its vector
 
 
 @dataclass
@@ -81,8 +86,11 @@ class _Entry:
     deleted: bool
     title: str = ""
     text: str = ""
+    fields: ItemFields | None = None  # for re-encoding (the attributes)
     # None: encoded by another model version (or not at all): waiting to be re-encoded.
     vector: npt.NDArray[np.float32] | None = None
+    # The image encoder's output for the item's photo (None: none), for re-encoding.
+    image_features: npt.NDArray[np.float32] | None = None
 
 
 def encode_vector(vector: npt.NDArray[np.float32]) -> str:
@@ -201,7 +209,11 @@ class ItemStore:
 
     # --- writing -------------------------------------------------------------------------------
     async def upsert(
-        self, items: list[NewItem], vectors: npt.NDArray[np.float32], request_id: str
+        self,
+        items: list[NewItem],
+        vectors: npt.NDArray[np.float32],
+        request_id: str,
+        image_features: Sequence[npt.NDArray[np.float32] | None] | None = None,
     ) -> None:
         """Returns once every record is on disk and applied here; BackendUnavailable if not."""
         records = [
@@ -216,13 +228,16 @@ class ItemStore:
                 "attributes": item.attributes,
                 "image_path": item.image_path,
                 "image_bytes": item.image_bytes,
-                "image_encoded": False,
+                "image_encoded": item.image_encoded,
                 "text": item.text,
                 "vector": encode_vector(vector),
+                "image_features": None if features is None else encode_vector(features),
                 "model_version": self._model_version,
                 "request_id": request_id,
             }
-            for item, vector in zip(items, vectors, strict=True)
+            for item, vector, features in zip(
+                items, vectors, image_features or [None] * len(items), strict=True
+            )
         ]
         await self._append(records)
         metrics.ITEM_UPDATES_TOTAL.labels(op="upsert").inc(len(records))
@@ -354,7 +369,9 @@ class ItemStore:
                     deleted=False,
                     title=str(record.get("title", "")),
                     text=str(record.get("text", "")),
+                    fields=_fields(record),
                     vector=vector,
+                    image_features=_image_features(record),
                 )
             changed = True
         if changed:
@@ -428,7 +445,16 @@ class ItemStore:
         if not pending:
             return
         try:
-            vectors = await self._encoder([entry.text for _, entry in pending])
+            vectors = await self._encoder(
+                [
+                    ItemRow.of(
+                        entry.fields or ItemFields(title=entry.title),
+                        entry.text,
+                        image_features=entry.image_features,
+                    )
+                    for _, entry in pending
+                ]
+            )
         except GatewayError as exc:
             logger.info("item store: re-encoding %d items failed (%s); retrying", len(pending), exc)
             return
@@ -436,6 +462,27 @@ class ItemStore:
             if self._entries.get(item_id) is entry:  # not replaced meanwhile
                 entry.vector = np.asarray(vector, dtype=np.float32)
         self._rebuild()
+
+
+def _image_features(record: dict[str, Any]) -> npt.NDArray[np.float32] | None:
+    text = record.get("image_features")
+    if not isinstance(text, str):
+        return None
+    return decode_vector(text, contract.IMAGE_FEATURE_DIM)
+
+
+def _fields(record: dict[str, Any]) -> ItemFields:
+    def text(name: str) -> str:
+        value = record.get(name)
+        return value if isinstance(value, str) else ""
+
+    return ItemFields(
+        title=text("title"),
+        description=text("description"),
+        category=text("category"),
+        brand=text("brand"),
+        price_bucket=text("price_bucket"),
+    )
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:

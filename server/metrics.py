@@ -70,7 +70,7 @@ IN_FLIGHT_REQUESTS = Gauge(
 STAGE_DURATION_SECONDS = Histogram(
     "stage_duration_seconds",
     "Time spent in one stage of the Recommend and SimilarItems pipelines (validate, features, "
-    "triton, postprocess) or of UpsertItems (encode).",
+    "triton, postprocess) or of UpsertItems (images: read, decode and resize; encode).",
     ["stage"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
@@ -183,6 +183,19 @@ ITEM_STORE_UNREADABLE_LINES_TOTAL = Counter(
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )
+# Outcomes of an UpsertItems item's image: encoded with the item; unreadable (undecodable bytes
+# or file, missing file); not_allowed (a URL, a path outside LTREC_IMAGE_ROOT, or no root set).
+IMAGE_OUTCOMES = ("encoded", "unreadable", "not_allowed")
+ITEM_IMAGES_TOTAL = Counter(
+    "item_images_total",
+    "Images that came with acknowledged UpsertItems items, by outcome (encoded, unreadable, "
+    "not_allowed); the items without a usable image are served by their text and attributes.",
+    ["outcome"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+for _outcome in IMAGE_OUTCOMES:  # from zero at start-up, so rate() sees the first one
+    ITEM_IMAGES_TOTAL.labels(outcome=_outcome)
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",

@@ -1,8 +1,9 @@
 """The `ltrec.v1.Recommender` service: validate -> features -> Triton -> postprocess.
 
 Recommend and SimilarItems read one catalogue snapshot per request from the item store (the
-trained catalogue plus the items added or hidden since); UpsertItems encodes items through the
-Triton item text encoder and DeleteItems hides items, both through the store.
+trained catalogue plus the items added or hidden since); UpsertItems reads the items' images
+(off the event loop) and encodes the items through the Triton image and item encoders, and
+DeleteItems hides items, both through the store.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from server.features import build_features, build_similar_features
 from server.feedback import FEEDBACK, SERVED, FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.interceptors import current_request_id
-from server.item_text import PRICE_BUCKETS, ItemEncoder, ItemFields, item_text
+from server.item_encoder import ItemEncoder, ItemRow
+from server.item_images import ImageProblem, ItemImages, LoadedImage
+from server.item_text import PRICE_BUCKETS, ItemFields, item_text
 from server.items import ItemStore, NewItem
 from server.postprocess import build_items, build_similar_items
 from server.triton_client import OUTPUT_NAMES, TritonClient
@@ -35,9 +38,9 @@ from server.validation import (
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 # Stage histograms bound once.
-_VALIDATE, _FEATURES, _TRITON, _POSTPROCESS, _ENCODE = (
+_VALIDATE, _FEATURES, _TRITON, _POSTPROCESS, _IMAGES, _ENCODE = (
     metrics.STAGE_DURATION_SECONDS.labels(stage=stage)
-    for stage in ("validate", "features", "triton", "postprocess", "encode")
+    for stage in ("validate", "features", "triton", "postprocess", "images", "encode")
 )
 # FEEDBACK_TYPE_CLICK -> "click"
 FEEDBACK_TYPE_NAMES = {
@@ -64,6 +67,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         limits: RequestLimits,
         feedback: FeedbackStore,
         encoder: ItemEncoder | None,
+        images: ItemImages,
     ) -> None:
         self._metadata = metadata
         self._items = items
@@ -71,6 +75,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._limits = limits
         self._feedback = feedback
         self._encoder = encoder
+        self._images = images
 
     async def Recommend(
         self,
@@ -153,22 +158,36 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             validate_upsert_request(request, self._limits)
         if self._encoder is None:
             raise BackendUnavailable(
-                "this model repository has no item text encoder (exported with "
-                "--no-text-encoder): items cannot be encoded"
+                "this model repository has no item encoder (no "
+                f"{contract.ITEM_ENCODER_MODEL}/{contract.TOKENIZER_DIR}/tokenizer.json): items "
+                "cannot be encoded"
             )
-        new = [_new_item(item) for item in request.items]
-        self._items.check_capacity(item.item_id for item in new)
+        self._items.check_capacity(item.item_id for item in request.items)
+        with _IMAGES.time():
+            loaded = await self._images.load([(i.image, i.image_path) for i in request.items])
+        new = [_new_item(item, image) for item, image in zip(request.items, loaded, strict=True)]
+        rows = [
+            ItemRow.of(item.fields, item.text, image.pixels)
+            for item, image in zip(new, loaded, strict=True)
+        ]
         with _ENCODE.time():
-            vectors = await self._encoder.encode(
-                [item.text for item in new], deadline=deadline, request_id=request_id
+            encoded = await self._encoder.encode_items(
+                rows, deadline=deadline, request_id=request_id
             )
         known = self._items.catalogue.index_of
         created = sum(1 for item in new if item.item_id not in known)
-        await self._items.upsert(new, vectors, request_id)
+        await self._items.upsert(new, encoded.vectors, request_id, encoded.image_features)
+        images_encoded = sum(1 for item in new if item.image_encoded)
+        problems = [image.problem for image in loaded if image.problem is not None]
+        _count_images(images_encoded, problems)
         return recommender_pb2.UpsertItemsResponse(
             upserted=len(new),
             created=created,
-            images_not_encoded=sum(1 for item in new if item.image_bytes or item.image_path),
+            images_encoded=images_encoded,
+            images_not_encoded=len(problems),
+            image_problems=[
+                recommender_pb2.ImageProblem(index=p.index, reason=p.reason) for p in problems
+            ],
             model_version=self._metadata.model_version,
             request_id=request_id,
         )
@@ -241,7 +260,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _new_item(item: recommender_pb2.Item) -> NewItem:
+def _count_images(encoded: int, problems: list[ImageProblem]) -> None:
+    metrics.ITEM_IMAGES_TOTAL.labels(outcome="encoded").inc(encoded)
+    for problem in problems:
+        metrics.ITEM_IMAGES_TOTAL.labels(outcome=problem.outcome).inc()
+
+
+def _new_item(item: recommender_pb2.Item, image: LoadedImage) -> NewItem:
     fields = ItemFields(
         title=item.title,
         description=item.description,
@@ -256,4 +281,5 @@ def _new_item(item: recommender_pb2.Item) -> NewItem:
         attributes=dict(item.attributes),
         image_path=item.image_path,
         image_bytes=len(item.image),
+        image_encoded=image.pixels is not None,
     )

@@ -27,13 +27,13 @@ import pytest
 import torch
 
 from export_scripts.export import export
-from ltrec.models import ItemTextEncoder, Scorer, UserEncoder
+from ltrec.models import Scorer, UserEncoder
 from ltrec.movielens import ML_1M_GENRES
-from ltrec.text_encoder import load_text_model, tokenize
 from ltrec.train import TrainConfig, load_checkpoint, train
 from server import contract
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.integration.tiny_model import ml1m_slice
+from server.item_attributes import attribute_ids
+from tests.integration.tiny_model import encode_new_items, ml1m_slice
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 
@@ -270,22 +270,18 @@ def test_the_served_ranking_is_the_torch_models_with_the_new_items_appended(
     stack: Stack,
 ) -> None:
     """What Triton serves with the overlay is what torch computes for the catalogue plus the
-    new films (MiniLM + the trained projection on their text, no ID vector)."""
+    new films (MiniLM + the trained fusion of their text and category, no ID vector)."""
     assert stack.showcase is not None
     _, history = stack.showcase
     model, ckpt = load_checkpoint(stack.root / "artifacts" / "checkpoint.pt")
-    tokenizer, minilm = load_text_model()
     texts = [f"{new_title(g)}. Category: {g}." for g in GENRES]
-    batch = tokenize(tokenizer, texts, model.cfg.text_max_tokens)
     index = {item_id: i + 1 for i, item_id in enumerate(ckpt["item_ids"])}
     index |= {item_id: len(index) + 1 + j for j, item_id in enumerate(NEW_IDS)}
     hist = torch.tensor([[index[i] for i in history]])
     types = torch.full_like(hist, 1 + contract.EVENT_TYPES.index("rating"))
     region = 1 + ckpt["vocabularies"]["region"].index("zip4")
     with torch.no_grad():
-        extra = ItemTextEncoder(minilm, model.projection).eval()(
-            batch["input_ids"], batch["attention_mask"]
-        )
+        extra = encode_new_items(model, texts, [attribute_ids(g, "", "") for g in GENRES])
         table = model.item_table()
         user = UserEncoder(table, model.user_tower)(hist, types, extra)
         weighted = model.context_weighting(user, torch.tensor([[23, 7, 0, region]]))

@@ -23,12 +23,12 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export_scripts.export import export
-from ltrec.models import ItemTextEncoder, Scorer, UserEncoder
+from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec.train import load_checkpoint
 from server import contract
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.integration.tiny_model import ml1m_slice, train_tiny
+from tests.integration.tiny_model import encode_new_items, ml1m_slice, train_tiny
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 
@@ -172,25 +172,54 @@ def test_invalid_request_names_the_field(stack: Stack) -> None:
     assert "k must be in [1, 500], got 0" in err.value.details()
 
 
-def test_item_text_encoder_served_by_triton_matches_torch(stack: Stack) -> None:
-    """The real MiniLM, exported to ONNX and run by Triton, encodes a new item's text."""
-    texts = ["Space Odyssey Returns (2031). Category: Sci-Fi > Adventure"]
-    tokenizer, minilm = load_text_model()
-    batch = tokenize(tokenizer, texts, max_tokens=64)
+def test_item_encoders_served_by_triton_match_torch(stack: Stack) -> None:
+    """The real MiniLM and EfficientNet-Lite0, exported to ONNX and run by Triton, encode a new
+    item's text, photo and attributes as torch does; without the photo, the fusion ignores
+    whatever image features are sent."""
+    import skimage.data
+    from PIL import Image
+
+    from server.images import image_batch
+    from server.item_attributes import attribute_ids
+
+    texts = ["Space Odyssey Returns (2031). Category: Sci-Fi > Adventure."] * 2
+    photo = Image.fromarray(skimage.data.rocket())
+    attrs = [attribute_ids("Sci-Fi|Adventure", "", "")] * 2
     model, _ = load_checkpoint(stack.repo.parent / "artifacts" / "checkpoint.pt")
-    with torch.no_grad():
-        encoder = ItemTextEncoder(minilm, model.projection).eval()
-        want = encoder(batch["input_ids"], batch["attention_mask"]).numpy()
+    want = encode_new_items(model, texts, attrs, [photo, None]).numpy()
+
     client = triton_grpc.InferenceServerClient(stack.triton.grpc_url)
-    inputs = []
-    for name in (contract.TEXT_INPUT_IDS, contract.TEXT_ATTENTION_MASK):
-        array = batch[name].numpy().astype(np.int64)
-        inp = triton_grpc.InferInput(name, list(array.shape), "INT64")
-        inp.set_data_from_numpy(array)
-        inputs.append(inp)
-    result = client.infer(contract.ITEM_TEXT_ENCODER_MODEL, inputs)
-    got = result.as_numpy(contract.ITEM_VECTOR)
-    assert got.shape == (1, stack.metadata["embedding_dim"])
+
+    def infer(model_name: str, arrays: dict[str, np.ndarray], output: str) -> np.ndarray:
+        inputs = []
+        for name, array in arrays.items():
+            dtype = "INT64" if array.dtype == np.int64 else "FP32"
+            inp = triton_grpc.InferInput(name, list(array.shape), dtype)
+            inp.set_data_from_numpy(array)
+            inputs.append(inp)
+        return client.infer(model_name, inputs).as_numpy(output)
+
+    features = infer(
+        contract.IMAGE_ENCODER_MODEL,
+        {contract.IMAGE: image_batch([photo])},
+        contract.IMAGE_FEATURES,
+    )
+    assert features.shape == (1, contract.IMAGE_FEATURE_DIM)
+    tokenizer, _ = load_text_model()
+    batch = tokenize(tokenizer, texts, max_tokens=64)
+    got = infer(
+        contract.ITEM_ENCODER_MODEL,
+        {
+            contract.TEXT_INPUT_IDS: batch["input_ids"].numpy().astype(np.int64),
+            contract.TEXT_ATTENTION_MASK: batch["attention_mask"].numpy().astype(np.int64),
+            # Row 1 has no image: its features are noise the fusion must ignore.
+            contract.IMAGE_FEATURES: np.concatenate([features, features * 7.0]),
+            contract.HAS_IMAGE: np.asarray([[1.0], [0.0]], dtype=np.float32),
+            contract.ATTRIBUTE_IDS: np.asarray(attrs, dtype=np.int64),
+        },
+        contract.ITEM_VECTOR,
+    )
+    assert got.shape == (2, stack.metadata["embedding_dim"])
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 

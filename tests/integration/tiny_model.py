@@ -9,10 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
+from PIL import Image
 
 from ltrec.data import load_dataset, write_dataset
+from ltrec.image_encoder import load_image_encoder
+from ltrec.models import ItemEncoder, Recommender
 from ltrec.movielens import convert_movielens_1m
+from ltrec.text_encoder import load_text_model, tokenize
 from ltrec.train import Prepared, TrainConfig, prepare, train
+from server import contract
+from server.images import image_batch
 
 N_USERS = 150
 
@@ -41,3 +48,30 @@ def train_tiny(prepared: Prepared, out_dir: Path, *, seed: int = 0) -> Path:
     )
     train(prepared, cfg, out_dir, progress=False)
     return out_dir / "checkpoint.pt"
+
+
+def encode_new_items(
+    model: Recommender,
+    texts: list[str],
+    attributes: list[list[int]] | None = None,
+    images: list[Image.Image | None] | None = None,
+) -> torch.Tensor:
+    """Item vectors of items added after training, computed in torch as the gateway computes
+    them through Triton: MiniLM + the trained fusion, the image (if any) through
+    EfficientNet-Lite0 with `server.images`' preprocessing, attribute ids as given."""
+    tokenizer, minilm = load_text_model()
+    batch = tokenize(tokenizer, texts, model.cfg.text_max_tokens)
+    n = len(texts)
+    features = torch.zeros(n, model.cfg.image_dim)
+    has_image = torch.zeros(n, 1)
+    rows = [i for i, image in enumerate(images or []) if image is not None]
+    with torch.no_grad():
+        if rows:
+            pixels = image_batch([images[i] for i in rows])  # type: ignore[index,misc]
+            features[rows] = load_image_encoder()(torch.from_numpy(pixels))
+            has_image[rows] = 1.0
+        ids = torch.tensor(
+            attributes if attributes is not None else [[0] * contract.ATTRIBUTE_SLOTS] * n
+        )
+        encoder = ItemEncoder(minilm, model.fusion).eval()
+        return encoder(batch["input_ids"], batch["attention_mask"], features, has_image, ids)

@@ -69,7 +69,7 @@ def write_tokenizer(directory: Path) -> None:
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = directory / contract.ITEM_TEXT_ENCODER_MODEL / contract.TOKENIZER_DIR
+    path = directory / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path / "tokenizer.json"))
 
@@ -112,21 +112,56 @@ RANKING_OUTPUTS = (contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSI
 
 
 def fake_item_vectors(input_ids: np.ndarray) -> np.ndarray:
-    """What the fake item text encoder answers: a vector that depends on the tokens."""
+    """What the fake item encoder answers: a vector that depends on the tokens."""
     seeds = input_ids.sum(axis=1, keepdims=True).astype(np.float32)
     return (np.arange(1, DIM + 1, dtype=np.float32) * (1.0 + seeds)).astype(np.float32)
+
+
+def fake_image_features(images: np.ndarray) -> np.ndarray:
+    """What the fake image encoder answers: features that depend on the pixels (never 0)."""
+    means = images.mean(axis=(1, 2, 3)).astype(np.float32)[:, None]
+    ramp = np.arange(1, contract.IMAGE_FEATURE_DIM + 1, dtype=np.float32) / 1000
+    return (1.0 + means + ramp).astype(np.float32)
+
+
+# What the item encoder takes: name -> (dtype, trailing shape or None for any).
+ITEM_ENCODER_INPUTS: dict[str, tuple[type, tuple[int, ...] | None]] = {
+    contract.TEXT_INPUT_IDS: (np.int64, None),
+    contract.TEXT_ATTENTION_MASK: (np.int64, None),
+    contract.IMAGE_FEATURES: (np.float32, (contract.IMAGE_FEATURE_DIM,)),
+    contract.HAS_IMAGE: (np.float32, (1,)),
+    contract.ATTRIBUTE_IDS: (np.int64, (contract.ATTRIBUTE_SLOTS,)),
+}
+IMAGE_SHAPE = (3, contract.IMAGE_SIZE, contract.IMAGE_SIZE)
+
+
+def check_encoder_inputs(model_name: str, inputs: Mapping[str, np.ndarray]) -> None:
+    """The fake's model signature: names, dtypes and shapes as the exported configs declare."""
+    if model_name == contract.IMAGE_ENCODER_MODEL:
+        (image,) = inputs.values()
+        assert set(inputs) == {contract.IMAGE}
+        assert image.dtype == np.float32 and image.shape[1:] == IMAGE_SHAPE and len(image) >= 1
+        return
+    assert set(inputs) == set(ITEM_ENCODER_INPUTS), set(inputs)
+    rows = len(inputs[contract.TEXT_INPUT_IDS])
+    for name, (dtype, trailing) in ITEM_ENCODER_INPUTS.items():
+        array = inputs[name]
+        assert array.dtype == dtype and array.ndim == 2 and len(array) == rows, name
+        assert trailing is None or array.shape[1:] == trailing, (name, array.shape)
 
 
 class FakeTransport:
     """Stands in for tritonclient: records each call, then answers, fails or stalls.
 
-    The ranking ensembles (recommend, similar_items) answer `result`; the item text encoder
-    answers `fake_item_vectors` of its input ids (or `encoder_result` when set).
+    The ranking ensembles (recommend, similar_items) answer `result`; the item encoder answers
+    `fake_item_vectors` of its input ids (or `encoder_result` when set), the image encoder
+    `fake_image_features` of its images (or `image_result`).
     """
 
     def __init__(self, result: Mapping[str, np.ndarray] | None = None) -> None:
         self.result = dict(result) if result is not None else outputs([1], [1.0], [0])
         self.encoder_result: dict[str, np.ndarray] | None = None
+        self.image_result: dict[str, np.ndarray] | None = None
         self.errors: list[BaseException] = []  # raised first, one per call
         self.always: BaseException | None = None
         self.delay_seconds = 0.0
@@ -143,8 +178,12 @@ class FakeTransport:
         client_timeout: float,
         request_id: str,
     ) -> dict[str, np.ndarray]:
-        if model_name == contract.ITEM_TEXT_ENCODER_MODEL:
+        if model_name == contract.ITEM_ENCODER_MODEL:
             assert tuple(output_names) == (contract.ITEM_VECTOR,)
+            check_encoder_inputs(model_name, inputs)
+        elif model_name == contract.IMAGE_ENCODER_MODEL:
+            assert tuple(output_names) == (contract.IMAGE_FEATURES,)
+            check_encoder_inputs(model_name, inputs)
         else:
             assert model_name in (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
             assert tuple(output_names) == RANKING_OUTPUTS
@@ -155,10 +194,14 @@ class FakeTransport:
             raise self.always
         if self.delay_seconds:
             await asyncio.sleep(self.delay_seconds)
-        if model_name == contract.ITEM_TEXT_ENCODER_MODEL:
+        if model_name == contract.ITEM_ENCODER_MODEL:
             if self.encoder_result is not None:
                 return self.encoder_result
             return {contract.ITEM_VECTOR: fake_item_vectors(inputs[contract.TEXT_INPUT_IDS])}
+        if model_name == contract.IMAGE_ENCODER_MODEL:
+            if self.image_result is not None:
+                return self.image_result
+            return {contract.IMAGE_FEATURES: fake_image_features(inputs[contract.IMAGE])}
         return self.result
 
     def ranking_calls(self, model_name: str = contract.ENSEMBLE_MODEL) -> list[InferCall]:

@@ -26,6 +26,7 @@ from server.app import create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.unit.test_gateway import ITEMS, METADATA, FakeTransport, outputs, write_repository
+from tests.unit.test_image_preprocessing import image_bytes, noise_png
 
 MAX_K = 50
 MAX_REQUEST_HISTORY = 20
@@ -76,14 +77,14 @@ WEIGHTS = st.one_of(st.none(), st.floats(width=32, allow_nan=True, allow_infinit
 
 class RankingFake(FakeTransport):
     """Answers like the scorer: at most `top_k` items, never padding, history or exclusions
-    (for SimilarItems: never the query item); the item text encoder answers like
+    (for SimilarItems: never the query item); the item and image encoders answer like
     `FakeTransport`."""
 
     async def infer(self, model_name, inputs, output_names, *, client_timeout, request_id):  # type: ignore[no-untyped-def]
         answer = await super().infer(
             model_name, inputs, output_names, client_timeout=client_timeout, request_id=request_id
         )
-        if model_name == contract.ITEM_TEXT_ENCODER_MODEL:
+        if model_name in (contract.ITEM_ENCODER_MODEL, contract.IMAGE_ENCODER_MODEL):
             return answer
         self.calls.clear()  # thousands of calls: keep none
         history = inputs.get(contract.HISTORY_ITEMS, inputs.get(contract.QUERY_ITEMS))
@@ -148,7 +149,11 @@ def stub(
 def items_stub(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[recommender_pb2_grpc.RecommenderStub]:
-    with fuzzed_gateway(tmp_path_factory.mktemp("fuzz-items")) as stub:
+    root = tmp_path_factory.mktemp("fuzz-items")
+    (root / "images" / "shoes").mkdir(parents=True)
+    (root / "images" / "shoes" / "a.png").write_bytes(VALID_IMAGES[0])
+    (root / "secret.png").write_bytes(VALID_IMAGES[0])
+    with fuzzed_gateway(root, image_root=root / "images") as stub:
         yield stub
 
 
@@ -237,6 +242,39 @@ def test_any_feedback_gets_ok_or_invalid_argument(
 # --- The item RPCs -----------------------------------------------------------------------------
 
 NEW_IDS = st.sampled_from(["new-a", "new-b", "new-c"])
+VALID_IMAGES = [
+    image_bytes((5, 3)),
+    image_bytes((1, 1), 7, "L", "GIF"),
+    image_bytes((9, 4), (1, 2, 3, 4), "RGBA", "WEBP"),
+    image_bytes((6, 6), fmt="JPEG"),
+    noise_png((12, 10)),
+]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _mutated(data: bytes, position: int, value: int) -> bytes:
+    position %= len(data)
+    return data[:position] + bytes([value]) + data[position + 1 :]
+
+
+# Whole images, cut ones, ones with a byte changed (headers, CRCs, pixels), and noise that
+# starts like a PNG: none may take the gateway to anything but OK.
+IMAGES = st.one_of(
+    st.just(b""),
+    st.binary(max_size=64),
+    st.sampled_from(VALID_IMAGES),
+    st.builds(lambda d, n: d[:n], st.sampled_from(VALID_IMAGES), st.integers(0, 200)),
+    st.builds(_mutated, st.sampled_from(VALID_IMAGES), st.integers(0, 2**16), st.integers(0, 255)),
+    st.builds(PNG_SIGNATURE.__add__, st.binary(max_size=64)),
+)
+IMAGE_PATHS = st.one_of(
+    st.just(""),
+    st.text(max_size=40),
+    st.sampled_from(
+        ["shoes/a.png", "shoes/../shoes/a.png", "../secret.png", "shoes", "/etc/passwd"]
+    ),
+    st.builds("https://cdn.example/{}".format, st.text(max_size=10)),
+)
 ITEMS_IDS = st.one_of(st.sampled_from(KNOWN_IDS), NEW_IDS, st.text(max_size=300))
 ITEM_MESSAGES = st.builds(
     recommender_pb2.Item,
@@ -247,8 +285,20 @@ ITEM_MESSAGES = st.builds(
     brand=st.text(max_size=300),
     price_bucket=st.integers(min_value=-1, max_value=5),
     attributes=st.dictionaries(st.text(max_size=70), st.text(max_size=40), max_size=3),
-    image=st.one_of(st.just(b""), st.binary(max_size=16)),
-    image_path=st.text(max_size=40),
+    image=IMAGES,
+    image_path=IMAGE_PATHS,
+)
+
+# Valid items whose images are anything: these reach the image code in every example.
+IMAGE_ITEMS = st.builds(
+    recommender_pb2.Item,
+    item_id=st.one_of(NEW_IDS, st.from_regex(r"img-[a-z0-9]{1,6}", fullmatch=True)),
+    title=st.just("A pictured product"),
+    category=st.sampled_from(["", "Shoes|Running", "a|b|c|d|e|f|g|h|i|j"]),
+    brand=st.text(max_size=20),
+    price_bucket=st.integers(min_value=0, max_value=3),
+    image=IMAGES,
+    image_path=IMAGE_PATHS,
 )
 
 
@@ -271,7 +321,10 @@ def _accepted_item(item: recommender_pb2.Item) -> bool:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    items=st.lists(ITEM_MESSAGES, max_size=MAX_ITEM_BATCH + 2),
+    items=st.one_of(
+        st.lists(ITEM_MESSAGES, max_size=MAX_ITEM_BATCH + 2),
+        st.lists(IMAGE_ITEMS, min_size=1, max_size=MAX_ITEM_BATCH, unique_by=lambda i: i.item_id),
+    ),
     delete=st.lists(ITEMS_IDS, max_size=MAX_ITEM_BATCH + 2),
     similar=st.builds(
         recommender_pb2.SimilarItemsRequest,
@@ -299,6 +352,12 @@ def test_any_item_request_gets_only_documented_codes(
         reply = items_stub.UpsertItems(recommender_pb2.UpsertItemsRequest(items=items), timeout=10)
         assert accepted, items
         assert reply.upserted == len(items)
+        # Every image is encoded or reported, never an error; images are optional.
+        with_image = [i for i, item in enumerate(items) if item.image or item.image_path]
+        assert reply.images_encoded + reply.images_not_encoded == len(with_image)
+        assert len(reply.image_problems) == reply.images_not_encoded
+        assert {p.index for p in reply.image_problems} <= set(with_image)
+        assert all(p.reason.startswith(f"items[{p.index}].image") for p in reply.image_problems)
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
         assert exc.details() and not accepted

@@ -1,14 +1,17 @@
 """Items added or hidden after training: UpsertItems, DeleteItems, SimilarItems and the item store.
 
-The gateway runs in-process against the fake Triton of `test_gateway` (whose fake item text
-encoder answers a vector derived from the tokens); the real encoder and graphs are exercised by
-`tests/integration/test_new_items.py`.
+The gateway runs in-process against the fake Triton of `test_gateway` (whose fake item encoder
+answers a vector derived from the tokens, and whose fake image encoder answers features derived
+from the pixels); the real encoders and graphs are exercised by `tests/integration/`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,23 +23,30 @@ import pandas as pd
 import pytest
 from prometheus_client import REGISTRY
 
-from server import contract
+from server import contract, images, item_images
+from server.app import create_server
 from server.catalogue import load_model_repository
+from server.config import GatewayConfig
+from server.errors import StartupError
 from server.gen.ltrec.v1 import recommender_pb2
 from server.interceptors import INTERNAL_MESSAGE
+from server.item_attributes import attribute_ids
+from server.item_images import ImageProblem, ItemImages, LoadedImage
 from server.item_text import ItemFields, ItemTokenizer, item_text
-from server.items import DELETE, UPSERT, ItemStore, encode_vector
+from server.items import DELETE, UPSERT, ItemStore, decode_vector, encode_vector
 from tests.unit.test_gateway import (
     DIM,
     ITEMS,
     METADATA,
     FakeTransport,
+    fake_image_features,
     fake_item_vectors,
     outputs,
     run_async,
     running_gateway,
     write_repository,
 )
+from tests.unit.test_image_preprocessing import image_bytes, noise_png
 
 N = len(ITEMS)
 VIEW = recommender_pb2.EVENT_TYPE_VIEW
@@ -87,9 +97,13 @@ async def test_an_upserted_item_is_encoded_stored_and_recommended_at_once(reposi
             timeout=5,
         )
         assert (reply.upserted, reply.created, reply.images_not_encoded) == (2, 2, 1)
+        assert reply.images_encoded == 0  # b"\x89PNG" is not a whole image
+        assert [(p.index, p.reason) for p in reply.image_problems] == [
+            (1, "items[1].image: not a readable image (UnidentifiedImageError)")
+        ]
         assert reply.model_version == METADATA["model_version"] and reply.request_id == "up-1"
         (encode,) = fake.calls
-        assert encode.model_name == contract.ITEM_TEXT_ENCODER_MODEL
+        assert encode.model_name == contract.ITEM_ENCODER_MODEL
         ids = encode.inputs[contract.TEXT_INPUT_IDS]
         assert ids.dtype == np.int64 and ids.shape[0] == 2
         assert encode.inputs[contract.TEXT_ATTENTION_MASK].shape == ids.shape
@@ -130,6 +144,316 @@ async def test_upserting_a_trained_item_replaces_it_and_keeps_its_popularity(
     np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[3]])  # the old one, hidden
     np.testing.assert_array_equal(tensors[contract.EXTRA_POPULARITY], [300.0])
     assert response.items == []  # index 3 hidden, N+1 in the history: both dropped
+
+
+# --- Images ------------------------------------------------------------------------------------
+
+RED_PNG = image_bytes((40, 30), (220, 20, 20))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    """What the gateway sends the image encoder for one image."""
+    return images.to_model_input(images.decode_image(data))
+
+
+def images_total(outcome: str) -> float:
+    return REGISTRY.get_sample_value("ltrec_gateway_item_images_total", {"outcome": outcome}) or 0.0
+
+
+def encoder_calls(fake: FakeTransport) -> tuple[list[Any], Any]:
+    """(image encoder calls, the one item encoder call) of one UpsertItems."""
+    image_calls = [c for c in fake.calls if c.model_name == contract.IMAGE_ENCODER_MODEL]
+    (item_call,) = [c for c in fake.calls if c.model_name == contract.ITEM_ENCODER_MODEL]
+    return image_calls, item_call
+
+
+def stored_records(repository: Path) -> dict[str, dict[str, Any]]:
+    records = {}
+    for segment in sorted((repository.parent / "items").iterdir()):
+        for line in segment.read_text().splitlines():
+            record = json.loads(line)
+            records[record["item_id"]] = record
+    return records
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    """<tmp>/images/shoes/red.png and a secret image beside the root, not under it."""
+    root = tmp_path / "images"
+    (root / "shoes").mkdir(parents=True)
+    (root / "shoes" / "red.png").write_bytes(RED_PNG)
+    (tmp_path / "secret.png").write_bytes(image_bytes((8, 8), (0, 0, 0)))
+    return root
+
+
+@run_async
+async def test_an_image_is_encoded_and_its_features_go_to_the_item_encoder(
+    repository: Path,
+) -> None:
+    fake = FakeTransport()
+    encoded_before = images_total("encoded")
+    fields = {"category": "Shoes|Running", "brand": "Acme", "price_bucket": 3}
+    async with running_gateway(repository, fake) as gw:
+        reply = await gw.stub.UpsertItems(
+            upsert(item("shoe-1", "Red runner", image=RED_PNG, **fields)), timeout=5
+        )
+    assert (reply.images_encoded, reply.images_not_encoded, list(reply.image_problems)) == (
+        1,
+        0,
+        [],
+    )
+    (image_call,), item_call = encoder_calls(fake)
+    assert [c.model_name for c in fake.calls] == [
+        contract.IMAGE_ENCODER_MODEL,
+        contract.ITEM_ENCODER_MODEL,
+    ]
+    sent_image = image_call.inputs[contract.IMAGE]
+    assert sent_image.shape == (1, 3, 224, 224) and sent_image.dtype == np.float32
+    np.testing.assert_allclose(sent_image[0], pixels(RED_PNG))
+    tensors = item_call.inputs
+    np.testing.assert_array_equal(tensors[contract.HAS_IMAGE], [[1.0]])
+    np.testing.assert_array_equal(tensors[contract.IMAGE_FEATURES], fake_image_features(sent_image))
+    np.testing.assert_array_equal(
+        tensors[contract.ATTRIBUTE_IDS], [attribute_ids("Shoes|Running", "Acme", "premium")]
+    )
+    # Both calls run under the caller's deadline and carry the request id.
+    for call in (image_call, item_call):
+        assert call.client_timeout == pytest.approx(5, abs=0.5)
+        assert call.request_id == "up-1"
+    assert stored_records(repository)["shoe-1"]["image_encoded"] is True
+    assert images_total("encoded") == encoded_before + 1
+
+
+@run_async
+async def test_undecodable_image_bytes_are_a_problem_and_the_item_is_stored_without_it(
+    repository: Path,
+) -> None:
+    fake = FakeTransport()
+    unreadable_before = images_total("unreadable")
+    async with running_gateway(repository, fake) as gw:
+        reply = await gw.stub.UpsertItems(
+            upsert(item("a"), item("b", image=b"\xff\xd8 not really a jpeg")), timeout=5
+        )
+        assert "b" in gw.server.items.catalogue.index_of  # served by its text and attributes
+    assert (reply.upserted, reply.images_encoded, reply.images_not_encoded) == (2, 0, 1)
+    (problem,) = reply.image_problems
+    assert problem.index == 1
+    assert problem.reason.startswith("items[1].image: not a readable image")
+    image_calls, item_call = encoder_calls(fake)
+    assert image_calls == []  # no usable image: no image encoder call
+    np.testing.assert_array_equal(item_call.inputs[contract.HAS_IMAGE], [[0.0], [0.0]])
+    assert not item_call.inputs[contract.IMAGE_FEATURES].any()
+    assert stored_records(repository)["b"]["image_encoded"] is False
+    assert images_total("unreadable") == unreadable_before + 1
+
+
+@run_async
+async def test_image_paths_are_read_under_the_image_root(
+    repository: Path, image_root: Path
+) -> None:
+    fake = FakeTransport()
+    absolute = str(image_root / "shoes" / "red.png")
+    async with running_gateway(repository, fake, image_root=image_root) as gw:
+        reply = await gw.stub.UpsertItems(
+            upsert(
+                item("rel", image_path="shoes/red.png"),
+                item("dots", image_path="shoes/../shoes/./red.png"),
+                item("abs", image_path=absolute),
+            ),
+            timeout=5,
+        )
+    assert (reply.images_encoded, reply.images_not_encoded) == (3, 0), reply.image_problems
+    (image_call,), item_call = encoder_calls(fake)
+    for row in image_call.inputs[contract.IMAGE]:
+        np.testing.assert_allclose(row, pixels(RED_PNG))
+    np.testing.assert_array_equal(item_call.inputs[contract.HAS_IMAGE], [[1.0]] * 3)
+    record = stored_records(repository)["rel"]
+    assert record["image_path"] == "shoes/red.png" and record["image_encoded"] is True
+
+
+@run_async
+async def test_image_paths_outside_the_root_missing_or_not_files_are_problems(
+    repository: Path, image_root: Path, tmp_path: Path
+) -> None:
+    (image_root / "escape.png").symlink_to(tmp_path / "secret.png")
+    (image_root / "loop.png").symlink_to(image_root / "loop.png")
+    cases = {
+        "../secret.png": "items[0].image_path: the path leads outside LTREC_IMAGE_ROOT",
+        "escape.png": "items[1].image_path: the path leads outside LTREC_IMAGE_ROOT",
+        str(tmp_path / "secret.png"): "items[2].image_path: the path leads outside",
+        "nope/missing.png": "items[3].image_path: image file not found",
+        "shoes": "items[4].image_path: not a regular file",
+        "https://cdn.example.com/red.png": "items[5].image_path: URLs are not fetched",
+        "file:///etc/passwd": "items[6].image_path: URLs are not fetched",
+        "bad\0name.png": "items[7].image_path: not a usable path",
+        "loop.png": "items[8].image_path: not a usable path",
+    }
+    fake = FakeTransport()
+    async with running_gateway(
+        repository, fake, image_root=image_root, items_max_batch=len(cases)
+    ) as gw:
+        reply = await gw.stub.UpsertItems(
+            upsert(*(item(f"n{i}", image_path=path) for i, path in enumerate(cases))), timeout=5
+        )
+    assert (reply.upserted, reply.images_encoded, reply.images_not_encoded) == (9, 0, 9)
+    reasons = [p.reason for p in reply.image_problems]
+    for reason, expected in zip(reasons, cases.values(), strict=True):
+        assert reason.startswith(expected), (reason, expected)
+    # A reason never echoes the path (nor does it say whether a file outside the root exists).
+    assert not any("secret" in reason or "cdn" in reason for reason in reasons)
+    assert [p.index for p in reply.image_problems] == list(range(len(cases)))
+
+
+@run_async
+async def test_image_paths_without_an_image_root_are_problems(repository: Path) -> None:
+    fake = FakeTransport()
+    not_allowed_before = images_total("not_allowed")
+    async with running_gateway(repository, fake) as gw:
+        reply = await gw.stub.UpsertItems(
+            upsert(item("a"), item("b"), item("c", image_path="shoes/red.png")), timeout=5
+        )
+    assert [(p.index, p.reason) for p in reply.image_problems] == [
+        (2, "items[2].image_path: LTREC_IMAGE_ROOT is not set on this gateway")
+    ]
+    assert images_total("not_allowed") == not_allowed_before + 1
+
+
+@run_async
+async def test_a_batch_mixing_every_case_encodes_the_usable_images_in_one_call(
+    repository: Path, image_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    noise = noise_png(seed=3)
+    batch = [
+        item("m0", image=noise, category="Toys|Space", brand="Acme", price_bucket=1),
+        item("m1", image=b"GIF89a garbage"),
+        item("m2", image_path="shoes/red.png", brand="Zed"),
+        item("m3", image_path="../secret.png"),
+        item("m4", description="no image at all"),
+        item("m5", image=RED_PNG, image_path="../secret.png"),  # the bytes win
+        item("m6", image_path="shoes/blue.png"),
+    ]
+    before = {
+        outcome: images_total(outcome) for outcome in ("encoded", "unreadable", "not_allowed")
+    }
+    fake = FakeTransport()
+    async with running_gateway(repository, fake, image_root=image_root) as gw:
+        reply = await gw.stub.UpsertItems(upsert(*batch), timeout=5)
+        assert all(f"m{i}" in gw.server.items.catalogue.index_of for i in range(7))
+    assert (reply.upserted, reply.images_encoded, reply.images_not_encoded) == (7, 3, 3)
+    assert [p.index for p in reply.image_problems] == [1, 3, 6]
+    assert "image file not found" in reply.image_problems[2].reason
+
+    (image_call,), item_call = encoder_calls(fake)
+    sent_images = image_call.inputs[contract.IMAGE]
+    assert sent_images.shape == (3, 3, 224, 224)
+    for row, data in zip(sent_images, (noise, RED_PNG, RED_PNG), strict=True):
+        np.testing.assert_allclose(row, pixels(data))
+    tensors = item_call.inputs
+    has_image = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    np.testing.assert_array_equal(tensors[contract.HAS_IMAGE][:, 0], has_image)
+    features = tensors[contract.IMAGE_FEATURES]
+    np.testing.assert_array_equal(features[[0, 2, 5]], fake_image_features(sent_images))
+    assert not features[[1, 3, 4, 6]].any()
+    empty = [0] * contract.ATTRIBUTE_SLOTS
+    np.testing.assert_array_equal(
+        tensors[contract.ATTRIBUTE_IDS],
+        [
+            attribute_ids("Toys|Space", "Acme", "budget"),
+            empty,
+            attribute_ids("", "Zed", ""),
+            empty,
+            empty,
+            empty,
+            empty,
+        ],
+    )
+    records = stored_records(repository)
+    assert [records[f"m{i}"]["image_encoded"] for i in range(7)] == [bool(h) for h in has_image]
+    # One per item with an image, by outcome; no ids or paths in labels or logs.
+    assert images_total("encoded") == before["encoded"] + 3
+    assert images_total("unreadable") == before["unreadable"] + 2
+    assert images_total("not_allowed") == before["not_allowed"] + 1
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            assert not {"m1", "m3", "../secret.png", "shoes/red.png"} & set(sample.labels.values())
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "secret" not in logged and "red.png" not in logged and '"m3"' not in logged
+
+
+@run_async
+async def test_bad_image_encoder_answers_are_internal_and_store_nothing(repository: Path) -> None:
+    fake = FakeTransport()
+    async with running_gateway(repository, fake) as gw:
+        for answer in (
+            np.zeros((2, contract.IMAGE_FEATURE_DIM), np.float32),  # one image sent
+            np.full((1, contract.IMAGE_FEATURE_DIM), np.nan, np.float32),
+        ):
+            fake.image_result = {contract.IMAGE_FEATURES: answer}
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.UpsertItems(upsert(item("x", image=RED_PNG)), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            assert caught.value.details() == INTERNAL_MESSAGE
+        assert [c.model_name for c in fake.calls] == [contract.IMAGE_ENCODER_MODEL] * 2
+        assert "x" not in gw.server.items.catalogue.index_of
+
+
+@run_async
+async def test_images_are_decoded_off_the_event_loop_and_bad_files_are_problems(
+    image_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    real = images.to_model_input
+
+    def spy(image: Any) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return real(image)
+
+    monkeypatch.setattr(images, "to_model_input", spy)
+    monkeypatch.setattr(item_images, "MAX_IMAGE_FILE_BYTES", 100)
+    (image_root / "big.png").write_bytes(b"x" * 101)
+    loaded = await ItemImages(image_root).load([(RED_PNG, ""), (b"", "big.png"), (b"", "")])
+    assert threads and threading.main_thread() not in threads
+    assert loaded[0].pixels is not None and loaded[0].problem is None
+    assert loaded[1] == LoadedImage(
+        problem=ImageProblem(
+            1, "items[1].image_path: image file of 101 bytes exceeds 100 bytes", "unreadable"
+        )
+    )
+    assert loaded[2] == LoadedImage()
+
+    # A decoder failing with an exception type decode_image does not expect is still a problem.
+    def broken(image: Any) -> np.ndarray:
+        raise EOFError("decoder bug")
+
+    monkeypatch.setattr(images, "to_model_input", broken)
+    (problem,) = [i.problem for i in await ItemImages(None).load([(RED_PNG, "")])]
+    assert problem == ImageProblem(
+        0, "items[0].image: not a readable image (EOFError)", "unreadable"
+    )
+
+
+def test_the_image_root_is_read_from_the_environment_and_checked_at_start(tmp_path: Path) -> None:
+    plain = {"LTREC_ALLOW_PLAINTEXT": "true"}
+    assert GatewayConfig.from_env(plain).image_root is None
+    assert GatewayConfig.from_env(plain | {"LTREC_IMAGE_ROOT": " "}).image_root is None
+    root = GatewayConfig.from_env(plain | {"LTREC_IMAGE_ROOT": str(tmp_path)}).image_root
+    assert root == tmp_path
+    repository = write_repository(tmp_path / "model_repository")
+    for bad in (tmp_path / "missing", repository / contract.METADATA_FILE):
+        config = GatewayConfig(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            metrics_port=0,
+            model_repository=repository,
+            allow_plaintext=True,
+            feedback_dir=tmp_path / "feedback",
+            items_dir=tmp_path / "items",
+            image_root=bad,
+        )
+        with pytest.raises(StartupError, match="LTREC_IMAGE_ROOT"):
+            create_server(config, transport=FakeTransport())
+    assert os.listdir(tmp_path) == ["model_repository"]  # refused before any store was opened
 
 
 # --- DeleteItems -------------------------------------------------------------------------------
@@ -264,11 +588,43 @@ async def test_items_encoded_by_another_model_version_are_re_encoded_before_serv
         assert gw.server.items.catalogue.size == N  # its old vector is not served
         await wait_for(lambda: gw.server.items.catalogue.size == N + 1)
     (encode,) = fake.calls
-    assert encode.model_name == contract.ITEM_TEXT_ENCODER_MODEL
+    assert encode.model_name == contract.ITEM_ENCODER_MODEL
     np.testing.assert_allclose(
         gw.server.items.catalogue.extra_vectors,
         fake_item_vectors(encode.inputs[contract.TEXT_INPUT_IDS]),
     )
+
+
+@run_async
+async def test_an_item_photo_survives_a_rollout_through_its_kept_image_features(
+    repository: Path,
+) -> None:
+    """The upsert keeps the image encoder's output; a model version that did not encode the item
+    re-runs only the item encoder on it, with the photo's features, not the image encoder."""
+    fake = FakeTransport()
+    async with running_gateway(repository, fake) as gw:
+        await gw.stub.UpsertItems(upsert(item("shoe-1", "Red runner", image=RED_PNG)), timeout=5)
+    (image_call,), _ = encoder_calls(fake)
+    features = fake_image_features(image_call.inputs[contract.IMAGE])[0]
+    record = stored_records(repository)["shoe-1"]
+    np.testing.assert_array_equal(
+        decode_vector(record["image_features"], contract.IMAGE_FEATURE_DIM), features
+    )
+    # The same record as another model version wrote it.
+    store_dir = repository.parent / "items"
+    for segment in store_dir.iterdir():
+        segment.unlink()
+    stale = _upsert_record(
+        "shoe-1", 1.0, "z", 1, model_version="1999-old", image_features=record["image_features"]
+    )
+    (store_dir / "items-z-000001.jsonl").write_text(stale + "\n")
+    fake = FakeTransport()
+    async with running_gateway(repository, fake, items_poll_interval_seconds=0.05) as gw:
+        await wait_for(lambda: gw.server.items.catalogue.size == N + 1)
+    (call,) = fake.calls  # the item encoder only
+    assert call.model_name == contract.ITEM_ENCODER_MODEL
+    np.testing.assert_array_equal(call.inputs[contract.HAS_IMAGE], [[1.0]])
+    np.testing.assert_array_equal(call.inputs[contract.IMAGE_FEATURES], [features])
 
 
 # --- SimilarItems ------------------------------------------------------------------------------
@@ -454,7 +810,7 @@ async def test_upsert_errors_map_through_the_one_table(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await gw.stub.UpsertItems(upsert(item("a")), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "no item text encoder" in (caught.value.details() or "")
+        assert "no item encoder" in (caught.value.details() or "")
 
     repository = write_repository(tmp_path / "model_repository")
     fake = FakeTransport()

@@ -216,7 +216,7 @@ def test_item_table_row_zero_is_padding() -> None:
     torch.nn.init.normal_(model.item_ids.weight)
     with torch.no_grad():
         table = model.item_table()
-        expected = model.projection(text) + model.item_ids.weight
+        expected = model.fusion.text(text) + model.item_ids.weight
     assert table.shape == (CFG.n_items + 1, CFG.embedding_dim)
     assert torch.equal(table[contract.PADDING_INDEX], torch.zeros(CFG.embedding_dim))
     torch.testing.assert_close(table[1:], expected[1:])
