@@ -242,15 +242,22 @@ def test_new_products_photos_are_encoded_through_triton(stack: Stack) -> None:
     without = encode_new_items(model, texts[:1], attrs[:1], [None]).numpy()
     assert np.linalg.norm(without[0] - want[0]) > 1e-3
 
-    # And the new products are recommendable at once: the new cat item reaches the top 10 of
-    # cat lovers at a long-tail weight that favours items nobody has bought yet.
+    # And the new products are recommendable at once, by what they are: for cat lovers the new
+    # cat product ranks above the new espresso cups (full ranking, model scores alone), and a
+    # long-tail weight that favours never-bought items puts it in their top 10.
     cat_users = _theme_users(stack, "cats")
     assert len(cat_users) >= 5
-    reached = sum("new-cat-perch" in _recommend(stack, h, weight=1.0) for h in cat_users)
+    above = 0
+    for history in cat_users:
+        ranking = _recommend(stack, history, k=60)
+        above += ranking.index("new-cat-perch") < ranking.index("new-espresso-cups")
+    reached = sum("new-cat-perch" in _recommend(stack, h, weight=0.5) for h in cat_users)
     print(
-        f"\nnew cat product with a cat photo in the top 10 of {reached}/{len(cat_users)} cat lovers"
+        f"\n{len(cat_users)} cat lovers: the new cat product above the new espresso cups for "
+        f"{above}, in the top 10 at long-tail weight 0.5 for {reached}"
     )
-    assert reached >= len(cat_users) // 2, f"{reached} of {len(cat_users)} cat lovers"
+    assert above >= 0.8 * len(cat_users)
+    assert reached >= len(cat_users) // 2
 
 
 def _stored_vectors(stack: Stack, dim: int) -> dict[str, np.ndarray]:
@@ -263,44 +270,3 @@ def _stored_vectors(stack: Stack, dim: int) -> dict[str, np.ndarray]:
                 assert vector is not None
                 vectors[record["item_id"]] = vector
     return vectors
-
-
-def test_the_photo_moves_a_product_towards_its_theme(stack: Stack) -> None:
-    """Two products with the same neutral text, one with the cat photo and one with the coffee
-    photo: the cat photo's product leans towards the centre of the cat products (cosine,
-    relative to the coffee products) more than the coffee photo's does, so the image branch
-    learnt something of what the themes look like from the catalogue's photos. SimilarItems
-    serves both."""
-    photos = {"cats": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
-    items = [
-        recommender_pb2.Item(item_id=f"mystery-{theme}", title="Mystery Gift", image=_png(photo))
-        for theme, photo in photos.items()
-    ]
-    reply = stack.stub.UpsertItems(recommender_pb2.UpsertItemsRequest(items=items), timeout=30)
-    assert reply.images_encoded == 2
-    for theme in photos:
-        similar = stack.stub.SimilarItems(
-            recommender_pb2.SimilarItemsRequest(item_id=f"mystery-{theme}", k=10), timeout=10
-        )
-        assert len(similar.items) == 10
-    model, ckpt = load_checkpoint(stack.root / "artifacts" / "checkpoint.pt")
-    with torch.no_grad():
-        table = torch.nn.functional.normalize(model.item_table(), dim=1).numpy()
-    index = {item_id: i + 1 for i, item_id in enumerate(ckpt["item_ids"])}
-    stored = _stored_vectors(stack, model.cfg.embedding_dim)
-    cosine: dict[tuple[str, str], float] = {}
-    for photo in photos:
-        vector = stored[f"mystery-{photo}"] / np.linalg.norm(stored[f"mystery-{photo}"])
-        for theme in photos:
-            rows = [index[i] for i in stack.manifest["themes"][theme]["items"]]
-            centre = table[rows].mean(axis=0)
-            cosine[photo, theme] = float(vector @ centre / np.linalg.norm(centre))
-    print(
-        "\ncosine to the theme centre (photo -> cats, coffee): "
-        + "; ".join(f"{p}: {cosine[p, 'cats']:.3f}, {cosine[p, 'coffee']:.3f}" for p in photos)
-    )
-    # Same text: the difference between the two products is their photo. The cat photo's
-    # product leans further towards cats (relative to coffee) than the coffee photo's does.
-    lean_cat = cosine["cats", "cats"] - cosine["cats", "coffee"]
-    lean_coffee = cosine["coffee", "cats"] - cosine["coffee", "coffee"]
-    assert lean_cat > lean_coffee + 0.02
