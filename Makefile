@@ -78,8 +78,9 @@ $(MODEL_REPOSITORY)/ltrec_metadata.json: $(ARTIFACTS)/checkpoint.pt $(wildcard e
 export: $(MODEL_REPOSITORY)/ltrec_metadata.json
 
 # Triton (real tritonserver, local onnxruntime stand-in) + the gateway, in the foreground.
+STACK_ARGS ?=
 serve: install export
-	$(PY) -m triton_local.stack --model-repository $(MODEL_REPOSITORY)
+	$(PY) -m triton_local.stack --model-repository $(MODEL_REPOSITORY) $(STACK_ARGS)
 
 # The README's run command: everything from a fresh clone to a serving gateway.
 run: serve
@@ -96,7 +97,8 @@ photo-data: $(PHOTO_DATA)/source.json
 
 run-photos: install photo-data
 	$(MAKE) serve DATA_DIR=$(PHOTO_DATA) ARTIFACTS=$(PHOTO_ARTIFACTS) \
-		MODEL_REPOSITORY=$(PHOTO_REPOSITORY) TRAIN_ARGS="--epochs 40 --max-minutes 3"
+		MODEL_REPOSITORY=$(PHOTO_REPOSITORY) TRAIN_ARGS="--epochs 40 --max-minutes 3" \
+		STACK_ARGS="--feedback-dir feedback-photo-shop --items-dir items-photo-shop"
 
 # Ask the running gateway for recommendations for a real MovieLens history; prints titles.
 client: install
