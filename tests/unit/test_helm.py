@@ -6,6 +6,7 @@ kubernetes-validate's strict schemas and the Prometheus-operator kinds with clou
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,18 @@ def test_rendered_kinds() -> None:
             {"networkPolicy": {"metricsFrom": [{"ipBlock": {"except": ["10.0.0.0/8"]}}]}},
             "/networkPolicy/metricsFrom/0/ipBlock",
             "missing property 'cidr'",
+        ),
+        ({"gateway": {"images": {"mountPath": "images"}}}, "/gateway/images/mountPath", "pattern"),
+        (
+            {"gateway": {"images": {"readOnly": False}}},
+            "/gateway/images",
+            "additional properties 'readOnly'",
+        ),
+        # The image root comes only from gateway.images, which also mounts it.
+        (
+            {"gateway": {"env": {"image_root": "/images"}}},
+            "/gateway/env",
+            "additional properties 'image_root'",
         ),
     ],
 )
@@ -319,6 +332,13 @@ def test_gateway_tls_secret_is_mounted_and_used() -> None:
     # Kubernetes' gRPC probes cannot speak TLS: readiness falls back to a TCP check.
     assert "grpc" not in container["readinessProbe"]
     assert container["readinessProbe"]["tcpSocket"]["port"] == "grpc"
+    # Client certificates, as the chart's README says: the CA file through gateway.env.
+    values = copy.deepcopy(VALUES["object-store"])
+    values["gateway"].setdefault("env", {})["tls_client_ca_file"] = f"{mount['mountPath']}/ca.crt"
+    spec = pod_spec(render(values), "gateway")
+    (container,) = [c for c in spec["containers"] if c["name"] == "gateway"]
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    assert env["LTREC_TLS_CLIENT_CA_FILE"] == f"{mount['mountPath']}/ca.crt"
 
 
 def test_hpa_scales_gateway_on_cpu_and_triton_on_queue_time() -> None:
@@ -417,3 +437,34 @@ def test_gateway_plaintext_only_when_allowed_and_feedback_store_per_pod() -> Non
     assert "LTREC_ALLOW_PLAINTEXT" not in {e["name"] for e in tls_spec["containers"][0]["env"]}
     with pytest.raises(Exception, match="allow plaintext explicitly"):
         render({"gateway": {"tls": {"allowPlaintext": False}}})
+
+
+def test_gateway_images_volume_only_with_a_claim_and_read_only() -> None:
+    """Without a claim there is no image root: image_path is refused per item, bytes still work.
+    With one, the photos are mounted read-only where LTREC_IMAGE_ROOT points."""
+    for values in ({}, {"gateway": {"images": {"mountPath": "/srv/photos"}}}):
+        spec = pod_spec(render(values), "gateway")
+        (gateway,) = spec["containers"]
+        assert "LTREC_IMAGE_ROOT" not in {e["name"] for e in gateway["env"]}
+        assert "images" not in {v["name"] for v in spec["volumes"]}
+        assert "images" not in {m["name"] for m in gateway["volumeMounts"]}
+    for images, root in (
+        ({"existingClaim": "ltrec-photos"}, "/images"),
+        ({"existingClaim": "ltrec-photos", "mountPath": "/srv/photos"}, "/srv/photos"),
+    ):
+        docs = render({"gateway": {"images": images}})
+        deployment = one(docs, "Deployment", f"{RELEASE}-gateway")
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+        spec = deployment["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "images"]
+        assert volume["persistentVolumeClaim"] == {"claimName": "ltrec-photos", "readOnly": True}
+        (gateway,) = spec["containers"]
+        (mount,) = [m for m in gateway["volumeMounts"] if m["name"] == "images"]
+        assert mount == {"name": "images", "mountPath": root, "readOnly": True}
+        assert [e["name"] for e in gateway["env"]].count("LTREC_IMAGE_ROOT") == 1
+        env = {e["name"]: e.get("value", "") for e in gateway["env"]}
+        assert GatewayConfig.from_env(env).image_root == Path(root)
+    # The TLS example serves photos from a claim too, so every rendered values file covers both.
+    spec = pod_spec(render(VALUES["object-store"]), "gateway")
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "images"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "ltrec-product-photos"
