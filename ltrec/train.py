@@ -53,6 +53,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     loss: str = "full"  # "full" softmax, or "sampled" with logQ correction
     negatives: int = 1024
+    # Sampled softmax only: subtract log q from every logit (the logQ popularity correction).
+    # Without it, popular items, sampled often as negatives, are pushed down too hard.
+    logq: bool = True
     patience: int = 4
     seed: int = 0
     threads: int = 0  # 0 = torch default
@@ -237,12 +240,18 @@ def _loss(
     users = model.context_weighting(states[valid], context[valid])
     target = targets[valid]
     if cfg.loss == "full":
-        logits = (users @ table.T).masked_fill(q == 0, float("-inf"))
-        return F.cross_entropy(logits, target)
-    # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ).
+        # Only the items that can be targets (q > 0) are columns: the same softmax as masking the
+        # others with -inf, without writing and back-propagating through that mask.
+        active = torch.nonzero(q > 0).squeeze(1)
+        column = torch.full(q.shape, -1, dtype=torch.long)
+        column[active] = torch.arange(len(active))
+        return F.cross_entropy(users @ table[active].T, column[target])
+    # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ) unless
+    # the ablation turns the correction off.
     negatives = torch.multinomial(q, cfg.negatives, replacement=True)
-    pos = (users * table[target]).sum(-1, keepdim=True) - log_q[target].unsqueeze(1)
-    neg = users @ table[negatives].T - log_q[negatives].unsqueeze(0)
+    correction = log_q if cfg.logq else torch.zeros_like(log_q)
+    pos = (users * table[target]).sum(-1, keepdim=True) - correction[target].unsqueeze(1)
+    neg = users @ table[negatives].T - correction[negatives].unsqueeze(0)
     neg = neg.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos, neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
@@ -491,6 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--loss", choices=("full", "sampled"), default=TrainConfig.loss)
     parser.add_argument("--negatives", type=int, default=TrainConfig.negatives)
+    parser.add_argument(
+        "--no-logq",
+        action="store_true",
+        help="sampled softmax without the logQ popularity correction (an ablation)",
+    )
     parser.add_argument("--patience", type=int, default=TrainConfig.patience)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--embedding-dim", type=int, default=ModelConfig.embedding_dim)
@@ -510,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         loss=args.loss,
         negatives=args.negatives,
+        logq=not args.no_logq,
         patience=args.patience,
         seed=args.seed,
         model={

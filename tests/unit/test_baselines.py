@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ltrec.baselines import (
     IDOnlyRecommender,
@@ -162,3 +163,47 @@ def test_items_never_a_training_target_get_no_training_signal() -> None:
         grad = model.item_ids.weight.grad
         assert not grad[[2, 5]].any(), loss_kind
         assert grad[[1, 3, 4]].abs().sum(dim=1).all(), loss_kind
+
+
+def test_losses_match_their_definitions() -> None:
+    """Full softmax = cross-entropy over the items that can be targets (q > 0) only; sampled
+    softmax subtracts log q from every logit unless the logQ ablation turns that off."""
+    torch.manual_seed(0)
+    model = Recommender(
+        ModelConfig(**{**CFG.to_dict(), "id_embeddings": True}),
+        torch.randn(CFG.n_items + 1, CFG.text_dim),
+    )
+    model.eval()  # no dropout: the hand computation below sees the same vectors
+    popularity = np.array([0, 5, 0, 3, 1, 0, 2])
+    q, log_q = target_distribution(popularity)
+    hist = torch.tensor([[1, 3]])
+    targets = torch.tensor([[1, 3, 4]])
+    batch = (hist, torch.ones_like(hist), targets, torch.zeros(1, 3, 4).long())
+    with torch.no_grad():
+        table = model.item_table()
+        states, _ = model.user_tower.states(F.embedding(hist, table), hist, torch.ones_like(hist))
+        users = model.context_weighting(states[0], torch.zeros(3, 4).long())
+        logits = users @ table.T
+        active = [1, 3, 4, 6]
+        log_p = torch.log_softmax(logits[:, active], dim=1)
+        expected = -log_p[torch.arange(3), torch.tensor([0, 1, 2])].mean()
+        full = _loss(model, batch, TrainConfig(loss="full"), log_q, q)
+    assert torch.isclose(full, expected, atol=1e-6)
+
+    def sampled(logq: bool) -> torch.Tensor:
+        torch.manual_seed(1)  # the same negatives for both
+        cfg = TrainConfig(loss="sampled", negatives=16, logq=logq)
+        with torch.no_grad():
+            return _loss(model, batch, cfg, log_q, q)
+
+    torch.manual_seed(1)
+    negatives = torch.multinomial(q, 16, replacement=True)
+    target = targets[0]
+    for logq in (True, False):
+        shift = log_q if logq else torch.zeros_like(log_q)
+        pos = logits[torch.arange(3), target] - shift[target]
+        neg = logits[:, negatives] - shift[negatives]
+        neg = neg.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
+        want = -torch.log_softmax(torch.cat([pos[:, None], neg], 1), 1)[:, 0].mean()
+        assert torch.isclose(sampled(logq), want, atol=1e-5), logq
+    assert not torch.isclose(sampled(True), sampled(False))
