@@ -43,6 +43,9 @@ class ModelConfig:
     # Training only: the share of image-bearing items shown to a step without their image, so the
     # text + attribute path stands on its own for the (many) items that have no image.
     image_dropout: float = 0.3
+    # Training only: the share of items whose ID vector a step leaves out, so the content path
+    # (text, image, attributes) has to place items on its own, as it must for new items.
+    id_dropout: float = 0.0
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -303,7 +306,11 @@ class Recommender(nn.Module):
         """Item vectors of the whole catalogue, [N+1, D], row 0 zero (padding)."""
         table = self.content_table()
         if self.item_ids is not None:
-            table = table + self.item_ids.weight
+            ids = self.item_ids.weight
+            if self.training and self.cfg.id_dropout > 0:
+                kept = torch.rand(ids.shape[0], 1, device=ids.device) >= self.cfg.id_dropout
+                ids = ids * kept.to(ids.dtype)
+            table = table + ids
         keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
         keep[contract.PADDING_INDEX] = 0.0
         return table * keep

@@ -33,6 +33,7 @@ from ltrec.report import (
     CONTEXT_ABLATIONS,
     FACTORIES,
     LONG_TAIL_WEIGHTS,
+    LOSS_VARIANTS,
     MODELS,
     held_out_cases,
     main,
@@ -370,7 +371,7 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         assert test["tail"]["cases"] + test["head"]["cases"] == report["data"]["users_evaluated"]
         for value in [test[k] for k in accuracy | long_tail]:
             assert math.isfinite(value) and value >= 0
-        if name in CONTEXT_ABLATIONS:
+        if name in CONTEXT_ABLATIONS or name in LOSS_VARIANTS:
             continue  # main view only (below)
         assert {"recall@10", "ndcg@10", "cases"} <= set(model["cold_start"])
         assert math.isfinite(model["cold_start"]["ndcg@10"]) and model["cold_start"]["ndcg@10"] >= 0
@@ -408,6 +409,18 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert models["ours_context_shuffled"]["fit"]["epochs"]
     assert models["ours_context_shuffled_test"]["fit"]["same_model_as"] == "ours"
     assert report["data"]["context_fields"]["device"] == {"distinct": 1, "unknown_share": 0.0}
+    # The popularity-correction ablation: sampled softmax with and without logQ, trained.
+    assert "## Popularity correction (test)" in md
+    for name, variant in LOSS_VARIANTS.items():
+        fit = models[name]["fit"]
+        assert fit["epochs"]
+        assert {k: fit["train_config"][k] for k in variant} == variant
+        assert "cold_start" not in models[name]
+        diff = models[name]["vs_ours"]
+        assert diff["ndcg@10"] == pytest.approx(
+            models[name]["test"]["ndcg@10"] - models["ours"]["test"]["ndcg@10"]
+        )
+    assert models["ours"]["fit"]["train_config"]["loss"] == "full"
 
 
 def test_report_runs_only_the_chosen_rows(tiny_data: Path, tmp_path: Path) -> None:
