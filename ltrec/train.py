@@ -515,8 +515,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--text-only", action="store_true", help="no per-item ID vectors (item = its text alone)"
     )
+    parser.add_argument(
+        "--id-dropout",
+        type=float,
+        default=ModelConfig.id_dropout,
+        help="share of ID vectors left out per step: better new items, less accuracy "
+        "(python -m benchmarks.id_dropout measures it)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.id_dropout < 1.0:
+        parser.error(f"--id-dropout must be in [0, 1), got {args.id_dropout:g}")
     cfg = TrainConfig(
         epochs=args.epochs,
         max_minutes=args.max_minutes,
@@ -534,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_history": args.max_history,
             "dropout": args.dropout,
             "id_embeddings": not args.text_only,
+            "id_dropout": args.id_dropout,
         },
     )
     started = time.monotonic()

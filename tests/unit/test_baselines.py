@@ -207,3 +207,23 @@ def test_losses_match_their_definitions() -> None:
         want = -torch.log_softmax(torch.cat([pos[:, None], neg], 1), 1)[:, 0].mean()
         assert torch.isclose(sampled(logq), want, atol=1e-5), logq
     assert not torch.isclose(sampled(True), sampled(False))
+
+
+def test_id_dropout_leaves_whole_id_vectors_out_in_training_only() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**CFG.to_dict(), "id_embeddings": True, "id_dropout": 0.5})
+    model = Recommender(cfg, torch.randn(CFG.n_items + 1, CFG.text_dim))
+    assert model.item_ids is not None
+    torch.nn.init.normal_(model.item_ids.weight)
+    model.eval()
+    with torch.no_grad():
+        content = model.content_table()
+        assert torch.allclose(model.item_table()[1:], (content + model.item_ids.weight)[1:])
+        model.train()
+        model.fusion.eval()  # the content path without its own dropout, to compare rows
+        left_out = [
+            (model.item_table()[1:] - content[1:]).abs().sum(dim=1) < 1e-6 for _ in range(20)
+        ]
+    left_out_share = torch.stack(left_out).float().mean()
+    assert 0.3 < float(left_out_share) < 0.7  # about half the items, per step
+    assert not torch.equal(left_out[0], left_out[1])  # a fresh draw each step
