@@ -308,6 +308,9 @@ def fit_all(
                 "tuning": "early stopping on validation NDCG@10 (make train)",
                 "checkpoint": True,
                 "best": summary.get("best"),
+                "epochs": summary.get("epochs"),
+                "stop_reason": summary.get("stop_reason"),
+                "train_seconds": summary.get("train_seconds"),
                 "train_config": summary.get("train_config"),
                 "model_config": ckpt["model_config"],
             }
