@@ -162,6 +162,13 @@ def export(checkpoint: Path, output: Path, **options: Any) -> dict:
     return metadata
 
 
+def checkpoint_long_tail_weight(checkpoint: Path) -> float | None:
+    """The serving default of the long-tail weight that training chose on validation, if any."""
+    summary = torch.load(checkpoint, map_location="cpu", weights_only=False).get("summary", {})
+    tuned = summary.get("long_tail_weight")
+    return float(tuned["chosen"]) if tuned else None
+
+
 def _export_into(
     checkpoint: Path,
     output: Path,
@@ -336,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-text-encoder", action="store_true", help="skip the MiniLM item text encoder model"
     )
-    parser.add_argument("--default-long-tail-weight", type=float, default=0.0)
+    parser.add_argument(
+        "--default-long-tail-weight",
+        type=float,
+        default=None,
+        help="the weight a request without one gets (default: the checkpoint's, chosen on "
+        "validation by training; 0 for a checkpoint without one)",
+    )
     parser.add_argument(
         "--catalogue-scan",
         choices=onnx_graphs.CATALOGUE_SCANS,
@@ -351,12 +364,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    weight = args.default_long_tail_weight
+    if weight is None:
+        tuned = checkpoint_long_tail_weight(args.checkpoint)
+        weight = 0.0 if tuned is None else tuned
+        print(
+            f"default long-tail weight {weight:g} "
+            + ("(chosen on validation by training)" if tuned is not None else "(none tuned)"),
+            file=sys.stderr,
+        )
     meta = export(
         args.checkpoint,
         args.output,
         tensorrt=args.tensorrt,
         text_encoder=not args.no_text_encoder,
-        default_long_tail_weight=args.default_long_tail_weight,
+        default_long_tail_weight=weight,
         catalogue_scan=args.catalogue_scan,
         log=lambda m: print(m, file=sys.stderr),
     )

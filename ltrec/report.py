@@ -40,6 +40,7 @@ from ltrec.data import DatasetError, LeaveOneOut
 from ltrec.evaluation import (
     EvalCases,
     ScoreFn,
+    cached,
     cold_start_split,
     evaluate,
     evaluate_lists,
@@ -52,6 +53,7 @@ from ltrec.evaluation import (
     ranking_metrics,
     shuffled_context,
     subsample_users,
+    tune_long_tail_weight,
 )
 from ltrec.features import build_sequences
 from ltrec.models import ItemSide, ModelConfig, Recommender, UserEncoder
@@ -199,19 +201,6 @@ def held_out_cases(prepared: Prepared, targets: np.ndarray | None = None) -> Eva
         test = test[targets[test["item_index"].to_numpy()]].reset_index(drop=True)
     history = events_in_order(split.train, split.valid)
     return make_cases(history, test, prepared.device_vocab, prepared.region_vocab)
-
-
-def cached(score_fn: ScoreFn) -> ScoreFn:
-    """Memoise a scorer per batch, so the weight sweep scores the catalogue once."""
-    store: dict[tuple[int, int], np.ndarray] = {}
-
-    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
-        key = (int(rows[0]), len(rows))
-        if key not in store:
-            store[key] = score_fn(cases, rows)
-        return store[key]
-
-    return score
 
 
 # --- Fitting ------------------------------------------------------------------------------------
@@ -554,25 +543,35 @@ def run_report(
             )
     del ranks
 
-    # Serving-time long-tail weight sweep, torch and ONNX.
+    # Serving-time long-tail weight sweep, torch and ONNX, with the serving default that training
+    # chooses on validation (`ltrec.evaluation.tune_long_tail_weight`) among the weights.
     ours = fitted["ours"]
     assert ours.model is not None
+    default = tune_long_tail_weight(ours.score_fn, popularity, tail, validation_cases(prepared))
+    weights = sorted({*LONG_TAIL_WEIGHTS, default["chosen"]})
+    print(f"long-tail weight chosen on validation: {default['chosen']:g}", file=sys.stderr)
     raw = cached(ours.score_fn)
     sweep_torch = {
         w: measure(
             long_tail_adjusted(raw, popularity, w), cases, popularity, tail, f"w={w}", progress
         )[0]
-        for w in LONG_TAIL_WEIGHTS
+        for w in weights
     }
     with tempfile.TemporaryDirectory() as tmp:
         sweep_onnx = onnx_sweep(
-            ours.model, cases, popularity, tail, LONG_TAIL_WEIGHTS, Path(tmp), progress=progress
+            ours.model, cases, popularity, tail, weights, Path(tmp), progress=progress
         )
     sweep = []
-    for w in LONG_TAIL_WEIGHTS:
+    for w in weights:
         t = {k: v for k, v in sweep_torch[w].items() if k not in ("tail", "head")}
         sweep.append(
-            {"weight": w, "torch": t, "onnx": sweep_onnx[w], "parity": parity(t, sweep_onnx[w])}
+            {
+                "weight": w,
+                "default": w == default["chosen"],
+                "torch": t,
+                "onnx": sweep_onnx[w],
+                "parity": parity(t, sweep_onnx[w]),
+            }
         )
     del fitted, raw
 
@@ -596,6 +595,26 @@ def run_report(
             **metrics,
             "cases": len(cold_cases),
             "fit": cold_fitted[name].info,
+        }
+    if "ours" in cold_fitted:  # as served: at the default weight its own training would choose
+        served = cold_fitted["ours"].score_fn
+        cold_default = tune_long_tail_weight(
+            served,
+            cold_prepared.popularity,
+            long_tail_mask(cold_prepared.popularity),
+            validation_cases(cold_prepared),
+        )
+        metrics, _ = evaluate(
+            long_tail_adjusted(served, cold_prepared.popularity, cold_default["chosen"]),
+            cold_cases,
+            ks=(K,),
+            desc="cold ours at the default weight",
+            progress=progress,
+        )
+        models["ours"]["cold_start"]["at_default_weight"] = {
+            "weight": cold_default["chosen"],
+            **metrics,
+            "tuning": cold_default,
         }
 
     split = prepared.split
@@ -628,6 +647,7 @@ def run_report(
         },
         "models": models,
         "long_tail_sweep": sweep,
+        "long_tail_default": default,
         "seconds": time.monotonic() - started,
         # Training budgets are in minutes, so a busy machine trains fewer epochs: say how busy.
         "load_average": {"start": load_before, "end": os.getloadavg()[0]},
@@ -752,13 +772,18 @@ def markdown(report: dict) -> str:
             continue
         c = m["cold_start"]
         lines.append(_row([m["label"], f(c["recall@10"]), f(c["ndcg@10"])]))
+        if "at_default_weight" in c:
+            at = c["at_default_weight"]
+            label = f"{m['label']}, at the default long-tail weight (w = {at['weight']:g})"
+            lines.append(_row([label, f(at["recall@10"]), f(at["ndcg@10"])]))
     lines += [
         "",
         "## Serving-time long-tail weight (ours, text + ID)",
         "",
         "Scores adjusted as served: `score - w * log(1 + popularity)`. Each figure computed twice: "
         "in torch (full ranking) and through the exported ONNX graphs run by onnxruntime "
-        "(user_encoder -> context_weighting -> scorer, top-50 read from the scorer's output).",
+        "(user_encoder -> context_weighting -> scorer, top-50 read from the scorer's output). "
+        + _default_weight_sentence(report),
         "",
         _row(
             [
@@ -781,7 +806,7 @@ def markdown(report: dict) -> str:
         lines.append(
             _row(
                 [
-                    f"{s['weight']:g}",
+                    f"{s['weight']:g}" + (" (default)" if s.get("default") else ""),
                     f(t["recall@10"]),
                     f(t["ndcg@10"]),
                     f(o["ndcg@10"]),
@@ -901,6 +926,18 @@ def _context_ablation(report: dict) -> list[str]:
             f"{spread['std_across_cases']:.3f} (per-dimension standard deviation, averaged).",
         ]
     return lines
+
+
+def _default_weight_sentence(report: dict) -> str:
+    default = report.get("long_tail_default")
+    if not default:
+        return ""
+    grid = ", ".join(f"{row['weight']:g}" for row in default["grid"])
+    return (
+        f"The serving default, as training chooses it on validation: w = {default['chosen']:g}, "
+        f"the largest of {{{grid}}} whose validation NDCG@10 is within "
+        f"{default['tolerance']:.0%} of w = 0's."
+    )
 
 
 def _loss_ablation(report: dict) -> list[str]:

@@ -33,7 +33,14 @@ from ltrec.data import (
     load_dataset,
     price_buckets,
 )
-from ltrec.evaluation import EvalCases, ScoreFn, evaluate, make_cases, most_popular
+from ltrec.evaluation import (
+    EvalCases,
+    ScoreFn,
+    evaluate,
+    make_cases,
+    most_popular,
+    tune_long_tail_weight,
+)
 from ltrec.features import Sequences, build_sequences, build_vocabulary
 from ltrec.image_encoder import IMAGE_MODEL_NAME, cached_image_features
 from ltrec.models import ItemSide, ModelConfig, Recommender
@@ -429,10 +436,18 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
         most_popular(prepared.popularity), valid_cases, desc="most-popular", progress=progress
     )
     model, fitted = fit(prepared, cfg, model, progress=progress)
+    # The serving default of the long-tail weight, on validation (export reads it).
+    long_tail_weight = tune_long_tail_weight(
+        model_score_fn(model, model_cfg.max_history),
+        prepared.popularity,
+        long_tail_mask(prepared.popularity),
+        valid_cases,
+    )
     summary = {
         "text_model": TEXT_MODEL_NAME,
         "image_model": IMAGE_MODEL_NAME,
         **fitted,
+        "long_tail_weight": long_tail_weight,
         "most_popular_valid": popular_metrics,
         "data": {"dir": str(prepared.data_dir), "cleaning": prepared.report},
     }
@@ -464,6 +479,31 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
     return summary
 
 
+def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
+    """Choose the long-tail weight's serving default again for `out_dir`'s checkpoint (one
+    trained before training chose it, or to see it on other data of the same catalogue), and
+    store it in the checkpoint and metrics.json. Returns the choice."""
+    path = out_dir / "checkpoint.pt"
+    model, ckpt = load_checkpoint(path)
+    if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
+        ckpt["popularity"], prepared.popularity
+    ):
+        raise ValueError(f"{path} was not trained on this split (catalogue or popularity differ)")
+    valid_cases = make_cases(
+        prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
+    )
+    tuned = tune_long_tail_weight(
+        model_score_fn(model, model.cfg.max_history),
+        prepared.popularity,
+        long_tail_mask(prepared.popularity),
+        valid_cases,
+    )
+    ckpt.setdefault("summary", {})["long_tail_weight"] = tuned
+    torch.save(ckpt, path)
+    (out_dir / "metrics.json").write_text(json.dumps(ckpt["summary"], indent=2))
+    return tuned
+
+
 def checkpoint_side(ckpt: dict) -> ItemSide:
     if "image_rows" not in ckpt:
         raise ValueError(
@@ -485,6 +525,18 @@ def load_checkpoint(path: Path) -> tuple[Recommender, dict]:
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt
+
+
+def _long_tail_line(tuned: dict) -> str:
+    at = {row["weight"]: row for row in tuned["grid"]}
+    chosen, zero = at[tuned["chosen"]], at[0.0]
+    return (
+        f"long-tail weight (serving default, chosen on validation): {tuned['chosen']:g}, the "
+        f"largest with NDCG@10 within {tuned['tolerance']:.0%} of weight 0's: NDCG@10 "
+        f"{chosen['ndcg@10']:.4f} vs {zero['ndcg@10']:.4f}, Coverage@10 "
+        f"{chosen['coverage@10']:.4f} vs {zero['coverage@10']:.4f}, tail share of the lists "
+        f"{chosen['aplt@10']:.3f} vs {zero['aplt@10']:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         help="share of ID vectors left out per step: better new items, less accuracy "
         "(python -m benchmarks.id_dropout measures it)",
     )
+    parser.add_argument(
+        "--tune-long-tail-only",
+        action="store_true",
+        help="no training: choose the serving default of the long-tail weight for the "
+        "checkpoint in --out on --data's validation split, and store it there",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if not 0.0 <= args.id_dropout < 1.0:
@@ -552,6 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.tune_long_tail_only:
+        try:
+            tuned = retune_long_tail_weight(prepared, args.out)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(_long_tail_line(tuned))
+        return 0
     print(f"cleaning: {prepared.report_text}", file=sys.stderr)
     print(
         f"data: {len(prepared.item_ids)} items, {len(prepared.train_sequences)} users, "
@@ -564,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'model':<14} {'Recall@10':>10} {'NDCG@10':>10}")
     print(f"  {'most-popular':<14} {pop['recall@10']:>10.4f} {pop['ndcg@10']:>10.4f}")
     print(f"  {'ltrec':<14} {best['recall@10']:>10.4f} {best['ndcg@10']:>10.4f}")
+    print(_long_tail_line(summary["long_tail_weight"]))
     print(
         f"best epoch {best['epoch']}, stopped: {summary['stop_reason']}, "
         f"total {(time.monotonic() - started) / 60:.1f} min; "

@@ -27,6 +27,7 @@ from ltrec.evaluation import (
     shuffled_context,
     subsample_users,
     top_k_items,
+    tune_long_tail_weight,
 )
 from ltrec.models import ModelConfig
 from ltrec.report import (
@@ -124,6 +125,30 @@ def test_long_tail_adjustment_moves_unpopular_items_up() -> None:
     assert long_tail_adjusted(score, popularity, 0.0)(toy, np.arange(1)).tolist() == [[0, 2, 1]]
     adjusted = long_tail_adjusted(score, popularity, 1.5)(toy, np.arange(1))
     assert adjusted[0, 1:] == pytest.approx([0.5, 1.0])
+
+
+def test_default_long_tail_weight_by_hand() -> None:
+    """The largest weight whose validation NDCG@10 stays within the tolerance of weight 0's."""
+    toy = cases([[], []], [1, 3])
+    popularity = np.array([0, math.e**2 - 1, math.e - 1, 0, 0])  # log1p: 2, 1, 0, 0
+    tail = np.array([False, False, True, True, True])
+
+    def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return np.tile([0.0, 3.0, 2.0, 1.0, 0.5], (len(rows), 1))
+
+    # w = 0 and 0.5: target 1 first (NDCG 1), target 3 third (0.5): mean 0.75. At w = 1 items
+    # 1, 2, 3 tie at 1.0 and ties count against the target: both third, mean 0.5.
+    tuned = tune_long_tail_weight(score, popularity, tail, toy, grid=(0.0, 0.5, 1.0), tolerance=0.3)
+    ndcg = [row["ndcg@10"] for row in tuned["grid"]]
+    assert ndcg == pytest.approx([0.75, 0.75, 0.5])
+    assert tuned["chosen"] == 0.5  # 0.5 < 0.7 * 0.75
+    assert [row["coverage@10"] for row in tuned["grid"]] == [1.0, 1.0, 1.0]
+    loose = tune_long_tail_weight(
+        score, popularity, tail, toy, grid=(0.0, 0.5, 1.0), tolerance=0.34
+    )
+    assert loose["chosen"] == 1.0  # 0.5 >= 0.66 * 0.75
+    with pytest.raises(ValueError, match="start at 0"):
+        tune_long_tail_weight(score, popularity, tail, toy, grid=(0.5, 1.0))
 
 
 # --- The context ablation ------------------------------------------------------------------------
@@ -380,7 +405,21 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     longest = load_dataset(tiny_data).events["user_id"].value_counts().max()
     assert report["models"]["most_popular"]["test"]["coverage@10"] <= (10 + longest) / N_ITEMS
     sweep = report["long_tail_sweep"]
-    assert [s["weight"] for s in sweep] == list(LONG_TAIL_WEIGHTS)
+    weights = [s["weight"] for s in sweep]
+    assert set(LONG_TAIL_WEIGHTS) <= set(weights) and weights == sorted(set(weights))
+    # The serving default chosen on validation is among them, marked, and in the cold view.
+    default = report["long_tail_default"]
+    assert [s["weight"] for s in sweep if s["default"]] == [default["chosen"]]
+    valid_ndcg = {row["weight"]: row["ndcg@10"] for row in default["grid"]}
+    assert valid_ndcg[default["chosen"]] >= (1 - default["tolerance"]) * valid_ndcg[0.0]
+    assert all(
+        ndcg < (1 - default["tolerance"]) * valid_ndcg[0.0]
+        for w, ndcg in valid_ndcg.items()
+        if w > default["chosen"]
+    )
+    at_default = report["models"]["ours"]["cold_start"]["at_default_weight"]
+    assert {"weight", "recall@10", "ndcg@10"} <= set(at_default)
+    assert "(default)" in md
     for s in sweep:
         assert accuracy | long_tail <= set(s["torch"]) and accuracy | long_tail <= set(s["onnx"])
         assert s["parity"]["match_at_printed_precision"], s
@@ -455,3 +494,37 @@ def test_shuffled_training_context_keeps_the_events(tiny_data: Path, tmp_path: P
     assert np.array_equal(mixed.items, seqs.items) and np.array_equal(mixed.offsets, seqs.offsets)
     assert not np.array_equal(mixed.context, seqs.context)
     assert np.array_equal(np.sort(mixed.context, axis=0), np.sort(seqs.context, axis=0))
+
+
+def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from export_scripts.export import checkpoint_long_tail_weight
+    from ltrec.train import TrainConfig, train
+    from ltrec.train import main as train_main
+
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=16,
+        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
+    )
+    cache, out = tmp_path / "cache", tmp_path / "model"
+    summary = train(prepare(tiny_data, cache), cfg, out, progress=False)
+    tuned = summary["long_tail_weight"]
+    assert [row["weight"] for row in tuned["grid"]][0] == 0.0
+    assert tuned["chosen"] in [row["weight"] for row in tuned["grid"]]
+    assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
+    assert json.loads((out / "metrics.json").read_text())["long_tail_weight"] == tuned
+    # A checkpoint from before the tuning: export falls back to 0, and the retune command
+    # stores the same choice again.
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    del ckpt["summary"]["long_tail_weight"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert checkpoint_long_tail_weight(out / "checkpoint.pt") is None
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(cache)]
+    assert train_main([*args, "--tune-long-tail-only"]) == 0
+    assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
+    # No checkpoint there: a clear error.
+    other = tmp_path / "nothing"
+    other.mkdir()
+    assert train_main([*args[:3], str(other), *args[4:], "--tune-long-tail-only"]) == 2
