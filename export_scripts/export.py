@@ -162,6 +162,9 @@ def export(checkpoint: Path, output: Path, **options: Any) -> dict:
     return metadata
 
 
+LONG_TAIL_WEIGHT_MAX = 2.0  # the largest long-tail weight a request may ask for
+
+
 def checkpoint_long_tail_weight(checkpoint: Path) -> float | None:
     """The serving default of the long-tail weight that training chose on validation, if any."""
     summary = torch.load(checkpoint, map_location="cpu", weights_only=False).get("summary", {})
@@ -305,7 +308,7 @@ def _export_into(
         "max_history": cfg.max_history,
         "n_items": cfg.n_items,
         "default_long_tail_weight": default_long_tail_weight,
-        "long_tail_weight_max": 2.0,
+        "long_tail_weight_max": LONG_TAIL_WEIGHT_MAX,
         "tensorrt": tensorrt,
         "catalogue_scan": catalogue_scan,
         # The user encoder, scorer and item lookup take extra_item_vectors/extra_popularity.
@@ -365,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     weight = args.default_long_tail_weight
+    if weight is not None and not 0.0 <= weight <= LONG_TAIL_WEIGHT_MAX:
+        parser.error(
+            f"--default-long-tail-weight must be in [0, {LONG_TAIL_WEIGHT_MAX:g}], got {weight:g}"
+        )
     if weight is None:
         tuned = checkpoint_long_tail_weight(args.checkpoint)
         weight = 0.0 if tuned is None else tuned

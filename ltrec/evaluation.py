@@ -209,23 +209,20 @@ def tune_long_tail_weight(
 ) -> dict:
     """The default long-tail weight: the largest `grid` weight whose validation NDCG@10 is at
     least (1 - tolerance) times weight 0's. Returns it with the figures of every weight
-    (NDCG@10, Recall@10, Coverage@10 over the catalogue, APLT@10 = share of `tail` items)."""
+    (NDCG@10, Recall@10 and `long_tail_metrics` of the top-10 lists)."""
     if not grid or grid[0] != 0.0 or list(grid) != sorted(grid):
         raise ValueError(f"grid must start at 0 and increase, got {list(grid)}")
     raw = cached(score_fn)
-    n_items = len(popularity) - 1  # row 0 is padding
     rows = []
     for weight in grid:
         ranks, top = evaluate_lists(
             long_tail_adjusted(raw, popularity, weight), valid_cases, k=10, progress=False
         )
-        shown = top[top > 0]
         rows.append(
             {
                 "weight": float(weight),
                 **ranking_metrics(ranks, ks=(10,)),
-                "coverage@10": float(len(np.unique(shown)) / n_items) if n_items else 0.0,
-                "aplt@10": float(tail[shown].mean()) if len(shown) else 0.0,
+                **long_tail_metrics(top, popularity, tail),
             }
         )
     floor = (1.0 - tolerance) * rows[0]["ndcg@10"]

@@ -556,3 +556,28 @@ def test_metadata_records_version_and_file_hashes(exported: Exported) -> None:
         data = (repo / name).read_bytes()
         assert entry["sha256"] == hashlib.sha256(data).hexdigest(), name
         assert entry["bytes"] == len(data), name
+
+
+@pytest.mark.parametrize("weight", ["-0.1", "2.5"])
+def test_default_long_tail_weight_out_of_bounds_is_refused(
+    weight: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export_scripts.export import main as export_main
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"")  # never read: the bound is checked first
+    out = tmp_path / "repo"
+    with pytest.raises(SystemExit) as exc:
+        export_main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--default-long-tail-weight",
+                weight,
+            ]
+        )
+    assert exc.value.code == 2
+    assert "--default-long-tail-weight must be in [0, 2]" in capsys.readouterr().err
+    assert not out.exists()
