@@ -62,8 +62,13 @@ ScoreFn = Callable[[EvalCases, np.ndarray], np.ndarray]
 
 
 def target_ranks(scores: np.ndarray, cases: EvalCases, rows: np.ndarray) -> np.ndarray:
-    """0-based rank of each target among eligible items (history and padding excluded)."""
-    scores = scores.astype(np.float64, copy=True)
+    """0-based rank of each target among eligible items (history and padding excluded).
+
+    A NaN score ranks last: a NaN target is behind every item, and a NaN elsewhere is behind
+    the target, so a model that emits NaN can never look good.
+    """
+    scores = np.array(scores, dtype=np.result_type(scores.dtype, np.float32), copy=True)
+    scores[np.isnan(scores)] = -np.inf
     scores[:, 0] = -np.inf
     for j, r in enumerate(rows):
         scores[j, cases.histories[r]] = -np.inf
@@ -92,9 +97,11 @@ def evaluate(
     progress: bool = True,
 ) -> tuple[dict[str, float], np.ndarray]:
     ranks = np.zeros(len(cases), dtype=np.int64)
+    # Cases of similar history length share a batch, so a sequence model pads little.
+    order = np.argsort([len(h) for h in cases.histories], kind="stable")
     batches = range(0, len(cases), batch_size)
     for start in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        rows = np.arange(start, min(start + batch_size, len(cases)))
+        rows = order[start : start + batch_size]
         ranks[rows] = target_ranks(score_fn(cases, rows), cases, rows)
     return ranking_metrics(ranks, ks), ranks
 

@@ -11,7 +11,6 @@ and NDCG@10 use full ranking on a leave-one-out split, next to the most-popular 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import sys
@@ -44,6 +43,7 @@ from ltrec.evaluation import (
 from ltrec.features import Sequences, build_sequences, build_vocabulary
 from ltrec.image_encoder import IMAGE_MODEL_NAME, cached_image_features
 from ltrec.models import ItemSide, ModelConfig, Recommender
+from ltrec.softmax import full_softmax_loss, matmul_dtype
 from ltrec.text_encoder import TEXT_MODEL_NAME, cached_text_features
 from server import contract
 from server.item_attributes import attribute_ids
@@ -64,6 +64,9 @@ class TrainConfig:
     # Without it, popular items, sampled often as negatives, are pushed down too hard.
     logq: bool = True
     patience: int = 4
+    # Input type of the full softmax's matmuls ("auto": bfloat16 on CPUs with native bfloat16,
+    # else float32); sums, softmax and gradients stay float32 (ltrec.softmax).
+    softmax_precision: str = "auto"
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
@@ -173,14 +176,6 @@ def long_tail_mask(popularity: np.ndarray, head_share: float = HEAD_SHARE) -> np
     return tail
 
 
-def _pad_left(rows: list[np.ndarray], width: int) -> np.ndarray:
-    out = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, width - len(r) :] = r
-    return out
-
-
 def model_score_fn(model: Recommender, max_history: int) -> ScoreFn:
     """Scores of the whole catalogue for evaluation, exactly as served with weight 0."""
     model.eval()
@@ -191,35 +186,85 @@ def model_score_fn(model: Recommender, max_history: int) -> ScoreFn:
         hist = [cases.histories[r][-max_history:] for r in rows]
         types = [cases.event_types[r][-max_history:] for r in rows]
         width = max(1, max(len(h) for h in hist))
-        items = torch.from_numpy(_pad_left(hist, width))
-        events = torch.from_numpy(_pad_left(types, width))
+        # Right-padded: the same user vectors as the served (left-padded) graph, through the
+        # fused attention (the export's parity checks compare the two paths).
+        items = torch.from_numpy(_pad_right(hist, width))
+        events = torch.from_numpy(_pad_right(types, width))
         ctx = torch.from_numpy(cases.context[rows])
         with torch.no_grad():
-            user = model.user_tower(F.embedding(items, table), items, events)
+            user = model.user_tower(F.embedding(items, table), items, events, right_padded=True)
             user = model.context_weighting(user, ctx)
             return (user @ table.T).numpy()
 
     return score
 
 
+def _pad_right(rows: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+# Batch widths are rounded up to a multiple of this: a handful of distinct tensor shapes per
+# epoch, so the allocator keeps reusing the same blocks instead of fragmenting the heap.
+WIDTH_STEP = 16
+
+
+def epoch_spans(seqs: Sequences, window: int, rng: np.random.Generator) -> np.ndarray:
+    """One training window per user for an epoch, [n_users, 2] (start, stop) into `seqs`.
+
+    A sequence no longer than `window` is taken whole; a longer one contributes a window whose
+    end is drawn uniformly, so over the epochs all of it is seen.
+    """
+    starts, stops = seqs.offsets[:-1], seqs.offsets[1:]
+    lengths = stops - starts
+    long = lengths > window
+    ends = stops.copy()
+    if long.any():
+        ends[long] = starts[long] + rng.integers(window, lengths[long] + 1)
+    return np.stack([np.maximum(starts, ends - window), ends], axis=1)
+
+
+def epoch_batches(spans: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Users grouped into batches of about `batch_size` users' worth of events each.
+
+    Users are ordered by window length (ties in random order) and cut into batches holding about
+    the mean batch's number of events, so a batch is nearly all real events instead of ~half
+    padding; the batches then come in random order. Every step still averages the loss over
+    about the same number of events, so an event weighs the same whichever batch it falls in.
+    """
+    lengths = spans[:, 1] - spans[:, 0]
+    order = np.lexsort((rng.random(len(lengths)), -lengths))
+    budget = batch_size * max(1.0, float(lengths.mean()))
+    batches: list[np.ndarray] = []
+    start = 0
+    total = 0.0
+    for i, u in enumerate(order):
+        total += lengths[u]
+        if total >= budget or i == len(order) - 1:
+            batches.append(order[start : i + 1])
+            start, total = i + 1, 0.0
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def _batches(seqs: Sequences, window: int, batch_size: int, rng: np.random.Generator):
-    """Random windows of each user's sequence (all of it is seen over the epochs)."""
-    users = rng.permutation(len(seqs))
-    for start in range(0, len(users), batch_size):
-        chosen = users[start : start + batch_size]
-        spans = []
-        for u in chosen:
-            s = seqs.user_slice(u)
-            length = s.stop - s.start
-            end = s.stop if length <= window else s.start + int(rng.integers(window, length + 1))
-            spans.append((max(s.start, end - window), end))
-        width = max(e - b for b, e in spans)
-        b_size = len(spans)
+    """An epoch of right-padded training batches: (history, event types, targets, context).
+
+    targets[:, t] is the item at position t of the window (0 = padding), predicted from the
+    begin vector and the history before it; padding only ever follows a row's real events.
+    """
+    spans = epoch_spans(seqs, window, rng)
+    for chosen in epoch_batches(spans, batch_size, rng):
+        longest = int((spans[chosen, 1] - spans[chosen, 0]).max())
+        width = min(window, -(-longest // WIDTH_STEP) * WIDTH_STEP)
+        b_size = len(chosen)
         hist = np.zeros((b_size, max(width - 1, 1)), dtype=np.int64)
         hist_types = np.zeros_like(hist)
         targets = np.zeros((b_size, hist.shape[1] + 1), dtype=np.int64)
         context = np.zeros((b_size, hist.shape[1] + 1, 4), dtype=np.int64)
-        for i, (b, e) in enumerate(spans):
+        for i, u in enumerate(chosen):
+            b, e = spans[u]
             n = e - b
             hist[i, : n - 1] = seqs.items[b : e - 1]
             hist_types[i, : n - 1] = seqs.event_types[b : e - 1]
@@ -242,17 +287,22 @@ def _loss(
 ) -> torch.Tensor:
     hist, hist_types, targets, context = batch
     table = model.item_table()
-    states, _ = model.user_tower.states(F.embedding(hist, table), hist, hist_types)
+    states, _ = model.user_tower.states(
+        F.embedding(hist, table), hist, hist_types, right_padded=True
+    )
     valid = targets != contract.PADDING_INDEX
     users = model.context_weighting(states[valid], context[valid])
     target = targets[valid]
     if cfg.loss == "full":
         # Only the items that can be targets (q > 0) are columns: the same softmax as masking the
-        # others with -inf, without writing and back-propagating through that mask.
+        # others with -inf, without writing and back-propagating through that mask. The fused
+        # loss never builds the [events, items] logits (ltrec.softmax).
         active = torch.nonzero(q > 0).squeeze(1)
         column = torch.full(q.shape, -1, dtype=torch.long)
         column[active] = torch.arange(len(active))
-        return F.cross_entropy(users @ table[active].T, column[target])
+        return full_softmax_loss(
+            users, table[active], column[target], matmul_dtype=matmul_dtype(cfg.softmax_precision)
+        )
     # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ) unless
     # the ablation turns the correction off.
     negatives = torch.multinomial(q, cfg.negatives, replacement=True)
@@ -282,21 +332,6 @@ def _set_lr(
         lr = peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
     for group in optimiser.param_groups:
         group["lr"] = lr
-
-
-def _bound_heap_growth() -> None:
-    """Fix glibc's mmap threshold so large freed tensors go back to the OS.
-
-    Left dynamic, the threshold climbs to the size of the biggest freed tensor, after which the
-    variable-size logits of each step come from the heap and fragment it: resident memory grew
-    by about 1 GB a minute until the OOM killer stopped training on a 24 GB machine.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def model_config(prepared: Prepared, cfg: TrainConfig) -> ModelConfig:
@@ -338,7 +373,6 @@ def fit(
     `valid_cases` replaces the validation cases built from `prepared.split` (the context
     ablation validates on shuffled context, as it trains on it).
     """
-    _bound_heap_growth()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:

@@ -187,8 +187,10 @@ def test_losses_match_their_definitions() -> None:
         active = [1, 3, 4, 6]
         log_p = torch.log_softmax(logits[:, active], dim=1)
         expected = -log_p[torch.arange(3), torch.tensor([0, 1, 2])].mean()
-        full = _loss(model, batch, TrainConfig(loss="full"), log_q, q)
+        full = _loss(model, batch, TrainConfig(loss="full", softmax_precision="float32"), log_q, q)
+        low = _loss(model, batch, TrainConfig(loss="full", softmax_precision="bfloat16"), log_q, q)
     assert torch.isclose(full, expected, atol=1e-6)
+    assert torch.isclose(low, expected, atol=2e-2)  # bfloat16 matmul inputs, float32 softmax
 
     def sampled(logq: bool) -> torch.Tensor:
         torch.manual_seed(1)  # the same negatives for both

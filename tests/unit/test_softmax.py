@@ -1,0 +1,61 @@
+"""The fused full-softmax loss equals plain cross-entropy over the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltrec.softmax import full_softmax_loss, matmul_dtype
+
+
+def _reference(users: torch.Tensor, table: torch.Tensor, targets: torch.Tensor):
+    u = users.detach().clone().requires_grad_()
+    t = table.detach().clone().requires_grad_()
+    loss = F.cross_entropy(u @ t.T, targets)
+    loss.backward()
+    return loss.detach(), u.grad, t.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_value_and_gradients_match_cross_entropy(chunk: int) -> None:
+    torch.manual_seed(0)
+    users = (torch.randn(130, 8) * 3).requires_grad_()  # large logits: the max shift matters
+    table = torch.randn(40, 8, requires_grad=True)
+    targets = torch.randint(0, 40, (130,))
+    loss = full_softmax_loss(users, table, targets, chunk=chunk)
+    (2.0 * loss).backward()  # the upstream gradient scales both
+    want, want_users, want_table = _reference(users, table, targets)
+    assert torch.isclose(loss, want, atol=1e-5)
+    assert torch.allclose(users.grad, 2.0 * want_users, atol=1e-6)
+    assert torch.allclose(table.grad, 2.0 * want_table, atol=1e-6)
+
+
+def test_bfloat16_matmuls_stay_close() -> None:
+    torch.manual_seed(1)
+    users = torch.randn(300, 16, requires_grad=True)
+    table = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (300,))
+    loss = full_softmax_loss(users, table, targets, chunk=64, matmul_dtype=torch.bfloat16)
+    loss.backward()
+    want, want_users, want_table = _reference(users, table, targets)
+    assert abs(loss.item() - want.item()) < 2e-2 * want.item()
+    assert torch.allclose(users.grad, want_users, atol=5e-4)
+    assert torch.allclose(table.grad, want_table, atol=5e-4)
+    # Not the float32 result: the narrower type really is used.
+    assert not torch.allclose(users.grad, want_users, atol=1e-9)
+
+
+def test_targets_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="columns"):
+        full_softmax_loss(torch.zeros(2, 4), torch.zeros(3, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="columns"):
+        full_softmax_loss(torch.zeros(2, 4), torch.zeros(3, 4), torch.tensor([-1, 0]))
+
+
+def test_precision_names() -> None:
+    assert matmul_dtype("float32") is torch.float32
+    assert matmul_dtype("bfloat16") is torch.bfloat16
+    assert matmul_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        matmul_dtype("fp8")
