@@ -126,6 +126,11 @@ CFG = ModelConfig(
 )
 
 
+def prefixes(model: torch.nn.Module, depth: int = 1) -> set[str]:
+    """The module paths, `depth` levels deep, that hold the model's trainable parameters."""
+    return {".".join(name.split(".")[:depth]) for name, _ in model.named_parameters()}
+
+
 def test_sasrec_item_table_is_ids_only() -> None:
     torch.manual_seed(0)
     model = IDOnlyRecommender(CFG, torch.randn(CFG.n_items + 1, CFG.text_dim))
@@ -136,11 +141,22 @@ def test_sasrec_item_table_is_ids_only() -> None:
     assert torch.equal(table[1:], model.item_ids.weight[1:])
     # Random start (std 0.02), unlike our zero-initialised ID vectors that ride on the text.
     assert 0.005 < float(table[1:].detach().std()) < 0.05
-    # No text anywhere: other text features give the same table, and no projection weights.
-    other = IDOnlyRecommender(CFG, torch.randn(CFG.n_items + 1, CFG.text_dim))
-    other.load_state_dict(model.state_dict())
-    assert torch.equal(other.item_table(), table)
-    assert not any(name.startswith("projection") for name, _ in model.named_parameters())
+    # No item content anywhere: the fusion (text, image, attributes) is gone, not just unused.
+    assert prefixes(model) == {"item_ids", "user_tower", "context_weighting"}
+    ours = Recommender(
+        ModelConfig(**{**CFG.to_dict(), "id_embeddings": True}),
+        torch.randn(CFG.n_items + 1, CFG.text_dim),
+    )
+    assert prefixes(ours) == prefixes(model) | {"fusion"}
+    fusion = {p for p in prefixes(ours, depth=2) if p.startswith("fusion.")}
+    assert fusion == {"fusion.text", "fusion.image", "fusion.attributes"}
+    # Other text features: the same ID-only table, while our table moves with the text.
+    with torch.no_grad():
+        ours_table = ours.item_table().clone()
+        for m in (model, ours):
+            m.text_features.copy_(torch.randn_like(m.text_features))
+        assert torch.equal(model.item_table(), table)
+        assert not torch.allclose(ours.item_table()[1:], ours_table[1:])
 
 
 def test_items_never_a_training_target_get_no_training_signal() -> None:

@@ -113,6 +113,78 @@ def test_a_better_scored_history_item_does_not_push_the_target_down() -> None:
     assert ranks.tolist() == [1, 2, 3]
 
 
+def test_a_nan_target_ranks_beyond_every_k() -> None:
+    """A model that emits NaN must not look good: once rank -1, hence an infinite NDCG gain."""
+    scores = SCORES.copy()
+    scores[0, 3] = np.nan  # case A's target
+    ranks = target_ranks(scores, cases(), np.arange(3))
+    n_items = len(SCORES[0]) - 1
+    assert ranks[0] >= n_items and ranks[1:].tolist() == RANKS[1:]
+    ks = (1, 3, n_items)  # up to the whole catalogue
+    metrics, evaluated = evaluate(fixed_scores(scores), cases(), ks=ks, progress=False)
+    assert evaluated.tolist() == ranks.tolist()
+    assert all(np.isfinite(v) for v in metrics.values())
+    # Case A now counts as a miss at every k, cases B and C as before.
+    assert metrics == ranking_metrics(np.array([n_items, *RANKS[1:]]), ks)
+    assert metrics["recall@5"] == 2 / 3
+    # A row of NaN only: every item ties with the target, which ranks behind them all.
+    scores[1] = np.nan
+    assert target_ranks(scores, cases(), np.arange(3))[1] >= n_items
+
+
+def test_a_nan_elsewhere_does_not_push_the_target_down() -> None:
+    scores = SCORES.copy()
+    scores[0, [2, 4, 5]] = np.nan  # every eligible item of case A but its target
+    scores[2, 1] = np.nan  # one that outscored case C's target (0.6 > 0.1)
+    assert target_ranks(scores, cases(), np.arange(3)).tolist() == [0, 2, 2]
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_ranks_are_the_same_for_float32_and_float64_scores(with_nan: bool) -> None:
+    scores = SCORES.copy()
+    if with_nan:
+        scores[0, 3] = scores[1, 5] = scores[2, 1] = np.nan
+    rows = np.arange(3)
+    by_dtype = {
+        dtype: target_ranks(scores.astype(dtype), cases(), rows).tolist()
+        for dtype in (np.float16, np.float32, np.float64)
+    }
+    assert by_dtype[np.float16] == by_dtype[np.float32] == by_dtype[np.float64]
+    assert by_dtype[np.float64] == ([5, 1, 2] if with_nan else RANKS)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 256])
+def test_evaluate_returns_ranks_in_case_order(batch_size: int) -> None:
+    """`evaluate` scores cases grouped by history length; the ranks still come back in the
+    order of the cases, each scored exactly once."""
+    rng = np.random.default_rng(0)
+    n_cases, n_items = 40, 30
+    histories = [
+        rng.choice(np.arange(1, n_items + 1), size=rng.integers(0, 12), replace=False)
+        for _ in range(n_cases)
+    ]
+    targets = np.array([rng.choice(np.setdiff1d(np.arange(1, n_items + 1), h)) for h in histories])
+    shuffled = EvalCases(
+        histories=histories,
+        event_types=[np.ones(len(h), dtype=np.int64) for h in histories],
+        targets=targets,
+        context=np.zeros((n_cases, 4), dtype=np.int64),
+    )
+    scores = rng.standard_normal((n_cases, n_items + 1)).astype(np.float32)
+    seen: list[np.ndarray] = []
+
+    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+        seen.append(np.asarray(rows).copy())
+        return scores[rows]
+
+    metrics, ranks = evaluate(score, shuffled, ks=(5,), batch_size=batch_size, progress=False)
+    expected = target_ranks(scores, shuffled, np.arange(n_cases))
+    assert len(set(expected.tolist())) > 5  # the check below can tell cases apart
+    assert ranks.tolist() == expected.tolist()
+    assert metrics == ranking_metrics(expected, (5,))
+    assert sorted(np.concatenate(seen).tolist()) == list(range(n_cases))
+
+
 def test_most_popular_ranks_by_popularity() -> None:
     popularity = np.array([0, 5, 1, 9, 3, 7])  # order by popularity: 3, 5, 1, 4, 2
     score = most_popular(popularity)

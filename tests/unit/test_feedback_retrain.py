@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ltrec.data import load_dataset, write_dataset
+from ltrec.evaluation import events_in_order, make_cases, target_ranks
 from ltrec.feedback import REPORT_FILE, main, merge
-from ltrec.train import TrainConfig, prepare, train
+from ltrec.train import Prepared, TrainConfig, load_checkpoint, model_score_fn, prepare, train
 from server.feedback import FeedbackStore, segments
 from tests.unit.test_report import tiny_data  # noqa: F401  (fixture)
 
@@ -109,6 +112,30 @@ def test_merge_refuses_to_overwrite_the_base_data(
     assert "no feedback store here" in capsys.readouterr().err
 
 
+# Genre-0 users (u0, u4, ..., u28) stay in genre 0 in the base data; in the feedback each of them
+# buys this comedy (genre 1), so only the feedback can make the model recommend it to them.
+FANS = [f"u{u}" for u in range(0, 30, 4)]
+PROMOTED = "m37"
+
+
+def promoted_ranks(prepared: Prepared, checkpoint: Path) -> np.ndarray:
+    """Rank of PROMOTED among each fan's candidates, given the fan's base history: the same
+    input for the model before and after retraining."""
+    model, ckpt = load_checkpoint(checkpoint)
+    split = prepared.split
+    targets = split.test[split.test["user_id"].isin(FANS)].assign(
+        item_index=prepared.item_ids.index(PROMOTED) + 1
+    )
+    vocab = ckpt["vocabularies"]
+    cases = make_cases(
+        events_in_order(split.train, split.valid), targets, vocab["device"], vocab["region"]
+    )
+    assert len(cases) == len(FANS)
+    score_fn = model_score_fn(model, ckpt["model_config"]["max_history"])
+    rows = np.arange(len(cases))
+    return target_ranks(score_fn(cases, rows), cases, rows)
+
+
 def test_retrain_and_compare_before_and_after(
     tiny_data: Path,  # noqa: F811
     tmp_path: Path,
@@ -120,15 +147,20 @@ def test_retrain_and_compare_before_and_after(
         model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
     )
     cache = tmp_path / "cache"
-    train(prepare(tiny_data, cache), cfg, tmp_path / "before", progress=False)
+    base = prepare(tiny_data, cache)
+    torch.manual_seed(0)  # `train` draws the initial weights from the global generator
+    train(base, cfg, tmp_path / "before", progress=False)
     store = tmp_path / "feedback"
-    # Every user of genre 0 clicks two more genre-0 items.
+    # Every genre-0 user buys PROMOTED, then clicks two more genre-0 items (which become the
+    # validation and test targets; the purchase is a training event).
     write_store(
         store,
         [
-            record(f"u{u}", f"m{i}", "click", 10 * u + j)
-            for u in range(0, 30, 4)
-            for j, i in enumerate((20, 24))
+            record(user, item, kind, 10 * k + j, device="mobile")
+            for k, user in enumerate(FANS)
+            for j, (item, kind) in enumerate(
+                [(PROMOTED, "purchase"), ("m20", "click"), ("m24", "click")]
+            )
         ],
     )
     merged = tmp_path / "merged"
@@ -136,15 +168,34 @@ def test_retrain_and_compare_before_and_after(
         main(["merge", "--data", str(tiny_data), "--feedback", str(store), "--out", str(merged)])
         == 0
     )
-    train(prepare(merged, cache), cfg, tmp_path / "after", progress=False)
+    # The feedback is in the merged data: 3 events per fan, the purchases among the training
+    # events (base data has no genre-0 user with a comedy).
+    base_events, merged_events = load_dataset(tiny_data).events, load_dataset(merged).events
+    assert len(merged_events) == len(base_events) + 3 * len(FANS)
+
+    def fan_purchases(events: pd.DataFrame) -> int:
+        return int((events["user_id"].isin(FANS) & (events["item_id"] == PROMOTED)).sum())
+
+    assert (fan_purchases(base_events), fan_purchases(merged_events)) == (0, len(FANS))
+    retrained = prepare(merged, cache)
+    promoted = retrained.item_ids.index(PROMOTED) + 1
+    assert fan_purchases(retrained.split.train) == len(FANS)
+    assert retrained.popularity[promoted] >= base.popularity[promoted] + len(FANS)
+    torch.manual_seed(0)  # the same initial weights: only the data differ
+    train(retrained, cfg, tmp_path / "after", progress=False)
+    before, after = tmp_path / "before" / "checkpoint.pt", tmp_path / "after" / "checkpoint.pt"
+    # What the feedback changed: the fans' recommendations now rank PROMOTED higher.
+    ranks_before, ranks_after = promoted_ranks(base, before), promoted_ranks(base, after)
+    assert (ranks_after < ranks_before).all(), (ranks_before, ranks_after)
+    assert np.median(ranks_after) <= np.median(ranks_before) / 2, (ranks_before, ranks_after)
     out = tmp_path / "report"
     args = ["compare", "--data", str(merged), "--out", str(out), "--cache", str(cache)]
-    before, after = tmp_path / "before" / "checkpoint.pt", tmp_path / "after" / "checkpoint.pt"
     assert main([*args, "--before", str(before), "--after", str(after), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     users = pd.read_parquet(merged / "events.parquet")["user_id"].nunique()
     assert report["data"]["test_cases"] == users == 30
     assert report["data"]["feedback_user_cases"] == 8  # users 0, 4, ..., 28
+    assert report["data"]["merge"]["feedback"]["events_added"] == 3 * len(FANS)
     assert set(report["models"]) == {"most_popular", "before", "after"}
     for row in report["models"].values():
         assert 0 <= row["test"]["ndcg@10"] <= row["test"]["recall@10"] <= 1
