@@ -2,7 +2,7 @@
 
     python examples/items_client.py upsert --file examples/new_items.csv [--batch 64]
     python examples/items_client.py delete "Grave Shadows (2031)" [ID ...]
-    python examples/items_client.py similar "Toy Story (1995)" [-k 10] [--long-tail-weight 0.5]
+    python examples/items_client.py similar "Toy Story (1995)" [-k 10] [--long-tail-weight 0.01]
     (every command takes --address 127.0.0.1:50051 and --timeout SECONDS)
 
 `upsert` reads a CSV (UTF-8, header row) with the dataset format's item columns: `item_id` and

@@ -165,10 +165,16 @@ def export(checkpoint: Path, output: Path, **options: Any) -> dict:
 LONG_TAIL_WEIGHT_MAX = 2.0  # the largest long-tail weight a request may ask for
 
 
-def checkpoint_long_tail_weight(checkpoint: Path) -> float | None:
-    """The serving default of the long-tail weight that training chose on validation, if any."""
+# Where training stores each method's default in the checkpoint's summary.
+RECOMMEND_WEIGHT = "long_tail_weight"
+SIMILAR_ITEMS_WEIGHT = "similar_items_long_tail_weight"
+
+
+def checkpoint_long_tail_weight(checkpoint: Path, key: str = RECOMMEND_WEIGHT) -> float | None:
+    """The serving default of the long-tail weight that training chose on validation, if any:
+    Recommend's (`RECOMMEND_WEIGHT`) or SimilarItems' (`SIMILAR_ITEMS_WEIGHT`)."""
     summary = torch.load(checkpoint, map_location="cpu", weights_only=False).get("summary", {})
-    tuned = summary.get("long_tail_weight")
+    tuned = summary.get(key)
     return float(tuned["chosen"]) if tuned else None
 
 
@@ -179,6 +185,7 @@ def _export_into(
     tensorrt: bool = False,
     text_encoder: bool = True,
     default_long_tail_weight: float = 0.0,
+    similar_items_default_long_tail_weight: float = 0.0,
     catalogue_scan: str = "fp32",
     log: Callable[[str], object] = print,
 ) -> dict:
@@ -308,6 +315,7 @@ def _export_into(
         "max_history": cfg.max_history,
         "n_items": cfg.n_items,
         "default_long_tail_weight": default_long_tail_weight,
+        contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY: similar_items_default_long_tail_weight,
         "long_tail_weight_max": LONG_TAIL_WEIGHT_MAX,
         "tensorrt": tensorrt,
         "catalogue_scan": catalogue_scan,
@@ -354,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         "validation by training; 0 for a checkpoint without one)",
     )
     parser.add_argument(
+        "--default-similar-long-tail-weight",
+        type=float,
+        default=None,
+        help="the same for SimilarItems, whose item-item scores have a scale of their own "
+        "(default: the checkpoint's, chosen on validation item to item; 0 without one)",
+    )
+    parser.add_argument(
         "--catalogue-scan",
         choices=onnx_graphs.CATALOGUE_SCANS,
         default="fp32",
@@ -367,25 +382,47 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    weight = args.default_long_tail_weight
-    if weight is not None and not 0.0 <= weight <= LONG_TAIL_WEIGHT_MAX:
-        parser.error(
-            f"--default-long-tail-weight must be in [0, {LONG_TAIL_WEIGHT_MAX:g}], got {weight:g}"
+    # method -> (its flag, the weight given there, where training stored its choice)
+    defaults = {
+        "Recommend": (
+            "--default-long-tail-weight",
+            args.default_long_tail_weight,
+            RECOMMEND_WEIGHT,
+        ),
+        "SimilarItems": (
+            "--default-similar-long-tail-weight",
+            args.default_similar_long_tail_weight,
+            SIMILAR_ITEMS_WEIGHT,
+        ),
+    }
+    for flag, given, _ in defaults.values():  # before the checkpoint is read
+        if given is not None and not 0.0 <= given <= LONG_TAIL_WEIGHT_MAX:
+            parser.error(f"{flag} must be in [0, {LONG_TAIL_WEIGHT_MAX:g}], got {given:g}")
+    weights: dict[str, float] = {}
+    for method, (flag, given, key) in defaults.items():
+        tuned = None if given is not None else checkpoint_long_tail_weight(args.checkpoint, key)
+        weight = given if given is not None else 0.0 if tuned is None else tuned
+        if not 0.0 <= weight <= LONG_TAIL_WEIGHT_MAX:
+            parser.error(
+                f"the checkpoint's {method} long-tail weight must be in "
+                f"[0, {LONG_TAIL_WEIGHT_MAX:g}], got {weight:g}; give one with {flag}"
+            )
+        source = (
+            "given"
+            if given is not None
+            else "none tuned"
+            if tuned is None
+            else "chosen on validation by training"
         )
-    if weight is None:
-        tuned = checkpoint_long_tail_weight(args.checkpoint)
-        weight = 0.0 if tuned is None else tuned
-        print(
-            f"default long-tail weight {weight:g} "
-            + ("(chosen on validation by training)" if tuned is not None else "(none tuned)"),
-            file=sys.stderr,
-        )
+        print(f"{method} default long-tail weight {weight:g} ({source})", file=sys.stderr)
+        weights[method] = weight
     meta = export(
         args.checkpoint,
         args.output,
         tensorrt=args.tensorrt,
         text_encoder=not args.no_text_encoder,
-        default_long_tail_weight=weight,
+        default_long_tail_weight=weights["Recommend"],
+        similar_items_default_long_tail_weight=weights["SimilarItems"],
         catalogue_scan=args.catalogue_scan,
         log=lambda m: print(m, file=sys.stderr),
     )

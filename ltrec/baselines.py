@@ -120,6 +120,33 @@ def tune(
     return {key: best[key] for key in candidates[0]}, grid
 
 
+# --- A training-free text baseline --------------------------------------------------------------
+
+# How many of the latest history items make the text profile.
+TEXT_PROFILE_ITEMS = 20
+
+
+def text_profile_score_fn(text_features: np.ndarray, last: int = TEXT_PROFILE_ITEMS) -> ScoreFn:
+    """Items scored by the cosine between their MiniLM text embedding and the mean embedding of
+    the user's `last` latest history items: no training, no interaction counts, so a new or
+    rarely seen item competes on its text alone (the content-only floor for the long tail)."""
+    features = np.asarray(text_features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
+
+    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+        profiles = np.zeros((len(rows), unit.shape[1]), dtype=np.float32)
+        for j, r in enumerate(rows):
+            recent = cases.histories[r][-last:]
+            if len(recent):
+                profiles[j] = unit[recent].mean(axis=0)
+        lengths = np.linalg.norm(profiles, axis=1, keepdims=True)
+        profiles = np.divide(profiles, lengths, out=np.zeros_like(profiles), where=lengths > 0)
+        return profiles @ unit.T
+
+    return score
+
+
 # --- SASRec: our towers over ID vectors only ----------------------------------------------------
 
 
@@ -138,7 +165,8 @@ class IDOnlyRecommender(Recommender):
         text_features: torch.Tensor | None = None,
         side: ItemSide | None = None,
     ) -> None:
-        cfg = ModelConfig(**{**cfg.to_dict(), "id_embeddings": True})  # type: ignore[arg-type]
+        # SASRec reads a sequence of IDs: none of our additions (no set pooling either).
+        cfg = ModelConfig(**{**cfg.to_dict(), "id_embeddings": True, "set_pooling": False})  # type: ignore[arg-type]
         features = (
             torch.zeros(cfg.n_items + 1, cfg.text_dim) if text_features is None else (text_features)
         )

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ltrec.data import LeaveOneOut
+from ltrec.data import LeaveOneOut, leave_one_out
 from ltrec.features import Sequences, build_sequences, context_matrix
 
 
@@ -302,6 +302,31 @@ def cold_start_split(
         return frame[~cold[frame["item_index"].to_numpy()]].reset_index(drop=True)
 
     return LeaveOneOut(train=warm(split.train), valid=warm(split.valid), test=split.test), cold
+
+
+def short_unordered_split(split: LeaveOneOut, keep: int = 10, seed: int = 0) -> LeaveOneOut:
+    """A view of short, order-free histories: each user's last `keep` + 2 events, in a seeded
+    random order, split leave-one-out again (so `keep` training events, one validation and one
+    test event, none of them later than another in any meaningful sense).
+
+    Stands in for catalogues where histories are short (a handful of events), items have few
+    events each and the order carries little signal: there a user's history is a set, and a
+    model that only reads sequences is at a disadvantage against item-item models. Users with
+    fewer than 3 events keep them all in training, as in `leave_one_out`.
+    """
+    events = events_in_order(split.train, split.valid, split.test)
+    by_user = events.groupby("user_id", sort=False)
+    recent = events[by_user.cumcount(ascending=False).to_numpy() < keep + 2]
+    rng = np.random.default_rng(seed)
+    noise = rng.random(len(recent))
+    users, _ = pd.factorize(recent["user_id"])
+    order = np.lexsort((noise, users))  # users stay grouped; within a user, a random order
+    shuffled = recent.iloc[order].reset_index(drop=True)
+    # The user's timestamps, earliest first, go to the new order: every later step that sorts
+    # by time (`events_in_order`) keeps the shuffled order. Users keep their block positions,
+    # so the block-aligned time column of `recent` is exactly that.
+    shuffled["timestamp"] = recent["timestamp"].to_numpy()
+    return leave_one_out(shuffled)
 
 
 def subsample_users(split: LeaveOneOut, n_users: int, seed: int = 0) -> LeaveOneOut:

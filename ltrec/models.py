@@ -48,6 +48,10 @@ class ModelConfig:
     # Training only: the share of items whose ID vector a step leaves out, so the content path
     # (text, image, attributes) has to place items on its own, as it must for new items.
     id_dropout: float = 0.0
+    # A history is also a set: add a trained map of the running mean of the history's item
+    # vectors to every state (zero-initialised, so it starts as the plain transformer). False
+    # for checkpoints trained before it existed; new training turns it on (ltrec.train).
+    set_pooling: bool = False
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -196,6 +200,11 @@ class UserTower(nn.Module):
         )
         gpt_cfg._attn_implementation = "eager"  # exports to plain ONNX ops
         self.gpt = GPT2Model(gpt_cfg)
+        self.set_projection: nn.Linear | None = None
+        if cfg.set_pooling:
+            self.set_projection = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
+            nn.init.zeros_(self.set_projection.weight)
+            nn.init.zeros_(self.set_projection.bias)
 
     @contextmanager
     def _fused_attention(self) -> Iterator[None]:
@@ -243,11 +252,13 @@ class UserTower(nn.Module):
         if right_padded:
             with self._fused_attention():
                 hidden = self.gpt(inputs_embeds=inputs).last_hidden_state
-            return hidden, real
-        positions = (real.cumsum(dim=1) - 1).clamp(min=0)
-        hidden = self.gpt(
-            inputs_embeds=inputs, attention_mask=real, position_ids=positions
-        ).last_hidden_state
+        else:
+            positions = (real.cumsum(dim=1) - 1).clamp(min=0)
+            hidden = self.gpt(
+                inputs_embeds=inputs, attention_mask=real, position_ids=positions
+            ).last_hidden_state
+        if self.set_projection is not None:
+            hidden = hidden + self.set_projection(running_mean(item_vectors, real[:, 1:]))
         return hidden, real
 
     def forward(
@@ -261,6 +272,17 @@ class UserTower(nn.Module):
         steps = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
         last = (real * steps).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def running_mean(item_vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean of the real item vectors up to each state, [B, L+1, D]: state 0 (the begin vector)
+    has seen none (zero), state t the first t history positions. Padding counts for nothing,
+    on either side."""
+    mask = real.unsqueeze(-1).to(item_vectors.dtype)
+    sums = (item_vectors * mask).cumsum(dim=1)
+    counts = mask.cumsum(dim=1).clamp(min=1.0)
+    means = sums / counts
+    return torch.cat([torch.zeros_like(means[:, :1]), means], dim=1)
 
 
 class ContextWeighting(nn.Module):

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from export_scripts import onnx_graphs
-from ltrec import baselines
+from ltrec import baselines, item_to_item
 from ltrec.baselines import ModelFactory
 from ltrec.data import DatasetError, LeaveOneOut
 from ltrec.evaluation import (
@@ -51,6 +51,7 @@ from ltrec.evaluation import (
     most_popular,
     paired_difference,
     ranking_metrics,
+    short_unordered_split,
     shuffled_context,
     subsample_users,
     tune_long_tail_weight,
@@ -79,9 +80,11 @@ MODELS: dict[str, str] = {
     "most_popular": "Most popular",
     "itemknn": "ItemKNN",
     "ease": "EASE",
+    "text_profile": "MiniLM text profile (training-free)",
     "sasrec": "SASRec (ours, ID-only items)",
     "ours_text": "ours, text-only items",
     "ours": "ours, text + ID items",
+    "ours_no_set": "ours, history as a sequence only (no set pooling)",
     "ours_no_context": "ours, no context weighting",
     "ours_context_shuffled_test": "ours, context shuffled at test",
     "ours_context_shuffled": "ours, context shuffled in training and test",
@@ -92,6 +95,7 @@ NEURAL = (
     "sasrec",
     "ours_text",
     "ours",
+    "ours_no_set",
     "ours_no_context",
     "ours_context_shuffled",
     "ours_sampled",
@@ -119,16 +123,34 @@ SHUFFLED_AT_TEST = ("ours_context_shuffled_test", "ours_context_shuffled")
 class ReportConfig:
     """Sizes and grids of one run; `--quick` swaps in a CI-sized one."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
+    # Converged mode: every neural row runs until `patience` epochs bring no validation gain;
+    # the minutes are a per-row safety cap, and a row stopped by it is marked in the report.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_minutes=45.0))
     users: int | None = None  # subsample this many users (whole users), None = all
     itemknn_grid: list[dict[str, float]] = field(
         default_factory=lambda: [
-            {"neighbours": n, "shrink": s} for n in (20, 50, 100, 200, 500) for s in (0, 10, 100)
+            {"neighbours": n, "shrink": s}
+            for n in (5, 10, 20, 50, 100, 200, 500)
+            for s in (0, 10, 100)
         ]
     )
     ease_grid: list[dict[str, float]] = field(
         default_factory=lambda: [{"lam": lam} for lam in (50, 100, 250, 500, 1000, 2500, 5000)]
     )
+    # Per neural row, training settings chosen on validation for that row: each point trains
+    # `screen_epochs` epochs, and the best by validation NDCG@10 is then trained to convergence.
+    # Keys: "lr" (TrainConfig) and "dropout" (ModelConfig).
+    neural_grids: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {
+            "sasrec": [
+                {"lr": lr, "dropout": dropout} for lr in (1e-3, 2e-3) for dropout in (0.2, 0.5)
+            ]
+        }
+    )
+    screen_epochs: int = 10
+    # Which views to run (`--views`): "main" (accuracy, long tail, weight sweep), "cold",
+    # "short" (short, order-free histories).
+    views: tuple[str, ...] = ("main", "cold", "short")
     cold_share: float = COLD_SHARE
     seed: int = 0
     # Which rows of MODELS to fit and report (`--models`); "ours" is always among them.
@@ -156,6 +178,8 @@ def quick_config() -> ReportConfig:
         users=300,
         itemknn_grid=[{"neighbours": 20, "shrink": 0}, {"neighbours": 100, "shrink": 10}],
         ease_grid=[{"lam": 10}, {"lam": 100}, {"lam": 1000}],
+        neural_grids={"sasrec": [{"lr": 1e-3, "dropout": 0.2}, {"lr": 2e-3, "dropout": 0.5}]},
+        screen_epochs=1,
     )
 
 
@@ -233,10 +257,21 @@ def _text_and_id_no_context(
     )
 
 
+def _text_and_id_no_set(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
+    return Recommender(
+        ModelConfig(**{**cfg.to_dict(), "id_embeddings": True, "set_pooling": False}),
+        features,
+        side,
+    )
+
+
 FACTORIES: dict[str, ModelFactory] = {
     "sasrec": baselines.IDOnlyRecommender,
     "ours_text": _text_only,
     "ours": _text_and_id,
+    "ours_no_set": _text_and_id_no_set,
     "ours_no_context": _text_and_id_no_context,
     "ours_context_shuffled": _text_and_id,  # trained on shuffled context (fit_all)
     "ours_sampled": _text_and_id,  # trained with LOSS_VARIANTS' loss (fit_all)
@@ -263,6 +298,11 @@ def fit_all(
     fitted: dict[str, Fitted] = {}
     if "most_popular" in wanted:
         fitted["most_popular"] = Fitted(most_popular(prepared.popularity), {"tuning": "none"})
+    if "text_profile" in wanted:
+        fitted["text_profile"] = Fitted(
+            baselines.text_profile_score_fn(prepared.text_features),
+            {"tuning": f"none (mean of the last {baselines.TEXT_PROFILE_ITEMS} items)"},
+        )
     item_item = [name for name in ("itemknn", "ease") if name in wanted]
     gram = (
         baselines.cooccurrence(baselines.interaction_matrix(prepared.split.train, n_items))
@@ -282,6 +322,12 @@ def fit_all(
     for name in item_item:
         build, grid = grids[name]
         best, points = baselines.tune(f"{view}: {name}", grid, build, valid, progress)
+        if name == "ease":
+            best, points = _widen_to_interior(view, best, points, build, valid, progress)
+        else:
+            best, points = _widen_to_interior(
+                view, best, points, build, valid, progress, key="neighbours", upper=n_items
+            )
         fitted[name] = Fitted(
             build(**best), {"tuning": "grid on validation NDCG@10", "best": best, "grid": points}
         )
@@ -308,15 +354,27 @@ def fit_all(
             if name == "ours_context_shuffled":
                 train_on = with_shuffled_context(prepared, cfg.seed + 1)
                 valid_on = shuffled_context(valid, cfg.seed + 2)
+            train_cfg = dataclasses.replace(cfg.train, **LOSS_VARIANTS.get(name, {}))  # type: ignore[arg-type]
+            screening: list[dict] = []
+            if cfg.neural_grids.get(name):
+                train_cfg, screening = _screen(
+                    name, view, cfg, train_cfg, train_on, valid_on, progress
+                )
             model, summary = baselines.fit_recommender(
                 train_on,
-                dataclasses.replace(cfg.train, **LOSS_VARIANTS.get(name, {})),  # type: ignore[arg-type]
+                train_cfg,
                 FACTORIES[name],
                 name=f"{view}: {name}",
                 progress=progress,
                 valid_cases=valid_on,
             )
             info = {"tuning": "early stopping on validation NDCG@10", **summary}
+            if screening:
+                info["tuning"] = (
+                    f"lr and dropout chosen on validation NDCG@10 after {cfg.screen_epochs} "
+                    "epochs each, then early stopping on validation NDCG@10"
+                )
+                info["screening"] = screening
         fitted[name] = Fitted(model_score_fn(model, model.cfg.max_history), info, model)
     if "ours_context_shuffled_test" in wanted:
         ours = fitted["ours"]  # no training: the main row's model, tested on shuffled context
@@ -324,6 +382,90 @@ def fit_all(
             ours.score_fn, {"tuning": "the main row's model", "same_model_as": "ours"}, ours.model
         )
     return fitted
+
+
+def with_settings(train: TrainConfig, params: dict[str, float]) -> TrainConfig:
+    """`train` with a neural grid point applied: "lr" to the training, "dropout" to the model."""
+    unknown = set(params) - {"lr", "dropout"}
+    if unknown:
+        raise ValueError(f"neural grid keys must be lr or dropout, got {sorted(unknown)}")
+    model = dict(train.model)
+    if "dropout" in params:
+        model["dropout"] = params["dropout"]
+    return dataclasses.replace(train, lr=params.get("lr", train.lr), model=model)
+
+
+def _screen(
+    name: str,
+    view: str,
+    cfg: ReportConfig,
+    train_cfg: TrainConfig,
+    train_on: Prepared,
+    valid_on: EvalCases | None,
+    progress: bool,
+) -> tuple[TrainConfig, list[dict]]:
+    """Each point of the row's grid trained for `cfg.screen_epochs` epochs, a complete short
+    schedule (warm-up, cosine decay to 5%, no early stop); returns the training config of the
+    best point by validation NDCG@10, and every point's figures.
+
+    A short annealed run ranks settings by how well they learn, at a fraction of the cost of
+    converging each; its known bias is towards settings that learn fast (a higher learning rate,
+    less dropout), which the report shows by printing every point."""
+    points = []
+    for params in cfg.neural_grids[name]:
+        trial_cfg = dataclasses.replace(
+            with_settings(train_cfg, params),
+            epochs=cfg.screen_epochs,
+            patience=cfg.screen_epochs,
+        )
+        _, summary = baselines.fit_recommender(
+            train_on,
+            trial_cfg,
+            FACTORIES[name],
+            name=f"{view}: {name} screen {params}",
+            progress=progress,
+            valid_cases=valid_on,
+        )
+        points.append(
+            {**params, **summary["best"], "seconds": summary["train_seconds"]}  # type: ignore[dict-item]
+        )
+    best = max(points, key=lambda point: point["ndcg@10"])
+    chosen = {key: best[key] for key in cfg.neural_grids[name][0]}
+    print(f"{view}: {name} settings chosen on validation {chosen}", file=sys.stderr)
+    return with_settings(train_cfg, chosen), points
+
+
+def _widen_to_interior(
+    view: str,
+    best: dict[str, float],
+    points: list[dict[str, float]],
+    build: Callable[..., ScoreFn],
+    valid: EvalCases,
+    progress: bool,
+    key: str = "lam",
+    factor: float = 2.5,
+    rounds: int = 4,
+    upper: float = float("inf"),
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """A grid extended along `key` past whichever edge holds the best value (by `factor`, up to
+    `rounds` times, never below 1 nor above `upper`), the other settings held at the best
+    point's, so the choice is an interior optimum rather than the grid's boundary."""
+    for _ in range(rounds):
+        tried = sorted({point[key] for point in points})
+        if best[key] == tried[0] and tried[0] / factor >= 1.0:
+            value = tried[0] / factor
+        elif best[key] == tried[-1] and tried[-1] < upper:
+            value = min(tried[-1] * factor, upper)
+        else:
+            break
+        if key in ("neighbours",):
+            value = float(round(value))
+        extra = [{**best, key: value}]
+        _, more = baselines.tune(f"{view}: widened {key}", extra, build, valid, progress)
+        points = points + more
+        top = max(points, key=lambda point: point["ndcg@10"])
+        best = {name: top[name] for name in best}
+    return best, points
 
 
 # --- Measuring ----------------------------------------------------------------------------------
@@ -536,7 +678,7 @@ def run_report(
             if name != "ours_no_context" and model is not None:
                 models[name]["context"]["weights"] = context_weight_spread(model, on.context)
         print(f"{MODELS[name]}: test ndcg@10 {figures['ndcg@10']:.4f}", file=sys.stderr)
-    for name in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS):
+    for name in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, "ours_no_set"):
         if name in models:
             models[name]["vs_ours"] = paired_difference(
                 ranks[name], ranks["ours"], KS, seed=cfg.seed
@@ -574,8 +716,97 @@ def run_report(
             }
         )
     del fitted, raw
+    # SimilarItems item to item: ours as served and an item-item ItemKNN (ltrec.item_to_item).
+    similar = item_to_item_view(prepared, ours.model)
 
-    # Cold-start view: a seeded share of items hidden from training and tuning.
+    split = prepared.split
+    result = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": {
+            "dir": str(data),
+            "quick": quick,
+            "users_evaluated": len(cases),
+            "users_sampled": sampled,
+            "items": n_items,
+            "train_events": len(split.train),
+            "valid_events": len(split.valid),
+            "test_events": len(split.test),
+            "head_share": HEAD_SHARE,
+            "tail_items": int(tail.sum()),
+            "tail_test_cases": int(tail[cases.targets].sum()),
+            "head_test_cases": int((~tail[cases.targets]).sum()),
+            "context_fields": context_fields(prepared),
+        },
+        "protocol": {
+            "split": "leave-one-out per user (last = test, second-to-last = validation)",
+            "ranking": "full catalogue, history excluded, ties count against the target",
+            "ks": list(KS),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "config": dataclasses.asdict(cfg),
+        },
+        "models": models,
+        "long_tail_sweep": sweep,
+        "long_tail_default": default,
+        "item_to_item": similar,
+    }
+    if "cold" in cfg.views:
+        result["data"].update(cold_view(prepared, cfg, names, models, progress))
+    if "short" in cfg.views:
+        result["data"].update(short_view(prepared, cfg, names, models, progress))
+    return {
+        **result,
+        "seconds": time.monotonic() - started,
+        # Training budgets are in minutes, so a busy machine trains fewer epochs: say how busy.
+        "load_average": {"start": load_before, "end": os.getloadavg()[0]},
+    }
+
+
+SHORT_HISTORY = 10  # training events per user in the short, order-free view
+
+
+def short_view(
+    prepared: Prepared,
+    cfg: ReportConfig,
+    names: list[str],
+    models: dict[str, dict],
+    progress: bool,
+) -> dict[str, int]:
+    """The short, order-free view (`ltrec.evaluation.short_unordered_split`): each user's last
+    SHORT_HISTORY + 2 events in a random order, every row refitted and tuned on it. Adds each
+    row's "short_history" figures (accuracy, tail-target accuracy, coverage) to `models`."""
+    split = short_unordered_split(prepared.split, SHORT_HISTORY, cfg.seed)
+    short = with_split(prepared, split)
+    cases = held_out_cases(short)
+    tail = long_tail_mask(short.popularity)
+    rows = [name for name in names if name not in CONTEXT_ABLATIONS and name not in LOSS_VARIANTS]
+    print(
+        f"short view: {len(split.train)} training events, {len(cases)} test cases", file=sys.stderr
+    )
+    fitted = fit_all(short, cfg, "short", None, progress, rows)
+    for name in rows:
+        figures, _ = measure(fitted[name].score_fn, cases, short.popularity, tail, name, progress)
+        models[name]["short_history"] = {
+            key: figures[key] for key in ("recall@10", "ndcg@10", "coverage@10", "tail", "head")
+        } | {"fit": fitted[name].info}
+    per_item = short.popularity[1:]
+    return {
+        "short_train_events": len(split.train),
+        "short_test_cases": len(cases),
+        "short_median_events_per_item": float(np.median(per_item[per_item > 0])),
+    }
+
+
+def cold_view(
+    prepared: Prepared,
+    cfg: ReportConfig,
+    names: list[str],
+    models: dict[str, dict],
+    progress: bool,
+) -> dict[str, int]:
+    """The cold-start view: a seeded share of items hidden from training and tuning, every row
+    refitted without them and measured on the test cases whose target is one of them. Adds each
+    row's "cold_start" figures to `models`; returns the view's sizes."""
+    n_items = len(prepared.item_ids)
     cold_split, cold = cold_start_split(prepared.split, n_items, cfg.cold_share, cfg.seed)
     cold_prepared = with_split(prepared, cold_split)
     cold_cases = held_out_cases(cold_prepared, targets=cold)
@@ -616,45 +847,57 @@ def run_report(
             **metrics,
             "tuning": cold_default,
         }
-
-    split = prepared.split
     return {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": {
-            "dir": str(data),
-            "quick": quick,
-            "users_evaluated": len(cases),
-            "users_sampled": sampled,
-            "items": n_items,
-            "train_events": len(split.train),
-            "valid_events": len(split.valid),
-            "test_events": len(split.test),
-            "head_share": HEAD_SHARE,
-            "tail_items": int(tail.sum()),
-            "tail_test_cases": int(tail[cases.targets].sum()),
-            "head_test_cases": int((~tail[cases.targets]).sum()),
-            "cold_items": int(cold.sum()),
-            "cold_test_cases": len(cold_cases),
-            "cold_train_events": len(cold_split.train),
-            "context_fields": context_fields(prepared),
-        },
-        "protocol": {
-            "split": "leave-one-out per user (last = test, second-to-last = validation)",
-            "ranking": "full catalogue, history excluded, ties count against the target",
-            "ks": list(KS),
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "config": dataclasses.asdict(cfg),
-        },
-        "models": models,
-        "long_tail_sweep": sweep,
-        "long_tail_default": default,
-        "seconds": time.monotonic() - started,
-        # Training budgets are in minutes, so a busy machine trains fewer epochs: say how busy.
-        "load_average": {"start": load_before, "end": os.getloadavg()[0]},
+        "cold_items": int(cold.sum()),
+        "cold_test_cases": len(cold_cases),
+        "cold_train_events": len(cold_split.train),
     }
 
 
 # --- Writing ------------------------------------------------------------------------------------
+
+# What must agree for rows of separate runs to share one table.
+_SAME_DATA = ("dir", "items", "users_evaluated", "users_sampled", "train_events", "test_events")
+
+
+def merge_reports(parts: list[dict]) -> dict:
+    """One report from reports run in parts (`--models`) on the same data and split.
+
+    Rows keep the order of MODELS; a row present in several parts is taken from the first. The
+    first part's long-tail sweep and default stay (every part measures the same "ours" when they
+    share a checkpoint); a view's sizes (cold start, short histories) come from the first part
+    that ran it.
+    """
+    if not parts:
+        raise ValueError("no reports to merge")
+    first = parts[0]
+    for part in parts[1:]:
+        for key in _SAME_DATA:
+            if part["data"].get(key) != first["data"].get(key):
+                raise ValueError(
+                    f"the reports were not run on the same data: data.{key} is "
+                    f"{first['data'].get(key)!r} in the first and {part['data'].get(key)!r} in "
+                    "another"
+                )
+    rows: dict[str, dict] = {}
+    for part in parts:
+        for name, row in part["models"].items():
+            rows.setdefault(name, row)
+    data = dict(first["data"])
+    for prefix in ("cold_", "short_"):  # a view's sizes, from the first part that ran it
+        for part in parts:
+            sizes = {k: v for k, v in part["data"].items() if k.startswith(prefix)}
+            if sizes and not any(k.startswith(prefix) for k in data):
+                data.update(sizes)
+    return {
+        **first,
+        "data": data,
+        "models": {name: rows[name] for name in MODELS if name in rows},
+        "seconds": sum(part.get("seconds", 0.0) for part in parts),
+        "parts": [
+            {"created": part.get("created"), "models": list(part["models"])} for part in parts
+        ],
+    }
 
 
 def _row(cells: list[str]) -> str:
@@ -709,6 +952,7 @@ def markdown(report: dict) -> str:
                 ]
             )
         )
+    lines += _convergence(report)
     lines += _context_ablation(report)
     lines += _loss_ablation(report)
     lines += [
@@ -754,28 +998,8 @@ def markdown(report: dict) -> str:
                 ]
             )
         )
-    lines += [
-        "",
-        "## Cold start (test)",
-        "",
-        f"{d['cold_items']:,} items (a seeded 10% of those with events) hidden from training and "
-        f"tuning, kept in the catalogue with their text; every model refitted without them "
-        f"({d['cold_train_events']:,} training events). {d['cold_test_cases']:,} test cases have "
-        "one of them as target. An ID-based model has learnt nothing about these items. "
-        "(The context and loss ablation rows are measured in the main view only.)",
-        "",
-        _row(["model", "Recall@10", "NDCG@10"]),
-        _row(["---", "---:", "---:"]),
-    ]
-    for m in models.values():
-        if "cold_start" not in m:
-            continue
-        c = m["cold_start"]
-        lines.append(_row([m["label"], f(c["recall@10"]), f(c["ndcg@10"])]))
-        if "at_default_weight" in c:
-            at = c["at_default_weight"]
-            label = f"{m['label']}, at the default long-tail weight (w = {at['weight']:g})"
-            lines.append(_row([label, f(at["recall@10"]), f(at["ndcg@10"])]))
+    lines += _cold_start(report)
+    lines += _short_history(report)
     lines += [
         "",
         "## Serving-time long-tail weight (ours, text + ID)",
@@ -830,7 +1054,69 @@ def markdown(report: dict) -> str:
         "![long-tail plot](report.png)",
         "",
     ]
+    lines += _item_to_item_section(report)
     return "\n".join(lines)
+
+
+def item_to_item_view(prepared: Prepared, model: Recommender) -> dict:
+    """SimilarItems measured item to item (`ltrec.item_to_item`): ours as served (item-vector
+    dot products) and ItemKNN's shrunk cosine (its settings tuned on item-to-item validation),
+    each at weight 0 and at its own default chosen on validation on the scale-aware grid."""
+    model.eval()
+    with torch.no_grad():
+        table = model.item_table().numpy()
+    split = prepared.split
+    knn, settings = item_to_item.itemknn_score_fn(
+        split.train, len(prepared.item_ids), item_to_item.validation_pairs(split)
+    )
+    popularity = prepared.popularity
+    scorers = {"ours": item_to_item.vector_score_fn(table), "itemknn": knn}
+    results = item_to_item.compare(scorers, popularity, long_tail_mask(popularity), split)
+    results["itemknn"]["settings"] = settings
+    return results
+
+
+def _item_to_item_section(report: dict) -> list[str]:
+    """SimilarItems' table, or nothing for a report from before it was measured."""
+    if "item_to_item" not in report:
+        return []
+    f, results = _printed, report["item_to_item"]
+    labels = {"ours": MODELS["ours"], "itemknn": MODELS["itemknn"]}
+    tolerance = next(iter(results.values()))["default"]["tolerance"]
+    lines = [
+        "## SimilarItems, item to item (test)",
+        "",
+        "Given a user's validation item, is the test item among its 10 most similar items? The "
+        "catalogue ranked by the SimilarItems score minus `w * log(1 + popularity)`, the query "
+        "excluded: ours as served (item-vector dot products), ItemKNN by its shrunk item-item "
+        "cosine (settings tuned on this task's validation). Each model's default `w` is chosen on "
+        "validation (query = last training item, target = validation item): the largest weight "
+        f"within {tolerance:.0%} of weight 0's NDCG@10 on a grid of `f * scale`, where `scale` is "
+        "the model's score spread over the spread of log-popularity (`ltrec/item_to_item.py`).",
+        "",
+        _row(["model", "w", "f", "Recall@10", "NDCG@10", "Coverage@10", "APLT@10"]),
+        _row(["---"] + ["---:"] * 6),
+    ]
+    for name, r in results.items():
+        tuned = r["default"]
+        at = {g["weight"]: g for g in tuned["grid"]}
+        for key, w in (("weight_0", 0.0), ("at_default", tuned["chosen"])):
+            t = r["test"][key]
+            label = labels.get(name, name) + (" (default)" if key == "at_default" else "")
+            lines.append(
+                _row(
+                    [
+                        label,
+                        f"{w:g}",
+                        f"{at[w]['relative_weight']:g}",
+                        f(t["recall@10"]),
+                        f(t["ndcg@10"]),
+                        f(t["coverage@10"]),
+                        f(t["aplt@10"]),
+                    ]
+                )
+            )
+    return [*lines, ""]
 
 
 def _signed(value: float) -> str:
@@ -841,6 +1127,144 @@ def _signed(value: float) -> str:
 def _with_interval(diff: dict, key: str) -> str:
     low, high = diff[f"{key}_ci95"]
     return f"{_signed(diff[key])} [{_signed(low)}, {_signed(high)}]"
+
+
+def stopped_on_cap(info: dict) -> bool:
+    """Whether a neural row's training ended on a cap (minutes or epochs) rather than on its
+    validation NDCG@10 ceasing to improve: such a row may not have converged."""
+    reason = str(info.get("stop_reason") or "")
+    return reason.startswith("time budget") or reason == "epochs"
+
+
+def _short_history(report: dict) -> list[str]:
+    """The short, order-free view's table, or nothing when it was not run."""
+    d, f = report["data"], _printed
+    rows = [m for m in report["models"].values() if "short_history" in m]
+    if "short_train_events" not in d or not rows:
+        return []
+    lines = [
+        "",
+        "## Short, order-free histories (test)",
+        "",
+        f"Each user's last {SHORT_HISTORY} + 2 events in a random order, split leave-one-out "
+        f"again: {d['short_train_events']:,} training events, {d['short_test_cases']:,} test "
+        f"cases, a median of {d['short_median_events_per_item']:g} training events per item. "
+        "A stand-in for catalogues with short histories, a long tail and little order signal, "
+        "where a history is a set more than a sequence. Every row refitted and tuned on it.",
+        "",
+        _row(["model", "Recall@10", "NDCG@10", "tail NDCG@10", "Coverage@10", "tuned"]),
+        _row(["---", "---:", "---:", "---:", "---:", "---"]),
+    ]
+    for m in rows:
+        v = m["short_history"]
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    f(v["recall@10"]),
+                    f(v["ndcg@10"]),
+                    f(v["tail"]["ndcg@10"]),
+                    f(v["coverage@10"]),
+                    _tuned(v["fit"]),
+                ]
+            )
+        )
+    return lines
+
+
+def _cold_start(report: dict) -> list[str]:
+    """The cold-start table, or nothing when the report ran without that view (`--views`)."""
+    d, models, f = report["data"], report["models"], _printed
+    if "cold_items" not in d:
+        return []
+    lines = [
+        "",
+        "## Cold start (test)",
+        "",
+        f"{d['cold_items']:,} items (a seeded 10% of those with events) hidden from training and "
+        f"tuning, kept in the catalogue with their text; every model refitted without them "
+        f"({d['cold_train_events']:,} training events). {d['cold_test_cases']:,} test cases have "
+        "one of them as target. An ID-based model has learnt nothing about these items. "
+        "(The context and loss ablation rows are measured in the main view only.)",
+        "",
+        _row(["model", "Recall@10", "NDCG@10"]),
+        _row(["---", "---:", "---:"]),
+    ]
+    for m in models.values():
+        if "cold_start" not in m:
+            continue
+        c = m["cold_start"]
+        lines.append(_row([m["label"], f(c["recall@10"]), f(c["ndcg@10"])]))
+        if "at_default_weight" in c:
+            at = c["at_default_weight"]
+            label = f"{m['label']}, at the default long-tail weight (w = {at['weight']:g})"
+            lines.append(_row([label, f(at["recall@10"]), f(at["ndcg@10"])]))
+    return lines
+
+
+def _convergence(report: dict) -> list[str]:
+    """How each neural row's training ended: epochs, best epoch, minutes and stop reason."""
+    rows = [(m, m["fit"]) for m in report["models"].values() if (m["fit"].get("epochs") or [])]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Training to convergence (main view)",
+        "",
+        "Each neural row trains until its validation NDCG@10 has not improved for `patience` "
+        "epochs (then the best epoch's weights are kept); a row that ended on its epoch or "
+        "minute cap instead is marked **capped** and may not have converged. Settings: the "
+        "training config of the row; SASRec's learning rate and dropout are chosen on its own "
+        "validation (screening below).",
+        "",
+        _row(["model", "epochs (best)", "minutes", "patience", "stop reason", "settings"]),
+        _row(["---", "---:", "---:", "---:", "---", "---"]),
+    ]
+    for m, info in rows:
+        train = info.get("train_config") or {}
+        model = info.get("model_config") or {}
+        reason = str(info.get("stop_reason") or "-")
+        if stopped_on_cap(info):
+            reason = f"**capped**: {reason}"
+        seconds = info.get("train_seconds")
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    _epochs(info),
+                    "-" if seconds is None else f"{seconds / 60:.1f}",
+                    str(train.get("patience", "-")),
+                    reason,
+                    f"lr {train.get('lr', '-'):g}, dropout {model.get('dropout', '-'):g}"
+                    if train and model
+                    else "-",
+                ]
+            )
+        )
+    for m, info in rows:
+        if not info.get("screening"):
+            continue
+        lines += [
+            "",
+            f"{m['label']}: settings screened on validation ({len(info['screening'])} points, "
+            f"each a full short schedule):",
+            "",
+            _row(["lr", "dropout", "validation NDCG@10", "best epoch", "minutes"]),
+            _row(["---:", "---:", "---:", "---:", "---:"]),
+        ]
+        for point in info["screening"]:
+            lines.append(
+                _row(
+                    [
+                        f"{point['lr']:g}",
+                        f"{point['dropout']:g}",
+                        _printed(point["ndcg@10"]),
+                        str(point["epoch"]),
+                        f"{point['seconds'] / 60:.1f}",
+                    ]
+                )
+            )
+    return lines
 
 
 def _epochs(info: dict) -> str:
@@ -1129,8 +1553,38 @@ def main(argv: list[str] | None = None) -> int:
         "--models",
         help=f"comma-separated rows to run (default all; 'ours' always): {', '.join(MODELS)}",
     )
+    parser.add_argument(
+        "--views",
+        default="main,cold,short",
+        help="comma-separated views to run: main (always), cold (the cold-start view), short "
+        "(short, order-free histories)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="REPORT_JSON",
+        help="no training: merge the rows of report.json files run in parts (--models) on the "
+        "same data into one report in --out (the first file's long-tail sweep is kept; a row "
+        "in several files is taken from the first)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            merged = merge_reports([json.loads(path.read_text()) for path in args.merge])
+        except (OSError, ValueError) as exc:
+            print(f"error: --merge: {exc}", file=sys.stderr)
+            return 2
+        merged["merged_from"] = [str(path) for path in args.merge]
+        write_report(merged, args.out)
+        print(markdown(merged))
+        print(f"wrote {args.out / 'report.md'}, report.json, report.png", file=sys.stderr)
+        return 0
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    unknown_views = sorted(set(views) - {"main", "cold", "short"})
+    if unknown_views:
+        parser.error(f"--views: unknown {', '.join(unknown_views)}; choose from main, cold, short")
     names = tuple(MODELS)
     if args.models:
         chosen = {name.strip() for name in args.models.split(",") if name.strip()}
@@ -1151,6 +1605,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         users=args.users if args.users is not None else cfg.users,
         models=names,
+        views=("main", *(v for v in views if v != "main")),
     )
     try:
         report = run_report(

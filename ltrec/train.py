@@ -42,6 +42,7 @@ from ltrec.evaluation import (
 )
 from ltrec.features import Sequences, build_sequences, build_vocabulary
 from ltrec.image_encoder import IMAGE_MODEL_NAME, cached_image_features
+from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vector_score_fn
 from ltrec.models import ItemSide, ModelConfig, Recommender
 from ltrec.softmax import full_softmax_loss, matmul_dtype
 from ltrec.text_encoder import TEXT_MODEL_NAME, cached_text_features
@@ -53,8 +54,10 @@ HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interaction
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
-    max_minutes: float = 12.0
+    # Early stopping on validation NDCG@10 (`patience` epochs without a gain) ends a run; the
+    # epoch count and the minutes are caps, and a run they stop says so in its stop reason.
+    epochs: int = 200
+    max_minutes: float = 17.0
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -63,7 +66,7 @@ class TrainConfig:
     # Sampled softmax only: subtract log q from every logit (the logQ popularity correction).
     # Without it, popular items, sampled often as negatives, are pushed down too hard.
     logq: bool = True
-    patience: int = 4
+    patience: int = 10
     # Input type of the full softmax's matmuls ("auto": bfloat16 on CPUs with native bfloat16,
     # else float32); sums, softmax and gradients stay float32 (ltrec.softmax).
     softmax_precision: str = "auto"
@@ -334,12 +337,17 @@ def _set_lr(
         group["lr"] = lr
 
 
+# ModelConfig settings that new training uses unless `TrainConfig.model` says otherwise; the
+# dataclass keeps the values that older checkpoints were trained with.
+MODEL_DEFAULTS: dict[str, float | int | bool] = {"set_pooling": True}
+
+
 def model_config(prepared: Prepared, cfg: TrainConfig) -> ModelConfig:
     return ModelConfig(
         n_items=len(prepared.item_ids),
         n_devices=len(prepared.device_vocab) + 1,
         n_regions=len(prepared.region_vocab) + 1,
-        **cfg.model,  # type: ignore[arg-type]
+        **{**MODEL_DEFAULTS, **cfg.model},  # type: ignore[arg-type]
     )
 
 
@@ -462,6 +470,7 @@ def fit(
 def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
     """Train our model; writes checkpoint.pt (what export reads) and metrics.json."""
     model_cfg = model_config(prepared, cfg)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     model = Recommender(model_cfg, torch.from_numpy(prepared.text_features), item_side(prepared))
     valid_cases = make_cases(
         prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
@@ -482,6 +491,7 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
         "image_model": IMAGE_MODEL_NAME,
         **fitted,
         "long_tail_weight": long_tail_weight,
+        "similar_items_long_tail_weight": tune_similar_items_default(model, prepared),
         "most_popular_valid": popular_metrics,
         "data": {"dir": str(prepared.data_dir), "cleaning": prepared.report},
     }
@@ -516,7 +526,8 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
 def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
     """Choose the long-tail weight's serving default again for `out_dir`'s checkpoint (one
     trained before training chose it, or to see it on other data of the same catalogue), and
-    store it in the checkpoint and metrics.json. Returns the choice."""
+    store it in the checkpoint and metrics.json; SimilarItems' too. Returns the checkpoint's
+    summary, which holds both choices."""
     path = out_dir / "checkpoint.pt"
     model, ckpt = load_checkpoint(path)
     if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
@@ -533,9 +544,24 @@ def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
         valid_cases,
     )
     ckpt.setdefault("summary", {})["long_tail_weight"] = tuned
+    ckpt["summary"]["similar_items_long_tail_weight"] = tune_similar_items_default(model, prepared)
     torch.save(ckpt, path)
     (out_dir / "metrics.json").write_text(json.dumps(ckpt["summary"], indent=2))
-    return tuned
+    return ckpt["summary"]
+
+
+def tune_similar_items_default(model: Recommender, prepared: Prepared) -> dict:
+    """SimilarItems' serving default of the long-tail weight, on validation item to item
+    (`ltrec.item_to_item`): its item-item scores are on another scale than Recommend's."""
+    model.eval()
+    with torch.no_grad():
+        table = model.item_table().numpy()
+    return tune_similar_items_weight(
+        vector_score_fn(table),
+        prepared.popularity,
+        long_tail_mask(prepared.popularity),
+        validation_pairs(prepared.split),
+    )
 
 
 def checkpoint_side(ckpt: dict) -> ItemSide:
@@ -570,6 +596,17 @@ def _long_tail_line(tuned: dict) -> str:
         f"{chosen['ndcg@10']:.4f} vs {zero['ndcg@10']:.4f}, Coverage@10 "
         f"{chosen['coverage@10']:.4f} vs {zero['coverage@10']:.4f}, tail share of the lists "
         f"{chosen['aplt@10']:.3f} vs {zero['aplt@10']:.3f}"
+    )
+
+
+def _similar_items_line(tuned: dict) -> str:
+    at = {row["weight"]: row for row in tuned["grid"]}
+    chosen, zero = at[tuned["chosen"]], at[0.0]
+    return (
+        f"SimilarItems long-tail weight (serving default, chosen on validation item to item): "
+        f"{tuned['chosen']:g} ({chosen['relative_weight']:g} x the score scale "
+        f"{tuned['scale']:.3g}): NDCG@10 {chosen['ndcg@10']:.4f} vs {zero['ndcg@10']:.4f} at 0, "
+        f"Coverage@10 {chosen['coverage@10']:.4f} vs {zero['coverage@10']:.4f}"
     )
 
 
@@ -609,6 +646,12 @@ def main(argv: list[str] | None = None) -> int:
         "(python -m benchmarks.id_dropout measures it)",
     )
     parser.add_argument(
+        "--no-set-pooling",
+        action="store_true",
+        help="the user tower reads the history as a sequence only (no running mean of the "
+        "history's item vectors); an ablation",
+    )
+    parser.add_argument(
         "--tune-long-tail-only",
         action="store_true",
         help="no training: choose the serving default of the long-tail weight for the "
@@ -636,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             "dropout": args.dropout,
             "id_embeddings": not args.text_only,
             "id_dropout": args.id_dropout,
+            "set_pooling": not args.no_set_pooling,
         },
     )
     started = time.monotonic()
@@ -646,11 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.tune_long_tail_only:
         try:
-            tuned = retune_long_tail_weight(prepared, args.out)
+            stored = retune_long_tail_weight(prepared, args.out)
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(_long_tail_line(tuned))
+        print(_long_tail_line(stored["long_tail_weight"]))
+        print(_similar_items_line(stored["similar_items_long_tail_weight"]))
         return 0
     print(f"cleaning: {prepared.report_text}", file=sys.stderr)
     print(
@@ -665,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'most-popular':<14} {pop['recall@10']:>10.4f} {pop['ndcg@10']:>10.4f}")
     print(f"  {'ltrec':<14} {best['recall@10']:>10.4f} {best['ndcg@10']:>10.4f}")
     print(_long_tail_line(summary["long_tail_weight"]))
+    print(_similar_items_line(summary["similar_items_long_tail_weight"]))
     print(
         f"best epoch {best['epoch']}, stopped: {summary['stop_reason']}, "
         f"total {(time.monotonic() - started) / 60:.1f} min; "

@@ -35,7 +35,10 @@ class ModelRepositoryError(StartupError):
 class ModelMetadata:
     model_version: str
     max_history: int
+    # The weight a request without one gets: Recommend's and SimilarItems' scores differ in scale
+    # (user-item vs item-item dot products), so each has its own, chosen on validation.
     default_long_tail_weight: float
+    similar_items_default_long_tail_weight: float
     long_tail_weight_max: float
     event_types: tuple[str, ...]
     # Normalised label -> bucket (1 + position in the exported vocabulary); 0 means unknown.
@@ -153,6 +156,15 @@ def load_metadata(path: Path) -> ModelMetadata:
             f"default_long_tail_weight must be in [0, long_tail_weight_max={weight_max:g}], "
             f"got {default_weight:g}"
         )
+    # Exported before SimilarItems had a default of its own: 0 (pure similarity), never
+    # Recommend's, whose scale would bury the neighbours under the popularity term.
+    similar_key = contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY
+    similar_weight = number(similar_key) if similar_key in raw else 0.0
+    if not 0 <= similar_weight <= weight_max:
+        raise fail(
+            f"{similar_key} must be in [0, long_tail_weight_max={weight_max:g}], "
+            f"got {similar_weight:g}"
+        )
     vocabularies = raw.get("vocabularies")
     if not isinstance(vocabularies, dict):
         raise fail("vocabularies must be an object with event_types, device and region")
@@ -185,6 +197,7 @@ def load_metadata(path: Path) -> ModelMetadata:
         model_version=model_version,
         max_history=max_history,
         default_long_tail_weight=default_weight,
+        similar_items_default_long_tail_weight=similar_weight,
         long_tail_weight_max=weight_max,
         event_types=event_types,
         device_buckets=_buckets(vocabulary("device")),
@@ -265,4 +278,6 @@ def describe(metadata: ModelMetadata, catalogue: Catalogue) -> dict[str, Any]:
         "items": catalogue.size,
         "long_tail_items": int(catalogue.long_tail.sum()),
         "max_history": metadata.max_history,
+        "default_long_tail_weight": metadata.default_long_tail_weight,
+        "similar_items_default_long_tail_weight": metadata.similar_items_default_long_tail_weight,
     }

@@ -87,3 +87,6 @@ UNKNOWN_BUCKET = 0  # device/region: 0 unknown, 1 + position in the exported voc
 # --- Files the export writes at the root of the model repository -------------------------------
 METADATA_FILE = "ltrec_metadata.json"  # versions, data, training figures, hashes, vocabularies
 CATALOGUE_FILE = "ltrec_catalogue.csv"  # index,item_id,title,popularity,long_tail (index 1..N)
+# The metadata's default long-tail weight of SimilarItems (Recommend's is
+# `default_long_tail_weight`): item-item scores have a scale of their own.
+SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY = "similar_items_default_long_tail_weight"

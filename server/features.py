@@ -88,7 +88,7 @@ def build_features(
         history_event_types=np.asarray([event_types], dtype=np.int64),
         context=np.asarray([context_buckets(request.context, metadata, now_seconds)], np.int64),
         exclude_items=exclusions(request.exclude_item_ids, catalogue),
-        long_tail_weight=long_tail_weight(request, metadata),
+        long_tail_weight=long_tail_weight(request, metadata.default_long_tail_weight),
         top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
         skipped_history_items=skipped,
         extra_item_vectors=catalogue.extra_vectors,
@@ -128,7 +128,8 @@ def build_similar_features(
     return SimilarFeatures(
         query_items=np.asarray([[query_index]], dtype=np.int64),
         exclude_items=exclusions(request.exclude_item_ids, catalogue),
-        long_tail_weight=long_tail_weight(request, metadata),
+        # SimilarItems' own default: its scores are item-item, on another scale than Recommend's
+        long_tail_weight=long_tail_weight(request, metadata.similar_items_default_long_tail_weight),
         # the query item itself is masked: at most N + M - 1 others
         top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
         extra_item_vectors=catalogue.extra_vectors,
@@ -149,13 +150,10 @@ def exclusions(item_ids: Iterable[str], catalogue: Catalogue) -> npt.NDArray[np.
 
 def long_tail_weight(
     request: recommender_pb2.RecommendRequest | recommender_pb2.SimilarItemsRequest,
-    metadata: ModelMetadata,
+    default: float,
 ) -> npt.NDArray[np.float32]:
-    weight = (
-        request.long_tail_weight
-        if request.HasField("long_tail_weight")
-        else metadata.default_long_tail_weight
-    )
+    """The request's weight, else the method's `default` from the metadata."""
+    weight = request.long_tail_weight if request.HasField("long_tail_weight") else default
     return np.asarray([[weight]], dtype=np.float32)
 
 

@@ -128,7 +128,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
     repo = root / "model_repository"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        metadata = export_module.export(checkpoint, repo, text_encoder=False, log=lambda _: None)
+        metadata = export_module.export(
+            checkpoint,
+            repo,
+            text_encoder=False,
+            default_long_tail_weight=0.25,
+            similar_items_default_long_tail_weight=0.0125,
+            log=lambda _: None,
+        )
         yield Exported(checkpoint, ckpt, repo, metadata)
 
 
@@ -522,6 +529,10 @@ def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
     assert metadata.event_types == contract.EVENT_TYPES
     assert metadata.device_buckets == {"desktop": 1, "mobile": 2}
     assert metadata.region_buckets == {"eu": 1, "us": 2}
+    # Each method's default, as the export wrote it.
+    assert exported.metadata[contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY] == 0.0125
+    assert metadata.default_long_tail_weight == 0.25
+    assert metadata.similar_items_default_long_tail_weight == 0.0125
     assert catalogue.size == N_ITEMS
     assert catalogue.item_ids[1:] == ckpt["item_ids"]
     assert catalogue.titles[1:] == ckpt["titles"]
@@ -558,9 +569,12 @@ def test_metadata_records_version_and_file_hashes(exported: Exported) -> None:
         assert entry["bytes"] == len(data), name
 
 
+@pytest.mark.parametrize(
+    "flag", ["--default-long-tail-weight", "--default-similar-long-tail-weight"]
+)
 @pytest.mark.parametrize("weight", ["-0.1", "2.5"])
 def test_default_long_tail_weight_out_of_bounds_is_refused(
-    weight: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    flag: str, weight: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from export_scripts.export import main as export_main
 
@@ -574,10 +588,64 @@ def test_default_long_tail_weight_out_of_bounds_is_refused(
                 str(checkpoint),
                 "--output",
                 str(out),
-                "--default-long-tail-weight",
+                flag,
                 weight,
             ]
         )
     assert exc.value.code == 2
-    assert "--default-long-tail-weight must be in [0, 2]" in capsys.readouterr().err
+    assert f"{flag} must be in [0, 2], got {float(weight):g}" in capsys.readouterr().err
     assert not out.exists()
+
+
+RECOMMEND_TUNED = {"long_tail_weight": {"chosen": 0.25}}
+BOTH_TUNED = {**RECOMMEND_TUNED, "similar_items_long_tail_weight": {"chosen": 0.0125}}
+
+
+@pytest.mark.parametrize(
+    ("summary", "flags", "expected"),
+    [
+        (BOTH_TUNED, [], (0.25, 0.0125)),
+        # A checkpoint from before SimilarItems had its own: 0, never Recommend's.
+        (RECOMMEND_TUNED, [], (0.25, 0.0)),
+        (BOTH_TUNED, ["--default-similar-long-tail-weight", "0.5"], (0.25, 0.5)),
+        (BOTH_TUNED, ["--default-long-tail-weight", "1"], (1.0, 0.0125)),
+    ],
+)
+def test_export_command_gives_each_method_its_default(
+    summary: dict,
+    flags: list[str],
+    expected: tuple[float, float],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checkpoint = tmp_path / "checkpoint.pt"
+    ckpt = write_checkpoint(checkpoint)
+    ckpt["summary"].update(summary)
+    torch.save(ckpt, checkpoint)
+    options: dict = {}
+
+    def export(_: Path, __: Path, **given: object) -> dict:
+        options.update(given)
+        return {"model_version": "v", "files": {}, "export_seconds": 0.0}
+
+    monkeypatch.setattr(export_module, "export", export)
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "repo"), *flags]
+    assert export_module.main(argv) == 0
+    got = (options["default_long_tail_weight"], options["similar_items_default_long_tail_weight"])
+    assert got == expected
+
+
+def test_a_tuned_default_out_of_bounds_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "checkpoint.pt"
+    ckpt = write_checkpoint(checkpoint)
+    ckpt["summary"].update({**RECOMMEND_TUNED, "similar_items_long_tail_weight": {"chosen": 3.0}})
+    torch.save(ckpt, checkpoint)
+    with pytest.raises(SystemExit) as exc:
+        export_module.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "repo")])
+    assert exc.value.code == 2
+    assert (
+        "the checkpoint's SimilarItems long-tail weight must be in [0, 2], got 3; give one with "
+        "--default-similar-long-tail-weight" in capsys.readouterr().err
+    )

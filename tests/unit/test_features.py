@@ -44,6 +44,7 @@ def metadata() -> ModelMetadata:
         model_version="test",
         max_history=10,
         default_long_tail_weight=0.0,
+        similar_items_default_long_tail_weight=0.0,
         long_tail_weight_max=2.0,
         event_types=contract.EVENT_TYPES,
         device_buckets={label: i + 1 for i, label in enumerate(DEVICE_VOCAB)},

@@ -50,6 +50,7 @@ METADATA = {
     "item_overlay": True,
     "model_config": {"text_max_tokens": 16},
     "default_long_tail_weight": 0.25,
+    "similar_items_default_long_tail_weight": 0.01,
     "long_tail_weight_max": 2.0,
     "vocabularies": {
         "event_types": ["view", "cart", "purchase", "rating"],

@@ -92,6 +92,19 @@ def test_catalogue_and_metadata_load(tmp_path: Path) -> None:
     assert metadata.device_buckets == {"desktop": 1, "mobile": 2}
     assert metadata.region_buckets == {"zip0": 1, "zip1": 2}
     assert metadata.default_long_tail_weight == 0.25
+    assert metadata.similar_items_default_long_tail_weight == 0.01
+
+
+def test_metadata_without_a_similar_items_default_serves_similar_items_at_zero(
+    tmp_path: Path,
+) -> None:
+    """A repository exported before SimilarItems had its own default: never Recommend's."""
+    repository = write_repository(tmp_path)
+    old = {k: v for k, v in METADATA.items() if k != contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY}
+    (repository / contract.METADATA_FILE).write_text(json.dumps(old), encoding="utf-8")
+    metadata = load_metadata(repository / contract.METADATA_FILE)
+    assert metadata.similar_items_default_long_tail_weight == 0.0
+    assert metadata.default_long_tail_weight == 0.25
 
 
 BAD_CATALOGUES = {
@@ -142,6 +155,14 @@ BAD_METADATA = {
     "default above max": (
         _metadata_with(default_long_tail_weight=3.0),
         "default_long_tail_weight must be in [0, long_tail_weight_max=2]",
+    ),
+    "similar default above max": (
+        _metadata_with(similar_items_default_long_tail_weight=2.5),
+        "similar_items_default_long_tail_weight must be in [0, long_tail_weight_max=2], got 2.5",
+    ),
+    "similar default not a number": (
+        _metadata_with(similar_items_default_long_tail_weight="0.01"),
+        "similar_items_default_long_tail_weight must be a number, got '0.01'",
     ),
     "event types drift": (
         _metadata_with(vocabularies={**METADATA["vocabularies"], "event_types": ["view", "buy"]}),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ltrec.train
+from ltrec import baselines
 from ltrec.baselines import build_model
 from ltrec.data import leave_one_out, load_dataset, write_dataset
 from ltrec.evaluation import (
@@ -24,6 +25,7 @@ from ltrec.evaluation import (
     long_tail_adjusted,
     long_tail_metrics,
     paired_difference,
+    short_unordered_split,
     shuffled_context,
     subsample_users,
     top_k_items,
@@ -31,13 +33,17 @@ from ltrec.evaluation import (
 )
 from ltrec.models import ModelConfig
 from ltrec.report import (
+    _SAME_DATA,
     CONTEXT_ABLATIONS,
     FACTORIES,
     LONG_TAIL_WEIGHTS,
     LOSS_VARIANTS,
     MODELS,
+    _convergence,
+    _widen_to_interior,
     held_out_cases,
     main,
+    merge_reports,
     quick_config,
     with_shuffled_context,
     with_split,
@@ -420,6 +426,12 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     at_default = report["models"]["ours"]["cold_start"]["at_default_weight"]
     assert {"weight", "recall@10", "ndcg@10"} <= set(at_default)
     assert "(default)" in md
+    # SimilarItems item to item: ours and ItemKNN, each at 0 and at its own validation default.
+    assert "## SimilarItems, item to item (test)" in md
+    for similar in report["item_to_item"].values():
+        assert similar["default"]["chosen"] in [g["weight"] for g in similar["default"]["grid"]]
+        assert {"recall@10", "ndcg@10", "coverage@10"} <= set(similar["test"]["at_default"])
+    assert set(report["item_to_item"]) == {"ours", "itemknn"}
     for s in sweep:
         assert accuracy | long_tail <= set(s["torch"]) and accuracy | long_tail <= set(s["onnx"])
         assert s["parity"]["match_at_printed_precision"], s
@@ -460,6 +472,170 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
             models[name]["test"]["ndcg@10"] - models["ours"]["test"]["ndcg@10"]
         )
     assert models["ours"]["fit"]["train_config"]["loss"] == "full"
+    # The short, order-free view: every row but the main-view-only ablations, refitted there.
+    assert "## Short, order-free histories (test)" in md
+    for name, model in models.items():
+        if name in CONTEXT_ABLATIONS or name in LOSS_VARIANTS:
+            assert "short_history" not in model
+            continue
+        short = model["short_history"]
+        assert 0 <= short["ndcg@10"] <= short["recall@10"] <= 1
+    assert report["data"]["short_train_events"] <= report["data"]["train_events"]
+    # SASRec's settings are chosen on its own validation, from its own grid, then converged.
+    sasrec = models["sasrec"]["fit"]
+    grid = quick_config().neural_grids["sasrec"]
+    assert [{k: p[k] for k in ("lr", "dropout")} for p in sasrec["screening"]] == grid
+    best = max(sasrec["screening"], key=lambda p: p["ndcg@10"])
+    assert sasrec["train_config"]["lr"] == best["lr"]
+    assert sasrec["model_config"]["dropout"] == best["dropout"]
+    assert "## Training to convergence (main view)" in md
+    assert "settings screened on validation" in md
+    for name in ("sasrec", "ours", "ours_text"):
+        assert models[name]["fit"]["stop_reason"]
+
+
+def test_short_unordered_split_keeps_the_last_events_in_a_random_order() -> None:
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in range(30):
+        n = 2 if u == 0 else 25  # user 0: too short to evaluate, all in training
+        for t in range(n):
+            rows.append(
+                {"user_id": f"u{u}", "item_index": int(rng.integers(1, 50)), "timestamp": t}
+            )
+    events = pd.DataFrame(rows)
+    split = leave_one_out(events)
+    short = short_unordered_split(split, keep=4, seed=0)
+    assert short.train.groupby("user_id").size().to_dict() == {"u0": 2} | {
+        f"u{u}": 4 for u in range(1, 30)
+    }
+    assert len(short.valid) == len(short.test) == 29
+    moved = 0
+    for u in range(1, 30):
+        mine = events[events["user_id"] == f"u{u}"]
+        last = mine.tail(6)
+        got = events_in_order(short.train, short.valid, short.test)
+        got = got[got["user_id"] == f"u{u}"]
+        # The same six latest events, in an order that sorting by time keeps.
+        assert sorted(got["item_index"]) == sorted(last["item_index"])
+        assert list(got["timestamp"]) == sorted(got["timestamp"])
+        moved += list(got["item_index"]) != list(last["item_index"])
+    assert moved > 20  # shuffled for (nearly) every user
+    again = short_unordered_split(split, keep=4, seed=0)
+    assert again.test.equals(short.test)  # seeded
+
+
+def test_text_profile_scores_by_cosine_to_the_latest_items() -> None:
+    features = np.array(
+        [[0, 0], [1, 0], [0, 2], [1, 1], [-1, 0]], dtype=np.float32
+    )  # row 0 = padding
+    score = baselines.text_profile_score_fn(features, last=2)
+    toy = cases([[4, 1, 2], []], [3, 3])
+    got = score(toy, np.array([0, 1]))
+    # Profile of user 0 = mean of unit(1, 0) and unit(0, 1) (the last two; item 4 is older).
+    profile = np.array([0.5, 0.5]) / np.linalg.norm([0.5, 0.5])
+    want = np.array([[0.0, *(f / np.linalg.norm(f) @ profile for f in features[1:])]])
+    assert np.allclose(got[0], want[0], atol=1e-6)
+    assert got[0].argmax() == 3  # the item between the two
+    assert np.all(got[1] == 0)  # no history: no preference
+
+
+def test_convergence_table_marks_rows_stopped_on_a_cap() -> None:
+    def row(reason: str) -> dict:
+        return {
+            "label": reason,
+            "fit": {
+                "epochs": [{"epoch": 1}, {"epoch": 2}],
+                "best": {"epoch": 2},
+                "stop_reason": reason,
+                "train_seconds": 90.0,
+                "train_config": {"patience": 10, "lr": 0.002},
+                "model_config": {"dropout": 0.2},
+            },
+        }
+
+    lines = _convergence(
+        {
+            "models": {
+                "a": row("no validation gain for 10 epochs"),
+                "b": row("time budget of 45.0 min"),
+                "c": row("epochs"),
+                "d": {"label": "EASE", "fit": {"tuning": "grid"}},
+            }
+        }
+    )
+    text = "\n".join(lines)
+    assert "| 10 | no validation gain for 10 epochs | lr 0.002, dropout 0.2 |" in text
+    assert "**capped**: no validation" not in text
+    assert "**capped**: time budget of 45.0 min" in text
+    assert "**capped**: epochs" in text
+    assert "EASE" not in text  # not a neural row
+    assert "| 2 (best 2) | 1.5 | 10 |" in text
+
+
+def test_ease_grid_is_widened_past_an_edge_optimum() -> None:
+    peak = 12500.0  # beyond the grid's top (5000): the search must walk out to it
+
+    def build(lam: float):  # a scorer that ranks the target first only at lam = peak
+        def score(c: EvalCases, rows: np.ndarray) -> np.ndarray:
+            good = abs(np.log(lam / peak)) < 0.1
+            out = np.zeros((len(rows), 6))
+            out[:, 5 if good else 4] = 1.0
+            return out
+
+        return score
+
+    toy = cases([[1], [2]], [5, 5])
+    grid = [{"lam": lam} for lam in (100, 1000, 5000)]
+    _, points = baselines.tune("ease", grid, build, toy, progress=False)
+    best, points = _widen_to_interior("t", {"lam": 5000}, points, build, toy, progress=False)
+    assert best["lam"] == pytest.approx(peak)
+    assert sorted(p["lam"] for p in points)[-1] == pytest.approx(peak * 2.5)  # one past it
+    # An interior optimum is left alone.
+    same, unchanged = _widen_to_interior("t", {"lam": 1000}, points, build, toy, progress=False)
+    assert same == {"lam": 1000} and unchanged == points
+
+
+def test_merge_reports_joins_parts_and_refuses_other_data() -> None:
+    def part(names: list[str], users: int, cold: bool) -> dict:
+        data = {key: 1 for key in _SAME_DATA} | {"users_evaluated": users}
+        if cold:
+            data |= {"cold_items": 3, "cold_test_cases": 2, "cold_train_events": 9}
+        return {
+            "data": data,
+            "models": {name: {"label": name, "from": len(names)} for name in names},
+            "seconds": 60.0,
+            "long_tail_sweep": [names[0]],
+        }
+
+    merged = merge_reports(
+        [part(["ours", "sasrec"], 5, False), part(["ease", "ours", "ours_text"], 5, True)]
+    )
+    assert list(merged["models"]) == ["ease", "sasrec", "ours_text", "ours"]
+    assert merged["models"]["ours"]["from"] == 2  # from the first part
+    assert merged["long_tail_sweep"] == ["ours"]
+    assert merged["data"]["cold_items"] == 3 and merged["seconds"] == 120.0
+    with pytest.raises(ValueError, match="users_evaluated"):
+        merge_reports([part(["ours"], 5, False), part(["ease"], 6, False)])
+
+
+def test_report_without_the_cold_view_and_merged(tiny_data: Path, tmp_path: Path) -> None:
+    args = ["--data", str(tiny_data), "--cache", str(tmp_path / "cache"), "--quick"]
+    first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "m"
+    assert main([*args, "--out", str(first), "--models", "ease", "--views", "main"]) == 0
+    report = json.loads((first / "report.json").read_text())
+    assert "cold_items" not in report["data"]
+    assert all("cold_start" not in m for m in report["models"].values())
+    assert "## Cold start" not in (first / "report.md").read_text()
+    assert main([*args, "--out", str(second), "--models", "most_popular"]) == 0
+    parts = [str(first / "report.json"), str(second / "report.json")]
+    assert main(["--data", str(tiny_data), "--out", str(merged), "--merge", *parts]) == 0
+    joined = json.loads((merged / "report.json").read_text())
+    assert list(joined["models"]) == ["most_popular", "ease", "ours"]
+    assert "cold_start" in joined["models"]["most_popular"]
+    assert "## Cold start" in (merged / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(first), "--views", "main,warm"])
 
 
 def test_report_runs_only_the_chosen_rows(tiny_data: Path, tmp_path: Path) -> None:
@@ -499,6 +675,7 @@ def test_shuffled_training_context_keeps_the_events(tiny_data: Path, tmp_path: P
 def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     tiny_data: Path, tmp_path: Path
 ) -> None:
+    from export_scripts.export import SIMILAR_ITEMS_WEIGHT as SIMILAR
     from export_scripts.export import checkpoint_long_tail_weight
     from ltrec.train import TrainConfig, train
     from ltrec.train import main as train_main
@@ -515,15 +692,22 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     assert tuned["chosen"] in [row["weight"] for row in tuned["grid"]]
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
     assert json.loads((out / "metrics.json").read_text())["long_tail_weight"] == tuned
+    # SimilarItems' own default, chosen item to item on a grid scaled to its scores.
+    similar = summary["similar_items_long_tail_weight"]
+    assert similar["scale"] > 0 and similar["grid"][0]["weight"] == 0.0
+    assert similar["chosen"] in [row["weight"] for row in similar["grid"]]
+    assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) == similar["chosen"]
     # A checkpoint from before the tuning: export falls back to 0, and the retune command
-    # stores the same choice again.
+    # stores the same choices again.
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    del ckpt["summary"]["long_tail_weight"]
+    del ckpt["summary"]["long_tail_weight"], ckpt["summary"][SIMILAR]
     torch.save(ckpt, out / "checkpoint.pt")
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") is None
+    assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) is None
     args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(cache)]
     assert train_main([*args, "--tune-long-tail-only"]) == 0
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
+    assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) == similar["chosen"]
     # No checkpoint there: a clear error.
     other = tmp_path / "nothing"
     other.mkdir()

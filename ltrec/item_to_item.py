@@ -1,0 +1,308 @@
+"""SimilarItems measured item to item, and the scale-aware choice of its default long-tail weight.
+
+Recommend and SimilarItems share the served scorer, `score - w * log(1 + popularity)`, but not
+the scale of `score`: Recommend's are user-item dot products (around 5-6 at the top on ML-1M),
+SimilarItems' are item-item dot products (around 0.2-0.3 for close neighbours). A weight chosen
+for the first drowns the second in the popularity term, so SimilarItems gets a default of its
+own, chosen here.
+
+The measure: given one item, is the item a user took next among its top 10? A case is a user's
+last history item (the query) and the user's next held-out item (the target); the whole catalogue
+is ranked by the SimilarItems score with the query masked, as the `similar_items` ensemble does.
+On validation the query is the last training item and the target the validation item; on test,
+the validation item and the test item. A case is an `EvalCases` row whose history is the query
+alone, so the ranking loop, its tie rule and the long-tail metrics are `ltrec.evaluation`'s.
+
+    python -m ltrec.item_to_item --data data/ml-1m --checkpoint artifacts/ml-1m/checkpoint.pt
+
+prints the measure for our model and for an item-item ItemKNN, each at weight 0 and at its own
+default chosen on validation. Torch is imported only by that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ltrec.data import LeaveOneOut
+from ltrec.evaluation import (
+    LONG_TAIL_TOLERANCE,
+    EvalCases,
+    ScoreFn,
+    evaluate_lists,
+    events_in_order,
+    long_tail_adjusted,
+    long_tail_metrics,
+    ranking_metrics,
+    tune_long_tail_weight,
+)
+
+K = 10
+# Relative weights f (see `scaled_grid`): f = 1 moves an item one standard deviation of the
+# score per standard deviation of log-popularity.
+RELATIVE_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+SCALE_QUERIES = 1024  # queries whose score spread sets the scale (evenly spaced, deterministic)
+# ItemKNN's settings tried on item-to-item validation (the shrunk cosine of `ltrec.baselines`;
+# 5000 neighbours keeps every item of a catalogue that size: the plain shrunk cosine).
+ITEMKNN_GRID: tuple[dict[str, float], ...] = tuple(
+    {"neighbours": n, "shrink": s} for n in (100, 500, 5000) for s in (0, 10, 100)
+)
+
+
+def pair_cases(history: pd.DataFrame, targets: pd.DataFrame) -> EvalCases:
+    """One case per target event: the same user's last `history` event is the query.
+
+    `history` must be grouped by user in time order (as `load_dataset` and `events_in_order`
+    give it). Users without history, and cases whose target is the query itself (a repeat the
+    served SimilarItems can never return), are left out.
+    """
+    last = history.drop_duplicates("user_id", keep="last").set_index("user_id")["item_index"]
+    queries = targets["user_id"].map(last)
+    keep = queries.notna().to_numpy() & (queries.to_numpy() != targets["item_index"].to_numpy())
+    query = queries.to_numpy()[keep].astype(np.int64)
+    n = len(query)
+    return EvalCases(
+        histories=[np.array([q], dtype=np.int64) for q in query],
+        event_types=[np.zeros(1, dtype=np.int64) for _ in range(n)],
+        targets=targets["item_index"].to_numpy(np.int64)[keep],
+        context=np.zeros((n, 4), dtype=np.int64),
+    )
+
+
+def validation_pairs(split: LeaveOneOut) -> EvalCases:
+    """Query = the user's last training item, target = the validation item."""
+    return pair_cases(split.train, split.valid)
+
+
+def held_out_pairs(split: LeaveOneOut) -> EvalCases:
+    """Query = the user's validation item, target = the test item."""
+    return pair_cases(events_in_order(split.train, split.valid), split.test)
+
+
+def queries_of(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+    return np.array([cases.histories[r][-1] for r in rows], dtype=np.int64)
+
+
+def vector_score_fn(item_table: np.ndarray) -> ScoreFn:
+    """SimilarItems as served (item_lookup -> scorer): the query item's vector dotted with every
+    item vector, [N+1, D] table with row 0 the padding."""
+    table = np.ascontiguousarray(item_table, dtype=np.float32)
+
+    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return table[queries_of(cases, rows)] @ table.T
+
+    return score
+
+
+def similarity_scale(score_fn: ScoreFn, popularity: np.ndarray, cases: EvalCases) -> float:
+    """sigma_score / sigma_logpop: the weight at which the long-tail term spreads the catalogue
+    as much as the scores do.
+
+    sigma_score is the standard deviation of a query's scores over the catalogue (padding and the
+    query left out), averaged over up to `SCALE_QUERIES` distinct queries of `cases`;
+    sigma_logpop is the standard deviation of log(1 + popularity) over the catalogue. 0 when
+    either is 0 (no weight can change a ranking then, or every score ties).
+    """
+    log_pop = np.log1p(np.asarray(popularity, dtype=np.float64)[1:])
+    pop_spread = float(log_pop.std())
+    queries = np.unique(np.array([h[-1] for h in cases.histories], dtype=np.int64))
+    if not len(queries) or pop_spread == 0.0:
+        return 0.0
+    pick = np.linspace(0, len(queries) - 1, min(len(queries), SCALE_QUERIES)).astype(np.int64)
+    sample = queries[np.unique(pick)]
+    probe = EvalCases(
+        histories=[np.array([q]) for q in sample],
+        event_types=[np.zeros(1, dtype=np.int64) for _ in sample],
+        targets=sample,
+        context=np.zeros((len(sample), 4), dtype=np.int64),
+    )
+    scores = np.asarray(score_fn(probe, np.arange(len(sample))), dtype=np.float64).copy()
+    scores[np.arange(len(sample)), sample] = np.nan
+    score_spread = float(np.nanstd(scores[:, 1:], axis=1).mean())
+    scale = score_spread / pop_spread
+    return scale if np.isfinite(scale) and scale > 0 else 0.0
+
+
+def scaled_grid(
+    scale: float, relative: Sequence[float] = RELATIVE_GRID
+) -> list[tuple[float, float]]:
+    """(f, w) pairs with w = f * scale rounded to 3 significant digits, repeats dropped.
+
+    Why relative: `score - w * log(1 + popularity)` reorders a list only where w times a
+    difference in log-popularity outweighs the difference in score, so what a weight does is
+    w * sigma_logpop / sigma_score (`similarity_scale`), not w. With w = f * scale, a candidate one
+    standard deviation of log-popularity less popular than another gains f standard deviations
+    of score, whatever the scorer's units: dot products around 5 (Recommend), item-vector dot
+    products around 0.3 (SimilarItems), ItemKNN's shrunk cosines. One grid of f then serves every
+    scorer, and the choice on validation is about how much correction the task tolerates.
+    """
+    if not relative or relative[0] != 0.0 or list(relative) != sorted(relative):
+        raise ValueError(f"relative grid must start at 0 and increase, got {list(relative)}")
+    pairs: list[tuple[float, float]] = []
+    for f in relative:
+        w = float(f"{f * scale:.3g}")
+        if not pairs or w > pairs[-1][1]:
+            pairs.append((float(f), w))
+    return pairs
+
+
+def tune_similar_items_weight(
+    score_fn: ScoreFn,
+    popularity: np.ndarray,
+    tail: np.ndarray,
+    valid_pairs: EvalCases,
+    relative: Sequence[float] = RELATIVE_GRID,
+    tolerance: float = LONG_TAIL_TOLERANCE,
+) -> dict:
+    """SimilarItems' default long-tail weight: `tune_long_tail_weight`'s rule (the largest grid
+    weight whose validation NDCG@10 is at least (1 - tolerance) times weight 0's) on the
+    item-to-item cases, over the scale-aware grid `scaled_grid(similarity_scale(...))`.
+
+    Returns `tune_long_tail_weight`'s dict (chosen, tolerance, grid rows) with each row's
+    relative weight `f`, the `scale`, and the number of `cases`.
+    """
+    scale = similarity_scale(score_fn, popularity, valid_pairs)
+    pairs = scaled_grid(scale, relative)
+    tuned = tune_long_tail_weight(
+        score_fn, popularity, tail, valid_pairs, grid=[w for _, w in pairs], tolerance=tolerance
+    )
+    for row, (f, _) in zip(tuned["grid"], pairs, strict=True):
+        row["relative_weight"] = f
+    return {**tuned, "scale": scale, "cases": len(valid_pairs)}
+
+
+def item_to_item_metrics(
+    score_fn: ScoreFn, popularity: np.ndarray, tail: np.ndarray, cases: EvalCases, weight: float
+) -> dict[str, float]:
+    """Recall@10 and NDCG@10 of the targets, and the top-10 lists' long-tail metrics."""
+    ranks, top = evaluate_lists(
+        long_tail_adjusted(score_fn, popularity, weight), cases, k=K, progress=False
+    )
+    return {**ranking_metrics(ranks, ks=(K,)), **long_tail_metrics(top, popularity, tail)}
+
+
+def compare(
+    models: Mapping[str, ScoreFn],
+    popularity: np.ndarray,
+    tail: np.ndarray,
+    split: LeaveOneOut,
+) -> dict[str, dict]:
+    """Per model: its SimilarItems default chosen on validation pairs, and the test pairs'
+    figures at weight 0 and at that default."""
+    valid, test = validation_pairs(split), held_out_pairs(split)
+    out: dict[str, dict] = {}
+    for name, score_fn in models.items():
+        tuned = tune_similar_items_weight(score_fn, popularity, tail, valid)
+        out[name] = {
+            "default": tuned,
+            "test": {
+                "cases": len(test),
+                "weight_0": item_to_item_metrics(score_fn, popularity, tail, test, 0.0),
+                "at_default": item_to_item_metrics(
+                    score_fn, popularity, tail, test, tuned["chosen"]
+                ),
+            },
+        }
+    return out
+
+
+def itemknn_score_fn(
+    train: pd.DataFrame,
+    n_items: int,
+    valid_pairs: EvalCases,
+    grid: Sequence[Mapping[str, float]] = ITEMKNN_GRID,
+) -> tuple[ScoreFn, dict[str, float]]:
+    """ItemKNN's item-item similarity (shrunk cosine of the training matrix), its settings tuned
+    on item-to-item validation NDCG@10; a case's history is the query alone, so its scores are
+    the query's row. Returns the scorer and the chosen settings."""
+    from ltrec import baselines  # torch, through the neural baselines
+
+    gram = baselines.cooccurrence(baselines.interaction_matrix(train, n_items))
+
+    def build(neighbours: float, shrink: float) -> ScoreFn:
+        return baselines.item_item_score_fn(
+            baselines.itemknn_weights(gram, int(neighbours), shrink)
+        )
+
+    best, _ = baselines.tune(
+        "itemknn item-to-item", [dict(g) for g in grid], build, valid_pairs, progress=False
+    )
+    return build(**best), best
+
+
+def _table(results: Mapping[str, dict]) -> list[str]:
+    lines = [f"{'model':<10} {'w':>8} {'f':>5} {'Recall@10':>10} {'NDCG@10':>8} {'Cov@10':>7}"]
+    for name, r in results.items():
+        chosen = r["default"]["chosen"]
+        f = next(g["relative_weight"] for g in r["default"]["grid"] if g["weight"] == chosen)
+        for label, w, rel in (("weight_0", 0.0, 0.0), ("at_default", chosen, f)):
+            t = r["test"][label]
+            lines.append(
+                f"{name:<10} {w:>8.3g} {rel:>5g} {t['recall@10']:>10.4f} {t['ndcg@10']:>8.4f} "
+                f"{t['coverage@10']:>7.4f}"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ltrec.item_to_item",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="make train's checkpoint")
+    parser.add_argument("--cache", type=Path, default=Path("artifacts/cache"))
+    args = parser.parse_args(argv)
+    import torch
+
+    from ltrec.data import DatasetError
+    from ltrec.train import load_checkpoint, long_tail_mask, prepare
+
+    try:
+        prepared = prepare(args.data, args.cache)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, ckpt = load_checkpoint(args.checkpoint)
+    if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
+        ckpt["popularity"], prepared.popularity
+    ):
+        print(
+            f"error: {args.checkpoint} was not trained on this split of {args.data}",
+            file=sys.stderr,
+        )
+        return 2
+    with torch.no_grad():
+        table = model.item_table().numpy()
+    split = prepared.split
+    knn, knn_settings = itemknn_score_fn(
+        split.train, len(prepared.item_ids), validation_pairs(split)
+    )
+    popularity = prepared.popularity
+    results = compare(
+        {"ours": vector_score_fn(table), "itemknn": knn},
+        popularity,
+        long_tail_mask(popularity),
+        split,
+    )
+    stored = ckpt.get("summary", {}).get("similar_items_long_tail_weight")
+    print(
+        f"item to item, test ({results['ours']['test']['cases']} users): query = validation "
+        f"item, target = test item; w chosen on validation, f = w / scale; ItemKNN {knn_settings}"
+    )
+    print("\n".join(_table(results)))
+    for name, r in results.items():
+        print(f"{name}: scale {r['default']['scale']:.4g}")
+    if stored is not None:
+        print(f"the checkpoint's SimilarItems default: {stored['chosen']:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""SimilarItems item to item: the measure's cases, the scale-aware default weight by hand, and the
+served default on a small catalogue with a known near-duplicate (through the gateway and the
+exported graphs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+
+from export_scripts import onnx_graphs, triton_config
+from ltrec.data import leave_one_out
+from ltrec.evaluation import EvalCases
+from ltrec.item_to_item import (
+    held_out_pairs,
+    item_to_item_metrics,
+    pair_cases,
+    scaled_grid,
+    similarity_scale,
+    tune_similar_items_weight,
+    validation_pairs,
+    vector_score_fn,
+)
+from ltrec.train import long_tail_mask
+from server import contract
+from server.gen.ltrec.v1 import recommender_pb2
+from tests.unit.test_gateway import (
+    DIM,
+    METADATA,
+    FakeTransport,
+    outputs,
+    run_async,
+    running_gateway,
+    write_repository,
+)
+
+
+def events(rows: Sequence[tuple[str, int]]) -> pd.DataFrame:
+    """user_id, item_index, timestamp; one user's rows in time order."""
+    return pd.DataFrame(
+        {
+            "user_id": [u for u, _ in rows],
+            "item_index": [i for _, i in rows],
+            "timestamp": np.arange(len(rows), dtype=np.int64),
+        }
+    )
+
+
+# --- The cases ---------------------------------------------------------------------------------
+
+
+def test_a_case_is_the_users_last_history_item_and_next_item() -> None:
+    history = events([("a", 1), ("a", 2), ("a", 3), ("b", 4)])
+    # a: query 3 -> 5; b: 4 -> 4 is a repeat SimilarItems can never return; c has no history.
+    targets = events([("a", 5), ("b", 4), ("c", 1)])
+    cases = pair_cases(history, targets)
+    assert [h.tolist() for h in cases.histories] == [[3]]
+    assert cases.targets.tolist() == [5]
+
+    split = leave_one_out(events([("u", 1), ("u", 2), ("u", 3), ("u", 4), ("v", 5), ("v", 6)]))
+    valid, test = validation_pairs(split), held_out_pairs(split)
+    # u: train 1, 2 -> validation 3 -> test 4; v has too few events to be evaluated.
+    assert ([h.tolist() for h in valid.histories], valid.targets.tolist()) == ([[2]], [3])
+    assert ([h.tolist() for h in test.histories], test.targets.tolist()) == ([[3]], [4])
+
+
+def test_the_query_is_never_its_own_neighbour() -> None:
+    table = np.array([[0, 0], [1, 0], [0.9, 0.1], [0, 1]], dtype=np.float32)
+    cases = pair_cases(events([("a", 1)]), events([("a", 2)]))
+    popularity = np.array([0, 5, 5, 5])
+    figures = item_to_item_metrics(
+        vector_score_fn(table), popularity, np.zeros(4, bool), cases, weight=0.0
+    )
+    assert figures["recall@10"] == 1.0 and figures["ndcg@10"] == 1.0  # item 1 itself is masked
+
+
+# --- The default weight, by hand ---------------------------------------------------------------
+
+
+def fixed_scores(row: Sequence[float]):
+    def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return np.tile(np.asarray(row, dtype=np.float64), (len(rows), 1))
+
+    return score
+
+
+def test_scale_aware_default_by_hand() -> None:
+    """log(1 + popularity) of items 1..5 is 2, 0, 2, 0, 1 (standard deviation sqrt(0.8)); the
+    query, item 5, scores 0.3, 0.1, 0.3, 0.1 for the others (standard deviation 0.1) and 1 for
+    itself, which the scale leaves out. scale = 0.1 / sqrt(0.8) = 0.1118.
+
+    The popular items 1 and 3 lead the unpopular 2 and 4 by 0.2 in score and 2 in log-popularity,
+    so the order flips at w = 0.1: f = 0.5 (w = 0.0559) keeps it, f = 1 (w = 0.112) flips it.
+    Targets 1, 1, 2: before the flip each 1 is second (1 and 3 tie, ties against the target) and
+    2 fourth, NDCG@10 (2 / log2(3) + 1 / log2(5)) / 3; after, the reverse."""
+    e = math.e
+    popularity = np.array([0, e**2 - 1, 0, e**2 - 1, 0, e - 1])
+    tail = np.array([False, False, True, False, True, True])
+    score = fixed_scores([0.0, 0.3, 0.1, 0.3, 0.1, 1.0])
+    cases = pair_cases(
+        events([("a", 5), ("b", 5), ("c", 5)]), events([("a", 1), ("b", 1), ("c", 2)])
+    )
+
+    assert similarity_scale(score, popularity, cases) == pytest.approx(0.1 / math.sqrt(0.8))
+    tuned = tune_similar_items_weight(score, popularity, tail, cases, relative=(0.0, 0.5, 1.0))
+    assert [row["weight"] for row in tuned["grid"]] == [0.0, 0.0559, 0.112]
+    assert [row["relative_weight"] for row in tuned["grid"]] == [0.0, 0.5, 1.0]
+    kept = (2 / math.log2(3) + 1 / math.log2(5)) / 3
+    flipped = (2 / math.log2(5) + 1 / math.log2(3)) / 3
+    assert [row["ndcg@10"] for row in tuned["grid"]] == pytest.approx([kept, kept, flipped])
+    assert tuned["chosen"] == 0.0559  # flipped is 12% below kept: outside the 3% tolerance
+    assert tuned["scale"] == pytest.approx(0.1118, abs=1e-4) and tuned["cases"] == 3
+
+
+def test_scaled_grid_rounds_drops_repeats_and_starts_at_zero() -> None:
+    assert scaled_grid(0.0123456, (0.0, 0.5, 1.0)) == [(0.0, 0.0), (0.5, 0.00617), (1.0, 0.0123)]
+    assert scaled_grid(0.0, (0.0, 0.5, 1.0)) == [(0.0, 0.0)]  # no spread: only weight 0
+    with pytest.raises(ValueError, match="start at 0"):
+        scaled_grid(1.0, (0.5, 1.0))
+
+
+# --- The served default on a catalogue with a near-duplicate -----------------------------------
+
+# (item_id, title, training popularity, item vector): two Toy Stories (near-duplicates), two more
+# family films, two crime films, and three obscure films. Close neighbours score about 0.3, as
+# item-item dot products do on ML-1M, where Recommend's scores are around 5-6.
+CATALOGUE = [
+    ("toy-story", "Toy Story (1995)", 2077, (0.55, 0.0, 0.05, 0.0)),
+    ("toy-story-2", "Toy Story 2 (1999)", 1585, (0.53, 0.02, 0.08, 0.0)),
+    ("aladdin", "Aladdin (1992)", 1351, (0.45, 0.05, 0.25, 0.0)),
+    ("babe", "Babe (1995)", 1751, (0.42, 0.0, 0.3, 0.05)),
+    ("heat", "Heat (1995)", 1200, (0.05, 0.55, 0.0, 0.1)),
+    ("casino", "Casino (1995)", 1000, (0.02, 0.5, 0.05, 0.2)),
+    ("taxman", "Taxman (1999)", 0, (0.12, 0.1, -0.1, 0.3)),
+    ("mambo", "Mad About Mambo (2000)", 2, (0.1, -0.05, 0.05, 0.3)),
+    ("farmer", "Farmer & Chase (1995)", 1, (0.09, 0.1, 0.0, 0.35)),
+]
+INDEX = {item_id: i for i, (item_id, *_) in enumerate(CATALOGUE, start=1)}
+OBSCURE = {"taxman", "mambo", "farmer"}
+# What users took next after what (the validation pairs the default is chosen on): mostly the
+# family and crime films among themselves, once from one obscure film to another.
+NEXT = [
+    ("toy-story", "toy-story-2"),
+    ("toy-story-2", "toy-story"),
+    ("toy-story", "aladdin"),
+    ("toy-story", "babe"),
+    ("toy-story-2", "babe"),
+    ("aladdin", "babe"),
+    ("aladdin", "toy-story"),
+    ("babe", "aladdin"),
+    ("babe", "toy-story"),
+    ("heat", "casino"),
+    ("casino", "heat"),
+    ("taxman", "farmer"),
+]
+RECOMMEND_DEFAULT = 0.25  # a Recommend-scale default (ML-1M's is 0.2-0.25)
+
+
+def catalogue_arrays() -> tuple[np.ndarray, np.ndarray]:
+    table = np.zeros((len(CATALOGUE) + 1, DIM), dtype=np.float32)
+    table[1:] = [vector for *_, vector in CATALOGUE]
+    popularity = np.array([0] + [pop for _, _, pop, _ in CATALOGUE], dtype=np.int64)
+    return table, popularity
+
+
+class SimilarItemsGraphs(FakeTransport):
+    """The similar_items ensemble run for real: the export's item_lookup and scorer graphs of the
+    catalogue, chained as the exported ensemble config chains them."""
+
+    def __init__(self, table: np.ndarray, popularity: np.ndarray) -> None:
+        super().__init__(outputs([2], [1.0], [0]))  # what Recommend answers
+        self.sessions = {
+            contract.ITEM_LOOKUP_MODEL: onnx_graphs.item_lookup_graph(table),
+            contract.SCORER_MODEL: onnx_graphs.scorer_graph(table, popularity, overlay=True),
+        }
+
+    async def infer(
+        self,
+        model_name: str,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        *,
+        client_timeout: float,
+        request_id: str,
+    ) -> dict[str, np.ndarray]:
+        answer = await super().infer(
+            model_name,
+            inputs,
+            output_names,
+            client_timeout=client_timeout,
+            request_id=request_id,
+        )
+        if model_name != contract.SIMILAR_ITEMS_MODEL:
+            return answer
+        tensors = dict(inputs)
+        for step, (step_in, step_out), renames in triton_config.similar_items_steps(DIM):
+            model = self.sessions[step]
+            session = ort.InferenceSession(model.SerializeToString())
+            feeds = {t.name: tensors[renames.get(t.name, t.name)] for t in step_in}
+            values = session.run([t.name for t in step_out], feeds)
+            tensors.update(
+                {renames.get(t.name, t.name): v for t, v in zip(step_out, values, strict=True)}
+            )
+        return {name: tensors[name] for name in output_names}
+
+
+def chosen_default() -> float:
+    table, popularity = catalogue_arrays()
+    users = [f"u{n}" for n in range(len(NEXT))]
+    history = events([(u, INDEX[q]) for u, (q, _) in zip(users, NEXT, strict=True)])
+    targets = events([(u, INDEX[t]) for u, (_, t) in zip(users, NEXT, strict=True)])
+    tuned = tune_similar_items_weight(
+        vector_score_fn(table), popularity, long_tail_mask(popularity), pair_cases(history, targets)
+    )
+    return float(tuned["chosen"])
+
+
+@run_async
+async def test_served_similar_items_default_keeps_the_near_duplicate_first(tmp_path: Path) -> None:
+    """Training's choice, written where the export writes it, read and sent by the gateway, run
+    through the exported graphs: Toy Story's nearest neighbour is Toy Story 2. Had SimilarItems
+    been served Recommend's default, obscure films would come first (checked below too)."""
+    weight = chosen_default()
+    assert 0.0 < weight < RECOMMEND_DEFAULT / 5  # on the scale of item-item scores
+    table, popularity = catalogue_arrays()
+    tail = long_tail_mask(popularity)
+    items = [(i, title, pop, int(tail[n])) for n, (i, title, pop, _) in enumerate(CATALOGUE, 1)]
+    repository = write_repository(tmp_path / "model_repository", items)
+    metadata = {
+        **METADATA,
+        "default_long_tail_weight": RECOMMEND_DEFAULT,
+        contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY: weight,
+    }
+    (repository / contract.METADATA_FILE).write_text(json.dumps(metadata), encoding="utf-8")
+    graphs = SimilarItemsGraphs(table, popularity)
+    async with running_gateway(repository, graphs) as gw:
+        similar = await gw.stub.SimilarItems(
+            recommender_pb2.SimilarItemsRequest(item_id="toy-story", k=3), timeout=5
+        )
+        sent = graphs.ranking_calls(contract.SIMILAR_ITEMS_MODEL)[-1].inputs
+        np.testing.assert_allclose(sent[contract.LONG_TAIL_WEIGHT], [[weight]])
+        assert [i.item_id for i in similar.items][0] == "toy-story-2"
+        assert not OBSCURE & {i.item_id for i in similar.items}
+
+        # The catalogue tells the scales apart: at Recommend's weight obscure films lead.
+        buried = await gw.stub.SimilarItems(
+            recommender_pb2.SimilarItemsRequest(
+                item_id="toy-story", k=3, long_tail_weight=RECOMMEND_DEFAULT
+            ),
+            timeout=5,
+        )
+        assert {i.item_id for i in buried.items} == OBSCURE
+
+        # Recommend keeps its own default.
+        view = recommender_pb2.HistoryEvent(
+            item_id="heat", event_type=recommender_pb2.EVENT_TYPE_VIEW
+        )
+        await gw.stub.Recommend(recommender_pb2.RecommendRequest(k=2, history=[view]), timeout=5)
+        sent = graphs.ranking_calls(contract.ENSEMBLE_MODEL)[-1].inputs
+        np.testing.assert_allclose(sent[contract.LONG_TAIL_WEIGHT], [[RECOMMEND_DEFAULT]])
