@@ -70,6 +70,10 @@ class TrainConfig:
     # Input type of the full softmax's matmuls ("auto": bfloat16 on CPUs with native bfloat16,
     # else float32); sums, softmax and gradients stay float32 (ltrec.softmax).
     softmax_precision: str = "auto"
+    # Share of users whose training window is put in a random order each epoch. 0 keeps the
+    # sequence; 1 trains on every order, i.e. on the history as a set (catalogues whose event
+    # order carries little signal). Chosen on validation where the report screens it.
+    order_augmentation: float = 0.0
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
@@ -251,13 +255,22 @@ def epoch_batches(spans: np.ndarray, batch_size: int, rng: np.random.Generator) 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _batches(seqs: Sequences, window: int, batch_size: int, rng: np.random.Generator):
+def _batches(
+    seqs: Sequences,
+    window: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    order_augmentation: float = 0.0,
+):
     """An epoch of right-padded training batches: (history, event types, targets, context).
 
     targets[:, t] is the item at position t of the window (0 = padding), predicted from the
     begin vector and the history before it; padding only ever follows a row's real events.
+    With `order_augmentation` p, a share p of the users' windows come in a random order (the
+    same permutation for items, event types and context).
     """
     spans = epoch_spans(seqs, window, rng)
+    permute = rng.random(len(spans)) < order_augmentation if order_augmentation > 0 else None
     for chosen in epoch_batches(spans, batch_size, rng):
         longest = int((spans[chosen, 1] - spans[chosen, 0]).max())
         width = min(window, -(-longest // WIDTH_STEP) * WIDTH_STEP)
@@ -269,10 +282,13 @@ def _batches(seqs: Sequences, window: int, batch_size: int, rng: np.random.Gener
         for i, u in enumerate(chosen):
             b, e = spans[u]
             n = e - b
-            hist[i, : n - 1] = seqs.items[b : e - 1]
-            hist_types[i, : n - 1] = seqs.event_types[b : e - 1]
-            targets[i, :n] = seqs.items[b:e]
-            context[i, :n] = seqs.context[b:e]
+            order = np.arange(b, e)
+            if permute is not None and permute[u]:
+                order = rng.permutation(order)
+            hist[i, : n - 1] = seqs.items[order[:-1]]
+            hist_types[i, : n - 1] = seqs.event_types[order[:-1]]
+            targets[i, :n] = seqs.items[order]
+            context[i, :n] = seqs.context[order]
         yield (
             torch.from_numpy(hist),
             torch.from_numpy(hist_types),
@@ -407,8 +423,11 @@ def fit(
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         losses = []
+        epoch_started = time.monotonic()
         bar = tqdm(
-            _batches(prepared.train_sequences, window, cfg.batch_size, rng),
+            _batches(
+                prepared.train_sequences, window, cfg.batch_size, rng, cfg.order_augmentation
+            ),
             total=steps_per_epoch,
             desc=f"{label}epoch {epoch}/{cfg.epochs}",
             unit="batch",
@@ -424,6 +443,7 @@ def fit(
             _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, started, cfg.max_minutes)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        trained = time.monotonic()
         metrics, _ = evaluate(
             model_score_fn(model, model_cfg.max_history),
             valid_cases,
@@ -431,12 +451,20 @@ def fit(
             progress=progress,
         )
         elapsed = time.monotonic() - started
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": elapsed, **metrics}
+        record = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "seconds": elapsed,
+            "train_epoch_seconds": trained - epoch_started,
+            "validation_seconds": time.monotonic() - trained,
+            **metrics,
+        }
         history.append(record)
         print(
             f"{label}epoch {epoch}: loss {record['loss']:.4f}  valid recall@10 "
             f"{metrics['recall@10']:.4f}  ndcg@10 {metrics['ndcg@10']:.4f}  "
-            f"({elapsed / 60:.1f} min)",
+            f"({record['train_epoch_seconds']:.1f} s training + "
+            f"{record['validation_seconds']:.1f} s validation; {elapsed / 60:.1f} min)",
             file=sys.stderr,
         )
         if metrics["ndcg@10"] > best["ndcg@10"]:
@@ -711,6 +739,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'ltrec':<14} {best['recall@10']:>10.4f} {best['ndcg@10']:>10.4f}")
     print(_long_tail_line(summary["long_tail_weight"]))
     print(_similar_items_line(summary["similar_items_long_tail_weight"]))
+    epochs = summary["epochs"]
+    print(
+        f"{len(epochs)} epochs: {np.mean([e['train_epoch_seconds'] for e in epochs]):.1f} s "
+        f"training + {np.mean([e['validation_seconds'] for e in epochs]):.1f} s validation per "
+        f"epoch (mean), {torch.get_num_threads()} threads"
+    )
     print(
         f"best epoch {best['epoch']}, stopped: {summary['stop_reason']}, "
         f"total {(time.monotonic() - started) / 60:.1f} min; "

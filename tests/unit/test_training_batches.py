@@ -1,0 +1,126 @@
+"""Training batches (length-bucketed, right-padded, optionally re-ordered) and the fused paths of
+the user tower that training and validation run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltrec.features import Sequences
+from ltrec.models import ModelConfig, UserTower
+from ltrec.train import WIDTH_STEP, _batches, epoch_batches, epoch_spans
+from server import contract
+
+
+def sequences(lengths: list[int]) -> Sequences:
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    n = int(offsets[-1])
+    items = np.arange(1, n + 1, dtype=np.int64)  # every event its own item: positions show
+    return Sequences(
+        users=np.array([f"u{i}" for i in range(len(lengths))], dtype=object),
+        offsets=offsets,
+        items=items,
+        event_types=(items % 3 + 1).astype(np.int64),
+        context=np.stack([items % 24, items % 7, items % 2, items % 5], axis=1).astype(np.int64),
+    )
+
+
+LENGTHS = [3, 40, 7, 120, 15, 2, 60, 33, 9, 80, 5, 250, 18]
+
+
+def test_epoch_covers_every_user_once_with_little_padding() -> None:
+    seqs = sequences(LENGTHS)
+    rng = np.random.default_rng(0)
+    spans = epoch_spans(seqs, window=101, rng=rng)
+    lengths = spans[:, 1] - spans[:, 0]
+    assert lengths.max() == 101 and np.all(spans[:, 1] <= seqs.offsets[1:])
+    batches = epoch_batches(spans, batch_size=4, rng=rng)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(LENGTHS)))
+    budget = 4 * lengths.mean()
+    for batch in batches[:-1] if len(batches) > 1 else []:
+        # A batch closes as soon as it reaches the budget: at most one user's worth beyond it.
+        assert lengths[batch].sum() - lengths[batch].max() < budget
+    # Many users with long-tailed history lengths, as in ML-1M: batches are mostly real events.
+    many = sequences(np.random.default_rng(5).integers(2, 300, size=400).tolist())
+    real = padded = 0
+    for _hist, _, targets, _ in _batches(many, 201, 16, np.random.default_rng(0)):
+        assert targets.shape[1] % WIDTH_STEP == 0 or targets.shape[1] == 201
+        real += int((targets != 0).sum())
+        padded += targets.numel()
+    windows = np.minimum(np.diff(many.offsets), 201)
+    assert real == windows.sum()
+    # Users in random order, 16 to a batch, each padded to its longest: far more padding.
+    shuffled = np.random.default_rng(0).permutation(windows)
+    random_cells = sum(16 * shuffled[i : i + 16].max() for i in range(0, len(shuffled), 16))
+    assert real / padded > 0.85
+    assert real / padded > 1.3 * real / random_cells
+
+
+def test_batches_are_right_padded_next_item_targets() -> None:
+    seqs = sequences(LENGTHS)
+    for hist, types, targets, context in _batches(seqs, 300, 4, np.random.default_rng(1)):
+        for i in range(len(hist)):
+            n = int((targets[i] != 0).sum())
+            assert torch.all(targets[i, n:] == 0) and torch.all(targets[i, :n] != 0)
+            # The history is the targets shifted by one: position t predicts item t from < t.
+            assert torch.equal(hist[i, : n - 1], targets[i, : n - 1])
+            assert torch.all(hist[i, n - 1 :] == 0)
+            items = targets[i, :n].numpy()
+            assert np.all(np.diff(items) == 1)  # order kept without augmentation
+            assert np.array_equal(types[i, : n - 1].numpy(), seqs.event_types[items[:-1] - 1])
+            assert np.array_equal(context[i, :n].numpy(), seqs.context[items - 1])
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_order_augmentation_permutes_whole_windows(share: float) -> None:
+    seqs = sequences(LENGTHS)
+    reordered = 0
+    for hist, types, targets, context in _batches(
+        seqs, 300, 4, np.random.default_rng(2), order_augmentation=share
+    ):
+        for i in range(len(hist)):
+            n = int((targets[i] != 0).sum())
+            items = targets[i, :n].numpy()
+            start = seqs.offsets[np.searchsorted(seqs.offsets, items.min(), side="right") - 1]
+            # The same events as the user's window, each with its own type and context.
+            assert sorted(items.tolist()) == list(range(start + 1, start + n + 1))
+            assert torch.equal(hist[i, : n - 1], targets[i, : n - 1])
+            assert np.array_equal(types[i, : n - 1].numpy(), seqs.event_types[items[:-1] - 1])
+            assert np.array_equal(context[i, :n].numpy(), seqs.context[items - 1])
+            reordered += bool(np.any(np.diff(items) != 1))
+    if share == 0.0:
+        assert reordered == 0
+    else:
+        assert reordered >= len(LENGTHS) - 2  # all but (maybe) windows of 2 events
+
+
+@pytest.mark.parametrize("set_pooling", [False, True])
+def test_fused_right_padded_path_equals_the_general_one(set_pooling: bool) -> None:
+    cfg = ModelConfig(
+        n_items=30, n_devices=2, n_regions=2, embedding_dim=16, n_heads=2, set_pooling=set_pooling
+    )
+    torch.manual_seed(0)
+    tower = UserTower(cfg).eval()
+    if tower.set_projection is not None:  # zero at init: give it something to say
+        torch.nn.init.normal_(tower.set_projection.weight)
+    table = torch.randn(31, 16)
+    table[contract.PADDING_INDEX] = 0
+    lengths = [1, 4, 9, 6]
+    right = torch.zeros(4, 9, dtype=torch.long)
+    left = torch.zeros(4, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        items = torch.randint(1, 31, (n,))
+        right[i, :n] = items
+        left[i, 9 - n :] = items
+    with torch.no_grad():
+        fused = tower(F.embedding(right, table), right, (right > 0).long(), right_padded=True)
+        general = tower(F.embedding(left, table), left, (left > 0).long())
+    torch.testing.assert_close(fused, general, atol=1e-5, rtol=0)
+    assert tower.gpt.config._attn_implementation == "eager"  # restored for the export
+    if set_pooling:  # the running mean really enters the state
+        tower.set_projection = None
+        with torch.no_grad():
+            plain = tower(F.embedding(left, table), left, (left > 0).long())
+        assert not torch.allclose(plain, general, atol=1e-3)
