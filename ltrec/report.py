@@ -144,7 +144,10 @@ class ReportConfig:
         default_factory=lambda: {
             "sasrec": [
                 {"lr": lr, "dropout": dropout} for lr in (1e-3, 2e-3) for dropout in (0.2, 0.5)
-            ]
+            ],
+            # Ours trained in the report (a view without its checkpoint): whether to train on the
+            # history as a sequence or as a set (TrainConfig.order_augmentation).
+            "ours": [{"order_augmentation": 0.0}, {"order_augmentation": 1.0}],
         }
     )
     screen_epochs: int = 10
@@ -370,11 +373,13 @@ def fit_all(
             )
             info = {"tuning": "early stopping on validation NDCG@10", **summary}
             if screening:
+                keys = " and ".join(cfg.neural_grids[name][0])
                 info["tuning"] = (
-                    f"lr and dropout chosen on validation NDCG@10 after {cfg.screen_epochs} "
-                    "epochs each, then early stopping on validation NDCG@10"
+                    f"{keys} chosen on validation NDCG@10 after {cfg.screen_epochs} epochs "
+                    "each, then early stopping on validation NDCG@10"
                 )
                 info["screening"] = screening
+                info["screened"] = list(cfg.neural_grids[name][0])
         fitted[name] = Fitted(model_score_fn(model, model.cfg.max_history), info, model)
     if "ours_context_shuffled_test" in wanted:
         ours = fitted["ours"]  # no training: the main row's model, tested on shuffled context
@@ -385,14 +390,22 @@ def fit_all(
 
 
 def with_settings(train: TrainConfig, params: dict[str, float]) -> TrainConfig:
-    """`train` with a neural grid point applied: "lr" to the training, "dropout" to the model."""
-    unknown = set(params) - {"lr", "dropout"}
+    """`train` with a neural grid point applied: "lr" and "order_augmentation" to the training,
+    "dropout" to the model."""
+    unknown = set(params) - {"lr", "dropout", "order_augmentation"}
     if unknown:
-        raise ValueError(f"neural grid keys must be lr or dropout, got {sorted(unknown)}")
+        raise ValueError(
+            f"neural grid keys must be lr, dropout or order_augmentation, got {sorted(unknown)}"
+        )
     model = dict(train.model)
     if "dropout" in params:
         model["dropout"] = params["dropout"]
-    return dataclasses.replace(train, lr=params.get("lr", train.lr), model=model)
+    return dataclasses.replace(
+        train,
+        lr=params.get("lr", train.lr),
+        order_augmentation=params.get("order_augmentation", train.order_augmentation),
+        model=model,
+    )
 
 
 def _screen(
@@ -624,44 +637,19 @@ def parity(torch_row: dict, onnx_row: dict) -> dict:
 # --- The run ------------------------------------------------------------------------------------
 
 
-def run_report(
-    data: Path,
+def main_view(
+    prepared: Prepared,
     cfg: ReportConfig,
-    cache: Path,
-    checkpoint: Path | None = None,
-    progress: bool = True,
-    quick: bool = False,
-) -> dict:
-    started = time.monotonic()
-    load_before = os.getloadavg()[0]
-    full = prepare(data, cache)
-    prepared = full
-    sampled: int | None = None
-    if cfg.users is not None and cfg.users < full.split.train["user_id"].nunique():
-        prepared = with_split(full, subsample_users(full.split, cfg.users, cfg.seed))
-        sampled = cfg.users
-    loaded: tuple[Recommender, dict] | None = None
-    if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint)
-        ckpt = loaded[1]
-        if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
-            ckpt["popularity"], prepared.popularity
-        ):
-            raise SystemExit(
-                f"error: {checkpoint} was not trained on this split of {data} "
-                "(catalogue or training popularity differ); leave out --checkpoint to train here"
-            )
-        trained_cfg = ckpt.get("summary", {}).get("train_config")
-        if trained_cfg:  # the ablations get the checkpoint's sizes and training budget
-            train = TrainConfig(**{**trained_cfg, **cfg.train_overrides})
-            cfg = dataclasses.replace(cfg, train=train)
-    n_items = len(prepared.item_ids)
+    names: list[str],
+    loaded: tuple[Recommender, dict] | None,
+    cases: EvalCases,
+    tail: np.ndarray,
+    progress: bool,
+) -> tuple[dict[str, dict], list[dict], dict, dict]:
+    """The main view: every row fitted on the split and measured on its test cases (accuracy,
+    long tail, ablation differences), the serving-time long-tail weight sweep of "ours" in
+    torch and ONNX, and SimilarItems item to item. Returns (rows, sweep, default, similar)."""
     popularity = prepared.popularity
-    tail = long_tail_mask(popularity)
-    cases = held_out_cases(prepared)
-    print(f"main view: {len(cases)} test cases, {n_items} items", file=sys.stderr)
-
-    names = [name for name in MODELS if name in cfg.models or name == "ours"]
     fitted = fit_all(prepared, cfg, "main", loaded, progress, names)
     # One seeded permutation of the test context across users, shared by the shuffled rows.
     shuffled = shuffled_context(cases, cfg.seed)
@@ -718,6 +706,54 @@ def run_report(
     del fitted, raw
     # SimilarItems item to item: ours as served and an item-item ItemKNN (ltrec.item_to_item).
     similar = item_to_item_view(prepared, ours.model)
+    return models, sweep, default, similar
+
+
+def run_report(
+    data: Path,
+    cfg: ReportConfig,
+    cache: Path,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    quick: bool = False,
+) -> dict:
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    full = prepare(data, cache)
+    prepared = full
+    sampled: int | None = None
+    if cfg.users is not None and cfg.users < full.split.train["user_id"].nunique():
+        prepared = with_split(full, subsample_users(full.split, cfg.users, cfg.seed))
+        sampled = cfg.users
+    loaded: tuple[Recommender, dict] | None = None
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint)
+        ckpt = loaded[1]
+        if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
+            ckpt["popularity"], prepared.popularity
+        ):
+            raise SystemExit(
+                f"error: {checkpoint} was not trained on this split of {data} "
+                "(catalogue or training popularity differ); leave out --checkpoint to train here"
+            )
+        trained_cfg = ckpt.get("summary", {}).get("train_config")
+        if trained_cfg:  # the ablations get the checkpoint's sizes and training budget
+            train = TrainConfig(**{**trained_cfg, **cfg.train_overrides})
+            cfg = dataclasses.replace(cfg, train=train)
+    n_items = len(prepared.item_ids)
+    popularity = prepared.popularity
+    tail = long_tail_mask(popularity)
+    cases = held_out_cases(prepared)
+    print(f"main view: {len(cases)} test cases, {n_items} items", file=sys.stderr)
+
+    names = [name for name in MODELS if name in cfg.models or name == "ours"]
+    if "main" in cfg.views:
+        models, sweep, default, similar = main_view(
+            prepared, cfg, names, loaded, cases, tail, progress
+        )
+    else:  # rows measured in other views only (a part of a report run in parts)
+        models = {name: {"label": MODELS[name]} for name in names}
+        sweep, default, similar = [], None, None
 
     split = prepared.split
     result = {
@@ -863,7 +899,8 @@ _SAME_DATA = ("dir", "items", "users_evaluated", "users_sampled", "train_events"
 def merge_reports(parts: list[dict]) -> dict:
     """One report from reports run in parts (`--models`) on the same data and split.
 
-    Rows keep the order of MODELS; a row present in several parts is taken from the first. The
+    Rows keep the order of MODELS; a row present in several parts keeps, per view (test figures,
+    fit, cold start, short histories), what the first part that has it says. The
     first part's long-tail sweep and default stay (every part measures the same "ours" when they
     share a checkpoint); a view's sizes (cold start, short histories) come from the first part
     that ran it.
@@ -880,9 +917,11 @@ def merge_reports(parts: list[dict]) -> dict:
                     "another"
                 )
     rows: dict[str, dict] = {}
-    for part in parts:
+    for part in parts:  # per row, each view's figures from the first part that has them
         for name, row in part["models"].items():
-            rows.setdefault(name, row)
+            merged_row = rows.setdefault(name, {})
+            for key, value in row.items():
+                merged_row.setdefault(key, value)
     data = dict(first["data"])
     for prefix in ("cold_", "short_"):  # a view's sizes, from the first part that ran it
         for part in parts:
@@ -905,6 +944,8 @@ def _row(cells: list[str]) -> str:
 
 
 def markdown(report: dict) -> str:
+    full = report  # the other views' sections read every row; the main view's, its own rows
+    report = {**report, "models": {k: m for k, m in report["models"].items() if "test" in m}}
     d, models, f = report["data"], report["models"], _printed
     lines = [
         "# Evaluation report" + (" (quick)" if d["quick"] else ""),
@@ -998,8 +1039,10 @@ def markdown(report: dict) -> str:
                 ]
             )
         )
-    lines += _cold_start(report)
-    lines += _short_history(report)
+    lines += _cold_start(full)
+    lines += _short_history(full)
+    if not report["long_tail_sweep"]:  # a part run without the main view
+        return "\n".join(lines + [""])
     lines += [
         "",
         "## Serving-time long-tail weight (ours, text + ID)",
@@ -1078,7 +1121,7 @@ def item_to_item_view(prepared: Prepared, model: Recommender) -> dict:
 
 def _item_to_item_section(report: dict) -> list[str]:
     """SimilarItems' table, or nothing for a report from before it was measured."""
-    if "item_to_item" not in report:
+    if not report.get("item_to_item"):
         return []
     f, results = _printed, report["item_to_item"]
     labels = {"ours": MODELS["ours"], "itemknn": MODELS["itemknn"]}
@@ -1236,6 +1279,11 @@ def _convergence(report: dict) -> list[str]:
                     str(train.get("patience", "-")),
                     reason,
                     f"lr {train.get('lr', '-'):g}, dropout {model.get('dropout', '-'):g}"
+                    + (
+                        f", order augmentation {train['order_augmentation']:g}"
+                        if train.get("order_augmentation")
+                        else ""
+                    )
                     if train and model
                     else "-",
                 ]
@@ -1244,20 +1292,20 @@ def _convergence(report: dict) -> list[str]:
     for m, info in rows:
         if not info.get("screening"):
             continue
+        keys = info.get("screened", ["lr", "dropout"])
         lines += [
             "",
             f"{m['label']}: settings screened on validation ({len(info['screening'])} points, "
             f"each a full short schedule):",
             "",
-            _row(["lr", "dropout", "validation NDCG@10", "best epoch", "minutes"]),
-            _row(["---:", "---:", "---:", "---:", "---:"]),
+            _row([*keys, "validation NDCG@10", "best epoch", "minutes"]),
+            _row(["---:"] * (len(keys) + 3)),
         ]
         for point in info["screening"]:
             lines.append(
                 _row(
                     [
-                        f"{point['lr']:g}",
-                        f"{point['dropout']:g}",
+                        *(f"{point[key]:g}" for key in keys),
                         _printed(point["ndcg@10"]),
                         str(point["epoch"]),
                         f"{point['seconds'] / 60:.1f}",
@@ -1472,7 +1520,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = report["models"]
+    models = {k: m for k, m in report["models"].items() if "test" in m}  # main-view rows
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     labels = [m["label"] for m in models.values()]
     x = np.arange(len(labels))
@@ -1550,14 +1598,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="training budget per neural model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--screen-epochs",
+        type=int,
+        help="epochs of each screened setting of a row with a settings grid (default "
+        f"{ReportConfig.screen_epochs})",
+    )
+    parser.add_argument(
         "--models",
         help=f"comma-separated rows to run (default all; 'ours' always): {', '.join(MODELS)}",
     )
     parser.add_argument(
         "--views",
         default="main,cold,short",
-        help="comma-separated views to run: main (always), cold (the cold-start view), short "
-        "(short, order-free histories)",
+        help="comma-separated views to run: main (accuracy, long tail, weight sweep, "
+        "SimilarItems), cold (the cold-start view), short (short, order-free histories); a "
+        "report run in parts may leave main to another part (--merge)",
     )
     parser.add_argument(
         "--merge",
@@ -1583,6 +1638,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     views = tuple(v.strip() for v in args.views.split(",") if v.strip())
     unknown_views = sorted(set(views) - {"main", "cold", "short"})
+    if not views:
+        parser.error("--views: name at least one of main, cold, short")
     if unknown_views:
         parser.error(f"--views: unknown {', '.join(unknown_views)}; choose from main, cold, short")
     names = tuple(MODELS)
@@ -1605,7 +1662,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         users=args.users if args.users is not None else cfg.users,
         models=names,
-        views=("main", *(v for v in views if v != "main")),
+        views=views,
+        screen_epochs=args.screen_epochs if args.screen_epochs else cfg.screen_epochs,
     )
     try:
         report = run_report(

@@ -425,9 +425,7 @@ def fit(
         losses = []
         epoch_started = time.monotonic()
         bar = tqdm(
-            _batches(
-                prepared.train_sequences, window, cfg.batch_size, rng, cfg.order_augmentation
-            ),
+            _batches(prepared.train_sequences, window, cfg.batch_size, rng, cfg.order_augmentation),
             total=steps_per_epoch,
             desc=f"{label}epoch {epoch}/{cfg.epochs}",
             unit="batch",
@@ -674,6 +672,13 @@ def main(argv: list[str] | None = None) -> int:
         "(python -m benchmarks.id_dropout measures it)",
     )
     parser.add_argument(
+        "--order-augmentation",
+        type=float,
+        default=TrainConfig.order_augmentation,
+        help="share of users whose training window comes in a random order each epoch: 0 "
+        "reads histories as sequences, 1 as sets (for catalogues whose order says little)",
+    )
+    parser.add_argument(
         "--no-set-pooling",
         action="store_true",
         help="the user tower reads the history as a sequence only (no running mean of the "
@@ -689,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.id_dropout < 1.0:
         parser.error(f"--id-dropout must be in [0, 1), got {args.id_dropout:g}")
+    if not 0.0 <= args.order_augmentation <= 1.0:
+        parser.error(f"--order-augmentation must be in [0, 1], got {args.order_augmentation:g}")
     cfg = TrainConfig(
         epochs=args.epochs,
         max_minutes=args.max_minutes,
@@ -699,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         logq=not args.no_logq,
         patience=args.patience,
         seed=args.seed,
+        order_augmentation=args.order_augmentation,
         model={
             "embedding_dim": args.embedding_dim,
             "n_layers": args.layers,

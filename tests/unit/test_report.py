@@ -619,21 +619,34 @@ def test_merge_reports_joins_parts_and_refuses_other_data() -> None:
         merge_reports([part(["ours"], 5, False), part(["ease"], 6, False)])
 
 
-def test_report_without_the_cold_view_and_merged(tiny_data: Path, tmp_path: Path) -> None:
+def test_report_in_parts_and_merged(tiny_data: Path, tmp_path: Path) -> None:
     args = ["--data", str(tiny_data), "--cache", str(tmp_path / "cache"), "--quick"]
     first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "m"
     assert main([*args, "--out", str(first), "--models", "ease", "--views", "main"]) == 0
     report = json.loads((first / "report.json").read_text())
-    assert "cold_items" not in report["data"]
-    assert all("cold_start" not in m for m in report["models"].values())
+    assert "cold_items" not in report["data"] and "short_train_events" not in report["data"]
+    assert all(
+        "cold_start" not in m and "short_history" not in m for m in report["models"].values()
+    )
     assert "## Cold start" not in (first / "report.md").read_text()
-    assert main([*args, "--out", str(second), "--models", "most_popular"]) == 0
+    # A part without the main view: rows measured in the short view only, nothing trained twice.
+    assert main([*args, "--out", str(second), "--models", "most_popular", "--views", "short"]) == 0
+    short = json.loads((second / "report.json").read_text())
+    assert all("test" not in m and "short_history" in m for m in short["models"].values())
+    assert short["long_tail_sweep"] == []
+    md = (second / "report.md").read_text()
+    assert "## Short, order-free histories (test)" in md and "## Serving-time" not in md
     parts = [str(first / "report.json"), str(second / "report.json")]
     assert main(["--data", str(tiny_data), "--out", str(merged), "--merge", *parts]) == 0
     joined = json.loads((merged / "report.json").read_text())
     assert list(joined["models"]) == ["most_popular", "ease", "ours"]
-    assert "cold_start" in joined["models"]["most_popular"]
-    assert "## Cold start" in (merged / "report.md").read_text()
+    # "ours" is in both parts: its main-view figures from the first, its short view from the
+    # second; most-popular has only the short view.
+    assert {"test", "fit", "short_history"} <= set(joined["models"]["ours"])
+    assert joined["models"]["ours"]["test"] == report["models"]["ours"]["test"]
+    assert "test" not in joined["models"]["most_popular"]
+    text = (merged / "report.md").read_text()
+    assert "## Short, order-free histories (test)" in text and "## Serving-time" in text
     with pytest.raises(SystemExit):
         main([*args, "--out", str(first), "--views", "main,warm"])
 
