@@ -1636,6 +1636,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(merged))
         print(f"wrote {args.out / 'report.md'}, report.json, report.png", file=sys.stderr)
         return 0
+    if args.screen_epochs is not None and args.screen_epochs < 1:
+        parser.error(f"--screen-epochs must be at least 1, got {args.screen_epochs}")
     views = tuple(v.strip() for v in args.views.split(",") if v.strip())
     unknown_views = sorted(set(views) - {"main", "cold", "short"})
     if not views:

@@ -649,6 +649,10 @@ def test_report_in_parts_and_merged(tiny_data: Path, tmp_path: Path) -> None:
     assert "## Short, order-free histories (test)" in text and "## Serving-time" in text
     with pytest.raises(SystemExit):
         main([*args, "--out", str(first), "--views", "main,warm"])
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(first), "--screen-epochs", "0"])
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(first), "--views", ","])
 
 
 def test_report_runs_only_the_chosen_rows(tiny_data: Path, tmp_path: Path) -> None:
