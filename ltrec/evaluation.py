@@ -200,10 +200,10 @@ def cached(score_fn: ScoreFn) -> ScoreFn:
 
 
 # The serving default of the long-tail weight is chosen on validation from this grid: the largest
-# weight whose validation NDCG@10 stays within LONG_TAIL_TOLERANCE (relative) of weight 0's. The
-# tolerance leaves room under the 5% the project accepts on test.
-LONG_TAIL_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
-LONG_TAIL_TOLERANCE = 0.03
+# weight whose validation NDCG@10 stays within LONG_TAIL_TOLERANCE (relative) of weight 0's: the
+# served default may cost at most 2% of overall NDCG@10 for its coverage and tail exposure.
+LONG_TAIL_GRID = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5)
+LONG_TAIL_TOLERANCE = 0.02
 
 
 def tune_long_tail_weight(

@@ -228,6 +228,7 @@ class UserTower(nn.Module):
         history_items: torch.Tensor,
         event_types: torch.Tensor,
         right_padded: bool = False,
+        set_means: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden state after the begin vector and after each history position: [B, L+1, D].
 
@@ -237,6 +238,9 @@ class UserTower(nn.Module):
         at the real positions as the general (left- or right-padded) path, at a fraction of the
         cost. Training and evaluation batches are built right-padded; the export keeps the
         general path, since served histories come left-padded.
+
+        `set_means` [B, L+1, D] (training only) replaces the running mean that set pooling adds
+        to each state: the leave-one-out set context (`ltrec.train.TrainConfig.set_context`).
         """
         batch = history_items.shape[0]
         inputs = item_vectors + self.event_embedding(event_types)
@@ -258,7 +262,9 @@ class UserTower(nn.Module):
                 inputs_embeds=inputs, attention_mask=real, position_ids=positions
             ).last_hidden_state
         if self.set_projection is not None:
-            hidden = hidden + self.set_projection(running_mean(item_vectors, real[:, 1:]))
+            if set_means is None:
+                set_means = running_mean(item_vectors, real[:, 1:])
+            hidden = hidden + self.set_projection(set_means)
         return hidden, real
 
     def forward(

@@ -31,6 +31,7 @@ class _FusedFullSoftmax(torch.autograd.Function):
         targets: torch.Tensor,
         chunk: int,
         matmul_dtype: torch.dtype,
+        bias: torch.Tensor | None,
     ) -> torch.Tensor:
         n = users.shape[0]
         grad_users = torch.empty_like(users)
@@ -45,6 +46,8 @@ class _FusedFullSoftmax(torch.autograd.Function):
             t = targets[start : start + chunk]
             rows = torch.arange(len(t))
             logits = (u @ low_table.T).float()
+            if bias is not None:
+                logits += bias
             # log-sum-exp and softmax from one pass of exp, in place: loss = lse - target logit.
             top = logits.amax(dim=1, keepdim=True)
             target_logit = logits[rows, t] - top.squeeze(1)
@@ -63,7 +66,7 @@ class _FusedFullSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         grad_users, grad_table = ctx.saved_tensors
-        return grad_users * grad, grad_table * grad, None, None, None
+        return grad_users * grad, grad_table * grad, None, None, None, None
 
 
 def full_softmax_loss(
@@ -72,8 +75,12 @@ def full_softmax_loss(
     targets: torch.Tensor,
     chunk: int = CHUNK,
     matmul_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `targets` (column indices of `table`) under softmax(users @ table.T).
+
+    `bias` [C], a constant (no gradient), is added to every row of logits: the logit-adjusted
+    loss, `F.cross_entropy(users @ table.T + bias, targets)`.
 
     users [n, D], table [C, D], targets INT64 [n] in [0, C). Same value and gradients as
     `F.cross_entropy(users @ table.T, targets)`, without the [n, C] tensors. With
@@ -82,7 +89,13 @@ def full_softmax_loss(
     """
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= table.shape[0]):
         raise ValueError(f"targets must index the {table.shape[0]} columns of the table")
-    return _FusedFullSoftmax.apply(users, table, targets, chunk, matmul_dtype)
+    if bias is not None and bias.shape != (table.shape[0],):
+        raise ValueError(
+            f"bias must have one value per table row ({table.shape[0]}), got {tuple(bias.shape)}"
+        )
+    return _FusedFullSoftmax.apply(
+        users, table, targets, chunk, matmul_dtype, None if bias is None else bias.detach().float()
+    )
 
 
 @cache

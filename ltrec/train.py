@@ -74,6 +74,14 @@ class TrainConfig:
     # sequence; 1 trains on every order, i.e. on the history as a set (catalogues whose event
     # order carries little signal). Chosen on validation where the report screens it.
     order_augmentation: float = 0.0
+    # Full softmax only: train on logits + tau * log q (logit adjustment, Menon et al. 2021), so
+    # the served raw scores carry less of the popularity prior: 0 is the plain loss.
+    logit_adjustment: float = 0.0
+    # With set pooling, what the set term of the state that predicts item j averages: "prefix",
+    # the items before j (the served running mean), or "others", every item of the training
+    # window except j (a history read as a set: each item predicted from all the rest, as a
+    # held-out item is at test time). Chosen on validation where the report screens it.
+    set_context: str = "prefix"
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
@@ -297,6 +305,16 @@ def _batches(
         )
 
 
+def leave_one_out_means(vectors: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """For each position of each row, the mean vector of the row's other real items:
+    vectors [B, W, D] of items [B, W] (0 = padding, whose vectors are zero) -> [B, W, D]; zero
+    where a row has no other item."""
+    real = (items != contract.PADDING_INDEX).unsqueeze(-1).to(vectors.dtype)
+    vectors = vectors * real
+    others = real.sum(dim=1, keepdim=True) - real
+    return (vectors.sum(dim=1, keepdim=True) - vectors) / others.clamp(min=1.0) * real
+
+
 def _loss(
     model: Recommender,
     batch: tuple[torch.Tensor, ...],
@@ -306,8 +324,11 @@ def _loss(
 ) -> torch.Tensor:
     hist, hist_types, targets, context = batch
     table = model.item_table()
+    set_means = None
+    if cfg.set_context == "others" and model.user_tower.set_projection is not None:
+        set_means = leave_one_out_means(F.embedding(targets, table), targets)
     states, _ = model.user_tower.states(
-        F.embedding(hist, table), hist, hist_types, right_padded=True
+        F.embedding(hist, table), hist, hist_types, right_padded=True, set_means=set_means
     )
     valid = targets != contract.PADDING_INDEX
     users = model.context_weighting(states[valid], context[valid])
@@ -320,7 +341,11 @@ def _loss(
         column = torch.full(q.shape, -1, dtype=torch.long)
         column[active] = torch.arange(len(active))
         return full_softmax_loss(
-            users, table[active], column[target], matmul_dtype=matmul_dtype(cfg.softmax_precision)
+            users,
+            table[active],
+            column[target],
+            matmul_dtype=matmul_dtype(cfg.softmax_precision),
+            bias=cfg.logit_adjustment * log_q[active] if cfg.logit_adjustment else None,
         )
     # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ) unless
     # the ablation turns the correction off.
@@ -397,6 +422,8 @@ def fit(
     `valid_cases` replaces the validation cases built from `prepared.split` (the context
     ablation validates on shuffled context, as it trains on it).
     """
+    if cfg.set_context not in ("prefix", "others"):
+        raise ValueError(f"set_context must be prefix or others, got {cfg.set_context!r}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -679,6 +706,20 @@ def main(argv: list[str] | None = None) -> int:
         "reads histories as sequences, 1 as sets (for catalogues whose order says little)",
     )
     parser.add_argument(
+        "--logit-adjustment",
+        type=float,
+        default=TrainConfig.logit_adjustment,
+        help="train on logits + TAU * log(popularity share) so the served scores carry less "
+        "of the popularity prior (full softmax; 0 = the plain loss)",
+    )
+    parser.add_argument(
+        "--set-context",
+        default=TrainConfig.set_context,
+        help="with set pooling, what a training state's set term averages: prefix (the items "
+        "before the target, as served) or others (every other item of the window: a history "
+        "read as a set)",
+    )
+    parser.add_argument(
         "--no-set-pooling",
         action="store_true",
         help="the user tower reads the history as a sequence only (no running mean of the "
@@ -696,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--id-dropout must be in [0, 1), got {args.id_dropout:g}")
     if not 0.0 <= args.order_augmentation <= 1.0:
         parser.error(f"--order-augmentation must be in [0, 1], got {args.order_augmentation:g}")
+    if args.set_context not in ("prefix", "others"):
+        parser.error(f"--set-context must be prefix or others, got {args.set_context}")
+    if not 0.0 <= args.logit_adjustment <= 2.0:
+        parser.error(f"--logit-adjustment must be in [0, 2], got {args.logit_adjustment:g}")
     cfg = TrainConfig(
         epochs=args.epochs,
         max_minutes=args.max_minutes,
@@ -707,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         patience=args.patience,
         seed=args.seed,
         order_augmentation=args.order_augmentation,
+        logit_adjustment=args.logit_adjustment,
+        set_context=args.set_context,
         model={
             "embedding_dim": args.embedding_dim,
             "n_layers": args.layers,

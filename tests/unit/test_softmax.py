@@ -59,3 +59,24 @@ def test_precision_names() -> None:
     assert matmul_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         matmul_dtype("fp8")
+
+
+def test_bias_is_the_logit_adjusted_cross_entropy() -> None:
+    torch.manual_seed(3)
+    users = torch.randn(90, 8, requires_grad=True)
+    table = torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (90,))
+    bias = torch.randn(30) * 2
+    loss = full_softmax_loss(users, table, targets, chunk=16, bias=bias)
+    loss.backward()
+    u = users.detach().clone().requires_grad_()
+    t = table.detach().clone().requires_grad_()
+    want = F.cross_entropy(u @ t.T + bias, targets)
+    want.backward()
+    assert torch.isclose(loss, want, atol=1e-5)
+    assert torch.allclose(users.grad, u.grad, atol=1e-6)
+    assert torch.allclose(table.grad, t.grad, atol=1e-6)
+    # and it is not the unadjusted loss
+    assert not torch.isclose(loss, F.cross_entropy(u @ t.T, targets), atol=1e-3)
+    with pytest.raises(ValueError, match="one value per table row"):
+        full_softmax_loss(users, table, targets, bias=torch.zeros(29))

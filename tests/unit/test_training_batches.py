@@ -9,8 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from ltrec.features import Sequences
-from ltrec.models import ModelConfig, UserTower
-from ltrec.train import WIDTH_STEP, _batches, epoch_batches, epoch_spans
+from ltrec.models import ModelConfig, Recommender, UserTower
+from ltrec.train import (
+    WIDTH_STEP,
+    TrainConfig,
+    _batches,
+    _loss,
+    epoch_batches,
+    epoch_spans,
+    leave_one_out_means,
+)
 from server import contract
 
 
@@ -124,3 +132,36 @@ def test_fused_right_padded_path_equals_the_general_one(set_pooling: bool) -> No
         with torch.no_grad():
             plain = tower(F.embedding(left, table), left, (left > 0).long())
         assert not torch.allclose(plain, general, atol=1e-3)
+
+
+def test_leave_one_out_means_average_the_other_real_items() -> None:
+    vectors = torch.tensor([[[1.0], [2.0], [4.0], [9.0]], [[5.0], [0.0], [0.0], [0.0]]])
+    items = torch.tensor([[3, 5, 7, 0], [2, 0, 0, 0]])
+    means = leave_one_out_means(vectors, items)
+    # row 0: the padding's vector (9, not zero here) counts for nothing; row 1: no other item
+    want = torch.tensor([[[3.0], [2.5], [1.5], [0.0]], [[0.0], [0.0], [0.0], [0.0]]])
+    torch.testing.assert_close(means, want)
+
+
+def test_set_context_others_reads_the_whole_window() -> None:
+    """With set_context "others" the set term of the state predicting item j is the mean of every
+    other item of the window (leave_one_out_means), not the running mean: another loss."""
+    cfg = ModelConfig(
+        n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2, set_pooling=True
+    )
+    torch.manual_seed(0)
+    model = Recommender(cfg, torch.randn(31, 384)).eval()
+    torch.nn.init.normal_(model.user_tower.set_projection.weight)
+    seqs = sequences([6, 9, 4])
+    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
+    batch = next(_batches(seqs, 10, 8, np.random.default_rng(0)))
+    q = torch.full((31,), 1 / 30)
+    q[0] = 0
+    log_q = torch.log(q.clamp(min=1e-12))
+    prefix = _loss(model, batch, TrainConfig(set_context="prefix"), log_q, q)
+    others = _loss(model, batch, TrainConfig(set_context="others"), log_q, q)
+    assert not torch.isclose(prefix, others, atol=1e-4)
+    with pytest.raises(ValueError, match="set_context"):
+        from ltrec.train import fit
+
+        fit(None, TrainConfig(set_context="all"), model)  # type: ignore[arg-type]
