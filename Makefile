@@ -117,9 +117,9 @@ FEEDBACK_DIR ?= feedback
 RETRAIN_DATA ?= $(DATA_DIR)-feedback
 RETRAIN_ARTIFACTS ?= $(ARTIFACTS)-retrained
 retrain: install $(ARTIFACTS)/checkpoint.pt
-	$(PY) -m ltrec.feedback merge --data $(DATA_DIR) --feedback $(FEEDBACK_DIR) --out $(RETRAIN_DATA)
+	$(PY) -m ltrec.retrain merge --data $(DATA_DIR) --feedback $(FEEDBACK_DIR) --out $(RETRAIN_DATA)
 	$(PY) -m ltrec.train --data $(RETRAIN_DATA) --out $(RETRAIN_ARTIFACTS) $(TRAIN_ARGS)
-	$(PY) -m ltrec.feedback compare --data $(RETRAIN_DATA) --before $(ARTIFACTS)/checkpoint.pt \
+	$(PY) -m ltrec.retrain compare --data $(RETRAIN_DATA) --before $(ARTIFACTS)/checkpoint.pt \
 		--after $(RETRAIN_ARTIFACTS)/checkpoint.pt --out reports/retrain
 
 evaluate-quick: install $(DATA_DIR)/source.json

@@ -21,7 +21,7 @@ import torch
 from export_scripts.export import export
 from ltrec.models import ModelConfig, Recommender
 from ltrec.train import load_checkpoint, long_tail_mask
-from server import contract
+from ltrec_core import contract
 
 ZIPF_EXPONENT = 1.1
 MAX_INTERACTIONS = 50_000

@@ -39,9 +39,9 @@ from ltrec.evaluation import (
     long_tail_adjusted,
     make_cases,
 )
-from ltrec.features import build_sequences
+from ltrec.sequences import build_sequences
 from ltrec.train import Prepared, TrainConfig, load_checkpoint, model_score_fn, prepare, train
-from server import contract
+from ltrec_core import contract
 
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 K = 10

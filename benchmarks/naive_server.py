@@ -27,7 +27,7 @@ import torch
 
 from ltrec.models import Scorer, UserEncoder
 from ltrec.train import load_checkpoint
-from server import contract
+from ltrec_core import contract
 from server.catalogue import load_model_repository
 from server.features import build_features
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc

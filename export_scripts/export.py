@@ -6,8 +6,8 @@ inside, item lookup), their configs as `ModelConfig` protobufs, the `recommend` 
 hashes, parity) and the catalogue file the gateway reads. Every ONNX graph is run against its
 torch module during export; a mismatch fails the export. The user encoder, scorer and item
 lookup take the item overlay (`extra_item_vectors`, and `extra_popularity` for the scorer: items
-added after training, see `server/items.py`); their parity is checked without (M = 0) and with
-overlay items.
+added after training, see `server/stores/items.py`); their parity is checked without (M = 0) and
+with overlay items.
 
     python -m export_scripts.export --checkpoint artifacts/ml-1m/checkpoint.pt \
         --output model_repository
@@ -37,7 +37,7 @@ from export_scripts import onnx_graphs, triton_config
 from ltrec.data import sha256_file
 from ltrec.models import ItemEncoder, ItemLookup, Scorer, UserEncoder
 from ltrec.train import load_checkpoint
-from server import contract
+from ltrec_core import contract
 
 PARITY_TOLERANCE = 1e-4
 VERSION = "1"  # Triton version folder; the model version string lives in the metadata
@@ -79,7 +79,7 @@ def _export_item_encoders(
     item encoder (MiniLM + the trained fusion), each checked against torch on real inputs."""
     from ltrec.image_encoder import load_image_encoder
     from ltrec.text_encoder import load_text_model, tokenize
-    from server.images import image_batch, load_image_file
+    from ltrec_core.images import image_batch, load_image_file
 
     cfg = model.cfg
     tokenizer, minilm = load_text_model()

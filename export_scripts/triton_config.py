@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server import contract
+from ltrec_core import contract
 
 ONNX_BACKEND = "onnxruntime"
 INT64 = mc.TYPE_INT64

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ltrec.evaluation import EvalCases, ScoreFn, evaluate
 from ltrec.models import ItemSide, ModelConfig, Recommender
 from ltrec.train import Prepared, TrainConfig, fit, item_side, model_config
-from server import contract
+from ltrec_core import contract
 
 # Builds a model from its config, the catalogue's text features and its other item inputs.
 ModelFactory = Callable[[ModelConfig, torch.Tensor, ItemSide | None], Recommender]

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from server.contract import EVENT_TYPES
+from ltrec_core.contract import EVENT_TYPES
+from ltrec_core.item_text import PRICE_BUCKETS, ItemFields, item_text
 
 __all__ = [
     "EVENT_TYPES",
@@ -64,8 +65,6 @@ EVENT_COLUMNS: tuple[str, ...] = (
 EVENT_REQUIRED: tuple[str, ...] = ("user_id", "item_id", "timestamp", "event_type")
 CONTEXT_COLUMNS: tuple[str, ...] = ("device", "region")
 TABLE_FORMATS: tuple[str, ...] = ("csv", "parquet")
-PRICE_BUCKETS: tuple[str, str, str] = ("budget", "mid-range", "premium")
-DESCRIPTION_CHARS = 300
 
 # Reasons a row can be dropped, in the order they are applied; every key is always present in
 # `CleaningReport.dropped` so that reports of different datasets line up.
@@ -467,57 +466,39 @@ def price_buckets(prices: pd.Series) -> list[str | None]:
     return buckets
 
 
-def _truncate(text: str, limit: int = DESCRIPTION_CHARS) -> str:
-    """Cut at a word boundary so the encoder never sees half a word."""
-    if len(text) <= limit:
-        return text
-    cut = text[:limit]
-    if " " in cut:
-        cut = cut[: cut.rindex(" ")]
-    return cut.rstrip(" ,;:.") + "..."
-
-
-def _sentence(text: str) -> str:
-    return text if text.endswith((".", "!", "?")) else text + "."
-
-
 def item_texts(items: pd.DataFrame) -> list[str]:
     """The text the item encoder reads, one per row of `items`, in order.
 
-    Structured fields are rendered as short labelled sentences because BERT-family encoders are
-    trained on prose; missing parts are left out rather than rendered as "unknown", which would
-    make unrelated items look alike.
+    Each row is rendered by `ltrec_core.item_text.item_text`, the one rendering the gateway
+    uses for items added after training; missing values become empty fields.
     """
     n = len(items)
 
-    def column(name: str) -> list[object]:
-        return items[name].tolist() if name in items.columns else [None] * n
+    def column(name: str) -> list[str]:
+        if name not in items.columns:
+            return [""] * n
+        return ["" if pd.isna(v) else str(v) for v in items[name].tolist()]
 
     prices = price_buckets(items["price"]) if "price" in items.columns else [None] * n
-    texts: list[str] = []
-    for title, category, brand, price, description in zip(
-        column("title"),
-        column("category"),
-        column("brand"),
-        prices,
-        column("description"),
-        strict=True,
-    ):
-        parts: list[str] = []
-        if not pd.isna(title) and str(title).strip():
-            parts.append(_sentence(str(title).strip()))
-        if not pd.isna(category) and str(category).strip():
-            path = [p.strip() for p in str(category).split("|") if p.strip()]
-            if path:
-                parts.append(f"Category: {' > '.join(path)}.")
-        if not pd.isna(brand) and str(brand).strip():
-            parts.append(f"Brand: {str(brand).strip()}.")
-        if price is not None:
-            parts.append(f"Price: {price}.")
-        if not pd.isna(description) and str(description).strip():
-            parts.append(_truncate(" ".join(str(description).split())))
-        texts.append(" ".join(parts))
-    return texts
+    return [
+        item_text(
+            ItemFields(
+                title=title,
+                description=description,
+                category=category,
+                brand=brand,
+                price_bucket=price or "",
+            )
+        )
+        for title, category, brand, price, description in zip(
+            column("title"),
+            column("category"),
+            column("brand"),
+            prices,
+            column("description"),
+            strict=True,
+        )
+    ]
 
 
 def leave_one_out(events: pd.DataFrame) -> LeaveOneOut:

@@ -14,7 +14,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ltrec.data import LeaveOneOut, leave_one_out
-from ltrec.features import Sequences, build_sequences, context_matrix
+from ltrec.sequences import Sequences, build_sequences, context_matrix
 
 
 @dataclass

@@ -56,8 +56,8 @@ from ltrec.evaluation import (
     subsample_users,
     tune_long_tail_weight,
 )
-from ltrec.features import build_sequences
 from ltrec.models import ItemSide, ModelConfig, Recommender, UserEncoder
+from ltrec.sequences import build_sequences
 from ltrec.train import (
     HEAD_SHARE,
     Prepared,
@@ -67,7 +67,7 @@ from ltrec.train import (
     model_score_fn,
     prepare,
 )
-from server import contract
+from ltrec_core import contract
 
 K = 10
 KS = (10, 50)

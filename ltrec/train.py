@@ -40,14 +40,14 @@ from ltrec.evaluation import (
     most_popular,
     tune_long_tail_weight,
 )
-from ltrec.features import Sequences, build_sequences, build_vocabulary
 from ltrec.image_encoder import IMAGE_MODEL_NAME, cached_image_features
 from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vector_score_fn
 from ltrec.models import ItemSide, ModelConfig, Recommender
+from ltrec.sequences import Sequences, build_sequences, build_vocabulary
 from ltrec.softmax import full_softmax_loss, matmul_dtype
 from ltrec.text_encoder import TEXT_MODEL_NAME, cached_text_features
-from server import contract
-from server.item_attributes import attribute_ids
+from ltrec_core import contract
+from ltrec_core.item_attributes import attribute_ids
 
 HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interactions
 
@@ -148,7 +148,7 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
 
 
 def item_attribute_ids(items: pd.DataFrame) -> np.ndarray:
-    """`server.item_attributes.attribute_ids` of every item row, INT64 [n, ATTRIBUTE_SLOTS]."""
+    """`ltrec_core.item_attributes.attribute_ids` of every item row, INT64 [n, ATTRIBUTE_SLOTS]."""
     n = len(items)
     prices = price_buckets(items["price"]) if "price" in items.columns else [None] * n
 

@@ -18,15 +18,15 @@ from server import metrics
 from server.catalogue import describe, load_model_repository
 from server.config import GatewayConfig
 from server.errors import StartupError
-from server.feedback import FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
 from server.item_encoder import ItemEncoder
 from server.item_images import ItemImages
-from server.item_text import ItemTokenizer
-from server.items import ItemStore
+from server.item_tokenizer import ItemTokenizer
 from server.servicer import SERVICE_NAME, RecommenderServicer
+from server.stores.feedback import FeedbackStore
+from server.stores.items import ItemStore
 from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
 from server.validation import RequestLimits
 

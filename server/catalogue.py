@@ -3,7 +3,7 @@
 Both are written by the export next to the Triton models, so that the ids the gateway maps and the
 indices the models were trained on come from the same export. Anything missing or malformed fails
 start-up with the file named, never a request later. Items added after training (the item
-overlay of `server.items`) extend a `Catalogue` with `Catalogue.with_overlay`.
+overlay of `server.stores.items`) extend a `Catalogue` with `Catalogue.with_overlay`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server import contract
+from ltrec_core import contract
 from server.errors import StartupError
 
 CATALOGUE_HEADER = ("index", "item_id", "title", "popularity", "long_tail")

@@ -27,11 +27,11 @@ from export_scripts.export import export
 from ltrec.models import Scorer, UserEncoder
 from ltrec.photo_catalogue import build_photo_catalogue
 from ltrec.train import Prepared, TrainConfig, load_checkpoint, prepare, train
-from server import contract
+from ltrec_core import contract
+from ltrec_core.item_attributes import attribute_ids
+from ltrec_core.item_text import ItemFields, item_text
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from server.item_attributes import attribute_ids
-from server.item_text import ItemFields, item_text
-from server.items import decode_vector
+from server.stores.items import decode_vector
 from tests.integration.tiny_model import encode_new_items
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess

@@ -26,7 +26,7 @@ from export_scripts.export import export
 from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec.train import load_checkpoint
-from server import contract
+from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.integration.tiny_model import encode_new_items, ml1m_slice, train_tiny
 from triton_local.server import TritonServer
@@ -179,8 +179,8 @@ def test_item_encoders_served_by_triton_match_torch(stack: Stack) -> None:
     import skimage.data
     from PIL import Image
 
-    from server.images import image_batch
-    from server.item_attributes import attribute_ids
+    from ltrec_core.images import image_batch
+    from ltrec_core.item_attributes import attribute_ids
 
     texts = ["Space Odyssey Returns (2031). Category: Sci-Fi > Adventure."] * 2
     photo = Image.fromarray(skimage.data.rocket())

@@ -21,7 +21,7 @@ from ltrec.baselines import (
 from ltrec.evaluation import EvalCases, evaluate
 from ltrec.models import ModelConfig, Recommender
 from ltrec.train import TrainConfig, _loss, target_distribution
-from server import contract
+from ltrec_core import contract
 
 
 def toy_events(rows: list[tuple[str, int]]) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from benchmarks.catalogue import generated_item_table, zipf_popularity
 from benchmarks.load import run_async, run_threads
 from benchmarks.stats import markdown_table, percentile, ratio, summarize
 from export_scripts import onnx_graphs
-from server import contract
+from ltrec_core import contract
 
 # --- statistics and tables ---------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from ltrec.data import (
     write_dataset,
 )
 from ltrec.movielens import convert_movielens_1m, split_genres
-from server import contract
+from ltrec_core import contract
 
 ITEMS_CSV = """item_id,title,description,category,brand,price,image
 i1,Red Shoe,A shoe that is red,Clothing|Shoes,Acme,10.0,img/i1.jpg

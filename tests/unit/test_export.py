@@ -25,7 +25,7 @@ from export_scripts import export as export_module
 from export_scripts import onnx_graphs, triton_config
 from ltrec.models import ItemLookup, ModelConfig, Recommender, Scorer, UserEncoder
 from ltrec.train import load_checkpoint, long_tail_mask
-from server import contract
+from ltrec_core import contract
 from server.catalogue import load_model_repository
 
 N_ITEMS = 40

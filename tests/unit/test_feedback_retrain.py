@@ -14,9 +14,10 @@ import torch
 
 from ltrec.data import load_dataset, write_dataset
 from ltrec.evaluation import events_in_order, make_cases, target_ranks
-from ltrec.feedback import REPORT_FILE, main, merge
+from ltrec.retrain import REPORT_FILE, main, merge
 from ltrec.train import Prepared, TrainConfig, load_checkpoint, model_score_fn, prepare, train
-from server.feedback import FeedbackStore, segments
+from ltrec_core.feedback_log import segments
+from server.stores.feedback import FeedbackStore
 from tests.unit.test_report import tiny_data  # noqa: F401  (fixture)
 
 T0 = 2_000_000_000  # after every base event

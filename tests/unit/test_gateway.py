@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from server import contract
+from ltrec_core import contract
 from server.app import GatewayServer, create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import contract
+from ltrec_core import contract
 from server.app import create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc

@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from server import contract
+from ltrec_core import contract
 from server.app import create_server
 from server.catalogue import ModelRepositoryError, load_catalogue, load_metadata
 from server.config import ConfigError, GatewayConfig

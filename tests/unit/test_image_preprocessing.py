@@ -1,4 +1,4 @@
-"""`server.images`: any image Pillow reads -> the image encoder's input, or `ImageError`."""
+"""`ltrec_core.images`: any image Pillow reads -> the image encoder's input, or `ImageError`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import contract, images
+from ltrec_core import contract, images
 
 SHAPE = (3, contract.IMAGE_SIZE, contract.IMAGE_SIZE)
 

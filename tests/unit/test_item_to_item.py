@@ -28,7 +28,7 @@ from ltrec.item_to_item import (
     vector_score_fn,
 )
 from ltrec.train import long_tail_mask
-from server import contract
+from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2
 from tests.unit.test_gateway import (
     DIM,

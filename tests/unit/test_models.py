@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ltrec.models import ContextWeighting, ModelConfig, Recommender, Scorer, UserTower
 from ltrec.train import long_tail_mask
-from server import contract
+from ltrec_core import contract
 
 CFG = ModelConfig(
     n_items=12,

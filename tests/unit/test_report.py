@@ -49,7 +49,7 @@ from ltrec.report import (
     with_split,
 )
 from ltrec.train import Prepared, _loss, model_score_fn, prepare, target_distribution
-from server import contract
+from ltrec_core import contract
 
 
 def cases(histories: list[list[int]], targets: list[int]) -> EvalCases:

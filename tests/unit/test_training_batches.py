@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltrec.features import Sequences
 from ltrec.models import ModelConfig, UserTower
+from ltrec.sequences import Sequences
 from ltrec.train import WIDTH_STEP, _batches, epoch_batches, epoch_spans
-from server import contract
+from ltrec_core import contract
 
 
 def sequences(lengths: list[int]) -> Sequences:
