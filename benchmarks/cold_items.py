@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ltrec.checkpoint import load_checkpoint
 from ltrec.data import LeaveOneOut
 from ltrec.evaluation import (
     cold_start_split,
@@ -39,8 +40,10 @@ from ltrec.evaluation import (
     long_tail_adjusted,
     make_cases,
 )
+from ltrec.prepared import Prepared, prepare
+from ltrec.scoring import model_score_fn
 from ltrec.sequences import build_sequences
-from ltrec.train import Prepared, TrainConfig, load_checkpoint, model_score_fn, prepare, train
+from ltrec.train import TrainConfig, train
 from ltrec_core import contract
 
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from ltrec import baselines
 from ltrec.evaluation import cold_start_split, evaluate
+from ltrec.prepared import prepare
 from ltrec.report import COLD_SHARE, FACTORIES, held_out_cases, with_split
-from ltrec.train import TrainConfig, model_score_fn, prepare
+from ltrec.scoring import model_score_fn
+from ltrec.train import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:

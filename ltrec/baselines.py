@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from ltrec.evaluation import EvalCases, ScoreFn, evaluate
 from ltrec.models import ItemSide, ModelConfig, Recommender
-from ltrec.train import Prepared, TrainConfig, fit, item_side, model_config
+from ltrec.prepared import Prepared, item_side
+from ltrec.train import TrainConfig, fit, model_config
 from ltrec_core import contract
 
 # Builds a model from its config, the catalogue's text features and its other item inputs.

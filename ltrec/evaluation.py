@@ -6,6 +6,7 @@ A scorer is any callable that maps a batch of `EvalCase`s to scores over the who
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from ltrec.data import LeaveOneOut, leave_one_out
 from ltrec.sequences import Sequences, build_sequences, context_matrix
+from ltrec_core import contract
 
 
 @dataclass
@@ -399,3 +401,17 @@ def _gains(ranks: np.ndarray, k: int, metric: str) -> np.ndarray:
     if metric == "recall":
         return hit.astype(np.float64)
     return np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interactions
+
+
+def long_tail_mask(popularity: np.ndarray, head_share: float = HEAD_SHARE) -> np.ndarray:
+    """True for tail items: everything outside the top `head_share` of items by popularity."""
+    n = len(popularity) - 1
+    order = np.argsort(-popularity[1:], kind="stable") + 1
+    tail = np.ones(len(popularity), dtype=bool)
+    tail[order[: int(math.ceil(head_share * n))]] = False
+    tail[contract.PADDING_INDEX] = False
+    return tail
+

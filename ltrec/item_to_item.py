@@ -261,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from ltrec.checkpoint import load_checkpoint
     from ltrec.data import DatasetError
-    from ltrec.train import load_checkpoint, long_tail_mask, prepare
+    from ltrec.evaluation import long_tail_mask
+    from ltrec.prepared import prepare
 
     try:
         prepared = prepare(args.data, args.cache)
@@ -270,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, ckpt = load_checkpoint(args.checkpoint)
-    if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
-        ckpt["popularity"], prepared.popularity
+    if ckpt.item_ids != prepared.item_ids or not np.array_equal(
+        ckpt.popularity, prepared.popularity
     ):
         print(
             f"error: {args.checkpoint} was not trained on this split of {args.data}",
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         long_tail_mask(popularity),
         split,
     )
-    stored = ckpt.get("summary", {}).get("similar_items_long_tail_weight")
+    stored = ckpt.summary.get("similar_items_long_tail_weight")
     print(
         f"item to item, test ({results['ours']['test']['cases']} users): query = validation "
         f"item, target = test item; w chosen on validation, f = w / scale; ItemKNN {knn_settings}"

@@ -36,8 +36,10 @@ from tqdm import tqdm
 from export_scripts import onnx_graphs
 from ltrec import baselines, item_to_item
 from ltrec.baselines import ModelFactory
+from ltrec.checkpoint import load_checkpoint
 from ltrec.data import DatasetError, LeaveOneOut
 from ltrec.evaluation import (
+    HEAD_SHARE,
     EvalCases,
     ScoreFn,
     cached,
@@ -46,6 +48,7 @@ from ltrec.evaluation import (
     evaluate_lists,
     events_in_order,
     long_tail_adjusted,
+    long_tail_mask,
     long_tail_metrics,
     make_cases,
     most_popular,
@@ -57,16 +60,10 @@ from ltrec.evaluation import (
     tune_long_tail_weight,
 )
 from ltrec.models import ItemSide, ModelConfig, Recommender, UserEncoder
+from ltrec.prepared import Prepared, prepare
+from ltrec.scoring import model_score_fn
 from ltrec.sequences import build_sequences
-from ltrec.train import (
-    HEAD_SHARE,
-    Prepared,
-    TrainConfig,
-    load_checkpoint,
-    long_tail_mask,
-    model_score_fn,
-    prepare,
-)
+from ltrec.train import TrainConfig
 from ltrec_core import contract
 
 K = 10
@@ -341,7 +338,7 @@ def fit_all(
             continue
         if name == "ours" and checkpoint is not None:
             model, ckpt = checkpoint
-            summary = ckpt.get("summary", {})
+            summary = ckpt.summary
             info = {
                 "tuning": "early stopping on validation NDCG@10 (make train)",
                 "checkpoint": True,
@@ -350,7 +347,7 @@ def fit_all(
                 "stop_reason": summary.get("stop_reason"),
                 "train_seconds": summary.get("train_seconds"),
                 "train_config": summary.get("train_config"),
-                "model_config": ckpt["model_config"],
+                "model_config": ckpt.model_config,
             }
         else:
             train_on, valid_on = prepared, None
@@ -729,14 +726,14 @@ def run_report(
     if checkpoint is not None:
         loaded = load_checkpoint(checkpoint)
         ckpt = loaded[1]
-        if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
-            ckpt["popularity"], prepared.popularity
+        if ckpt.item_ids != prepared.item_ids or not np.array_equal(
+            ckpt.popularity, prepared.popularity
         ):
             raise SystemExit(
                 f"error: {checkpoint} was not trained on this split of {data} "
                 "(catalogue or training popularity differ); leave out --checkpoint to train here"
             )
-        trained_cfg = ckpt.get("summary", {}).get("train_config")
+        trained_cfg = ckpt.summary.get("train_config")
         if trained_cfg:  # the ablations get the checkpoint's sizes and training budget
             train = TrainConfig(**{**trained_cfg, **cfg.train_overrides})
             cfg = dataclasses.replace(cfg, train=train)

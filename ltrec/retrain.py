@@ -28,9 +28,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from ltrec.checkpoint import load_checkpoint
 from ltrec.data import EVENT_COLUMNS, DatasetError, load_dataset, write_dataset
-from ltrec.evaluation import ScoreFn, events_in_order, make_cases, most_popular
-from ltrec.train import load_checkpoint, long_tail_mask, model_score_fn, prepare
+from ltrec.evaluation import ScoreFn, events_in_order, long_tail_mask, make_cases, most_popular
+from ltrec.prepared import prepare
+from ltrec.scoring import model_score_fn
 from ltrec_core.feedback_log import read_records
 from ltrec_core.records import FEEDBACK, FeedbackRecord, ReadStats
 
@@ -132,10 +134,10 @@ def compare(
     ]
     for name, checkpoint in (("before", before), ("after", after)):
         model, ckpt = load_checkpoint(checkpoint)
-        if ckpt["item_ids"] != prepared.item_ids:
+        if ckpt.item_ids != prepared.item_ids:
             raise DatasetError(f"{checkpoint}: trained on another catalogue than {data_dir}")
-        score_fn = model_score_fn(model, ckpt["model_config"]["max_history"])
-        scorers.append((name, checkpoint, score_fn, ckpt["vocabularies"]))
+        score_fn = model_score_fn(model, ckpt.model_config["max_history"])
+        scorers.append((name, checkpoint, score_fn, ckpt.vocabularies.to_json()))
     for name, path, score_fn, vocab in scorers:
         # Context ids follow each model's own vocabularies.
         cases = make_cases(history, split.test, vocab["device"], vocab["region"])

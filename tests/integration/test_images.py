@@ -24,9 +24,11 @@ import torch
 from PIL import Image
 
 from export_scripts.export import export
+from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
 from ltrec.photo_catalogue import build_photo_catalogue
-from ltrec.train import Prepared, TrainConfig, load_checkpoint, prepare, train
+from ltrec.prepared import Prepared, prepare
+from ltrec.train import TrainConfig, train
 from ltrec_core import contract
 from ltrec_core.item_attributes import attribute_ids
 from ltrec_core.item_text import ItemFields, item_text

@@ -27,9 +27,10 @@ import pytest
 import torch
 
 from export_scripts.export import export
+from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
 from ltrec.movielens import ML_1M_GENRES
-from ltrec.train import TrainConfig, load_checkpoint, train
+from ltrec.train import TrainConfig, train
 from ltrec_core import contract
 from ltrec_core.item_attributes import attribute_ids
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc

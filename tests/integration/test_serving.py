@@ -23,9 +23,9 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export_scripts.export import export
+from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
-from ltrec.train import load_checkpoint
 from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.integration.tiny_model import encode_new_items, ml1m_slice, train_tiny

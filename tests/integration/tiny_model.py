@@ -16,8 +16,9 @@ from ltrec.data import load_dataset, write_dataset
 from ltrec.image_encoder import load_image_encoder
 from ltrec.models import ItemEncoder, Recommender
 from ltrec.movielens import convert_movielens_1m
+from ltrec.prepared import Prepared, prepare
 from ltrec.text_encoder import load_text_model, tokenize
-from ltrec.train import Prepared, TrainConfig, prepare, train
+from ltrec.train import TrainConfig, train
 from ltrec_core import contract
 from ltrec_core.images import image_batch
 

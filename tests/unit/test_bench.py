@@ -367,7 +367,7 @@ def test_synthetic_catalogue_exports_a_scorer_that_ranks_like_numpy(tmp_path: Pa
 
     from benchmarks.catalogue import synthetic_checkpoint
     from export_scripts.export import export
-    from ltrec.train import load_checkpoint
+    from ltrec.checkpoint import load_checkpoint
     from server.catalogue import load_model_repository
     from tests.unit.test_export import write_checkpoint
 

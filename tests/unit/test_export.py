@@ -23,8 +23,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export_scripts import export as export_module
 from export_scripts import onnx_graphs, triton_config
+from ltrec.checkpoint import load_checkpoint
+from ltrec.evaluation import long_tail_mask
 from ltrec.models import ItemLookup, ModelConfig, Recommender, Scorer, UserEncoder
-from ltrec.train import load_checkpoint, long_tail_mask
 from ltrec_core import contract
 from server.catalogue import load_model_repository
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+import ltrec.prepared
 import ltrec.train
 from ltrec import baselines
 from ltrec.baselines import build_model
@@ -32,6 +33,7 @@ from ltrec.evaluation import (
     tune_long_tail_weight,
 )
 from ltrec.models import ModelConfig
+from ltrec.prepared import Prepared, prepare
 from ltrec.report import (
     _SAME_DATA,
     CONTEXT_ABLATIONS,
@@ -48,7 +50,8 @@ from ltrec.report import (
     with_shuffled_context,
     with_split,
 )
-from ltrec.train import Prepared, _loss, model_score_fn, prepare, target_distribution
+from ltrec.scoring import model_score_fn
+from ltrec.train import _loss, target_distribution
 from ltrec_core import contract
 
 
@@ -358,7 +361,7 @@ def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         noise = np.random.default_rng(1).standard_normal((len(texts), 380)).astype(np.float32)
         return np.concatenate([genre * 3.0, noise * 0.1], axis=1)
 
-    monkeypatch.setattr(ltrec.train, "cached_text_features", fake_features)
+    monkeypatch.setattr(ltrec.prepared, "cached_text_features", fake_features)
     return tmp_path / "data"
 
 
