@@ -108,7 +108,7 @@ client: install
 REPORT_DIR ?= reports/ml-1m
 REPORT_ARGS ?=
 evaluate: install $(DATA_DIR)/source.json
-	$(PY) -m ltrec.report --data $(DATA_DIR) --out $(REPORT_DIR) $(REPORT_ARGS)
+	$(PY) -m experiments.report --data $(DATA_DIR) --out $(REPORT_DIR) $(REPORT_ARGS)
 
 # Retraining on what the gateway logged (`make serve` writes feedback/): merge the feedback store
 # into the base data, train a new model, and compare it with the current one on the merged test
@@ -123,7 +123,7 @@ retrain: install $(ARTIFACTS)/checkpoint.pt
 		--after $(RETRAIN_ARTIFACTS)/checkpoint.pt --out reports/retrain
 
 evaluate-quick: install $(DATA_DIR)/source.json
-	$(PY) -m ltrec.report --data $(DATA_DIR) --out reports/quick --quick
+	$(PY) -m experiments.report --data $(DATA_DIR) --out reports/quick --quick
 
 # Performance: the in-process floor, direct Triton, the gateway and a naive torch peer side by
 # side, then history length and catalogue size (benchmarks/bench.py). `bench` writes

@@ -20,10 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.report.config import COLD_SHARE
+from experiments.report.fitting import FACTORIES
 from ltrec import baselines
-from ltrec.evaluation import cold_start_split, evaluate
+from ltrec.evaluation import cold_start_split, evaluate, held_out_cases, with_split
 from ltrec.prepared import prepare
-from ltrec.report import COLD_SHARE, FACTORIES, held_out_cases, with_split
 from ltrec.scoring import model_score_fn
 from ltrec.train import TrainConfig
 

@@ -30,7 +30,14 @@ import pandas as pd
 
 from ltrec.checkpoint import load_checkpoint
 from ltrec.data import EVENT_COLUMNS, DatasetError, load_dataset, write_dataset
-from ltrec.evaluation import ScoreFn, events_in_order, long_tail_mask, make_cases, most_popular
+from ltrec.evaluation import (
+    ScoreFn,
+    events_in_order,
+    long_tail_mask,
+    make_cases,
+    measure,
+    most_popular,
+)
 from ltrec.prepared import prepare
 from ltrec.scoring import model_score_fn
 from ltrec_core.feedback_log import read_records
@@ -116,8 +123,6 @@ def compare(
     data_dir: Path, before: Path, after: Path, cache_dir: Path, progress: bool = True
 ) -> dict:
     """Test figures of both checkpoints (and most-popular) on `data_dir`'s leave-one-out split."""
-    from ltrec.report import measure  # the report's metrics, same protocol
-
     prepared = prepare(data_dir, cache_dir)
     split = prepared.split
     popularity = prepared.popularity

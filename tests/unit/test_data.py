@@ -536,7 +536,7 @@ def test_movielens_1m_conversion(tmp_path: Path, fmt: str) -> None:
     assert loaded - converted < 10
 
 
-@pytest.mark.parametrize("module", ["ltrec.train", "ltrec.report"])
+@pytest.mark.parametrize("module", ["ltrec.train", "experiments.report.cli"])
 def test_training_commands_reject_a_bad_dataset_with_a_clear_error(
     module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,6 +13,17 @@ import torch
 
 import ltrec.prepared
 import ltrec.train
+from experiments.report.cli import main
+from experiments.report.config import (
+    CONTEXT_ABLATIONS,
+    LONG_TAIL_WEIGHTS,
+    LOSS_VARIANTS,
+    MODELS,
+    quick_config,
+)
+from experiments.report.fitting import FACTORIES, _widen_to_interior, with_shuffled_context
+from experiments.report.merge import _SAME_DATA, merge_reports
+from experiments.report.sections import _convergence
 from ltrec import baselines
 from ltrec.baselines import build_model
 from ltrec.data import leave_one_out, load_dataset, write_dataset
@@ -23,6 +34,7 @@ from ltrec.evaluation import (
     evaluate_lists,
     events_in_order,
     gini,
+    held_out_cases,
     long_tail_adjusted,
     long_tail_metrics,
     paired_difference,
@@ -31,25 +43,10 @@ from ltrec.evaluation import (
     subsample_users,
     top_k_items,
     tune_long_tail_weight,
+    with_split,
 )
 from ltrec.models import ModelConfig
 from ltrec.prepared import Prepared, prepare
-from ltrec.report import (
-    _SAME_DATA,
-    CONTEXT_ABLATIONS,
-    FACTORIES,
-    LONG_TAIL_WEIGHTS,
-    LOSS_VARIANTS,
-    MODELS,
-    _convergence,
-    _widen_to_interior,
-    held_out_cases,
-    main,
-    merge_reports,
-    quick_config,
-    with_shuffled_context,
-    with_split,
-)
 from ltrec.scoring import model_score_fn
 from ltrec.train import _loss, target_distribution
 from ltrec_core import contract
