@@ -62,7 +62,7 @@ $(STUBS): proto/ltrec/v1/recommender.proto $(VENV)/.installed
 
 # --- the main job: data -> train -> export -> serve ----------------------------------------------
 $(DATA_DIR)/source.json: | $(VENV)/.installed
-	$(PY) -m ltrec.data convert-movielens --output $(DATA_DIR)
+	$(PY) -m ltrec.datasets convert-movielens --output $(DATA_DIR)
 
 data: $(DATA_DIR)/source.json
 
@@ -91,7 +91,7 @@ PHOTO_DATA ?= data/photo-shop
 PHOTO_ARTIFACTS ?= artifacts/photo-shop
 PHOTO_REPOSITORY ?= model_repository_photo-shop
 $(PHOTO_DATA)/source.json: | $(VENV)/.installed
-	$(PY) -m ltrec.photo_catalogue --out $(PHOTO_DATA)
+	$(PY) -m ltrec.datasets photo-shop --out $(PHOTO_DATA)
 
 photo-data: $(PHOTO_DATA)/source.json
 

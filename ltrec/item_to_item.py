@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ltrec import baselines
 from ltrec.data import LeaveOneOut
 from ltrec.evaluation import (
     LONG_TAIL_TOLERANCE,
@@ -220,8 +221,6 @@ def itemknn_score_fn(
     """ItemKNN's item-item similarity (shrunk cosine of the training matrix), its settings tuned
     on item-to-item validation NDCG@10; a case's history is the query alone, so its scores are
     the query's row. Returns the scorer and the chosen settings."""
-    from ltrec import baselines  # torch, through the neural baselines
-
     gram = baselines.cooccurrence(baselines.interaction_matrix(train, n_items))
 
     def build(neighbours: float, shrink: float) -> ScoreFn:

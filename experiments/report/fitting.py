@@ -18,8 +18,7 @@ from experiments.report.config import (
     NEURAL,
     ReportConfig,
 )
-from ltrec import baselines
-from ltrec.baselines import ModelFactory
+from ltrec import baselines, neural_baselines
 from ltrec.evaluation import (
     EvalCases,
     ScoreFn,
@@ -28,6 +27,7 @@ from ltrec.evaluation import (
     validation_cases,
 )
 from ltrec.models import ItemSide, ModelConfig, Recommender
+from ltrec.neural_baselines import ModelFactory
 from ltrec.prepared import Prepared
 from ltrec.scoring import model_score_fn
 from ltrec.train import TrainConfig
@@ -65,7 +65,7 @@ def _text_and_id(
 def _text_and_id_no_context(
     cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
 ) -> Recommender:
-    return baselines.NoContextRecommender(
+    return neural_baselines.NoContextRecommender(
         ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features, side
     )
 
@@ -81,7 +81,7 @@ def _text_and_id_no_set(
 
 
 FACTORIES: dict[str, ModelFactory] = {
-    "sasrec": baselines.IDOnlyRecommender,
+    "sasrec": neural_baselines.IDOnlyRecommender,
     "ours_text": _text_only,
     "ours": _text_and_id,
     "ours_no_set": _text_and_id_no_set,
@@ -173,7 +173,7 @@ def fit_all(
                 train_cfg, screening = _screen(
                     name, view, cfg, train_cfg, train_on, valid_on, progress
                 )
-            model, summary = baselines.fit_recommender(
+            model, summary = neural_baselines.fit_recommender(
                 train_on,
                 train_cfg,
                 FACTORIES[name],
@@ -241,7 +241,7 @@ def _screen(
             epochs=cfg.screen_epochs,
             patience=cfg.screen_epochs,
         )
-        _, summary = baselines.fit_recommender(
+        _, summary = neural_baselines.fit_recommender(
             train_on,
             trial_cfg,
             FACTORIES[name],

@@ -1,5 +1,5 @@
 """Image-bearing items end to end, through real Triton: a catalogue whose items carry real
-photos (`ltrec.photo_catalogue`), EfficientNet-Lite0 features fused into the item vectors in
+photos (`ltrec.datasets.photo_shop`), EfficientNet-Lite0 features fused into the item vectors in
 training, the export with its image and item encoders, and the gateway encoding new products'
 photos through Triton on UpsertItems.
 
@@ -25,8 +25,8 @@ from PIL import Image
 
 from export_scripts.export import export
 from ltrec.checkpoint import load_checkpoint
+from ltrec.datasets.photo_shop import build_photo_catalogue
 from ltrec.models import Scorer, UserEncoder
-from ltrec.photo_catalogue import build_photo_catalogue
 from ltrec.prepared import Prepared, prepare
 from ltrec.train import TrainConfig, train
 from ltrec_core import contract

@@ -28,8 +28,8 @@ import torch
 
 from export_scripts.export import export
 from ltrec.checkpoint import load_checkpoint
+from ltrec.datasets.movielens import ML_1M_GENRES
 from ltrec.models import Scorer, UserEncoder
-from ltrec.movielens import ML_1M_GENRES
 from ltrec.train import TrainConfig, train
 from ltrec_core import contract
 from ltrec_core.item_attributes import attribute_ids

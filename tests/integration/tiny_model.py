@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from ltrec.data import load_dataset, write_dataset
+from ltrec.datasets.movielens import convert_movielens_1m
 from ltrec.image_encoder import load_image_encoder
 from ltrec.models import ItemEncoder, Recommender
-from ltrec.movielens import convert_movielens_1m
 from ltrec.prepared import Prepared, prepare
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec.train import TrainConfig, train

@@ -16,11 +16,11 @@ from ltrec.data import (
     item_texts,
     leave_one_out,
     load_dataset,
-    main,
     price_buckets,
     write_dataset,
 )
-from ltrec.movielens import convert_movielens_1m, split_genres
+from ltrec.datasets.cli import main
+from ltrec.datasets.movielens import convert_movielens_1m, split_genres
 from ltrec_core import contract
 
 ITEMS_CSV = """item_id,title,description,category,brand,price,image

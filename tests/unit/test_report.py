@@ -25,7 +25,6 @@ from experiments.report.fitting import FACTORIES, _widen_to_interior, with_shuff
 from experiments.report.merge import _SAME_DATA, merge_reports
 from experiments.report.sections import _convergence
 from ltrec import baselines
-from ltrec.baselines import build_model
 from ltrec.data import leave_one_out, load_dataset, write_dataset
 from ltrec.evaluation import (
     EvalCases,
@@ -46,6 +45,7 @@ from ltrec.evaluation import (
     with_split,
 )
 from ltrec.models import ModelConfig
+from ltrec.neural_baselines import build_model
 from ltrec.prepared import Prepared, prepare
 from ltrec.scoring import model_score_fn
 from ltrec.train import _loss, target_distribution
