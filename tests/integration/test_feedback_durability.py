@@ -19,7 +19,7 @@ import pytest
 
 from ltrec_core.feedback_log import ReadStats, read_records, segments
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.unit.test_gateway import write_repository
+from tests.support.gateway import write_repository
 from triton_local.server import free_ports
 from triton_local.stack import GatewayProcess
 

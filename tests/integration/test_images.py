@@ -34,7 +34,7 @@ from ltrec_core.item_attributes import attribute_ids
 from ltrec_core.item_text import ItemFields, item_text
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.stores.items import decode_vector
-from tests.integration.tiny_model import encode_new_items
+from tests.support.tiny_model import encode_new_items
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 

@@ -34,7 +34,7 @@ from ltrec.train import TrainConfig, train
 from ltrec_core import contract
 from ltrec_core.item_attributes import attribute_ids
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.integration.tiny_model import encode_new_items, ml1m_slice
+from tests.support.tiny_model import encode_new_items, ml1m_slice
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 

@@ -33,8 +33,8 @@ from tests.integration.prometheus_util import (
     PrometheusServer,
     comparison_operands,
 )
-from tests.integration.test_serving import Stack, _request, stack  # noqa: F401
-from tests.unit.test_alerts import CHART, rendered_rules
+from tests.support.helm import CHART, rendered_rules
+from tests.support.stack import Stack, _request, stack  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

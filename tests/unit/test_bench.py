@@ -369,7 +369,7 @@ def test_synthetic_catalogue_exports_a_scorer_that_ranks_like_numpy(tmp_path: Pa
     from export_scripts.export import export
     from ltrec.checkpoint import load_checkpoint
     from server.catalogue import load_model_repository
-    from tests.unit.test_export import write_checkpoint
+    from tests.support.checkpoints import write_checkpoint
 
     write_checkpoint(tmp_path / "trained.pt")
     n_items = 3000

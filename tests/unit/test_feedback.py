@@ -18,7 +18,7 @@ from ltrec_core.feedback_log import ReadStats, read_records, segments
 from server.config import ConfigError, GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2
 from server.stores.feedback import FeedbackStore
-from tests.unit.test_gateway import (
+from tests.support.gateway import (
     FakeTransport,
     full_request,
     outputs,

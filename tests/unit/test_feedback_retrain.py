@@ -21,7 +21,6 @@ from ltrec.scoring import model_score_fn
 from ltrec.train import TrainConfig, train
 from ltrec_core.feedback_log import segments
 from server.stores.feedback import FeedbackStore
-from tests.unit.test_report import tiny_data  # noqa: F401  (fixture)
 
 T0 = 2_000_000_000  # after every base event
 

@@ -26,7 +26,7 @@ from server.app import create_server
 from server.catalogue import ModelRepositoryError, load_catalogue, load_metadata
 from server.config import ConfigError, GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.unit.test_gateway import ITEMS, METADATA, run_async, write_repository
+from tests.support.gateway import ITEMS, METADATA, run_async, write_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

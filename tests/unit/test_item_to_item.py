@@ -29,7 +29,7 @@ from ltrec.item_to_item import (
 )
 from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2
-from tests.unit.test_gateway import (
+from tests.support.gateway import (
     DIM,
     METADATA,
     FakeTransport,

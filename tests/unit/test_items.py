@@ -36,7 +36,7 @@ from server.interceptors import INTERNAL_MESSAGE
 from server.item_images import ImageProblem, ItemImages, LoadedImage
 from server.item_tokenizer import ItemTokenizer
 from server.stores.items import DELETE, UPSERT, ItemStore, decode_vector, encode_vector
-from tests.unit.test_gateway import (
+from tests.support.gateway import (
     DIM,
     ITEMS,
     METADATA,
@@ -48,7 +48,7 @@ from tests.unit.test_gateway import (
     running_gateway,
     write_repository,
 )
-from tests.unit.test_image_preprocessing import image_bytes, noise_png
+from tests.support.images import image_bytes, noise_png
 
 N = len(ITEMS)
 VIEW = recommender_pb2.EVENT_TYPE_VIEW

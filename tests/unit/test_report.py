@@ -25,7 +25,7 @@ from experiments.report.fitting import FACTORIES, _widen_to_interior, with_shuff
 from experiments.report.merge import _SAME_DATA, merge_reports
 from experiments.report.sections import _convergence
 from ltrec import baselines
-from ltrec.data import leave_one_out, load_dataset, write_dataset
+from ltrec.data import leave_one_out, load_dataset
 from ltrec.evaluation import (
     EvalCases,
     cold_start_split,
@@ -50,6 +50,7 @@ from ltrec.prepared import Prepared, prepare
 from ltrec.scoring import model_score_fn
 from ltrec.train import _loss, target_distribution
 from ltrec_core import contract
+from tests.support.datasets import N_ITEMS
 
 
 def cases(histories: list[list[int]], targets: list[int]) -> EvalCases:
@@ -318,48 +319,6 @@ def test_subsample_users_keeps_whole_users() -> None:
 
 
 # --- A tiny synthetic dataset, end to end --------------------------------------------------------
-
-N_ITEMS = 40
-
-
-@pytest.fixture
-def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """40 items in 4 genres, 30 users who mostly stay in one genre, popularity skewed.
-
-    Text features are stood in by random vectors (with a genre component) instead of MiniLM, so
-    the test needs no model load.
-    """
-    rng = np.random.default_rng(0)
-    genres = ["drama", "comedy", "horror", "sci-fi"]
-    items = pd.DataFrame(
-        {
-            "item_id": [f"m{i}" for i in range(N_ITEMS)],
-            "title": [f"Movie {i}" for i in range(N_ITEMS)],
-            "category": [genres[i % 4] for i in range(N_ITEMS)],
-        }
-    )
-    weights = 1.0 / np.arange(1, N_ITEMS + 1)  # Zipf-like popularity
-    rows = []
-    for u in range(30):
-        genre = u % 4
-        own = np.flatnonzero(np.arange(N_ITEMS) % 4 == genre)
-        p = weights[own] / weights[own].sum()
-        n = int(rng.integers(5, 10))
-        picks = rng.choice(own, size=n, replace=False, p=p)
-        for t, i in enumerate(picks):
-            rows.append((f"u{u}", f"m{i}", 1_000_000 + 3600 * t + u, "view", "mobile", "r1"))
-    events = pd.DataFrame(
-        rows, columns=["user_id", "item_id", "timestamp", "event_type", "device", "region"]
-    )
-    write_dataset(items, events, tmp_path / "data", fmt="csv")
-
-    def fake_features(texts: list[str], cache_dir: Path, max_tokens: int = 64) -> np.ndarray:
-        genre = np.array([[g in t for g in genres] for t in texts], dtype=np.float32)
-        noise = np.random.default_rng(1).standard_normal((len(texts), 380)).astype(np.float32)
-        return np.concatenate([genre * 3.0, noise * 0.1], axis=1)
-
-    monkeypatch.setattr(ltrec.prepared, "cached_text_features", fake_features)
-    return tmp_path / "data"
 
 
 def test_cold_items_stay_in_the_catalogue(tiny_data: Path, tmp_path: Path) -> None:
