@@ -152,10 +152,13 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration
 
+# ruff, mypy over every package (pyproject.toml), and the layout: imports run one way, no cycle,
+# the gateway loads no torch (tools/check_layout.py).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) tools/check_layout.py
 
 clean:
 	rm -rf build artifacts $(filter-out model_repository/README.md,$(wildcard model_repository/*)) server/gen

@@ -94,7 +94,7 @@ def _export_item_encoders(
         contract.TEXT_ATTENTION_MASK: batch["attention_mask"].numpy().astype(np.int64),
         contract.IMAGE_FEATURES: rng.random((n, cfg.image_dim), dtype=np.float32) * 3,
         contract.HAS_IMAGE: (np.arange(n) % 2 == 0).astype(np.float32).reshape(n, 1),
-        contract.ATTRIBUTE_IDS: np.asarray(ckpt.attribute_ids[1 : n + 1], dtype=np.int64),
+        contract.ATTRIBUTE_IDS: np.asarray(ckpt.attribute_ids[1 : n + 1], dtype=np.int64),  # type: ignore[index]
     }
     (diff,) = onnx_graphs.max_abs_diff(
         path,
@@ -102,7 +102,8 @@ def _export_item_encoders(
         lambda: (module(*(torch.from_numpy(inputs[k]) for k in onnx_graphs.ITEM_ENCODER_INPUTS)),),
     )
     parity[contract.ITEM_ENCODER_MODEL] = {contract.ITEM_VECTOR: diff}
-    tokenizer.save_pretrained(str(output / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR))
+    # load_text_model is annotated AutoTokenizer; the instance is a PreTrainedTokenizer.
+    tokenizer.save_pretrained(str(output / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR))  # type: ignore[attr-defined]
 
     image_module = load_image_encoder()
     path = output / contract.IMAGE_ENCODER_MODEL / VERSION / "model.onnx"
@@ -217,7 +218,7 @@ def _export_into(
                 contract.HISTORY_EVENT_TYPES: types,
                 contract.EXTRA_ITEM_VECTORS: extra,
             },
-            lambda h=hist, t=types, e=extra: (
+            lambda h=hist, t=types, e=extra: (  # type: ignore[misc]
                 encoder(torch.from_numpy(h), torch.from_numpy(t), torch.from_numpy(e)),
             ),
         )

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def onnx_sweep(
     cases: EvalCases,
     popularity: np.ndarray,
     tail: np.ndarray,
-    weights: tuple[float, ...],
+    weights: Sequence[float],
     workdir: Path,
     batch_size: int = 128,
     progress: bool = True,

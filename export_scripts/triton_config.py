@@ -142,14 +142,6 @@ def _ensemble_io(steps: list[Step]) -> tuple[list[Tensor], list[Tensor]]:
     return list(inputs.values()), steps[-1][1][1]
 
 
-def ensemble_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
-    return _ensemble_io(recommend_steps(dim))
-
-
-def similar_items_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
-    return _ensemble_io(similar_items_steps(dim))
-
-
 def onnx_model_config(
     name: str, io: tuple[list[Tensor], list[Tensor]], *, tensorrt: bool = False, threads: int = 1
 ) -> mc.ModelConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,7 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
     images = cached_image_features(dataset.items["image"].tolist(), cache_dir)
     attributes = np.zeros((n_items + 1, contract.ATTRIBUTE_SLOTS), dtype=np.int64)
     attributes[1:] = item_attribute_ids(dataset.items)
-    report = dataset.report.to_dict()
+    report: dict[str, Any] = dataset.report.to_dict()
     report["images"] = {
         "items_with_image": int(dataset.items["image"].notna().sum()),
         **images.counts,

@@ -63,7 +63,9 @@ def build_sequences(
 ) -> Sequences:
     """Events must be sorted by user then time (as `load_dataset` returns them)."""
     user_col = events["user_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]]) if len(events) else []
+    starts: np.ndarray | list[int] = (
+        np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]]) if len(events) else []
+    )
     offsets = np.r_[starts, len(events)].astype(np.int64)
     return Sequences(
         users=user_col[starts] if len(events) else np.array([], dtype=object),

@@ -55,7 +55,7 @@ class Encoded:
     image_features: list[npt.NDArray[np.float32] | None]
 
 
-class ItemEncoder:
+class TritonItemEncoder:
     """Item rows -> item vectors [n, D]; one image encoder call (rows with an image) and one
     item encoder call (all rows), each under the caller's deadline and the encode timeout."""
 
@@ -84,7 +84,7 @@ class ItemEncoder:
         has_image = np.zeros((n, 1), dtype=np.float32)
         kept = [i for i, row in enumerate(rows) if row.image_features is not None]
         for i in kept:
-            features[i] = rows[i].image_features  # type: ignore[assignment]
+            features[i] = rows[i].image_features
         with_image = [
             i for i, row in enumerate(rows) if row.image is not None and row.image_features is None
         ]

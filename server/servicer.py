@@ -22,7 +22,7 @@ from server.errors import BackendUnavailable, NotFound
 from server.features import build_features, build_similar_features
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.interceptors import current_request_id
-from server.item_encoder import ItemEncoder, ItemRow
+from server.item_encoder import ItemRow, TritonItemEncoder
 from server.item_images import ImageProblem, ItemImages, LoadedImage
 from server.postprocess import build_items, build_similar_items
 from server.stores.feedback import FeedbackStore
@@ -68,7 +68,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         triton: TritonClient,
         limits: RequestLimits,
         feedback: FeedbackStore,
-        encoder: ItemEncoder | None,
+        encoder: TritonItemEncoder | None,
         images: ItemImages,
     ) -> None:
         self._metadata = metadata

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from experiments.report.config import (
     ReportConfig,
 )
 from ltrec import baselines, neural_baselines
+from ltrec.checkpoint import Checkpoint
 from ltrec.evaluation import (
     EvalCases,
     ScoreFn,
@@ -53,31 +55,29 @@ class Fitted:
 def _text_only(
     cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
 ) -> Recommender:
-    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": False}), features, side)
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": False}
+    return Recommender(ModelConfig(**settings), features, side)
 
 
 def _text_and_id(
     cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
 ) -> Recommender:
-    return Recommender(ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features, side)
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": True}
+    return Recommender(ModelConfig(**settings), features, side)
 
 
 def _text_and_id_no_context(
     cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
 ) -> Recommender:
-    return neural_baselines.NoContextRecommender(
-        ModelConfig(**{**cfg.to_dict(), "id_embeddings": True}), features, side
-    )
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": True}
+    return neural_baselines.NoContextRecommender(ModelConfig(**settings), features, side)
 
 
 def _text_and_id_no_set(
     cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
 ) -> Recommender:
-    return Recommender(
-        ModelConfig(**{**cfg.to_dict(), "id_embeddings": True, "set_pooling": False}),
-        features,
-        side,
-    )
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": True, "set_pooling": False}
+    return Recommender(ModelConfig(**settings), features, side)
 
 
 FACTORIES: dict[str, ModelFactory] = {
@@ -96,7 +96,7 @@ def fit_all(
     prepared: Prepared,
     cfg: ReportConfig,
     view: str,
-    checkpoint: tuple[Recommender, dict] | None = None,
+    checkpoint: tuple[Recommender, Checkpoint] | None = None,
     progress: bool = True,
     names: Collection[str] | None = None,
 ) -> dict[str, Fitted]:
@@ -116,7 +116,7 @@ def fit_all(
             baselines.text_profile_score_fn(prepared.text_features),
             {"tuning": f"none (mean of the last {baselines.TEXT_PROFILE_ITEMS} items)"},
         )
-    item_item = [name for name in ("itemknn", "ease") if name in wanted]
+    item_item: list[str] = [name for name in ("itemknn", "ease") if name in wanted]
     gram = (
         baselines.cooccurrence(baselines.interaction_matrix(prepared.split.train, n_items))
         if item_item
@@ -131,7 +131,10 @@ def fit_all(
     def ease(lam: float) -> ScoreFn:
         return baselines.item_item_score_fn(baselines.ease_weights(gram, lam))
 
-    grids = {"itemknn": (knn, cfg.itemknn_grid), "ease": (ease, cfg.ease_grid)}
+    grids: dict[str, tuple[Callable[..., ScoreFn], list[dict[str, float]]]] = {
+        "itemknn": (knn, cfg.itemknn_grid),
+        "ease": (ease, cfg.ease_grid),
+    }
     for name in item_item:
         build, grid = grids[name]
         best, points = baselines.tune(f"{view}: {name}", grid, build, valid, progress)

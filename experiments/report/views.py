@@ -11,6 +11,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from experiments.report.config import (
 from experiments.report.fitting import fit_all
 from export_scripts.onnx_sweep import onnx_sweep
 from ltrec import item_to_item
-from ltrec.checkpoint import load_checkpoint
+from ltrec.checkpoint import Checkpoint, load_checkpoint
 from ltrec.evaluation import (
     HEAD_SHARE,
     KS,
@@ -103,7 +104,7 @@ def main_view(
     prepared: Prepared,
     cfg: ReportConfig,
     names: list[str],
-    loaded: tuple[Recommender, dict] | None,
+    loaded: tuple[Recommender, Checkpoint] | None,
     cases: EvalCases,
     tail: np.ndarray,
     progress: bool,
@@ -187,7 +188,7 @@ def run_report(
     if cfg.users is not None and cfg.users < full.split.train["user_id"].nunique():
         prepared = with_split(full, subsample_users(full.split, cfg.users, cfg.seed))
         sampled = cfg.users
-    loaded: tuple[Recommender, dict] | None = None
+    loaded: tuple[Recommender, Checkpoint] | None = None
     if checkpoint is not None:
         loaded = load_checkpoint(checkpoint)
         ckpt = loaded[1]
@@ -218,7 +219,7 @@ def run_report(
         sweep, default, similar = [], None, None
 
     split = prepared.split
-    result = {
+    result: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": {
             "dir": str(data),
@@ -265,7 +266,7 @@ def short_view(
     names: list[str],
     models: dict[str, dict],
     progress: bool,
-) -> dict[str, int]:
+) -> dict[str, float]:
     """The short, order-free view (`ltrec.evaluation.short_unordered_split`): each user's last
     SHORT_HISTORY + 2 events in a random order, every row refitted and tuned on it. Adds each
     row's "short_history" figures (accuracy, tail-target accuracy, coverage) to `models`."""
