@@ -22,7 +22,7 @@ from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec_core import contract
-from tests.support.stack import Stack, _request, stack  # noqa: F401  (a fixture)
+from tests.support.stack import Stack, _request, serving_stack  # noqa: F401  (fixture `stack`)
 from tests.support.tiny_model import encode_new_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

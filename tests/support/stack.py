@@ -34,8 +34,10 @@ class Stack:
     history: list[str]  # item ids of a real user history, oldest first
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path) -> Iterator[Stack]:
+@pytest.fixture(scope="module", name="stack")
+def serving_stack(
+    tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path
+) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("serving")
     prepared, users = ml1m_slice(root)
     checkpoint = train_tiny(prepared, root / "artifacts")
