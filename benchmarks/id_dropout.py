@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.report.config import COLD_SHARE
 from experiments.report.fitting import FACTORIES
+from experiments.report.settings import COLD_SHARE
 from ltrec import neural_baselines
 from ltrec.evaluation import cold_start_split, evaluate, held_out_cases, with_split
 from ltrec.prepared import prepare

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.report.config import (
+from experiments.report.markdown import markdown
+from experiments.report.merge import merge_reports
+from experiments.report.plot import plot
+from experiments.report.settings import (
     MODELS,
     ReportConfig,
     quick_config,
 )
-from experiments.report.markdown import markdown
-from experiments.report.merge import merge_reports
-from experiments.report.plot import plot
 from experiments.report.views import run_report
 from ltrec.data import DatasetError
 

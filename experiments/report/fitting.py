@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.report.config import (
+from experiments.report.settings import (
     LOSS_VARIANTS,
     MODELS,
     NEURAL,

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from experiments.report.config import (
-    MODELS,
-    PRECISION,
-    _printed,
-)
 from experiments.report.sections import (
     _cold_start,
     _context_ablation,
@@ -17,6 +12,11 @@ from experiments.report.sections import (
     _row,
     _short_history,
     _tuned,
+)
+from experiments.report.settings import (
+    MODELS,
+    PRECISION,
+    _printed,
 )
 
 

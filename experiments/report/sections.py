@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments.report.config import (
+from experiments.report.settings import (
     CONTEXT_ABLATIONS,
     CONTEXT_USE,
     LOSS_VARIANTS,

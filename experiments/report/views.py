@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.report.config import (
+from experiments.report.fitting import fit_all
+from experiments.report.settings import (
     CONTEXT_ABLATIONS,
     CONTEXT_USE,
     LONG_TAIL_WEIGHTS,
@@ -27,7 +28,6 @@ from experiments.report.config import (
     ReportConfig,
     _printed,
 )
-from experiments.report.fitting import fit_all
 from export_scripts.onnx_sweep import onnx_sweep
 from ltrec import item_to_item
 from ltrec.checkpoint import Checkpoint, load_checkpoint

@@ -1,7 +1,7 @@
-"""`python -m ltrec.datasets`: see `ltrec.datasets.cli`."""
+"""`python -m ltrec.datasets`: see `ltrec.datasets.commands`."""
 
 import sys
 
-from ltrec.datasets.cli import main
+from ltrec.datasets.commands import main
 
 sys.exit(main())

@@ -19,7 +19,7 @@ from ltrec.data import (
     price_buckets,
     write_dataset,
 )
-from ltrec.datasets.cli import main
+from ltrec.datasets.commands import main
 from ltrec.datasets.movielens import convert_movielens_1m, split_genres
 from ltrec_core import contract
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ltrec.data import Dataset, load_dataset
-from ltrec.datasets.cli import photo_shop_main as main
+from ltrec.datasets.commands import photo_shop_main as main
 from ltrec.datasets.photo_shop import (
     DEVICES,
     MAX_EVENTS,

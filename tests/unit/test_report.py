@@ -14,16 +14,16 @@ import torch
 import ltrec.prepared
 import ltrec.train
 from experiments.report.cli import main
-from experiments.report.config import (
+from experiments.report.fitting import FACTORIES, _widen_to_interior, with_shuffled_context
+from experiments.report.merge import _SAME_DATA, merge_reports
+from experiments.report.sections import _convergence
+from experiments.report.settings import (
     CONTEXT_ABLATIONS,
     LONG_TAIL_WEIGHTS,
     LOSS_VARIANTS,
     MODELS,
     quick_config,
 )
-from experiments.report.fitting import FACTORIES, _widen_to_interior, with_shuffled_context
-from experiments.report.merge import _SAME_DATA, merge_reports
-from experiments.report.sections import _convergence
 from ltrec import baselines
 from ltrec.data import leave_one_out, load_dataset
 from ltrec.evaluation import (
