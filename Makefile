@@ -62,7 +62,7 @@ $(STUBS): proto/ltrec/v1/recommender.proto $(VENV)/.installed
 
 # --- the main job: data -> train -> export -> serve ----------------------------------------------
 $(DATA_DIR)/source.json: | $(VENV)/.installed
-	$(PY) -m ltrec.data convert-movielens --output $(DATA_DIR)
+	$(PY) -m ltrec.datasets convert-movielens --output $(DATA_DIR)
 
 data: $(DATA_DIR)/source.json
 
@@ -91,7 +91,7 @@ PHOTO_DATA ?= data/photo-shop
 PHOTO_ARTIFACTS ?= artifacts/photo-shop
 PHOTO_REPOSITORY ?= model_repository_photo-shop
 $(PHOTO_DATA)/source.json: | $(VENV)/.installed
-	$(PY) -m ltrec.photo_catalogue --out $(PHOTO_DATA)
+	$(PY) -m ltrec.datasets photo-shop --out $(PHOTO_DATA)
 
 photo-data: $(PHOTO_DATA)/source.json
 
@@ -108,7 +108,7 @@ client: install
 REPORT_DIR ?= reports/ml-1m
 REPORT_ARGS ?=
 evaluate: install $(DATA_DIR)/source.json
-	$(PY) -m ltrec.report --data $(DATA_DIR) --out $(REPORT_DIR) $(REPORT_ARGS)
+	$(PY) -m experiments.report --data $(DATA_DIR) --out $(REPORT_DIR) $(REPORT_ARGS)
 
 # Retraining on what the gateway logged (`make serve` writes feedback/): merge the feedback store
 # into the base data, train a new model, and compare it with the current one on the merged test
@@ -117,13 +117,13 @@ FEEDBACK_DIR ?= feedback
 RETRAIN_DATA ?= $(DATA_DIR)-feedback
 RETRAIN_ARTIFACTS ?= $(ARTIFACTS)-retrained
 retrain: install $(ARTIFACTS)/checkpoint.pt
-	$(PY) -m ltrec.feedback merge --data $(DATA_DIR) --feedback $(FEEDBACK_DIR) --out $(RETRAIN_DATA)
+	$(PY) -m ltrec.retrain merge --data $(DATA_DIR) --feedback $(FEEDBACK_DIR) --out $(RETRAIN_DATA)
 	$(PY) -m ltrec.train --data $(RETRAIN_DATA) --out $(RETRAIN_ARTIFACTS) $(TRAIN_ARGS)
-	$(PY) -m ltrec.feedback compare --data $(RETRAIN_DATA) --before $(ARTIFACTS)/checkpoint.pt \
+	$(PY) -m ltrec.retrain compare --data $(RETRAIN_DATA) --before $(ARTIFACTS)/checkpoint.pt \
 		--after $(RETRAIN_ARTIFACTS)/checkpoint.pt --out reports/retrain
 
 evaluate-quick: install $(DATA_DIR)/source.json
-	$(PY) -m ltrec.report --data $(DATA_DIR) --out reports/quick --quick
+	$(PY) -m experiments.report --data $(DATA_DIR) --out reports/quick --quick
 
 # Performance: the in-process floor, direct Triton, the gateway and a naive torch peer side by
 # side, then history length and catalogue size (benchmarks/bench.py). `bench` writes
@@ -152,10 +152,13 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration
 
+# ruff, mypy over every package (pyproject.toml), and the layout: imports run one way, no cycle,
+# the gateway loads no torch (tools/check_layout.py).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) tools/check_layout.py
 
 clean:
 	rm -rf build artifacts $(filter-out model_repository/README.md,$(wildcard model_repository/*)) server/gen

@@ -10,7 +10,8 @@ Systems, on the same requests (real MovieLens-1M histories, the gateway's own te
   gateway  `Recommend` end to end over gRPC
   naive    a tutorial-style gRPC server running the torch towers eagerly (`benchmarks.naive_server`)
 at concurrency 1, 8 and 32 (closed loop). Then history lengths 10/50/200 and synthetic catalogues
-of 10k/100k/1M generated item vectors (`benchmarks.catalogue`), exported like a trained model.
+of 10k/100k/1M generated item vectors (`benchmarks.synthetic_catalogue`), exported like a
+trained model.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import clients, procstat, report
-from benchmarks.catalogue import export_synthetic
 from benchmarks.load import Run
 from benchmarks.processes import ROOT, Stack, naive_peer, serving_stack, tiny_checkpoint
 from benchmarks.stats import ratio
+from benchmarks.synthetic_catalogue import export_synthetic
 from benchmarks.workload import Workload, build_workload
 from server.catalogue import load_model_repository
 

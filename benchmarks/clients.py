@@ -14,7 +14,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import np_to_triton_dtype
 
 from benchmarks.load import Run, run_async
-from server import contract
+from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 
 OUTPUTS = (contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS)

@@ -21,7 +21,6 @@ for the cost. Prints a table; `--json` writes the figures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltrec.data import LeaveOneOut
+from ltrec.checkpoint import load_checkpoint
 from ltrec.evaluation import (
     cold_start_split,
     evaluate,
@@ -38,27 +37,14 @@ from ltrec.evaluation import (
     events_in_order,
     long_tail_adjusted,
     make_cases,
+    with_split,
 )
-from ltrec.features import build_sequences
-from ltrec.train import Prepared, TrainConfig, load_checkpoint, model_score_fn, prepare, train
-from server import contract
+from ltrec.prepared import prepare
+from ltrec.scoring import model_score_fn
+from ltrec.train import TrainConfig, train
 
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 K = 10
-
-
-def with_split(prepared: Prepared, split: LeaveOneOut) -> Prepared:
-    """The same catalogue with another split (as `ltrec.report` does)."""
-    popularity = np.bincount(
-        split.train["item_index"].to_numpy(), minlength=len(prepared.item_ids) + 1
-    )
-    popularity[contract.PADDING_INDEX] = 0
-    return dataclasses.replace(
-        prepared,
-        split=split,
-        popularity=popularity.astype(np.int64),
-        train_sequences=build_sequences(split.train, prepared.device_vocab, prepared.region_vocab),
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

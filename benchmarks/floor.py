@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from benchmarks import procstat
 from benchmarks.load import run_threads
-from server import contract
+from ltrec_core import contract
 
 VERSION = "1"
 

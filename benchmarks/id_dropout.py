@@ -20,10 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from ltrec import baselines
-from ltrec.evaluation import cold_start_split, evaluate
-from ltrec.report import COLD_SHARE, FACTORIES, held_out_cases, with_split
-from ltrec.train import TrainConfig, model_score_fn, prepare
+from experiments.report.fitting import FACTORIES
+from experiments.report.settings import COLD_SHARE
+from ltrec import neural_baselines
+from ltrec.evaluation import cold_start_split, evaluate, held_out_cases, with_split
+from ltrec.prepared import prepare
+from ltrec.scoring import model_score_fn
+from ltrec.train import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             model={"id_dropout": value},
         )
-        model, summary = baselines.fit_recommender(
+        model, summary = neural_baselines.fit_recommender(
             warm, cfg, FACTORIES["ours"], name=f"id_dropout {value:g}", progress=False
         )
         score = model_score_fn(model, model.cfg.max_history)

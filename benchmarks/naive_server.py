@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 import torch
 
+from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
-from ltrec.train import load_checkpoint
-from server import contract
+from ltrec_core import contract
 from server.catalogue import load_model_repository
 from server.features import build_features
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
@@ -42,7 +42,7 @@ class NaiveRecommender(recommender_pb2_grpc.RecommenderServicer):
             table = model.item_table()
         self.encoder = UserEncoder(table, model.user_tower).eval()
         self.context_weighting = model.context_weighting.eval()
-        self.scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt["popularity"]))).eval()
+        self.scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt.popularity))).eval()
         self.model_version = self.metadata.model_version
 
     def Recommend(

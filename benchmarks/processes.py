@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_checkpoint(workdir: Path) -> Path:
     """The integration tests' tiny model (a MovieLens-1M slice, one epoch, 16-d): what the quick
     mode runs on when no trained checkpoint exists. Its figures describe a smaller model."""
-    from tests.integration.tiny_model import ml1m_slice, train_tiny
+    from tests.support.tiny_model import ml1m_slice, train_tiny
 
     out = workdir / "tiny"
     checkpoint = out / "artifacts" / "checkpoint.pt"

@@ -1,4 +1,5 @@
-# The ltrec gRPC gateway (server/): no torch, no ltrec package. Build from the repository root:
+# The ltrec gRPC gateway (server/) on the core it shares with training (ltrec_core/): no torch,
+# no ltrec package. Build from the repository root:
 #   docker build -f docker/gateway.Dockerfile -t ghcr.io/ltrec/ltrec-gateway:0.1.0 .
 # Stubs are generated at build time (they are not committed; see `make proto`).
 
@@ -20,6 +21,7 @@ WORKDIR /app
 COPY requirements/base.txt requirements/base.txt
 RUN pip install -r requirements/base.txt
 COPY proto/ proto/
+COPY ltrec_core/ ltrec_core/
 COPY server/ server/
 COPY --from=stubs /src/server/gen/ server/gen/
 RUN groupadd --system --gid 10001 ltrec \

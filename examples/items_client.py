@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 done = 0
                 for batch in batches(items, args.batch):
                     reply = with_retries(
-                        lambda b=batch: stub.UpsertItems(
+                        lambda b=batch: stub.UpsertItems(  # type: ignore[misc]
                             recommender_pb2.UpsertItemsRequest(items=b), timeout=args.timeout
                         )
                     )

@@ -6,8 +6,8 @@ inside, item lookup), their configs as `ModelConfig` protobufs, the `recommend` 
 hashes, parity) and the catalogue file the gateway reads. Every ONNX graph is run against its
 torch module during export; a mismatch fails the export. The user encoder, scorer and item
 lookup take the item overlay (`extra_item_vectors`, and `extra_popularity` for the scorer: items
-added after training, see `server/items.py`); their parity is checked without (M = 0) and with
-overlay items.
+added after training, see `server/stores/items.py`); their parity is checked without (M = 0) and
+with overlay items.
 
     python -m export_scripts.export --checkpoint artifacts/ml-1m/checkpoint.pt \
         --output model_repository
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import sys
@@ -34,10 +33,11 @@ import onnx
 import torch
 
 from export_scripts import onnx_graphs, triton_config
+from ltrec.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
 from ltrec.data import sha256_file
 from ltrec.models import ItemEncoder, ItemLookup, Scorer, UserEncoder
-from ltrec.train import load_checkpoint
-from server import contract
+from ltrec_core import contract
+from ltrec_core.artifacts import RepositoryMetadata, write_repository_metadata
 
 PARITY_TOLERANCE = 1e-4
 VERSION = "1"  # Triton version folder; the model version string lives in the metadata
@@ -61,32 +61,32 @@ def _write_config(repo: Path, cfg: object) -> None:
     (model_dir / "config.pbtxt").write_text(text)
 
 
-def write_catalogue(path: Path, ckpt: dict) -> None:
+def write_catalogue(path: Path, ckpt: Checkpoint) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "item_id", "title", "popularity", "long_tail"])
-        for i, (item_id, title) in enumerate(zip(ckpt["item_ids"], ckpt["titles"], strict=True)):
+        for i, (item_id, title) in enumerate(zip(ckpt.item_ids, ckpt.titles, strict=True)):
             idx = i + 1
             writer.writerow(
-                [idx, item_id, title, int(ckpt["popularity"][idx]), int(ckpt["long_tail"][idx])]
+                [idx, item_id, title, int(ckpt.popularity[idx]), int(ckpt.long_tail[idx])]
             )
 
 
 def _export_item_encoders(
-    output: Path, model: Any, ckpt: dict, dim: int, parity: dict, *, tensorrt: bool
+    output: Path, model: Any, ckpt: Checkpoint, dim: int, parity: dict, *, tensorrt: bool
 ) -> list[object]:
     """The encoders for items added after training: image encoder (EfficientNet-Lite0) and
     item encoder (MiniLM + the trained fusion), each checked against torch on real inputs."""
     from ltrec.image_encoder import load_image_encoder
     from ltrec.text_encoder import load_text_model, tokenize
-    from server.images import image_batch, load_image_file
+    from ltrec_core.images import image_batch, load_image_file
 
     cfg = model.cfg
     tokenizer, minilm = load_text_model()
     module = ItemEncoder(minilm, model.fusion).eval()
     path = output / contract.ITEM_ENCODER_MODEL / VERSION / "model.onnx"
     onnx_graphs.export_item_encoder(module, path)
-    batch = tokenize(tokenizer, list(ckpt["texts"][:4]), cfg.text_max_tokens)
+    batch = tokenize(tokenizer, list(ckpt.texts[:4]), cfg.text_max_tokens)
     n = batch["input_ids"].shape[0]
     rng = np.random.default_rng(0)
     inputs = {
@@ -94,7 +94,7 @@ def _export_item_encoders(
         contract.TEXT_ATTENTION_MASK: batch["attention_mask"].numpy().astype(np.int64),
         contract.IMAGE_FEATURES: rng.random((n, cfg.image_dim), dtype=np.float32) * 3,
         contract.HAS_IMAGE: (np.arange(n) % 2 == 0).astype(np.float32).reshape(n, 1),
-        contract.ATTRIBUTE_IDS: np.asarray(ckpt["attribute_ids"][1 : n + 1], dtype=np.int64),
+        contract.ATTRIBUTE_IDS: np.asarray(ckpt.attribute_ids[1 : n + 1], dtype=np.int64),  # type: ignore[index]
     }
     (diff,) = onnx_graphs.max_abs_diff(
         path,
@@ -102,14 +102,15 @@ def _export_item_encoders(
         lambda: (module(*(torch.from_numpy(inputs[k]) for k in onnx_graphs.ITEM_ENCODER_INPUTS)),),
     )
     parity[contract.ITEM_ENCODER_MODEL] = {contract.ITEM_VECTOR: diff}
-    tokenizer.save_pretrained(str(output / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR))
+    # load_text_model is annotated AutoTokenizer; the instance is a PreTrainedTokenizer.
+    tokenizer.save_pretrained(str(output / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR))  # type: ignore[attr-defined]
 
     image_module = load_image_encoder()
     path = output / contract.IMAGE_ENCODER_MODEL / VERSION / "model.onnx"
     onnx_graphs.export_image_encoder(image_module, path)
     # Parity on the catalogue's own photos where it has some, random pixels otherwise.
     photos = []
-    for p in [p for p in ckpt.get("image_paths", []) if p][:2]:
+    for p in [p for p in ckpt.image_paths if p][:2]:
         try:
             photos.append(load_image_file(p))
         except ValueError:
@@ -173,9 +174,7 @@ SIMILAR_ITEMS_WEIGHT = "similar_items_long_tail_weight"
 def checkpoint_long_tail_weight(checkpoint: Path, key: str = RECOMMEND_WEIGHT) -> float | None:
     """The serving default of the long-tail weight that training chose on validation, if any:
     Recommend's (`RECOMMEND_WEIGHT`) or SimilarItems' (`SIMILAR_ITEMS_WEIGHT`)."""
-    summary = torch.load(checkpoint, map_location="cpu", weights_only=False).get("summary", {})
-    tuned = summary.get(key)
-    return float(tuned["chosen"]) if tuned else None
+    return read_checkpoint(checkpoint).metadata.tuned_long_tail_weight(key)
 
 
 def _export_into(
@@ -219,7 +218,7 @@ def _export_into(
                 contract.HISTORY_EVENT_TYPES: types,
                 contract.EXTRA_ITEM_VECTORS: extra,
             },
-            lambda h=hist, t=types, e=extra: (
+            lambda h=hist, t=types, e=extra: (  # type: ignore[misc]
                 encoder(torch.from_numpy(h), torch.from_numpy(t), torch.from_numpy(e)),
             ),
         )
@@ -247,12 +246,12 @@ def _export_into(
     parity[contract.CONTEXT_WEIGHTING_MODEL] = {contract.WEIGHTED_USER_EMBEDDING: diff}
 
     # scorer: the catalogue and its popularity inside the graph, overlay rows appended
-    popularity = torch.from_numpy(np.asarray(ckpt["popularity"]))
+    popularity = torch.from_numpy(np.asarray(ckpt.popularity))
     scorer = Scorer(table, popularity).eval()
     path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = onnx_graphs.scorer_graph(
-        table.numpy(), np.asarray(ckpt["popularity"]), scan=catalogue_scan, overlay=True
+        table.numpy(), np.asarray(ckpt.popularity), scan=catalogue_scan, overlay=True
     )
     onnx.save(graph, path)
     parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(
@@ -305,43 +304,42 @@ def _export_into(
 
     write_catalogue(output / contract.CATALOGUE_FILE, ckpt)
     files = sorted(p for p in output.rglob("*") if p.is_file() and p.name != contract.METADATA_FILE)
-    summary = ckpt["summary"]
+    summary = ckpt.summary
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     ckpt_hash = sha256_file(checkpoint)
-    metadata = {
-        "model_version": f"{stamp}-{ckpt_hash[:8]}",
-        "created_at": datetime.now(UTC).isoformat(),
-        "embedding_dim": dim,
-        "max_history": cfg.max_history,
-        "n_items": cfg.n_items,
-        "default_long_tail_weight": default_long_tail_weight,
-        contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY: similar_items_default_long_tail_weight,
-        "long_tail_weight_max": LONG_TAIL_WEIGHT_MAX,
-        "tensorrt": tensorrt,
-        "catalogue_scan": catalogue_scan,
+    metadata = RepositoryMetadata(
+        model_version=f"{stamp}-{ckpt_hash[:8]}",
+        created_at=datetime.now(UTC).isoformat(),
+        embedding_dim=dim,
+        max_history=cfg.max_history,
+        n_items=cfg.n_items,
+        default_long_tail_weight=default_long_tail_weight,
+        similar_items_default_long_tail_weight=similar_items_default_long_tail_weight,
+        long_tail_weight_max=LONG_TAIL_WEIGHT_MAX,
+        tensorrt=tensorrt,
+        catalogue_scan=catalogue_scan,
         # The user encoder, scorer and item lookup take extra_item_vectors/extra_popularity.
-        "item_overlay": True,
-        "vocabularies": ckpt["vocabularies"],
-        "text_model": summary["text_model"],
-        "model_config": ckpt["model_config"],
-        "data": summary["data"],
-        "training": {
+        item_overlay=True,
+        vocabularies=ckpt.vocabularies,
+        text_model=summary["text_model"],
+        model_config=ckpt.model_config,
+        data=summary["data"],
+        training={
             "best": summary["best"],
             "most_popular_valid": summary["most_popular_valid"],
             "stop_reason": summary["stop_reason"],
             "train_seconds": summary["train_seconds"],
             "train_config": summary["train_config"],
         },
-        "parity_max_abs_diff": parity,
-        "checkpoint": {"path": str(checkpoint), "sha256": ckpt_hash},
-        "files": {
+        parity_max_abs_diff=parity,
+        checkpoint={"path": str(checkpoint), "sha256": ckpt_hash},
+        files={
             str(p.relative_to(output)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in files
         },
-        "export_seconds": round(time.monotonic() - started, 2),
-    }
-    (output / contract.METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    return metadata
+        export_seconds=round(time.monotonic() - started, 2),
+    )
+    return write_repository_metadata(output / contract.METADATA_FILE, metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ltrec.image_encoder import ImageEncoder
 from ltrec.models import ContextWeighting, ItemEncoder, ItemLookup, Scorer, UserEncoder
-from server import contract
+from ltrec_core import contract
 
 OPSET = 18
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server import contract
+from ltrec_core import contract
 
 ONNX_BACKEND = "onnxruntime"
 INT64 = mc.TYPE_INT64
@@ -140,14 +140,6 @@ def _ensemble_io(steps: list[Step]) -> tuple[list[Tensor], list[Tensor]]:
                 inputs[name] = Tensor(name, t.dtype, t.dims)
         produced |= {renames.get(t.name, t.name) for t in step_out}
     return list(inputs.values()), steps[-1][1][1]
-
-
-def ensemble_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
-    return _ensemble_io(recommend_steps(dim))
-
-
-def similar_items_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
-    return _ensemble_io(similar_items_steps(dim))
 
 
 def onnx_model_config(

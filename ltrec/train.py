@@ -19,37 +19,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ltrec.data import (
-    DatasetError,
-    LeaveOneOut,
-    item_texts,
-    leave_one_out,
-    load_dataset,
-    price_buckets,
-)
+from ltrec.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ltrec.data import DatasetError
 from ltrec.evaluation import (
     EvalCases,
-    ScoreFn,
     evaluate,
+    long_tail_mask,
     make_cases,
     most_popular,
     tune_long_tail_weight,
 )
-from ltrec.features import Sequences, build_sequences, build_vocabulary
-from ltrec.image_encoder import IMAGE_MODEL_NAME, cached_image_features
+from ltrec.image_encoder import IMAGE_MODEL_NAME
 from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vector_score_fn
-from ltrec.models import ItemSide, ModelConfig, Recommender
+from ltrec.models import ModelConfig, Recommender
+from ltrec.prepared import Prepared, item_side, prepare
+from ltrec.scoring import model_score_fn
+from ltrec.sequences import Sequences
 from ltrec.softmax import full_softmax_loss, matmul_dtype
-from ltrec.text_encoder import TEXT_MODEL_NAME, cached_text_features
-from server import contract
-from server.item_attributes import attribute_ids
-
-HEAD_SHARE = 0.2  # head = the most popular 20% of items by training interactions
+from ltrec.text_encoder import TEXT_MODEL_NAME
+from ltrec_core import contract
+from ltrec_core.artifacts import CheckpointMetadata, Vocabularies
 
 
 @dataclass
@@ -85,140 +78,6 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
-
-
-@dataclass
-class Prepared:
-    """Everything training and export need from a dataset directory."""
-
-    data_dir: Path
-    item_ids: list[str]
-    titles: list[str]
-    texts: list[str]
-    image_paths: list[str | None]  # as given (resolved), readable or not
-    text_features: np.ndarray  # [N+1, 384], row 0 zeros
-    image_rows: np.ndarray  # INT64 [n_img] catalogue indices (1..N) with a readable image
-    image_features: np.ndarray  # FP32 [n_img, 1280] EfficientNet-Lite0 features of those
-    attribute_ids: np.ndarray  # INT64 [N+1, ATTRIBUTE_SLOTS], row 0 padding
-    popularity: np.ndarray  # [N+1] training interactions per item, row 0 zero
-    device_vocab: list[str]
-    region_vocab: list[str]
-    split: LeaveOneOut
-    train_sequences: Sequences
-    report: dict
-    report_text: str
-
-
-def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
-    dataset = load_dataset(data_dir)
-    split = leave_one_out(dataset.events)
-    n_items = len(dataset.items)
-    texts = item_texts(dataset.items)
-    features = np.zeros((n_items + 1, 384), dtype=np.float32)
-    features[1:] = cached_text_features(texts, cache_dir)
-    images = cached_image_features(dataset.items["image"].tolist(), cache_dir)
-    attributes = np.zeros((n_items + 1, contract.ATTRIBUTE_SLOTS), dtype=np.int64)
-    attributes[1:] = item_attribute_ids(dataset.items)
-    report = dataset.report.to_dict()
-    report["images"] = {
-        "items_with_image": int(dataset.items["image"].notna().sum()),
-        **images.counts,
-    }
-    report_text = str(dataset.report)
-    if report["images"]["items_with_image"]:
-        problems = "".join(f", {n} {reason}" for reason, n in sorted(images.problems.items()))
-        report_text += (
-            f"\nimages: {report['images']['items_with_image']} items have one, "
-            f"{images.counts['encoded']} encoded{problems} (treated as image-less)"
-        )
-    popularity = np.bincount(split.train["item_index"].to_numpy(), minlength=n_items + 1)
-    popularity[contract.PADDING_INDEX] = 0
-    device_vocab = build_vocabulary(dataset.events.get("device"))
-    region_vocab = build_vocabulary(dataset.events.get("region"))
-    return Prepared(
-        data_dir=Path(data_dir),
-        item_ids=dataset.items["item_id"].astype(str).tolist(),
-        titles=dataset.items["title"].astype(str).tolist(),
-        texts=texts,
-        image_paths=[None if pd.isna(p) else str(p) for p in dataset.items["image"].tolist()],
-        text_features=features,
-        image_rows=images.rows + 1,
-        image_features=images.features,
-        attribute_ids=attributes,
-        popularity=popularity.astype(np.int64),
-        device_vocab=device_vocab,
-        region_vocab=region_vocab,
-        split=split,
-        train_sequences=build_sequences(split.train, device_vocab, region_vocab),
-        report=report,
-        report_text=report_text,
-    )
-
-
-def item_attribute_ids(items: pd.DataFrame) -> np.ndarray:
-    """`server.item_attributes.attribute_ids` of every item row, INT64 [n, ATTRIBUTE_SLOTS]."""
-    n = len(items)
-    prices = price_buckets(items["price"]) if "price" in items.columns else [None] * n
-
-    def column(name: str) -> list[str | None]:
-        if name not in items.columns:
-            return [None] * n
-        return [None if pd.isna(v) else str(v) for v in items[name].tolist()]
-
-    rows = [
-        attribute_ids(category, brand, price)
-        for category, brand, price in zip(column("category"), column("brand"), prices, strict=True)
-    ]
-    return np.asarray(rows, dtype=np.int64).reshape(n, contract.ATTRIBUTE_SLOTS)
-
-
-def item_side(prepared: Prepared) -> ItemSide:
-    """The non-text item inputs of `prepared` as the model takes them."""
-    return ItemSide(
-        torch.from_numpy(prepared.image_rows),
-        torch.from_numpy(prepared.image_features),
-        torch.from_numpy(prepared.attribute_ids),
-    )
-
-
-def long_tail_mask(popularity: np.ndarray, head_share: float = HEAD_SHARE) -> np.ndarray:
-    """True for tail items: everything outside the top `head_share` of items by popularity."""
-    n = len(popularity) - 1
-    order = np.argsort(-popularity[1:], kind="stable") + 1
-    tail = np.ones(len(popularity), dtype=bool)
-    tail[order[: int(math.ceil(head_share * n))]] = False
-    tail[contract.PADDING_INDEX] = False
-    return tail
-
-
-def model_score_fn(model: Recommender, max_history: int) -> ScoreFn:
-    """Scores of the whole catalogue for evaluation, exactly as served with weight 0."""
-    model.eval()
-    with torch.no_grad():
-        table = model.item_table()
-
-    def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
-        hist = [cases.histories[r][-max_history:] for r in rows]
-        types = [cases.event_types[r][-max_history:] for r in rows]
-        width = max(1, max(len(h) for h in hist))
-        # Right-padded: the same user vectors as the served (left-padded) graph, through the
-        # fused attention (the export's parity checks compare the two paths).
-        items = torch.from_numpy(_pad_right(hist, width))
-        events = torch.from_numpy(_pad_right(types, width))
-        ctx = torch.from_numpy(cases.context[rows])
-        with torch.no_grad():
-            user = model.user_tower(F.embedding(items, table), items, events, right_padded=True)
-            user = model.context_weighting(user, ctx)
-            return (user @ table.T).numpy()
-
-    return score
-
-
-def _pad_right(rows: list[np.ndarray], width: int) -> np.ndarray:
-    out = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
 
 
 # Batch widths are rounded up to a multiple of this: a handful of distinct tensor shapes per
@@ -549,27 +408,29 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
         "data": {"dir": str(prepared.data_dir), "cleaning": prepared.report},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "model_config": model_cfg.to_dict(),
-            "state_dict": model.state_dict(),
-            "text_features": prepared.text_features,
-            "image_rows": prepared.image_rows,
-            "image_features": prepared.image_features,
-            "attribute_ids": prepared.attribute_ids,
-            "popularity": prepared.popularity,
-            "long_tail": long_tail_mask(prepared.popularity),
-            "item_ids": prepared.item_ids,
-            "titles": prepared.titles,
-            "texts": prepared.texts,
-            "image_paths": prepared.image_paths,
-            "vocabularies": {
-                "event_types": list(contract.EVENT_TYPES),
-                "device": prepared.device_vocab,
-                "region": prepared.region_vocab,
-            },
-            "summary": summary,
-        },
+    save_checkpoint(
+        Checkpoint(
+            metadata=CheckpointMetadata(
+                model_config=model_cfg.to_dict(),
+                item_ids=prepared.item_ids,
+                titles=prepared.titles,
+                texts=prepared.texts,
+                image_paths=prepared.image_paths,
+                vocabularies=Vocabularies(
+                    event_types=list(contract.EVENT_TYPES),
+                    device=prepared.device_vocab,
+                    region=prepared.region_vocab,
+                ),
+                summary=summary,
+            ),
+            state_dict=model.state_dict(),
+            text_features=prepared.text_features,
+            image_rows=prepared.image_rows,
+            image_features=prepared.image_features,
+            attribute_ids=prepared.attribute_ids,
+            popularity=prepared.popularity,
+            long_tail=long_tail_mask(prepared.popularity),
+        ),
         out_dir / "checkpoint.pt",
     )
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -583,8 +444,8 @@ def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
     summary, which holds both choices."""
     path = out_dir / "checkpoint.pt"
     model, ckpt = load_checkpoint(path)
-    if ckpt["item_ids"] != prepared.item_ids or not np.array_equal(
-        ckpt["popularity"], prepared.popularity
+    if ckpt.item_ids != prepared.item_ids or not np.array_equal(
+        ckpt.popularity, prepared.popularity
     ):
         raise ValueError(f"{path} was not trained on this split (catalogue or popularity differ)")
     valid_cases = make_cases(
@@ -596,11 +457,11 @@ def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
         long_tail_mask(prepared.popularity),
         valid_cases,
     )
-    ckpt.setdefault("summary", {})["long_tail_weight"] = tuned
-    ckpt["summary"]["similar_items_long_tail_weight"] = tune_similar_items_default(model, prepared)
-    torch.save(ckpt, path)
-    (out_dir / "metrics.json").write_text(json.dumps(ckpt["summary"], indent=2))
-    return ckpt["summary"]
+    ckpt.summary["long_tail_weight"] = tuned
+    ckpt.summary["similar_items_long_tail_weight"] = tune_similar_items_default(model, prepared)
+    save_checkpoint(ckpt, path)
+    (out_dir / "metrics.json").write_text(json.dumps(ckpt.summary, indent=2))
+    return ckpt.summary
 
 
 def tune_similar_items_default(model: Recommender, prepared: Prepared) -> dict:
@@ -615,29 +476,6 @@ def tune_similar_items_default(model: Recommender, prepared: Prepared) -> dict:
         long_tail_mask(prepared.popularity),
         validation_pairs(prepared.split),
     )
-
-
-def checkpoint_side(ckpt: dict) -> ItemSide:
-    if "image_rows" not in ckpt:
-        raise ValueError(
-            "this checkpoint predates the item fusion (text + image + attributes); "
-            "retrain it: remove it and run `make train`"
-        )
-    attributes = ckpt["attribute_ids"]
-    return ItemSide(
-        torch.from_numpy(np.asarray(ckpt["image_rows"], dtype=np.int64)),
-        torch.from_numpy(np.asarray(ckpt["image_features"], dtype=np.float32)),
-        None if attributes is None else torch.from_numpy(np.asarray(attributes, dtype=np.int64)),
-    )
-
-
-def load_checkpoint(path: Path) -> tuple[Recommender, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = ModelConfig(**ckpt["model_config"])
-    model = Recommender(cfg, torch.from_numpy(ckpt["text_features"]), checkpoint_side(ckpt))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt
 
 
 def _long_tail_line(tuned: dict) -> str:

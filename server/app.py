@@ -18,15 +18,15 @@ from server import metrics
 from server.catalogue import describe, load_model_repository
 from server.config import GatewayConfig
 from server.errors import StartupError
-from server.feedback import FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
-from server.item_encoder import ItemEncoder
+from server.item_encoder import TritonItemEncoder
 from server.item_images import ItemImages
-from server.item_text import ItemTokenizer
-from server.items import ItemStore
+from server.item_tokenizer import ItemTokenizer
 from server.servicer import SERVICE_NAME, RecommenderServicer
+from server.stores.feedback import FeedbackStore
+from server.stores.items import ItemStore
 from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
 from server.validation import RequestLimits
 
@@ -73,10 +73,12 @@ class GatewayServer(grpc.aio.Server):
         self._server.add_registered_method_handlers(service_name, method_handlers)
 
     def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
+        port: int = self._server.add_insecure_port(address)
+        return port
 
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
+        port: int = self._server.add_secure_port(address, server_credentials)
+        return port
 
     @property
     def feedback(self) -> FeedbackStore:
@@ -108,7 +110,8 @@ class GatewayServer(grpc.aio.Server):
         await self._triton.close()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self._server.wait_for_termination(timeout)
+        terminated: bool = await self._server.wait_for_termination(timeout)
+        return terminated
 
 
 def create_server(
@@ -165,7 +168,7 @@ def create_server(
     encoder = (
         None
         if tokenizer is None
-        else ItemEncoder(
+        else TritonItemEncoder(
             tokenizer, triton, metadata.embedding_dim, config.items_encode_timeout_seconds
         )
     )

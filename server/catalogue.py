@@ -3,15 +3,13 @@
 Both are written by the export next to the Triton models, so that the ids the gateway maps and the
 indices the models were trained on come from the same export. Anything missing or malformed fails
 start-up with the file named, never a request later. Items added after training (the item
-overlay of `server.items`) extend a `Catalogue` with `Catalogue.with_overlay`.
+overlay of `server.stores.items`) extend a `Catalogue` with `Catalogue.with_overlay`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
-import math
 from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server import contract
+from ltrec_core import contract
+from ltrec_core.artifacts import ArtifactError, RepositoryMetadata, read_repository_metadata
+from ltrec_core.context import vocabulary_buckets
 from server.errors import StartupError
 
 CATALOGUE_HEADER = ("index", "item_id", "title", "popularity", "long_tail")
@@ -47,6 +47,23 @@ class ModelMetadata:
     embedding_dim: int = 64
     # Tokens of item text the item text encoder reads (the training setting).
     text_max_tokens: int = 64
+
+    @classmethod
+    def from_repository(cls, metadata: RepositoryMetadata) -> ModelMetadata:
+        """What the gateway serves with, from the repository's metadata file."""
+        vocabularies = metadata.vocabularies
+        return cls(
+            model_version=metadata.model_version,
+            max_history=metadata.max_history,
+            default_long_tail_weight=metadata.default_long_tail_weight,
+            similar_items_default_long_tail_weight=metadata.similar_items_default_long_tail_weight,
+            long_tail_weight_max=metadata.long_tail_weight_max,
+            event_types=tuple(vocabularies.event_types),
+            device_buckets=vocabulary_buckets(vocabularies.device),
+            region_buckets=vocabulary_buckets(vocabularies.region),
+            embedding_dim=metadata.embedding_dim,
+            text_max_tokens=metadata.text_max_tokens,
+        )
 
 
 def _no_vectors() -> npt.NDArray[np.float32]:
@@ -124,95 +141,9 @@ def load_model_repository(directory: Path) -> tuple[ModelMetadata, Catalogue]:
 
 def load_metadata(path: Path) -> ModelMetadata:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelRepositoryError(f"{path}: file not found (run the export first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelRepositoryError(f"{path}: cannot read JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ModelRepositoryError(f"{path}: expected a JSON object")
-
-    def fail(message: str) -> ModelRepositoryError:
-        return ModelRepositoryError(f"{path}: {message}")
-
-    def number(key: str) -> float:
-        value = raw.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise fail(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise fail(f"{key} must be finite, got {value!r}")
-        return float(value)
-
-    model_version = raw.get("model_version")
-    if not isinstance(model_version, str) or not model_version:
-        raise fail(f"model_version must be a non-empty string, got {model_version!r}")
-    max_history = raw.get("max_history")
-    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-        raise fail(f"max_history must be an integer >= 1, got {max_history!r}")
-    default_weight = number("default_long_tail_weight")
-    weight_max = number("long_tail_weight_max")
-    if not 0 <= default_weight <= weight_max:
-        raise fail(
-            f"default_long_tail_weight must be in [0, long_tail_weight_max={weight_max:g}], "
-            f"got {default_weight:g}"
-        )
-    # Exported before SimilarItems had a default of its own: 0 (pure similarity), never
-    # Recommend's, whose scale would bury the neighbours under the popularity term.
-    similar_key = contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY
-    similar_weight = number(similar_key) if similar_key in raw else 0.0
-    if not 0 <= similar_weight <= weight_max:
-        raise fail(
-            f"{similar_key} must be in [0, long_tail_weight_max={weight_max:g}], "
-            f"got {similar_weight:g}"
-        )
-    vocabularies = raw.get("vocabularies")
-    if not isinstance(vocabularies, dict):
-        raise fail("vocabularies must be an object with event_types, device and region")
-
-    def vocabulary(name: str) -> list[str]:
-        values = vocabularies.get(name)
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise fail(f"vocabularies.{name} must be a list of strings, got {values!r}")
-        return values
-
-    event_types = tuple(vocabulary("event_types"))
-    if event_types != contract.EVENT_TYPES:
-        raise fail(
-            f"vocabularies.event_types must be {list(contract.EVENT_TYPES)} "
-            f"(server/contract.py), got {list(event_types)}"
-        )
-    dim = raw.get("embedding_dim")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise fail(f"embedding_dim must be an integer >= 1, got {dim!r}")
-    if raw.get("item_overlay") is not True:
-        raise fail(
-            "item_overlay must be true: this repository was exported before the models took "
-            "the item overlay (extra_item_vectors); re-run the export"
-        )
-    model_config = raw.get("model_config", {})
-    max_tokens = model_config.get("text_max_tokens", 64) if isinstance(model_config, dict) else 64
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise fail(f"model_config.text_max_tokens must be an integer >= 1, got {max_tokens!r}")
-    return ModelMetadata(
-        model_version=model_version,
-        max_history=max_history,
-        default_long_tail_weight=default_weight,
-        similar_items_default_long_tail_weight=similar_weight,
-        long_tail_weight_max=weight_max,
-        event_types=event_types,
-        device_buckets=_buckets(vocabulary("device")),
-        region_buckets=_buckets(vocabulary("region")),
-        embedding_dim=dim,
-        text_max_tokens=max_tokens,
-    )
-
-
-def _buckets(vocabulary: list[str]) -> dict[str, int]:
-    # The first occurrence wins should the export ever repeat a label.
-    buckets: dict[str, int] = {}
-    for position, label in enumerate(vocabulary):
-        buckets.setdefault(label, position + 1)
-    return buckets
+        return ModelMetadata.from_repository(read_repository_metadata(path))
+    except ArtifactError as exc:
+        raise ModelRepositoryError(str(exc)) from None
 
 
 def load_catalogue(path: Path) -> Catalogue:

@@ -59,7 +59,7 @@ class GatewayConfig:
     allow_plaintext: bool = False
     # Key of the HMAC that stands for user ids in log lines; empty: a random key per process.
     user_hash_key: str = ""
-    # The feedback store (`server.feedback`): served lists and Feedback records, fsync'd JSON
+    # The feedback store (`server.stores.feedback`): served lists and Feedback records, fsync'd JSON
     # lines in segments of at most this many bytes, one series of segments per replica (default
     # name: the host name).
     feedback_dir: Path = Path("feedback")
@@ -68,8 +68,8 @@ class GatewayConfig:
     feedback_max_batch: int = 1000
     # Records waiting for the disk beyond which Feedback answers RESOURCE_EXHAUSTED.
     feedback_max_pending: int = 10_000
-    # The item store (`server.items`): items added (UpsertItems) or hidden (DeleteItems) after
-    # training, fsync'd JSON lines that every replica writes (segments named by
+    # The item store (`server.stores.items`): items added (UpsertItems) or hidden (DeleteItems)
+    # after training, fsync'd JSON lines that every replica writes (segments named by
     # feedback_replica) and reads: a directory all replicas mount, polled every interval.
     items_dir: Path = Path("items")
     items_poll_interval_seconds: float = 1.0

@@ -6,14 +6,14 @@ indices N+1..N+M) and excludes its hidden items (deleted, or replaced by an adde
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from server import contract
+from ltrec_core import contract
+from ltrec_core.context import label_bucket, time_bucket
 from server.catalogue import Catalogue, ModelMetadata
 from server.gen.ltrec.v1 import recommender_pb2
 
@@ -161,11 +161,10 @@ def context_buckets(
     context: recommender_pb2.Context, metadata: ModelMetadata, now_seconds: float
 ) -> list[int]:
     """(1 + UTC hour, 1 + UTC weekday with Monday = 0, device bucket, region bucket)."""
-    seconds = context.timestamp or now_seconds
-    moment = dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+    hour, weekday = time_bucket(context.timestamp or now_seconds)
     return [
-        1 + moment.hour,
-        1 + moment.weekday(),
-        metadata.device_buckets.get(context.device.strip().lower(), contract.UNKNOWN_BUCKET),
-        metadata.region_buckets.get(context.region.strip().lower(), contract.UNKNOWN_BUCKET),
+        hour,
+        weekday,
+        label_bucket(context.device, metadata.device_buckets),
+        label_bucket(context.region, metadata.region_buckets),
     ]

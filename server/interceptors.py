@@ -70,7 +70,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        full_method: str = handler_call_details.method  # type: ignore[attr-defined]
+        full_method: str = handler_call_details.method
         wrapped = self._wrapped.get(full_method)
         if wrapped is not None:
             return wrapped

@@ -1,8 +1,8 @@
 """New items -> item vectors through Triton: the image encoder, then the item encoder.
 
 The item encoder (MiniLM + the trained fusion) is the model that encoded the trained catalogue,
-and it takes the same three views of an item: the text (`server.item_text`), the hashed
-attributes (`server.item_attributes`) and the pooled image features with a `has_image` flag.
+and it takes the same three views of an item: the text (`ltrec_core.item_text`), the hashed
+attributes (`ltrec_core.item_attributes`) and the pooled image features with a `has_image` flag.
 Items without a usable image get zero features and `has_image` 0, as image-less items had in
 training. Only the rows with an image go to the image encoder, and not at all when none has one.
 """
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from server import contract
+from ltrec_core import contract
+from ltrec_core.item_attributes import attribute_ids
+from ltrec_core.item_text import ItemFields
 from server.errors import BackendError
-from server.item_attributes import attribute_ids
-from server.item_text import ItemFields, ItemTokenizer
+from server.item_tokenizer import ItemTokenizer
 from server.triton_client import TritonClient
 
 
@@ -54,7 +55,7 @@ class Encoded:
     image_features: list[npt.NDArray[np.float32] | None]
 
 
-class ItemEncoder:
+class TritonItemEncoder:
     """Item rows -> item vectors [n, D]; one image encoder call (rows with an image) and one
     item encoder call (all rows), each under the caller's deadline and the encode timeout."""
 
@@ -83,7 +84,7 @@ class ItemEncoder:
         has_image = np.zeros((n, 1), dtype=np.float32)
         kept = [i for i, row in enumerate(rows) if row.image_features is not None]
         for i in kept:
-            features[i] = rows[i].image_features  # type: ignore[assignment]
+            features[i] = rows[i].image_features
         with_image = [
             i for i, row in enumerate(rows) if row.image is not None and row.image_features is None
         ]

@@ -4,7 +4,7 @@ An item's image is its `image` bytes or, when those are empty, the file its `ima
 under the gateway's image directory (`LTREC_IMAGE_ROOT`). Paths are resolved (symlinks
 included) before they are checked, so neither "..", a symlink nor an absolute path reaches a
 file outside the root; URLs are never fetched (the gateway makes no outbound requests on a
-caller's behalf). A usable image becomes the image encoder's input row (`server.images`); an
+caller's behalf). A usable image becomes the image encoder's input row (`ltrec_core.images`); an
 unusable one is an `ImageProblem` that names the field, and the item is encoded without it, so
 one bad image never fails the other items of a call.
 
@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from server import images
+from ltrec_core import images
 from server.errors import StartupError
 
 logger = logging.getLogger(__name__)

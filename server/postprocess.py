@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from server import contract
+from ltrec_core import contract
 from server.catalogue import Catalogue
 from server.errors import BackendError
 from server.features import Features, SimilarFeatures

@@ -13,18 +13,20 @@ from collections.abc import Sequence
 
 import grpc
 
-from server import contract, metrics
+from ltrec_core import contract
+from ltrec_core.item_text import PRICE_BUCKETS, ItemFields, item_text
+from ltrec_core.records import FeedbackRecord, ServedRecord
+from server import metrics
 from server.catalogue import ModelMetadata
 from server.errors import BackendUnavailable, NotFound
 from server.features import build_features, build_similar_features
-from server.feedback import FEEDBACK, SERVED, FeedbackStore
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.interceptors import current_request_id
-from server.item_encoder import ItemEncoder, ItemRow
+from server.item_encoder import ItemRow, TritonItemEncoder
 from server.item_images import ImageProblem, ItemImages, LoadedImage
-from server.item_text import PRICE_BUCKETS, ItemFields, item_text
-from server.items import ItemStore, NewItem
 from server.postprocess import build_items, build_similar_items
+from server.stores.feedback import FeedbackStore
+from server.stores.items import ItemStore, NewItem
 from server.triton_client import OUTPUT_NAMES, TritonClient
 from server.validation import (
     RequestLimits,
@@ -66,7 +68,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         triton: TritonClient,
         limits: RequestLimits,
         feedback: FeedbackStore,
-        encoder: ItemEncoder | None,
+        encoder: TritonItemEncoder | None,
         images: ItemImages,
     ) -> None:
         self._metadata = metadata
@@ -99,16 +101,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             items = build_items(outputs, features, catalogue)
         # The served list goes to the feedback store without waiting for the disk.
         self._feedback.offer(
-            {
-                "kind": SERVED,
-                "request_id": request_id,
-                "user_id": request.user_id,
-                "items": [item.item_id for item in items],
-                "model_version": self._metadata.model_version,
-                "timestamp": request.context.timestamp or int(time.time()),
-                "device": request.context.device,
-                "region": request.context.region,
-            }
+            ServedRecord(
+                request_id=request_id,
+                user_id=request.user_id,
+                items=[item.item_id for item in items],
+                model_version=self._metadata.model_version,
+                timestamp=request.context.timestamp or int(time.time()),
+                device=request.context.device,
+                region=request.context.region,
+            ).to_json()
         )
         return recommender_pb2.RecommendResponse(
             items=items,
@@ -233,24 +234,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         """Returns once every (validated) event is on disk: all or nothing."""
         now = time.time()
         records = [
-            {
-                "kind": FEEDBACK,
-                "request_id": event.request_id,
-                "user_id": event.user_id,
-                "item_id": event.item_id,
-                "type": FEEDBACK_TYPE_NAMES[event.type],
-                "timestamp": event.timestamp or int(now),
-                "position": event.position if event.HasField("position") else None,
-                "device": event.context.device,
-                "region": event.context.region,
-                "model_version": self._metadata.model_version,
-                "received_at": round(now, 3),
-            }
+            FeedbackRecord(
+                request_id=event.request_id,
+                user_id=event.user_id,
+                item_id=event.item_id,
+                type=FEEDBACK_TYPE_NAMES[event.type],
+                timestamp=event.timestamp or int(now),
+                position=event.position if event.HasField("position") else None,
+                device=event.context.device,
+                region=event.context.region,
+                model_version=self._metadata.model_version,
+                received_at=round(now, 3),
+            )
             for event in events
         ]
-        await self._feedback.append(records)
+        await self._feedback.append([record.to_json() for record in records])
         for record in records:
-            metrics.FEEDBACK_EVENTS_TOTAL.labels(type=record["type"]).inc()
+            metrics.FEEDBACK_EVENTS_TOTAL.labels(type=record.type).inc()
         return len(records)
 
 

@@ -19,7 +19,8 @@ import tritonclient.grpc.aio as triton_grpc
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from server import contract, metrics
+from ltrec_core import contract
+from server import metrics
 from server.errors import BackendError, BackendTimeout, BackendUnavailable
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,8 @@
 The wheel carries the server and its python backend but no onnxruntime backend; the backend
 directory built here adds a Python-based backend named ``onnxruntime`` (our
 ``onnxruntime_backend/model.py``) so that the repository written for the NGC image serves as is.
-See ``/work/shared/recipes/triton-local.md`` for why each piece of environment is needed.
+Why each piece of environment is needed is said where it is set up, below; the README's
+"Triton, locally" section has the overview.
 """
 
 from __future__ import annotations

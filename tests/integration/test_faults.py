@@ -23,9 +23,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export_scripts.export import export
-from server.feedback import read_records
+from ltrec_core.feedback_log import read_records
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.integration.tiny_model import ml1m_slice, train_tiny
+from tests.support.tiny_model import ml1m_slice, train_tiny
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 

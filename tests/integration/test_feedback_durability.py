@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.feedback import ReadStats, read_records, segments
+from ltrec_core.feedback_log import ReadStats, read_records, segments
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.unit.test_gateway import write_repository
+from tests.support.gateway import write_repository
 from triton_local.server import free_ports
 from triton_local.stack import GatewayProcess
 

@@ -1,5 +1,5 @@
 """Image-bearing items end to end, through real Triton: a catalogue whose items carry real
-photos (`ltrec.photo_catalogue`), EfficientNet-Lite0 features fused into the item vectors in
+photos (`ltrec.datasets.photo_shop`), EfficientNet-Lite0 features fused into the item vectors in
 training, the export with its image and item encoders, and the gateway encoding new products'
 photos through Triton on UpsertItems.
 
@@ -24,15 +24,17 @@ import torch
 from PIL import Image
 
 from export_scripts.export import export
+from ltrec.checkpoint import load_checkpoint
+from ltrec.datasets.photo_shop import build_photo_catalogue
 from ltrec.models import Scorer, UserEncoder
-from ltrec.photo_catalogue import build_photo_catalogue
-from ltrec.train import Prepared, TrainConfig, load_checkpoint, prepare, train
-from server import contract
+from ltrec.prepared import Prepared, prepare
+from ltrec.train import TrainConfig, train
+from ltrec_core import contract
+from ltrec_core.item_attributes import attribute_ids
+from ltrec_core.item_text import ItemFields, item_text
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from server.item_attributes import attribute_ids
-from server.item_text import ItemFields, item_text
-from server.items import decode_vector
-from tests.integration.tiny_model import encode_new_items
+from server.stores.items import decode_vector
+from tests.support.tiny_model import encode_new_items
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 

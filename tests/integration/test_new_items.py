@@ -27,13 +27,14 @@ import pytest
 import torch
 
 from export_scripts.export import export
+from ltrec.checkpoint import load_checkpoint
+from ltrec.datasets.movielens import ML_1M_GENRES
 from ltrec.models import Scorer, UserEncoder
-from ltrec.movielens import ML_1M_GENRES
-from ltrec.train import TrainConfig, load_checkpoint, train
-from server import contract
+from ltrec.train import TrainConfig, train
+from ltrec_core import contract
+from ltrec_core.item_attributes import attribute_ids
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from server.item_attributes import attribute_ids
-from tests.integration.tiny_model import encode_new_items, ml1m_slice
+from tests.support.tiny_model import encode_new_items, ml1m_slice
 from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 

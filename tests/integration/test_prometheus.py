@@ -12,7 +12,7 @@ and the full expression must still evaluate without error. An error ratio (numer
 codes only) is legitimately empty until the first server-side error; see
 `test_error_ratio_is_zero_without_server_errors`.
 
-The `stack` fixture is imported from test_serving.py; pytest registers it again for this module,
+The `stack` fixture is imported from tests/support/stack.py; pytest registers it for this module,
 so the stack (training, export, Triton, gateway) is built a second time when both modules run.
 """
 
@@ -33,8 +33,8 @@ from tests.integration.prometheus_util import (
     PrometheusServer,
     comparison_operands,
 )
-from tests.integration.test_serving import Stack, _request, stack  # noqa: F401
-from tests.unit.test_alerts import CHART, rendered_rules
+from tests.support.helm import CHART, rendered_rules
+from tests.support.stack import Stack, _request, serving_stack  # noqa: F401  (fixture `stack`)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

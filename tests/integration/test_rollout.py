@@ -37,8 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export_scripts.export import export
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.integration.test_serving import _request
-from tests.integration.tiny_model import ml1m_slice, train_tiny
+from tests.support.stack import _request
+from tests.support.tiny_model import ml1m_slice, train_tiny
 from triton_local.server import TritonServer, free_ports
 from triton_local.stack import GatewayProcess
 

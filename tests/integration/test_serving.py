@@ -10,90 +10,23 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from export_scripts.export import export
+from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
-from ltrec.train import load_checkpoint
-from server import contract
-from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.integration.tiny_model import encode_new_items, ml1m_slice, train_tiny
-from triton_local.server import TritonServer
-from triton_local.stack import GatewayProcess
+from ltrec_core import contract
+from tests.support.stack import Stack, _request, serving_stack  # noqa: F401  (fixture `stack`)
+from tests.support.tiny_model import encode_new_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@dataclass
-class Stack:
-    repo: Path
-    triton: TritonServer
-    gateway: GatewayProcess
-    channel: grpc.Channel
-    stub: recommender_pb2_grpc.RecommenderStub
-    metadata: dict
-    catalogue: pd.DataFrame
-    history: list[str]  # item ids of a real user history, oldest first
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("serving")
-    prepared, users = ml1m_slice(root)
-    checkpoint = train_tiny(prepared, root / "artifacts")
-    repo = root / "model_repository"
-    metadata = export(checkpoint, repo, log=lambda _m: None)
-
-    triton = TritonServer(repo, build_dir=triton_build_dir)
-    triton.start()
-    gateway = GatewayProcess(repo, triton.grpc_url, log_path=root / "gateway.log")
-    try:
-        triton.wait_ready(timeout_s=180)
-        gateway.start()
-        gateway.wait_serving(timeout_s=120)
-        channel = grpc.insecure_channel(gateway.address)
-        first_user = prepared.split.train[prepared.split.train["user_id"] == users.iloc[0]]
-        yield Stack(
-            repo=repo,
-            triton=triton,
-            gateway=gateway,
-            channel=channel,
-            stub=recommender_pb2_grpc.RecommenderStub(channel),
-            metadata=metadata,
-            catalogue=pd.read_csv(repo / contract.CATALOGUE_FILE, keep_default_na=False),
-            history=first_user["item_id"].tolist()[-15:],
-        )
-        channel.close()
-    finally:
-        gateway.stop()
-        triton.stop()
-
-
-def _request(history: list[str], k: int = 10, **kwargs: object) -> recommender_pb2.RecommendRequest:
-    return recommender_pb2.RecommendRequest(
-        user_id="integration-user",
-        history=[
-            recommender_pb2.HistoryEvent(
-                item_id=i, event_type=recommender_pb2.EVENT_TYPE_RATING, timestamp=1_000 + n
-            )
-            for n, i in enumerate(history)
-        ],
-        context=recommender_pb2.Context(timestamp=978_300_760, region="zip4"),
-        k=k,
-        **kwargs,
-    )
 
 
 def test_recommend_returns_ranked_titles(stack: Stack) -> None:
@@ -179,8 +112,8 @@ def test_item_encoders_served_by_triton_match_torch(stack: Stack) -> None:
     import skimage.data
     from PIL import Image
 
-    from server.images import image_batch
-    from server.item_attributes import attribute_ids
+    from ltrec_core.images import image_batch
+    from ltrec_core.item_attributes import attribute_ids
 
     texts = ["Space Odyssey Returns (2031). Category: Sci-Fi > Adventure."] * 2
     photo = Image.fromarray(skimage.data.rocket())

@@ -12,13 +12,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import helm_python
 import pytest
 import yaml
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "ltrec"
+from tests.support.helm import CHART, rendered_rules
+
 UNIT_TESTS = CHART / "tests" / "alerts_test.yaml"
-RELEASE = "ltrec"
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +26,6 @@ def promtool() -> str:
     if path is None:
         pytest.fail("promtool is not installed: run `make install` (apt-get install -y prometheus)")
     return path
-
-
-def rendered_rules(values: dict[str, Any] | None = None) -> dict[str, Any]:
-    enabled = {"monitoring": {"prometheusRule": {"enabled": True}}}
-    merged = enabled if values is None else _merge(enabled, values)
-    with helm_python.Config(namespace="recsys", storage_driver="memory") as cfg:
-        manifest = cfg.install(str(CHART), RELEASE, merged, dry_run="client")["manifest"]
-    (rule,) = [d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "PrometheusRule"]
-    return rule["spec"]
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
 
 
 def run(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:

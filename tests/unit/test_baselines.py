@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ltrec.baselines import (
-    IDOnlyRecommender,
     cooccurrence,
     ease_weights,
     history_matrix,
@@ -20,8 +19,9 @@ from ltrec.baselines import (
 )
 from ltrec.evaluation import EvalCases, evaluate
 from ltrec.models import ModelConfig, Recommender
+from ltrec.neural_baselines import IDOnlyRecommender
 from ltrec.train import TrainConfig, _loss, target_distribution
-from server import contract
+from ltrec_core import contract
 
 
 def toy_events(rows: list[tuple[str, int]]) -> pd.DataFrame:

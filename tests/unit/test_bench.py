@@ -15,11 +15,11 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks import bench, procstat, report
-from benchmarks.catalogue import generated_item_table, zipf_popularity
 from benchmarks.load import run_async, run_threads
 from benchmarks.stats import markdown_table, percentile, ratio, summarize
+from benchmarks.synthetic_catalogue import generated_item_table, zipf_popularity
 from export_scripts import onnx_graphs
-from server import contract
+from ltrec_core import contract
 
 # --- statistics and tables ---------------------------------------------------------------------
 
@@ -365,11 +365,11 @@ def test_synthetic_catalogue_exports_a_scorer_that_ranks_like_numpy(tmp_path: Pa
     vectors exactly as numpy does, and the gateway accepts the repository."""
     import torch
 
-    from benchmarks.catalogue import synthetic_checkpoint
+    from benchmarks.synthetic_catalogue import synthetic_checkpoint
     from export_scripts.export import export
-    from ltrec.train import load_checkpoint
+    from ltrec.checkpoint import load_checkpoint
     from server.catalogue import load_model_repository
-    from tests.unit.test_export import write_checkpoint
+    from tests.support.checkpoints import write_checkpoint
 
     write_checkpoint(tmp_path / "trained.pt")
     n_items = 3000

@@ -16,12 +16,12 @@ from ltrec.data import (
     item_texts,
     leave_one_out,
     load_dataset,
-    main,
     price_buckets,
     write_dataset,
 )
-from ltrec.movielens import convert_movielens_1m, split_genres
-from server import contract
+from ltrec.datasets.commands import main
+from ltrec.datasets.movielens import convert_movielens_1m, split_genres
+from ltrec_core import contract
 
 ITEMS_CSV = """item_id,title,description,category,brand,price,image
 i1,Red Shoe,A shoe that is red,Clothing|Shoes,Acme,10.0,img/i1.jpg
@@ -536,7 +536,7 @@ def test_movielens_1m_conversion(tmp_path: Path, fmt: str) -> None:
     assert loaded - converted < 10
 
 
-@pytest.mark.parametrize("module", ["ltrec.train", "ltrec.report"])
+@pytest.mark.parametrize("module", ["ltrec.train", "experiments.report.cli"])
 def test_training_commands_reject_a_bad_dataset_with_a_clear_error(
     module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,36 +23,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export_scripts import export as export_module
 from export_scripts import onnx_graphs, triton_config
-from ltrec.models import ItemLookup, ModelConfig, Recommender, Scorer, UserEncoder
-from ltrec.train import load_checkpoint, long_tail_mask
-from server import contract
+from ltrec.checkpoint import load_checkpoint
+from ltrec.models import ItemLookup, Scorer, UserEncoder
+from ltrec_core import contract
 from server.catalogue import load_model_repository
+from tests.support.checkpoints import CFG, N_ITEMS, VOCABULARIES, write_checkpoint
 
-N_ITEMS = 40
-CFG = ModelConfig(
-    n_items=N_ITEMS,
-    n_devices=3,
-    n_regions=3,
-    text_dim=24,
-    embedding_dim=16,
-    projection_hidden=32,
-    n_layers=1,
-    n_heads=2,
-    max_history=12,
-    context_dim=4,
-)
-VOCABULARIES = {
-    "event_types": list(contract.EVENT_TYPES),
-    "device": ["desktop", "mobile"],
-    "region": ["eu", "us"],
-}
-# Titles the CSV must quote: commas, quotes, a line break, non-ASCII.
-SPECIAL_TITLES = {
-    1: "Heat, The (1995)",
-    2: 'Say "Hi", Bob',
-    3: "Amélie, Le fabuleux destin",
-    4: "Two\nlines",
-}
 TRITON_TYPES = {mc.TYPE_INT64: "tensor(int64)", mc.TYPE_FP32: "tensor(float)"}
 TOWER_MODELS = (
     contract.USER_ENCODER_MODEL,
@@ -62,54 +38,6 @@ TOWER_MODELS = (
 )
 ENSEMBLES = (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
 EXPORTED_MODELS = (*ENSEMBLES, *TOWER_MODELS)
-
-
-def write_checkpoint(path: Path) -> dict:
-    """A random checkpoint with exactly the keys `ltrec.train.train` saves."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    text_features = rng.standard_normal((N_ITEMS + 1, CFG.text_dim)).astype(np.float32)
-    text_features[contract.PADDING_INDEX] = 0.0
-    model = Recommender(CFG, torch.from_numpy(text_features))
-    with torch.no_grad():
-        # Both start at zero; random values make the parity checks non-trivial.
-        assert model.item_ids is not None
-        model.item_ids.weight.normal_(std=0.5)
-        model.context_weighting.mlp[-1].weight.normal_(std=0.5)
-        model.context_weighting.mlp[-1].bias.normal_(std=0.5)
-    popularity = rng.integers(0, 500, size=N_ITEMS + 1).astype(np.int64)
-    popularity[contract.PADDING_INDEX] = 0
-    item_ids = [f"item-{i}" for i in range(1, N_ITEMS + 1)]
-    titles = [SPECIAL_TITLES.get(i, f"Title {i}") for i in range(1, N_ITEMS + 1)]
-    summary = {
-        "text_model": "sentence-transformers/all-MiniLM-L6-v2",
-        "train_config": {"epochs": 1, "lr": 0.002, "model": {}},
-        "model_config": CFG.to_dict(),
-        "best": {"epoch": 1, "recall@10": 0.1, "ndcg@10": 0.05},
-        "most_popular_valid": {"recall@10": 0.05, "ndcg@10": 0.02},
-        "epochs": [{"epoch": 1, "loss": 3.0}],
-        "stop_reason": "epochs",
-        "train_seconds": 1.5,
-        "data": {"dir": "data/tiny", "cleaning": {}},
-    }
-    ckpt = {
-        "model_config": CFG.to_dict(),
-        "state_dict": model.state_dict(),
-        "text_features": text_features,
-        "image_rows": np.zeros(0, dtype=np.int64),
-        "image_features": np.zeros((0, CFG.image_dim), dtype=np.float32),
-        "attribute_ids": np.zeros((N_ITEMS + 1, contract.ATTRIBUTE_SLOTS), dtype=np.int64),
-        "popularity": popularity,
-        "long_tail": long_tail_mask(popularity),
-        "item_ids": item_ids,
-        "titles": titles,
-        "texts": [f"{t} | category" for t in titles],
-        "image_paths": [None] * N_ITEMS,
-        "vocabularies": VOCABULARIES,
-        "summary": summary,
-    }
-    torch.save(ckpt, path)
-    return ckpt
 
 
 class Exported:

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ltrec.features import (
+from ltrec.sequences import (
     build_sequences,
     build_vocabulary,
     context_matrix,
     label_buckets,
-    time_buckets,
 )
-from server import contract
+from ltrec_core import contract
+from ltrec_core.context import time_buckets
 from server.catalogue import ModelMetadata
 from server.features import context_buckets
 from server.gen.ltrec.v1 import recommender_pb2

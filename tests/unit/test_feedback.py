@@ -13,11 +13,12 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from server import feedback as feedback_store
+from ltrec_core import segment_log as feedback_store
+from ltrec_core.feedback_log import ReadStats, read_records, segments
 from server.config import ConfigError, GatewayConfig
-from server.feedback import FeedbackStore, ReadStats, read_records, segments
 from server.gen.ltrec.v1 import recommender_pb2
-from tests.unit.test_gateway import (
+from server.stores.feedback import FeedbackStore
+from tests.support.gateway import (
     FakeTransport,
     full_request,
     outputs,

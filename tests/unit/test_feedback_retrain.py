@@ -12,12 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
+from ltrec.checkpoint import load_checkpoint
 from ltrec.data import load_dataset, write_dataset
 from ltrec.evaluation import events_in_order, make_cases, target_ranks
-from ltrec.feedback import REPORT_FILE, main, merge
-from ltrec.train import Prepared, TrainConfig, load_checkpoint, model_score_fn, prepare, train
-from server.feedback import FeedbackStore, segments
-from tests.unit.test_report import tiny_data  # noqa: F401  (fixture)
+from ltrec.prepared import Prepared, prepare
+from ltrec.retrain import REPORT_FILE, main, merge
+from ltrec.scoring import model_score_fn
+from ltrec.train import TrainConfig, train
+from ltrec_core.feedback_log import segments
+from server.stores.feedback import FeedbackStore
 
 T0 = 2_000_000_000  # after every base event
 

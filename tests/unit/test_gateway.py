@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import csv
 import datetime as dt
-import functools
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,280 +20,24 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from server import contract
-from server.app import GatewayServer, create_server
-from server.config import GatewayConfig
-from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from ltrec_core import contract
+from server.gen.ltrec.v1 import recommender_pb2
 from server.interceptors import INTERNAL_MESSAGE, REQUEST_ID_METADATA_KEY, user_hash
+from tests.support.gateway import (
+    DIM,
+    ITEMS,
+    METADATA,
+    FakeTransport,
+    event,
+    full_request,
+    outputs,
+    run_async,
+    running_gateway,
+    unavailable,
+)
 
 SERVICE = "ltrec.v1.Recommender"
 NEG_INF = float("-inf")
-
-# (item_id, title, popularity, long_tail); catalogue index = position + 1.
-ITEMS = [
-    ("i1", "Toy Story (1995)", 500, 0),
-    ("i2", 'Heat, "The" (1995)', 400, 0),
-    ("i3", "Casino (1995)", 300, 0),
-    ("i4", "Sabrina (1995)", 20, 1),
-    ("i5", "Nixon, Part 2 (1995)", 10, 1),
-    ("i6", "Balto (1995)", 5, 1),
-]
-DIM = 4
-METADATA = {
-    "model_version": "20261129-ab12cd",
-    "max_history": 3,
-    "embedding_dim": DIM,
-    "item_overlay": True,
-    "model_config": {"text_max_tokens": 16},
-    "default_long_tail_weight": 0.25,
-    "similar_items_default_long_tail_weight": 0.01,
-    "long_tail_weight_max": 2.0,
-    "vocabularies": {
-        "event_types": ["view", "cart", "purchase", "rating"],
-        "device": ["desktop", "mobile"],
-        "region": ["zip0", "zip1"],
-    },
-    "data": {"ignored": True},
-    "hashes": {},
-}
-
-
-def write_tokenizer(directory: Path) -> None:
-    """A tiny word-level tokenizer where the export writes MiniLM's (no download)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    words = ["[PAD]", "[UNK]", ".", ":", ">", "category", "brand", "price", "toy", "space"]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = directory / contract.ITEM_ENCODER_MODEL / contract.TOKENIZER_DIR
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path / "tokenizer.json"))
-
-
-def write_repository(
-    directory: Path,
-    items: Sequence[tuple[str, str, int, int]] = ITEMS,
-    *,
-    tokenizer: bool = True,
-) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    if tokenizer:
-        write_tokenizer(directory)
-    (directory / contract.METADATA_FILE).write_text(json.dumps(METADATA), encoding="utf-8")
-    with (directory / contract.CATALOGUE_FILE).open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "item_id", "title", "popularity", "long_tail"])
-        for index, (item_id, title, popularity, long_tail) in enumerate(items, start=1):
-            writer.writerow([index, item_id, title, popularity, long_tail])
-    return directory
-
-
-def outputs(items: list[int], scores: list[float], positions: list[int]) -> dict[str, np.ndarray]:
-    return {
-        contract.TOP_ITEMS: np.asarray([items], dtype=np.int64),
-        contract.TOP_SCORES: np.asarray([scores], dtype=np.float32),
-        contract.REASON_POSITIONS: np.asarray([positions], dtype=np.int64),
-    }
-
-
-@dataclass
-class InferCall:
-    model_name: str
-    inputs: dict[str, np.ndarray]
-    client_timeout: float
-    request_id: str
-
-
-RANKING_OUTPUTS = (contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS)
-
-
-def fake_item_vectors(input_ids: np.ndarray) -> np.ndarray:
-    """What the fake item encoder answers: a vector that depends on the tokens."""
-    seeds = input_ids.sum(axis=1, keepdims=True).astype(np.float32)
-    return (np.arange(1, DIM + 1, dtype=np.float32) * (1.0 + seeds)).astype(np.float32)
-
-
-def fake_image_features(images: np.ndarray) -> np.ndarray:
-    """What the fake image encoder answers: features that depend on the pixels (never 0)."""
-    means = images.mean(axis=(1, 2, 3)).astype(np.float32)[:, None]
-    ramp = np.arange(1, contract.IMAGE_FEATURE_DIM + 1, dtype=np.float32) / 1000
-    return (1.0 + means + ramp).astype(np.float32)
-
-
-# What the item encoder takes: name -> (dtype, trailing shape or None for any).
-ITEM_ENCODER_INPUTS: dict[str, tuple[type, tuple[int, ...] | None]] = {
-    contract.TEXT_INPUT_IDS: (np.int64, None),
-    contract.TEXT_ATTENTION_MASK: (np.int64, None),
-    contract.IMAGE_FEATURES: (np.float32, (contract.IMAGE_FEATURE_DIM,)),
-    contract.HAS_IMAGE: (np.float32, (1,)),
-    contract.ATTRIBUTE_IDS: (np.int64, (contract.ATTRIBUTE_SLOTS,)),
-}
-IMAGE_SHAPE = (3, contract.IMAGE_SIZE, contract.IMAGE_SIZE)
-
-
-def check_encoder_inputs(model_name: str, inputs: Mapping[str, np.ndarray]) -> None:
-    """The fake's model signature: names, dtypes and shapes as the exported configs declare."""
-    if model_name == contract.IMAGE_ENCODER_MODEL:
-        (image,) = inputs.values()
-        assert set(inputs) == {contract.IMAGE}
-        assert image.dtype == np.float32 and image.shape[1:] == IMAGE_SHAPE and len(image) >= 1
-        return
-    assert set(inputs) == set(ITEM_ENCODER_INPUTS), set(inputs)
-    rows = len(inputs[contract.TEXT_INPUT_IDS])
-    for name, (dtype, trailing) in ITEM_ENCODER_INPUTS.items():
-        array = inputs[name]
-        assert array.dtype == dtype and array.ndim == 2 and len(array) == rows, name
-        assert trailing is None or array.shape[1:] == trailing, (name, array.shape)
-
-
-class FakeTransport:
-    """Stands in for tritonclient: records each call, then answers, fails or stalls.
-
-    The ranking ensembles (recommend, similar_items) answer `result`; the item encoder answers
-    `fake_item_vectors` of its input ids (or `encoder_result` when set), the image encoder
-    `fake_image_features` of its images (or `image_result`).
-    """
-
-    def __init__(self, result: Mapping[str, np.ndarray] | None = None) -> None:
-        self.result = dict(result) if result is not None else outputs([1], [1.0], [0])
-        self.encoder_result: dict[str, np.ndarray] | None = None
-        self.image_result: dict[str, np.ndarray] | None = None
-        self.errors: list[BaseException] = []  # raised first, one per call
-        self.always: BaseException | None = None
-        self.delay_seconds = 0.0
-        self.ready = True
-        self.closed = False
-        self.calls: list[InferCall] = []
-
-    async def infer(
-        self,
-        model_name: str,
-        inputs: Mapping[str, np.ndarray],
-        output_names: Sequence[str],
-        *,
-        client_timeout: float,
-        request_id: str,
-    ) -> dict[str, np.ndarray]:
-        if model_name == contract.ITEM_ENCODER_MODEL:
-            assert tuple(output_names) == (contract.ITEM_VECTOR,)
-            check_encoder_inputs(model_name, inputs)
-        elif model_name == contract.IMAGE_ENCODER_MODEL:
-            assert tuple(output_names) == (contract.IMAGE_FEATURES,)
-            check_encoder_inputs(model_name, inputs)
-        else:
-            assert model_name in (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
-            assert tuple(output_names) == RANKING_OUTPUTS
-        self.calls.append(InferCall(model_name, dict(inputs), client_timeout, request_id))
-        if self.errors:
-            raise self.errors.pop(0)
-        if self.always is not None:
-            raise self.always
-        if self.delay_seconds:
-            await asyncio.sleep(self.delay_seconds)
-        if model_name == contract.ITEM_ENCODER_MODEL:
-            if self.encoder_result is not None:
-                return self.encoder_result
-            return {contract.ITEM_VECTOR: fake_item_vectors(inputs[contract.TEXT_INPUT_IDS])}
-        if model_name == contract.IMAGE_ENCODER_MODEL:
-            if self.image_result is not None:
-                return self.image_result
-            return {contract.IMAGE_FEATURES: fake_image_features(inputs[contract.IMAGE])}
-        return self.result
-
-    def ranking_calls(self, model_name: str = contract.ENSEMBLE_MODEL) -> list[InferCall]:
-        return [call for call in self.calls if call.model_name == model_name]
-
-    async def is_model_ready(self, model_name: str, *, client_timeout: float) -> bool:
-        assert model_name == contract.ENSEMBLE_MODEL
-        return self.ready
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-def unavailable() -> InferenceServerException:
-    return InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
-
-
-@dataclass
-class Gateway:
-    server: GatewayServer
-    channel: grpc.aio.Channel
-    stub: recommender_pb2_grpc.RecommenderStub
-    fake: FakeTransport
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(
-    repository: Path, fake: FakeTransport, **config: Any
-) -> AsyncIterator[Gateway]:
-    settings: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_port": 0,
-        "model_repository": repository,
-        "triton_retry_backoff_seconds": 0.01,
-        "health_poll_interval_seconds": 0.02,
-        "allow_plaintext": True,
-        "feedback_dir": repository.parent / "feedback",
-        "items_dir": repository.parent / "items",
-    }
-    settings.update(config)
-    server, port = create_server(GatewayConfig(**settings), transport=fake)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Gateway(server, channel, recommender_pb2_grpc.RecommenderStub(channel), fake)
-    finally:
-        await server.stop(None)
-
-
-def access_log(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    """The gateway's per-request JSON lines."""
-    messages = [record.getMessage() for record in caplog.records]
-    return [json.loads(m) for m in messages if m.startswith('{"event": "rpc"')]
-
-
-def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Runs an async test in its own event loop (no pytest asyncio plugin is installed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=30))
-
-    return wrapper
-
-
-@pytest.fixture
-def repository(tmp_path: Path) -> Path:
-    return write_repository(tmp_path / "model_repository")
-
-
-def event(item_id: str, event_type: int, timestamp: int) -> recommender_pb2.HistoryEvent:
-    return recommender_pb2.HistoryEvent(item_id=item_id, event_type=event_type, timestamp=timestamp)
-
-
-WEDNESDAY_1530_UTC = int(dt.datetime(2024, 1, 3, 15, 30, tzinfo=dt.UTC).timestamp())
-
-
-def full_request() -> recommender_pb2.RecommendRequest:
-    return recommender_pb2.RecommendRequest(
-        user_id="user-42",
-        history=[
-            event("i1", recommender_pb2.EVENT_TYPE_PURCHASE, 300),
-            event("not-in-catalogue", recommender_pb2.EVENT_TYPE_VIEW, 50),
-            event("i2", recommender_pb2.EVENT_TYPE_UNSPECIFIED, 100),
-            event("i3", recommender_pb2.EVENT_TYPE_CART, 100),  # tie: stays after i2
-            event("i4", recommender_pb2.EVENT_TYPE_RATING, 0),  # unknown time: sorts first
-        ],
-        context=recommender_pb2.Context(
-            timestamp=WEDNESDAY_1530_UTC, device=" Mobile ", region="zip9"
-        ),
-        k=10,
-        exclude_item_ids=["i6", "unknown-exclusion", "i6"],
-        request_id="req-123",
-    )
 
 
 # --- The happy path ----------------------------------------------------------------------------

@@ -21,12 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import contract
+from ltrec_core import contract
 from server.app import create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.unit.test_gateway import ITEMS, METADATA, FakeTransport, outputs, write_repository
-from tests.unit.test_image_preprocessing import image_bytes, noise_png
+from tests.support.gateway import ITEMS, METADATA, FakeTransport, outputs, write_repository
+from tests.support.images import image_bytes, noise_png
 
 MAX_K = 50
 MAX_REQUEST_HISTORY = 20

@@ -21,12 +21,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from server import contract
+from ltrec_core import contract
 from server.app import create_server
 from server.catalogue import ModelRepositoryError, load_catalogue, load_metadata
 from server.config import ConfigError, GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.unit.test_gateway import ITEMS, METADATA, run_async, write_repository
+from tests.support.gateway import ITEMS, METADATA, run_async, write_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

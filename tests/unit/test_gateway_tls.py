@@ -14,7 +14,7 @@ from server.app import create_server
 from server.config import ConfigError, GatewayConfig
 from server.errors import StartupError
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.unit.test_gateway import FakeTransport, run_async, write_repository
+from tests.support.gateway import FakeTransport, run_async, write_repository
 
 
 def _openssl(*args: str, cwd: Path) -> None:

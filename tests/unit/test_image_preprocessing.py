@@ -1,4 +1,4 @@
-"""`server.images`: any image Pillow reads -> the image encoder's input, or `ImageError`."""
+"""`ltrec_core.images`: any image Pillow reads -> the image encoder's input, or `ImageError`."""
 
 from __future__ import annotations
 
@@ -11,29 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import contract, images
+from ltrec_core import contract, images
+from tests.support.images import image_bytes, noise_png
 
 SHAPE = (3, contract.IMAGE_SIZE, contract.IMAGE_SIZE)
-
-
-def image_bytes(
-    size: tuple[int, int] = (32, 24),
-    colour: tuple[int, ...] | int = (200, 30, 30),
-    mode: str = "RGB",
-    fmt: str = "PNG",
-    **save: object,
-) -> bytes:
-    """A small in-memory image file (used by the gateway tests too)."""
-    buffer = io.BytesIO()
-    Image.new(mode, size, colour).save(buffer, format=fmt, **save)
-    return buffer.getvalue()
-
-
-def noise_png(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png_header_only(width: int, height: int) -> bytes:

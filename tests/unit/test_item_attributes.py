@@ -1,11 +1,11 @@
-"""`server.item_attributes`: the hashed attribute ids training and the gateway both compute."""
+"""`ltrec_core.item_attributes`: the hashed attribute ids training and the gateway both compute."""
 
 from __future__ import annotations
 
 import pytest
 
-from server import contract
-from server.item_attributes import attribute_ids, attribute_tokens, token_id
+from ltrec_core import contract
+from ltrec_core.item_attributes import attribute_ids, attribute_tokens, token_id
 
 SLOTS = contract.ATTRIBUTE_SLOTS
 

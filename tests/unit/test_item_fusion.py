@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from ltrec.models import ItemFusion, ItemSide, ModelConfig, Recommender
-from server import contract
-from server.item_attributes import attribute_ids
+from ltrec_core import contract
+from ltrec_core.item_attributes import attribute_ids
 
 CFG = ModelConfig(
     n_items=6,
@@ -139,7 +139,7 @@ def test_pretrained_image_encoder_knows_a_cat_from_a_coffee(image_encoder) -> No
     to a flipped, resized copy of itself and away from the coffee photo."""
     import skimage.data
 
-    from server.images import image_batch
+    from ltrec_core.images import image_batch
 
     cat = Image.fromarray(skimage.data.chelsea())
     variant = cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 200))

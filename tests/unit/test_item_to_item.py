@@ -16,7 +16,7 @@ import pytest
 
 from export_scripts import onnx_graphs, triton_config
 from ltrec.data import leave_one_out
-from ltrec.evaluation import EvalCases
+from ltrec.evaluation import EvalCases, long_tail_mask
 from ltrec.item_to_item import (
     held_out_pairs,
     item_to_item_metrics,
@@ -27,10 +27,9 @@ from ltrec.item_to_item import (
     validation_pairs,
     vector_score_fn,
 )
-from ltrec.train import long_tail_mask
-from server import contract
+from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2
-from tests.unit.test_gateway import (
+from tests.support.gateway import (
     DIM,
     METADATA,
     FakeTransport,

@@ -23,18 +23,20 @@ import pandas as pd
 import pytest
 from prometheus_client import REGISTRY
 
-from server import contract, images, item_images
+from ltrec_core import contract, images
+from ltrec_core.item_attributes import attribute_ids
+from ltrec_core.item_text import ItemFields, item_text
+from server import item_images
 from server.app import create_server
 from server.catalogue import load_model_repository
 from server.config import GatewayConfig
 from server.errors import StartupError
 from server.gen.ltrec.v1 import recommender_pb2
 from server.interceptors import INTERNAL_MESSAGE
-from server.item_attributes import attribute_ids
 from server.item_images import ImageProblem, ItemImages, LoadedImage
-from server.item_text import ItemFields, ItemTokenizer, item_text
-from server.items import DELETE, UPSERT, ItemStore, decode_vector, encode_vector
-from tests.unit.test_gateway import (
+from server.item_tokenizer import ItemTokenizer
+from server.stores.items import DELETE, UPSERT, ItemStore, decode_vector, encode_vector
+from tests.support.gateway import (
     DIM,
     ITEMS,
     METADATA,
@@ -46,7 +48,7 @@ from tests.unit.test_gateway import (
     running_gateway,
     write_repository,
 )
-from tests.unit.test_image_preprocessing import image_bytes, noise_png
+from tests.support.images import image_bytes, noise_png
 
 N = len(ITEMS)
 VIEW = recommender_pb2.EVENT_TYPE_VIEW

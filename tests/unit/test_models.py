@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ltrec.evaluation import long_tail_mask
 from ltrec.models import ContextWeighting, ModelConfig, Recommender, Scorer, UserTower
-from ltrec.train import long_tail_mask
-from server import contract
+from ltrec_core import contract
 
 CFG = ModelConfig(
     n_items=12,

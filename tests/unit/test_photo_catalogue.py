@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 from ltrec.data import Dataset, load_dataset
-from ltrec.photo_catalogue import (
+from ltrec.datasets.commands import photo_shop_main as main
+from ltrec.datasets.photo_shop import (
     DEVICES,
     MAX_EVENTS,
     MIN_EVENTS,
     REGIONS,
     build_photo_catalogue,
-    main,
 )
 
 USERS = 400

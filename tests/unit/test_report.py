@@ -11,10 +11,21 @@ import pandas as pd
 import pytest
 import torch
 
+import ltrec.prepared
 import ltrec.train
+from experiments.report.cli import main
+from experiments.report.fitting import FACTORIES, _widen_to_interior, with_shuffled_context
+from experiments.report.merge import _SAME_DATA, merge_reports
+from experiments.report.sections import _convergence
+from experiments.report.settings import (
+    CONTEXT_ABLATIONS,
+    LONG_TAIL_WEIGHTS,
+    LOSS_VARIANTS,
+    MODELS,
+    quick_config,
+)
 from ltrec import baselines
-from ltrec.baselines import build_model
-from ltrec.data import leave_one_out, load_dataset, write_dataset
+from ltrec.data import leave_one_out, load_dataset
 from ltrec.evaluation import (
     EvalCases,
     cold_start_split,
@@ -22,6 +33,7 @@ from ltrec.evaluation import (
     evaluate_lists,
     events_in_order,
     gini,
+    held_out_cases,
     long_tail_adjusted,
     long_tail_metrics,
     paired_difference,
@@ -30,26 +42,15 @@ from ltrec.evaluation import (
     subsample_users,
     top_k_items,
     tune_long_tail_weight,
-)
-from ltrec.models import ModelConfig
-from ltrec.report import (
-    _SAME_DATA,
-    CONTEXT_ABLATIONS,
-    FACTORIES,
-    LONG_TAIL_WEIGHTS,
-    LOSS_VARIANTS,
-    MODELS,
-    _convergence,
-    _widen_to_interior,
-    held_out_cases,
-    main,
-    merge_reports,
-    quick_config,
-    with_shuffled_context,
     with_split,
 )
-from ltrec.train import Prepared, _loss, model_score_fn, prepare, target_distribution
-from server import contract
+from ltrec.models import ModelConfig
+from ltrec.neural_baselines import build_model
+from ltrec.prepared import Prepared, prepare
+from ltrec.scoring import model_score_fn
+from ltrec.train import _loss, target_distribution
+from ltrec_core import contract
+from tests.support.datasets import N_ITEMS
 
 
 def cases(histories: list[list[int]], targets: list[int]) -> EvalCases:
@@ -318,48 +319,6 @@ def test_subsample_users_keeps_whole_users() -> None:
 
 
 # --- A tiny synthetic dataset, end to end --------------------------------------------------------
-
-N_ITEMS = 40
-
-
-@pytest.fixture
-def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """40 items in 4 genres, 30 users who mostly stay in one genre, popularity skewed.
-
-    Text features are stood in by random vectors (with a genre component) instead of MiniLM, so
-    the test needs no model load.
-    """
-    rng = np.random.default_rng(0)
-    genres = ["drama", "comedy", "horror", "sci-fi"]
-    items = pd.DataFrame(
-        {
-            "item_id": [f"m{i}" for i in range(N_ITEMS)],
-            "title": [f"Movie {i}" for i in range(N_ITEMS)],
-            "category": [genres[i % 4] for i in range(N_ITEMS)],
-        }
-    )
-    weights = 1.0 / np.arange(1, N_ITEMS + 1)  # Zipf-like popularity
-    rows = []
-    for u in range(30):
-        genre = u % 4
-        own = np.flatnonzero(np.arange(N_ITEMS) % 4 == genre)
-        p = weights[own] / weights[own].sum()
-        n = int(rng.integers(5, 10))
-        picks = rng.choice(own, size=n, replace=False, p=p)
-        for t, i in enumerate(picks):
-            rows.append((f"u{u}", f"m{i}", 1_000_000 + 3600 * t + u, "view", "mobile", "r1"))
-    events = pd.DataFrame(
-        rows, columns=["user_id", "item_id", "timestamp", "event_type", "device", "region"]
-    )
-    write_dataset(items, events, tmp_path / "data", fmt="csv")
-
-    def fake_features(texts: list[str], cache_dir: Path, max_tokens: int = 64) -> np.ndarray:
-        genre = np.array([[g in t for g in genres] for t in texts], dtype=np.float32)
-        noise = np.random.default_rng(1).standard_normal((len(texts), 380)).astype(np.float32)
-        return np.concatenate([genre * 3.0, noise * 0.1], axis=1)
-
-    monkeypatch.setattr(ltrec.train, "cached_text_features", fake_features)
-    return tmp_path / "data"
 
 
 def test_cold_items_stay_in_the_catalogue(tiny_data: Path, tmp_path: Path) -> None:

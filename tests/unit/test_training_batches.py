@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltrec.features import Sequences
 from ltrec.models import ModelConfig, Recommender, UserTower
+from ltrec.sequences import Sequences
 from ltrec.train import (
     WIDTH_STEP,
     TrainConfig,
@@ -19,7 +19,7 @@ from ltrec.train import (
     epoch_spans,
     leave_one_out_means,
 )
-from server import contract
+from ltrec_core import contract
 
 
 def sequences(lengths: list[int]) -> Sequences:

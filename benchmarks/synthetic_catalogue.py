@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from export_scripts.export import export
+from ltrec.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ltrec.evaluation import long_tail_mask
 from ltrec.models import ModelConfig, Recommender
-from ltrec.train import load_checkpoint, long_tail_mask
-from server import contract
+from ltrec_core import contract
+from ltrec_core.artifacts import CheckpointMetadata
 
 ZIPF_EXPONENT = 1.1
 MAX_INTERACTIONS = 50_000
@@ -52,7 +54,7 @@ def zipf_popularity(n_items: int, rng: np.random.Generator) -> np.ndarray:
     return popularity
 
 
-def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) -> dict[str, Any]:
+def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) -> Checkpoint:
     """Writes a checkpoint with `source`'s towers and a generated catalogue of `n_items`."""
     model, ckpt = load_checkpoint(source)
     rng = np.random.default_rng(seed)
@@ -60,7 +62,7 @@ def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) 
         reference = model.item_table().numpy()
     table = generated_item_table(reference, n_items, rng)
     cfg = dataclasses.replace(
-        ModelConfig(**ckpt["model_config"]), n_items=n_items, text_dim=1, id_embeddings=True
+        ModelConfig(**ckpt.model_config), n_items=n_items, text_dim=1, id_embeddings=True
     )
     text_features = np.zeros((n_items + 1, 1), dtype=np.float32)
     synthetic = Recommender(cfg, torch.from_numpy(text_features))
@@ -75,26 +77,28 @@ def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) 
     synthetic.load_state_dict(state)
     popularity = zipf_popularity(n_items, rng)
     ids = [f"syn-{i}" for i in range(1, n_items + 1)]
-    summary = {**ckpt["summary"], "data": {"dir": f"synthetic:{n_items}", "cleaning": {}}}
+    summary = {**ckpt.summary, "data": {"dir": f"synthetic:{n_items}", "cleaning": {}}}
     summary["model_config"] = cfg.to_dict()
-    synthetic_ckpt = {
-        "model_config": cfg.to_dict(),
-        "state_dict": synthetic.state_dict(),
-        "text_features": text_features,
-        "image_rows": np.zeros(0, dtype=np.int64),
-        "image_features": np.zeros((0, cfg.image_dim), dtype=np.float32),
-        "attribute_ids": None,
-        "popularity": popularity,
-        "long_tail": long_tail_mask(popularity),
-        "item_ids": ids,
-        "titles": [f"Synthetic item {i}" for i in range(1, n_items + 1)],
-        "texts": [""] * n_items,
-        "image_paths": [None] * n_items,
-        "vocabularies": ckpt["vocabularies"],
-        "summary": summary,
-    }
+    synthetic_ckpt = Checkpoint(
+        metadata=CheckpointMetadata(
+            model_config=cfg.to_dict(),
+            item_ids=ids,
+            titles=[f"Synthetic item {i}" for i in range(1, n_items + 1)],
+            texts=[""] * n_items,
+            image_paths=[None] * n_items,
+            vocabularies=ckpt.vocabularies,
+            summary=summary,
+        ),
+        state_dict=synthetic.state_dict(),
+        text_features=text_features,
+        image_rows=np.zeros(0, dtype=np.int64),
+        image_features=np.zeros((0, cfg.image_dim), dtype=np.float32),
+        attribute_ids=None,
+        popularity=popularity,
+        long_tail=long_tail_mask(popularity),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(synthetic_ckpt, path)
+    save_checkpoint(synthetic_ckpt, path)
     return synthetic_ckpt
 
 

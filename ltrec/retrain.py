@@ -1,11 +1,11 @@
 """Retraining on served feedback: merge the gateway's feedback store into a dataset, compare models.
 
-The gateway appends served lists and Feedback records to its store (`server.feedback`). Here
-they become training data:
+The gateway appends served lists and Feedback records to its store (`server.stores.feedback`; the
+format is `ltrec_core.feedback_log`). Here they become training data:
 
-    python -m ltrec.feedback merge --data data/ml-1m --feedback feedback --out data/ml-1m-feedback
+    python -m ltrec.retrain merge --data data/ml-1m --feedback feedback --out data/ml-1m-feedback
     python -m ltrec.train --data data/ml-1m-feedback --out artifacts/ml-1m-retrained
-    python -m ltrec.feedback compare --data data/ml-1m-feedback \\
+    python -m ltrec.retrain compare --data data/ml-1m-feedback \\
         --before artifacts/ml-1m/checkpoint.pt --after artifacts/ml-1m-retrained/checkpoint.pt \\
         --out reports/retrain
 
@@ -28,10 +28,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from ltrec.checkpoint import load_checkpoint
 from ltrec.data import EVENT_COLUMNS, DatasetError, load_dataset, write_dataset
-from ltrec.evaluation import ScoreFn, events_in_order, make_cases, most_popular
-from ltrec.train import load_checkpoint, long_tail_mask, model_score_fn, prepare
-from server.feedback import FEEDBACK, ReadStats, read_records
+from ltrec.evaluation import (
+    ScoreFn,
+    events_in_order,
+    long_tail_mask,
+    make_cases,
+    measure,
+    most_popular,
+)
+from ltrec.prepared import prepare
+from ltrec.scoring import model_score_fn
+from ltrec_core.feedback_log import read_records
+from ltrec_core.records import FEEDBACK, FeedbackRecord, ReadStats
 
 # Feedback type -> dataset event type; impressions have none.
 EVENT_TYPE_OF_FEEDBACK = {"click": "view", "cart": "cart", "purchase": "purchase"}
@@ -46,18 +56,19 @@ def feedback_events(feedback_dir: Path) -> tuple[pd.DataFrame, dict]:
     for record in read_records(feedback_dir, stats):
         if record["kind"] != FEEDBACK:
             continue
-        types[record["type"]] += 1
-        event_type = EVENT_TYPE_OF_FEEDBACK.get(record["type"])
+        feedback = FeedbackRecord.from_json(record)
+        types[feedback.type] += 1
+        event_type = EVENT_TYPE_OF_FEEDBACK.get(feedback.type)
         if event_type is None:
             continue
         rows.append(
             {
-                "user_id": record["user_id"],
-                "item_id": record["item_id"],
-                "timestamp": int(record["timestamp"]),
+                "user_id": feedback.user_id,
+                "item_id": feedback.item_id,
+                "timestamp": feedback.timestamp,
                 "event_type": event_type,
-                "device": record.get("device") or None,
-                "region": record.get("region") or None,
+                "device": feedback.device or None,
+                "region": feedback.region or None,
             }
         )
     events = pd.DataFrame(
@@ -112,8 +123,6 @@ def compare(
     data_dir: Path, before: Path, after: Path, cache_dir: Path, progress: bool = True
 ) -> dict:
     """Test figures of both checkpoints (and most-popular) on `data_dir`'s leave-one-out split."""
-    from ltrec.report import measure  # the report's metrics, same protocol
-
     prepared = prepare(data_dir, cache_dir)
     split = prepared.split
     popularity = prepared.popularity
@@ -130,10 +139,10 @@ def compare(
     ]
     for name, checkpoint in (("before", before), ("after", after)):
         model, ckpt = load_checkpoint(checkpoint)
-        if ckpt["item_ids"] != prepared.item_ids:
+        if ckpt.item_ids != prepared.item_ids:
             raise DatasetError(f"{checkpoint}: trained on another catalogue than {data_dir}")
-        score_fn = model_score_fn(model, ckpt["model_config"]["max_history"])
-        scorers.append((name, checkpoint, score_fn, ckpt["vocabularies"]))
+        score_fn = model_score_fn(model, ckpt.model_config["max_history"])
+        scorers.append((name, checkpoint, score_fn, ckpt.vocabularies.to_json()))
     for name, path, score_fn, vocab in scorers:
         # Context ids follow each model's own vocabularies.
         cases = make_cases(history, split.test, vocab["device"], vocab["region"])
@@ -194,7 +203,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ltrec.feedback",
+        prog="python -m ltrec.retrain",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 
-from server import contract
+from ltrec_core import contract
 
 
 def attribute_tokens(

@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 
 from ltrec.data import load_dataset, write_dataset
+from ltrec.datasets.movielens import convert_movielens_1m
 from ltrec.image_encoder import load_image_encoder
 from ltrec.models import ItemEncoder, Recommender
-from ltrec.movielens import convert_movielens_1m
+from ltrec.prepared import Prepared, prepare
 from ltrec.text_encoder import load_text_model, tokenize
-from ltrec.train import Prepared, TrainConfig, prepare, train
-from server import contract
-from server.images import image_batch
+from ltrec.train import TrainConfig, train
+from ltrec_core import contract
+from ltrec_core.images import image_batch
 
 N_USERS = 150
 
@@ -58,7 +59,7 @@ def encode_new_items(
 ) -> torch.Tensor:
     """Item vectors of items added after training, computed in torch as the gateway computes
     them through Triton: MiniLM + the trained fusion, the image (if any) through
-    EfficientNet-Lite0 with `server.images`' preprocessing, attribute ids as given."""
+    EfficientNet-Lite0 with `ltrec_core.images`' preprocessing, attribute ids as given."""
     tokenizer, minilm = load_text_model()
     batch = tokenize(tokenizer, texts, model.cfg.text_max_tokens)
     n = len(texts)

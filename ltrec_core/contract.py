@@ -55,7 +55,7 @@ REASON_POSITIONS = "reason_positions"  # INT64 [batch, k] history position close
 # --- Item encoders (for encoding new items; not on the Recommend path) -----------------------
 TEXT_INPUT_IDS = "input_ids"  # INT64 [batch, tokens]
 TEXT_ATTENTION_MASK = "attention_mask"  # INT64 [batch, tokens]
-# Image encoder input: RGB in [0, 1], channels first, as `server.images.to_model_input` makes it
+# Image encoder input: RGB in [0, 1], channels first, as `ltrec_core.images.to_model_input` makes it
 # (resize the shorter side, centre crop); the ImageNet normalisation is inside the graph.
 # FP32 [batch, 3, IMAGE_SIZE, IMAGE_SIZE].
 IMAGE = "image"
@@ -67,7 +67,7 @@ IMAGE_FEATURE_DIM = 1280
 # FP32 [batch, 1].
 HAS_IMAGE = "has_image"
 # Hashed attribute tokens (category path parts, brand, price bucket; see
-# `server.item_attributes`), 0 = padding. INT64 [batch, ATTRIBUTE_SLOTS].
+# `ltrec_core.item_attributes`), 0 = padding. INT64 [batch, ATTRIBUTE_SLOTS].
 ATTRIBUTE_IDS = "attribute_ids"
 ATTRIBUTE_SLOTS = 8
 ATTRIBUTE_BUCKETS = 1024  # ids 1..ATTRIBUTE_BUCKETS-1

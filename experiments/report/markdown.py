@@ -1,0 +1,178 @@
+"""The report as Markdown: the main table, then each view's section (`sections`)."""
+
+from __future__ import annotations
+
+from experiments.report.sections import (
+    _cold_start,
+    _context_ablation,
+    _convergence,
+    _default_weight_sentence,
+    _item_to_item_section,
+    _loss_ablation,
+    _row,
+    _short_history,
+    _tuned,
+)
+from experiments.report.settings import (
+    MODELS,
+    PRECISION,
+    _printed,
+)
+
+
+def markdown(report: dict) -> str:
+    full = report  # the other views' sections read every row; the main view's, its own rows
+    report = {**report, "models": {k: m for k, m in report["models"].items() if "test" in m}}
+    d, models, f = report["data"], report["models"], _printed
+    lines = [
+        "# Evaluation report" + (" (quick)" if d["quick"] else ""),
+        "",
+        f"Data `{d['dir']}`: {d['items']:,} items, {d['users_evaluated']:,} test users"
+        + (f" (a sample of {d['users_sampled']:,})" if d["users_sampled"] else "")
+        + f", {d['train_events']:,} training events. Leave-one-out (last event = test, "
+        "second-to-last = validation), full ranking over the whole catalogue, history excluded, "
+        "ties against the "
+        f"target; every model trained on train, tuned on validation, reported on test. "
+        f"Protocol: `docs/evaluation.md`. Created {report['created']}, took "
+        f"{report['seconds'] / 60:.1f} min"
+        + (
+            " (1-minute load average {start:.1f} at the start, {end:.1f} at the end; the "
+            "training budgets are in minutes, so a busy machine trains fewer epochs).".format(
+                **report["load_average"]
+            )
+            if "load_average" in report
+            else "."
+        )
+        + (
+            ""
+            if set(models) == set(MODELS)
+            else " Only these rows were run (`--models`): "
+            + ", ".join(m["label"] for m in models.values())
+            + "."
+        ),
+        "",
+        "## Accuracy (test)",
+        "",
+        _row(["model", "Recall@10", "NDCG@10", "Recall@50", "NDCG@50", "tuned"]),
+        _row(["---"] + ["---:"] * 4 + ["---"]),
+    ]
+    for m in models.values():
+        t = m["test"]
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    f(t["recall@10"]),
+                    f(t["ndcg@10"]),
+                    f(t["recall@50"]),
+                    f(t["ndcg@50"]),
+                    _tuned(m["fit"]),
+                ]
+            )
+        )
+    lines += _convergence(report)
+    lines += _context_ablation(report)
+    lines += _loss_ablation(report)
+    lines += [
+        "",
+        "## Long tail (test)",
+        "",
+        f"Head = the top {d['head_share']:.0%} of items by training interactions, tail = the other "
+        f"{d['tail_items']:,} items. {d['tail_test_cases']:,} test cases have a tail target, "
+        f"{d['head_test_cases']:,} a head target. Coverage@10 = share of the catalogue in any "
+        "top-10; ARP@10 = mean training popularity of recommended items; APLT@10 = mean share of "
+        "tail items per list; Gini@10 = inequality of exposure over the catalogue "
+        "(1 = one item gets all).",
+        "",
+        _row(
+            [
+                "model",
+                "tail Recall@10",
+                "tail NDCG@10",
+                "head Recall@10",
+                "head NDCG@10",
+                "Coverage@10",
+                "ARP@10",
+                "APLT@10",
+                "Gini@10",
+            ]
+        ),
+        _row(["---"] + ["---:"] * 8),
+    ]
+    for m in models.values():
+        t = m["test"]
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    f(t["tail"]["recall@10"]),
+                    f(t["tail"]["ndcg@10"]),
+                    f(t["head"]["recall@10"]),
+                    f(t["head"]["ndcg@10"]),
+                    f(t["coverage@10"]),
+                    f"{t['arp@10']:.1f}",
+                    f(t["aplt@10"]),
+                    f(t["gini@10"]),
+                ]
+            )
+        )
+    lines += _cold_start(full)
+    lines += _short_history(full)
+    if not report["long_tail_sweep"]:  # a part run without the main view
+        return "\n".join(lines + [""])
+    lines += [
+        "",
+        "## Serving-time long-tail weight (ours, text + ID)",
+        "",
+        "Scores adjusted as served: `score - w * log(1 + popularity)`. Each figure computed twice: "
+        "in torch (full ranking) and through the exported ONNX graphs run by onnxruntime "
+        "(user_encoder -> context_weighting -> scorer, top-50 read from the scorer's output). "
+        + _default_weight_sentence(report),
+        "",
+        _row(
+            [
+                "w",
+                "Recall@10",
+                "NDCG@10",
+                "NDCG@10 (ONNX)",
+                "Coverage@10",
+                "Coverage@10 (ONNX)",
+                "APLT@10",
+                "APLT@10 (ONNX)",
+                "ARP@10",
+                "Gini@10",
+            ]
+        ),
+        _row(["---:"] * 10),
+    ]
+    for s in report["long_tail_sweep"]:
+        t, o = s["torch"], s["onnx"]
+        lines.append(
+            _row(
+                [
+                    f"{s['weight']:g}" + (" (default)" if s.get("default") else ""),
+                    f(t["recall@10"]),
+                    f(t["ndcg@10"]),
+                    f(o["ndcg@10"]),
+                    f(t["coverage@10"]),
+                    f(o["coverage@10"]),
+                    f(t["aplt@10"]),
+                    f(o["aplt@10"]),
+                    f"{t['arp@10']:.1f}",
+                    f(t["gini@10"]),
+                ]
+            )
+        )
+    matches = all(s["parity"]["match_at_printed_precision"] for s in report["long_tail_sweep"])
+    worst = max(s["parity"]["max_abs_diff"] for s in report["long_tail_sweep"])
+    lines += [
+        "",
+        f"ONNX vs torch, every figure of every weight (Recall/NDCG@10/50, Coverage, ARP, APLT, "
+        f"Gini): {'identical' if matches else 'NOT identical'} at {PRECISION} decimals; largest "
+        f"absolute difference {worst:.2g}.",
+        "",
+        "![long-tail plot](report.png)",
+        "",
+    ]
+    lines += _item_to_item_section(report)
+    return "\n".join(lines)

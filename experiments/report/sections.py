@@ -1,0 +1,413 @@
+"""The Markdown sections of the report's views and ablations (`markdown` puts them together)."""
+
+from __future__ import annotations
+
+from experiments.report.settings import (
+    CONTEXT_ABLATIONS,
+    CONTEXT_USE,
+    LOSS_VARIANTS,
+    MODELS,
+    PRECISION,
+    SHORT_HISTORY,
+    SHUFFLED_AT_TEST,
+    _printed,
+)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _item_to_item_section(report: dict) -> list[str]:
+    """SimilarItems' table, or nothing for a report from before it was measured."""
+    if not report.get("item_to_item"):
+        return []
+    f, results = _printed, report["item_to_item"]
+    labels = {"ours": MODELS["ours"], "itemknn": MODELS["itemknn"]}
+    tolerance = next(iter(results.values()))["default"]["tolerance"]
+    lines = [
+        "## SimilarItems, item to item (test)",
+        "",
+        "Given a user's validation item, is the test item among its 10 most similar items? The "
+        "catalogue ranked by the SimilarItems score minus `w * log(1 + popularity)`, the query "
+        "excluded: ours as served (item-vector dot products), ItemKNN by its shrunk item-item "
+        "cosine (settings tuned on this task's validation). Each model's default `w` is chosen on "
+        "validation (query = last training item, target = validation item): the largest weight "
+        f"within {tolerance:.0%} of weight 0's NDCG@10 on a grid of `f * scale`, where `scale` is "
+        "the model's score spread over the spread of log-popularity (`ltrec/item_to_item.py`).",
+        "",
+        _row(["model", "w", "f", "Recall@10", "NDCG@10", "Coverage@10", "APLT@10"]),
+        _row(["---"] + ["---:"] * 6),
+    ]
+    for name, r in results.items():
+        tuned = r["default"]
+        at = {g["weight"]: g for g in tuned["grid"]}
+        for key, w in (("weight_0", 0.0), ("at_default", tuned["chosen"])):
+            t = r["test"][key]
+            label = labels.get(name, name) + (" (default)" if key == "at_default" else "")
+            lines.append(
+                _row(
+                    [
+                        label,
+                        f"{w:g}",
+                        f"{at[w]['relative_weight']:g}",
+                        f(t["recall@10"]),
+                        f(t["ndcg@10"]),
+                        f(t["coverage@10"]),
+                        f(t["aplt@10"]),
+                    ]
+                )
+            )
+    return [*lines, ""]
+
+
+def _signed(value: float) -> str:
+    text = f"{value:+.{PRECISION}f}"
+    return text[1:] if float(text) == 0 else text  # no sign on a difference that prints as 0
+
+
+def _with_interval(diff: dict, key: str) -> str:
+    low, high = diff[f"{key}_ci95"]
+    return f"{_signed(diff[key])} [{_signed(low)}, {_signed(high)}]"
+
+
+def stopped_on_cap(info: dict) -> bool:
+    """Whether a neural row's training ended on a cap (minutes or epochs) rather than on its
+    validation NDCG@10 ceasing to improve: such a row may not have converged."""
+    reason = str(info.get("stop_reason") or "")
+    return reason.startswith("time budget") or reason == "epochs"
+
+
+def _short_history(report: dict) -> list[str]:
+    """The short, order-free view's table, or nothing when it was not run."""
+    d, f = report["data"], _printed
+    rows = [m for m in report["models"].values() if "short_history" in m]
+    if "short_train_events" not in d or not rows:
+        return []
+    lines = [
+        "",
+        "## Short, order-free histories (test)",
+        "",
+        f"Each user's last {SHORT_HISTORY} + 2 events in a random order, split leave-one-out "
+        f"again: {d['short_train_events']:,} training events, {d['short_test_cases']:,} test "
+        f"cases, a median of {d['short_median_events_per_item']:g} training events per item. "
+        "A stand-in for catalogues with short histories, a long tail and little order signal, "
+        "where a history is a set more than a sequence. Every row refitted and tuned on it.",
+        "",
+        _row(["model", "Recall@10", "NDCG@10", "tail NDCG@10", "Coverage@10", "tuned"]),
+        _row(["---", "---:", "---:", "---:", "---:", "---"]),
+    ]
+    for m in rows:
+        v = m["short_history"]
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    f(v["recall@10"]),
+                    f(v["ndcg@10"]),
+                    f(v["tail"]["ndcg@10"]),
+                    f(v["coverage@10"]),
+                    _tuned(v["fit"]),
+                ]
+            )
+        )
+    return lines
+
+
+def _cold_start(report: dict) -> list[str]:
+    """The cold-start table, or nothing when the report ran without that view (`--views`)."""
+    d, models, f = report["data"], report["models"], _printed
+    if "cold_items" not in d:
+        return []
+    lines = [
+        "",
+        "## Cold start (test)",
+        "",
+        f"{d['cold_items']:,} items (a seeded 10% of those with events) hidden from training and "
+        f"tuning, kept in the catalogue with their text; every model refitted without them "
+        f"({d['cold_train_events']:,} training events). {d['cold_test_cases']:,} test cases have "
+        "one of them as target. An ID-based model has learnt nothing about these items. "
+        "(The context and loss ablation rows are measured in the main view only.)",
+        "",
+        _row(["model", "Recall@10", "NDCG@10"]),
+        _row(["---", "---:", "---:"]),
+    ]
+    for m in models.values():
+        if "cold_start" not in m:
+            continue
+        c = m["cold_start"]
+        lines.append(_row([m["label"], f(c["recall@10"]), f(c["ndcg@10"])]))
+        if "at_default_weight" in c:
+            at = c["at_default_weight"]
+            label = f"{m['label']}, at the default long-tail weight (w = {at['weight']:g})"
+            lines.append(_row([label, f(at["recall@10"]), f(at["ndcg@10"])]))
+    return lines
+
+
+def _convergence(report: dict) -> list[str]:
+    """How each neural row's training ended: epochs, best epoch, minutes and stop reason."""
+    rows = [(m, m["fit"]) for m in report["models"].values() if (m["fit"].get("epochs") or [])]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Training to convergence (main view)",
+        "",
+        "Each neural row trains until its validation NDCG@10 has not improved for `patience` "
+        "epochs (then the best epoch's weights are kept); a row that ended on its epoch or "
+        "minute cap instead is marked **capped** and may not have converged. Settings: the "
+        "training config of the row; SASRec's learning rate and dropout are chosen on its own "
+        "validation (screening below).",
+        "",
+        _row(["model", "epochs (best)", "minutes", "patience", "stop reason", "settings"]),
+        _row(["---", "---:", "---:", "---:", "---", "---"]),
+    ]
+    for m, info in rows:
+        train = info.get("train_config") or {}
+        model = info.get("model_config") or {}
+        reason = str(info.get("stop_reason") or "-")
+        if stopped_on_cap(info):
+            reason = f"**capped**: {reason}"
+        seconds = info.get("train_seconds")
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    _epochs(info),
+                    "-" if seconds is None else f"{seconds / 60:.1f}",
+                    str(train.get("patience", "-")),
+                    reason,
+                    f"lr {train.get('lr', '-'):g}, dropout {model.get('dropout', '-'):g}"
+                    + (
+                        f", order augmentation {train['order_augmentation']:g}"
+                        if train.get("order_augmentation")
+                        else ""
+                    )
+                    if train and model
+                    else "-",
+                ]
+            )
+        )
+    for m, info in rows:
+        if not info.get("screening"):
+            continue
+        keys = info.get("screened", ["lr", "dropout"])
+        lines += [
+            "",
+            f"{m['label']}: settings screened on validation ({len(info['screening'])} points, "
+            f"each a full short schedule):",
+            "",
+            _row([*keys, "validation NDCG@10", "best epoch", "minutes"]),
+            _row(["---:"] * (len(keys) + 3)),
+        ]
+        for point in info["screening"]:
+            lines.append(
+                _row(
+                    [
+                        *(f"{point[key]:g}" for key in keys),
+                        _printed(point["ndcg@10"]),
+                        str(point["epoch"]),
+                        f"{point['seconds'] / 60:.1f}",
+                    ]
+                )
+            )
+    return lines
+
+
+def _epochs(info: dict) -> str:
+    epochs = info.get("epochs") or []
+    best = (info.get("best") or {}).get("epoch")
+    return f"{len(epochs)} (best {best})" if epochs else "-"
+
+
+def _context_ablation(report: dict) -> list[str]:
+    """The context ablation table and what it says, or nothing when its rows were not run."""
+    models, f = report["models"], _printed
+    rows = [name for name in CONTEXT_USE if name in models]
+    if not any(name in models for name in CONTEXT_ABLATIONS):
+        return []
+    fields = report["data"]["context_fields"]
+    described = []
+    for name, info in fields.items():
+        note = f"{info['distinct']} value{'s' if info['distinct'] != 1 else ''}"
+        if "unknown_share" in info:
+            note += f", {info['unknown_share']:.0%} unknown"
+        described.append(f"{name} ({note})")
+    lines = [
+        "",
+        "## Context ablation (test)",
+        "",
+        "Our model as served (text + ID items) with its context weighting (context -> a "
+        "per-dimension weight on the user vector), against: the same model with the weighting "
+        "replaced by the identity in training and at test; the main row's model with the test "
+        "context shuffled across users; and the model trained, validated and tested on context "
+        "shuffled across events. Shuffling keeps the context's distribution and destroys its "
+        "information. Same split, training budget and seed as the other neural rows. Context "
+        f"over the training events: {', '.join(described)}. Δ = row - main row, per test user, "
+        "with a 95% paired bootstrap interval over the test users; it covers the test sample, "
+        "not the spread between training runs.",
+        "",
+        _row(
+            [
+                "model",
+                "context: train / test",
+                "epochs",
+                "Recall@10",
+                "Δ Recall@10 [95% CI]",
+                "NDCG@10",
+                "Δ NDCG@10 [95% CI]",
+                "NDCG@50",
+                "Δ NDCG@50",
+                "tail NDCG@10",
+                "Coverage@10",
+            ]
+        ),
+        _row(["---", "---", "---:"] + ["---:"] * 8),
+    ]
+    for name in rows:
+        m = models[name]
+        t, diff = m["test"], m.get("vs_ours")
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    " / ".join(CONTEXT_USE[name]),
+                    _epochs(
+                        m["fit"] if name != "ours_context_shuffled_test" else models["ours"]["fit"]
+                    ),
+                    f(t["recall@10"]),
+                    _with_interval(diff, "recall@10") if diff else "-",
+                    f(t["ndcg@10"]),
+                    _with_interval(diff, "ndcg@10") if diff else "-",
+                    f(t["ndcg@50"]),
+                    _signed(diff["ndcg@50"]) if diff else "-",
+                    f(t["tail"]["ndcg@10"]),
+                    f(t["coverage@10"]),
+                ]
+            )
+        )
+    lines += ["", _context_verdict(models)]
+    spread = models["ours"]["context"].get("weights")
+    if spread:
+        lines += [
+            "",
+            "The main row's trained weighting on the test contexts (w in (0, 2), starting at "
+            f"exactly 1): mean |w - 1| = {spread['mean_abs_deviation']:.2f} (largest "
+            f"{spread['max_abs_deviation']:.2f}); w varies across test users by "
+            f"{spread['std_across_cases']:.3f} (per-dimension standard deviation, averaged).",
+        ]
+    return lines
+
+
+def _default_weight_sentence(report: dict) -> str:
+    default = report.get("long_tail_default")
+    if not default:
+        return ""
+    grid = ", ".join(f"{row['weight']:g}" for row in default["grid"])
+    return (
+        f"The serving default, as training chooses it on validation: w = {default['chosen']:g}, "
+        f"the largest of {{{grid}}} whose validation NDCG@10 is within "
+        f"{default['tolerance']:.0%} of w = 0's."
+    )
+
+
+def _loss_ablation(report: dict) -> list[str]:
+    """The popularity-correction table, or nothing when its rows were not run."""
+    models, f = report["models"], _printed
+    rows = ["ours", *(name for name in LOSS_VARIANTS if name in models)]
+    if len(rows) == 1:
+        return []
+    n = (models[rows[1]]["fit"].get("train_config") or {}).get("negatives")
+    lines = [
+        "",
+        "## Popularity correction (test)",
+        "",
+        "Our model trained with the full softmax over every item (the main row, no correction "
+        f"needed) against a sampled softmax{f' with {n} negatives' if n else ''} drawn by "
+        "training popularity, with and without subtracting log q from each logit (logQ). "
+        "Without the correction popular items, which are sampled often as negatives, are "
+        "pushed down more than the data says. Same budget and seed. Δ = row - main row, per test "
+        "user, with a 95% paired bootstrap interval over the test users.",
+        "",
+        _row(
+            [
+                "model",
+                "epochs",
+                "NDCG@10",
+                "Δ NDCG@10 [95% CI]",
+                "tail NDCG@10",
+                "head NDCG@10",
+                "Coverage@10",
+                "ARP@10",
+            ]
+        ),
+        _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]),
+    ]
+    for name in rows:
+        m = models[name]
+        t, diff = m["test"], m.get("vs_ours")
+        lines.append(
+            _row(
+                [
+                    m["label"],
+                    _epochs(m["fit"]),
+                    f(t["ndcg@10"]),
+                    _with_interval(diff, "ndcg@10") if diff else "-",
+                    f(t["tail"]["ndcg@10"]),
+                    f(t["head"]["ndcg@10"]),
+                    f(t["coverage@10"]),
+                    f"{t['arp@10']:.1f}",
+                ]
+            )
+        )
+    return lines
+
+
+def _context_verdict(models: dict) -> str:
+    """What the ablation rows say, read off the NDCG@10 intervals.
+
+    The row without the weighting tests the weighting layer; the shuffled rows test the
+    context's information (the layer is there, the information is not). Keeping the two apart
+    matters: a layer can help through a rescaling that is the same for every user."""
+    outcome: dict[str, int] = {}  # -1 lower than the main row, 0 not measurably, +1 higher
+    sentences = []
+    plain = {
+        "ours_no_context": ("Without the weighting", "the weighting layer"),
+        "ours_context_shuffled_test": (
+            "With the test context shuffled",
+            "the context's information",
+        ),
+        "ours_context_shuffled": (
+            "Trained and tested on shuffled context",
+            "the context's information",
+        ),
+    }
+    for name, (opening, subject) in plain.items():
+        diff = models.get(name, {}).get("vs_ours")
+        if not diff:
+            continue
+        low, high = diff["ndcg@10_ci95"]
+        outcome[name] = -1 if high < 0 else (1 if low > 0 else 0)
+        effect = {
+            -1: f"lower than the main row, so {subject} helps",
+            0: f"not measurably different (the interval contains 0), so {subject} adds nothing "
+            "measurable",
+            1: f"higher than the main row, so {subject} does not help here",
+        }[outcome[name]]
+        sentences.append(f"{opening}, NDCG@10 changes by {_signed(diff['ndcg@10'])}: {effect}.")
+    shuffled = [outcome[n] for n in SHUFFLED_AT_TEST if n in outcome]
+    if outcome.get("ours_no_context") == -1 and shuffled and all(o >= 0 for o in shuffled):
+        sentences.append(
+            "Together: the gain comes from the weighting as a learned rescaling of the user "
+            "vector, not from the context: shuffled context does as well."
+        )
+    return " ".join(sentences)
+
+
+def _tuned(info: dict) -> str:
+    if "best" in info and isinstance(info["best"], dict) and "epoch" not in info["best"]:
+        return ", ".join(f"{k} {v:g}" for k, v in info["best"].items())
+    if "best" in info and isinstance(info["best"], dict):
+        source = "checkpoint, " if info.get("checkpoint") else ""
+        return f"{source}best epoch {info['best'].get('epoch')}"
+    return info.get("tuning", "")

@@ -1,0 +1,165 @@
+"""The evaluation report: our model, its ablations and the baselines on one leave-one-out split.
+
+Every model is trained on the training part, tuned on validation (early stopping for the neural
+models, a small grid for ItemKNN and EASE) and reported on test with full ranking over the whole
+catalogue, history excluded (`docs/evaluation.md` has the protocol). Beside accuracy: the
+long-tail view (tail- vs head-target accuracy, coverage, ARP, APLT, Gini), the cold-start view
+(items hidden from training entirely), the context ablation (our model with and without its
+context weighting, and with the context shuffled across users) and the serving-time long-tail
+weight sweep, which is computed both in torch and through the exported ONNX graphs.
+
+    python -m experiments.report --data data/ml-1m --out reports/ml-1m \
+        [--checkpoint artifacts/ml-1m/checkpoint.pt] [--quick] [--models ours,ours_no_context]
+
+writes `report.md`, `report.json` and `report.png` into `--out`.
+
+This module holds the report's rows, views and settings; `fitting` fits the rows, `views` runs the
+views, `merge` joins reports run in parts, `markdown` and `sections` render them, `plot` draws
+them and `cli` is the command line. The metrics, splits and protocol are the evaluation library
+(`ltrec.evaluation`); the ONNX sweep runs the exported graphs (`export_scripts.onnx_sweep`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ltrec.train import TrainConfig
+
+LONG_TAIL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5)
+
+
+LONG_TAIL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5)
+
+
+COLD_SHARE = 0.1
+
+
+PRECISION = 4  # decimals printed in the report; the ONNX figures must match at this precision
+
+
+# Display order and labels; the JSON uses the keys.
+MODELS: dict[str, str] = {
+    "most_popular": "Most popular",
+    "itemknn": "ItemKNN",
+    "ease": "EASE",
+    "text_profile": "MiniLM text profile (training-free)",
+    "sasrec": "SASRec (ours, ID-only items)",
+    "ours_text": "ours, text-only items",
+    "ours": "ours, text + ID items",
+    "ours_no_set": "ours, history as a sequence only (no set pooling)",
+    "ours_no_context": "ours, no context weighting",
+    "ours_context_shuffled_test": "ours, context shuffled at test",
+    "ours_context_shuffled": "ours, context shuffled in training and test",
+    "ours_sampled": "ours, sampled softmax with logQ correction",
+    "ours_sampled_no_logq": "ours, sampled softmax without logQ correction",
+}
+
+
+NEURAL = (
+    "sasrec",
+    "ours_text",
+    "ours",
+    "ours_no_set",
+    "ours_no_context",
+    "ours_context_shuffled",
+    "ours_sampled",
+    "ours_sampled_no_logq",
+)
+
+
+# The popularity-correction ablation: "ours" trained with a popularity-sampled softmax, with and
+# without subtracting log q from the logits. The main row's full softmax needs no correction.
+LOSS_VARIANTS: dict[str, dict[str, object]] = {
+    "ours_sampled": {"loss": "sampled", "logq": True},
+    "ours_sampled_no_logq": {"loss": "sampled", "logq": False},
+}
+
+
+# The context ablation: rows compared with "ours", in the main view only (the cold-start view is
+# about what text buys). What each row's context is in training and at test:
+CONTEXT_USE: dict[str, tuple[str, str]] = {
+    "ours": ("real", "real"),
+    "ours_no_context": ("none", "none"),
+    "ours_context_shuffled_test": ("real", "shuffled"),
+    "ours_context_shuffled": ("shuffled", "shuffled"),
+}
+
+
+CONTEXT_ABLATIONS = ("ours_no_context", "ours_context_shuffled_test", "ours_context_shuffled")
+
+
+SHUFFLED_AT_TEST = ("ours_context_shuffled_test", "ours_context_shuffled")
+
+
+@dataclass
+class ReportConfig:
+    """Sizes and grids of one run; `--quick` swaps in a CI-sized one."""
+
+    # Converged mode: every neural row runs until `patience` epochs bring no validation gain;
+    # the minutes are a per-row safety cap, and a row stopped by it is marked in the report.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_minutes=45.0))
+    users: int | None = None  # subsample this many users (whole users), None = all
+    itemknn_grid: list[dict[str, float]] = field(
+        default_factory=lambda: [
+            {"neighbours": n, "shrink": s}
+            for n in (5, 10, 20, 50, 100, 200, 500)
+            for s in (0, 10, 100)
+        ]
+    )
+    ease_grid: list[dict[str, float]] = field(
+        default_factory=lambda: [{"lam": lam} for lam in (50, 100, 250, 500, 1000, 2500, 5000)]
+    )
+    # Per neural row, training settings chosen on validation for that row: each point trains
+    # `screen_epochs` epochs, and the best by validation NDCG@10 is then trained to convergence.
+    # Keys: "lr" (TrainConfig) and "dropout" (ModelConfig).
+    neural_grids: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {
+            "sasrec": [
+                {"lr": lr, "dropout": dropout} for lr in (1e-3, 2e-3) for dropout in (0.2, 0.5)
+            ],
+            # Ours trained in the report (a view without its checkpoint): whether to train on the
+            # history as a sequence or as a set (TrainConfig.order_augmentation).
+            "ours": [{"order_augmentation": 0.0}, {"order_augmentation": 1.0}],
+        }
+    )
+    screen_epochs: int = 10
+    # Which views to run (`--views`): "main" (accuracy, long tail, weight sweep), "cold",
+    # "short" (short, order-free histories).
+    views: tuple[str, ...] = ("main", "cold", "short")
+    cold_share: float = COLD_SHARE
+    seed: int = 0
+    # Which rows of MODELS to fit and report (`--models`); "ours" is always among them.
+    models: tuple[str, ...] = tuple(MODELS)
+    # TrainConfig fields set on the command line; they win over a checkpoint's training config.
+    train_overrides: dict[str, float | int] = field(default_factory=dict)
+
+
+def quick_config() -> ReportConfig:
+    return ReportConfig(
+        train=TrainConfig(
+            epochs=2,
+            max_minutes=1.0,
+            batch_size=64,
+            patience=2,
+            model={
+                "embedding_dim": 16,
+                "n_layers": 1,
+                "n_heads": 1,
+                "max_history": 50,
+                "projection_hidden": 32,
+                "context_dim": 4,
+            },
+        ),
+        users=300,
+        itemknn_grid=[{"neighbours": 20, "shrink": 0}, {"neighbours": 100, "shrink": 10}],
+        ease_grid=[{"lam": 10}, {"lam": 100}, {"lam": 1000}],
+        neural_grids={"sasrec": [{"lr": 1e-3, "dropout": 0.2}, {"lr": 2e-3, "dropout": 0.5}]},
+        screen_epochs=1,
+    )
+
+
+SHORT_HISTORY = 10  # training events per user in the short, order-free view
+
+
+def _printed(value: float) -> str:
+    return f"{value:.{PRECISION}f}"

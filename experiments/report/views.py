@@ -1,0 +1,371 @@
+"""The report's views: the main view (accuracy, long tail, ablations, the serving-time weight
+sweep in torch and ONNX, SimilarItems), the cold-start view and the short, order-free view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from experiments.report.fitting import fit_all
+from experiments.report.settings import (
+    CONTEXT_ABLATIONS,
+    CONTEXT_USE,
+    LONG_TAIL_WEIGHTS,
+    LOSS_VARIANTS,
+    MODELS,
+    SHORT_HISTORY,
+    SHUFFLED_AT_TEST,
+    ReportConfig,
+    _printed,
+)
+from export_scripts.onnx_sweep import onnx_sweep
+from ltrec import item_to_item
+from ltrec.checkpoint import Checkpoint, load_checkpoint
+from ltrec.evaluation import (
+    HEAD_SHARE,
+    KS,
+    EvalCases,
+    K,
+    cached,
+    cold_start_split,
+    evaluate,
+    held_out_cases,
+    long_tail_adjusted,
+    long_tail_mask,
+    measure,
+    paired_difference,
+    short_unordered_split,
+    shuffled_context,
+    subsample_users,
+    tune_long_tail_weight,
+    validation_cases,
+    with_split,
+)
+from ltrec.models import Recommender
+from ltrec.prepared import Prepared, prepare
+from ltrec.train import TrainConfig
+from ltrec_core import contract
+
+
+def context_weight_spread(model: Recommender, context: np.ndarray) -> dict[str, float]:
+    """How far a trained weighting is from neutral on these contexts: mean and largest |w - 1|
+    over cases and dimensions, and how much w varies across cases (per-dimension standard
+    deviation, averaged). A weighting that stayed at 1 cannot change a ranking, and one that
+    does not vary across cases does not use the context."""
+    with torch.no_grad():
+        w = model.context_weighting.weights(torch.from_numpy(context)).numpy().astype(np.float64)
+    return {
+        "mean_abs_deviation": float(np.abs(w - 1.0).mean()),
+        "max_abs_deviation": float(np.abs(w - 1.0).max()),
+        "std_across_cases": float(w.std(axis=0).mean()),
+    }
+
+
+def context_fields(prepared: Prepared) -> dict[str, dict[str, float]]:
+    """How many distinct buckets each context field takes over the training events, and the
+    share of events in the unknown bucket (0; device and region only): a field with one value
+    carries nothing the weighting could use."""
+    ctx = prepared.train_sequences.context
+    out: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(contract.CONTEXT_FIELDS):
+        column = ctx[:, j]
+        out[name] = {"distinct": int(len(np.unique(column))) if len(column) else 0}
+        if name in ("device", "region"):
+            share = float((column == contract.UNKNOWN_BUCKET).mean()) if len(column) else 1.0
+            out[name]["unknown_share"] = share
+    return out
+
+
+def parity(torch_row: dict, onnx_row: dict) -> dict:
+    keys = [k for k in onnx_row if isinstance(onnx_row[k], float)]
+    diff = max(abs(torch_row[k] - onnx_row[k]) for k in keys)
+    return {
+        "max_abs_diff": diff,
+        "match_at_printed_precision": all(
+            _printed(torch_row[k]) == _printed(onnx_row[k]) for k in keys
+        ),
+    }
+
+
+# --- The views ------------------------------------------------------------------------------------
+
+
+def main_view(
+    prepared: Prepared,
+    cfg: ReportConfig,
+    names: list[str],
+    loaded: tuple[Recommender, Checkpoint] | None,
+    cases: EvalCases,
+    tail: np.ndarray,
+    progress: bool,
+) -> tuple[dict[str, dict], list[dict], dict, dict]:
+    """The main view: every row fitted on the split and measured on its test cases (accuracy,
+    long tail, ablation differences), the serving-time long-tail weight sweep of "ours" in
+    torch and ONNX, and SimilarItems item to item. Returns (rows, sweep, default, similar)."""
+    popularity = prepared.popularity
+    fitted = fit_all(prepared, cfg, "main", loaded, progress, names)
+    # One seeded permutation of the test context across users, shared by the shuffled rows.
+    shuffled = shuffled_context(cases, cfg.seed)
+    models: dict[str, dict] = {}
+    ranks: dict[str, np.ndarray] = {}
+    for name in names:
+        on = shuffled if name in SHUFFLED_AT_TEST else cases
+        figures, ranks[name] = measure(fitted[name].score_fn, on, popularity, tail, name, progress)
+        models[name] = {"label": MODELS[name], "test": figures, "fit": fitted[name].info}
+        if name in CONTEXT_USE:
+            train_ctx, test_ctx = CONTEXT_USE[name]
+            models[name]["context"] = {"train": train_ctx, "test": test_ctx}
+            model = fitted[name].model
+            if name != "ours_no_context" and model is not None:
+                models[name]["context"]["weights"] = context_weight_spread(model, on.context)
+        print(f"{MODELS[name]}: test ndcg@10 {figures['ndcg@10']:.4f}", file=sys.stderr)
+    for name in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, "ours_no_set"):
+        if name in models:
+            models[name]["vs_ours"] = paired_difference(
+                ranks[name], ranks["ours"], KS, seed=cfg.seed
+            )
+    del ranks
+
+    # Serving-time long-tail weight sweep, torch and ONNX, with the serving default that training
+    # chooses on validation (`ltrec.evaluation.tune_long_tail_weight`) among the weights.
+    ours = fitted["ours"]
+    assert ours.model is not None
+    default = tune_long_tail_weight(ours.score_fn, popularity, tail, validation_cases(prepared))
+    weights = sorted({*LONG_TAIL_WEIGHTS, default["chosen"]})
+    print(f"long-tail weight chosen on validation: {default['chosen']:g}", file=sys.stderr)
+    raw = cached(ours.score_fn)
+    sweep_torch = {
+        w: measure(
+            long_tail_adjusted(raw, popularity, w), cases, popularity, tail, f"w={w}", progress
+        )[0]
+        for w in weights
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep_onnx = onnx_sweep(
+            ours.model, cases, popularity, tail, weights, Path(tmp), progress=progress
+        )
+    sweep = []
+    for w in weights:
+        t = {k: v for k, v in sweep_torch[w].items() if k not in ("tail", "head")}
+        sweep.append(
+            {
+                "weight": w,
+                "default": w == default["chosen"],
+                "torch": t,
+                "onnx": sweep_onnx[w],
+                "parity": parity(t, sweep_onnx[w]),
+            }
+        )
+    del fitted, raw
+    # SimilarItems item to item: ours as served and an item-item ItemKNN (ltrec.item_to_item).
+    similar = item_to_item_view(prepared, ours.model)
+    return models, sweep, default, similar
+
+
+def run_report(
+    data: Path,
+    cfg: ReportConfig,
+    cache: Path,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    quick: bool = False,
+) -> dict:
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    full = prepare(data, cache)
+    prepared = full
+    sampled: int | None = None
+    if cfg.users is not None and cfg.users < full.split.train["user_id"].nunique():
+        prepared = with_split(full, subsample_users(full.split, cfg.users, cfg.seed))
+        sampled = cfg.users
+    loaded: tuple[Recommender, Checkpoint] | None = None
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint)
+        ckpt = loaded[1]
+        if ckpt.item_ids != prepared.item_ids or not np.array_equal(
+            ckpt.popularity, prepared.popularity
+        ):
+            raise SystemExit(
+                f"error: {checkpoint} was not trained on this split of {data} "
+                "(catalogue or training popularity differ); leave out --checkpoint to train here"
+            )
+        trained_cfg = ckpt.summary.get("train_config")
+        if trained_cfg:  # the ablations get the checkpoint's sizes and training budget
+            train = TrainConfig(**{**trained_cfg, **cfg.train_overrides})
+            cfg = dataclasses.replace(cfg, train=train)
+    n_items = len(prepared.item_ids)
+    popularity = prepared.popularity
+    tail = long_tail_mask(popularity)
+    cases = held_out_cases(prepared)
+    print(f"main view: {len(cases)} test cases, {n_items} items", file=sys.stderr)
+
+    names = [name for name in MODELS if name in cfg.models or name == "ours"]
+    if "main" in cfg.views:
+        models, sweep, default, similar = main_view(
+            prepared, cfg, names, loaded, cases, tail, progress
+        )
+    else:  # rows measured in other views only (a part of a report run in parts)
+        models = {name: {"label": MODELS[name]} for name in names}
+        sweep, default, similar = [], None, None
+
+    split = prepared.split
+    result: dict[str, Any] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": {
+            "dir": str(data),
+            "quick": quick,
+            "users_evaluated": len(cases),
+            "users_sampled": sampled,
+            "items": n_items,
+            "train_events": len(split.train),
+            "valid_events": len(split.valid),
+            "test_events": len(split.test),
+            "head_share": HEAD_SHARE,
+            "tail_items": int(tail.sum()),
+            "tail_test_cases": int(tail[cases.targets].sum()),
+            "head_test_cases": int((~tail[cases.targets]).sum()),
+            "context_fields": context_fields(prepared),
+        },
+        "protocol": {
+            "split": "leave-one-out per user (last = test, second-to-last = validation)",
+            "ranking": "full catalogue, history excluded, ties count against the target",
+            "ks": list(KS),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "config": dataclasses.asdict(cfg),
+        },
+        "models": models,
+        "long_tail_sweep": sweep,
+        "long_tail_default": default,
+        "item_to_item": similar,
+    }
+    if "cold" in cfg.views:
+        result["data"].update(cold_view(prepared, cfg, names, models, progress))
+    if "short" in cfg.views:
+        result["data"].update(short_view(prepared, cfg, names, models, progress))
+    return {
+        **result,
+        "seconds": time.monotonic() - started,
+        # Training budgets are in minutes, so a busy machine trains fewer epochs: say how busy.
+        "load_average": {"start": load_before, "end": os.getloadavg()[0]},
+    }
+
+
+def short_view(
+    prepared: Prepared,
+    cfg: ReportConfig,
+    names: list[str],
+    models: dict[str, dict],
+    progress: bool,
+) -> dict[str, float]:
+    """The short, order-free view (`ltrec.evaluation.short_unordered_split`): each user's last
+    SHORT_HISTORY + 2 events in a random order, every row refitted and tuned on it. Adds each
+    row's "short_history" figures (accuracy, tail-target accuracy, coverage) to `models`."""
+    split = short_unordered_split(prepared.split, SHORT_HISTORY, cfg.seed)
+    short = with_split(prepared, split)
+    cases = held_out_cases(short)
+    tail = long_tail_mask(short.popularity)
+    rows = [name for name in names if name not in CONTEXT_ABLATIONS and name not in LOSS_VARIANTS]
+    print(
+        f"short view: {len(split.train)} training events, {len(cases)} test cases", file=sys.stderr
+    )
+    fitted = fit_all(short, cfg, "short", None, progress, rows)
+    for name in rows:
+        figures, _ = measure(fitted[name].score_fn, cases, short.popularity, tail, name, progress)
+        models[name]["short_history"] = {
+            key: figures[key] for key in ("recall@10", "ndcg@10", "coverage@10", "tail", "head")
+        } | {"fit": fitted[name].info}
+    per_item = short.popularity[1:]
+    return {
+        "short_train_events": len(split.train),
+        "short_test_cases": len(cases),
+        "short_median_events_per_item": float(np.median(per_item[per_item > 0])),
+    }
+
+
+def cold_view(
+    prepared: Prepared,
+    cfg: ReportConfig,
+    names: list[str],
+    models: dict[str, dict],
+    progress: bool,
+) -> dict[str, int]:
+    """The cold-start view: a seeded share of items hidden from training and tuning, every row
+    refitted without them and measured on the test cases whose target is one of them. Adds each
+    row's "cold_start" figures to `models`; returns the view's sizes."""
+    n_items = len(prepared.item_ids)
+    cold_split, cold = cold_start_split(prepared.split, n_items, cfg.cold_share, cfg.seed)
+    cold_prepared = with_split(prepared, cold_split)
+    cold_cases = held_out_cases(cold_prepared, targets=cold)
+    print(
+        f"cold-start view: {int(cold.sum())} items hidden, {len(cold_cases)} test cases",
+        file=sys.stderr,
+    )
+    cold_names = [
+        name for name in names if name not in CONTEXT_ABLATIONS and name not in LOSS_VARIANTS
+    ]
+    cold_fitted = fit_all(cold_prepared, cfg, "cold", None, progress, cold_names)
+    for name in cold_names:
+        metrics, _ = evaluate(
+            cold_fitted[name].score_fn, cold_cases, ks=(K,), desc=f"cold {name}", progress=progress
+        )
+        models[name]["cold_start"] = {
+            **metrics,
+            "cases": len(cold_cases),
+            "fit": cold_fitted[name].info,
+        }
+    if "ours" in cold_fitted:  # as served: at the default weight its own training would choose
+        served = cold_fitted["ours"].score_fn
+        cold_default = tune_long_tail_weight(
+            served,
+            cold_prepared.popularity,
+            long_tail_mask(cold_prepared.popularity),
+            validation_cases(cold_prepared),
+        )
+        metrics, _ = evaluate(
+            long_tail_adjusted(served, cold_prepared.popularity, cold_default["chosen"]),
+            cold_cases,
+            ks=(K,),
+            desc="cold ours at the default weight",
+            progress=progress,
+        )
+        models["ours"]["cold_start"]["at_default_weight"] = {
+            "weight": cold_default["chosen"],
+            **metrics,
+            "tuning": cold_default,
+        }
+    return {
+        "cold_items": int(cold.sum()),
+        "cold_test_cases": len(cold_cases),
+        "cold_train_events": len(cold_split.train),
+    }
+
+
+# --- Writing ------------------------------------------------------------------------------------
+
+
+def item_to_item_view(prepared: Prepared, model: Recommender) -> dict:
+    """SimilarItems measured item to item (`ltrec.item_to_item`): ours as served (item-vector
+    dot products) and ItemKNN's shrunk cosine (its settings tuned on item-to-item validation),
+    each at weight 0 and at its own default chosen on validation on the scale-aware grid."""
+    model.eval()
+    with torch.no_grad():
+        table = model.item_table().numpy()
+    split = prepared.split
+    knn, settings = item_to_item.itemknn_score_fn(
+        split.train, len(prepared.item_ids), item_to_item.validation_pairs(split)
+    )
+    popularity = prepared.popularity
+    scorers = {"ours": item_to_item.vector_score_fn(table), "itemknn": knn}
+    results = item_to_item.compare(scorers, popularity, long_tail_mask(popularity), split)
+    results["itemknn"]["settings"] = settings
+    return results

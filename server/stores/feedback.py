@@ -1,0 +1,162 @@
+"""The feedback store: an append-only, fsync'd log of served lists and user feedback.
+
+Records (`ltrec_core.records.FeedbackRecord`, `ServedRecord`) are JSON lines in segment files
+``feedback-<replica>-<sequence>.jsonl`` under one directory, written by the segment log shared
+with the item store (`ltrec_core.segment_log`: one writer per replica, rotation, a failed write
+never kept).
+
+Durability: `FeedbackStore.append` returns only after its records were written and
+``fdatasync``'d (and, for a new segment, after the directory entry was synced), so an
+acknowledged record survives SIGKILL and power loss. Concurrent appends are group-committed: one
+writer task takes everything pending, writes it in one call and syncs once. A crash can leave at
+most one torn line at the end of a segment; that line was never acknowledged, and
+`ltrec_core.feedback_log.read_records` skips it (and counts it). Served lists are logged with
+`offer`, which does not wait for the disk.
+
+The format is read by `ltrec_core.feedback_log` and turned into training events by
+`ltrec.retrain`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ltrec_core.feedback_log import SEGMENT_PREFIX
+from ltrec_core.segment_log import SegmentWriter, encode_lines, replica_name
+from server import metrics
+from server.errors import BackendUnavailable, Overloaded, StartupError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    data: bytes
+    records: int
+    done: asyncio.Future[None] | None  # None: a served list nobody waits for
+
+
+class FeedbackStore:
+    """Append-only durable log; one writer task per store."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        replica: str = "",
+        max_segment_bytes: int = 64 * 1024 * 1024,
+        max_pending_records: int = 10_000,
+    ) -> None:
+        self.directory = Path(directory)
+        self.replica = replica_name(replica)
+        self.max_segment_bytes = max_segment_bytes
+        self.max_pending_records = max_pending_records
+        self._pending: list[_Pending] = []
+        self._pending_records = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._segment: Path | None = None
+        self._log = SegmentWriter(
+            self.directory,
+            SEGMENT_PREFIX,
+            self.replica,
+            max_segment_bytes,
+            on_new_segment=self._new_segment,
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def open(self) -> None:
+        """Creates the directory and finds the next sequence number; call before `start`."""
+        try:
+            self._log.open()
+        except OSError as exc:
+            raise StartupError(
+                f"LTREC_FEEDBACK_DIR: cannot use {self.directory}: {exc.strerror}"
+            ) from exc
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._writer(), name="feedback-writer")
+
+    async def close(self) -> None:
+        """Writes and syncs everything pending, then closes the segment."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await asyncio.to_thread(self._log.close)
+
+    # --- appending -----------------------------------------------------------------------------
+    async def append(self, records: list[dict[str, Any]]) -> None:
+        """Returns once every record is on disk; BackendUnavailable if it could not be written."""
+        if self._closing or self._task is None:
+            raise BackendUnavailable(
+                "the feedback store is shutting down; retry on another replica"
+            )
+        if self._pending_records + len(records) > self.max_pending_records:
+            raise Overloaded(
+                f"the feedback store has {self._pending_records} records waiting for the disk "
+                f"(limit {self.max_pending_records}); retry later"
+            )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Pending(encode_lines(records), len(records), done))
+        await asyncio.shield(done)
+
+    def offer(self, record: dict[str, Any]) -> bool:
+        """Queues a record without waiting for the disk; False (and counted) when it is dropped."""
+        if self._closing or self._task is None or self._pending_records >= self.max_pending_records:
+            metrics.FEEDBACK_DROPPED_TOTAL.inc()
+            return False
+        self._enqueue(_Pending(encode_lines([record]), 1, None))
+        return True
+
+    def _enqueue(self, pending: _Pending) -> None:
+        self._pending.append(pending)
+        self._pending_records += pending.records
+        self._wakeup.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                self._pending_records -= sum(p.records for p in batch)
+                await self._commit(batch)
+            if self._closing and not self._pending:
+                return
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        # Served lists nobody waits for are written without a sync (the next acknowledged
+        # batch's sync covers them), so Recommend traffic alone costs no fsync per request.
+        sync = any(p.done is not None for p in batch)
+        try:
+            await asyncio.to_thread(self._log.write, b"".join(p.data for p in batch), sync=sync)
+        except OSError as exc:
+            metrics.FEEDBACK_WRITE_ERRORS_TOTAL.inc()
+            logger.error("feedback store: write to %s failed: %s", self._segment, exc)
+            error = BackendUnavailable(f"the feedback store cannot write ({exc.strerror}); retry")
+            for pending in batch:
+                if pending.done is None:
+                    metrics.FEEDBACK_DROPPED_TOTAL.inc()
+                elif not pending.done.done():
+                    pending.done.set_exception(error)
+            return
+        if sync:
+            metrics.FEEDBACK_COMMIT_DURATION_SECONDS.observe(time.perf_counter() - started)
+        for pending in batch:
+            if pending.done is not None and not pending.done.done():
+                pending.done.set_result(None)
+
+    def _new_segment(self, path: Path) -> None:
+        self._segment = path
+        metrics.FEEDBACK_SEGMENTS_TOTAL.inc()
+        logger.info("feedback store: writing %s", path)
