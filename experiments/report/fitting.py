@@ -202,21 +202,23 @@ def fit_all(
     return fitted
 
 
-def with_settings(train: TrainConfig, params: dict[str, float]) -> TrainConfig:
-    """`train` with a neural grid point applied: "lr" and "order_augmentation" to the training,
-    "dropout" to the model."""
-    unknown = set(params) - {"lr", "dropout", "order_augmentation"}
+GRID_KEYS = ("lr", "dropout", "order_augmentation", "set_context")
+
+
+def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
+    """`train` with a neural grid point applied: "lr", "order_augmentation" and "set_context" to
+    the training, "dropout" to the model."""
+    unknown = set(params) - set(GRID_KEYS)
     if unknown:
-        raise ValueError(
-            f"neural grid keys must be lr, dropout or order_augmentation, got {sorted(unknown)}"
-        )
+        raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
     model = dict(train.model)
     if "dropout" in params:
-        model["dropout"] = params["dropout"]
+        model["dropout"] = float(params["dropout"])
     return dataclasses.replace(
         train,
-        lr=params.get("lr", train.lr),
-        order_augmentation=params.get("order_augmentation", train.order_augmentation),
+        lr=float(params.get("lr", train.lr)),
+        order_augmentation=float(params.get("order_augmentation", train.order_augmentation)),
+        set_context=str(params.get("set_context", train.set_context)),
         model=model,
     )
 

@@ -183,6 +183,11 @@ def _convergence(report: dict) -> list[str]:
                         if train.get("order_augmentation")
                         else ""
                     )
+                    + (
+                        f", set context {train['set_context']}"
+                        if train.get("set_context", "prefix") != "prefix"
+                        else ""
+                    )
                     if train and model
                     else "-",
                 ]
@@ -204,7 +209,10 @@ def _convergence(report: dict) -> list[str]:
             lines.append(
                 _row(
                     [
-                        *(f"{point[key]:g}" for key in keys),
+                        *(
+                            point[key] if isinstance(point[key], str) else f"{point[key]:g}"
+                            for key in keys
+                        ),
                         _printed(point["ndcg@10"]),
                         str(point["epoch"]),
                         f"{point['seconds'] / 60:.1f}",

@@ -111,15 +111,20 @@ class ReportConfig:
     )
     # Per neural row, training settings chosen on validation for that row: each point trains
     # `screen_epochs` epochs, and the best by validation NDCG@10 is then trained to convergence.
-    # Keys: "lr" (TrainConfig) and "dropout" (ModelConfig).
-    neural_grids: dict[str, list[dict[str, float]]] = field(
+    # Keys: "lr", "order_augmentation", "set_context" (TrainConfig) and "dropout" (ModelConfig).
+    neural_grids: dict[str, list[dict[str, float | str]]] = field(
         default_factory=lambda: {
             "sasrec": [
                 {"lr": lr, "dropout": dropout} for lr in (1e-3, 2e-3) for dropout in (0.2, 0.5)
             ],
-            # Ours trained in the report (a view without its checkpoint): whether to train on the
-            # history as a sequence or as a set (TrainConfig.order_augmentation).
-            "ours": [{"order_augmentation": 0.0}, {"order_augmentation": 1.0}],
+            # Ours trained in the report (a view without its checkpoint): whether to read the
+            # history as a sequence, as a sequence in random order (TrainConfig.order_augmentation),
+            # or as a set whose every item is predicted from all the others (set_context).
+            "ours": [
+                {"order_augmentation": 0.0, "set_context": "prefix"},
+                {"order_augmentation": 1.0, "set_context": "prefix"},
+                {"order_augmentation": 1.0, "set_context": "others"},
+            ],
         }
     )
     screen_epochs: int = 10

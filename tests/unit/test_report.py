@@ -688,3 +688,24 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     other = tmp_path / "nothing"
     other.mkdir()
     assert train_main([*args[:3], str(other), *args[4:], "--tune-long-tail-only"]) == 2
+
+
+def test_grid_points_set_training_and_model_settings() -> None:
+    from experiments.report.fitting import with_settings
+    from experiments.report.settings import ReportConfig
+
+    cfg = with_settings(
+        ltrec.train.TrainConfig(),
+        {"lr": 1e-3, "dropout": 0.5, "order_augmentation": 1.0, "set_context": "others"},
+    )
+    assert (cfg.lr, cfg.model["dropout"], cfg.order_augmentation) == (1e-3, 0.5, 1.0)
+    assert cfg.set_context == "others"
+    with pytest.raises(ValueError, match="neural grid keys"):
+        with_settings(ltrec.train.TrainConfig(), {"momentum": 0.9})
+    # ours is screened on sequence, random order and set reading of the history
+    ours = ReportConfig().neural_grids["ours"]
+    assert {(p["order_augmentation"], p["set_context"]) for p in ours} == {
+        (0.0, "prefix"),
+        (1.0, "prefix"),
+        (1.0, "others"),
+    }
