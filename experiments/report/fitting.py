@@ -172,8 +172,9 @@ def fit_all(
                 valid_on = shuffled_context(valid, cfg.seed + 2)
             train_cfg = dataclasses.replace(cfg.train, **LOSS_VARIANTS.get(name, {}))  # type: ignore[arg-type]
             screening: list[dict] = []
+            screened: tuple[Recommender, dict] | None = None
             if cfg.neural_grids.get(name):
-                train_cfg, screening = _screen(
+                train_cfg, screening, screened = _screen(
                     name, view, cfg, train_cfg, train_on, valid_on, progress
                 )
             model, summary = neural_baselines.fit_recommender(
@@ -184,7 +185,30 @@ def fit_all(
                 progress=progress,
                 valid_cases=valid_on,
             )
+            kept = None
+            if screened is not None and better_on_validation(screened[1], summary):
+                # The chosen setting's short, fully annealed run beat its converged run (whose
+                # long schedule stops early at a high learning rate): keep the better model.
+                kept = {
+                    "run": "screening",
+                    "screen_ndcg@10": screened[1]["best"]["ndcg@10"],
+                    "converged_ndcg@10": summary["best"]["ndcg@10"],
+                    "converged_epochs": len(summary["epochs"]),
+                }
+                model, summary = screened[0], dict(screened[1])
+                summary["stop_reason"] = (
+                    f"its {cfg.screen_epochs}-epoch annealed screening schedule, kept: validation "
+                    f"NDCG@10 above its converged run's (which stopped after "
+                    f"{kept['converged_epochs']} epochs)"
+                )
+                print(
+                    f"{view}: {name} keeps its screening run (validation NDCG@10 "
+                    f"{kept['screen_ndcg@10']:.4f} against {kept['converged_ndcg@10']:.4f})",
+                    file=sys.stderr,
+                )
             info = {"tuning": "early stopping on validation NDCG@10", **summary}
+            if kept is not None:
+                info["kept"] = kept
             if screening:
                 keys = " and ".join(cfg.neural_grids[name][0])
                 info["tuning"] = (
@@ -231,22 +255,24 @@ def _screen(
     train_on: Prepared,
     valid_on: EvalCases | None,
     progress: bool,
-) -> tuple[TrainConfig, list[dict]]:
+) -> tuple[TrainConfig, list[dict], tuple[Recommender, dict]]:
     """Each point of the row's grid trained for `cfg.screen_epochs` epochs, a complete short
     schedule (warm-up, cosine decay to 5%, no early stop); returns the training config of the
-    best point by validation NDCG@10, and every point's figures.
+    best point by validation NDCG@10, every point's figures, and the best point's model and
+    training summary (the row keeps it if it beats the converged run on validation).
 
     A short annealed run ranks settings by how well they learn, at a fraction of the cost of
     converging each; its known bias is towards settings that learn fast (a higher learning rate,
     less dropout), which the report shows by printing every point."""
     points = []
+    runs: list[tuple[Recommender, dict]] = []
     for params in cfg.neural_grids[name]:
         trial_cfg = dataclasses.replace(
             with_settings(train_cfg, params),
             epochs=cfg.screen_epochs,
             patience=cfg.screen_epochs,
         )
-        _, summary = neural_baselines.fit_recommender(
+        trial_model, summary = neural_baselines.fit_recommender(
             train_on,
             trial_cfg,
             FACTORIES[name],
@@ -257,10 +283,16 @@ def _screen(
         points.append(
             {**params, **summary["best"], "seconds": summary["train_seconds"]}  # type: ignore[dict-item]
         )
-    best = max(points, key=lambda point: point["ndcg@10"])
-    chosen = {key: best[key] for key in cfg.neural_grids[name][0]}
+        runs.append((trial_model, summary))
+    index = max(range(len(points)), key=lambda i: points[i]["ndcg@10"])
+    chosen = {key: points[index][key] for key in cfg.neural_grids[name][0]}
     print(f"{view}: {name} settings chosen on validation {chosen}", file=sys.stderr)
-    return with_settings(train_cfg, chosen), points
+    return with_settings(train_cfg, chosen), points, runs[index]
+
+
+def better_on_validation(candidate: dict, incumbent: dict) -> bool:
+    """Whether training summary `candidate`'s best validation NDCG@10 is above `incumbent`'s."""
+    return float(candidate["best"]["ndcg@10"]) > float(incumbent["best"]["ndcg@10"])
 
 
 def _widen_to_interior(

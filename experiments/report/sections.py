@@ -417,5 +417,12 @@ def _tuned(info: dict) -> str:
         return ", ".join(f"{k} {v:g}" for k, v in info["best"].items())
     if "best" in info and isinstance(info["best"], dict):
         source = "checkpoint, " if info.get("checkpoint") else ""
+        kept = info.get("kept")
+        if kept:
+            return (
+                f"best epoch {info['best'].get('epoch')} of its {len(info.get('epochs') or [])}"
+                f"-epoch screening run, kept over the converged run on validation NDCG@10 "
+                f"({kept['screen_ndcg@10']:.4f} against {kept['converged_ndcg@10']:.4f})"
+            )
         return f"{source}best epoch {info['best'].get('epoch')}"
     return info.get("tuning", "")

@@ -709,3 +709,42 @@ def test_grid_points_set_training_and_model_settings() -> None:
         (1.0, "prefix"),
         (1.0, "others"),
     }
+
+
+@pytest.mark.parametrize("screen_wins", [True, False])
+def test_a_row_keeps_its_screening_run_only_when_it_validates_better(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, screen_wins: bool
+) -> None:
+    """The chosen setting's short annealed run is kept over its converged run when (and only
+    when) its validation NDCG@10 is higher; the report says which run it kept."""
+    import dataclasses
+
+    from experiments.report import fitting
+    from experiments.report.sections import _tuned
+    from ltrec import neural_baselines
+
+    prepared = prepare(tiny_data, tmp_path / "cache")
+    cfg = dataclasses.replace(quick_config(), screen_epochs=3)
+    real_fit = neural_baselines.fit_recommender
+
+    def fake_fit(train_on, train_cfg, factory, **kwargs):  # type: ignore[no-untyped-def]
+        model, summary = real_fit(
+            train_on, dataclasses.replace(train_cfg, epochs=1), factory, **kwargs
+        )
+        screening = "screen" in kwargs.get("name", "")
+        value = (0.3 if screening else 0.2) if screen_wins else (0.1 if screening else 0.2)
+        summary["best"] = {**summary["best"], "ndcg@10": value + 0.01 * train_cfg.lr}
+        model.tag = "screen" if screening else "converged"  # type: ignore[attr-defined]
+        return model, summary
+
+    monkeypatch.setattr(neural_baselines, "fit_recommender", fake_fit)
+    fitted = fitting.fit_all(prepared, cfg, "main", None, False, ["sasrec"])["sasrec"]
+    assert fitted.model.tag == ("screen" if screen_wins else "converged")  # type: ignore[union-attr]
+    if screen_wins:
+        assert fitted.info["kept"]["run"] == "screening"
+        assert fitted.info["kept"]["screen_ndcg@10"] > fitted.info["kept"]["converged_ndcg@10"]
+        assert "screening run, kept over the converged run" in _tuned(fitted.info)
+        assert "screening schedule, kept" in fitted.info["stop_reason"]
+    else:
+        assert "kept" not in fitted.info
+        assert "screening run" not in _tuned(fitted.info)
