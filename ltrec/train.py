@@ -44,6 +44,8 @@ from ltrec.text_encoder import TEXT_MODEL_NAME
 from ltrec_core import contract
 from ltrec_core.artifacts import CheckpointMetadata, Vocabularies
 
+SET_CONTEXTS = ("prefix", "others")
+
 
 @dataclass
 class TrainConfig:
@@ -78,6 +80,18 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
+
+    def __post_init__(self) -> None:
+        if self.set_context not in SET_CONTEXTS:
+            raise ValueError(
+                f"set_context must be one of {', '.join(SET_CONTEXTS)}, got {self.set_context!r}"
+            )
+        if not 0.0 <= self.logit_adjustment <= 2.0:
+            raise ValueError(f"logit_adjustment must be in [0, 2], got {self.logit_adjustment:g}")
+        if self.logit_adjustment and self.loss != "full":
+            raise ValueError("logit_adjustment applies to the full softmax only (loss='full')")
+        if self.set_context == "others" and self.model.get("set_pooling") is False:
+            raise ValueError("set_context 'others' needs set pooling (it replaces its mean)")
 
 
 # Batch widths are rounded up to a multiple of this: a handful of distinct tensor shapes per
@@ -184,7 +198,7 @@ def _loss(
     hist, hist_types, targets, context = batch
     table = model.item_table()
     set_means = None
-    if cfg.set_context == "others" and model.user_tower.set_projection is not None:
+    if cfg.set_context == "others":
         set_means = leave_one_out_means(F.embedding(targets, table), targets)
     states, _ = model.user_tower.states(
         F.embedding(hist, table), hist, hist_types, right_padded=True, set_means=set_means
@@ -281,8 +295,8 @@ def fit(
     `valid_cases` replaces the validation cases built from `prepared.split` (the context
     ablation validates on shuffled context, as it trains on it).
     """
-    if cfg.set_context not in ("prefix", "others"):
-        raise ValueError(f"set_context must be prefix or others, got {cfg.set_context!r}")
+    if cfg.set_context == "others" and model.user_tower.set_projection is None:
+        raise ValueError("set_context 'others' needs a model with set pooling")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -552,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--set-context",
+        choices=SET_CONTEXTS,
         default=TrainConfig.set_context,
         help="with set pooling, what a training state's set term averages: prefix (the items "
         "before the target, as served) or others (every other item of the window: a history "
@@ -575,34 +590,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--id-dropout must be in [0, 1), got {args.id_dropout:g}")
     if not 0.0 <= args.order_augmentation <= 1.0:
         parser.error(f"--order-augmentation must be in [0, 1], got {args.order_augmentation:g}")
-    if args.set_context not in ("prefix", "others"):
-        parser.error(f"--set-context must be prefix or others, got {args.set_context}")
-    if not 0.0 <= args.logit_adjustment <= 2.0:
-        parser.error(f"--logit-adjustment must be in [0, 2], got {args.logit_adjustment:g}")
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        max_minutes=args.max_minutes,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        loss=args.loss,
-        negatives=args.negatives,
-        logq=not args.no_logq,
-        patience=args.patience,
-        seed=args.seed,
-        order_augmentation=args.order_augmentation,
-        logit_adjustment=args.logit_adjustment,
-        set_context=args.set_context,
-        model={
-            "embedding_dim": args.embedding_dim,
-            "n_layers": args.layers,
-            "n_heads": args.heads,
-            "max_history": args.max_history,
-            "dropout": args.dropout,
-            "id_embeddings": not args.text_only,
-            "id_dropout": args.id_dropout,
-            "set_pooling": not args.no_set_pooling,
-        },
-    )
+    try:
+        cfg = TrainConfig(
+            epochs=args.epochs,
+            max_minutes=args.max_minutes,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            loss=args.loss,
+            negatives=args.negatives,
+            logq=not args.no_logq,
+            patience=args.patience,
+            seed=args.seed,
+            order_augmentation=args.order_augmentation,
+            logit_adjustment=args.logit_adjustment,
+            set_context=args.set_context,
+            model={
+                "embedding_dim": args.embedding_dim,
+                "n_layers": args.layers,
+                "n_heads": args.heads,
+                "max_history": args.max_history,
+                "dropout": args.dropout,
+                "id_embeddings": not args.text_only,
+                "id_dropout": args.id_dropout,
+                "set_pooling": not args.no_set_pooling,
+            },
+        )
+    except ValueError as exc:
+        parser.error(f"invalid training settings: {exc}")
     started = time.monotonic()
     try:
         prepared = prepare(args.data, args.cache)

@@ -3,6 +3,8 @@ the user tower that training and validation run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -161,7 +163,38 @@ def test_set_context_others_reads_the_whole_window() -> None:
     prefix = _loss(model, batch, TrainConfig(set_context="prefix"), log_q, q)
     others = _loss(model, batch, TrainConfig(set_context="others"), log_q, q)
     assert not torch.isclose(prefix, others, atol=1e-4)
-    with pytest.raises(ValueError, match="set_context"):
-        from ltrec.train import fit
+    # a model without set pooling cannot take the leave-one-out set context
+    from ltrec.train import fit
 
-        fit(None, TrainConfig(set_context="all"), model)  # type: ignore[arg-type]
+    plain = Recommender(dataclasses.replace(cfg, set_pooling=False), torch.randn(31, 384))
+    with pytest.raises(ValueError, match="needs a model with set pooling"):
+        fit(None, TrainConfig(set_context="others"), plain)  # type: ignore[arg-type]
+
+
+def test_training_settings_that_would_be_ignored_are_refused() -> None:
+    with pytest.raises(ValueError, match="set_context must be one of prefix, others"):
+        TrainConfig(set_context="all")
+    with pytest.raises(ValueError, match=r"logit_adjustment must be in \[0, 2\]"):
+        TrainConfig(logit_adjustment=-0.5)
+    with pytest.raises(ValueError, match="full softmax only"):
+        TrainConfig(loss="sampled", logit_adjustment=0.5)
+    with pytest.raises(ValueError, match="needs set pooling"):
+        TrainConfig(set_context="others", model={"set_pooling": False})
+    TrainConfig(set_context="others", logit_adjustment=0.5)  # a valid pair
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--logit-adjustment", "3"],
+        ["--loss", "sampled", "--logit-adjustment", "0.5"],
+        ["--set-context", "others", "--no-set-pooling"],
+    ],
+)
+def test_train_cli_names_the_bad_setting(flags: list[str], capsys: pytest.CaptureFixture) -> None:
+    from ltrec.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "missing", "--out", "unused", *flags])
+    assert exit_info.value.code == 2
+    assert "invalid training settings" in capsys.readouterr().err
