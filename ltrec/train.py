@@ -53,7 +53,10 @@ class TrainConfig:
     # epoch count and the minutes are caps, and a run they stop says so in its stop reason.
     epochs: int = 200
     max_minutes: float = 17.0
-    batch_size: int = 128
+    # Users per step (batches hold about this many users' worth of events: epoch_batches). On
+    # ML-1M, 64 learns far more per epoch than 128 at about the same cost per epoch (48 steps an
+    # epoch is too few updates): validation NDCG@10 after a 6-minute budget 0.1768 vs 0.1565.
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
     loss: str = "full"  # "full" softmax, or "sampled" with logQ correction
@@ -62,6 +65,10 @@ class TrainConfig:
     # Without it, popular items, sampled often as negatives, are pushed down too hard.
     logq: bool = True
     patience: int = 10
+    # Validation (a full-ranking pass over every validation user, about a sixth of an epoch's
+    # cost on ML-1M) runs every `validate_every` epochs while the schedule is in its first half,
+    # then after every epoch, and always after the last one. Patience still counts epochs.
+    validate_every: int = 2
     # Input type of the full softmax's matmuls ("auto": bfloat16 on CPUs with native bfloat16,
     # else float32); sums, softmax and gradients stay float32 (ltrec.softmax).
     softmax_precision: str = "auto"
@@ -86,6 +93,8 @@ class TrainConfig:
             raise ValueError(
                 f"set_context must be one of {', '.join(SET_CONTEXTS)}, got {self.set_context!r}"
             )
+        if self.validate_every < 1:
+            raise ValueError(f"validate_every must be at least 1, got {self.validate_every}")
         if not 0.0 <= self.logit_adjustment <= 2.0:
             raise ValueError(f"logit_adjustment must be in [0, 2], got {self.logit_adjustment:g}")
         if self.logit_adjustment and self.loss != "full":
@@ -231,6 +240,12 @@ def _loss(
     return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
 
 
+def _progress(step: int, total_steps: int, started: float, max_minutes: float) -> float:
+    """How far the run is through whichever budget (steps or minutes) runs out first, 0..1."""
+    elapsed = (time.monotonic() - started) / (max_minutes * 60)
+    return min(max(step / total_steps, elapsed), 1.0)
+
+
 def _set_lr(
     optimiser: torch.optim.Optimizer,
     peak: float,
@@ -245,8 +260,8 @@ def _set_lr(
     if step < warmup_steps:
         lr = peak * (step + 1) / warmup_steps
     else:
-        progress = max(step / total_steps, (time.monotonic() - started) / (max_minutes * 60))
-        lr = peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        progress = _progress(step, total_steps, started, max_minutes)
+        lr = peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
     for group in optimiser.param_groups:
         group["lr"] = lr
 
@@ -318,7 +333,7 @@ def fit(
     best: dict = {"epoch": 0, "ndcg@10": -1.0}
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[dict] = []
-    bad_epochs, step, stop_reason = 0, 0, "epochs"
+    step, stop_reason = 0, "epochs"
     _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, started, cfg.max_minutes)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -342,6 +357,30 @@ def fit(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         trained = time.monotonic()
+        # Would another epoch like the ones so far overrun the time budget? Then this is the last.
+        out_of_time = (trained - started) * (epoch + 1) / epoch > cfg.max_minutes * 60
+        last = epoch == cfg.epochs or out_of_time
+        if not (
+            last
+            or epoch % cfg.validate_every == 0
+            or _progress(step, total_steps, started, cfg.max_minutes) >= 0.5
+        ):
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": float(np.mean(losses)),
+                    "seconds": trained - started,
+                    "train_epoch_seconds": trained - epoch_started,
+                    "validation_seconds": 0.0,
+                }
+            )
+            print(
+                f"{label}epoch {epoch}: loss {history[-1]['loss']:.4f}  (no validation; "
+                f"{history[-1]['train_epoch_seconds']:.1f} s training; "
+                f"{(trained - started) / 60:.1f} min)",
+                file=sys.stderr,
+            )
+            continue
         metrics, _ = evaluate(
             model_score_fn(model, model_cfg.max_history),
             valid_cases,
@@ -368,10 +407,7 @@ def fit(
         if metrics["ndcg@10"] > best["ndcg@10"]:
             best = {"epoch": epoch, **metrics}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        if bad_epochs >= cfg.patience:
+        if epoch - best["epoch"] >= cfg.patience:
             stop_reason = f"no validation gain for {cfg.patience} epochs"
             break
         # Stop when another epoch like the last one would overrun the budget.
@@ -534,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         help="sampled softmax without the logQ popularity correction (an ablation)",
     )
     parser.add_argument("--patience", type=int, default=TrainConfig.patience)
+    parser.add_argument(
+        "--validate-every",
+        type=int,
+        default=TrainConfig.validate_every,
+        help="validate every N epochs in the schedule's first half (every epoch after it)",
+    )
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--embedding-dim", type=int, default=ModelConfig.embedding_dim)
     parser.add_argument("--layers", type=int, default=ModelConfig.n_layers)
@@ -600,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             negatives=args.negatives,
             logq=not args.no_logq,
             patience=args.patience,
+            validate_every=args.validate_every,
             seed=args.seed,
             order_augmentation=args.order_augmentation,
             logit_adjustment=args.logit_adjustment,

@@ -226,12 +226,12 @@ def fit_all(
     return fitted
 
 
-GRID_KEYS = ("lr", "dropout", "order_augmentation", "set_context")
+GRID_KEYS = ("lr", "batch_size", "dropout", "order_augmentation", "set_context")
 
 
 def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
-    """`train` with a neural grid point applied: "lr", "order_augmentation" and "set_context" to
-    the training, "dropout" to the model."""
+    """`train` with a neural grid point applied: "lr", "batch_size", "order_augmentation" and
+    "set_context" to the training, "dropout" to the model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
@@ -241,6 +241,7 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
     return dataclasses.replace(
         train,
         lr=float(params.get("lr", train.lr)),
+        batch_size=int(params.get("batch_size", train.batch_size)),
         order_augmentation=float(params.get("order_augmentation", train.order_augmentation)),
         set_context=str(params.get("set_context", train.set_context)),
         model=model,

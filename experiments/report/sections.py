@@ -177,7 +177,8 @@ def _convergence(report: dict) -> list[str]:
                     "-" if seconds is None else f"{seconds / 60:.1f}",
                     str(train.get("patience", "-")),
                     reason,
-                    f"lr {train.get('lr', '-'):g}, dropout {model.get('dropout', '-'):g}"
+                    f"lr {train.get('lr', '-'):g}, batch {train.get('batch_size', '-')}, "
+                    f"dropout {model.get('dropout', '-'):g}"
                     + (
                         f", order augmentation {train['order_augmentation']:g}"
                         if train.get("order_augmentation")

@@ -111,11 +111,15 @@ class ReportConfig:
     )
     # Per neural row, training settings chosen on validation for that row: each point trains
     # `screen_epochs` epochs, and the best by validation NDCG@10 is then trained to convergence.
-    # Keys: "lr", "order_augmentation", "set_context" (TrainConfig) and "dropout" (ModelConfig).
+    # Keys: "lr", "batch_size", "order_augmentation", "set_context" (TrainConfig) and "dropout"
+    # (ModelConfig).
     neural_grids: dict[str, list[dict[str, float | str]]] = field(
         default_factory=lambda: {
             "sasrec": [
-                {"lr": lr, "dropout": dropout} for lr in (1e-3, 2e-3) for dropout in (0.2, 0.5)
+                {"lr": lr, "dropout": dropout, "batch_size": batch}
+                for lr in (1e-3, 2e-3)
+                for dropout in (0.2, 0.5)
+                for batch in (64, 128)
             ],
             # Ours trained in the report (a view without its checkpoint): whether to read the
             # history as a sequence, as a sequence in random order (TrainConfig.order_augmentation),

@@ -508,7 +508,7 @@ def test_convergence_table_marks_rows_stopped_on_a_cap() -> None:
                 "best": {"epoch": 2},
                 "stop_reason": reason,
                 "train_seconds": 90.0,
-                "train_config": {"patience": 10, "lr": 0.002},
+                "train_config": {"patience": 10, "lr": 0.002, "batch_size": 64},
                 "model_config": {"dropout": 0.2},
             },
         }
@@ -524,7 +524,7 @@ def test_convergence_table_marks_rows_stopped_on_a_cap() -> None:
         }
     )
     text = "\n".join(lines)
-    assert "| 10 | no validation gain for 10 epochs | lr 0.002, dropout 0.2 |" in text
+    assert "| 10 | no validation gain for 10 epochs | lr 0.002, batch 64, dropout 0.2 |" in text
     assert "**capped**: no validation" not in text
     assert "**capped**: time budget of 45.0 min" in text
     assert "**capped**: epochs" in text

@@ -198,3 +198,56 @@ def test_train_cli_names_the_bad_setting(flags: list[str], capsys: pytest.Captur
         main(["--data", "missing", "--out", "unused", *flags])
     assert exit_info.value.code == 2
     assert "invalid training settings" in capsys.readouterr().err
+
+
+def _fit_with_scripted_validation(
+    monkeypatch: pytest.MonkeyPatch, scores: list[float], cfg: TrainConfig
+) -> dict:
+    """Train a tiny model on synthetic sequences with `evaluate` replaced by a script of
+    validation NDCG@10 figures (one per validation); returns fit's summary."""
+    import types
+
+    import ltrec.train as train_module
+
+    calls = iter(scores)
+
+    def scripted(score_fn, cases, **kwargs):  # type: ignore[no-untyped-def]
+        value = next(calls)
+        return {"ndcg@10": value, "recall@10": value}, None
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    seqs = sequences(LENGTHS)
+    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
+    prepared = types.SimpleNamespace(
+        popularity=np.bincount(seqs.items, minlength=31), split=None, train_sequences=seqs
+    )
+    model_cfg = ModelConfig(
+        n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2, max_history=20
+    )
+    model = Recommender(model_cfg, torch.randn(31, 384))
+    _, summary = train_module.fit(prepared, cfg, model, progress=False, valid_cases=object())  # type: ignore[arg-type]
+    return summary
+
+
+def test_validation_every_few_epochs_then_every_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate_every=2 skips the odd epochs in the schedule's first half only, and the last
+    epoch is always validated."""
+    cfg = TrainConfig(epochs=9, batch_size=4, validate_every=2, patience=50, max_minutes=1e6)
+    summary = _fit_with_scripted_validation(monkeypatch, [0.1 * i for i in range(1, 10)], cfg)
+    validated = [e["epoch"] for e in summary["epochs"] if "ndcg@10" in e]
+    assert validated == [2, 4, 5, 6, 7, 8, 9]
+    assert [e["epoch"] for e in summary["epochs"]] == list(range(1, 10))
+    assert summary["best"]["epoch"] == 9 and summary["stop_reason"] == "epochs"
+
+
+def test_patience_counts_epochs_when_validation_skips_some(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = TrainConfig(epochs=20, batch_size=4, validate_every=2, patience=3, max_minutes=1e6)
+    summary = _fit_with_scripted_validation(monkeypatch, [0.5, 0.4, 0.3, 0.2, 0.1] * 4, cfg)
+    # validated at 2 (best), 4 (2 epochs without a gain), 6: 4 epochs >= patience 3
+    assert [e["epoch"] for e in summary["epochs"] if "ndcg@10" in e] == [2, 4, 6]
+    assert summary["best"]["epoch"] == 2
+    assert summary["stop_reason"] == "no validation gain for 3 epochs"
+    with pytest.raises(ValueError, match="validate_every must be at least 1"):
+        TrainConfig(validate_every=0)
