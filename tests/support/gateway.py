@@ -237,6 +237,7 @@ async def running_gateway(
         "allow_plaintext": True,
         "feedback_dir": repository.parent / "feedback",
         "items_dir": repository.parent / "items",
+        "history_sqlite_path": repository.parent / "history" / "history.sqlite3",
     }
     settings.update(config)
     server, port = create_server(GatewayConfig(**settings), transport=fake)

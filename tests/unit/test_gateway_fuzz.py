@@ -113,6 +113,7 @@ def fuzzed_gateway(root: Path, **settings: Any) -> Iterator[recommender_pb2_grpc
         allow_plaintext=True,
         feedback_dir=root / "feedback",
         items_dir=root / "items",
+        history_sqlite_path=root / "history" / "history.sqlite3",
         feedback_max_batch=MAX_FEEDBACK_BATCH,
         items_max_batch=MAX_ITEM_BATCH,
         **settings,
