@@ -3,7 +3,9 @@ Triton, with the embedded SQLite store and with two gateways sharing one real re
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -214,6 +216,37 @@ async def test_without_a_store_a_user_id_alone_gets_no_history(repository: Path)
         assert gw.server.history is None
     assert (reply.history_source, sent_history(fake)[0]) == (NONE, [0])
     assert not (repository.parent / "history").exists()
+
+
+@run_async
+async def test_example_client_remembers_a_history_then_recommends_by_user_id(
+    repository: Path,
+) -> None:
+    """`make client CLIENT_ARGS=--remember`, then `--user-only` (the fake catalogue knows none
+    of its MovieLens titles: the stored events come back and are counted as unknown)."""
+    root = Path(__file__).resolve().parents[2]
+
+    async def client(address: str, *args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "examples/recommend_client.py", "--address", address, "-k", "1",
+            "--user", "client-user", *args,
+            cwd=root, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), timeout=20)
+        assert process.returncode == 0, err.decode()
+        return out.decode()
+
+    async with running_gateway(repository, FakeTransport()) as gw:
+        address = gw.address
+        assert "history: none (0 events)" in await client(address, "--user-only")
+        for _ in range(2):
+            assert "history: request (0 events, 12 not in the catalogue)" in await client(
+                address, "--remember"
+            )
+        # The newest max_history (3) of them were kept.
+        assert "history: stored (0 events, 3 not in the catalogue)" in await client(
+            address, "--user-only"
+        )
 
 
 # --- several replicas: one Redis ------------------------------------------------------------------

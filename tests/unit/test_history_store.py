@@ -337,3 +337,21 @@ def test_history_configuration_of_redis_keeps_the_password_out_of_repr() -> None
     assert (config.history_store, config.history_redis_password) == ("redis", "hunter2")
     assert config.history_retention_seconds == 3600
     assert "hunter2" not in repr(config) and "key-material" not in repr(config)
+
+
+def test_the_local_stack_keeps_one_hash_key_beside_its_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m triton_local.stack --history-redis`: users keep their history over restarts."""
+    from triton_local.stack import redis_env
+
+    monkeypatch.delenv("LTREC_USER_HASH_KEY", raising=False)
+    server = RedisServer(port=6390)  # not started: only its address is used
+    first, second = redis_env(server, tmp_path), redis_env(server, tmp_path)
+    assert first == second
+    assert first["LTREC_HISTORY_REDIS_ADDRESS"] == "127.0.0.1:6390"
+    assert (tmp_path / "user_hash_key").stat().st_mode & 0o777 == 0o600
+    config = GatewayConfig.from_env({"LTREC_ALLOW_PLAINTEXT": "true", **first})
+    assert config.history_store == "redis" and len(config.user_hash_key) == 64
+    monkeypatch.setenv("LTREC_USER_HASH_KEY", "given")
+    assert redis_env(server, tmp_path)["LTREC_USER_HASH_KEY"] == "given"
