@@ -27,6 +27,11 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
 	  else echo "promtool missing: run 'sudo apt-get install -y prometheus'" >&2; exit 1; fi; }
+	# redis-server (Debian's redis-server package) backs the gateway's shared history store in the
+	# tests and in `make serve STACK_ARGS=--history-redis`; it is started per use, never as a service.
+	@command -v redis-server >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else echo "redis-server missing: run 'sudo apt-get install -y redis-server'" >&2; exit 1; fi; }
 	touch $@
 
 STUBS := server/gen/ltrec/v1/recommender_pb2.py

@@ -1,12 +1,18 @@
 """Call the running gateway with a real MovieLens-1M viewing history and print the titles.
 
     python examples/recommend_client.py [--address 127.0.0.1:50051] [-k 10] [--long-tail-weight 0.5]
-                                        [--click N]
+                                        [--click N] [--user-only | --remember] [--user ID]
 
 The history below is user 1m_1's first twelve ratings in MovieLens-1M, in time order (item ids
 there are titles). Any internal service calls `ltrec.v1.Recommender/Recommend` the same way.
 With `--click N` it then reports feedback for the list: an impression for every item shown and a
-click on the N-th (`FeedbackBatch`, acknowledged once it is on disk in the gateway's store).
+click on the N-th (`FeedbackBatch`, acknowledged once it is on disk in the gateway's store; the
+click also joins the user's stored history).
+
+`--remember` sends the history with `remember_history`, so the gateway keeps it for the user;
+`--user-only` sends only the user id, and the gateway uses the user's stored history (the
+remembered events and the clicks, carts and purchases reported by Feedback). The reply says
+which history was used: "history: stored (13 events)".
 """
 
 from __future__ import annotations
@@ -46,21 +52,34 @@ def main() -> int:
     parser.add_argument("--long-tail-weight", type=float, default=None)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--click", type=int, metavar="N", help="report a click on the N-th item")
+    parser.add_argument("--user", default="example-user", help="the user id (default %(default)s)")
+    stored = parser.add_mutually_exclusive_group()
+    stored.add_argument(
+        "--user-only", action="store_true", help="no history: use the user's stored one"
+    )
+    stored.add_argument(
+        "--remember", action="store_true", help="have the gateway keep this history for the user"
+    )
     args = parser.parse_args()
     now = int(time.time())
     request = recommender_pb2.RecommendRequest(
-        user_id="example-user",
-        history=[
+        user_id=args.user,
+        context=recommender_pb2.Context(timestamp=now, device="desktop", region="zip4"),
+        k=args.k,
+        remember_history=args.remember,
+    )
+    if not args.user_only:
+        # An hour apart, the last at the start of this hour: the same history sent again within
+        # the hour has the same times, and a remembered one is kept once.
+        last = now // 3600 * 3600
+        request.history.extend(
             recommender_pb2.HistoryEvent(
                 item_id=title,
                 event_type=recommender_pb2.EVENT_TYPE_RATING,
-                timestamp=now - 3600 * (len(HISTORY) - i),
+                timestamp=last - 3600 * (len(HISTORY) - 1 - i),
             )
             for i, title in enumerate(HISTORY)
-        ],
-        context=recommender_pb2.Context(timestamp=now, device="desktop", region="zip4"),
-        k=args.k,
-    )
+        )
     if args.long_tail_weight is not None:
         request.long_tail_weight = args.long_tail_weight
     with grpc.insecure_channel(args.address) as channel:
@@ -75,7 +94,12 @@ def main() -> int:
         except grpc.RpcError as exc:
             print(f"call failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    print(f"history: {', '.join(HISTORY[-5:])} ...")
+    source = recommender_pb2.HistorySource.Name(reply.history_source)
+    source = source.removeprefix("HISTORY_SOURCE_").lower()
+    skipped = reply.skipped_history_items
+    unknown = f", {skipped} not in the catalogue" if skipped else ""
+    print(f"history: {source} ({reply.history_events} events{unknown})", end="")
+    print(f": {', '.join(HISTORY[-5:])} ..." if request.history else "")
     print(f"model {reply.model_version}, request {reply.request_id}:")
     for rank, item in enumerate(reply.items, 1):
         tail = " [long tail]" if item.long_tail else ""

@@ -26,6 +26,9 @@ from server.item_images import ItemImages
 from server.item_tokenizer import ItemTokenizer
 from server.servicer import SERVICE_NAME, RecommenderServicer
 from server.stores.feedback import FeedbackStore
+from server.stores.history import HistoryBackend, HistoryStore
+from server.stores.history_redis import RedisHistory
+from server.stores.history_sqlite import SqliteHistory
 from server.stores.items import ItemStore
 from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
 from server.validation import RequestLimits
@@ -40,7 +43,8 @@ class GatewayServer(grpc.aio.Server):
 
     `start` also starts the feedback writer, the item store poll and the health poll;
     `stop(grace)` is the shutdown sequence: NOT_SERVING, keep serving for the drain time,
-    `await server.stop(grace)`, close the feedback and item stores, close the Triton client.
+    `await server.stop(grace)`, close the feedback, item and history stores, close the Triton
+    client.
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class GatewayServer(grpc.aio.Server):
         feedback: FeedbackStore,
         items: ItemStore,
         drain_seconds: float = 0.0,
+        history: HistoryStore | None = None,
     ) -> None:
         self._server = server
+        self._history = history
         self._health = health
         self._triton = triton
         self._feedback = feedback
@@ -88,6 +94,10 @@ class GatewayServer(grpc.aio.Server):
     def items(self) -> ItemStore:
         return self._items
 
+    @property
+    def history(self) -> HistoryStore | None:
+        return self._history
+
     async def start(self) -> None:
         await self._feedback.start()
         await self._items.start()
@@ -107,6 +117,8 @@ class GatewayServer(grpc.aio.Server):
         # writes the served lists still queued.
         await self._feedback.close()
         await self._items.close()
+        if self._history is not None:
+            await self._history.close()
         await self._triton.close()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -145,6 +157,8 @@ def create_server(
         long_tail_weight_max=metadata.long_tail_weight_max,
         max_feedback_batch=config.feedback_max_batch,
         max_item_batch=config.items_max_batch,
+        history_store=config.history_store != "off",
+        history_retention_seconds=config.history_retention_seconds,
     )
     feedback = FeedbackStore(
         config.feedback_dir,
@@ -173,13 +187,14 @@ def create_server(
         )
     )
     items.set_encoder(None if encoder is None else encoder.encode)
+    history, user_hash_key = open_history_store(config, metadata.max_history)
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor((SERVICE_NAME,), config.user_hash_key)],
+        interceptors=[GatewayInterceptor((SERVICE_NAME,), user_hash_key)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=server_options(config),
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(metadata, items, triton, limits, feedback, encoder, images),
+        RecommenderServicer(metadata, items, triton, limits, feedback, encoder, images, history),
         server,
     )
     health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds)
@@ -193,9 +208,49 @@ def create_server(
     else:
         port = server.add_insecure_port(address)
     return (
-        GatewayServer(server, health, triton, feedback, items, config.shutdown_drain_seconds),
+        GatewayServer(
+            server, health, triton, feedback, items, config.shutdown_drain_seconds, history
+        ),
         port,
     )
+
+
+def open_history_store(config: GatewayConfig, max_events: int) -> tuple[HistoryStore | None, str]:
+    """The configured history store (None: off) and the user hash key of logs and store: the
+    configured one, else, with SQLite, the one kept in its file (users keep their history over
+    restarts), else random per process."""
+    if config.history_store == "off":
+        return None, config.user_hash_key
+    backend: HistoryBackend
+    if config.history_store == "redis":
+        backend = RedisHistory(
+            config.history_redis_address,
+            password=config.history_redis_password,
+            timeout_seconds=config.history_timeout_seconds,
+            unavailable_backoff_seconds=config.history_unavailable_backoff_seconds,
+        )
+        key = config.user_hash_key  # required by the configuration
+        where = config.history_redis_address
+    else:
+        sqlite = SqliteHistory(config.history_sqlite_path)
+        sqlite.open()
+        backend, key = sqlite, config.user_hash_key or sqlite.hash_key()
+        where = str(config.history_sqlite_path)
+    store = HistoryStore(
+        backend,
+        key.encode(),
+        max_events=max_events,
+        retention_seconds=config.history_retention_seconds,
+        name=config.history_store,
+    )
+    logger.info(
+        "history store: %s at %s (%d events per user, retention %d s)",
+        config.history_store,
+        where,
+        max_events,
+        config.history_retention_seconds,
+    )
+    return store, key
 
 
 def server_options(config: GatewayConfig) -> list[tuple[str, int]]:

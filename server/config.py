@@ -6,10 +6,18 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.errors import StartupError
+from server.stores.history import (
+    DEFAULT_RETENTION_SECONDS,
+    MAX_RETENTION_SECONDS,
+    MIN_RETENTION_SECONDS,
+)
+from server.stores.history_redis import check_address
+
+HISTORY_STORES = ("sqlite", "redis", "off")
 
 ENV_PREFIX = "LTREC_"
 
@@ -58,7 +66,7 @@ class GatewayConfig:
     tls_client_ca_file: str = ""
     allow_plaintext: bool = False
     # Key of the HMAC that stands for user ids in log lines; empty: a random key per process.
-    user_hash_key: str = ""
+    user_hash_key: str = field(default="", repr=False)
     # The feedback store (`server.stores.feedback`): served lists and Feedback records, fsync'd JSON
     # lines in segments of at most this many bytes, one series of segments per replica (default
     # name: the host name).
@@ -84,6 +92,21 @@ class GatewayConfig:
     # The directory UpsertItems' Item.image_path is read from (paths resolved against it, none
     # may leave it); unset: image_path is refused (each item reports an ImageProblem).
     image_root: Path | None = None
+    # The history store (`server.stores.history`): each user's recent Feedback clicks, carts and
+    # purchases (and remembered request histories), which a Recommend with a user_id and no
+    # history uses. sqlite: one file on this machine (WAL; survives restarts). redis: shared by
+    # every replica (host:port or a redis:// / rediss:// URL; the password in its own variable,
+    # e.g. from a Secret; needs LTREC_USER_HASH_KEY so that replicas hash user ids alike).
+    # off: none (a Recommend without history is answered without one, as before).
+    history_store: str = "sqlite"
+    history_sqlite_path: Path = Path("history/history.sqlite3")
+    history_redis_address: str = ""
+    history_redis_password: str = field(default="", repr=False)
+    # Events older than this are never used and are pruned.
+    history_retention_seconds: int = DEFAULT_RETENTION_SECONDS
+    # Per Redis call (no retry); after a failure Redis is not asked for the backoff time.
+    history_timeout_seconds: float = 0.1
+    history_unavailable_backoff_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         _check(
@@ -107,6 +130,7 @@ class GatewayConfig:
             "health_poll_interval_seconds",
             "items_poll_interval_seconds",
             "items_encode_timeout_seconds",
+            "history_timeout_seconds",
         ):
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value > 0, "a finite number > 0")
@@ -115,6 +139,7 @@ class GatewayConfig:
             "shutdown_grace_seconds",
             "shutdown_drain_seconds",
             "max_connection_age_seconds",
+            "history_unavailable_backoff_seconds",
         ):
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value >= 0, "a finite number >= 0")
@@ -146,12 +171,42 @@ class GatewayConfig:
             self.feedback_max_segment_bytes >= 4096,
             ">= 4096",
         )
+        self._check_history()
         _check(
             self.allow_plaintext,
             "allow_plaintext",
             self.tls or self.allow_plaintext,
             "true to serve without TLS (or set LTREC_TLS_CERT_FILE and LTREC_TLS_KEY_FILE)",
         )
+
+    def _check_history(self) -> None:
+        store = self.history_store
+        _check(store, "history_store", store in HISTORY_STORES, f"one of {HISTORY_STORES}")
+        _check(
+            self.history_retention_seconds,
+            "history_retention_seconds",
+            MIN_RETENTION_SECONDS <= self.history_retention_seconds <= MAX_RETENTION_SECONDS,
+            f"in [{MIN_RETENTION_SECONDS}, {MAX_RETENTION_SECONDS}] (a minute to a year)",
+        )
+        address = self.history_redis_address
+        if store == "redis":
+            _check(address, "history_redis_address", bool(address), "set with history_store redis")
+            problem = check_address(address)
+            # Not echoed: it may hold a password.
+            _check("...", "history_redis_address", problem is None, str(problem))
+            _check(
+                "",
+                "user_hash_key",
+                bool(self.user_hash_key),
+                "set with LTREC_HISTORY_STORE=redis (replicas must hash user ids alike)",
+            )
+        else:
+            _check(
+                address,
+                "history_redis_address",
+                not address,
+                "empty unless LTREC_HISTORY_STORE=redis",
+            )
 
     @property
     def tls(self) -> bool:
@@ -162,29 +217,31 @@ class GatewayConfig:
         """Reads the configuration; unset variables keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for field in dataclasses.fields(cls):
-            var = env_var(field.name)
+        for spec in dataclasses.fields(cls):
+            var = env_var(spec.name)
             raw = env.get(var)
             if raw is None:
                 continue
-            default = field.default
+            default = spec.default
             try:
                 if isinstance(default, bool):
-                    values[field.name] = _boolean(var, raw)
+                    values[spec.name] = _boolean(var, raw)
                 elif isinstance(default, int):
-                    values[field.name] = int(raw.strip())
+                    values[spec.name] = int(raw.strip())
                 elif isinstance(default, float):
-                    values[field.name] = float(raw.strip())
+                    values[spec.name] = float(raw.strip())
                 elif isinstance(default, Path):
                     if not raw.strip():
                         raise ConfigError(f"{var} must be a non-empty path")
-                    values[field.name] = Path(raw)
-                elif field.name == "image_root":  # optional: empty is unset
-                    values[field.name] = Path(raw.strip()) if raw.strip() else None
-                elif field.name == "log_level":
-                    values[field.name] = raw.strip().upper()
+                    values[spec.name] = Path(raw)
+                elif spec.name == "image_root":  # optional: empty is unset
+                    values[spec.name] = Path(raw.strip()) if raw.strip() else None
+                elif spec.name == "log_level":
+                    values[spec.name] = raw.strip().upper()
+                elif spec.name == "history_store":
+                    values[spec.name] = raw.strip().lower()
                 else:
-                    values[field.name] = raw.strip()
+                    values[spec.name] = raw.strip()
             except ValueError:
                 kind = "an integer" if isinstance(default, int) else "a number"
                 raise ConfigError(f"{var} must be {kind}, got {raw!r}") from None

@@ -6,7 +6,7 @@ indices N+1..N+M) and excludes its hidden items (deleted, or replaced by an adde
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +17,7 @@ from ltrec_core.context import label_bucket, time_bucket
 from server.catalogue import Catalogue, ModelMetadata
 from server.gen.ltrec.v1 import recommender_pb2
 
-_EVENT_TYPE_NAMES: dict[int, str] = {
+EVENT_TYPE_NAMES: dict[int, str] = {
     recommender_pb2.EVENT_TYPE_UNSPECIFIED: "view",
     recommender_pb2.EVENT_TYPE_VIEW: "view",
     recommender_pb2.EVENT_TYPE_CART: "cart",
@@ -26,7 +26,7 @@ _EVENT_TYPE_NAMES: dict[int, str] = {
 }
 # Proto enum value -> HISTORY_EVENT_TYPES index (1 + position in contract.EVENT_TYPES).
 EVENT_TYPE_INDEX: dict[int, int] = {
-    value: 1 + contract.EVENT_TYPES.index(name) for value, name in _EVENT_TYPE_NAMES.items()
+    value: 1 + contract.EVENT_TYPES.index(name) for value, name in EVENT_TYPE_NAMES.items()
 }
 
 
@@ -41,6 +41,7 @@ class Features:
     skipped_history_items: int
     extra_item_vectors: npt.NDArray[np.float32]  # [M, D]
     extra_popularity: npt.NDArray[np.float32]  # [M]
+    history_events: int = 0  # known history items the model reads (L, or 0 when padded)
 
     def as_inputs(self) -> dict[str, np.ndarray]:
         return {
@@ -64,10 +65,15 @@ def build_features(
     metadata: ModelMetadata,
     catalogue: Catalogue,
     now_seconds: float,
+    history: Sequence[recommender_pb2.HistoryEvent] | None = None,
 ) -> Features:
-    """Expects a validated request; unknown history ids are skipped and counted."""
+    """Expects a validated request; unknown history ids are skipped and counted.
+
+    `history` replaces the request's own (the stored history of its user, `server.history`).
+    """
+    given = request.history if history is None else history
     # sorted() is stable: events given oldest first keep their order on ties and missing times.
-    events = sorted(request.history, key=lambda event: event.timestamp)
+    events = sorted(given, key=lambda event: event.timestamp)
     items: list[int] = []
     event_types: list[int] = []
     skipped = 0
@@ -80,6 +86,7 @@ def build_features(
         event_types.append(EVENT_TYPE_INDEX[event.event_type])
     items = items[-metadata.max_history :]
     event_types = event_types[-metadata.max_history :]
+    used = len(items)
     if not items:
         items, event_types = [contract.PADDING_INDEX], [contract.PADDING_INDEX]
 
@@ -93,6 +100,7 @@ def build_features(
         skipped_history_items=skipped,
         extra_item_vectors=catalogue.extra_vectors,
         extra_popularity=catalogue.extra_popularity,
+        history_events=used,
     )
 
 

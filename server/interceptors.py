@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -26,6 +24,7 @@ from server.errors import (
     NotFound,
     Overloaded,
 )
+from server.hashing import user_hash
 from server.validation import MAX_REQUEST_ID_CHARS
 
 logger = logging.getLogger(__name__)
@@ -88,13 +87,6 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         )
         self._wrapped[full_method] = wrapped
         return wrapped
-
-
-def user_hash(user_id: str, key: bytes) -> str:
-    """Keyed hash of a user id for logs: joinable across lines, not reversible without the key."""
-    if not user_id:
-        return ""
-    return hmac.new(key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
 
 
 def _wrap(method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:

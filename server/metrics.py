@@ -69,8 +69,9 @@ IN_FLIGHT_REQUESTS = Gauge(
 )
 STAGE_DURATION_SECONDS = Histogram(
     "stage_duration_seconds",
-    "Time spent in one stage of the Recommend and SimilarItems pipelines (validate, features, "
-    "triton, postprocess) or of UpsertItems (images: read, decode and resize; encode).",
+    "Time spent in one stage of the Recommend and SimilarItems pipelines (validate, history: "
+    "reading the stored history, features, triton, postprocess) or of UpsertItems (images: read, "
+    "decode and resize; encode).",
     ["stage"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
@@ -196,6 +197,38 @@ ITEM_IMAGES_TOTAL = Counter(
 )
 for _outcome in IMAGE_OUTCOMES:  # from zero at start-up, so rate() sees the first one
     ITEM_IMAGES_TOTAL.labels(outcome=_outcome)
+# The history store (server.stores.history): ops that failed (Redis unreachable or backing off,
+# an I/O error); a failed read serves the Recommend without a stored history, a failed write
+# keeps nothing (the Feedback is still acknowledged: the feedback store holds it).
+HISTORY_STORE_OPS = ("read", "write")
+HISTORY_STORE_ERRORS_TOTAL = Counter(
+    "history_store_errors_total",
+    "History store reads (served without a stored history) and writes (events not kept) that "
+    "failed, by op.",
+    ["op"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+HISTORY_EVENTS_WRITTEN_TOTAL = Counter(
+    "history_events_written_total",
+    "Events handed to the history store (Feedback clicks, carts, purchases; remembered request "
+    "histories), duplicates included.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+# Where a Recommend's history came from (RecommendResponse.history_source).
+HISTORY_SOURCES = ("request", "stored", "none")
+RECOMMEND_HISTORY_SOURCE_TOTAL = Counter(
+    "recommend_history_source_total",
+    "Recommend answers by the source of their history (request, stored, none).",
+    ["source"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+for _op in HISTORY_STORE_OPS:
+    HISTORY_STORE_ERRORS_TOTAL.labels(op=_op)
+for _source in HISTORY_SOURCES:
+    RECOMMEND_HISTORY_SOURCE_TOTAL.labels(source=_source)
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",

@@ -1,4 +1,7 @@
-"""The `ltrec.v1.Recommender` service: validate -> features -> Triton -> postprocess.
+"""The `ltrec.v1.Recommender` service: validate -> history -> features -> Triton -> postprocess.
+
+Recommend reads the user's stored history when the request has none (`server.history`);
+Feedback adds acknowledged clicks, carts and purchases to it.
 
 Recommend and SimilarItems read one catalogue snapshot per request from the item store (the
 trained catalogue plus the items added or hidden since); UpsertItems reads the items' images
@@ -21,11 +24,13 @@ from server.catalogue import ModelMetadata
 from server.errors import BackendUnavailable, NotFound
 from server.features import build_features, build_similar_features
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from server.history import SOURCE_NAMES, choose_history, feedback_events, request_events
 from server.interceptors import current_request_id
 from server.item_encoder import ItemRow, TritonItemEncoder
 from server.item_images import ImageProblem, ItemImages, LoadedImage
 from server.postprocess import build_items, build_similar_items
 from server.stores.feedback import FeedbackStore
+from server.stores.history import HistoryStore
 from server.stores.items import ItemStore, NewItem
 from server.triton_client import OUTPUT_NAMES, TritonClient
 from server.validation import (
@@ -40,10 +45,14 @@ from server.validation import (
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 # Stage histograms bound once.
-_VALIDATE, _FEATURES, _TRITON, _POSTPROCESS, _IMAGES, _ENCODE = (
+_VALIDATE, _HISTORY, _FEATURES, _TRITON, _POSTPROCESS, _IMAGES, _ENCODE = (
     metrics.STAGE_DURATION_SECONDS.labels(stage=stage)
-    for stage in ("validate", "features", "triton", "postprocess", "images", "encode")
+    for stage in ("validate", "history", "features", "triton", "postprocess", "images", "encode")
 )
+_HISTORY_SOURCES = {
+    value: metrics.RECOMMEND_HISTORY_SOURCE_TOTAL.labels(source=name)
+    for value, name in SOURCE_NAMES.items()
+}
 # FEEDBACK_TYPE_CLICK -> "click"
 FEEDBACK_TYPE_NAMES = {
     value: name.removeprefix("FEEDBACK_TYPE_").lower()
@@ -70,7 +79,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         feedback: FeedbackStore,
         encoder: TritonItemEncoder | None,
         images: ItemImages,
+        history: HistoryStore | None = None,
     ) -> None:
+        self._history = history
         self._metadata = metadata
         self._items = items
         self._triton = triton
@@ -89,9 +100,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         with _VALIDATE.time():
             validate_request(request, self._limits)
         self._check_model_version(request.model_version)
+        now = time.time()
+        with _HISTORY.time():
+            history = await choose_history(request, self._history, now)
         catalogue = self._items.catalogue  # one snapshot for the whole request
         with _FEATURES.time():
-            features = build_features(request, self._metadata, catalogue, time.time())
+            features = build_features(request, self._metadata, catalogue, now, history.events)
         metrics.SKIPPED_HISTORY_ITEMS_TOTAL.inc(features.skipped_history_items)
         with _TRITON.time():
             outputs = await self._triton.infer(
@@ -111,11 +125,16 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 region=request.context.region,
             ).to_json()
         )
+        if request.remember_history and self._history is not None:
+            await self._history.remember(request_events(request), now)
+        _HISTORY_SOURCES[history.source].inc()
         return recommender_pb2.RecommendResponse(
             items=items,
             model_version=self._metadata.model_version,
             request_id=request_id,
             skipped_history_items=features.skipped_history_items,
+            history_source=history.source,
+            history_events=features.history_events,
         )
 
     async def SimilarItems(
@@ -251,6 +270,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         await self._feedback.append([record.to_json() for record in records])
         for record in records:
             metrics.FEEDBACK_EVENTS_TOTAL.labels(type=record.type).inc()
+        # Only once they are on disk; a history store that cannot write is counted, not raised.
+        if self._history is not None:
+            await self._history.remember(feedback_events(events, now), now)
         return len(records)
 
 

@@ -45,6 +45,10 @@ class RequestLimits:
     max_feedback_batch: int = 1000
     # Items per UpsertItems call, ids per DeleteItems call.
     max_item_batch: int = 64
+    # The history store: whether there is one (LTREC_HISTORY_STORE is not off) and how far back
+    # it keeps events (the bound of stored_history_max_age_seconds).
+    history_store: bool = True
+    history_retention_seconds: int = 30 * 24 * 3600
 
 
 def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
@@ -71,6 +75,34 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
     _exclusions(request.exclude_item_ids, limits)
     _long_tail_weight(request, limits)
     _context("context", request.context)
+    _history_options(request, limits)
+
+
+def _history_options(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
+    if request.remember_history:
+        if not request.user_id:
+            raise InvalidArgument(
+                "user_id must be non-empty when remember_history is set (whose history to keep)"
+            )
+        if not request.history:
+            raise InvalidArgument("history must be non-empty when remember_history is set")
+        if not limits.history_store:
+            raise InvalidArgument(
+                "remember_history cannot be set: this gateway keeps no user history "
+                "(LTREC_HISTORY_STORE=off)"
+            )
+    if request.HasField("stored_history_max_age_seconds"):
+        age = request.stored_history_max_age_seconds
+        bound = limits.history_retention_seconds
+        if not 1 <= age <= bound:
+            raise InvalidArgument(
+                f"stored_history_max_age_seconds must be in [1, {bound}] (the retention), got {age}"
+            )
+        if not request.user_id:
+            raise InvalidArgument(
+                "user_id must be non-empty when stored_history_max_age_seconds is set "
+                "(whose stored history to read)"
+            )
 
 
 def validate_similar_request(

@@ -4,6 +4,10 @@
 repository, starts the gateway (`python -m server`) pointed at it, waits until the gateway's
 `grpc.health.v1` check says SERVING (which needs the ensemble ready in Triton), and stays in the
 foreground until SIGTERM/SIGINT, then stops the gateway first and Triton second.
+
+The gateway keeps user histories in a SQLite file (`--history-path`); with `--history-redis` it
+uses a local redis-server instead, which the stack starts first and stops last (what several
+replicas would share).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,6 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from triton_local.redis_server import RedisServer, RedisServerError
 from triton_local.server import TritonServer, TritonServerError, free_ports
 
 logger = logging.getLogger("triton_local.stack")
@@ -40,6 +46,7 @@ class GatewayProcess:
         env: Mapping[str, str] | None = None,
         feedback_dir: Path | None = None,
         items_dir: Path | None = None,
+        history_path: Path | None = None,
     ) -> None:
         ports = iter(free_ports(2))
         self.grpc_port = grpc_port or next(ports)
@@ -51,6 +58,8 @@ class GatewayProcess:
         self.feedback_dir = feedback_dir or model_repository.parent / "feedback"
         # Items added or hidden after training (UpsertItems/DeleteItems), shared by replicas.
         self.items_dir = items_dir or model_repository.parent / "items"
+        # User histories (SQLite), unless env selects Redis (LTREC_HISTORY_STORE).
+        self.history_path = history_path or model_repository.parent / "history" / "history.sqlite3"
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -70,6 +79,7 @@ class GatewayProcess:
             "LTREC_ALLOW_PLAINTEXT": "true",
             "LTREC_FEEDBACK_DIR": str(self.feedback_dir),
             "LTREC_ITEMS_DIR": str(self.items_dir),
+            "LTREC_HISTORY_SQLITE_PATH": str(self.history_path),
             **self.extra_env,
         }
         out = self.log_path.open("ab") if self.log_path else None
@@ -138,6 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("items"),
         help="the gateway's item store (items added or hidden after training)",
     )
+    parser.add_argument(
+        "--history-path",
+        type=Path,
+        default=Path("history/history.sqlite3"),
+        help="the gateway's history store (SQLite, WAL): users' recent events",
+    )
+    parser.add_argument(
+        "--history-redis",
+        type=Path,
+        metavar="DIR",
+        nargs="?",
+        const=Path("history-redis"),
+        help="keep user histories in a local redis-server instead (saving to DIR, default "
+        "history-redis/), as replicas share one",
+    )
     args = parser.parse_args(argv)
     if not (args.model_repository / "recommend" / "config.pbtxt").is_file():
         logger.error("no exported models in %s: run `make export` first", args.model_repository)
@@ -159,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         build_dir=args.build_dir,
     )
     gateway: GatewayProcess | None = None
+    redis: RedisServer | None = None
     try:
+        env: dict[str, str] = {}
+        if args.history_redis is not None:
+            redis = RedisServer(data_dir=args.history_redis.resolve())
+            redis.start()
+            env = redis_env(redis, args.history_redis.resolve())
+            logger.info("history store: redis-server at %s (pid %s)", redis.address, redis.pid)
         triton.start()
         triton.wait_ready()
         gateway = GatewayProcess(
@@ -169,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             feedback_dir=args.feedback_dir.resolve(),
             items_dir=args.items_dir.resolve(),
+            history_path=args.history_path.resolve(),
+            env=env,
         )
         gateway.start()
         gateway.wait_serving()
@@ -186,13 +220,33 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop:
         logger.info("stopping the stack")
         return 0
-    except (TritonServerError, RuntimeError) as exc:
+    except (TritonServerError, RedisServerError, RuntimeError) as exc:
         logger.error("%s", exc)
         return 1
     finally:
         if gateway is not None:
             gateway.stop()
         triton.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def redis_env(redis: RedisServer, data_dir: Path) -> dict[str, str]:
+    """The gateway's settings for the stack's redis-server. Redis keys are keyed hashes of user
+    ids, so the key must outlive the gateway: unless LTREC_USER_HASH_KEY is set, one is made
+    once and kept beside Redis's data."""
+    key = os.environ.get("LTREC_USER_HASH_KEY", "")
+    if not key:
+        path = data_dir / "user_hash_key"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_hex(32), encoding="utf-8")
+        key = path.read_text(encoding="utf-8").strip()
+    return {
+        "LTREC_HISTORY_STORE": "redis",
+        "LTREC_HISTORY_REDIS_ADDRESS": redis.address,
+        "LTREC_USER_HASH_KEY": key,
+    }
 
 
 if __name__ == "__main__":

@@ -221,6 +221,11 @@ class Gateway:
     channel: grpc.aio.Channel
     stub: recommender_pb2_grpc.RecommenderStub
     fake: FakeTransport
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
 
 @contextlib.asynccontextmanager
@@ -237,13 +242,15 @@ async def running_gateway(
         "allow_plaintext": True,
         "feedback_dir": repository.parent / "feedback",
         "items_dir": repository.parent / "items",
+        "history_sqlite_path": repository.parent / "history" / "history.sqlite3",
     }
     settings.update(config)
     server, port = create_server(GatewayConfig(**settings), transport=fake)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Gateway(server, channel, recommender_pb2_grpc.RecommenderStub(channel), fake)
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            yield Gateway(server, channel, stub, fake, port)
     finally:
         await server.stop(None)
 

@@ -71,7 +71,10 @@ REQUESTS = st.builds(
     exclude_item_ids=st.lists(ITEM_IDS, max_size=MAX_EXCLUDE + 2),
     request_id=st.text(max_size=140),
     model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
+    remember_history=st.booleans(),
 )
+RETENTION_SECONDS = 30 * 24 * 3600  # the gateway's default
+MAX_AGES = st.one_of(st.none(), st.integers(min_value=-2, max_value=RETENTION_SECONDS + 2), INT64)
 WEIGHTS = st.one_of(st.none(), st.floats(width=32, allow_nan=True, allow_infinity=True))
 
 
@@ -113,6 +116,7 @@ def fuzzed_gateway(root: Path, **settings: Any) -> Iterator[recommender_pb2_grpc
         allow_plaintext=True,
         feedback_dir=root / "feedback",
         items_dir=root / "items",
+        history_sqlite_path=root / "history" / "history.sqlite3",
         feedback_max_batch=MAX_FEEDBACK_BATCH,
         items_max_batch=MAX_ITEM_BATCH,
         **settings,
@@ -162,14 +166,17 @@ def items_stub(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(request=REQUESTS, weight=WEIGHTS)
+@given(request=REQUESTS, weight=WEIGHTS, max_age=MAX_AGES)
 def test_any_request_gets_ok_invalid_argument_or_not_found(
     stub: recommender_pb2_grpc.RecommenderStub,
     request: recommender_pb2.RecommendRequest,
     weight: float | None,
+    max_age: int | None,
 ) -> None:
     if weight is not None:
         request.long_tail_weight = weight
+    if max_age is not None:
+        request.stored_history_max_age_seconds = max_age
     try:
         reply = stub.Recommend(request, timeout=10)
     except grpc.RpcError as exc:
@@ -190,6 +197,18 @@ def test_any_request_gets_ok_invalid_argument_or_not_found(
     assert len(reply.items) <= request.k
     assert all(item.item_id in KNOWN_IDS for item in reply.items)
     assert not {item.item_id for item in reply.items} & set(request.exclude_item_ids)
+    if request.remember_history:
+        assert request.user_id and request.history
+    if max_age is not None:
+        assert request.user_id and 1 <= max_age <= RETENTION_SECONDS
+    if request.history:  # a request's own history always wins
+        assert reply.history_source == recommender_pb2.HISTORY_SOURCE_REQUEST
+    else:
+        stored_or_none = (
+            recommender_pb2.HISTORY_SOURCE_STORED,
+            recommender_pb2.HISTORY_SOURCE_NONE,
+        )
+        assert reply.history_source in stored_or_none
 
 
 def _accepted_event(event: recommender_pb2.FeedbackEvent) -> bool:

@@ -228,6 +228,7 @@ def _config(repository: Path, **changes: Any) -> GatewayConfig:
         "allow_plaintext": True,
         "feedback_dir": repository.parent / "feedback",
         "items_dir": repository.parent / "items",
+        "history_sqlite_path": repository.parent / "history" / "history.sqlite3",
     }
     settings.update(changes)
     return GatewayConfig(**settings)

@@ -52,6 +52,7 @@ async def tls_gateway(repository: Path, **tls: str) -> AsyncIterator[int]:
         model_repository=repository,
         feedback_dir=repository.parent / "feedback",
         items_dir=repository.parent / "items",
+        history_sqlite_path=repository.parent / "history" / "history.sqlite3",
         **tls,
     )
     server, port = create_server(config, transport=FakeTransport())
@@ -122,6 +123,7 @@ async def test_tls_configuration_errors_name_the_variable(pki: Path, tmp_path: P
         tls_key_file=str(tmp_path / "missing.key"),
         feedback_dir=tmp_path / "feedback",
         items_dir=tmp_path / "items",
+        history_sqlite_path=tmp_path / "history" / "history.sqlite3",
     )
     with pytest.raises(StartupError, match="LTREC_TLS_KEY_FILE: cannot read .*missing.key"):
         create_server(config, transport=FakeTransport())

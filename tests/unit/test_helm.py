@@ -137,6 +137,23 @@ def test_rendered_kinds() -> None:
         ),
         ({"gateway": {"images": {"mountPath": "images"}}}, "/gateway/images/mountPath", "pattern"),
         (
+            {"gateway": {"history": {"redis": {"address": "redis://:pw@redis:6379"}}}},
+            "/gateway/history/redis/address",
+            "pattern",
+        ),
+        (
+            {"gateway": {"history": {"retentionSeconds": 30}}},
+            "/gateway/history/retentionSeconds",
+            "minimum",
+        ),
+        ({"gateway": {"history": {"store": "sqlite"}}}, "/gateway/history", "'store'"),
+        # The store and its address come only from gateway.history.
+        (
+            {"gateway": {"env": {"history_redis_address": "redis:6379"}}},
+            "/gateway/env",
+            "additional properties 'history_redis_address'",
+        ),
+        (
             {"gateway": {"images": {"readOnly": False}}},
             "/gateway/images",
             "additional properties 'readOnly'",
@@ -275,11 +292,20 @@ def test_gateway_probes_and_environment() -> None:
     assert config.grpc_port == 50051 and config.metrics_port == 9100
 
 
+def gateway_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's variables as the gateway would read them; a Secret's value is a stand-in."""
+    return {
+        e["name"]: e.get("value")
+        or (f"<{e['name']} from a Secret>" if "secretKeyRef" in e.get("valueFrom", {}) else "")
+        for e in container["env"]
+    }
+
+
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_gateway_env_names_are_config_fields(name: str) -> None:
     """A typo in an LTREC_* name would be ignored silently by the gateway."""
     (gateway,) = pod_spec(render(VALUES[name]), "gateway")["containers"]
-    env = {e["name"]: e.get("value", "") for e in gateway["env"]}
+    env = gateway_env(gateway)
     known = {f"LTREC_{f.upper()}" for f in GatewayConfig.__dataclass_fields__}
     assert set(env) <= known, set(env) - known
     GatewayConfig.from_env(env)
@@ -468,3 +494,50 @@ def test_gateway_images_volume_only_with_a_claim_and_read_only() -> None:
     spec = pod_spec(render(VALUES["object-store"]), "gateway")
     (volume,) = [v for v in spec["volumes"] if v["name"] == "images"]
     assert volume["persistentVolumeClaim"]["claimName"] == "ltrec-product-photos"
+
+
+def test_gateway_history_store_is_off_unless_redis_is_given() -> None:
+    """Pods must share the history: the chart never uses a per-pod SQLite file."""
+    (gateway,) = pod_spec(render({}), "gateway")["containers"]
+    env = gateway_env(gateway)
+    assert env["LTREC_HISTORY_STORE"] == "off"
+    assert "LTREC_USER_HASH_KEY" not in env and "LTREC_HISTORY_REDIS_ADDRESS" not in env
+    config = GatewayConfig.from_env(env)
+    assert (config.history_store, config.history_retention_seconds) == ("off", 2592000)
+
+
+def test_gateway_history_in_redis_with_its_password_and_hash_key_from_secrets() -> None:
+    (gateway,) = pod_spec(render(VALUES["object-store"]), "gateway")["containers"]
+    env = {e["name"]: e for e in gateway["env"]}
+    assert env["LTREC_HISTORY_STORE"]["value"] == "redis"
+    assert env["LTREC_HISTORY_REDIS_ADDRESS"]["value"] == "ltrec-redis-master.recsys.svc:6379"
+    assert env["LTREC_HISTORY_REDIS_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "ltrec-redis", "key": "redis-password"}
+    }
+    assert env["LTREC_USER_HASH_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "ltrec-gateway-user-hash", "key": "user-hash-key"}
+    }
+    assert "value" not in env["LTREC_HISTORY_REDIS_PASSWORD"]  # never in the manifest in clear
+    config = GatewayConfig.from_env(gateway_env(gateway))
+    assert config.history_store == "redis" and config.history_retention_seconds == 1209600
+    # Without a password Secret the variable is absent (a Redis without AUTH).
+    values = {"gateway": {"history": {"redis": {"address": "redis:6379"}}}}
+    values["gateway"]["userHashKeySecret"] = {"name": "hash"}  # type: ignore[index]
+    (gateway,) = pod_spec(render(values), "gateway")["containers"]
+    assert "LTREC_HISTORY_REDIS_PASSWORD" not in gateway_env(gateway)
+
+
+def test_gateway_history_in_redis_needs_the_user_hash_key_once() -> None:
+    redis = {"history": {"redis": {"address": "redis:6379"}}}
+    with pytest.raises(helm_python.HelmError, match="needs gateway.userHashKeySecret.name"):
+        render({"gateway": redis})
+    with pytest.raises(helm_python.HelmError, match="set the user hash key once"):
+        render(
+            {
+                "gateway": {
+                    **redis,
+                    "userHashKeySecret": {"name": "hash"},
+                    "env": {"user_hash_key": "in-clear"},
+                }
+            }
+        )

@@ -451,6 +451,7 @@ def test_the_image_root_is_read_from_the_environment_and_checked_at_start(tmp_pa
             allow_plaintext=True,
             feedback_dir=tmp_path / "feedback",
             items_dir=tmp_path / "items",
+            history_sqlite_path=tmp_path / "history" / "history.sqlite3",
             image_root=bad,
         )
         with pytest.raises(StartupError, match="LTREC_IMAGE_ROOT"):

@@ -1,0 +1,144 @@
+"""The history store: each user's recent events, so that a Recommend with only a user_id works.
+
+What goes in: the clicks, carts and purchases of acknowledged `Feedback`/`FeedbackBatch` calls, and
+the history of a `Recommend` sent with `remember_history`. What comes out: the user's events of
+the last `retention_seconds` (or fewer, by request), oldest first, at most `max_events` (the
+model's max history). Users are keyed by `server.hashing.user_key`, a keyed hash: the store never
+holds a user id in clear. Item ids are kept as given (they are what the model reads).
+
+The same rules hold in every backend (`HistoryBackend`), so that tests can hold them to it:
+
+* an event is (timestamp, event type, item id); one equal to an event already kept is not kept
+  twice (a caller that re-sends a history, or retries a Feedback, adds nothing);
+* events are ordered by timestamp, then by arrival (a tie keeps the order it was given in);
+* a user keeps the newest `max_events`; events older than the retention are never returned and
+  are pruned.
+
+Backends: `server.stores.history_sqlite` (the embedded default: one SQLite file in WAL mode that
+survives restarts, for one machine) and `server.stores.history_redis` (Redis, shared by
+replicas). The store is an optimisation of serving, not a record: a backend that fails (Redis
+down, disk full) makes reads return no history and writes be dropped, both counted in
+`ltrec_gateway_history_store_errors_total`, and never fails an RPC. The durable record of
+feedback stays the feedback store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from server import metrics
+from server.hashing import user_key
+
+logger = logging.getLogger(__name__)
+
+# Bounds of the retention (LTREC_HISTORY_RETENTION_SECONDS): a minute to a year.
+MIN_RETENTION_SECONDS = 60
+MAX_RETENTION_SECONDS = 365 * 24 * 3600
+DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One kept event; `event_type` is a name of `ltrec_core.contract.EVENT_TYPES`."""
+
+    timestamp: int
+    event_type: str
+    item_id: str
+
+
+class HistoryBackendError(Exception):
+    """A backend could not read or write (unreachable, timed out, I/O error)."""
+
+
+class HistoryBackend(Protocol):
+    """Storage of events by user key, with the rules of this module's docstring."""
+
+    async def read(self, key: str, since: int, limit: int) -> list[StoredEvent]:
+        """The newest `limit` events of `key` with timestamp >= `since`, oldest first."""
+        ...
+
+    async def append(
+        self, events: Mapping[str, Sequence[StoredEvent]], now: int, keep: int, retention: int
+    ) -> None:
+        """Adds events per key, keeps each key's newest `keep` and drops those older than
+        `now - retention`. Raises HistoryBackendError when nothing could be written."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def merge_events(
+    kept: Sequence[StoredEvent], new: Iterable[StoredEvent], since: int, keep: int
+) -> list[StoredEvent]:
+    """The module's rules in one place: dedupe, order by (timestamp, arrival), prune, bound."""
+    seen: set[StoredEvent] = set()
+    merged: list[StoredEvent] = []
+    for event in (*kept, *new):
+        if event.timestamp >= since and event not in seen:
+            seen.add(event)
+            merged.append(event)
+    merged.sort(key=lambda e: e.timestamp)  # stable: arrival order within a timestamp
+    return merged[-keep:] if keep > 0 else []
+
+
+class HistoryStore:
+    """Hashes user ids, applies the bounds, and turns backend failures into counted no-ops."""
+
+    def __init__(
+        self,
+        backend: HistoryBackend,
+        hash_key: bytes,
+        *,
+        max_events: int,
+        retention_seconds: int,
+        name: str,
+    ) -> None:
+        self.backend = backend
+        self.max_events = max_events
+        self.retention_seconds = retention_seconds
+        self.name = name  # "sqlite" or "redis", for the start-up log line
+        self._hash_key = hash_key
+        self._read_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="read")
+        self._write_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="write")
+
+    async def recent(
+        self, user_id: str, now: float, max_age_seconds: int | None = None
+    ) -> list[StoredEvent]:
+        """The user's kept events, oldest first; [] when none, or when the backend failed."""
+        age = self.retention_seconds if max_age_seconds is None else max_age_seconds
+        since = int(now) - min(age, self.retention_seconds)
+        key = user_key(user_id, self._hash_key)
+        try:
+            return await self.backend.read(key, since, self.max_events)
+        except HistoryBackendError as exc:
+            self._read_errors.inc()
+            logger.warning("history store (%s): read failed, serving without: %s", self.name, exc)
+            return []
+
+    async def remember(
+        self, events: Iterable[tuple[str, StoredEvent]], now: float | None = None
+    ) -> int:
+        """Keeps (user_id, event) pairs; returns how many were handed to the backend (0 when it
+        failed: counted and logged, never raised)."""
+        by_key: dict[str, list[StoredEvent]] = {}
+        for user_id, event in events:
+            by_key.setdefault(user_key(user_id, self._hash_key), []).append(event)
+        if not by_key:
+            return 0
+        moment = int(time.time() if now is None else now)
+        try:
+            await self.backend.append(by_key, moment, self.max_events, self.retention_seconds)
+        except HistoryBackendError as exc:
+            self._write_errors.inc()
+            logger.warning("history store (%s): write failed, events not kept: %s", self.name, exc)
+            return 0
+        written = sum(len(v) for v in by_key.values())
+        metrics.HISTORY_EVENTS_WRITTEN_TOTAL.inc(written)
+        return written
+
+    async def close(self) -> None:
+        await self.backend.close()

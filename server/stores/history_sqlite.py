@@ -1,0 +1,180 @@
+"""The embedded history backend: one SQLite file in WAL mode (stdlib `sqlite3`), no service.
+
+For the single-machine stack: the file survives restarts, and several processes on the same
+machine may share it (WAL: readers never wait for the writer; writers take turns, waiting up to
+`busy_timeout_seconds`). Not for a network filesystem (WAL needs shared memory on one host):
+replicas on several machines share Redis instead (`server.stores.history_redis`).
+
+One row per event; `seq` (the rowid) is the arrival order, and the unique index on (user key,
+timestamp, type, item) is both the dedupe of `server.stores.history` and the index reads use.
+`synchronous=NORMAL`: a committed event survives a crash of the gateway; a power loss may lose
+the last ones (the feedback store is the durable record). Schema version: `PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from server.errors import StartupError
+from server.stores.history import HistoryBackendError, StoredEvent
+
+SCHEMA_VERSION = 1
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS history_events ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " user_key TEXT NOT NULL,"
+    " timestamp INTEGER NOT NULL,"
+    " event_type TEXT NOT NULL,"
+    " item_id TEXT NOT NULL,"
+    " UNIQUE (user_key, timestamp, event_type, item_id))",
+    "CREATE INDEX IF NOT EXISTS history_events_by_time ON history_events (timestamp)",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+# The whole file is pruned of expired events at most this often (each write prunes its users).
+PRUNE_INTERVAL_SECONDS = 300.0
+
+
+class SqliteHistory:
+    """`HistoryBackend` on one SQLite file; blocking work runs in worker threads."""
+
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = 5.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout_seconds = busy_timeout_seconds
+        # One connection for reads, one for writes, each used by one thread at a time.
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._last_prune = 0.0
+
+    def open(self) -> None:
+        """Creates the file and its schema; StartupError naming the variable when it cannot."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = self._connect()
+            mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
+            with self._write_lock:
+                self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+                    if version not in (0, SCHEMA_VERSION):
+                        raise StartupError(
+                            f"LTREC_HISTORY_SQLITE_PATH: {self.path} has schema version {version}, "
+                            f"this gateway reads {SCHEMA_VERSION}"
+                        )
+                    for statement in _SCHEMA:
+                        self._writer.execute(statement)
+                except BaseException:
+                    self._writer.execute("ROLLBACK")
+                    raise
+                self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._writer.execute("COMMIT")
+            self._reader = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            self._close_connections()
+            raise StartupError(f"LTREC_HISTORY_SQLITE_PATH: cannot use {self.path}: {exc}") from exc
+
+    def hash_key(self) -> str:
+        """The user hash key kept in the file, made on first use: without LTREC_USER_HASH_KEY,
+        users still find their history after a restart."""
+        assert self._writer is not None, "open() first"
+        with self._write_lock:
+            self._writer.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('user_hash_key', ?)",
+                (secrets.token_hex(32),),
+            )
+            row = self._writer.execute(
+                "SELECT value FROM meta WHERE name = 'user_hash_key'"
+            ).fetchone()
+        return str(row[0])
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout_seconds,
+            isolation_level=None,  # autocommit; writes open their own transactions
+            check_same_thread=False,  # used from worker threads, one at a time (locks)
+        )
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    # --- HistoryBackend ------------------------------------------------------------------------
+    async def read(self, key: str, since: int, limit: int) -> list[StoredEvent]:
+        return await asyncio.to_thread(self.read_now, key, since, limit)
+
+    async def append(
+        self, events: Mapping[str, Sequence[StoredEvent]], now: int, keep: int, retention: int
+    ) -> None:
+        await asyncio.to_thread(self.append_now, events, now, keep, retention)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close_connections)
+
+    # --- the blocking halves -------------------------------------------------------------------
+    def read_now(self, key: str, since: int, limit: int) -> list[StoredEvent]:
+        if self._reader is None:
+            raise HistoryBackendError("the SQLite history store is closed")
+        try:
+            with self._read_lock:
+                rows = self._reader.execute(
+                    "SELECT timestamp, event_type, item_id FROM history_events "
+                    "WHERE user_key = ? AND timestamp >= ? ORDER BY timestamp DESC, seq DESC "
+                    "LIMIT ?",
+                    (key, since, limit),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise HistoryBackendError(f"{self.path}: {exc}") from exc
+        return [StoredEvent(int(t), str(e), str(i)) for t, e, i in reversed(rows)]
+
+    def append_now(
+        self, events: Mapping[str, Sequence[StoredEvent]], now: int, keep: int, retention: int
+    ) -> None:
+        if self._writer is None:
+            raise HistoryBackendError("the SQLite history store is closed")
+        cutoff = now - retention
+        try:
+            with self._write_lock:
+                self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    for key, user_events in events.items():
+                        self._append_user(key, user_events, cutoff, keep)
+                    if time.monotonic() - self._last_prune > PRUNE_INTERVAL_SECONDS:
+                        self._writer.execute(
+                            "DELETE FROM history_events WHERE timestamp < ?", (cutoff,)
+                        )
+                        self._last_prune = time.monotonic()
+                except BaseException:
+                    self._writer.execute("ROLLBACK")
+                    raise
+                self._writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise HistoryBackendError(f"{self.path}: {exc}") from exc
+
+    def _append_user(self, key: str, events: Sequence[StoredEvent], cutoff: int, keep: int) -> None:
+        assert self._writer is not None
+        self._writer.executemany(
+            "INSERT OR IGNORE INTO history_events (user_key, timestamp, event_type, item_id) "
+            "VALUES (?, ?, ?, ?)",
+            [(key, e.timestamp, e.event_type, e.item_id) for e in events if e.timestamp >= cutoff],
+        )
+        self._writer.execute(
+            "DELETE FROM history_events WHERE user_key = ? AND (timestamp < ? OR seq NOT IN "
+            "(SELECT seq FROM history_events WHERE user_key = ? "
+            "ORDER BY timestamp DESC, seq DESC LIMIT ?))",
+            (key, cutoff, key, keep),
+        )
+
+    def _close_connections(self) -> None:
+        for name in ("_reader", "_writer"):
+            connection = getattr(self, name)
+            if connection is not None:
+                connection.close()
+                setattr(self, name, None)

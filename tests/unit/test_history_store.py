@@ -1,0 +1,357 @@
+"""The history store's backends: SQLite (one file, WAL) and Redis (a real redis-server), held to
+the same rules (`server.stores.history`): bounded per user, deduplicated, ordered by time then
+arrival, pruned after the retention; SQLite survives a reopen and takes two writers at once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from server.config import ConfigError, GatewayConfig
+from server.hashing import user_hash, user_key
+from server.stores.history import (
+    HistoryBackend,
+    HistoryBackendError,
+    HistoryStore,
+    StoredEvent,
+    merge_events,
+)
+from server.stores.history_redis import KEY_PREFIX, RedisHistory
+from server.stores.history_sqlite import SqliteHistory
+from tests.support.gateway import run_async
+from triton_local.redis_server import RedisServer
+from triton_local.server import free_ports
+
+NOW = 1_700_000_000
+DAY = 24 * 3600
+BACKENDS = ("sqlite", "redis")
+
+
+def view(t: int, item: str) -> StoredEvent:
+    return StoredEvent(t, "view", item)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], HistoryBackend]:
+    """Makes backend objects over one shared place (a file, or one redis-server)."""
+    if request.param == "sqlite":
+
+        def sqlite() -> HistoryBackend:
+            backend = SqliteHistory(tmp_path / "history.sqlite3")
+            backend.open()
+            return backend
+
+        return sqlite
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return lambda: RedisHistory(server.address, timeout_seconds=2.0)
+
+
+@asynccontextmanager
+async def opened(factory: Callable[[], HistoryBackend]) -> AsyncIterator[HistoryBackend]:
+    backend = factory()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@run_async
+async def test_each_user_keeps_only_the_newest_max_events(
+    backend_factory: Callable[[], HistoryBackend],
+) -> None:
+    async with opened(backend_factory) as backend:
+        events = [view(NOW - 100 + n, f"i{n}") for n in range(5)]
+        await backend.append({"alice": events[:2]}, NOW, 3, DAY)
+        await backend.append({"alice": events[2:], "bob": [view(NOW, "b1")]}, NOW, 3, DAY)
+        assert await backend.read("alice", NOW - DAY, 3) == events[2:]
+        # The bound is kept on write, not only on read: a larger read finds no more.
+        assert await backend.read("alice", NOW - DAY, 100) == events[2:]
+        assert await backend.read("bob", NOW - DAY, 3) == [view(NOW, "b1")]
+        assert await backend.read("carol", NOW - DAY, 3) == []
+
+
+@run_async
+async def test_order_is_by_time_then_arrival_and_repeats_are_kept_once(
+    backend_factory: Callable[[], HistoryBackend],
+) -> None:
+    async with opened(backend_factory) as backend:
+        cart = StoredEvent(NOW - 5, "cart", "i9")
+        first = [view(NOW - 5, "z-first"), view(NOW - 10, "older"), cart]
+        await backend.append({"u": first}, NOW, 10, DAY)
+        # Re-sent (a retried Feedback, a remembered history sent again) plus one new event that
+        # ties with the others: it goes after them (arrival), repeats are not kept twice.
+        await backend.append({"u": [*first, view(NOW - 5, "a-later")]}, NOW, 10, DAY)
+        assert await backend.read("u", NOW - DAY, 10) == [
+            view(NOW - 10, "older"),
+            view(NOW - 5, "z-first"),
+            cart,
+            view(NOW - 5, "a-later"),
+        ]
+        # The same item at another time, or as another type, is another event.
+        await backend.append(
+            {"u": [view(NOW - 1, "older"), StoredEvent(NOW, "cart", "older")]}, NOW, 10, DAY
+        )
+        assert len(await backend.read("u", NOW - DAY, 10)) == 6
+
+
+@run_async
+async def test_events_older_than_the_retention_are_neither_kept_nor_returned(
+    backend_factory: Callable[[], HistoryBackend],
+) -> None:
+    async with opened(backend_factory) as backend:
+        retention = 1000
+        old, recent = view(NOW - 900, "old"), view(NOW - 10, "recent")
+        await backend.append({"u": [view(NOW - 5000, "expired"), old, recent]}, NOW, 10, retention)
+        assert await backend.read("u", NOW - retention, 10) == [old, recent]
+        # A shorter window reads fewer (a request's stored_history_max_age_seconds).
+        assert await backend.read("u", NOW - 100, 10) == [recent]
+        # 500 s later `old` is past the retention: the next write prunes it.
+        later = NOW + 500
+        await backend.append({"u": [view(later, "new")]}, later, 10, retention)
+        assert await backend.read("u", 0, 10) == [recent, view(later, "new")]
+
+
+@run_async
+async def test_sqlite_history_survives_a_reopen_and_keeps_its_hash_key(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    first = SqliteHistory(path)
+    first.open()
+    key = first.hash_key()
+    await first.append({"u": [view(NOW, "i1"), view(NOW + 1, "i2")]}, NOW, 10, DAY)
+    await first.close()
+
+    again = SqliteHistory(path)
+    again.open()
+    try:
+        assert again.hash_key() == key and len(key) == 64
+        assert await again.read("u", NOW - DAY, 10) == [view(NOW, "i1"), view(NOW + 1, "i2")]
+        (mode,) = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()
+        assert mode == "wal"
+    finally:
+        await again.close()
+
+
+def test_two_sqlite_stores_on_one_file_write_concurrently(tmp_path: Path) -> None:
+    """Two gateway processes on one machine: writers take turns, nothing is lost or locked."""
+    path = tmp_path / "history.sqlite3"
+    stores = [SqliteHistory(path, busy_timeout_seconds=10.0) for _ in range(2)]
+    for store in stores:
+        store.open()
+    errors: list[BaseException] = []
+    per_writer = 150
+
+    def write(writer: int) -> None:
+        try:
+            for n in range(per_writer):
+                shared = view(NOW + n, f"w{writer}-{n}")
+                own = view(NOW + n, f"item-{n}")
+                stores[writer].append_now(
+                    {"shared": [shared], f"own-{writer}": [own]}, NOW, 1000, DAY
+                )
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    shared = stores[0].read_now("shared", 0, 1000)
+    assert len(shared) == 2 * per_writer
+    assert [e.timestamp for e in shared] == sorted(e.timestamp for e in shared)
+    for writer in range(2):
+        mine = [e.item_id for e in shared if e.item_id.startswith(f"w{writer}-")]
+        assert mine == [f"w{writer}-{n}" for n in range(per_writer)]  # each writer's order kept
+        assert len(stores[1 - writer].read_now(f"own-{writer}", 0, 1000)) == per_writer
+    for store in stores:
+        asyncio.run(store.close())
+
+
+@run_async
+async def test_backends_follow_the_one_merge_rule(
+    backend_factory: Callable[[], HistoryBackend],
+) -> None:
+    """Random appends (repeats, ties, out-of-order and expired events) give exactly what
+    `merge_events` gives, in both backends."""
+    rng = random.Random(7)
+    keep, retention = 6, 500
+    expected: list[StoredEvent] = []
+    async with opened(backend_factory) as backend:
+        now = NOW
+        for _ in range(40):
+            now += rng.randrange(0, 60)
+            batch = [
+                StoredEvent(
+                    now - rng.randrange(0, 700),
+                    rng.choice(("view", "cart")),
+                    f"i{rng.randrange(5)}",
+                )
+                for _ in range(rng.randrange(1, 4))
+            ]
+            await backend.append({"u": batch}, now, keep, retention)
+            expected = merge_events(expected, batch, now - retention, keep)
+            assert await backend.read("u", now - retention, keep) == expected
+
+
+@run_async
+async def test_the_store_keys_users_by_a_keyed_hash_never_the_id(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    user = "alice@example.com"
+    key = b"secret"
+    sqlite = SqliteHistory(tmp_path / "h.sqlite3")
+    sqlite.open()
+    backends: list[HistoryBackend] = [sqlite, RedisHistory(redis_server.address)]
+    for backend in backends:
+        store = HistoryStore(backend, key, max_events=3, retention_seconds=DAY, name="test")
+        assert await store.remember([(user, view(NOW, "i1"))], NOW) == 1
+        assert await store.recent(user, NOW) == [view(NOW, "i1")]
+        assert await store.recent("bob", NOW) == []
+        await store.close()
+    assert user_key(user, key).startswith(user_hash(user, key))  # a log line's user is a prefix
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("h.sqlite3*"))
+    assert user_key(user, key).encode() in raw and b"alice" not in raw
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    assert client.keys("*") == [f"{KEY_PREFIX}{user_key(user, key)}".encode()]
+    assert b"alice" not in client.get(client.keys("*")[0])
+    ttl = client.ttl(client.keys("*")[0])
+    assert DAY - 5 <= ttl <= DAY  # expires a retention after its newest event
+    client.close()
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@run_async
+async def test_unreachable_redis_reads_nothing_and_drops_writes_counted_and_fast() -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    backend = RedisHistory(f"127.0.0.1:{port}", timeout_seconds=0.5, unavailable_backoff_seconds=30)
+    store = HistoryStore(backend, b"k", max_events=3, retention_seconds=DAY, name="redis")
+    errors = "ltrec_gateway_history_store_errors_total"
+    reads, writes = sample(errors, {"op": "read"}), sample(errors, {"op": "write"})
+    assert await store.recent("u", NOW) == []
+    assert await store.remember([("u", view(NOW, "i1"))], NOW) == 0
+    assert sample(errors, {"op": "read"}) == reads + 1
+    assert sample(errors, {"op": "write"}) == writes + 1
+    # Backing off: the next calls do not wait on Redis at all.
+    started = time.perf_counter()
+    for _ in range(20):
+        assert await store.recent("u", NOW) == []
+    assert time.perf_counter() - started < 0.05
+    with pytest.raises(HistoryBackendError, match="failed less than 30 s ago"):
+        await backend.read("u", 0, 3)
+    assert sample(errors, {"op": "read"}) == reads + 21
+    await store.close()
+
+
+@run_async
+async def test_redis_with_a_password(tmp_path: Path) -> None:
+    with RedisServer(password="s3cret", log_path=tmp_path / "redis.log") as server:
+        wrong = HistoryStore(
+            RedisHistory(server.address, password="nope"), b"k", max_events=3,
+            retention_seconds=DAY, name="redis",
+        )  # fmt: skip
+        assert await wrong.remember([("u", view(NOW, "i1"))], NOW) == 0
+        await wrong.close()
+        right = HistoryStore(
+            RedisHistory(server.address, password="s3cret"), b"k", max_events=3,
+            retention_seconds=DAY, name="redis",
+        )  # fmt: skip
+        assert await right.remember([("u", view(NOW, "i1"))], NOW) == 1
+        assert await right.recent("u", NOW) == [view(NOW, "i1")]
+        await right.close()
+
+
+CONFIG_ERRORS = {
+    "unknown store": ({"LTREC_HISTORY_STORE": "memcached"}, "LTREC_HISTORY_STORE must be one of"),
+    "retention too short": (
+        {"LTREC_HISTORY_RETENTION_SECONDS": "59"},
+        "LTREC_HISTORY_RETENTION_SECONDS must be in [60, 31536000]",
+    ),
+    "retention too long": (
+        {"LTREC_HISTORY_RETENTION_SECONDS": str(366 * DAY)},
+        "LTREC_HISTORY_RETENTION_SECONDS must be in [60, 31536000]",
+    ),
+    "redis without address": (
+        {"LTREC_HISTORY_STORE": "redis", "LTREC_USER_HASH_KEY": "k"},
+        "LTREC_HISTORY_REDIS_ADDRESS must be set",
+    ),
+    "redis without hash key": (
+        {"LTREC_HISTORY_STORE": "redis", "LTREC_HISTORY_REDIS_ADDRESS": "redis:6379"},
+        "LTREC_USER_HASH_KEY must be set with LTREC_HISTORY_STORE=redis",
+    ),
+    "password in the address": (
+        {
+            "LTREC_HISTORY_STORE": "redis",
+            "LTREC_HISTORY_REDIS_ADDRESS": "redis://:hunter2@redis:6379",
+            "LTREC_USER_HASH_KEY": "k",
+        },
+        "LTREC_HISTORY_REDIS_ADDRESS must be without credentials",
+    ),
+    "address without port": (
+        {
+            "LTREC_HISTORY_STORE": "redis",
+            "LTREC_HISTORY_REDIS_ADDRESS": "redis",
+            "LTREC_USER_HASH_KEY": "k",
+        },
+        "LTREC_HISTORY_REDIS_ADDRESS must be host:port",
+    ),
+    "address but sqlite": (
+        {"LTREC_HISTORY_REDIS_ADDRESS": "redis:6379"},
+        "LTREC_HISTORY_REDIS_ADDRESS must be empty unless LTREC_HISTORY_STORE=redis",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS.values(), ids=CONFIG_ERRORS.keys())
+def test_history_configuration_errors_name_the_variable(case: tuple[dict[str, str], str]) -> None:
+    env, message = case
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as caught:
+        GatewayConfig.from_env({"LTREC_ALLOW_PLAINTEXT": "true", **env})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_history_configuration_of_redis_keeps_the_password_out_of_repr() -> None:
+    config = GatewayConfig.from_env(
+        {
+            "LTREC_ALLOW_PLAINTEXT": "true",
+            "LTREC_HISTORY_STORE": "Redis",
+            "LTREC_HISTORY_REDIS_ADDRESS": "redis.recsys:6379",
+            "LTREC_HISTORY_REDIS_PASSWORD": "hunter2",
+            "LTREC_USER_HASH_KEY": "key-material",
+            "LTREC_HISTORY_RETENTION_SECONDS": "3600",
+        }
+    )
+    assert (config.history_store, config.history_redis_password) == ("redis", "hunter2")
+    assert config.history_retention_seconds == 3600
+    assert "hunter2" not in repr(config) and "key-material" not in repr(config)
+
+
+def test_the_local_stack_keeps_one_hash_key_beside_its_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m triton_local.stack --history-redis`: users keep their history over restarts."""
+    from triton_local.stack import redis_env
+
+    monkeypatch.delenv("LTREC_USER_HASH_KEY", raising=False)
+    server = RedisServer(port=6390)  # not started: only its address is used
+    first, second = redis_env(server, tmp_path), redis_env(server, tmp_path)
+    assert first == second
+    assert first["LTREC_HISTORY_REDIS_ADDRESS"] == "127.0.0.1:6390"
+    assert (tmp_path / "user_hash_key").stat().st_mode & 0o777 == 0o600
+    config = GatewayConfig.from_env({"LTREC_ALLOW_PLAINTEXT": "true", **first})
+    assert config.history_store == "redis" and len(config.user_hash_key) == 64
+    monkeypatch.setenv("LTREC_USER_HASH_KEY", "given")
+    assert redis_env(server, tmp_path)["LTREC_USER_HASH_KEY"] == "given"
