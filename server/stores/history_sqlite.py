@@ -10,7 +10,8 @@ timestamp, type, item) is both the dedupe of `server.stores.history` and the ind
 `synchronous=NORMAL`: a committed event survives a crash of the gateway; a power loss may lose
 the last ones (the feedback store is the durable record). Forgetting a user (ForgetUser) is
 stricter: its delete commits with `synchronous=FULL` (a power loss cannot bring the events back)
-and `secure_delete` (their bytes are overwritten, not left in free pages), then a
+and `secure_delete` (their bytes are overwritten, not left in free pages; Debian's SQLite has
+it on by default, other builds do not), then a
 `wal_checkpoint(TRUNCATE)` moves the change into the main file and empties the WAL, which held
 the old pages (best effort: a reader of another process may keep the WAL a while longer).
 Schema version: `PRAGMA user_version`.
