@@ -2,6 +2,7 @@
 
     python examples/recommend_client.py [--address 127.0.0.1:50051] [-k 10] [--long-tail-weight 0.5]
                                         [--click N] [--user-only | --remember] [--user ID]
+    python examples/recommend_client.py --forget [--user ID]
 
 The history below is user 1m_1's first twelve ratings in MovieLens-1M, in time order (item ids
 there are titles). Any internal service calls `ltrec.v1.Recommender/Recommend` the same way.
@@ -13,6 +14,9 @@ click also joins the user's stored history).
 `--user-only` sends only the user id, and the gateway uses the user's stored history (the
 remembered events and the clicks, carts and purchases reported by Feedback). The reply says
 which history was used: "history: stored (13 events)".
+
+`--forget` erases the user instead (`ForgetUser`): the stored history is deleted, and the next
+retraining skips the user's feedback; it prints what was erased.
 """
 
 from __future__ import annotations
@@ -60,7 +64,12 @@ def main() -> int:
     stored.add_argument(
         "--remember", action="store_true", help="have the gateway keep this history for the user"
     )
+    stored.add_argument(
+        "--forget", action="store_true", help="erase the user (ForgetUser) instead of recommending"
+    )
     args = parser.parse_args()
+    if args.forget:
+        return forget(args.address, args.user, args.timeout)
     now = int(time.time())
     request = recommender_pb2.RecommendRequest(
         user_id=args.user,
@@ -106,6 +115,23 @@ def main() -> int:
         print(f"{rank:>3}. {item.title}  (score {item.score:.3f}){tail} - {item.reason}")
     if accepted:
         print(f"feedback: {accepted} events stored (impressions, click on #{args.click})")
+    return 0
+
+
+def forget(address: str, user_id: str, timeout: float) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        try:
+            request = recommender_pb2.ForgetUserRequest(user_id=user_id)
+            reply = stub.ForgetUser(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            print(f"call failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(
+        f"forgot the user (request {reply.request_id}): {reply.history_events_removed} stored "
+        f"history events removed; {reply.feedback_records_erased} feedback records and "
+        f"{reply.served_lists_erased} served lists left out of retraining"
+    )
     return 0
 
 

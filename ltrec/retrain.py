@@ -13,6 +13,9 @@ format is `ltrec_core.feedback_log`). Here they become training data:
 items, and the base events plus one event per click (as ``view``), cart and purchase. Impressions
 are exposure, not interactions, and are counted but not turned into events; events for items not
 in the catalogue are dropped and counted (the cleaning report of `load_dataset` counts them).
+Users erased by ForgetUser are left out: every feedback record and served list whose user matches
+an erasure record of the log is skipped and counted (`ltrec_core.erasure`); a log whose erasure
+records cannot be checked (its key file missing or replaced) is refused rather than merged.
 `compare` evaluates both checkpoints on the merged data's leave-one-out test split (full
 ranking, as in `docs/evaluation.md`), overall and on the users who gave feedback.
 """
@@ -40,8 +43,17 @@ from ltrec.evaluation import (
 )
 from ltrec.prepared import prepare
 from ltrec.scoring import model_score_fn
+from ltrec_core.erasure import ErasureError, Erasures
 from ltrec_core.feedback_log import read_records
-from ltrec_core.records import FEEDBACK, FeedbackRecord, ReadStats
+from ltrec_core.records import (
+    ERASURE,
+    FEEDBACK,
+    SERVED,
+    FeedbackRecord,
+    ReadStats,
+    RecordError,
+    UserErasureRecord,
+)
 
 # Feedback type -> dataset event type; impressions have none.
 EVENT_TYPE_OF_FEEDBACK = {"click": "view", "cart": "cart", "purchase": "purchase"}
@@ -49,38 +61,51 @@ REPORT_FILE = "feedback_report.json"
 
 
 def feedback_events(feedback_dir: Path) -> tuple[pd.DataFrame, dict]:
-    """Events from the store's feedback records, and counts of what was read and skipped."""
+    """Events from the store's feedback records, and counts of what was read and skipped.
+
+    The erasures are known only once the whole log is read (a tombstone may come after the
+    user's records, or from another replica), so records are filtered at the end.
+    """
     stats = ReadStats()
-    rows = []
-    types: Counter[str] = Counter()
+    erasures = Erasures(feedback_dir)
+    feedback: list[FeedbackRecord] = []
+    served_by_user: Counter[str] = Counter()
     for record in read_records(feedback_dir, stats):
-        if record["kind"] != FEEDBACK:
-            continue
-        feedback = FeedbackRecord.from_json(record)
-        types[feedback.type] += 1
-        event_type = EVENT_TYPE_OF_FEEDBACK.get(feedback.type)
-        if event_type is None:
-            continue
-        rows.append(
-            {
-                "user_id": feedback.user_id,
-                "item_id": feedback.item_id,
-                "timestamp": feedback.timestamp,
-                "event_type": event_type,
-                "device": feedback.device or None,
-                "region": feedback.region or None,
-            }
-        )
+        if record["kind"] == ERASURE:
+            erasures.add(UserErasureRecord.from_json(record))
+        elif record["kind"] == SERVED:
+            served_by_user[str(record.get("user_id", ""))] += 1
+        elif record["kind"] == FEEDBACK:
+            feedback.append(FeedbackRecord.from_json(record))
+    kept = [f for f in feedback if not erasures.erased(f.user_id)]
+    served_erased = sum(n for user, n in served_by_user.items() if erasures.erased(user))
+    types: Counter[str] = Counter(f.type for f in kept)
+    rows = [
+        {
+            "user_id": f.user_id,
+            "item_id": f.item_id,
+            "timestamp": f.timestamp,
+            "event_type": EVENT_TYPE_OF_FEEDBACK[f.type],
+            "device": f.device or None,
+            "region": f.region or None,
+        }
+        for f in kept
+        if f.type in EVENT_TYPE_OF_FEEDBACK
+    ]
     events = pd.DataFrame(
         rows, columns=["user_id", "item_id", "timestamp", "event_type", "device", "region"]
     )
     counts = {
         "segments": stats.segments,
         "records": stats.records,
-        "served_lists": stats.by_kind.get("served", 0),
+        "served_lists": sum(served_by_user.values()) - served_erased,
         "feedback_by_type": dict(sorted(types.items())),
         "unreadable_lines": stats.unreadable_lines,
         "events": len(events),
+        "erasure_records": erasures.records,
+        "erased_users": len(erasures.user_keys),
+        "erased_feedback_records": len(feedback) - len(kept),
+        "erased_served_lists": served_erased,
     }
     return events, counts
 
@@ -231,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"merged {fb['events_added']} feedback events from {fb['segments']} segments "
                 f"({fb['feedback_by_type']}, {fb['served_lists']} served lists, "
                 f"{fb['events_unknown_item']} for unknown items dropped, "
-                f"{fb['unreadable_lines']} unreadable lines) into {args.out}: "
-                f"{report['merged']['events']} events"
+                f"{fb['unreadable_lines']} unreadable lines; {fb['erased_feedback_records']} "
+                f"feedback records of {fb['erased_users']} erased users skipped) into "
+                f"{args.out}: {report['merged']['events']} events"
             )
         else:
             report = compare(args.data, args.before, args.after, args.cache, not args.no_progress)
@@ -241,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             text = markdown(report)
             (args.out / "report.md").write_text(text)
             print(text)
-    except (DatasetError, FileNotFoundError) as exc:
+    except (DatasetError, ErasureError, RecordError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,9 @@
 """The feedback log on disk: where the gateway's feedback store writes, and how it is read back.
 
-Segments ``feedback-<replica>-<sequence>.jsonl`` (`ltrec_core.segment_log`) of `FeedbackRecord`
-and `ServedRecord` lines (`ltrec_core.records`). The gateway writes them
-(`server.stores.feedback`); retraining reads them with `read_records` (`ltrec.retrain`).
+Segments ``feedback-<replica>-<sequence>.jsonl`` (`ltrec_core.segment_log`) of `FeedbackRecord`,
+`ServedRecord` and `UserErasureRecord` lines (`ltrec_core.records`). The gateway writes them
+(`server.stores.feedback`); retraining reads them with `read_records` (`ltrec.retrain`), and
+honours the erasures (`ltrec_core.erasure`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ltrec_core import segment_log
-from ltrec_core.records import FEEDBACK, SERVED, ReadStats
+from ltrec_core.records import ERASURE, FEEDBACK, SERVED, ReadStats
 
 logger = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "feedback-"
+KINDS = (FEEDBACK, SERVED, ERASURE)
 
 __all__ = ["SEGMENT_PREFIX", "ReadStats", "read_records", "segments"]
 
@@ -45,7 +47,7 @@ def read_records(directory: Path, stats: ReadStats | None = None) -> Iterator[di
             record = json.loads(line.data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             record = None
-        if not isinstance(record, dict) or record.get("kind") not in (FEEDBACK, SERVED):
+        if not isinstance(record, dict) or record.get("kind") not in KINDS:
             stats.unreadable_lines += 1
             logger.warning(
                 "%s: line %d is not a complete record; skipped", line.segment, line.number

@@ -1,9 +1,9 @@
 """The records the gateway's stores write, one typed schema each, written and read only here.
 
-The feedback log (`server.stores.feedback`, read back by `ltrec.retrain`) holds `FeedbackRecord`
-and `ServedRecord`; the item log (`server.stores.items`) holds `ItemUpsertRecord` and
-`ItemDeleteRecord`. Each is a JSON object on one line of a segment (`ltrec_core.segment_log`),
-with a `kind` naming its type.
+The feedback log (`server.stores.feedback`, read back by `ltrec.retrain`) holds `FeedbackRecord`,
+`ServedRecord` and `UserErasureRecord` (ForgetUser's tombstones, `ltrec_core.erasure`); the item
+log (`server.stores.items`) holds `ItemUpsertRecord` and `ItemDeleteRecord`. Each is a JSON
+object on one line of a segment (`ltrec_core.segment_log`), with a `kind` naming its type.
 
 Versions: the records as first written are version 1 and carry no version field, so the files
 written before the schemas were declared read as they are. A later version writes
@@ -21,6 +21,7 @@ SCHEMA_VERSION = 1
 # Record kinds.
 FEEDBACK = "feedback"
 SERVED = "served"
+ERASURE = "user_erasure"
 UPSERT = "item_upsert"
 DELETE = "item_delete"
 
@@ -90,6 +91,46 @@ class ServedRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": SERVED, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class UserErasureRecord:
+    """ForgetUser's tombstone (`kind` "user_erasure"): retraining skips every record of the user
+    whose keyed hash `user_key` is (`ltrec_core.erasure`). It never holds the user id in clear."""
+
+    user_key: str  # HMAC-SHA256 (64 hex digits) of the user id under the log's erasure key
+    key_id: str  # which erasure key (`ltrec_core.erasure.key_id`)
+    request_id: str
+    erased_at: float  # the gateway's clock, epoch seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": ERASURE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> UserErasureRecord:
+        """Strict: an erasure that cannot be read must stop a retraining, not be skipped."""
+        _check_version(raw)
+        if raw.get("kind") != ERASURE:
+            raise RecordError(f"kind must be {ERASURE!r}, got {raw.get('kind')!r}")
+        user_key, key_id = raw.get("user_key"), raw.get("key_id")
+        if not (isinstance(user_key, str) and len(user_key) == 64 and _is_hex(user_key)):
+            raise RecordError("an erasure record needs user_key: 64 hex digits")
+        if not (isinstance(key_id, str) and key_id):
+            raise RecordError("an erasure record needs a key_id")
+        try:
+            erased_at = float(raw.get("erased_at", 0.0))
+        except (TypeError, ValueError):
+            raise RecordError("an erasure record's erased_at must be a number") from None
+        return cls(
+            user_key=user_key,
+            key_id=key_id,
+            request_id=_text(raw, "request_id"),
+            erased_at=erased_at,
+        )
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)

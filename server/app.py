@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from server import metrics
 from server.catalogue import describe, load_model_repository
 from server.config import GatewayConfig
 from server.errors import StartupError
+from server.forget import UserEraser
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
 from server.interceptors import GatewayInterceptor
@@ -188,13 +190,19 @@ def create_server(
     )
     items.set_encoder(None if encoder is None else encoder.encode)
     history, user_hash_key = open_history_store(config, metadata.max_history)
+    # Without a configured (or kept) key, user hashes are consistent within this process only;
+    # the access log and ForgetUser's audit line share it, so that their users join.
+    user_hash_key = user_hash_key or secrets.token_hex(32)
     server = grpc.aio.server(
         interceptors=[GatewayInterceptor((SERVICE_NAME,), user_hash_key)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=server_options(config),
     )
+    eraser = UserEraser(feedback, history, user_hash_key.encode())
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(metadata, items, triton, limits, feedback, encoder, images, history),
+        RecommenderServicer(
+            metadata, items, triton, limits, feedback, encoder, images, history, eraser=eraser
+        ),
         server,
     )
     health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds)

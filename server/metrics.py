@@ -199,12 +199,13 @@ for _outcome in IMAGE_OUTCOMES:  # from zero at start-up, so rate() sees the fir
     ITEM_IMAGES_TOTAL.labels(outcome=_outcome)
 # The history store (server.stores.history): ops that failed (Redis unreachable or backing off,
 # an I/O error); a failed read serves the Recommend without a stored history, a failed write
-# keeps nothing (the Feedback is still acknowledged: the feedback store holds it).
-HISTORY_STORE_OPS = ("read", "write")
+# keeps nothing (the Feedback is still acknowledged: the feedback store holds it), a failed
+# forget answers ForgetUser UNAVAILABLE.
+HISTORY_STORE_OPS = ("read", "write", "forget")
 HISTORY_STORE_ERRORS_TOTAL = Counter(
     "history_store_errors_total",
-    "History store reads (served without a stored history) and writes (events not kept) that "
-    "failed, by op.",
+    "History store reads (served without a stored history), writes (events not kept) and "
+    "forgets (ForgetUser answered UNAVAILABLE) that failed, by op.",
     ["op"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
@@ -229,6 +230,25 @@ for _op in HISTORY_STORE_OPS:
     HISTORY_STORE_ERRORS_TOTAL.labels(op=_op)
 for _source in HISTORY_SOURCES:
     RECOMMEND_HISTORY_SOURCE_TOTAL.labels(source=_source)
+# ForgetUser (server.forget): users erased, and what was erased of them by kind: events deleted
+# from the history store, feedback records and served lists that retraining now skips.
+USERS_FORGOTTEN_TOTAL = Counter(
+    "users_forgotten_total",
+    "Users erased by ForgetUser (acknowledged: history deleted, erasure record on disk).",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FORGOTTEN_RECORD_KINDS = ("history_event", "feedback", "served_list")
+FORGOTTEN_RECORDS_TOTAL = Counter(
+    "forgotten_records_total",
+    "What ForgetUser erased, by kind: stored history events deleted (history_event), feedback "
+    "records and served lists that retraining skips (feedback, served_list).",
+    ["kind"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+for _kind in FORGOTTEN_RECORD_KINDS:
+    FORGOTTEN_RECORDS_TOTAL.labels(kind=_kind)
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",

@@ -7,6 +7,9 @@ Recommend and SimilarItems read one catalogue snapshot per request from the item
 trained catalogue plus the items added or hidden since); UpsertItems reads the items' images
 (off the event loop) and encodes the items through the Triton image and item encoders, and
 DeleteItems hides items, both through the store.
+
+ForgetUser erases a user (`server.forget`): their stored history, and their feedback for every
+later retraining.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from server import metrics
 from server.catalogue import ModelMetadata
 from server.errors import BackendUnavailable, NotFound
 from server.features import build_features, build_similar_features
+from server.forget import UserEraser
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.history import SOURCE_NAMES, choose_history, feedback_events, request_events
 from server.interceptors import current_request_id
@@ -38,6 +42,7 @@ from server.validation import (
     validate_delete_request,
     validate_feedback_event,
     validate_feedback_events,
+    validate_forget_request,
     validate_request,
     validate_similar_request,
     validate_upsert_request,
@@ -80,8 +85,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         encoder: TritonItemEncoder | None,
         images: ItemImages,
         history: HistoryStore | None = None,
+        *,
+        eraser: UserEraser,
     ) -> None:
         self._history = history
+        self._eraser = eraser
         self._metadata = metadata
         self._items = items
         self._triton = triton
@@ -225,6 +233,21 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         ids = list(dict.fromkeys(request.item_ids))
         await self._items.delete(ids, request_id)
         return recommender_pb2.DeleteItemsResponse(deleted=len(ids), request_id=request_id)
+
+    async def ForgetUser(
+        self,
+        request: recommender_pb2.ForgetUserRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> recommender_pb2.ForgetUserResponse:
+        request_id = current_request_id()
+        validate_forget_request(request)
+        forgotten = await self._eraser.forget(request.user_id, request_id)
+        return recommender_pb2.ForgetUserResponse(
+            history_events_removed=forgotten.history_events,
+            feedback_records_erased=forgotten.feedback_records,
+            served_lists_erased=forgotten.served_lists,
+            request_id=request_id,
+        )
 
     def _check_model_version(self, requested: str) -> None:
         served = self._metadata.model_version

@@ -178,6 +178,13 @@ def validate_delete_request(
         _item_id(f"item_ids[{position}]", item_id)
 
 
+def validate_forget_request(request: recommender_pb2.ForgetUserRequest) -> None:
+    _request_id("request_id", request.request_id)
+    if not request.user_id:
+        raise InvalidArgument("user_id must be non-empty (the user to forget)")
+    _max_chars("user_id", request.user_id, MAX_USER_ID_CHARS)
+
+
 def validate_feedback_events(
     events: Sequence[recommender_pb2.FeedbackEvent], field: str, limits: RequestLimits
 ) -> None:

@@ -14,7 +14,8 @@ most one torn line at the end of a segment; that line was never acknowledged, an
 `offer`, which does not wait for the disk.
 
 The format is read by `ltrec_core.feedback_log` and turned into training events by
-`ltrec.retrain`.
+`ltrec.retrain`. ForgetUser's erasure records (`ltrec_core.erasure`) are appended like feedback;
+the directory's erasure key (`erasure_key`) is made by the first of them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ltrec_core.erasure import ErasureError, load_or_create_key
 from ltrec_core.feedback_log import SEGMENT_PREFIX
 from ltrec_core.segment_log import SegmentWriter, encode_lines, replica_name
 from server import metrics
@@ -62,6 +64,7 @@ class FeedbackStore:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._segment: Path | None = None
+        self._erasure_key: bytes | None = None
         self._log = SegmentWriter(
             self.directory,
             SEGMENT_PREFIX,
@@ -116,6 +119,22 @@ class FeedbackStore:
             return False
         self._enqueue(_Pending(encode_lines([record]), 1, None))
         return True
+
+    async def erasure_key(self) -> bytes:
+        """The directory's erasure key, made on first use (`ltrec_core.erasure`);
+        BackendUnavailable when it can be neither read nor made."""
+        if self._erasure_key is None:
+            try:
+                self._erasure_key = await asyncio.to_thread(
+                    load_or_create_key, self.directory, self.replica
+                )
+            except (OSError, ErasureError) as exc:
+                metrics.FEEDBACK_WRITE_ERRORS_TOTAL.inc()
+                logger.error("feedback store: no erasure key in %s: %s", self.directory, exc)
+                raise BackendUnavailable(
+                    "the feedback store cannot record an erasure (its erasure key is unusable)"
+                ) from exc
+        return self._erasure_key
 
     def _enqueue(self, pending: _Pending) -> None:
         self._pending.append(pending)

@@ -19,7 +19,9 @@ survives restarts, for one machine) and `server.stores.history_redis` (Redis, sh
 replicas). The store is an optimisation of serving, not a record: a backend that fails (Redis
 down, disk full) makes reads return no history and writes be dropped, both counted in
 `ltrec_gateway_history_store_errors_total`, and never fails an RPC. The durable record of
-feedback stays the feedback store.
+feedback stays the feedback store. The one exception is `forget` (ForgetUser): an erasure must
+not be reported done when it was not, so its failure is raised (UNAVAILABLE; the call is
+idempotent and is retried).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from server import metrics
+from server.errors import BackendUnavailable
 from server.hashing import user_key
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,11 @@ class HistoryBackend(Protocol):
     ) -> None:
         """Adds events per key, keeps each key's newest `keep` and drops those older than
         `now - retention`. Raises HistoryBackendError when nothing could be written."""
+        ...
+
+    async def forget(self, key: str) -> int:
+        """Deletes every event of `key` at once (durably, where the backend can); returns how
+        many there were. Raises HistoryBackendError when it could not."""
         ...
 
     async def close(self) -> None: ...
@@ -104,6 +112,7 @@ class HistoryStore:
         self._hash_key = hash_key
         self._read_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="read")
         self._write_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="write")
+        self._forget_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="forget")
 
     async def recent(
         self, user_id: str, now: float, max_age_seconds: int | None = None
@@ -139,6 +148,18 @@ class HistoryStore:
         written = sum(len(v) for v in by_key.values())
         metrics.HISTORY_EVENTS_WRITTEN_TOTAL.inc(written)
         return written
+
+    async def forget(self, user_id: str) -> int:
+        """Deletes the user's events (every replica sharing the backend sees it at once);
+        returns how many there were. BackendUnavailable (counted, logged) when it could not."""
+        try:
+            return await self.backend.forget(user_key(user_id, self._hash_key))
+        except HistoryBackendError as exc:
+            self._forget_errors.inc()
+            logger.warning("history store (%s): forget failed: %s", self.name, exc)
+            raise BackendUnavailable(
+                f"the history store ({self.name}) cannot delete the user's history now; retry"
+            ) from exc
 
     async def close(self) -> None:
         await self.backend.close()

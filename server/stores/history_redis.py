@@ -5,6 +5,8 @@ Each user is one string key ``ltrec:history:v1:<user key>`` holding a JSON array
 newest event. Appending is one Lua script per user (`_APPEND`: read, dedupe, order, bound, prune,
 write and set the expiry atomically on the server, so that concurrent replicas never lose each
 other's events), all users of a FeedbackBatch in one pipelined round trip. A read is one GET.
+Forgetting a user is one GET and DEL in a MULTI/EXEC transaction (what was there is what was
+deleted, whatever another replica appends meanwhile).
 
 Redis being unreachable must cost serving little: every call has a short timeout and no retry,
 and after a failure the backend answers "unavailable" at once for `unavailable_backoff_seconds`
@@ -170,6 +172,23 @@ class RedisHistory:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise self._failed(exc) from exc
+
+    async def forget(self, key: str) -> int:
+        self._check_up()
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.get(KEY_PREFIX + key)
+                pipe.delete(KEY_PREFIX + key)
+                raw, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        if raw is None:
+            return 0
+        try:
+            rows = json.loads(raw)
+        except ValueError:
+            return 0  # not a history, and deleted all the same
+        return len(rows) if isinstance(rows, list) else 0
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -8,7 +8,13 @@ replicas on several machines share Redis instead (`server.stores.history_redis`)
 One row per event; `seq` (the rowid) is the arrival order, and the unique index on (user key,
 timestamp, type, item) is both the dedupe of `server.stores.history` and the index reads use.
 `synchronous=NORMAL`: a committed event survives a crash of the gateway; a power loss may lose
-the last ones (the feedback store is the durable record). Schema version: `PRAGMA user_version`.
+the last ones (the feedback store is the durable record). Forgetting a user (ForgetUser) is
+stricter: its delete commits with `synchronous=FULL` (a power loss cannot bring the events back)
+and `secure_delete` (their bytes are overwritten, not left in free pages; Debian's SQLite has
+it on by default, other builds do not), then a
+`wal_checkpoint(TRUNCATE)` moves the change into the main file and empties the WAL, which held
+the old pages (best effort: a reader of another process may keep the WAL a while longer).
+Schema version: `PRAGMA user_version`.
 """
 
 from __future__ import annotations
@@ -115,6 +121,9 @@ class SqliteHistory:
     ) -> None:
         await asyncio.to_thread(self.append_now, events, now, keep, retention)
 
+    async def forget(self, key: str) -> int:
+        return await asyncio.to_thread(self.forget_now, key)
+
     async def close(self) -> None:
         await asyncio.to_thread(self._close_connections)
 
@@ -157,6 +166,28 @@ class SqliteHistory:
                 self._writer.execute("COMMIT")
         except sqlite3.Error as exc:
             raise HistoryBackendError(f"{self.path}: {exc}") from exc
+
+    def forget_now(self, key: str) -> int:
+        if self._writer is None:
+            raise HistoryBackendError("the SQLite history store is closed")
+        writer = self._writer
+        try:
+            with self._write_lock:
+                secure = writer.execute("PRAGMA secure_delete").fetchone()[0]
+                writer.execute("PRAGMA synchronous=FULL")
+                writer.execute("PRAGMA secure_delete=ON")
+                try:
+                    removed = writer.execute(
+                        "DELETE FROM history_events WHERE user_key = ?", (key,)
+                    ).rowcount
+                finally:
+                    restore = {0: "OFF", 1: "ON", 2: "FAST"}.get(int(secure), "OFF")
+                    writer.execute(f"PRAGMA secure_delete={restore}")
+                    writer.execute("PRAGMA synchronous=NORMAL")
+                writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            raise HistoryBackendError(f"{self.path}: {exc}") from exc
+        return max(removed, 0)
 
     def _append_user(self, key: str, events: Sequence[StoredEvent], cutoff: int, keep: int) -> None:
         assert self._writer is not None

@@ -19,6 +19,7 @@ from ltrec.prepared import Prepared, prepare
 from ltrec.retrain import REPORT_FILE, main, merge
 from ltrec.scoring import model_score_fn
 from ltrec.train import TrainConfig, train
+from ltrec_core.erasure import KEY_FILE, ErasureError, load_or_create_key, tombstone, user_key
 from ltrec_core.feedback_log import segments
 from server.stores.feedback import FeedbackStore
 
@@ -113,6 +114,52 @@ def test_merge_refuses_to_overwrite_the_base_data(
     assert "must not overwrite the base data" in capsys.readouterr().err
     assert main([*args[:-1], str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
     assert "no feedback store here" in capsys.readouterr().err
+
+
+def test_merge_leaves_out_erased_users_and_refuses_erasures_it_cannot_check(
+    tiny_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A tombstone (ForgetUser's erasure record) erases every record of its user: before it,
+    after it, and one that holds the user's keyed hash instead of the id."""
+    store = tmp_path / "feedback"
+    store.mkdir()
+    key = load_or_create_key(store, "gw-0")
+    assert load_or_create_key(store, "gw-1") == key  # made once, then shared
+    erased = tombstone("newcomer", key, "erase-1", T0).to_json()
+    hashed = record(user_key("newcomer", key), "m9", "purchase", 9)
+    write_store(store, [*FEEDBACK, erased, record("newcomer", "m6", "cart", 10), hashed])
+    out = tmp_path / "merged"
+    report = merge(tiny_data, store, out)
+    added = load_dataset(out).events
+    added = added[added["timestamp"] >= T0]
+    assert added[["user_id", "item_id", "event_type"]].values.tolist() == [
+        ["u0", "m4", "view"],
+        ["u0", "m8", "cart"],
+        ["u0", "m8", "purchase"],
+    ]
+    fb = report["feedback"]
+    assert (fb["erasure_records"], fb["erased_users"], fb["erased_feedback_records"]) == (1, 1, 5)
+    assert (fb["users_with_feedback"], fb["new_users"]) == (1, 0)
+    assert fb["feedback_by_type"] == {"cart": 1, "click": 2, "impression": 1, "purchase": 1}
+    assert b"newcomer" not in b"".join(
+        line for p in segments(store) for line in p.read_bytes().splitlines() if b"erasure" in line
+    )
+
+    # Fails closed: without the key, or with another one, the erased cannot be told apart.
+    args = ["merge", "--data", str(tiny_data), "--feedback", str(store), "--out", str(out)]
+    (store / KEY_FILE).rename(tmp_path / "kept.key")
+    with pytest.raises(ErasureError, match=f"erasure records but no {KEY_FILE}"):
+        merge(tiny_data, store, out)
+    load_or_create_key(store, "gw-0")  # a new, different key
+    assert main(args) == 2
+    assert "was written with key" in capsys.readouterr().err
+    (store / KEY_FILE).write_text("not a key\n")
+    assert main(args) == 2
+    assert "not an erasure key" in capsys.readouterr().err
+    (tmp_path / "kept.key").replace(store / KEY_FILE)
+    assert main(args) == 0
 
 
 # Genre-0 users (u0, u4, ..., u28) stay in genre 0 in the base data; in the feedback each of them

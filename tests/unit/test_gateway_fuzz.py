@@ -258,6 +258,53 @@ def test_any_feedback_gets_ok_or_invalid_argument(
     assert reply.accepted == len(events)
 
 
+# --- ForgetUser ----------------------------------------------------------------------------------
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    user_id=st.one_of(st.sampled_from(["", "u1", "x" * 256, "x" * 257]), st.text(max_size=300)),
+    request_id=st.one_of(st.just(""), st.text(max_size=140)),
+    with_feedback=st.booleans(),
+)
+def test_any_forget_user_gets_ok_or_invalid_argument_and_erases_at_once(
+    stub: recommender_pb2_grpc.RecommenderStub,
+    user_id: str,
+    request_id: str,
+    with_feedback: bool,
+) -> None:
+    accepted = (
+        0 < len(user_id) <= 256
+        and request_id.isascii()
+        and request_id.isprintable()
+        and len(request_id) <= 128
+    )
+    if with_feedback and 0 < len(user_id) <= 256:  # something to erase
+        event = recommender_pb2.FeedbackEvent(
+            request_id="fuzz", user_id=user_id, item_id=KNOWN_IDS[0], type=2, timestamp=0
+        )
+        stub.Feedback(recommender_pb2.FeedbackRequest(event=event), timeout=10)
+    request = recommender_pb2.ForgetUserRequest(user_id=user_id, request_id=request_id)
+    try:
+        reply = stub.ForgetUser(request, timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        assert exc.details() and not accepted
+        return
+    assert accepted
+    if request_id:
+        assert reply.request_id == request_id
+    if with_feedback:
+        assert reply.history_events_removed >= 1 and reply.feedback_records_erased >= 1
+    # Erased at once: a Recommend with only the user id has no stored history.
+    after = stub.Recommend(recommender_pb2.RecommendRequest(user_id=user_id, k=1), timeout=10)
+    assert after.history_source == recommender_pb2.HISTORY_SOURCE_NONE
+
+
 # --- The item RPCs -----------------------------------------------------------------------------
 
 NEW_IDS = st.sampled_from(["new-a", "new-b", "new-c"])

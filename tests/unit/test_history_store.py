@@ -18,6 +18,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from server.config import ConfigError, GatewayConfig
+from server.errors import BackendUnavailable
 from server.hashing import user_hash, user_key
 from server.stores.history import (
     HistoryBackend,
@@ -202,6 +203,60 @@ async def test_backends_follow_the_one_merge_rule(
             await backend.append({"u": batch}, now, keep, retention)
             expected = merge_events(expected, batch, now - retention, keep)
             assert await backend.read("u", now - retention, keep) == expected
+
+
+@run_async
+async def test_forget_deletes_one_users_events_for_every_reader(
+    backend_factory: Callable[[], HistoryBackend],
+) -> None:
+    async with opened(backend_factory) as writer, opened(backend_factory) as other:
+        alice = [view(NOW - 2, "a1"), view(NOW - 1, "a2")]
+        await writer.append({"alice": alice, "bob": [view(NOW, "b1")]}, NOW, 10, DAY)
+        assert await other.read("alice", NOW - DAY, 10) == alice
+        assert await other.forget("alice") == 2
+        # At once, for the other connection (replica) too; bob is untouched.
+        assert await writer.read("alice", NOW - DAY, 10) == []
+        assert await writer.read("bob", NOW - DAY, 10) == [view(NOW, "b1")]
+        assert await writer.forget("alice") == 0
+        assert await writer.forget("nobody") == 0
+        # A user who comes back starts afresh.
+        await writer.append({"alice": [view(NOW, "a3")]}, NOW, 10, DAY)
+        assert await other.read("alice", NOW - DAY, 10) == [view(NOW, "a3")]
+
+
+@run_async
+async def test_sqlite_forget_leaves_no_trace_in_the_files(tmp_path: Path) -> None:
+    """Deleted with secure_delete and checkpointed: neither the events nor the user's key are
+    left in the database file, its WAL or free pages, while the store is still open (closing
+    it would checkpoint anyway)."""
+    backend = SqliteHistory(tmp_path / "h.sqlite3")
+    backend.open()
+    try:
+        events = [view(NOW - n, f"alices-item-{n}") for n in range(50)]
+        users = {"alice-key": events, "bob-key": [view(NOW, "bobs-item")]}
+        await backend.append(users, NOW, 50, DAY)
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("h.sqlite3*"))
+        assert b"alices-item" in raw and b"alice-key" in raw
+        assert await backend.forget("alice-key") == 50
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("h.sqlite3*"))
+    finally:
+        await backend.close()
+    assert b"bobs-item" in raw and b"bob-key" in raw
+    assert b"alices-item" not in raw and b"alice-key" not in raw
+
+
+@run_async
+async def test_forget_fails_loudly_counted(tmp_path: Path) -> None:
+    """Unlike reads and writes, a failed forget is raised (ForgetUser answers UNAVAILABLE)."""
+    (port,) = free_ports(1)  # nothing listens there
+    backend = RedisHistory(f"127.0.0.1:{port}", timeout_seconds=0.5)
+    store = HistoryStore(backend, b"k", max_events=3, retention_seconds=DAY, name="redis")
+    errors = "ltrec_gateway_history_store_errors_total"
+    failed = sample(errors, {"op": "forget"})
+    with pytest.raises(BackendUnavailable, match=r"history store \(redis\) cannot delete"):
+        await store.forget("u")
+    assert sample(errors, {"op": "forget"}) == failed + 1
+    await store.close()
 
 
 @run_async
