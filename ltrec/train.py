@@ -246,6 +246,11 @@ def _progress(step: int, total_steps: int, started: float, max_minutes: float) -
     return min(max(step / total_steps, elapsed), 1.0)
 
 
+def _overruns(elapsed: float, epochs_done: int, max_minutes: float) -> bool:
+    """Whether one more epoch like the average so far would take the run past its minutes."""
+    return elapsed * (epochs_done + 1) / epochs_done > max_minutes * 60
+
+
 def _set_lr(
     optimiser: torch.optim.Optimizer,
     peak: float,
@@ -358,8 +363,7 @@ def fit(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         trained = time.monotonic()
         # Would another epoch like the ones so far overrun the time budget? Then this is the last.
-        out_of_time = (trained - started) * (epoch + 1) / epoch > cfg.max_minutes * 60
-        last = epoch == cfg.epochs or out_of_time
+        last = epoch == cfg.epochs or _overruns(trained - started, epoch, cfg.max_minutes)
         if not (
             last
             or epoch % cfg.validate_every == 0
@@ -410,8 +414,7 @@ def fit(
         if epoch - best["epoch"] >= cfg.patience:
             stop_reason = f"no validation gain for {cfg.patience} epochs"
             break
-        # Stop when another epoch like the last one would overrun the budget.
-        if elapsed * (epoch + 1) / epoch > cfg.max_minutes * 60:
+        if _overruns(elapsed, epoch, cfg.max_minutes):
             stop_reason = f"time budget of {cfg.max_minutes} min"
             break
     model.load_state_dict(best_state)
