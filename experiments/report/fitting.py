@@ -84,6 +84,7 @@ FACTORIES: dict[str, ModelFactory] = {
     "sasrec": neural_baselines.IDOnlyRecommender,
     "ours_text": _text_only,
     "ours": _text_and_id,
+    "ours_converged": _text_and_id,
     "ours_no_set": _text_and_id_no_set,
     "ours_no_context": _text_and_id_no_context,
     "ours_context_shuffled": _text_and_id,  # trained on shuffled context (fit_all)

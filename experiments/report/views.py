@@ -22,6 +22,7 @@ from experiments.report.settings import (
     CONTEXT_USE,
     LONG_TAIL_WEIGHTS,
     LOSS_VARIANTS,
+    MAIN_VIEW_ONLY,
     MODELS,
     SHORT_HISTORY,
     SHUFFLED_AT_TEST,
@@ -129,7 +130,7 @@ def main_view(
             if name != "ours_no_context" and model is not None:
                 models[name]["context"]["weights"] = context_weight_spread(model, on.context)
         print(f"{MODELS[name]}: test ndcg@10 {figures['ndcg@10']:.4f}", file=sys.stderr)
-    for name in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, "ours_no_set"):
+    for name in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, "ours_no_set", "ours_converged"):
         if name in models:
             models[name]["vs_ours"] = paired_difference(
                 ranks[name], ranks["ours"], KS, seed=cfg.seed
@@ -274,7 +275,9 @@ def short_view(
     short = with_split(prepared, split)
     cases = held_out_cases(short)
     tail = long_tail_mask(short.popularity)
-    rows = [name for name in names if name not in CONTEXT_ABLATIONS and name not in LOSS_VARIANTS]
+    rows = [
+        name for name in names if name not in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, *MAIN_VIEW_ONLY)
+    ]
     print(
         f"short view: {len(split.train)} training events, {len(cases)} test cases", file=sys.stderr
     )
@@ -311,7 +314,7 @@ def cold_view(
         file=sys.stderr,
     )
     cold_names = [
-        name for name in names if name not in CONTEXT_ABLATIONS and name not in LOSS_VARIANTS
+        name for name in names if name not in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, *MAIN_VIEW_ONLY)
     ]
     cold_fitted = fit_all(cold_prepared, cfg, "cold", None, progress, cold_names)
     for name in cold_names:

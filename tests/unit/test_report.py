@@ -21,6 +21,7 @@ from experiments.report.settings import (
     CONTEXT_ABLATIONS,
     LONG_TAIL_WEIGHTS,
     LOSS_VARIANTS,
+    MAIN_VIEW_ONLY,
     MODELS,
     quick_config,
 )
@@ -361,7 +362,7 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         assert test["tail"]["cases"] + test["head"]["cases"] == report["data"]["users_evaluated"]
         for value in [test[k] for k in accuracy | long_tail]:
             assert math.isfinite(value) and value >= 0
-        if name in CONTEXT_ABLATIONS or name in LOSS_VARIANTS:
+        if name in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, *MAIN_VIEW_ONLY):
             continue  # main view only (below)
         assert {"recall@10", "ndcg@10", "cases"} <= set(model["cold_start"])
         assert math.isfinite(model["cold_start"]["ndcg@10"]) and model["cold_start"]["ndcg@10"] >= 0
@@ -434,8 +435,8 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     # The short, order-free view: every row but the main-view-only ablations, refitted there.
     assert "## Short, order-free histories (test)" in md
     for name, model in models.items():
-        if name in CONTEXT_ABLATIONS or name in LOSS_VARIANTS:
-            assert "short_history" not in model
+        if name in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, *MAIN_VIEW_ONLY):
+            assert "short_history" not in model and "cold_start" not in model
             continue
         short = model["short_history"]
         assert 0 <= short["ndcg@10"] <= short["recall@10"] <= 1
@@ -449,8 +450,15 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert sasrec["model_config"]["dropout"] == best["dropout"]
     assert "## Training to convergence (main view)" in md
     assert "settings screened on validation" in md
-    for name in ("sasrec", "ours", "ours_text"):
+    for name in ("sasrec", "ours", "ours_text", "ours_converged"):
         assert models[name]["fit"]["stop_reason"]
+    # The served model's converged run: trained here (not the main row's model), with its
+    # paired difference to the main row.
+    converged = models["ours_converged"]
+    assert converged["fit"]["epochs"] and "same_model_as" not in converged["fit"]
+    assert converged["vs_ours"]["ndcg@10"] == pytest.approx(
+        converged["test"]["ndcg@10"] - models["ours"]["test"]["ndcg@10"]
+    )
 
 
 def test_short_unordered_split_keeps_the_last_events_in_a_random_order() -> None:
