@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.report.fitting import parse_settings
 from experiments.report.markdown import markdown
 from experiments.report.merge import merge_reports
 from experiments.report.plot import plot
 from experiments.report.settings import (
     MODELS,
+    NEURAL,
     ReportConfig,
     quick_config,
 )
@@ -61,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, help="subsample this many users")
     parser.add_argument("--epochs", type=int, help="epochs per neural model")
     parser.add_argument("--max-minutes", type=float, help="training budget per neural model")
+    parser.add_argument(
+        "--patience", type=int, help="epochs without a validation gain that stop a neural row"
+    )
+    parser.add_argument(
+        "--settings",
+        action="append",
+        default=[],
+        metavar="ROW:KEY=VALUE,...",
+        help="fix a neural row's settings instead of screening them (e.g. the choice of an "
+        "earlier run's screen): sasrec:lr=1e-3,dropout=0.2,batch_size=64",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--screen-epochs",
@@ -122,6 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     if args.max_minutes is not None:
         overrides["max_minutes"] = args.max_minutes
+    if args.patience is not None:
+        if args.patience < 1:
+            parser.error(f"--patience must be at least 1, got {args.patience}")
+        overrides["patience"] = args.patience
+    fixed: dict[str, dict[str, float | str]] = {}
+    for text in args.settings:
+        try:
+            row, point = parse_settings(text)
+        except ValueError as exc:
+            parser.error(f"--settings: {exc}")
+        if row not in NEURAL:
+            parser.error(f"--settings: {row!r} is not a neural row ({', '.join(NEURAL)})")
+        fixed[row] = point
     cfg = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, **overrides),  # type: ignore[arg-type]
@@ -131,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         models=names,
         views=views,
         screen_epochs=args.screen_epochs if args.screen_epochs else cfg.screen_epochs,
+        fixed_settings=fixed,
     )
     try:
         report = run_report(

@@ -174,7 +174,10 @@ def fit_all(
             train_cfg = dataclasses.replace(cfg.train, **LOSS_VARIANTS.get(name, {}))  # type: ignore[arg-type]
             screening: list[dict] = []
             screened: tuple[Recommender, dict] | None = None
-            if cfg.neural_grids.get(name):
+            fixed = cfg.fixed_settings.get(name)
+            if fixed:  # chosen by an earlier screen, given on the command line: no screen
+                train_cfg = with_settings(train_cfg, fixed)
+            elif cfg.neural_grids.get(name):
                 train_cfg, screening, screened = _screen(
                     name, view, cfg, train_cfg, train_on, valid_on, progress
                 )
@@ -208,6 +211,12 @@ def fit_all(
                     file=sys.stderr,
                 )
             info = {"tuning": "early stopping on validation NDCG@10", **summary}
+            if fixed:
+                info["tuning"] = (
+                    f"settings fixed on the command line ({_settings_text(fixed)}), then early "
+                    "stopping on validation NDCG@10"
+                )
+                info["fixed_settings"] = dict(fixed)
             if kept is not None:
                 info["kept"] = kept
             if screening:
@@ -225,6 +234,34 @@ def fit_all(
             ours.score_fn, {"tuning": "the main row's model", "same_model_as": "ours"}, ours.model
         )
     return fitted
+
+
+def _settings_text(params: dict[str, float | str]) -> str:
+    return ", ".join(
+        f"{key} {value:g}" if not isinstance(value, str) else f"{key} {value}"
+        for key, value in params.items()
+    )
+
+
+def parse_settings(text: str) -> tuple[str, dict[str, float | str]]:
+    """`ROW:key=value,...` (`--settings`) as (row, grid point); keys as in GRID_KEYS."""
+    row, sep, rest = text.partition(":")
+    if not sep or not row or not rest:
+        raise ValueError(f"expected ROW:key=value[,key=value...], got {text!r}")
+    point: dict[str, float | str] = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in GRID_KEYS:
+            raise ValueError(f"setting keys must be {', '.join(GRID_KEYS)}, got {item!r}")
+        if key == "set_context":
+            point[key] = value.strip()
+        else:
+            try:
+                point[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
+    return row.strip(), point
 
 
 GRID_KEYS = ("lr", "batch_size", "dropout", "order_augmentation", "set_context")

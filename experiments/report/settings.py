@@ -142,6 +142,9 @@ class ReportConfig:
         }
     )
     screen_epochs: int = 10
+    # Per neural row, settings given on the command line (`--settings`, e.g. those an earlier
+    # run's screen chose): the row skips its screen and trains with them.
+    fixed_settings: dict[str, dict[str, float | str]] = field(default_factory=dict)
     # Which views to run (`--views`): "main" (accuracy, long tail, weight sweep), "cold",
     # "short" (short, order-free histories).
     views: tuple[str, ...] = ("main", "cold", "short")

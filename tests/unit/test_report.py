@@ -14,7 +14,12 @@ import torch
 import ltrec.prepared
 import ltrec.train
 from experiments.report.cli import main
-from experiments.report.fitting import FACTORIES, _widen_to_interior, with_shuffled_context
+from experiments.report.fitting import (
+    FACTORIES,
+    _widen_to_interior,
+    parse_settings,
+    with_shuffled_context,
+)
 from experiments.report.merge import _SAME_DATA, merge_reports
 from experiments.report.sections import _convergence
 from experiments.report.settings import (
@@ -620,6 +625,31 @@ def test_report_in_parts_and_merged(tiny_data: Path, tmp_path: Path) -> None:
         main([*args, "--out", str(first), "--screen-epochs", "0"])
     with pytest.raises(SystemExit):
         main([*args, "--out", str(first), "--views", ","])
+
+
+def test_parse_settings() -> None:
+    assert parse_settings("sasrec:lr=1e-3,dropout=0.2,batch_size=64") == (
+        "sasrec",
+        {"lr": 1e-3, "dropout": 0.2, "batch_size": 64.0},
+    )
+    assert parse_settings("ours:set_context=others") == ("ours", {"set_context": "others"})
+    for bad in ("sasrec", "sasrec:", ":lr=1", "sasrec:lr", "sasrec:lr=fast", "sasrec:depth=2"):
+        with pytest.raises(ValueError):
+            parse_settings(bad)
+
+
+def test_fixed_settings_replace_the_screen(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
+    fixed = ["--settings", "sasrec:lr=3e-3,dropout=0.4", "--patience", "7"]
+    assert main([*args, "--quick", "--no-progress", "--models", "sasrec", *fixed]) == 0
+    fit = json.loads((out / "report.json").read_text())["models"]["sasrec"]["fit"]
+    assert "screening" not in fit and fit["fixed_settings"] == {"lr": 3e-3, "dropout": 0.4}
+    assert fit["train_config"]["lr"] == 3e-3 and fit["model_config"]["dropout"] == 0.4
+    assert fit["train_config"]["patience"] == 7
+    for bad in (["--settings", "ease:lr=1"], ["--settings", "sasrec:lr=x"], ["--patience", "0"]):
+        with pytest.raises(SystemExit):
+            main([*args, "--quick", *bad])
 
 
 def test_report_runs_only_the_chosen_rows(tiny_data: Path, tmp_path: Path) -> None:
