@@ -20,6 +20,27 @@ from experiments.report.settings import (
 )
 
 
+def _parts_sentence(report: dict) -> str:
+    """Which part each row trained in several parts was taken from (merged reports)."""
+    parts, chosen = report.get("parts") or [], report.get("chosen_on_validation") or {}
+    if not parts:
+        return ""
+    text = f" Merged from {len(parts)} parts run separately (`--merge`)."
+    if chosen:
+        text += (
+            " Rows trained in several parts (different schedules) are taken from the run with "
+            "the best validation NDCG@10: "
+            + ", ".join(
+                f"{report['models'][name]['label']} from part {index + 1} "
+                f"(created {parts[index].get('created')})"
+                for name, index in chosen.items()
+                if name in report["models"]
+            )
+            + "."
+        )
+    return text
+
+
 def markdown(report: dict) -> str:
     full = report  # the other views' sections read every row; the main view's, its own rows
     report = {**report, "models": {k: m for k, m in report["models"].items() if "test" in m}}
@@ -49,7 +70,8 @@ def markdown(report: dict) -> str:
             else " Only these rows were run (`--models`): "
             + ", ".join(m["label"] for m in models.values())
             + "."
-        ),
+        )
+        + _parts_sentence(report),
         "",
         "## Accuracy (test)",
         "",

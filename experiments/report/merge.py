@@ -10,11 +10,24 @@ from experiments.report.settings import (
 _SAME_DATA = ("dir", "items", "users_evaluated", "users_sampled", "train_events", "test_events")
 
 
+_NONE = float("-inf")
+
+
+def _validation(row: dict) -> float:
+    """A row's best validation NDCG@10 in its main-view training; -inf when it has none (a
+    non-neural row, a checkpoint's figures count: they are its training's)."""
+    best = (row.get("fit") or {}).get("best") or {}
+    value = best.get("ndcg@10") if isinstance(best, dict) else None
+    return float(value) if value is not None else _NONE
+
+
 def merge_reports(parts: list[dict]) -> dict:
     """One report from reports run in parts (`--models`) on the same data and split.
 
     Rows keep the order of MODELS; a row present in several parts keeps, per view (test figures,
-    fit, cold start, short histories), what the first part that has it says. The
+    fit, cold start, short histories), what the first part that has it says, where the parts are
+    taken, for a neural row trained in several of them, in order of its best validation NDCG@10
+    (the run chosen on validation; `chosen_on_validation` names the part). The
     first part's long-tail sweep and default stay (every part measures the same "ours" when they
     share a checkpoint); a view's sizes (cold start, short histories) come from the first part
     that ran it.
@@ -31,10 +44,19 @@ def merge_reports(parts: list[dict]) -> dict:
                     "another"
                 )
     rows: dict[str, dict] = {}
-    for part in parts:  # per row, each view's figures from the first part that has them
-        for name, row in part["models"].items():
-            merged_row = rows.setdefault(name, {})
-            for key, value in row.items():
+    chosen: dict[str, int] = {}
+    names = {name for part in parts for name in part["models"]}
+    for name in names:
+        # Per row, each view's figures from the first part that has them; a neural row trained
+        # in several parts (different schedules) is taken first from the part whose run has the
+        # best validation NDCG@10, as if its schedule were one more setting chosen on validation.
+        having = [i for i, part in enumerate(parts) if name in part["models"]]
+        order = sorted(having, key=lambda i: -_validation(parts[i]["models"][name]))
+        if len({_validation(parts[i]["models"][name]) for i in having} - {_NONE}) > 1:
+            chosen[name] = order[0]
+        merged_row = rows.setdefault(name, {})
+        for i in order:
+            for key, value in parts[i]["models"][name].items():
                 merged_row.setdefault(key, value)
     data = dict(first["data"])
     for prefix in ("cold_", "short_"):  # a view's sizes, from the first part that ran it
@@ -45,6 +67,8 @@ def merge_reports(parts: list[dict]) -> dict:
     return {
         **first,
         "data": data,
+        # Rows trained differently in several parts: the index of the part each was taken from.
+        "chosen_on_validation": chosen,
         "models": {name: rows[name] for name in MODELS if name in rows},
         "seconds": sum(part.get("seconds", 0.0) for part in parts),
         "parts": [

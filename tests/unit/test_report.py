@@ -590,6 +590,23 @@ def test_merge_reports_joins_parts_and_refuses_other_data() -> None:
     with pytest.raises(ValueError, match="users_evaluated"):
         merge_reports([part(["ours"], 5, False), part(["ease"], 6, False)])
 
+    # A neural row trained in two parts (two schedules): the run with the better validation
+    # NDCG@10 gives its figures, whichever part comes first; its other views still merge.
+    def trained(valid: float, test: float) -> dict:
+        return {"label": "s", "fit": {"best": {"ndcg@10": valid}}, "test": {"ndcg@10": test}}
+
+    first, second = part(["sasrec"], 5, False), part(["sasrec"], 5, False)
+    first["models"]["sasrec"] = trained(0.19, 0.18)
+    second["models"]["sasrec"] = trained(0.20, 0.17) | {"short_history": {"ndcg@10": 0.1}}
+    for parts in ([first, second], [second, first]):
+        merged = merge_reports(parts)
+        row = merged["models"]["sasrec"]
+        assert row["test"] == {"ndcg@10": 0.17} and row["short_history"] == {"ndcg@10": 0.1}
+        assert merged["chosen_on_validation"] == {"sasrec": parts.index(second)}
+    first["models"]["sasrec"] = trained(0.20, 0.18)  # the same validation: the first part's
+    assert merge_reports([first, second])["models"]["sasrec"]["test"] == {"ndcg@10": 0.18}
+    assert merge_reports([first, second])["chosen_on_validation"] == {}
+
 
 def test_report_in_parts_and_merged(tiny_data: Path, tmp_path: Path) -> None:
     args = ["--data", str(tiny_data), "--cache", str(tmp_path / "cache"), "--quick"]
