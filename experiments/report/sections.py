@@ -78,6 +78,15 @@ def stopped_on_cap(info: dict) -> bool:
     return reason.startswith("time budget") or reason == "epochs"
 
 
+def complete_schedule(info: dict) -> bool:
+    """Whether a neural row ran one whole fixed schedule by design (patience no shorter than
+    the epochs, stopped by the epoch count): annealed to its end, the best epoch kept."""
+    train = info.get("train_config") or {}
+    return info.get("stop_reason") == "epochs" and int(train.get("patience", 0)) >= int(
+        train.get("epochs", 1)
+    )
+
+
 def _short_history(report: dict) -> list[str]:
     """The short, order-free view's table, or nothing when it was not run."""
     d, f = report["data"], _printed
@@ -155,7 +164,9 @@ def _convergence(report: dict) -> list[str]:
         "",
         "Each neural row trains until its validation NDCG@10 has not improved for `patience` "
         "epochs (then the best epoch's weights are kept); a row that ended on its epoch or "
-        "minute cap instead is marked **capped** and may not have converged. Settings: the "
+        "minute cap instead is marked **capped** and may not have converged; a row run on one "
+        "complete schedule by design (`--epochs E --patience E`: the learning rate annealed to "
+        "its floor, the best epoch kept) says so. Settings: the "
         "training config of the row; SASRec's learning rate and dropout are chosen on its own "
         "validation (screening below).",
         "",
@@ -166,7 +177,9 @@ def _convergence(report: dict) -> list[str]:
         train = info.get("train_config") or {}
         model = info.get("model_config") or {}
         reason = str(info.get("stop_reason") or "-")
-        if stopped_on_cap(info):
+        if complete_schedule(info):
+            reason = f"one complete {train['epochs']}-epoch schedule (`--patience` = `--epochs`)"
+        elif stopped_on_cap(info):
             reason = f"**capped**: {reason}"
         seconds = info.get("train_seconds")
         lines.append(

@@ -513,7 +513,7 @@ def test_text_profile_scores_by_cosine_to_the_latest_items() -> None:
 
 
 def test_convergence_table_marks_rows_stopped_on_a_cap() -> None:
-    def row(reason: str) -> dict:
+    def row(reason: str, patience: int = 10, epochs: int = 200) -> dict:
         return {
             "label": reason,
             "fit": {
@@ -521,7 +521,12 @@ def test_convergence_table_marks_rows_stopped_on_a_cap() -> None:
                 "best": {"epoch": 2},
                 "stop_reason": reason,
                 "train_seconds": 90.0,
-                "train_config": {"patience": 10, "lr": 0.002, "batch_size": 64},
+                "train_config": {
+                    "patience": patience,
+                    "epochs": epochs,
+                    "lr": 0.002,
+                    "batch_size": 64,
+                },
                 "model_config": {"dropout": 0.2},
             },
         }
@@ -533,6 +538,7 @@ def test_convergence_table_marks_rows_stopped_on_a_cap() -> None:
                 "b": row("time budget of 45.0 min"),
                 "c": row("epochs"),
                 "d": {"label": "EASE", "fit": {"tuning": "grid"}},
+                "e": row("epochs", patience=2, epochs=2),  # one complete schedule, by design
             }
         }
     )
@@ -540,7 +546,8 @@ def test_convergence_table_marks_rows_stopped_on_a_cap() -> None:
     assert "| 10 | no validation gain for 10 epochs | lr 0.002, batch 64, dropout 0.2 |" in text
     assert "**capped**: no validation" not in text
     assert "**capped**: time budget of 45.0 min" in text
-    assert "**capped**: epochs" in text
+    assert text.count("**capped**: epochs") == 1
+    assert "| 2 | one complete 2-epoch schedule (`--patience` = `--epochs`) |" in text
     assert "EASE" not in text  # not a neural row
     assert "| 2 (best 2) | 1.5 | 10 |" in text
 
