@@ -176,7 +176,9 @@ class SimilarItemsGraphs(FakeTransport):
         super().__init__(outputs([2], [1.0], [0]))  # what Recommend answers
         self.sessions = {
             contract.ITEM_LOOKUP_MODEL: onnx_graphs.item_lookup_graph(table),
-            contract.SCORER_MODEL: onnx_graphs.scorer_graph(table, popularity, overlay=True),
+            contract.SCORER_MODEL: onnx_graphs.scorer_graph(
+                table, popularity, overlay=True, item_filter=True
+            ),
         }
 
     async def infer(
