@@ -343,4 +343,5 @@ def _new_item(item: recommender_pb2.Item, image: LoadedImage) -> NewItem:
         image_path=item.image_path,
         image_bytes=len(item.image),
         image_encoded=image.pixels is not None,
+        available=item.available if item.HasField("available") else True,
     )
