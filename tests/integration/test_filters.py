@@ -36,9 +36,7 @@ def ranked(reply: PB.RecommendResponse | PB.SimilarItemsResponse) -> list[tuple[
     return [(item.item_id, item.score) for item in reply.items]
 
 
-def restricted(
-    full: list[tuple[str, float]], passes: set[str], k: int
-) -> list[tuple[str, float]]:
+def restricted(full: list[tuple[str, float]], passes: set[str], k: int) -> list[tuple[str, float]]:
     return [(item_id, score) for item_id, score in full if item_id in passes][:k]
 
 
@@ -50,7 +48,8 @@ def assert_same_ranking(got: list[tuple[str, float]], want: list[tuple[str, floa
 def first_genres(stack: Stack) -> dict[str, set[str]]:
     """First genre of each item's category path -> the items whose path starts with it."""
     groups: dict[str, set[str]] = {}
-    for item_id, category in zip(stack.catalogue["item_id"], stack.catalogue["category"]):
+    columns = (stack.catalogue["item_id"], stack.catalogue["category"])
+    for item_id, category in zip(*columns, strict=True):
         if category:
             groups.setdefault(category.split("|")[0], set()).add(item_id)
     return groups
@@ -78,9 +77,7 @@ def test_a_restrictive_filter_returns_k_items_in_the_unfiltered_order(stack: Sta
     # Two fields at once (AND), one of them a list of values (OR); and the deny list.
     other = sorted(groups, key=lambda g: -len(groups[g]))[0]
     denied = [i for i, _ in restricted(full, passes | groups[other], 2)]
-    request.filter.CopyFrom(
-        PB.ItemFilter(categories=[genre, other.upper()], deny_item_ids=denied)
-    )
+    request.filter.CopyFrom(PB.ItemFilter(categories=[genre, other.upper()], deny_item_ids=denied))
     got = ranked(stack.stub.Recommend(request, timeout=10))
     assert len(got) == K
     assert_same_ranking(got, restricted(full, (passes | groups[other]) - set(denied), K))
