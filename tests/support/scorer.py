@@ -1,10 +1,11 @@
 """A fake Triton whose ranking ensembles run the export's own scorer and item lookup graphs.
 
-The catalogue of `tests.support.gateway` gets fixed item vectors; Recommend's user embedding is a
-fixed vector (the towers before the scorer are not what these tests are about), SimilarItems'
-is the query item's vector, looked up by the real item lookup graph. Everything the gateway
-sends the scorer (history, exclusions, the overlay, the filter mask) goes through the real graph
-with onnxruntime, fed by the names and dtypes the exported config declares.
+`similar_items` runs as its exported ensemble config chains the steps (item lookup -> scorer);
+`recommend` runs the scorer on a fixed user embedding (the towers before it are not what these
+tests are about). Everything the gateway sends the scorer (history, exclusions, the overlay, the
+filter mask) goes through the real graph with onnxruntime, under the names and dtypes the
+exported configs declare. By default the catalogue of `tests.support.gateway` gets fixed item
+vectors.
 """
 
 from __future__ import annotations
@@ -25,19 +26,28 @@ POPULARITY = np.array([0] + [popularity for _, _, popularity, _ in ITEMS], dtype
 USER = np.array([[1.0, 0.5, -0.25, 0.1]], dtype=np.float32)
 
 
-def _session(graph: object) -> ort.InferenceSession:
-    return ort.InferenceSession(graph.SerializeToString())  # type: ignore[attr-defined]
-
-
 class ScorerGraphs(FakeTransport):
-    """The encoders answer as in `FakeTransport`; `recommend` and `similar_items` run the graphs."""
+    """The encoders answer as in `FakeTransport`; `recommend` and `similar_items` run the graphs
+    of `table` [N+1, DIM] and `popularity` [N+1]."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        table: np.ndarray = ITEM_TABLE,
+        popularity: np.ndarray = POPULARITY,
+        user: np.ndarray = USER,
+    ) -> None:
         super().__init__()
-        self.scorer = _session(
-            onnx_graphs.scorer_graph(ITEM_TABLE, POPULARITY, overlay=True, item_filter=True)
-        )
-        self.item_lookup = _session(onnx_graphs.item_lookup_graph(ITEM_TABLE))
+        self.user = user
+        self.sessions = {
+            model: ort.InferenceSession(graph.SerializeToString())
+            for model, graph in (
+                (
+                    contract.SCORER_MODEL,
+                    onnx_graphs.scorer_graph(table, popularity, overlay=True, item_filter=True),
+                ),
+                (contract.ITEM_LOOKUP_MODEL, onnx_graphs.item_lookup_graph(table)),
+            )
+        }
 
     async def infer(
         self,
@@ -51,22 +61,18 @@ class ScorerGraphs(FakeTransport):
         answer = await super().infer(
             model_name, inputs, output_names, client_timeout=client_timeout, request_id=request_id
         )
-        if model_name not in (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL):
-            return answer
-        tensors = dict(inputs)
         if model_name == contract.ENSEMBLE_MODEL:
-            tensors[contract.WEIGHTED_USER_EMBEDDING] = USER
+            steps = [(contract.SCORER_MODEL, triton_config.scorer_io(DIM), {})]
+            tensors = {**inputs, contract.WEIGHTED_USER_EMBEDDING: self.user}
+        elif model_name == contract.SIMILAR_ITEMS_MODEL:
+            steps = triton_config.similar_items_steps(DIM)
+            tensors = dict(inputs)
         else:
-            (query,) = self.item_lookup.run(
-                None,
-                {
-                    contract.QUERY_ITEMS: tensors[contract.QUERY_ITEMS],
-                    contract.EXTRA_ITEM_VECTORS: tensors[contract.EXTRA_ITEM_VECTORS],
-                },
-            )
-            tensors[contract.WEIGHTED_USER_EMBEDDING] = query
-            tensors[contract.HISTORY_ITEMS] = tensors[contract.QUERY_ITEMS]
-        scorer_inputs, scorer_outputs = triton_config.scorer_io(DIM)
-        feeds = {t.name: tensors[t.name] for t in scorer_inputs}
-        names = [t.name for t in scorer_outputs]
-        return dict(zip(names, self.scorer.run(names, feeds), strict=True))
+            return answer
+        for step, (step_in, step_out), renames in steps:
+            feeds = {t.name: tensors[renames.get(t.name, t.name)] for t in step_in}
+            values = self.sessions[step].run([t.name for t in step_out], feeds)
+            tensors |= {
+                renames.get(t.name, t.name): v for t, v in zip(step_out, values, strict=True)
+            }
+        return {name: tensors[name] for name in output_names}
