@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,9 @@ class Catalogue:
     training, whose vectors (`extra_vectors`, [M, D]) and popularity go to Triton with every
     request (`extra_popularity`: their interaction counts, for the long-tail term). `hidden`
     holds indices never to return (deleted, or replaced by an added item). `facets` are the
-    fields business filters compare, for every index 0..N+M.
+    fields business filters compare, for every index 0..N+M; `unserved_ids` the ids of added
+    items the item store knows but does not serve now (deleted, or waiting to be re-encoded),
+    which filters accept and no item passes.
     """
 
     item_ids: list[str]
@@ -97,6 +99,7 @@ class Catalogue:
     )
     hidden: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     facets: ItemFacets = field(default_factory=ItemFacets.empty)
+    unserved_ids: Set[str] = frozenset()
 
     @property
     def size(self) -> int:
@@ -115,6 +118,7 @@ class Catalogue:
         long_tail: npt.NDArray[np.bool_],
         hidden: npt.NDArray[np.int64],
         facets: Sequence[FacetRow] = (),
+        unserved_ids: Iterable[str] = (),
     ) -> Catalogue:
         """This trained catalogue plus added items as indices N+1..N+M; an added id shadows a
         trained one (whose index should then be hidden). `facets`: the added items' fields
@@ -140,6 +144,7 @@ class Catalogue:
             extra_popularity=popularity.astype(np.float32),
             hidden=np.unique(hidden.astype(np.int64)),
             facets=self.facets.extend(rows),
+            unserved_ids=frozenset(unserved_ids),
         )
 
 

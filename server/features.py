@@ -107,7 +107,7 @@ def build_features(
         extra_item_vectors=catalogue.extra_vectors,
         extra_popularity=catalogue.extra_popularity,
         history_events=used,
-        item_eligible=eligibility(request.filter, catalogue.facets, catalogue.index_of),
+        item_eligible=eligibility(request.filter, catalogue),
     )
 
 
@@ -151,7 +151,7 @@ def build_similar_features(
         top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
         extra_item_vectors=catalogue.extra_vectors,
         extra_popularity=catalogue.extra_popularity,
-        item_eligible=eligibility(request.filter, catalogue.facets, catalogue.index_of),
+        item_eligible=eligibility(request.filter, catalogue),
     )
 
 

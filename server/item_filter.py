@@ -17,9 +17,9 @@ a caller's typo must not read as "nothing matches".
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -143,6 +143,21 @@ class ItemFacets:
         )
 
 
+class Filterable(Protocol):
+    """What a filter is resolved against: a catalogue snapshot (`server.catalogue.Catalogue`)."""
+
+    @property
+    def facets(self) -> ItemFacets: ...
+
+    @property
+    def index_of(self) -> Mapping[str, int]: ...
+
+    # Ids the item store knows that the snapshot does not serve (added, then deleted; or waiting
+    # to be re-encoded after a rollout): known to filters, passing none.
+    @property
+    def unserved_ids(self) -> Set[str]: ...
+
+
 def _layered(new: dict[_K, _V], old: Mapping[_K, _V]) -> Mapping[_K, _V]:
     """`new` in front of `old`, which is not copied (a ChainMap's bool() is any() of its maps)."""
     if not new:
@@ -166,16 +181,14 @@ def filter_fields(item_filter: recommender_pb2.ItemFilter) -> tuple[str, ...]:
 
 
 def eligibility(
-    item_filter: recommender_pb2.ItemFilter,
-    facets: ItemFacets,
-    index_of: Mapping[str, int],
-    field: str = "filter",
+    item_filter: recommender_pb2.ItemFilter, catalogue: Filterable, field: str = "filter"
 ) -> npt.NDArray[np.bool_]:
     """The scorer's `item_eligible` for a validated filter: [1, N+M+1], True where the item
     passes, or `NO_FILTER` ([1, 1]) for an empty one. InvalidArgument names the first value no
     item has, e.g. `filter.brands[1]`."""
     if not filter_fields(item_filter):
         return NO_FILTER
+    facets = catalogue.facets
     eligible = np.ones(facets.size, dtype=np.bool_)
     eligible[0] = False  # padding
     if item_filter.categories:
@@ -208,18 +221,21 @@ def eligibility(
         eligible &= facets.available
     if item_filter.allow_item_ids:
         allowed = np.zeros(facets.size, dtype=np.bool_)
-        allowed[_indices(item_filter.allow_item_ids, index_of, f"{field}.allow_item_ids")] = True
+        allowed[_indices(item_filter.allow_item_ids, catalogue, f"{field}.allow_item_ids")] = True
         eligible &= allowed
     if item_filter.deny_item_ids:
-        eligible[_indices(item_filter.deny_item_ids, index_of, f"{field}.deny_item_ids")] = False
+        eligible[_indices(item_filter.deny_item_ids, catalogue, f"{field}.deny_item_ids")] = False
     return eligible.reshape(1, -1)
 
 
-def _indices(item_ids: Sequence[str], index_of: Mapping[str, int], field: str) -> list[int]:
+def _indices(item_ids: Sequence[str], catalogue: Filterable, field: str) -> list[int]:
+    """The served items' indices; an id the item store knows but the snapshot does not serve
+    has none."""
     indices = []
     for position, item_id in enumerate(item_ids):
-        index = index_of.get(item_id)
-        if index is None:
+        index = catalogue.index_of.get(item_id)
+        if index is not None:
+            indices.append(index)
+        elif item_id not in catalogue.unserved_ids:
             raise InvalidArgument(f"{field}[{position}] {item_id!r} is not in the catalogue")
-        indices.append(index)
     return indices

@@ -341,13 +341,18 @@ class ItemStore:
         long_tail: list[bool] = []
         hidden: list[int] = []
         facets: list[FacetRow] = []
+        unserved: list[str] = []  # added items not served now: known to filters
         for item_id, entry in self._entries.items():
             trained_index = trained.index_of.get(item_id)
             if entry.deleted:
                 if trained_index is not None:
                     hidden.append(trained_index)
+                else:
+                    unserved.append(item_id)
                 continue
             if entry.vector is None:  # until re-encoded, a trained item stays as trained
+                if trained_index is None:
+                    unserved.append(item_id)
                 continue
             ids.append(item_id)
             titles.append(entry.title)
@@ -376,6 +381,7 @@ class ItemStore:
             np.asarray(long_tail, dtype=np.bool_),
             np.asarray(hidden, dtype=np.int64),
             facets,
+            unserved,
         )
         self._live_added = len(ids)
         metrics.OVERLAY_ITEMS.set(len(ids))

@@ -603,9 +603,7 @@ def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
     # The fields the filters compare, from the catalogue file: "books|fiction" is a prefix of
     # two categories; "acme" a brand.
     passes = eligibility(
-        recommender_pb2.ItemFilter(categories=["Books | fiction"], brands=["ACME"]),
-        catalogue.facets,
-        catalogue.index_of,
+        recommender_pb2.ItemFilter(categories=["Books | fiction"], brands=["ACME"]), catalogue
     )
     want = [
         i

@@ -42,7 +42,7 @@ def repository(tmp_path: Path) -> Path:
 
 def passing(item_filter: PB.ItemFilter, repository: Path) -> set[int]:
     _, catalogue = load_model_repository(repository)
-    mask = eligibility(item_filter, catalogue.facets, catalogue.index_of)
+    mask = eligibility(item_filter, catalogue)
     assert mask.dtype == np.bool_ and mask.shape == (1, N + 1)
     assert not mask[0, contract.PADDING_INDEX]
     return set(np.flatnonzero(mask[0]).tolist())
@@ -89,7 +89,7 @@ def test_each_filter_field_lets_its_items_pass(
 
 def test_an_empty_filter_sends_one_true_that_the_scorer_broadcasts(repository: Path) -> None:
     _, catalogue = load_model_repository(repository)
-    mask = eligibility(PB.ItemFilter(), catalogue.facets, catalogue.index_of)
+    mask = eligibility(PB.ItemFilter(), catalogue)
     assert mask is NO_FILTER and mask.tolist() == [[True]]
 
 
@@ -273,6 +273,25 @@ async def test_available_only_leaves_out_items_upserted_as_unavailable_and_it_pe
         ("i3", False),
         ("out-of-stock", True),
     ]
+
+
+@run_async
+async def test_an_added_item_since_deleted_is_known_to_filters_and_passes_none(
+    repository: Path,
+) -> None:
+    """Allow and deny lists written before a deletion still work; a never-seen id does not."""
+    async with running_gateway(repository, ScorerGraphs()) as gw:
+        await gw.stub.UpsertItems(PB.UpsertItemsRequest(items=[new_item("gone")]), timeout=5)
+        await gw.stub.DeleteItems(PB.DeleteItemsRequest(item_ids=["gone", "i4"]), timeout=5)
+        allow = PB.ItemFilter(allow_item_ids=["gone", "i4", "i2"])  # i4: trained, deleted
+        assert ids(await gw.stub.Recommend(recommend(5, allow), timeout=5)) == ["i2"]
+        deny = PB.ItemFilter(deny_item_ids=["gone", "i4"])
+        assert len((await gw.stub.Recommend(recommend(5, deny), timeout=5)).items) == 4
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Recommend(
+                recommend(5, PB.ItemFilter(deny_item_ids=["gone", "never"])), timeout=5
+            )
+        assert caught.value.details() == "filter.deny_item_ids[1] 'never' is not in the catalogue"
 
 
 def test_an_item_record_written_before_availability_reads_as_available() -> None:
