@@ -3,7 +3,7 @@
 The mask is built by `server.item_filter` from the catalogue file's fields and the item store's
 availability; the gateway runs in-process against `ScorerGraphs`, which runs the export's own
 scorer graph, so "k items whenever k pass, in the unfiltered order" is checked on the real mask
-semantics. `tests/integration/test_filters.py` does the same through tritonserver.
+semantics. `tests/integration/test_filtered_serving.py` does the same through tritonserver.
 """
 
 from __future__ import annotations
