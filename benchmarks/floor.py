@@ -71,6 +71,7 @@ class InProcessRecommender:
                 contract.TOP_K: t[contract.TOP_K],
                 contract.EXTRA_ITEM_VECTORS: t[contract.EXTRA_ITEM_VECTORS],
                 contract.EXTRA_POPULARITY: t[contract.EXTRA_POPULARITY],
+                contract.ITEM_ELIGIBLE: t[contract.ITEM_ELIGIBLE],
             },
         )
         return dict(zip(self._outputs, results, strict=True))

@@ -23,7 +23,7 @@ from ltrec.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ltrec.evaluation import long_tail_mask
 from ltrec.models import ModelConfig, Recommender
 from ltrec_core import contract
-from ltrec_core.artifacts import CheckpointMetadata
+from ltrec_core.artifacts import CatalogueFields, CheckpointMetadata
 
 ZIPF_EXPONENT = 1.1
 MAX_INTERACTIONS = 50_000
@@ -88,6 +88,7 @@ def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) 
             image_paths=[None] * n_items,
             vocabularies=ckpt.vocabularies,
             summary=summary,
+            item_fields=CatalogueFields.empty(n_items),
         ),
         state_dict=synthetic.state_dict(),
         text_features=text_features,

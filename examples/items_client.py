@@ -7,9 +7,11 @@
 
 `upsert` reads a CSV (UTF-8, header row) with the dataset format's item columns: `item_id` and
 `title` (required), `description`, `category` (`Books|Fiction`), `brand`, `price_bucket`
-(`budget`, `mid-range`, `premium` or empty), `image` (a local image file, relative to the CSV's
-folder, that this client reads and sends as bytes; at most 1 MiB) and `image_path` (a path the
-gateway reads under its LTREC_IMAGE_ROOT); any other column is kept as an attribute. It sends
+(`budget`, `mid-range`, `premium` or empty), `available` (`true`/`false`, `1`/`0`, `yes`/`no`;
+empty: available, as every item is unless told otherwise; a filter's `available_only` leaves
+out the others), `image` (a local image file, relative to the CSV's folder, that this client
+reads and sends as bytes; at most 1 MiB) and `image_path` (a path the gateway reads under its
+LTREC_IMAGE_ROOT); any other column is kept as an attribute. It sends
 `UpsertItems` in batches (each encoded by the model's image and item encoders in Triton,
 acknowledged once on disk) and retries a batch on UNAVAILABLE: upserts are idempotent. An image
 the gateway cannot use does not fail the item: it is printed, and the item is served by its text
@@ -39,6 +41,7 @@ FIELDS = (
     "category",
     "brand",
     "price_bucket",
+    "available",
     "image",
     "image_path",
 )
@@ -48,6 +51,15 @@ PRICE_BUCKETS = {
     "budget": recommender_pb2.PRICE_BUCKET_BUDGET,
     "mid-range": recommender_pb2.PRICE_BUCKET_MID_RANGE,
     "premium": recommender_pb2.PRICE_BUCKET_PREMIUM,
+}
+AVAILABLE = {
+    "": None,
+    "true": True,
+    "1": True,
+    "yes": True,
+    "false": False,
+    "0": False,
+    "no": False,
 }
 RETRIES = 3
 T = TypeVar("T")
@@ -71,7 +83,7 @@ def read_image(csv_path: Path, line: int, value: str) -> bytes:
 
 
 def read_items(path: Path) -> list[recommender_pb2.Item]:
-    """CSV rows -> Items; a bad price bucket or image names its line."""
+    """CSV rows -> Items; a bad price bucket, availability or image names its line."""
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         items = []
@@ -81,6 +93,12 @@ def read_items(path: Path) -> list[recommender_pb2.Item]:
                 raise SystemExit(
                     f"{path}, line {reader.line_num}: price_bucket must be one of "
                     f"{sorted(k for k in PRICE_BUCKETS if k)} or empty, got {bucket!r}"
+                )
+            available = (row.get("available") or "").strip().lower()
+            if available not in AVAILABLE:
+                raise SystemExit(
+                    f"{path}, line {reader.line_num}: available must be true, false or empty, "
+                    f"got {available!r}"
                 )
             items.append(
                 recommender_pb2.Item(
@@ -92,6 +110,7 @@ def read_items(path: Path) -> list[recommender_pb2.Item]:
                     price_bucket=PRICE_BUCKETS[bucket],
                     image=read_image(path, reader.line_num, row.get("image") or ""),
                     image_path=row.get("image_path") or "",
+                    available=AVAILABLE[available],
                     attributes={k: v for k, v in row.items() if k and k not in FIELDS and v},
                 )
             )

@@ -2,6 +2,8 @@
 
     python examples/recommend_client.py [--address 127.0.0.1:50051] [-k 10] [--long-tail-weight 0.5]
                                         [--click N] [--user-only | --remember] [--user ID]
+                                        [--category PATH ...] [--brand B ...] [--price P ...]
+                                        [--available-only] [--allow ID ...] [--deny ID ...]
     python examples/recommend_client.py --forget [--user ID]
 
 The history below is user 1m_1's first twelve ratings in MovieLens-1M, in time order (item ids
@@ -14,6 +16,13 @@ click also joins the user's stored history).
 `--user-only` sends only the user id, and the gateway uses the user's stored history (the
 remembered events and the clicks, carts and purchases reported by Feedback). The reply says
 which history was used: "history: stored (13 events)".
+
+`--category`, `--brand`, `--price`, `--available-only`, `--allow` and `--deny` send a business
+filter (`ItemFilter`): only items that pass are recommended, still k of them whenever k pass, in
+the order the unfiltered list has them. Each repeatable flag is a list of which any value will
+do; different flags must all hold. `--category Comedy` keeps the items whose category path
+starts with Comedy (MovieLens: the genre list, "Comedy|Romance"). A value no item has is
+INVALID_ARGUMENT naming it: "filter.brands[0] 'Acme' is not the brand of any item ...".
 
 `--forget` erases the user instead (`ForgetUser`): the stored history is deleted, and the next
 retraining skips the user's feedback; it prints what was erased.
@@ -30,6 +39,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc  # noqa: E402
+
+PRICE_BUCKETS = {
+    "budget": recommender_pb2.PRICE_BUCKET_BUDGET,
+    "mid-range": recommender_pb2.PRICE_BUCKET_MID_RANGE,
+    "premium": recommender_pb2.PRICE_BUCKET_PREMIUM,
+}
 
 HISTORY = [
     "Girl, Interrupted (1999)",
@@ -67,6 +82,15 @@ def main() -> int:
     stored.add_argument(
         "--forget", action="store_true", help="erase the user (ForgetUser) instead of recommending"
     )
+    business = parser.add_argument_group("business filter (ItemFilter)")
+    business.add_argument(
+        "--category", action="append", default=[], metavar="PATH", help="category path prefix"
+    )
+    business.add_argument("--brand", action="append", default=[])
+    business.add_argument("--price", action="append", default=[], choices=sorted(PRICE_BUCKETS))
+    business.add_argument("--available-only", action="store_true", help="only items in stock")
+    business.add_argument("--allow", action="append", default=[], metavar="ID")
+    business.add_argument("--deny", action="append", default=[], metavar="ID")
     args = parser.parse_args()
     if args.forget:
         return forget(args.address, args.user, args.timeout)
@@ -76,6 +100,14 @@ def main() -> int:
         context=recommender_pb2.Context(timestamp=now, device="desktop", region="zip4"),
         k=args.k,
         remember_history=args.remember,
+        filter=recommender_pb2.ItemFilter(
+            categories=args.category,
+            brands=args.brand,
+            price_buckets=[PRICE_BUCKETS[p] for p in args.price],
+            available_only=args.available_only,
+            allow_item_ids=args.allow,
+            deny_item_ids=args.deny,
+        ),
     )
     if not args.user_only:
         # An hour apart, the last at the start of this hour: the same history sent again within
@@ -109,6 +141,9 @@ def main() -> int:
     unknown = f", {skipped} not in the catalogue" if skipped else ""
     print(f"history: {source} ({reply.history_events} events{unknown})", end="")
     print(f": {', '.join(HISTORY[-5:])} ..." if request.history else "")
+    if request.filter.ListFields():
+        shown = str(request.filter).replace("\n", "; ").strip("; ")
+        print(f"filter: {shown} ({len(reply.items)} items for k={args.k})")
     print(f"model {reply.model_version}, request {reply.request_id}:")
     for rank, item in enumerate(reply.items, 1):
         tail = " [long tail]" if item.long_tail else ""

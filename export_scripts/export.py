@@ -36,8 +36,9 @@ from export_scripts import onnx_graphs, triton_config
 from ltrec.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
 from ltrec.data import sha256_file
 from ltrec.models import ItemEncoder, ItemLookup, Scorer, UserEncoder
+from ltrec.prepared import dataset_item_fields
 from ltrec_core import contract
-from ltrec_core.artifacts import RepositoryMetadata, write_repository_metadata
+from ltrec_core.artifacts import CatalogueFields, RepositoryMetadata, write_repository_metadata
 
 PARITY_TOLERANCE = 1e-4
 VERSION = "1"  # Triton version folder; the model version string lives in the metadata
@@ -61,15 +62,61 @@ def _write_config(repo: Path, cfg: object) -> None:
     (model_dir / "config.pbtxt").write_text(text)
 
 
-def write_catalogue(path: Path, ckpt: Checkpoint) -> None:
+def write_catalogue(path: Path, ckpt: Checkpoint, fields: CatalogueFields) -> None:
+    """`contract.CATALOGUE_COLUMNS`, one row per item in catalogue order."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "item_id", "title", "popularity", "long_tail"])
-        for i, (item_id, title) in enumerate(zip(ckpt.item_ids, ckpt.titles, strict=True)):
+        writer.writerow(contract.CATALOGUE_COLUMNS)
+        rows = zip(
+            ckpt.item_ids,
+            ckpt.titles,
+            fields.categories,
+            fields.brands,
+            fields.price_buckets,
+            strict=True,
+        )
+        for i, (item_id, title, category, brand, price) in enumerate(rows):
             idx = i + 1
             writer.writerow(
-                [idx, item_id, title, int(ckpt.popularity[idx]), int(ckpt.long_tail[idx])]
+                [
+                    idx,
+                    item_id,
+                    title,
+                    int(ckpt.popularity[idx]),
+                    int(ckpt.long_tail[idx]),
+                    category,
+                    brand,
+                    price,
+                ]
             )
+
+
+def catalogue_fields(ckpt: Checkpoint, log: Callable[[str], object] = print) -> CatalogueFields:
+    """The items' category, brand and price bucket, which the gateway filters on.
+
+    A checkpoint written before training stored them is read back from the dataset it was
+    trained on (the directory in its summary), as training read them, if that dataset is still
+    there with the same items; otherwise every item's fields are empty (filters on them then
+    find no trained item) and the log says so.
+    """
+    if ckpt.metadata.item_fields is not None:
+        return ckpt.metadata.item_fields
+    directory = (ckpt.summary.get("data") or {}).get("dir")
+    problem = "its summary names no dataset"
+    if directory:
+        try:
+            fields = dataset_item_fields(Path(directory), ckpt.item_ids)
+        except (OSError, ValueError) as exc:
+            problem = f"{directory}: {exc}"
+        else:
+            log(f"catalogue fields: read from {directory} (the checkpoint predates storing them)")
+            return fields
+    log(
+        "warning: catalogue fields (category, brand, price bucket) unknown: the checkpoint "
+        f"predates storing them and {problem}; filters on them will find no trained item "
+        "(retrain to store them)"
+    )
+    return CatalogueFields.empty(len(ckpt.item_ids))
 
 
 def _export_item_encoders(
@@ -251,11 +298,15 @@ def _export_into(
     path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = onnx_graphs.scorer_graph(
-        table.numpy(), np.asarray(ckpt.popularity), scan=catalogue_scan, overlay=True
+        table.numpy(),
+        np.asarray(ckpt.popularity),
+        scan=catalogue_scan,
+        overlay=True,
+        item_filter=True,
     )
     onnx.save(graph, path)
     parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(
-        path, scorer, dim, cfg.n_items, rng, overlay=True
+        path, scorer, dim, cfg.n_items, rng, overlay=True, item_filter=True
     )
 
     # item lookup (SimilarItems): catalogue index -> item vector
@@ -302,7 +353,7 @@ def _export_into(
     if failed:
         raise RuntimeError(f"ONNX graphs disagree with torch: {', '.join(failed)}")
 
-    write_catalogue(output / contract.CATALOGUE_FILE, ckpt)
+    write_catalogue(output / contract.CATALOGUE_FILE, ckpt, catalogue_fields(ckpt, log))
     files = sorted(p for p in output.rglob("*") if p.is_file() and p.name != contract.METADATA_FILE)
     summary = ckpt.summary
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -320,6 +371,8 @@ def _export_into(
         catalogue_scan=catalogue_scan,
         # The user encoder, scorer and item lookup take extra_item_vectors/extra_popularity.
         item_overlay=True,
+        # The scorer takes item_eligible; the catalogue file has the fields it is built from.
+        item_filter=True,
         vocabularies=ckpt.vocabularies,
         text_model=summary["text_model"],
         model_config=ckpt.model_config,

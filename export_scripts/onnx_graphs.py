@@ -213,6 +213,7 @@ def scorer_graph(
     *,
     scan: str = "fp32",
     overlay: bool = False,
+    item_filter: bool = False,
 ) -> onnx.ModelProto:
     """ONNX version of `ltrec.models.Scorer` with the catalogue inside the graph.
 
@@ -225,6 +226,11 @@ def scorer_graph(
     `extra_popularity` [M]: items added after training, catalogue indices N+1..N+M. They are
     scored in fp32 beside the trained catalogue (whose table is never copied per request) and
     the two score rows are concatenated before masking and top-k.
+
+    `item_filter=True` (what the export writes) adds the input `item_eligible`, BOOL [B, N+1+M]
+    or [B, 1] (broadcast): the business filter, applied with the history and exclusions before
+    top-k (and before the int8 candidates are chosen), so k items come back whenever k pass.
+    The scores of the items that pass are untouched, hence so is their order.
     """
     if scan not in CATALOGUE_SCANS:
         raise ValueError(f"scan must be one of {CATALOGUE_SCANS}, got {scan!r}")
@@ -322,8 +328,17 @@ def scorer_graph(
         ),
         n("Shape", ["masked_idx"], ["masked_shape"]),
         n("Expand", ["neg_inf", "masked_shape"], ["masked_val"]),
-        n("ScatterElements", ["adjusted", "masked_idx", "masked_val"], ["scores"], axis=1),
+        n(
+            "ScatterElements",
+            ["adjusted", "masked_idx", "masked_val"],
+            ["scores_unfiltered" if item_filter else "scores"],
+            axis=1,
+        ),
     ]
+    if item_filter:
+        nodes.append(
+            n("Where", [contract.ITEM_ELIGIBLE, "scores_unfiltered", "neg_inf"], ["scores"])
+        )
     if scan == "fp32":
         nodes.append(
             n("TopK", ["scores", contract.TOP_K], [contract.TOP_SCORES, contract.TOP_ITEMS], axis=1)
@@ -398,6 +413,12 @@ def scorer_graph(
             helper.make_tensor_value_info(contract.EXTRA_ITEM_VECTORS, f32, ["extra", dim]),
             helper.make_tensor_value_info(contract.EXTRA_POPULARITY, f32, ["extra"]),
         ]
+    if item_filter:
+        inputs.append(
+            helper.make_tensor_value_info(
+                contract.ITEM_ELIGIBLE, TensorProto.BOOL, ["batch", "eligible"]
+            )
+        )
     graph = helper.make_graph(
         nodes,
         "scorer",
@@ -498,11 +519,13 @@ def scorer_parity(
     rng: np.random.Generator,
     *,
     overlay: bool = False,
+    item_filter: bool = False,
 ) -> dict[str, float]:
     """Scores and order must match; ties aside, the same items in the same order.
 
     With `overlay`, the worst figure over no overlay (M = 0) and an overlay of 3 items that
-    appear in the history and the exclusions.
+    appear in the history and the exclusions; with `item_filter`, each of those unfiltered
+    (`item_eligible` [B, 1] of True, broadcast) and under a random filter over every item.
     """
     figures: dict[str, float] = {}
     for n_extra in (0, 3) if overlay else (0,):
@@ -526,28 +549,50 @@ def scorer_parity(
         if overlay:
             feeds[contract.EXTRA_ITEM_VECTORS] = extra
             feeds[contract.EXTRA_POPULARITY] = extra_pop
-        items, scores, reasons = session(path).run(
-            [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS], feeds
-        )
-        with torch.no_grad():
-            t_items, t_scores, t_reasons = scorer(
-                torch.from_numpy(user),
-                torch.from_numpy(hist),
-                torch.from_numpy(excl),
-                torch.from_numpy(weight),
-                k,
-                torch.from_numpy(extra) if overlay else None,
-                torch.from_numpy(extra_pop) if overlay else None,
+        masks: list[np.ndarray | None] = [None]
+        if item_filter:
+            masks = [
+                np.ones((2, 1), dtype=np.bool_),
+                rng.random((2, n_items + n_extra + 1)) < 0.5,
+            ]
+        for mask in masks:
+            if mask is not None:
+                feeds[contract.ITEM_ELIGIBLE] = mask
+            items, scores, reasons = session(path).run(
+                [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS], feeds
             )
-        finite = np.isfinite(t_scores.numpy())
-        case = {
-            contract.TOP_SCORES: float(np.max(np.abs(scores[finite] - t_scores.numpy()[finite]))),
-            contract.TOP_ITEMS: float(np.mean(items[finite] != t_items.numpy()[finite])),
-            contract.REASON_POSITIONS: float(np.mean(reasons[finite] != t_reasons.numpy()[finite])),
-        }
-        for name, value in case.items():
-            figures[name] = max(figures.get(name, 0.0), value)
+            with torch.no_grad():
+                t_items, t_scores, t_reasons = scorer(
+                    torch.from_numpy(user),
+                    torch.from_numpy(hist),
+                    torch.from_numpy(excl),
+                    torch.from_numpy(weight),
+                    k,
+                    torch.from_numpy(extra) if overlay else None,
+                    torch.from_numpy(extra_pop) if overlay else None,
+                    None if mask is None else torch.from_numpy(mask),
+                )
+            finite = np.isfinite(t_scores.numpy())
+            case = {
+                # -inf where fewer than k items are eligible: the same slots in both
+                contract.TOP_SCORES: float(
+                    np.max(np.abs(scores[finite] - t_scores.numpy()[finite]), initial=0.0)
+                    if np.array_equal(finite, np.isfinite(scores))
+                    else np.inf
+                ),
+                contract.TOP_ITEMS: _share_differing(items[finite], t_items.numpy()[finite]),
+                contract.REASON_POSITIONS: _share_differing(
+                    reasons[finite], t_reasons.numpy()[finite]
+                ),
+            }
+            for name, value in case.items():
+                figures[name] = max(figures.get(name, 0.0), value)
     return figures
+
+
+def _share_differing(got: np.ndarray, want: np.ndarray) -> float:
+    """The share of positions that differ (0 for none to compare)."""
+    return float(np.mean(got != want)) if got.size else 0.0
 
 
 def item_lookup_parity(

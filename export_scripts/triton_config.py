@@ -16,6 +16,7 @@ from ltrec_core import contract
 ONNX_BACKEND = "onnxruntime"
 INT64 = mc.TYPE_INT64
 FP32 = mc.TYPE_FP32
+BOOL = mc.TYPE_BOOL
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def scorer_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
             Tensor(contract.TOP_K, INT64, (1,)),
             Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
             Tensor(contract.EXTRA_POPULARITY, FP32, (-1,)),
+            # [batch, N+1+M], or [batch, 1] without a filter
+            Tensor(contract.ITEM_ELIGIBLE, BOOL, (-1, -1)),
         ],
         [
             Tensor(contract.TOP_ITEMS, INT64, (-1, -1)),

@@ -440,9 +440,10 @@ class ItemLookup(nn.Module):
 class Scorer(nn.Module):
     """Reference scorer (torch); export writes the same computation as an ONNX graph.
 
-    score_i = <u, e_i> - w * log(1 + popularity_i); padding, history and excluded items get -inf;
-    top-k; and, per returned item, the history position with the most similar item (cosine),
-    which the gateway turns into an explanation. Items added after training
+    score_i = <u, e_i> - w * log(1 + popularity_i); padding, history and excluded items get -inf,
+    and so do the items `item_eligible` (the business filter, [B, N+1+M] or [B, 1], broadcast)
+    leaves out; top-k; and, per returned item, the history position with the most similar item
+    (cosine), which the gateway turns into an explanation. Items added after training
     (`extra_item_vectors`, `extra_popularity`) follow the trained catalogue as indices N+1..N+M.
     """
 
@@ -462,12 +463,16 @@ class Scorer(nn.Module):
         long_tail_weight: torch.Tensor,
         extra_item_vectors: torch.Tensor | None = None,
         extra_popularity: torch.Tensor | None = None,
+        item_eligible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         table, log_popularity, base_mask = self._tables(extra_item_vectors, extra_popularity)
         raw = user @ table.T
         adjusted = raw - long_tail_weight * log_popularity + base_mask
         masked_idx = torch.cat([history_items, exclude_items], dim=1)
-        return adjusted.scatter(1, masked_idx, float("-inf"))
+        scores = adjusted.scatter(1, masked_idx, float("-inf"))
+        if item_eligible is None:
+            return scores
+        return scores.masked_fill(~item_eligible.bool(), float("-inf"))
 
     def _tables(
         self, extra_item_vectors: torch.Tensor | None, extra_popularity: torch.Tensor | None
@@ -493,6 +498,7 @@ class Scorer(nn.Module):
         k: int,
         extra_item_vectors: torch.Tensor | None = None,
         extra_popularity: torch.Tensor | None = None,
+        item_eligible: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scores = self.scores(
             user,
@@ -501,6 +507,7 @@ class Scorer(nn.Module):
             long_tail_weight,
             extra_item_vectors,
             extra_popularity,
+            item_eligible,
         )
         top_scores, top_items = scores.topk(k, dim=1)
         table, _, _ = self._tables(extra_item_vectors, extra_popularity)

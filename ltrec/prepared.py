@@ -20,6 +20,7 @@ from ltrec.models import ItemSide
 from ltrec.sequences import Sequences, build_sequences, build_vocabulary
 from ltrec.text_encoder import cached_text_features
 from ltrec_core import contract
+from ltrec_core.artifacts import CatalogueFields
 from ltrec_core.item_attributes import attribute_ids
 
 
@@ -32,6 +33,7 @@ class Prepared:
     titles: list[str]
     texts: list[str]
     image_paths: list[str | None]  # as given (resolved), readable or not
+    item_fields: CatalogueFields  # category, brand, price bucket (the gateway filters on them)
     text_features: np.ndarray  # [N+1, 384], row 0 zeros
     image_rows: np.ndarray  # INT64 [n_img] catalogue indices (1..N) with a readable image
     image_features: np.ndarray  # FP32 [n_img, 1280] EfficientNet-Lite0 features of those
@@ -50,11 +52,12 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
     split = leave_one_out(dataset.events)
     n_items = len(dataset.items)
     texts = item_texts(dataset.items)
+    fields = item_fields(dataset.items)
     features = np.zeros((n_items + 1, 384), dtype=np.float32)
     features[1:] = cached_text_features(texts, cache_dir)
     images = cached_image_features(dataset.items["image"].tolist(), cache_dir)
     attributes = np.zeros((n_items + 1, contract.ATTRIBUTE_SLOTS), dtype=np.int64)
-    attributes[1:] = item_attribute_ids(dataset.items)
+    attributes[1:] = item_attribute_ids(fields)
     report: dict[str, Any] = dataset.report.to_dict()
     report["images"] = {
         "items_with_image": int(dataset.items["image"].notna().sum()),
@@ -77,6 +80,7 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
         titles=dataset.items["title"].astype(str).tolist(),
         texts=texts,
         image_paths=[None if pd.isna(p) else str(p) for p in dataset.items["image"].tolist()],
+        item_fields=fields,
         text_features=features,
         image_rows=images.rows + 1,
         image_features=images.features,
@@ -91,20 +95,42 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
     )
 
 
-def item_attribute_ids(items: pd.DataFrame) -> np.ndarray:
-    """`ltrec_core.item_attributes.attribute_ids` of every item row, INT64 [n, ATTRIBUTE_SLOTS]."""
+def item_fields(items: pd.DataFrame) -> CatalogueFields:
+    """Each item row's category, brand and price bucket (the catalogue's own terciles), "" where
+    missing: what the attribute ids hash and what the gateway's business filters compare."""
     n = len(items)
     prices = price_buckets(items["price"]) if "price" in items.columns else [None] * n
 
-    def column(name: str) -> list[str | None]:
+    def column(name: str) -> list[str]:
         if name not in items.columns:
-            return [None] * n
-        return [None if pd.isna(v) else str(v) for v in items[name].tolist()]
+            return [""] * n
+        return ["" if pd.isna(v) else str(v) for v in items[name].tolist()]
 
+    return CatalogueFields(
+        categories=column("category"),
+        brands=column("brand"),
+        price_buckets=[price or "" for price in prices],
+    )
+
+
+def dataset_item_fields(data_dir: Path, item_ids: list[str]) -> CatalogueFields:
+    """`item_fields` of the dataset in `data_dir`, which must hold exactly `item_ids` in that
+    order (ValueError otherwise): the fields of a checkpoint written before it stored them."""
+    items = load_dataset(data_dir).items
+    if items["item_id"].astype(str).tolist() != item_ids:
+        raise ValueError("its items are not the checkpoint's (other ids or another order)")
+    return item_fields(items)
+
+
+def item_attribute_ids(fields: CatalogueFields) -> np.ndarray:
+    """`ltrec_core.item_attributes.attribute_ids` of every item, INT64 [n, ATTRIBUTE_SLOTS]."""
     rows = [
         attribute_ids(category, brand, price)
-        for category, brand, price in zip(column("category"), column("brand"), prices, strict=True)
+        for category, brand, price in zip(
+            fields.categories, fields.brands, fields.price_buckets, strict=True
+        )
     ]
+    n = len(fields.categories)
     return np.asarray(rows, dtype=np.int64).reshape(n, contract.ATTRIBUTE_SLOTS)
 
 

@@ -475,6 +475,7 @@ def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = 
                     region=prepared.region_vocab,
                 ),
                 summary=summary,
+                item_fields=prepared.item_fields,
             ),
             state_dict=model.state_dict(),
             text_features=prepared.text_features,

@@ -76,6 +76,43 @@ CHECKPOINT_ARRAYS: tuple[str, ...] = (
 
 
 @dataclass
+class CatalogueFields:
+    """Each item's category, brand and price bucket as training read them, in catalogue order
+    (item i, 0-based, is catalogue index i + 1); "" where the data had none. The export writes
+    them to the catalogue file, where the gateway's business filters read them."""
+
+    categories: list[str]
+    brands: list[str]
+    price_buckets: list[str]  # `ltrec_core.item_text.PRICE_BUCKETS` names, or ""
+
+    @classmethod
+    def empty(cls, n_items: int) -> CatalogueFields:
+        return cls([""] * n_items, [""] * n_items, [""] * n_items)
+
+    def to_json(self) -> dict[str, list[str]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Any, n_items: int) -> CatalogueFields:
+        if not isinstance(raw, dict):
+            raise ArtifactError(
+                "item_fields must be an object with categories, brands and price_buckets"
+            )
+        lists: dict[str, list[str]] = {}
+        for name in ("categories", "brands", "price_buckets"):
+            values = raw.get(name)
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ArtifactError(f"item_fields.{name} must be a list of strings")
+            if len(values) != n_items:
+                raise ArtifactError(
+                    f"item_fields.{name} must have one entry per item ({n_items}), "
+                    f"got {len(values)}"
+                )
+            lists[name] = values
+        return cls(**lists)
+
+
+@dataclass
 class CheckpointMetadata:
     """The non-tensor part of a checkpoint. Item i (0-based here) is catalogue index i + 1."""
 
@@ -89,10 +126,14 @@ class CheckpointMetadata:
     # defaults of the long-tail weights ("long_tail_weight", "similar_items_long_tail_weight"),
     # the data and its cleaning report.
     summary: dict[str, Any] = field(default_factory=dict)
+    # None in checkpoints written before training stored them (the export then reads them from
+    # the dataset, `export_scripts.export.catalogue_fields`).
+    item_fields: CatalogueFields | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The checkpoint's metadata keys, in the order training has always written them."""
-        return {
+        """The checkpoint's metadata keys, in the order training has always written them (the
+        item fields, added later, last; absent when unknown)."""
+        raw = {
             "model_config": self.model_config,
             "item_ids": self.item_ids,
             "titles": self.titles,
@@ -101,6 +142,9 @@ class CheckpointMetadata:
             "vocabularies": self.vocabularies.to_json(),
             "summary": self.summary,
         }
+        if self.item_fields is not None:
+            raw["item_fields"] = self.item_fields.to_json()
+        return raw
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], where: str = "checkpoint") -> CheckpointMetadata:
@@ -117,6 +161,9 @@ class CheckpointMetadata:
                 image_paths=list(raw.get("image_paths") or [None] * len(raw["item_ids"])),
                 vocabularies=Vocabularies.from_json(raw["vocabularies"]),
                 summary=dict(raw.get("summary") or {}),
+                item_fields=None
+                if raw.get("item_fields") is None
+                else CatalogueFields.from_json(raw["item_fields"], len(raw["item_ids"])),
             )
         except KeyError as exc:
             raise fail(f"{exc.args[0]} is missing") from None
@@ -150,6 +197,9 @@ class RepositoryMetadata:
     similar_items_default_long_tail_weight: float = 0.0
     # The user encoder, scorer and item lookup take extra_item_vectors/extra_popularity.
     item_overlay: bool = True
+    # The scorer takes item_eligible (the business filter) and the catalogue file holds each
+    # item's category, brand and price bucket.
+    item_filter: bool = True
     model_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     n_items: int = 0
@@ -182,6 +232,7 @@ class RepositoryMetadata:
             "tensorrt": self.tensorrt,
             "catalogue_scan": self.catalogue_scan,
             "item_overlay": self.item_overlay,
+            "item_filter": self.item_filter,
             "vocabularies": self.vocabularies.to_json(),
             "text_model": self.text_model,
             "model_config": self.model_config,
@@ -271,6 +322,12 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
             "item_overlay must be true: this repository was exported before the models took "
             "the item overlay (extra_item_vectors); re-run the export"
         )
+    if raw.get("item_filter") is not True:
+        raise fail(
+            "item_filter must be true: this repository was exported before the scorer took the "
+            "business filter (item_eligible) and the catalogue file the item fields; re-run the "
+            "export"
+        )
     model_config = raw.get("model_config", {})
     max_tokens = model_config.get("text_max_tokens", 64) if isinstance(model_config, dict) else 64
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -291,6 +348,7 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         ),
         similar_items_default_long_tail_weight=similar_weight,
         item_overlay=True,
+        item_filter=True,
         model_config=model_config if isinstance(model_config, dict) else {},
         created_at=optional("created_at", str, ""),
         n_items=optional("n_items", int, 0),

@@ -41,6 +41,10 @@ EXTRA_POPULARITY = "extra_popularity"
 # SimilarItems ensemble input: the catalogue index of the item to find neighbours of.
 # INT64 [batch, 1].
 QUERY_ITEMS = "query_items"
+# The business filter (ItemFilter) as a mask the scorer applies before top-k: True where the item
+# may be returned. BOOL [batch, N+1+M] (every catalogue index, overlay included), or [batch, 1]
+# (True: no filter), which broadcasts, so an unfiltered request sends one element.
+ITEM_ELIGIBLE = "item_eligible"
 
 # --- Intermediate tensors -----------------------------------------------------------------------
 USER_EMBEDDING = "user_embedding"
@@ -86,7 +90,20 @@ UNKNOWN_BUCKET = 0  # device/region: 0 unknown, 1 + position in the exported voc
 
 # --- Files the export writes at the root of the model repository -------------------------------
 METADATA_FILE = "ltrec_metadata.json"  # versions, data, training figures, hashes, vocabularies
-CATALOGUE_FILE = "ltrec_catalogue.csv"  # index,item_id,title,popularity,long_tail (index 1..N)
+CATALOGUE_FILE = "ltrec_catalogue.csv"  # CATALOGUE_COLUMNS, one row per item (index 1..N)
+# The catalogue file's header: the export writes it, the gateway refuses any other. category,
+# brand and price_bucket (one of `ltrec_core.item_text.PRICE_BUCKETS`, or empty) are the item's
+# fields as training read them; the gateway filters on them (ItemFilter).
+CATALOGUE_COLUMNS: tuple[str, ...] = (
+    "index",
+    "item_id",
+    "title",
+    "popularity",
+    "long_tail",
+    "category",
+    "brand",
+    "price_bucket",
+)
 # The metadata's default long-tail weight of SimilarItems (Recommend's is
 # `default_long_tail_weight`): item-item scores have a scale of their own.
 SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY = "similar_items_default_long_tail_weight"

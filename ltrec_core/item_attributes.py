@@ -6,6 +6,9 @@ into ids 1..ATTRIBUTE_BUCKETS-1 (0 is padding), at most ATTRIBUTE_SLOTS per item
 no vocabulary, so an item added after training with a brand nobody has seen still gets ids (it
 shares a bucket with some other token; the text carries the rest). Training (`ltrec`) and the
 gateway both call `attribute_ids`, so an added item is encoded exactly as a trained one.
+
+The same normalisation (`label`, `category_path`) is what the gateway's business filters compare
+(`server.item_filter`): "Books | Fiction" and "books|fiction" are one category to both.
 """
 
 from __future__ import annotations
@@ -15,19 +18,25 @@ import zlib
 from ltrec_core import contract
 
 
+def label(text: str | None) -> str:
+    """A brand or a category part as compared: whitespace collapsed, lower case ("" for None)."""
+    return " ".join(str(text or "").split()).lower()
+
+
+def category_path(category: str | None) -> tuple[str, ...]:
+    """ "Books | Fiction||Crime" -> ("books", "fiction", "crime"): the path's non-empty parts."""
+    return tuple(part for part in map(label, str(category or "").split("|")) if part)
+
+
 def attribute_tokens(
     category: str | None, brand: str | None, price_bucket: str | None
 ) -> list[str]:
     tokens: list[str] = []
-    if brand and " ".join(str(brand).split()):
-        tokens.append(f"brand:{' '.join(str(brand).split()).lower()}")
+    if label(brand):
+        tokens.append(f"brand:{label(brand)}")
     if price_bucket:
         tokens.append(f"price:{str(price_bucket).strip().lower()}")
-    if category:
-        for part in str(category).split("|"):
-            part = " ".join(part.split()).lower()
-            if part:
-                tokens.append(f"category:{part}")
+    tokens += [f"category:{part}" for part in category_path(category)]
     return list(dict.fromkeys(tokens))
 
 

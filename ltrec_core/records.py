@@ -171,6 +171,8 @@ class ItemUpsertRecord:
     image_features: str | None
     model_version: str
     request_id: str
+    # Item.available (in stock); records written before it existed read as available.
+    available: bool = True
     position: LogPosition | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -246,6 +248,7 @@ def item_record_from_json(raw: object) -> ItemRecord:
         image_features=features if isinstance(features, str) else None,
         model_version=_text(raw, "model_version"),
         request_id=_text(raw, "request_id"),
+        available=raw.get("available") is not False,
         position=position,
     )
 

@@ -3,7 +3,9 @@
 Both are written by the export next to the Triton models, so that the ids the gateway maps and the
 indices the models were trained on come from the same export. Anything missing or malformed fails
 start-up with the file named, never a request later. Items added after training (the item
-overlay of `server.stores.items`) extend a `Catalogue` with `Catalogue.with_overlay`.
+overlay of `server.stores.items`) extend a `Catalogue` with `Catalogue.with_overlay`. The
+catalogue's category, brand and price bucket columns, with each item's availability, are what the
+business filters compare (`server.item_filter.ItemFacets`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ import numpy.typing as npt
 from ltrec_core import contract
 from ltrec_core.artifacts import ArtifactError, RepositoryMetadata, read_repository_metadata
 from ltrec_core.context import vocabulary_buckets
+from ltrec_core.item_text import PRICE_BUCKETS
 from server.errors import StartupError
+from server.item_filter import FacetRow, ItemFacets
 
-CATALOGUE_HEADER = ("index", "item_id", "title", "popularity", "long_tail")
+CATALOGUE_HEADER = contract.CATALOGUE_COLUMNS
 
 
 class ModelRepositoryError(StartupError):
@@ -77,7 +81,10 @@ class Catalogue:
     Indices 1..N are the trained catalogue (`trained_size` N); N+1..N+M are items added after
     training, whose vectors (`extra_vectors`, [M, D]) and popularity go to Triton with every
     request (`extra_popularity`: their interaction counts, for the long-tail term). `hidden`
-    holds indices never to return (deleted, or replaced by an added item).
+    holds indices never to return (deleted, or replaced by an added item). `facets` are the
+    fields business filters compare, for every index 0..N+M; `unserved_ids` the ids of added
+    items the item store knows but does not serve now (deleted, or waiting to be re-encoded),
+    which filters accept and no item passes.
     """
 
     item_ids: list[str]
@@ -91,6 +98,8 @@ class Catalogue:
         default_factory=lambda: np.zeros(0, dtype=np.float32)
     )
     hidden: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    facets: ItemFacets = field(default_factory=ItemFacets.empty)
+    unserved_ids: Set[str] = frozenset()
 
     @property
     def size(self) -> int:
@@ -108,12 +117,18 @@ class Catalogue:
         popularity: npt.NDArray[np.int64],
         long_tail: npt.NDArray[np.bool_],
         hidden: npt.NDArray[np.int64],
+        facets: Sequence[FacetRow] = (),
+        unserved_ids: Iterable[str] = (),
     ) -> Catalogue:
         """This trained catalogue plus added items as indices N+1..N+M; an added id shadows a
-        trained one (whose index should then be hidden)."""
+        trained one (whose index should then be hidden). `facets`: the added items' fields
+        (default: none, available)."""
         n = self.trained_size
         if self.size != n:
             raise ValueError("with_overlay extends the trained catalogue, not an overlay")
+        rows = list(facets) or [FacetRow()] * len(item_ids)
+        if len(rows) != len(item_ids):
+            raise ValueError(f"{len(rows)} facet rows for {len(item_ids)} added items")
         base = slice(0, n + 1)
         return Catalogue(
             item_ids=self.item_ids[base] + item_ids,
@@ -128,6 +143,8 @@ class Catalogue:
             extra_vectors=np.ascontiguousarray(vectors, dtype=np.float32),
             extra_popularity=popularity.astype(np.float32),
             hidden=np.unique(hidden.astype(np.int64)),
+            facets=self.facets.extend(rows),
+            unserved_ids=frozenset(unserved_ids),
         )
 
 
@@ -147,11 +164,12 @@ def load_metadata(path: Path) -> ModelMetadata:
 
 
 def load_catalogue(path: Path) -> Catalogue:
-    """Parses `index,item_id,title,popularity,long_tail` rows (index 1..N, in order)."""
+    """Parses `contract.CATALOGUE_COLUMNS` rows (index 1..N, in order)."""
     item_ids = [""]
     titles = [""]
     popularity = [0]
     long_tail = [False]
+    rows: list[FacetRow] = []
     index_of: dict[str, int] = {}
     try:
         with path.open(encoding="utf-8", newline="") as handle:
@@ -159,13 +177,16 @@ def load_catalogue(path: Path) -> Catalogue:
             header = next(reader, None)
             if header is None or tuple(h.strip() for h in header) != CATALOGUE_HEADER:
                 raise ModelRepositoryError(
-                    f"{path}: header must be {','.join(CATALOGUE_HEADER)}, got {header!r}"
+                    f"{path}: header must be {','.join(CATALOGUE_HEADER)}, got {header!r} "
+                    "(exported before the item fields were: re-run the export)"
                 )
             for expected, row in enumerate(reader, start=1):
                 where = f"{path}: line {reader.line_num}"
-                if len(row) != 5:
-                    raise ModelRepositoryError(f"{where}: expected 5 fields, got {len(row)}")
-                index, item_id, title, pop, flag = row
+                if len(row) != len(CATALOGUE_HEADER):
+                    raise ModelRepositoryError(
+                        f"{where}: expected {len(CATALOGUE_HEADER)} fields, got {len(row)}"
+                    )
+                index, item_id, title, pop, flag, category, brand, price = row
                 try:
                     if int(index) != expected:
                         raise ModelRepositoryError(
@@ -178,6 +199,11 @@ def load_catalogue(path: Path) -> Catalogue:
                     ) from None
                 if flag not in ("0", "1"):
                     raise ModelRepositoryError(f"{where}: long_tail must be 0 or 1, got {flag!r}")
+                if price and price not in PRICE_BUCKETS:
+                    raise ModelRepositoryError(
+                        f"{where}: price_bucket must be empty or one of "
+                        f"{', '.join(PRICE_BUCKETS)}, got {price!r}"
+                    )
                 if not item_id:
                     raise ModelRepositoryError(f"{where}: item_id must be non-empty")
                 if item_id in index_of:
@@ -186,6 +212,7 @@ def load_catalogue(path: Path) -> Catalogue:
                 item_ids.append(item_id)
                 titles.append(title)
                 long_tail.append(flag == "1")
+                rows.append(FacetRow(category=category, brand=brand, price_bucket=price))
     except FileNotFoundError:
         raise ModelRepositoryError(f"{path}: file not found (run the export first)") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -199,6 +226,7 @@ def load_catalogue(path: Path) -> Catalogue:
         long_tail=np.asarray(long_tail, dtype=np.bool_),
         index_of=index_of,
         trained_size=len(item_ids) - 1,
+        facets=ItemFacets.of(rows),
     )
 
 

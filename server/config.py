@@ -42,6 +42,8 @@ class GatewayConfig:
     max_k: int = 500
     max_request_history: int = 1000
     max_exclude: int = 1000
+    # Ids per ItemFilter.allow_item_ids and per ItemFilter.deny_item_ids.
+    max_filter_item_ids: int = 1000
     # Beyond this many concurrent RPCs gRPC itself answers RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1000
     # Larger request messages are refused by gRPC with RESOURCE_EXHAUSTED before any work.
@@ -150,6 +152,7 @@ class GatewayConfig:
             "max_k",
             "max_request_history",
             "max_exclude",
+            "max_filter_item_ids",
             "max_concurrent_rpcs",
             "max_message_bytes",
             "feedback_max_batch",

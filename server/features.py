@@ -1,13 +1,14 @@
 """Request -> ensemble input tensors (batch 1; the ensemble has `max_batch_size: 0`).
 
 Every request carries the catalogue snapshot's item overlay (items added after training,
-indices N+1..N+M) and excludes its hidden items (deleted, or replaced by an added item).
+indices N+1..N+M) and excludes its hidden items (deleted, or replaced by an added item). Its
+business filter goes to the scorer as the eligibility mask (`server.item_filter`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +17,7 @@ from ltrec_core import contract
 from ltrec_core.context import label_bucket, time_bucket
 from server.catalogue import Catalogue, ModelMetadata
 from server.gen.ltrec.v1 import recommender_pb2
+from server.item_filter import NO_FILTER, eligibility
 
 EVENT_TYPE_NAMES: dict[int, str] = {
     recommender_pb2.EVENT_TYPE_UNSPECIFIED: "view",
@@ -42,6 +44,8 @@ class Features:
     extra_item_vectors: npt.NDArray[np.float32]  # [M, D]
     extra_popularity: npt.NDArray[np.float32]  # [M]
     history_events: int = 0  # known history items the model reads (L, or 0 when padded)
+    # [1, N+M+1]: the items the request's filter lets pass; [[True]] without a filter
+    item_eligible: npt.NDArray[np.bool_] = field(default_factory=lambda: NO_FILTER)
 
     def as_inputs(self) -> dict[str, np.ndarray]:
         return {
@@ -53,6 +57,7 @@ class Features:
             contract.TOP_K: self.top_k,
             contract.EXTRA_ITEM_VECTORS: self.extra_item_vectors,
             contract.EXTRA_POPULARITY: self.extra_popularity,
+            contract.ITEM_ELIGIBLE: self.item_eligible,
         }
 
     @property
@@ -67,7 +72,8 @@ def build_features(
     now_seconds: float,
     history: Sequence[recommender_pb2.HistoryEvent] | None = None,
 ) -> Features:
-    """Expects a validated request; unknown history ids are skipped and counted.
+    """Expects a validated request; unknown history ids are skipped and counted. A filter value
+    the catalogue does not have is InvalidArgument.
 
     `history` replaces the request's own (the stored history of its user, `server.history`).
     """
@@ -101,6 +107,7 @@ def build_features(
         extra_item_vectors=catalogue.extra_vectors,
         extra_popularity=catalogue.extra_popularity,
         history_events=used,
+        item_eligible=eligibility(request.filter, catalogue),
     )
 
 
@@ -114,6 +121,7 @@ class SimilarFeatures:
     top_k: npt.NDArray[np.int64]  # [1]
     extra_item_vectors: npt.NDArray[np.float32]  # [M, D]
     extra_popularity: npt.NDArray[np.float32]  # [M]
+    item_eligible: npt.NDArray[np.bool_] = field(default_factory=lambda: NO_FILTER)  # as Features'
 
     def as_inputs(self) -> dict[str, np.ndarray]:
         return {
@@ -123,6 +131,7 @@ class SimilarFeatures:
             contract.TOP_K: self.top_k,
             contract.EXTRA_ITEM_VECTORS: self.extra_item_vectors,
             contract.EXTRA_POPULARITY: self.extra_popularity,
+            contract.ITEM_ELIGIBLE: self.item_eligible,
         }
 
 
@@ -142,6 +151,7 @@ def build_similar_features(
         top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
         extra_item_vectors=catalogue.extra_vectors,
         extra_popularity=catalogue.extra_popularity,
+        item_eligible=eligibility(request.filter, catalogue),
     )
 
 

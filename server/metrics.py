@@ -249,6 +249,30 @@ FORGOTTEN_RECORDS_TOTAL = Counter(
 )
 for _kind in FORGOTTEN_RECORD_KINDS:
     FORGOTTEN_RECORDS_TOTAL.labels(kind=_kind)
+# Business filters (ItemFilter, server.item_filter): the ranking methods that take one, and the
+# filter fields a request sets (a request setting several counts once per field).
+FILTER_METHODS = ("Recommend", "SimilarItems")
+FILTER_FIELDS = ("category", "brand", "price_bucket", "available", "allow", "deny")
+FILTERED_REQUESTS_TOTAL = Counter(
+    "filtered_requests_total",
+    "Recommend and SimilarItems answers whose request had a business filter, by method and by "
+    "filter field set (category, brand, price_bucket, available, allow, deny).",
+    ["method", "field"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FILTER_SHORT_RESULTS_TOTAL = Counter(
+    "filter_short_results_total",
+    "Filtered answers with fewer than k items: fewer items passed the filter (and were not "
+    "excluded or in the history) than were asked for.",
+    ["method"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+for _method in FILTER_METHODS:
+    FILTER_SHORT_RESULTS_TOTAL.labels(method=_method)
+    for _field in FILTER_FIELDS:
+        FILTERED_REQUESTS_TOTAL.labels(method=_method, field=_field)
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",

@@ -24,7 +24,8 @@ def build_items(
     """Drops the -inf padding of short rankings; anything inconsistent is a backend error."""
     history = features.history_items[0]
     event_types = features.history_event_types[0]
-    # The scorer already removes these; checking again keeps a filter bug from reaching users.
+    # The scorer already removes these (and the items the filter leaves out); checking again
+    # keeps a masking bug from reaching users.
     never = set(history.tolist()) | set(features.exclude_items[0].tolist())
 
     def reason(long_tail: bool, position: int) -> str:
@@ -33,7 +34,9 @@ def build_items(
             return f'Because you {verb} "{catalogue.titles[int(history[position])]}"'
         return LONG_TAIL_REASON if long_tail else POPULAR_REASON
 
-    return _ranked_items(outputs, int(features.top_k[0]), never, catalogue, reason)
+    return _ranked_items(
+        outputs, int(features.top_k[0]), never, features.item_eligible, catalogue, reason
+    )
 
 
 def build_similar_items(
@@ -44,7 +47,12 @@ def build_similar_items(
     never = {query} | set(features.exclude_items[0].tolist())
     because = f'Similar to "{catalogue.titles[query]}"'
     return _ranked_items(
-        outputs, int(features.top_k[0]), never, catalogue, lambda _tail, _pos: because
+        outputs,
+        int(features.top_k[0]),
+        never,
+        features.item_eligible,
+        catalogue,
+        lambda _tail, _pos: because,
     )
 
 
@@ -52,6 +60,7 @@ def _ranked_items(
     outputs: Mapping[str, np.ndarray],
     top_k: int,
     never: set[int],
+    eligible: np.ndarray,
     catalogue: Catalogue,
     reason: Callable[[bool, int], str],
 ) -> list[recommender_pb2.RecommendedItem]:
@@ -66,6 +75,7 @@ def _ranked_items(
     if len(items) > top_k:
         raise BackendError(f"ensemble returned {len(items)} items for top_k {top_k}")
     never = never | {contract.PADDING_INDEX}
+    passes = eligible.reshape(-1)  # [N+M+1], or [1] for every item
 
     response: list[recommender_pb2.RecommendedItem] = []
     for index, score, position in zip(
@@ -78,7 +88,7 @@ def _ranked_items(
                 f"ensemble returned catalogue index {index} outside [1, {catalogue.size}]: "
                 "is the model repository from the same export as the catalogue?"
             )
-        if index in never:
+        if index in never or not passes[index if len(passes) > 1 else 0]:
             continue
         long_tail = bool(catalogue.long_tail[index])
         response.append(

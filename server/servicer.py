@@ -10,6 +10,9 @@ DeleteItems hides items, both through the store.
 
 ForgetUser erases a user (`server.forget`): their stored history, and their feedback for every
 later retraining.
+
+Recommend's and SimilarItems' business filters (`ItemFilter`) become the scorer's eligibility
+mask in the features stage (`server.item_filter`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.history import SOURCE_NAMES, choose_history, feedback_events, request_events
 from server.interceptors import current_request_id
 from server.item_encoder import ItemRow, TritonItemEncoder
+from server.item_filter import filter_fields
 from server.item_images import ImageProblem, ItemImages, LoadedImage
 from server.postprocess import build_items, build_similar_items
 from server.stores.feedback import FeedbackStore
@@ -121,6 +125,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             )
         with _POSTPROCESS.time():
             items = build_items(outputs, features, catalogue)
+        _count_filter("Recommend", request.filter, request.k, len(items))
         # The served list goes to the feedback store without waiting for the disk.
         self._feedback.offer(
             ServedRecord(
@@ -171,6 +176,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             )
         with _POSTPROCESS.time():
             items = build_similar_items(outputs, features, catalogue)
+        _count_filter("SimilarItems", request.filter, request.k, len(items))
         return recommender_pb2.SimilarItemsResponse(
             items=items, model_version=self._metadata.model_version, request_id=request_id
         )
@@ -305,6 +311,16 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _count_filter(
+    method: str, item_filter: recommender_pb2.ItemFilter, k: int, returned: int
+) -> None:
+    fields = filter_fields(item_filter)
+    for name in fields:
+        metrics.FILTERED_REQUESTS_TOTAL.labels(method=method, field=name).inc()
+    if fields and returned < k:
+        metrics.FILTER_SHORT_RESULTS_TOTAL.labels(method=method).inc()
+
+
 def _count_images(encoded: int, problems: list[ImageProblem]) -> None:
     metrics.ITEM_IMAGES_TOTAL.labels(outcome="encoded").inc(encoded)
     for problem in problems:
@@ -327,4 +343,5 @@ def _new_item(item: recommender_pb2.Item, image: LoadedImage) -> NewItem:
         image_path=item.image_path,
         image_bytes=len(item.image),
         image_encoded=image.pixels is not None,
+        available=item.available if item.HasField("available") else True,
     )

@@ -9,6 +9,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from ltrec_core.item_attributes import category_path, label
 from server.errors import InvalidArgument
 from server.gen.ltrec.v1 import recommender_pb2
 
@@ -28,12 +31,15 @@ MAX_ATTRIBUTE_KEY_CHARS = 64
 MAX_ATTRIBUTE_VALUE_CHARS = 1024
 MAX_IMAGE_BYTES = 1024 * 1024
 MAX_IMAGE_PATH_CHARS = 1024
+# ItemFilter: categories and brands per request.
+MAX_FILTER_VALUES = 64
 
 _EVENT_TYPES = frozenset(recommender_pb2.EventType.values())
 _FEEDBACK_TYPES = frozenset(recommender_pb2.FeedbackType.values()) - {
     recommender_pb2.FEEDBACK_TYPE_UNSPECIFIED
 }
 _PRICE_BUCKETS = frozenset(recommender_pb2.PriceBucket.values())
+_FILTER_PRICE_BUCKETS = _PRICE_BUCKETS - {recommender_pb2.PRICE_BUCKET_UNSPECIFIED}
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class RequestLimits:
     # it keeps events (the bound of stored_history_max_age_seconds).
     history_store: bool = True
     history_retention_seconds: int = 30 * 24 * 3600
+    # Ids per ItemFilter.allow_item_ids and per ItemFilter.deny_item_ids.
+    max_filter_item_ids: int = 1000
 
 
 def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
@@ -76,6 +84,7 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
     _long_tail_weight(request, limits)
     _context("context", request.context)
     _history_options(request, limits)
+    _item_filter("filter", request.filter, limits)
 
 
 def _history_options(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
@@ -114,6 +123,7 @@ def validate_similar_request(
     _k(request.k, limits)
     _exclusions(request.exclude_item_ids, limits)
     _long_tail_weight(request, limits)
+    _item_filter("filter", request.filter, limits)
 
 
 def validate_upsert_request(
@@ -231,6 +241,61 @@ def _exclusions(item_ids: Sequence[str], limits: RequestLimits) -> None:
         )
     for position, item_id in enumerate(item_ids):
         _item_id(f"exclude_item_ids[{position}]", item_id)
+
+
+def _item_filter(
+    field: str, item_filter: recommender_pb2.ItemFilter, limits: RequestLimits
+) -> None:
+    """Bounds and shapes; whether the catalogue has the values is `server.item_filter`'s check."""
+    unknown = sorted({f.field_number for f in UnknownFieldSet(item_filter)})
+    if unknown:
+        numbers = ", ".join(map(str, unknown))
+        raise InvalidArgument(
+            f"{field} has fields this gateway does not know (field numbers {numbers}): a newer "
+            "client's filter would be ignored here; leave them out or upgrade the gateway"
+        )
+    for name, values, bound, chars, normalise in (
+        (
+            "categories",
+            item_filter.categories,
+            MAX_FILTER_VALUES,
+            MAX_CATEGORY_CHARS,
+            category_path,
+        ),
+        ("brands", item_filter.brands, MAX_FILTER_VALUES, MAX_BRAND_CHARS, label),
+    ):
+        if len(values) > bound:
+            raise InvalidArgument(
+                f"{field}.{name} must have at most {bound} values, got {len(values)}"
+            )
+        for position, value in enumerate(values):
+            _max_chars(f"{field}.{name}[{position}]", value, chars)
+            if not normalise(value):
+                raise InvalidArgument(
+                    f"{field}.{name}[{position}] must be non-empty (not only spaces or '|')"
+                )
+    buckets = item_filter.price_buckets
+    if len(buckets) > len(_FILTER_PRICE_BUCKETS):
+        raise InvalidArgument(
+            f"{field}.price_buckets must have at most {len(_FILTER_PRICE_BUCKETS)} values, "
+            f"got {len(buckets)}"
+        )
+    for position, bucket in enumerate(buckets):
+        if bucket not in _FILTER_PRICE_BUCKETS:
+            raise InvalidArgument(
+                f"{field}.price_buckets[{position}] must be PRICE_BUCKET_BUDGET, "
+                f"PRICE_BUCKET_MID_RANGE or PRICE_BUCKET_PREMIUM, got {bucket}"
+            )
+    for name, ids in (
+        ("allow_item_ids", item_filter.allow_item_ids),
+        ("deny_item_ids", item_filter.deny_item_ids),
+    ):
+        if len(ids) > limits.max_filter_item_ids:
+            raise InvalidArgument(
+                f"{field}.{name} must have at most {limits.max_filter_item_ids} ids, got {len(ids)}"
+            )
+        for position, item_id in enumerate(ids):
+            _item_id(f"{field}.{name}[{position}]", item_id)
 
 
 def _long_tail_weight(

@@ -62,6 +62,7 @@ from server import metrics
 from server.catalogue import Catalogue, ModelMetadata
 from server.errors import BackendUnavailable, GatewayError, Overloaded, StartupError
 from server.item_encoder import ItemRow
+from server.item_filter import FacetRow
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class NewItem:
     image_path: str = ""
     image_bytes: int = 0
     image_encoded: bool = False  # its image went into its vector
+    available: bool = True  # Item.available: what ItemFilter.available_only reads
 
 
 @dataclass
@@ -98,6 +100,7 @@ class _Entry:
     vector: npt.NDArray[np.float32] | None = None
     # The image encoder's output for the item's photo (None: none), for re-encoding.
     image_features: npt.NDArray[np.float32] | None = None
+    available: bool = True
 
 
 def encode_vector(vector: npt.NDArray[np.float32]) -> str:
@@ -239,6 +242,7 @@ class ItemStore:
                 image_features=None if features is None else encode_vector(features),
                 model_version=self._model_version,
                 request_id=request_id,
+                available=item.available,
             )
             for item, vector, features in zip(
                 items, vectors, image_features or [None] * len(items), strict=True
@@ -322,6 +326,7 @@ class ItemStore:
                     fields=_fields(record),
                     vector=vector,
                     image_features=_image_features(record),
+                    available=record.available,
                 )
             changed = True
         if changed:
@@ -335,17 +340,32 @@ class ItemStore:
         popularity: list[int] = []
         long_tail: list[bool] = []
         hidden: list[int] = []
+        facets: list[FacetRow] = []
+        unserved: list[str] = []  # added items not served now: known to filters
         for item_id, entry in self._entries.items():
             trained_index = trained.index_of.get(item_id)
             if entry.deleted:
                 if trained_index is not None:
                     hidden.append(trained_index)
+                else:
+                    unserved.append(item_id)
                 continue
             if entry.vector is None:  # until re-encoded, a trained item stays as trained
+                if trained_index is None:
+                    unserved.append(item_id)
                 continue
             ids.append(item_id)
             titles.append(entry.title)
             vectors.append(entry.vector)
+            fields = entry.fields or ItemFields(title=entry.title)
+            facets.append(
+                FacetRow(
+                    category=fields.category,
+                    brand=fields.brand,
+                    price_bucket=fields.price_bucket,
+                    available=entry.available,
+                )
+            )
             if trained_index is None:
                 popularity.append(0)
                 long_tail.append(True)
@@ -360,6 +380,8 @@ class ItemStore:
             np.asarray(popularity, dtype=np.int64),
             np.asarray(long_tail, dtype=np.bool_),
             np.asarray(hidden, dtype=np.int64),
+            facets,
+            unserved,
         )
         self._live_added = len(ids)
         metrics.OVERLAY_ITEMS.set(len(ids))

@@ -44,6 +44,16 @@ SPECIAL_TITLES = {
 }
 
 
+# Catalogue fields (category, brand, price bucket) by item: three categories under two roots,
+# four brands, the three price buckets; every fifth item has none of them.
+def item_fields(index: int) -> tuple[str, str, str]:
+    if index % 5 == 0:
+        return ("", "", "")
+    category = ("Books|Fiction", "Books|Fiction|Crime", "Music|Jazz")[index % 3]
+    brand = ("Acme", "Globex", "Initech", "Umbrella")[index % 4]
+    return category, brand, ("budget", "mid-range", "premium")[index % 3]
+
+
 def write_checkpoint(path: Path) -> dict:
     """A random checkpoint with exactly the keys `ltrec.train.train` saves."""
     torch.manual_seed(0)
@@ -87,6 +97,10 @@ def write_checkpoint(path: Path) -> dict:
         "image_paths": [None] * N_ITEMS,
         "vocabularies": VOCABULARIES,
         "summary": summary,
+        "item_fields": {
+            name: [item_fields(i)[column] for i in range(1, N_ITEMS + 1)]
+            for column, name in enumerate(("categories", "brands", "price_buckets"))
+        },
     }
     torch.save(ckpt, path)
     return ckpt

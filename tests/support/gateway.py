@@ -37,12 +37,22 @@ ITEMS = [
     ("i5", "Nixon, Part 2 (1995)", 10, 1),
     ("i6", "Balto (1995)", 5, 1),
 ]
+# The catalogue file's (category, brand, price_bucket) of those items: what filters compare.
+ITEM_FIELDS = {
+    "i1": ("Films|Animation|Children's", "Pixar", "budget"),
+    "i2": ("Films|Action|Crime", "Warner", "premium"),
+    "i3": ("Films|Crime|Drama", "Universal", "mid-range"),
+    "i4": ("Films|Comedy|Romance", "Paramount", "budget"),
+    "i5": ("Films|Drama", "", ""),
+    "i6": ("Films|Animation|Children's", "Universal", "premium"),
+}
 DIM = 4
 METADATA = {
     "model_version": "20261129-ab12cd",
     "max_history": 3,
     "embedding_dim": DIM,
     "item_overlay": True,
+    "item_filter": True,
     "model_config": {"text_max_tokens": 16},
     "default_long_tail_weight": 0.25,
     "similar_items_default_long_tail_weight": 0.01,
@@ -82,9 +92,10 @@ def write_repository(
     (directory / contract.METADATA_FILE).write_text(json.dumps(METADATA), encoding="utf-8")
     with (directory / contract.CATALOGUE_FILE).open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "item_id", "title", "popularity", "long_tail"])
+        writer.writerow(contract.CATALOGUE_COLUMNS)
         for index, (item_id, title, popularity, long_tail) in enumerate(items, start=1):
-            writer.writerow([index, item_id, title, popularity, long_tail])
+            fields = ITEM_FIELDS.get(item_id, ("", "", ""))
+            writer.writerow([index, item_id, title, popularity, long_tail, *fields])
     return directory
 
 

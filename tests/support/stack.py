@@ -3,8 +3,9 @@ exported, served by tritonserver behind the gateway (the `stack` fixture, one pe
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,15 @@ class Stack:
 def serving_stack(
     tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path
 ) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("serving")
+    with started_stack(tmp_path_factory.mktemp("serving"), triton_build_dir) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def started_stack(
+    root: Path, triton_build_dir: Path, gateway_env: Mapping[str, str] | None = None
+) -> Iterator[Stack]:
+    """The stack under `root`; `gateway_env`: more `LTREC_*` settings for the gateway."""
     prepared, users = ml1m_slice(root)
     checkpoint = train_tiny(prepared, root / "artifacts")
     repo = root / "model_repository"
@@ -46,7 +55,7 @@ def serving_stack(
 
     triton = TritonServer(repo, build_dir=triton_build_dir)
     triton.start()
-    gateway = GatewayProcess(repo, triton.grpc_url, log_path=root / "gateway.log")
+    gateway = GatewayProcess(repo, triton.grpc_url, log_path=root / "gateway.log", env=gateway_env)
     try:
         triton.wait_ready(timeout_s=180)
         gateway.start()

@@ -398,6 +398,7 @@ def test_synthetic_catalogue_exports_a_scorer_that_ranks_like_numpy(tmp_path: Pa
                 contract.TOP_K: np.array([10], dtype=np.int64),
                 contract.EXTRA_ITEM_VECTORS: np.zeros((0, table.shape[1]), dtype=np.float32),
                 contract.EXTRA_POPULARITY: np.zeros(0, dtype=np.float32),
+                contract.ITEM_ELIGIBLE: np.ones((1, 1), dtype=np.bool_),
             },
         )
         want, want_scores = _reference_top_k(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 from google.protobuf import text_format
@@ -26,10 +27,17 @@ from export_scripts import onnx_graphs, triton_config
 from ltrec.checkpoint import load_checkpoint
 from ltrec.models import ItemLookup, Scorer, UserEncoder
 from ltrec_core import contract
+from ltrec_core.artifacts import CatalogueFields
 from server.catalogue import load_model_repository
-from tests.support.checkpoints import CFG, N_ITEMS, VOCABULARIES, write_checkpoint
+from server.gen.ltrec.v1 import recommender_pb2
+from server.item_filter import eligibility
+from tests.support.checkpoints import CFG, N_ITEMS, VOCABULARIES, item_fields, write_checkpoint
 
-TRITON_TYPES = {mc.TYPE_INT64: "tensor(int64)", mc.TYPE_FP32: "tensor(float)"}
+TRITON_TYPES = {
+    mc.TYPE_INT64: "tensor(int64)",
+    mc.TYPE_FP32: "tensor(float)",
+    mc.TYPE_BOOL: "tensor(bool)",
+}
 TOWER_MODELS = (
     contract.USER_ENCODER_MODEL,
     contract.CONTEXT_WEIGHTING_MODEL,
@@ -162,6 +170,7 @@ ENSEMBLE_WIRING = {
             contract.TOP_K,
             contract.EXTRA_ITEM_VECTORS,
             contract.EXTRA_POPULARITY,
+            contract.ITEM_ELIGIBLE,
         },
         [contract.USER_ENCODER_MODEL, contract.CONTEXT_WEIGHTING_MODEL, contract.SCORER_MODEL],
     ),
@@ -173,6 +182,7 @@ ENSEMBLE_WIRING = {
             contract.TOP_K,
             contract.EXTRA_ITEM_VECTORS,
             contract.EXTRA_POPULARITY,
+            contract.ITEM_ELIGIBLE,
         },
         [contract.ITEM_LOOKUP_MODEL, contract.SCORER_MODEL],
     ),
@@ -280,8 +290,12 @@ def run_chain(
     k: int,
     extra: np.ndarray,
     extra_pop: np.ndarray,
+    eligible: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """The recommend ensemble's three graphs chained with onnxruntime."""
+    """The recommend ensemble's three graphs chained with onnxruntime (no filter: `eligible`
+    [B, 1] of True, as the gateway sends it)."""
+    if eligible is None:
+        eligible = np.ones((hist.shape[0], 1), dtype=np.bool_)
     (user,) = session(repo, contract.USER_ENCODER_MODEL).run(
         None,
         {
@@ -303,6 +317,7 @@ def run_chain(
             contract.TOP_K: np.array([k], dtype=np.int64),
             contract.EXTRA_ITEM_VECTORS: extra,
             contract.EXTRA_POPULARITY: extra_pop,
+            contract.ITEM_ELIGIBLE: eligible,
         },
     )
     return user, weighted, items, scores, reasons
@@ -407,6 +422,7 @@ def test_a_new_item_is_recommended_and_has_similar_items_through_onnx(exported: 
         contract.TOP_K: np.array([6], dtype=np.int64),
         contract.EXTRA_ITEM_VECTORS: extra,
         contract.EXTRA_POPULARITY: np.zeros(2, np.float32),
+        contract.ITEM_ELIGIBLE: np.ones((1, 1), dtype=np.bool_),
     }
     similar, similar_scores, _ = session(repo, contract.SCORER_MODEL).run(None, feeds)
     model, ckpt = load_checkpoint(exported.checkpoint)
@@ -427,6 +443,121 @@ def test_a_new_item_is_recommended_and_has_similar_items_through_onnx(exported: 
     assert not {N_ITEMS + 2, 5, 0} & set(similar[0].tolist())
 
 
+def scorer_run(
+    scorer: ort.InferenceSession, user: np.ndarray, k: int, eligible: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scorer alone for one user (history: item 7; exclusions: item 8; an overlay of 2)."""
+    rng = np.random.default_rng(1)
+    items, scores, _ = scorer.run(
+        None,
+        {
+            contract.WEIGHTED_USER_EMBEDDING: user,
+            contract.HISTORY_ITEMS: np.array([[7]]),
+            contract.EXCLUDE_ITEMS: np.array([[8]]),
+            contract.LONG_TAIL_WEIGHT: np.array([[0.3]], dtype=np.float32),
+            contract.TOP_K: np.array([k], dtype=np.int64),
+            contract.EXTRA_ITEM_VECTORS: rng.standard_normal((2, CFG.embedding_dim)).astype(
+                np.float32
+            ),
+            contract.EXTRA_POPULARITY: np.array([3.0, 0.0], dtype=np.float32),
+            contract.ITEM_ELIGIBLE: eligible,
+        },
+    )
+    return items[0], scores[0]
+
+
+@pytest.mark.parametrize("scan", ["exported fp32", "int8"])
+def test_a_filter_returns_k_items_in_the_unfiltered_order(exported: Exported, scan: str) -> None:
+    """The mask is applied before top-k: k items whenever k pass, each with its unfiltered
+    score, in the unfiltered order; fewer (the rest -inf) only when fewer pass."""
+    if scan == "int8":
+        model, ckpt = load_checkpoint(exported.checkpoint)
+        with torch.no_grad():
+            table = model.item_table().numpy()
+        graph = onnx_graphs.scorer_graph(
+            table, np.asarray(ckpt["popularity"]), scan="int8", overlay=True, item_filter=True
+        )
+        scorer = ort.InferenceSession(graph.SerializeToString())
+    else:
+        scorer = session(exported.repo, contract.SCORER_MODEL)
+    rows = N_ITEMS + 2 + 1  # the trained items, the overlay of 2, padding
+    every = np.ones((1, 1), dtype=np.bool_)
+    rng = np.random.default_rng(0)
+    for case in range(5):
+        user = rng.standard_normal((1, CFG.embedding_dim)).astype(np.float32)
+        ranking, ranking_scores = scorer_run(scorer, user, rows - 3, every)  # all but 0, 7, 8
+        assert sorted(ranking.tolist()) == sorted(set(range(1, rows)) - {7, 8})
+        eligible = rng.random(rows) < 0.3
+        eligible[[N_ITEMS + 2, 7]] = True  # an overlay item; the history stays out anyway
+        passing = [i for i in ranking.tolist() if eligible[i]]
+        k = 6
+        assert len(passing) >= k
+        # What a post-filter of the unfiltered top k would have kept: usually fewer than k.
+        short = [i for i in ranking[:k].tolist() if eligible[i]]
+        items, scores = scorer_run(scorer, user, k, eligible.reshape(1, -1))
+        assert items.tolist() == passing[:k], (case, short)
+        where = {item: n for n, item in enumerate(ranking.tolist())}
+        np.testing.assert_allclose(
+            scores, ranking_scores[[where[i] for i in passing[:k]]], rtol=0, atol=1e-6
+        )
+    # Fewer pass than k: those, then -inf padding (which the gateway drops).
+    few = np.zeros((1, rows), dtype=np.bool_)
+    few[0, [3, 7, N_ITEMS + 1]] = True  # 7 is the history: never returned
+    items, scores = scorer_run(scorer, user, 6, few)
+    assert set(items[np.isfinite(scores)].tolist()) == {3, N_ITEMS + 1}
+    assert np.isneginf(scores[2:]).all()
+
+
+def test_catalogue_fields_of_a_checkpoint_that_predates_them(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """Stored: as stored. Not stored: read from the training data if it is still there with the
+    same items (prices as training's terciles), else empty, and the log says so."""
+    from ltrec.checkpoint import read_checkpoint
+    from ltrec.data import write_dataset
+
+    ckpt = read_checkpoint(exported.checkpoint)
+    stored = export_module.catalogue_fields(ckpt, log=lambda _: None)
+    assert stored.brands == [item_fields(i)[1] for i in range(1, N_ITEMS + 1)]
+
+    ckpt.metadata.item_fields = None
+    items = pd.DataFrame(
+        {
+            "item_id": ckpt.item_ids,
+            "title": ckpt.titles,
+            "category": ["Books|Crime"] * (N_ITEMS - 1) + [None],
+            "brand": ["Acme"] * N_ITEMS,
+            "price": [float(i) for i in range(N_ITEMS)],
+        }
+    )
+    events = pd.DataFrame(
+        {
+            "user_id": ["u"] * 3,
+            "item_id": ckpt.item_ids[:3],
+            "timestamp": [1, 2, 3],
+            "event_type": "view",
+        }
+    )
+    write_dataset(items, events, tmp_path / "data", fmt="csv")
+    ckpt.summary["data"] = {"dir": str(tmp_path / "data")}
+    lines: list[str] = []
+    fields = export_module.catalogue_fields(ckpt, log=lines.append)
+    assert fields.categories == ["Books|Crime"] * (N_ITEMS - 1) + [""]
+    assert fields.brands == ["Acme"] * N_ITEMS
+    assert fields.price_buckets[0] == "budget" and fields.price_buckets[-1] == "premium"
+    assert lines == [
+        f"catalogue fields: read from {tmp_path / 'data'} (the checkpoint predates storing them)"
+    ]
+
+    lines.clear()
+    ckpt.summary["data"] = {"dir": str(tmp_path / "gone")}
+    fields = export_module.catalogue_fields(ckpt, log=lines.append)
+    assert fields == CatalogueFields.empty(N_ITEMS)
+    (line,) = lines
+    assert line.startswith("warning: catalogue fields (category, brand, price bucket) unknown")
+    assert str(tmp_path / "gone") in line
+
+
 # --- catalogue and metadata --------------------------------------------------------------------
 
 
@@ -434,9 +565,8 @@ def test_catalogue_csv(exported: Exported) -> None:
     path = exported.repo / contract.CATALOGUE_FILE
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
-    assert (
-        path.read_text(encoding="utf-8").splitlines()[0]
-        == "index,item_id,title,popularity,long_tail"
+    assert path.read_text(encoding="utf-8").splitlines()[0] == (
+        "index,item_id,title,popularity,long_tail,category,brand,price_bucket"
     )
     body = rows[1:]
     assert len(body) == N_ITEMS
@@ -447,6 +577,8 @@ def test_catalogue_csv(exported: Exported) -> None:
     assert [r[4] == "1" for r in body] == exported.ckpt["long_tail"][1:].tolist()
     # ceil(20% of 40) = 8 head items.
     assert sum(r[4] == "0" for r in body) == 8
+    # The fields the checkpoint stored, as the gateway's filters read them.
+    assert [tuple(r[5:]) for r in body] == [item_fields(i) for i in range(1, N_ITEMS + 1)]
 
 
 def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
@@ -468,6 +600,17 @@ def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
     assert catalogue.titles[2] == 'Say "Hi", Bob'
     assert catalogue.popularity.tolist() == ckpt["popularity"].tolist()
     assert catalogue.long_tail.tolist() == ckpt["long_tail"].tolist()
+    # The fields the filters compare, from the catalogue file: "books|fiction" is a prefix of
+    # two categories; "acme" a brand.
+    passes = eligibility(
+        recommender_pb2.ItemFilter(categories=["Books | fiction"], brands=["ACME"]), catalogue
+    )
+    want = [
+        i
+        for i in range(1, N_ITEMS + 1)
+        if item_fields(i)[0].startswith("Books|Fiction") and item_fields(i)[1] == "Acme"
+    ]
+    assert want and np.flatnonzero(passes[0]).tolist() == want
 
 
 def test_metadata_records_version_and_file_hashes(exported: Exported) -> None:

@@ -81,6 +81,7 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
         contract.TOP_K,
         contract.EXTRA_ITEM_VECTORS,
         contract.EXTRA_POPULARITY,
+        contract.ITEM_ELIGIBLE,
     }
     # Sorted by time (stable), unknown id dropped, then the last max_history=3 known events.
     np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[2, 3, 1]])
@@ -94,6 +95,8 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
     # No items added after training: an empty overlay of the model's width.
     assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (0, DIM)
     assert tensors[contract.EXTRA_POPULARITY].shape == (0,)
+    # No filter: one True that the scorer broadcasts over the catalogue.
+    np.testing.assert_array_equal(tensors[contract.ITEM_ELIGIBLE], [[True]])
     expected_dtypes = {
         contract.HISTORY_ITEMS: np.int64,
         contract.HISTORY_EVENT_TYPES: np.int64,
@@ -103,6 +106,7 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
         contract.TOP_K: np.int64,
         contract.EXTRA_ITEM_VECTORS: np.float32,
         contract.EXTRA_POPULARITY: np.float32,
+        contract.ITEM_ELIGIBLE: np.bool_,
     }
     assert {name: array.dtype.type for name, array in tensors.items()} == expected_dtypes
 

@@ -25,7 +25,14 @@ from ltrec_core import contract
 from server.app import create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.support.gateway import ITEMS, METADATA, FakeTransport, outputs, write_repository
+from tests.support.gateway import (
+    ITEM_FIELDS,
+    ITEMS,
+    METADATA,
+    FakeTransport,
+    outputs,
+    write_repository,
+)
 from tests.support.images import image_bytes, noise_png
 
 MAX_K = 50
@@ -33,6 +40,7 @@ MAX_REQUEST_HISTORY = 20
 MAX_EXCLUDE = 10
 MAX_FEEDBACK_BATCH = 8
 MAX_ITEM_BATCH = 6
+MAX_FILTER_ITEM_IDS = 4
 SERVED_VERSION = METADATA["model_version"]
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
@@ -73,15 +81,93 @@ REQUESTS = st.builds(
     model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
     remember_history=st.booleans(),
 )
+
+
+def _label(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _path(category: str) -> tuple[str, ...]:
+    return tuple(p for p in (_label(part) for part in category.split("|")) if p)
+
+
+def _values(valid: st.SearchStrategy, anything: st.SearchStrategy, bound: int) -> st.SearchStrategy:
+    """A filter field: unset, only valid values (within its bound), or anything past it."""
+    return st.one_of(
+        st.just([]),
+        st.lists(valid, min_size=1, max_size=bound),
+        st.lists(st.one_of(valid, anything), min_size=1, max_size=bound + 1),
+    )
+
+
+# ItemFilters: values the catalogue has (in any case and spacing), values it does not, blank
+# ones, open-enum price buckets, and lists past their bounds.
+FILTERS = st.builds(
+    recommender_pb2.ItemFilter,
+    categories=_values(
+        st.sampled_from(["Films", "Films|Animation", " films | CRIME ", "films|drama"]),
+        st.one_of(st.sampled_from(["Films|Anim", "|", "", "x" * 513]), st.text(max_size=20)),
+        3,
+    ),
+    brands=_values(
+        st.sampled_from(["Universal", " pixar ", "WARNER", "Paramount"]),
+        st.one_of(st.sampled_from(["Acme", " ", "b" * 257]), st.text(max_size=20)),
+        3,
+    ),
+    price_buckets=_values(st.integers(1, 3), st.integers(min_value=-1, max_value=5), 3),
+    available_only=st.booleans(),
+    allow_item_ids=_values(st.sampled_from(KNOWN_IDS), ITEM_IDS, MAX_FILTER_ITEM_IDS),
+    deny_item_ids=_values(st.sampled_from(KNOWN_IDS), ITEM_IDS, MAX_FILTER_ITEM_IDS),
+)
+
+
+def _filter_accepted(item_filter: recommender_pb2.ItemFilter) -> bool:
+    """The documented bounds of an ItemFilter, and every value one the catalogue has."""
+    paths = [_path(category) for category, _, _ in ITEM_FIELDS.values()]
+    brands = {_label(brand) for _, brand, _ in ITEM_FIELDS.values()} - {""}
+    ids = [*item_filter.allow_item_ids, *item_filter.deny_item_ids]
+    return (
+        len(item_filter.categories) <= 64
+        and all(
+            len(c) <= 512 and _path(c) and any(p[: len(_path(c))] == _path(c) for p in paths)
+            for c in item_filter.categories
+        )
+        and len(item_filter.brands) <= 64
+        and all(len(b) <= 256 and _label(b) in brands for b in item_filter.brands)
+        and len(item_filter.price_buckets) <= 3
+        and all(1 <= b <= 3 for b in item_filter.price_buckets)
+        and len(item_filter.allow_item_ids) <= MAX_FILTER_ITEM_IDS
+        and len(item_filter.deny_item_ids) <= MAX_FILTER_ITEM_IDS
+        and all(i in KNOWN_IDS for i in ids)
+    )
+
+
+def _passes(item_id: str, item_filter: recommender_pb2.ItemFilter) -> bool:
+    """Whether a trained item passes an accepted filter (an independent reading of the doc)."""
+    category, brand, price = ITEM_FIELDS[item_id]
+    path = _path(category)
+    prices = {"budget": 1, "mid-range": 2, "premium": 3}
+    return (
+        (
+            not item_filter.categories
+            or any(path[: len(_path(c))] == _path(c) for c in item_filter.categories)
+        )
+        and (not item_filter.brands or _label(brand) in map(_label, item_filter.brands))
+        and (not item_filter.price_buckets or prices.get(price) in item_filter.price_buckets)
+        and (not item_filter.allow_item_ids or item_id in item_filter.allow_item_ids)
+        and item_id not in item_filter.deny_item_ids
+    )
+
+
 RETENTION_SECONDS = 30 * 24 * 3600  # the gateway's default
 MAX_AGES = st.one_of(st.none(), st.integers(min_value=-2, max_value=RETENTION_SECONDS + 2), INT64)
 WEIGHTS = st.one_of(st.none(), st.floats(width=32, allow_nan=True, allow_infinity=True))
 
 
 class RankingFake(FakeTransport):
-    """Answers like the scorer: at most `top_k` items, never padding, history or exclusions
-    (for SimilarItems: never the query item); the item and image encoders answer like
-    `FakeTransport`."""
+    """Answers like the scorer: at most `top_k` items, never padding, history, exclusions or
+    items the filter mask leaves out (for SimilarItems: never the query item); the item and
+    image encoders answer like `FakeTransport`."""
 
     async def infer(self, model_name, inputs, output_names, *, client_timeout, request_id):  # type: ignore[no-untyped-def]
         answer = await super().infer(
@@ -93,7 +179,10 @@ class RankingFake(FakeTransport):
         history = inputs.get(contract.HISTORY_ITEMS, inputs.get(contract.QUERY_ITEMS))
         banned = set(history.ravel()) | set(inputs[contract.EXCLUDE_ITEMS].ravel())
         n_rows = len(ITEMS) + len(inputs[contract.EXTRA_ITEM_VECTORS])
-        eligible = [i for i in range(1, n_rows + 1) if i not in banned]
+        mask = inputs[contract.ITEM_ELIGIBLE]
+        assert mask.dtype == bool and mask.shape in ((1, 1), (1, n_rows + 1)), mask.shape
+        passes = mask[0] if mask.shape[1] > 1 else [True] * (n_rows + 1)
+        eligible = [i for i in range(1, n_rows + 1) if i not in banned and passes[i]]
         k = int(inputs[contract.TOP_K][0])
         ranked = (eligible + [0] * k)[:k]
         scores = [float(n_rows - n) if i else float("-inf") for n, i in enumerate(ranked)]
@@ -112,6 +201,7 @@ def fuzzed_gateway(root: Path, **settings: Any) -> Iterator[recommender_pb2_grpc
         max_k=MAX_K,
         max_request_history=MAX_REQUEST_HISTORY,
         max_exclude=MAX_EXCLUDE,
+        max_filter_item_ids=MAX_FILTER_ITEM_IDS,
         health_poll_interval_seconds=0.05,
         allow_plaintext=True,
         feedback_dir=root / "feedback",
@@ -166,17 +256,25 @@ def items_stub(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(request=REQUESTS, weight=WEIGHTS, max_age=MAX_AGES)
+@given(
+    request=REQUESTS,
+    weight=WEIGHTS,
+    max_age=MAX_AGES,
+    item_filter=st.one_of(st.none(), FILTERS),
+)
 def test_any_request_gets_ok_invalid_argument_or_not_found(
     stub: recommender_pb2_grpc.RecommenderStub,
     request: recommender_pb2.RecommendRequest,
     weight: float | None,
     max_age: int | None,
+    item_filter: recommender_pb2.ItemFilter | None,
 ) -> None:
     if weight is not None:
         request.long_tail_weight = weight
     if max_age is not None:
         request.stored_history_max_age_seconds = max_age
+    if item_filter is not None:
+        request.filter.CopyFrom(item_filter)
     try:
         reply = stub.Recommend(request, timeout=10)
     except grpc.RpcError as exc:
@@ -186,6 +284,8 @@ def test_any_request_gets_ok_invalid_argument_or_not_found(
             return
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
         assert exc.details(), "an INVALID_ARGUMENT must say which field and bound"
+        if exc.details().startswith("filter"):  # only for a filter out of bounds or unknown
+            assert not _filter_accepted(request.filter), exc.details()
         return
     assert request.model_version in ("", SERVED_VERSION)
     # Accepted requests were within every documented bound.
@@ -197,6 +297,9 @@ def test_any_request_gets_ok_invalid_argument_or_not_found(
     assert len(reply.items) <= request.k
     assert all(item.item_id in KNOWN_IDS for item in reply.items)
     assert not {item.item_id for item in reply.items} & set(request.exclude_item_ids)
+    # Accepted filters were within bounds and known; only items that pass come back.
+    assert _filter_accepted(request.filter)
+    assert all(_passes(item.item_id, request.filter) for item in reply.items)
     if request.remember_history:
         assert request.user_id and request.history
     if max_age is not None:
@@ -209,6 +312,53 @@ def test_any_request_gets_ok_invalid_argument_or_not_found(
             recommender_pb2.HISTORY_SOURCE_NONE,
         )
         assert reply.history_source in stored_or_none
+
+
+@settings(
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    item_filter=FILTERS,
+    k=st.integers(min_value=1, max_value=MAX_K),
+    history=st.lists(st.sampled_from(KNOWN_IDS), max_size=3),
+    similar=st.booleans(),
+)
+def test_any_filter_gets_ok_exactly_when_accepted_and_k_items_that_pass(
+    stub: recommender_pb2_grpc.RecommenderStub,
+    item_filter: recommender_pb2.ItemFilter,
+    k: int,
+    history: list[str],
+    similar: bool,
+) -> None:
+    """A valid request but for its filter: OK exactly when the filter is within bounds and every
+    value is the catalogue's; then every item that passes (but the history or the query) comes
+    back, up to k."""
+    if similar:
+        query = history[0] if history else KNOWN_IDS[0]
+        call = stub.SimilarItems
+        request: Any = recommender_pb2.SimilarItemsRequest(item_id=query, k=k, filter=item_filter)
+        never = {query}
+    else:
+        call = stub.Recommend
+        request = recommender_pb2.RecommendRequest(
+            k=k,
+            history=[recommender_pb2.HistoryEvent(item_id=i) for i in history],
+            filter=item_filter,
+        )
+        never = set(history)
+    try:
+        reply = call(request, timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        assert exc.details().startswith("filter"), exc.details()
+        assert not _filter_accepted(item_filter), exc.details()
+        return
+    assert _filter_accepted(item_filter)
+    returned = [item.item_id for item in reply.items]
+    eligible = [i for i in KNOWN_IDS if i not in never and _passes(i, item_filter)]
+    assert sorted(returned) == sorted(eligible[:k]) and len(returned) == min(k, len(eligible))
 
 
 def _accepted_event(event: recommender_pb2.FeedbackEvent) -> bool:
@@ -353,6 +503,7 @@ ITEM_MESSAGES = st.builds(
     attributes=st.dictionaries(st.text(max_size=70), st.text(max_size=40), max_size=3),
     image=IMAGES,
     image_path=IMAGE_PATHS,
+    available=st.one_of(st.none(), st.booleans()),
 )
 
 # Valid items whose images are anything: these reach the image code in every example.
@@ -398,6 +549,7 @@ def _accepted_item(item: recommender_pb2.Item) -> bool:
         k=st.one_of(st.integers(min_value=-2, max_value=MAX_K + 2), INT32),
         exclude_item_ids=st.lists(ITEMS_IDS, max_size=MAX_EXCLUDE + 2),
         model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
+        filter=st.one_of(st.none(), FILTERS),
     ),
     weight=WEIGHTS,
 )
@@ -465,3 +617,7 @@ def test_any_item_request_gets_only_documented_codes(
     assert len(returned) <= similar.k
     assert similar.item_id not in returned
     assert not set(returned) & set(similar.exclude_item_ids)
+    # Whatever the upserts above did to the items' fields, a filter's id lists hold.
+    if similar.filter.allow_item_ids:
+        assert set(returned) <= set(similar.filter.allow_item_ids)
+    assert not set(returned) & set(similar.filter.deny_item_ids)

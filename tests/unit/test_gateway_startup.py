@@ -107,26 +107,26 @@ def test_metadata_without_a_similar_items_default_serves_similar_items_at_zero(
     assert metadata.default_long_tail_weight == 0.25
 
 
+HEADER = ",".join(contract.CATALOGUE_COLUMNS) + "\n"
 BAD_CATALOGUES = {
     "wrong header": ("id,item_id,title,popularity,long_tail\n1,a,A,1,0\n", "header must be"),
-    "index gap": (
-        "index,item_id,title,popularity,long_tail\n1,a,A,1,0\n3,b,B,1,0\n",
-        "line 3: index must be 2",
+    "exported before the item fields": (
+        "index,item_id,title,popularity,long_tail\n1,a,A,1,0\n",
+        "re-run the export",
     ),
+    "index gap": (HEADER + "1,a,A,1,0,,,\n3,b,B,1,0,,,\n", "line 3: index must be 2"),
     "popularity not integer": (
-        "index,item_id,title,popularity,long_tail\n1,a,A,many,0\n",
+        HEADER + "1,a,A,many,0,,,\n",
         "line 2: index and popularity must be integers",
     ),
-    "long_tail not 0/1": (
-        "index,item_id,title,popularity,long_tail\n1,a,A,1,yes\n",
-        "line 2: long_tail must be 0 or 1",
+    "long_tail not 0/1": (HEADER + "1,a,A,1,yes,,,\n", "line 2: long_tail must be 0 or 1"),
+    "price bucket unknown": (
+        HEADER + "1,a,A,1,0,Books,Acme,cheap\n",
+        "line 2: price_bucket must be empty or one of budget, mid-range, premium, got 'cheap'",
     ),
-    "missing field": ("index,item_id,title,popularity,long_tail\n1,a,A,1\n", "expected 5 fields"),
-    "duplicate id": (
-        "index,item_id,title,popularity,long_tail\n1,a,A,1,0\n2,a,B,1,0\n",
-        "duplicate item_id",
-    ),
-    "no items": ("index,item_id,title,popularity,long_tail\n", "no items"),
+    "missing field": (HEADER + "1,a,A,1,0,,\n", "expected 8 fields"),
+    "duplicate id": (HEADER + "1,a,A,1,0,,,\n2,a,B,1,0,,,\n", "duplicate item_id"),
+    "no items": (HEADER, "no items"),
     "empty file": ("", "header must be"),
 }
 
@@ -169,6 +169,11 @@ BAD_METADATA = {
         "vocabularies.event_types must be",
     ),
     "no vocabularies": (_metadata_with(vocabularies=None), "vocabularies must be an object"),
+    "exported before the item filter": (
+        _metadata_with(item_filter=None),
+        "item_filter must be true: this repository was exported before the scorer took the "
+        "business filter",
+    ),
 }
 
 
@@ -236,7 +241,7 @@ def _config(repository: Path, **changes: Any) -> GatewayConfig:
 
 # --- The real tritonclient transport -------------------------------------------------------------
 
-_NUMPY_DTYPES = {"INT64": np.int64, "FP32": np.float32}
+_NUMPY_DTYPES = {"INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 
 
 class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -315,6 +320,7 @@ async def test_grpc_transport_sends_the_contract_tensors_to_triton(tmp_path: Pat
         contract.TOP_K: ("INT64", [1]),
         contract.EXTRA_ITEM_VECTORS: ("FP32", [0, METADATA["embedding_dim"]]),
         contract.EXTRA_POPULARITY: ("FP32", [0]),
+        contract.ITEM_ELIGIBLE: ("BOOL", [1, 1]),
     }
     assert {o.name for o in sent.outputs} == {
         contract.TOP_ITEMS,

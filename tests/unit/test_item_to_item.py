@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pandas as pd
 import pytest
 
-from export_scripts import onnx_graphs, triton_config
 from ltrec.data import leave_one_out
 from ltrec.evaluation import EvalCases, long_tail_mask
 from ltrec.item_to_item import (
@@ -29,15 +27,8 @@ from ltrec.item_to_item import (
 )
 from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2
-from tests.support.gateway import (
-    DIM,
-    METADATA,
-    FakeTransport,
-    outputs,
-    run_async,
-    running_gateway,
-    write_repository,
-)
+from tests.support.gateway import DIM, METADATA, run_async, running_gateway, write_repository
+from tests.support.scorer import ScorerGraphs
 
 
 def events(rows: Sequence[tuple[str, int]]) -> pd.DataFrame:
@@ -168,47 +159,6 @@ def catalogue_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table, popularity
 
 
-class SimilarItemsGraphs(FakeTransport):
-    """The similar_items ensemble run for real: the export's item_lookup and scorer graphs of the
-    catalogue, chained as the exported ensemble config chains them."""
-
-    def __init__(self, table: np.ndarray, popularity: np.ndarray) -> None:
-        super().__init__(outputs([2], [1.0], [0]))  # what Recommend answers
-        self.sessions = {
-            contract.ITEM_LOOKUP_MODEL: onnx_graphs.item_lookup_graph(table),
-            contract.SCORER_MODEL: onnx_graphs.scorer_graph(table, popularity, overlay=True),
-        }
-
-    async def infer(
-        self,
-        model_name: str,
-        inputs: Mapping[str, np.ndarray],
-        output_names: Sequence[str],
-        *,
-        client_timeout: float,
-        request_id: str,
-    ) -> dict[str, np.ndarray]:
-        answer = await super().infer(
-            model_name,
-            inputs,
-            output_names,
-            client_timeout=client_timeout,
-            request_id=request_id,
-        )
-        if model_name != contract.SIMILAR_ITEMS_MODEL:
-            return answer
-        tensors = dict(inputs)
-        for step, (step_in, step_out), renames in triton_config.similar_items_steps(DIM):
-            model = self.sessions[step]
-            session = ort.InferenceSession(model.SerializeToString())
-            feeds = {t.name: tensors[renames.get(t.name, t.name)] for t in step_in}
-            values = session.run([t.name for t in step_out], feeds)
-            tensors.update(
-                {renames.get(t.name, t.name): v for t, v in zip(step_out, values, strict=True)}
-            )
-        return {name: tensors[name] for name in output_names}
-
-
 def chosen_default() -> float:
     table, popularity = catalogue_arrays()
     users = [f"u{n}" for n in range(len(NEXT))]
@@ -237,7 +187,7 @@ async def test_served_similar_items_default_keeps_the_near_duplicate_first(tmp_p
         contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY: weight,
     }
     (repository / contract.METADATA_FILE).write_text(json.dumps(metadata), encoding="utf-8")
-    graphs = SimilarItemsGraphs(table, popularity)
+    graphs = ScorerGraphs(table, popularity)
     async with running_gateway(repository, graphs) as gw:
         similar = await gw.stub.SimilarItems(
             recommender_pb2.SimilarItemsRequest(item_id="toy-story", k=3), timeout=5

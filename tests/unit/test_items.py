@@ -656,7 +656,9 @@ async def test_similar_items_query_the_item_vector_with_the_same_exclusions(
             contract.TOP_K,
             contract.EXTRA_ITEM_VECTORS,
             contract.EXTRA_POPULARITY,
+            contract.ITEM_ELIGIBLE,
         }
+        np.testing.assert_array_equal(tensors[contract.ITEM_ELIGIBLE], [[True]])  # no filter
         np.testing.assert_array_equal(tensors[contract.QUERY_ITEMS], [[1]])
         np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[2, 6]])
         np.testing.assert_array_equal(tensors[contract.LONG_TAIL_WEIGHT], [[0.5]])
