@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 
@@ -309,6 +310,30 @@ async def test_the_runner_raises_the_stream_bound_after_answering_what_it_took()
         async for result in runner.run(_stream(_request(f"r{n}") for n in range(9)), answer):
             seen.append(result.index)
     assert sorted(seen) == [0, 1, 2, 3]
+
+
+@run_async
+async def test_example_client_recommends_for_several_users_over_one_stream(
+    repository: Path,
+) -> None:
+    root = Path(__file__).resolve().parents[2]
+    fake = PacedFake()
+    async with running_gateway(repository, fake) as gw:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "examples/recommend_client.py", "--address", gw.address,
+            "--batch", "3", "--user", "news", "-k", "2",
+            cwd=root, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert sorted(line.split(" ")[:2] for line in lines[:-1]) == [
+        ["#0", "news-1"],
+        ["#1", "news-2"],
+        ["#2", "news-3"],
+    ]
+    assert lines[-1] == "3 users: 3 lists, 0 errors"
+    assert len(fake.ranking_calls()) == 3
 
 
 # --- Logs and configuration ----------------------------------------------------------------------
