@@ -8,7 +8,7 @@
      holds nothing but the checked-out commit;
    - the proto of earlier commits, wherever this clone has them: HEAD (edits not committed yet),
      HEAD~1 (the last commit: on main after a merge, the whole merged branch) and the merge base
-     with a local `main` branch (every commit of a feature branch). A commit the clone lacks is
+     with `main` or `origin/main` (every commit of a feature branch). A commit the clone lacks is
      reported as skipped.
 
 `--write-baseline` (`make proto-baseline`) records the current proto as the baseline once the same
@@ -56,13 +56,19 @@ def main() -> int:
                 continue
             label = f"buf breaking against {name} ({commit[:12]})"
             failed |= not _run(label, [buf, "breaking", "--against", str(directory)])
-    if failed:
-        return 1
-    if args.write_baseline:
-        _run(
-            f"buf build -o {BASELINE.name}",
-            [buf, "build", "--exclude-source-info", "-o", str(BASELINE)],
-        )
+        if failed:
+            return 1
+        current = Path(scratch) / BASELINE.name
+        if not _run("buf build", [buf, "build", "--exclude-source-info", "-o", str(current)]):
+            return 1
+        if args.write_baseline:
+            BASELINE.write_bytes(current.read_bytes())
+            print(f"recorded {BASELINE.relative_to(ROOT)}")
+        elif not BASELINE.exists() or BASELINE.read_bytes() != current.read_bytes():
+            print(
+                f"note: {BASELINE.relative_to(ROOT)} lacks what the proto added since: record it "
+                "(make proto-baseline) and commit it with the proto"
+            )
     return 0
 
 
@@ -80,18 +86,22 @@ def _git(*args: str) -> str | None:
 
 
 def _earlier_commits() -> list[tuple[str, str]]:
-    """(name, commit) of HEAD, HEAD~1 and the merge base with main, each commit once; those the
-    clone lacks (no git, a shallow clone, no local main) are reported and left out."""
+    """(name, commit) of HEAD, HEAD~1 and the merge bases with main, each commit once; those the
+    clone lacks (no git, a shallow clone, no main branch) are reported and left out."""
     if _git("rev-parse", "--is-inside-work-tree") != "true":
         print("buf breaking against earlier commits: skipped (not a git work tree)")
         return []
+    candidates = [
+        ("HEAD", _git("rev-parse", "--verify", "-q", "HEAD^{commit}")),
+        ("HEAD~1", _git("rev-parse", "--verify", "-q", "HEAD~1^{commit}")),
+        (
+            "the merge base with main",
+            _git("merge-base", "HEAD", "refs/heads/main")
+            or _git("merge-base", "HEAD", "refs/remotes/origin/main"),
+        ),
+    ]
     found: list[tuple[str, str]] = []
-    for name, resolve in (
-        ("HEAD", ("rev-parse", "--verify", "-q", "HEAD^{commit}")),
-        ("HEAD~1", ("rev-parse", "--verify", "-q", "HEAD~1^{commit}")),
-        ("the merge base with main", ("merge-base", "HEAD", "refs/heads/main")),
-    ):
-        commit = _git(*resolve)
+    for name, commit in candidates:
         if not commit:
             print(f"buf breaking against {name}: skipped (not in this clone)")
         elif commit not in (c for _, c in found):
