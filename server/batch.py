@@ -22,15 +22,10 @@ from typing import Any
 import grpc
 
 from server import metrics
-from server.errors import GatewayError, InvalidArgument
+from server.errors import InvalidArgument
 from server.gen.ltrec.v1 import recommender_pb2
 from server.hashing import user_hash
-from server.interceptors import (
-    INTERNAL_MESSAGE,
-    current_request_id,
-    request_id_of,
-    status_of,
-)
+from server.interceptors import current_request_id, failure_status, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +129,11 @@ class BatchRunner:
                 raise InvalidArgument("request must be set (the RecommendRequest to answer)")
             response = await answer(request, request_id)
         except Exception as exc:
-            code, message = self._status(exc, request_id)
+            code, why = failure_status(exc, METHOD, request_id)
             result = recommender_pb2.RecommendBatchResponse(
                 index=index,
                 request_id=request_id,
-                error=recommender_pb2.RecommendBatchError(code=code.value[0], message=message),
+                error=recommender_pb2.RecommendBatchError(code=code.value[0], message=why),
             )
         else:
             code = grpc.StatusCode.OK
@@ -151,15 +146,6 @@ class BatchRunner:
         metrics.BATCH_REQUESTS_TOTAL.labels(method=METHOD, code=code.name).inc()
         logger.info(json.dumps(self._log_line(index, request_id, code, start, request.user_id)))
         answers.put_nowait(result)
-
-    def _status(self, exc: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
-        if isinstance(exc, GatewayError):
-            code, message = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.error("request_id=%s %s failed: %s", request_id, METHOD, exc, exc_info=exc)
-            return code, message
-        logger.error("request_id=%s %s failed unexpectedly", request_id, METHOD, exc_info=exc)
-        return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
     def _log_line(
         self, index: int, request_id: str, code: grpc.StatusCode, start: float, user_id: str

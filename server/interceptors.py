@@ -145,23 +145,13 @@ class _Observer:
     ) -> tuple[grpc.StatusCode, str | None]:
         """The status an exception ends the RPC with, and the message to abort with (None: the
         RPC already ends with that status, so the exception goes on)."""
-        if isinstance(exc, GatewayError):
-            code, message = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.error(
-                    "request_id=%s %s failed: %s", request_id, self.method, exc, exc_info=exc
-                )
-            return code, message
         if isinstance(exc, grpc.aio.AbortError):
             # Handlers raise GatewayError rather than abort; keep the status of one that did.
             return context.code() or grpc.StatusCode.UNKNOWN, None
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             return grpc.StatusCode.CANCELLED, None
         if isinstance(exc, Exception):
-            logger.error(
-                "request_id=%s %s failed unexpectedly", request_id, self.method, exc_info=exc
-            )
-            return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+            return failure_status(exc, self.method, request_id)
         return grpc.StatusCode.UNKNOWN, None
 
 
@@ -211,6 +201,18 @@ def _wrap_stream(method: str, behavior: StreamBehavior, user_hash_key: bytes) ->
             observer.end(code, start, request_id, "")
 
     return wrapped
+
+
+def failure_status(exc: Exception, method: str, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-facing message of an exception a request ended in: the table for
+    gateway errors, INTERNAL for anything else; INTERNAL ones are logged with their traceback."""
+    if isinstance(exc, GatewayError):
+        code, message = status_of(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            logger.error("request_id=%s %s failed: %s", request_id, method, exc, exc_info=exc)
+        return code, message
+    logger.error("request_id=%s %s failed unexpectedly", request_id, method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
 def status_of(exc: GatewayError) -> tuple[grpc.StatusCode, str]:
