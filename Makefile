@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto grafana-schema data photo-data run-photos train export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
+.PHONY: install proto proto-check proto-baseline grafana-schema data photo-data run-photos train export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -36,18 +36,24 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 
 STUBS := server/gen/ltrec/v1/recommender_pb2.py
 
+# npm packages are pinned in tools/*/package-lock.json and installed with `npm ci` under build/.
+# Node.js and npm come from apt when missing (as root).
+define need_npm
+@command -v npm >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
+  else echo "npm missing: run 'sudo apt-get install -y nodejs npm'" >&2; exit 1; fi; }
+endef
+
 # A JSON Schema of Grafana dashboards generated from Grafana's own TypeScript types (npm packages
 # pinned in tools/grafana-schema/package-lock.json); tests/unit/test_dashboard.py validates
-# helm/ltrec/files/dashboard.json against it. Node.js and npm come from apt when missing (as root).
+# helm/ltrec/files/dashboard.json against it.
 GRAFANA_SCHEMA := build/grafana-schema/dashboard.schema.json
 GRAFANA_TYPES := node_modules/@grafana/schema/dist/types/raw/dashboard/x/types.gen.d.ts
 
 grafana-schema: $(GRAFANA_SCHEMA)
 
 $(GRAFANA_SCHEMA): tools/grafana-schema/package.json tools/grafana-schema/package-lock.json
-	@command -v npm >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
-	  else echo "npm missing: run 'sudo apt-get install -y nodejs npm'" >&2; exit 1; fi; }
+	$(need_npm)
 	mkdir -p $(@D)
 	cp tools/grafana-schema/package.json tools/grafana-schema/package-lock.json $(@D)/
 	cd $(@D) && npm ci --no-audit --no-fund --loglevel=error \
@@ -55,7 +61,19 @@ $(GRAFANA_SCHEMA): tools/grafana-schema/package.json tools/grafana-schema/packag
 	       --no-type-check --additional-properties -o dashboard.schema.json.tmp \
 	  && mv dashboard.schema.json.tmp dashboard.schema.json
 
-install: $(VENV)/.installed $(STUBS) $(GRAFANA_SCHEMA)
+# buf (npm's @bufbuild/buf, pinned in tools/buf/package-lock.json; the binary comes in its
+# platform package): lints the proto and checks it for breaking changes (buf.yaml).
+BUF_DIR := build/buf
+BUF := $(BUF_DIR)/node_modules/.bin/buf
+
+$(BUF_DIR)/.installed: tools/buf/package.json tools/buf/package-lock.json
+	$(need_npm)
+	mkdir -p $(@D)
+	cp tools/buf/package.json tools/buf/package-lock.json $(@D)/
+	cd $(@D) && npm ci --no-audit --no-fund --loglevel=error && ./node_modules/.bin/buf --version
+	touch $@
+
+install: $(VENV)/.installed $(STUBS) $(GRAFANA_SCHEMA) $(BUF_DIR)/.installed
 
 # Generated stubs are not committed: `make proto` writes them to server/gen/ (git-ignored).
 # The proto path is mapped so that the stubs import as `server.gen.ltrec.v1`.
@@ -64,6 +82,16 @@ proto: $(STUBS)
 $(STUBS): proto/ltrec/v1/recommender.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iserver/gen=proto --python_out=. --grpc_python_out=. --pyi_out=. \
 		proto/ltrec/v1/recommender.proto
+
+# The contract: `buf lint`, and `buf breaking` (only additions) against the committed baseline
+# proto/baseline.txtpb and the proto of earlier commits where the clone has them
+# (tools/check_proto.py says which and why). `proto-baseline` records the current proto as the
+# baseline once those checks pass: run it, and commit the file, whenever the proto grows.
+proto-check: $(BUF_DIR)/.installed | $(VENV)/.installed
+	$(PY) tools/check_proto.py --buf $(BUF)
+
+proto-baseline: $(BUF_DIR)/.installed | $(VENV)/.installed
+	$(PY) tools/check_proto.py --buf $(BUF) --write-baseline
 
 # --- the main job: data -> train -> export -> serve ----------------------------------------------
 $(DATA_DIR)/source.json: | $(VENV)/.installed
@@ -157,13 +185,14 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration
 
-# ruff, mypy over every package (pyproject.toml), and the layout: imports run one way, no cycle,
-# the gateway loads no torch (tools/check_layout.py).
+# ruff, mypy over every package (pyproject.toml), the layout: imports run one way, no cycle,
+# the gateway loads no torch (tools/check_layout.py), and the proto contract (buf, above).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PY) tools/check_layout.py
+	$(PY) tools/check_proto.py --buf $(BUF)
 
 clean:
 	rm -rf build artifacts $(filter-out model_repository/README.md,$(wildcard model_repository/*)) server/gen

@@ -5,6 +5,7 @@
                                         [--category PATH ...] [--brand B ...] [--price P ...]
                                         [--available-only] [--allow ID ...] [--deny ID ...]
     python examples/recommend_client.py --forget [--user ID]
+    python examples/recommend_client.py --batch N [--user ID] [-k 10]
 
 The history below is user 1m_1's first twelve ratings in MovieLens-1M, in time order (item ids
 there are titles). Any internal service calls `ltrec.v1.Recommender/Recommend` the same way.
@@ -26,6 +27,10 @@ INVALID_ARGUMENT naming it: "filter.brands[0] 'Acme' is not the brand of any ite
 
 `--forget` erases the user instead (`ForgetUser`): the stored history is deleted, and the next
 retraining skips the user's feedback; it prints what was erased.
+
+`--batch N` asks for N users at once over one `RecommendBatch` stream (as a newsletter job
+would): users ID-1 ... ID-N, each with a different part of the history. Answers come back as they
+are ready, each with the index of its request and either the list or that request's own error.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -91,9 +97,17 @@ def main() -> int:
     business.add_argument("--available-only", action="store_true", help="only items in stock")
     business.add_argument("--allow", action="append", default=[], metavar="ID")
     business.add_argument("--deny", action="append", default=[], metavar="ID")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        metavar="N",
+        help="recommend for N users over one RecommendBatch stream",
+    )
     args = parser.parse_args()
     if args.forget:
         return forget(args.address, args.user, args.timeout)
+    if args.batch is not None:
+        return batch(args.address, args.user, args.batch, args.k, args.timeout)
     now = int(time.time())
     request = recommender_pb2.RecommendRequest(
         user_id=args.user,
@@ -168,6 +182,51 @@ def forget(address: str, user_id: str, timeout: float) -> int:
         f"{reply.served_lists_erased} served lists left out of retraining"
     )
     return 0
+
+
+def batch(address: str, user_prefix: str, users: int, k: int, timeout: float) -> int:
+    """One stream, one request per user; each answer printed as it comes."""
+    now = int(time.time()) // 3600 * 3600
+
+    def requests() -> Iterator[recommender_pb2.RecommendBatchRequest]:
+        for n in range(users):
+            # User n read the history's titles n, n+1, ... (a different taste each), in order.
+            titles = HISTORY[n % len(HISTORY) :] or HISTORY
+            history = [
+                recommender_pb2.HistoryEvent(
+                    item_id=title,
+                    event_type=recommender_pb2.EVENT_TYPE_RATING,
+                    timestamp=now - 3600 * (len(titles) - i),
+                )
+                for i, title in enumerate(titles)
+            ]
+            request = recommender_pb2.RecommendRequest(
+                user_id=f"{user_prefix}-{n + 1}", history=history, k=k
+            )
+            yield recommender_pb2.RecommendBatchRequest(request=request)
+
+    failed = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        try:
+            for answer in stub.RecommendBatch(requests(), timeout=timeout):
+                user = f"{user_prefix}-{answer.index + 1}"
+                if answer.WhichOneof("result") == "error":
+                    failed += 1
+                    code = _CODE_NAMES.get(answer.error.code, str(answer.error.code))
+                    print(f"#{answer.index} {user}: {code}: {answer.error.message}")
+                    continue
+                titles = ", ".join(item.title for item in answer.response.items[:3])
+                print(f"#{answer.index} {user} (request {answer.request_id}): {titles} ...")
+        except grpc.RpcError as exc:
+            print(f"stream failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"{users} users: {users - failed} lists, {failed} errors")
+    return 0
+
+
+# google.rpc.Code number -> its name: 3 -> INVALID_ARGUMENT
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def feedback(

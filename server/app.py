@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server import metrics
+from server.batch import METHOD as BATCH_METHOD
+from server.batch import BatchLimits, BatchRunner
 from server.catalogue import describe, load_model_repository
 from server.config import GatewayConfig
 from server.errors import StartupError
@@ -141,7 +143,8 @@ def create_server(
     )
     metrics.CATALOGUE_ITEMS.set(catalogue.size)
     metrics.initialise_request_counters(
-        recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].methods_by_name
+        recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].methods_by_name,
+        batch_methods=(BATCH_METHOD,),
     )
     metrics.set_model_version(metadata.model_version)
 
@@ -200,9 +203,26 @@ def create_server(
         options=server_options(config),
     )
     eraser = UserEraser(feedback, history, user_hash_key.encode())
+    batch = BatchRunner(
+        BatchLimits(
+            window=config.batch_stream_window,
+            max_in_flight=config.batch_max_in_flight,
+            max_requests=config.batch_max_requests_per_stream,
+        ),
+        user_hash_key.encode(),
+    )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(
-            metadata, items, triton, limits, feedback, encoder, images, history, eraser=eraser
+            metadata,
+            items,
+            triton,
+            limits,
+            feedback,
+            encoder,
+            images,
+            history,
+            eraser=eraser,
+            batch=batch,
         ),
         server,
     )

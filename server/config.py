@@ -18,6 +18,10 @@ from server.stores.history import (
 from server.stores.history_redis import check_address
 
 HISTORY_STORES = ("sqlite", "redis", "off")
+# Upper bounds of the RecommendBatch limits (memory: window x max message bytes per stream).
+MAX_BATCH_STREAM_WINDOW = 1024
+MAX_BATCH_IN_FLIGHT = 4096
+MAX_BATCH_REQUESTS_PER_STREAM = 1_000_000
 
 ENV_PREFIX = "LTREC_"
 
@@ -109,6 +113,13 @@ class GatewayConfig:
     # Per Redis call (no retry); after a failure Redis is not asked for the backoff time.
     history_timeout_seconds: float = 0.1
     history_unavailable_backoff_seconds: float = 1.0
+    # RecommendBatch (`server.batch`): requests of one stream read and not yet answered (the
+    # stream is not read while they are; a stream holds at most this many requests of at most
+    # LTREC_MAX_MESSAGE_BYTES each), requests of all streams in the pipeline at once (batch work
+    # cannot take all of Triton from online calls), and requests taken from one stream.
+    batch_stream_window: int = 16
+    batch_max_in_flight: int = 64
+    batch_max_requests_per_stream: int = 10_000
 
     def __post_init__(self) -> None:
         _check(
@@ -175,6 +186,13 @@ class GatewayConfig:
             ">= 4096",
         )
         self._check_history()
+        for name, most in (
+            ("batch_stream_window", MAX_BATCH_STREAM_WINDOW),
+            ("batch_max_in_flight", MAX_BATCH_IN_FLIGHT),
+            ("batch_max_requests_per_stream", MAX_BATCH_REQUESTS_PER_STREAM),
+        ):
+            value = getattr(self, name)
+            _check(value, name, 1 <= value <= most, f"in [1, {most}]")
         _check(
             self.allow_plaintext,
             "allow_plaintext",

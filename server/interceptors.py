@@ -1,4 +1,8 @@
-"""The one place where gateway errors become gRPC statuses, plus per-RPC metrics and log line."""
+"""The one place where gateway errors become gRPC statuses, plus per-RPC metrics and log line.
+
+`status_of` is the table; the interceptor applies it to whole RPCs, and `server.batch` to each
+request of a RecommendBatch stream, whose errors are answered inline.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -47,6 +51,7 @@ REQUEST_ID_METADATA_KEY = "x-request-id"
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("ltrec_request_id", default="")
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamBehavior = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 
 def current_request_id() -> str:
@@ -74,83 +79,144 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or not full_method.startswith(self._prefixes)
-        ):
+        if handler is None or not full_method.startswith(self._prefixes):
             return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            _wrap(full_method.rsplit("/", 1)[-1], handler.unary_unary, self._user_hash_key),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        method = full_method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                _wrap(method, handler.unary_unary, self._user_hash_key),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(method, handler.stream_stream, self._user_hash_key),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        else:
+            return handler
         self._wrapped[full_method] = wrapped
         return wrapped
 
 
-def _wrap(method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:
-    # Metric children bound once per status code instead of a labels() lookup per RPC.
-    counters: dict[grpc.StatusCode, Any] = {}
-    durations: dict[grpc.StatusCode, Any] = {}
+class _Observer:
+    """Counts and times one method's RPCs by status code, and writes their access-log lines."""
 
-    def observe(code: grpc.StatusCode, elapsed: float) -> None:
-        if code not in counters:
-            counters[code] = metrics.REQUESTS_TOTAL.labels(method=method, code=code.name)
-            durations[code] = metrics.REQUEST_DURATION_SECONDS.labels(method=method, code=code.name)
-        counters[code].inc()
-        durations[code].observe(elapsed)
+    def __init__(self, method: str, user_hash_key: bytes) -> None:
+        self.method = method
+        self._user_hash_key = user_hash_key
+        # Metric children bound once per status code instead of a labels() lookup per RPC.
+        self._counters: dict[grpc.StatusCode, Any] = {}
+        self._durations: dict[grpc.StatusCode, Any] = {}
 
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        request_id = _request_id_of(request)
+    def begin(self, request_id: str, context: grpc.aio.ServicerContext) -> float:
         _request_id.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
-        code = grpc.StatusCode.UNKNOWN
-        start = time.perf_counter()
         metrics.IN_FLIGHT_REQUESTS.inc()
+        return time.perf_counter()
+
+    def end(self, code: grpc.StatusCode, start: float, request_id: str, user_id: str) -> None:
+        elapsed = time.perf_counter() - start
+        metrics.IN_FLIGHT_REQUESTS.dec()
+        if code not in self._counters:
+            labels = {"method": self.method, "code": code.name}
+            self._counters[code] = metrics.REQUESTS_TOTAL.labels(**labels)
+            self._durations[code] = metrics.REQUEST_DURATION_SECONDS.labels(**labels)
+        self._counters[code].inc()
+        self._durations[code].observe(elapsed)
+        # One JSON line per request; the user only as a keyed hash.
+        logger.info(
+            json.dumps(
+                {
+                    "event": "rpc",
+                    "request_id": request_id,
+                    "method": self.method,
+                    "code": code.name,
+                    "latency_ms": round(elapsed * 1000, 3),
+                    "user": user_hash(user_id, self._user_hash_key),
+                    "model_version": metrics.model_version(),
+                }
+            )
+        )
+
+    def outcome(
+        self, exc: BaseException, request_id: str, context: grpc.aio.ServicerContext
+    ) -> tuple[grpc.StatusCode, str | None]:
+        """The status an exception ends the RPC with, and the message to abort with (None: the
+        RPC already ends with that status, so the exception goes on)."""
+        if isinstance(exc, grpc.aio.AbortError):
+            # Handlers raise GatewayError rather than abort; keep the status of one that did.
+            return context.code() or grpc.StatusCode.UNKNOWN, None
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            return grpc.StatusCode.CANCELLED, None
+        if isinstance(exc, Exception):
+            return failure_status(exc, self.method, request_id)
+        return grpc.StatusCode.UNKNOWN, None
+
+
+def _wrap(method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:
+    observer = _Observer(method, user_hash_key)
+
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        request_id = request_id_of(request)
+        code = grpc.StatusCode.UNKNOWN
+        start = observer.begin(request_id, context)
         try:
             response = await behavior(request, context)
             code = grpc.StatusCode.OK
             return response
-        except GatewayError as exc:
-            code, message = _status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                logger.error("request_id=%s %s failed: %s", request_id, method, exc, exc_info=exc)
+        except BaseException as exc:
+            code, message = observer.outcome(exc, request_id, context)
+            if message is None:
+                raise
             await context.abort(code, message)
-        except grpc.aio.AbortError:
-            # Handlers raise GatewayError rather than abort; keep the status of one that did.
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            logger.exception("request_id=%s %s failed unexpectedly", request_id, method)
-            await context.abort(code, INTERNAL_MESSAGE)
         finally:
-            elapsed = time.perf_counter() - start
-            metrics.IN_FLIGHT_REQUESTS.dec()
-            observe(code, elapsed)
-            # One JSON line per request; the user only as a keyed hash.
-            logger.info(
-                json.dumps(
-                    {
-                        "event": "rpc",
-                        "request_id": request_id,
-                        "method": method,
-                        "code": code.name,
-                        "latency_ms": round(elapsed * 1000, 3),
-                        "user": user_hash(getattr(request, "user_id", ""), user_hash_key),
-                        "model_version": metrics.model_version(),
-                    }
-                )
-            )
+            observer.end(code, start, request_id, getattr(request, "user_id", ""))
 
     return wrapped
 
 
-def _status_of(exc: GatewayError) -> tuple[grpc.StatusCode, str]:
+def _wrap_stream(method: str, behavior: StreamBehavior, user_hash_key: bytes) -> StreamBehavior:
+    """A bidirectional stream is one RPC: one status, one duration and one access-log line (with
+    no user: its requests are each a user's, and `server.batch` logs them one by one)."""
+    observer = _Observer(method, user_hash_key)
+
+    async def wrapped(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        request_id = uuid.uuid4().hex
+        code = grpc.StatusCode.UNKNOWN
+        start = observer.begin(request_id, context)
+        try:
+            async for response in behavior(requests, context):
+                yield response
+            code = grpc.StatusCode.OK
+        except BaseException as exc:
+            code, message = observer.outcome(exc, request_id, context)
+            if message is None:
+                raise
+            await context.abort(code, message)
+        finally:
+            observer.end(code, start, request_id, "")
+
+    return wrapped
+
+
+def failure_status(exc: Exception, method: str, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-facing message of an exception a request ended in: the table for
+    gateway errors, INTERNAL for anything else; INTERNAL ones are logged with their traceback."""
+    if isinstance(exc, GatewayError):
+        code, message = status_of(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            logger.error("request_id=%s %s failed: %s", request_id, method, exc, exc_info=exc)
+        return code, message
+    logger.error("request_id=%s %s failed unexpectedly", request_id, method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def status_of(exc: GatewayError) -> tuple[grpc.StatusCode, str]:
+    """The status code of a gateway error and the message the caller may see."""
     for cls in type(exc).__mro__:
         if cls in STATUS_BY_ERROR:
             message = str(exc) if cls in _CALLER_FACING else INTERNAL_MESSAGE
@@ -158,7 +224,7 @@ def _status_of(exc: GatewayError) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
-def _request_id_of(request: Any) -> str:
+def request_id_of(request: Any) -> str:
     """Echoes a usable caller id; a malformed one (rejected by validation) is not logged."""
     given = getattr(request, "request_id", "")
     # gRPC metadata values are printable ASCII; anything else cannot be echoed in a header.

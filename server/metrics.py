@@ -273,6 +273,23 @@ for _method in FILTER_METHODS:
     FILTER_SHORT_RESULTS_TOTAL.labels(method=_method)
     for _field in FILTER_FIELDS:
         FILTERED_REQUESTS_TOTAL.labels(method=_method, field=_field)
+
+# RecommendBatch (server.batch): each request of a stream, by the status code of its inline
+# answer (the stream itself is one RPC in requests_total), and those read and not yet answered.
+BATCH_REQUESTS_TOTAL = Counter(
+    "batch_requests_total",
+    "Requests answered inside streaming batch RPCs (RecommendBatch), by method and the status "
+    "code of each request's inline answer.",
+    ["method", "code"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+BATCH_REQUESTS_IN_FLIGHT = Gauge(
+    "batch_requests_in_flight",
+    "Requests of batch streams in the Recommend pipeline now (at most LTREC_BATCH_MAX_IN_FLIGHT).",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",
@@ -295,10 +312,14 @@ DOCUMENTED_CODES = (
 )
 
 
-def initialise_request_counters(methods: Iterable[str]) -> None:
+def initialise_request_counters(methods: Iterable[str], batch_methods: Iterable[str] = ()) -> None:
     for method in methods:
         for code in DOCUMENTED_CODES:
             REQUESTS_TOTAL.labels(method=method, code=code)
+    for method in batch_methods:
+        for code in DOCUMENTED_CODES:
+            if code != "CANCELLED":  # a request of a stream is answered or the stream ends
+                BATCH_REQUESTS_TOTAL.labels(method=method, code=code)
 
 
 _model_version = ""

@@ -13,12 +13,14 @@ later retraining.
 
 Recommend's and SimilarItems' business filters (`ItemFilter`) become the scorer's eligibility
 mask in the features stage (`server.item_filter`).
+RecommendBatch answers a stream of Recommend requests through Recommend's own pipeline, with a
+bounded window and each error inline (`server.batch`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -26,6 +28,7 @@ from ltrec_core import contract
 from ltrec_core.item_text import PRICE_BUCKETS, ItemFields, item_text
 from ltrec_core.records import FeedbackRecord, ServedRecord
 from server import metrics
+from server.batch import BatchRunner
 from server.catalogue import ModelMetadata
 from server.errors import BackendUnavailable, NotFound
 from server.features import build_features, build_similar_features
@@ -91,9 +94,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         history: HistoryStore | None = None,
         *,
         eraser: UserEraser,
+        batch: BatchRunner,
     ) -> None:
         self._history = history
         self._eraser = eraser
+        self._batch = batch
         self._metadata = metadata
         self._items = items
         self._triton = triton
@@ -107,8 +112,27 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         request: recommender_pb2.RecommendRequest,
         context: grpc.aio.ServicerContext,
     ) -> recommender_pb2.RecommendResponse:
-        deadline = _deadline(context)
-        request_id = current_request_id()
+        return await self._recommend(request, current_request_id(), _deadline(context))
+
+    async def RecommendBatch(
+        self,
+        requests: AsyncIterator[recommender_pb2.RecommendBatchRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[recommender_pb2.RecommendBatchResponse]:
+        deadline = _deadline(context)  # the stream's: every request's Triton call within it
+
+        async def recommend(
+            request: recommender_pb2.RecommendRequest, request_id: str
+        ) -> recommender_pb2.RecommendResponse:
+            return await self._recommend(request, request_id, deadline)
+
+        async for answer in self._batch.run(requests, recommend):
+            yield answer
+
+    async def _recommend(
+        self, request: recommender_pb2.RecommendRequest, request_id: str, deadline: float | None
+    ) -> recommender_pb2.RecommendResponse:
+        """One Recommend, from validation to the response; raises `server.errors`."""
         with _VALIDATE.time():
             validate_request(request, self._limits)
         self._check_model_version(request.model_version)

@@ -2,8 +2,8 @@
 
 `tests/unit/test_alerts.py` proves the PromQL parses; this proves it finds data: a real
 `prometheus` scrapes the gateway and Triton of the `stack` fixture under the job names the
-rendered rules select, real Recommend traffic flows, and every dashboard panel query and every
-alert expression must return at least one series.
+rendered rules select, real Recommend and RecommendBatch traffic flows, and every dashboard panel
+query and every alert expression must return at least one series.
 
 Alert expressions are comparisons (`... > threshold`, `... == 0`, `A > 0 unless B > 0`): empty
 while the alert is not firing, which proves nothing. For those, each non-constant operand of the
@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import pytest
 
+from server.gen.ltrec.v1 import recommender_pb2
 from tests.integration.prometheus_util import (
     PrometheusServer,
     comparison_operands,
@@ -146,6 +147,11 @@ def monitored(
             with pytest.raises(grpc.RpcError) as err:
                 stack.stub.Recommend(_request(stack.history, k=0), timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # A RecommendBatch stream too (its requests have counters of their own).
+            batch = [_request(stack.history, k=k) for k in (5, 0, 5)]
+            stream = (recommender_pb2.RecommendBatchRequest(request=r) for r in batch)
+            answers = list(stack.stub.RecommendBatch(stream, timeout=30))
+            assert sorted(a.WhichOneof("result") for a in answers) == ["error", *["response"] * 2]
             prometheus.poll_until(
                 lambda: _has_data(prometheus.query(then_scraped)),
                 DATA_TIMEOUT_S,

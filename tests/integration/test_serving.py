@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,6 +25,7 @@ from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec_core import contract
+from server.gen.ltrec.v1 import recommender_pb2
 from tests.support.stack import Stack, _request, serving_stack  # noqa: F401  (fixture `stack`)
 from tests.support.tiny_model import encode_new_items
 
@@ -165,6 +169,51 @@ def test_health_and_metrics(stack: Stack) -> None:
     assert 'ltrec_gateway_requests_total{code="OK",method="Recommend"}' in body
     assert 'ltrec_gateway_stage_duration_seconds_count{stage="triton"}' in body
     assert "integration-user" not in body
+
+
+def test_recommend_batch_answers_several_users_and_one_invalid_inline(stack: Stack) -> None:
+    """Through the real Triton: each user's answer is the one Recommend gives, the invalid
+    request gets its error inline, and the stream ends OK."""
+    histories = [stack.history, stack.history[:4], stack.history[-6:], stack.history[3:9]]
+    requests = [_request(h, k=5, request_id=f"batch-{n}") for n, h in enumerate(histories)]
+    requests.insert(2, _request(stack.history, k=0, request_id="batch-invalid"))
+    stream = (recommender_pb2.RecommendBatchRequest(request=r) for r in requests)
+    call = stack.stub.RecommendBatch(stream, timeout=30)
+    answers = {answer.index: answer for answer in call}
+    assert call.code() == grpc.StatusCode.OK
+
+    assert sorted(answers) == list(range(len(requests)))
+    invalid = answers[2]
+    assert invalid.request_id == "batch-invalid"
+    assert invalid.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert invalid.error.message == "k must be in [1, 500], got 0"
+    for index in (0, 1, 3, 4):
+        answer, request = answers[index], requests[index]
+        assert answer.request_id == request.request_id
+        single = stack.stub.Recommend(request, timeout=10)
+        assert [i.item_id for i in answer.response.items] == [i.item_id for i in single.items]
+        np.testing.assert_allclose(
+            [i.score for i in answer.response.items], [i.score for i in single.items], atol=1e-5
+        )
+        assert len(answer.response.items) == 5
+
+    url = f"http://127.0.0.1:{stack.gateway.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'ltrec_gateway_batch_requests_total{code="OK",method="RecommendBatch"} 4.0' in body
+    invalid_line = (
+        'ltrec_gateway_batch_requests_total{code="INVALID_ARGUMENT",method="RecommendBatch"}'
+    )
+    assert f"{invalid_line} 1.0" in body
+    assert 'ltrec_gateway_requests_total{code="OK",method="RecommendBatch"} 1.0' in body
+
+    # The example client's batch mode, against the same stack.
+    done = subprocess.run(
+        [sys.executable, "examples/recommend_client.py", "--address", stack.gateway.address,
+         "--batch", "3", "-k", "3"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "3 users: 3 lists, 0 errors"
 
 
 def test_triton_down_gives_unavailable_then_not_serving(stack: Stack) -> None:

@@ -1,5 +1,8 @@
 """Property-based fuzzing of every RPC: malformed and extreme requests get only documented codes.
 
+RecommendBatch gets random streams of the same random Recommend requests: each is answered
+inline exactly as a Recommend of it is.
+
 The gateway runs once per module fixture (its own event loop, in a thread) against the fake
 Triton of `test_gateway`; hypothesis sends thousands of requests over a real gRPC channel. The
 item RPCs (UpsertItems, DeleteItems, SimilarItems) get a gateway of their own, so that the items
@@ -406,6 +409,50 @@ def test_any_feedback_gets_ok_or_invalid_argument(
     assert 1 <= len(events) <= MAX_FEEDBACK_BATCH
     assert all(map(_accepted_event, events)), events
     assert reply.accepted == len(events)
+
+
+# --- RecommendBatch ------------------------------------------------------------------------------
+
+BATCH_MESSAGES = st.one_of(
+    st.builds(recommender_pb2.RecommendBatchRequest, request=REQUESTS),
+    st.just(recommender_pb2.RecommendBatchRequest()),  # no request: INVALID_ARGUMENT inline
+)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(messages=st.lists(BATCH_MESSAGES, max_size=6))
+def test_any_batch_stream_answers_every_request_as_recommend_would(
+    stub: recommender_pb2_grpc.RecommenderStub,
+    messages: list[recommender_pb2.RecommendBatchRequest],
+) -> None:
+    """The stream itself always ends OK; each request is answered once, inline, with what a
+    Recommend of it answers: OK, or the same documented code and message."""
+    answers = list(stub.RecommendBatch(iter(messages), timeout=10))
+    assert sorted(answer.index for answer in answers) == list(range(len(messages)))
+    for answer in answers:
+        message = messages[answer.index]
+        if not message.HasField("request"):
+            assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            continue
+        request = message.request
+        try:
+            single = stub.Recommend(request, timeout=10)
+        except grpc.RpcError as exc:
+            assert answer.WhichOneof("result") == "error", (exc.code(), request)
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+            assert answer.error.code == exc.code().value[0]
+            assert answer.error.message == exc.details()
+            continue
+        assert answer.WhichOneof("result") == "response", (answer.error, request)
+        assert answer.request_id == answer.response.request_id
+        if request.request_id:
+            assert answer.request_id == single.request_id == request.request_id
+        assert len(answer.response.items) <= request.k
+        assert answer.response.model_version == single.model_version
 
 
 # --- ForgetUser ----------------------------------------------------------------------------------
