@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--settings: {exc}")
         if row not in NEURAL:
             parser.error(f"--settings: {row!r} is not a neural row ({', '.join(NEURAL)})")
+        if row not in names:
+            parser.error(f"--settings: {row!r} is not among the rows run (--models)")
+        if row == "ours" and args.checkpoint is not None:
+            parser.error("--settings: 'ours' comes from --checkpoint, it is not trained here")
+        if row in fixed:
+            parser.error(f"--settings: {row!r} is given twice")
         fixed[row] = point
     cfg = dataclasses.replace(
         cfg,

@@ -671,7 +671,14 @@ def test_fixed_settings_replace_the_screen(tiny_data: Path, tmp_path: Path) -> N
     assert "screening" not in fit and fit["fixed_settings"] == {"lr": 3e-3, "dropout": 0.4}
     assert fit["train_config"]["lr"] == 3e-3 and fit["model_config"]["dropout"] == 0.4
     assert fit["train_config"]["patience"] == 7
-    for bad in (["--settings", "ease:lr=1"], ["--settings", "sasrec:lr=x"], ["--patience", "0"]):
+    for bad in (
+        ["--settings", "ease:lr=1"],
+        ["--settings", "sasrec:lr=x"],
+        ["--patience", "0"],
+        ["--models", "sasrec", "--settings", "ours_text:lr=1e-3"],  # a row not run
+        ["--settings", "sasrec:lr=1e-3", "--settings", "sasrec:lr=2e-3"],  # given twice
+        ["--checkpoint", "model.pt", "--settings", "ours:lr=1e-3"],  # not trained here
+    ):
         with pytest.raises(SystemExit):
             main([*args, "--quick", *bad])
 
