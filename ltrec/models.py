@@ -52,6 +52,12 @@ class ModelConfig:
     # vectors to every state (zero-initialised, so it starts as the plain transformer). False
     # for checkpoints trained before it existed; new training turns it on (ltrec.train).
     set_pooling: bool = False
+    # Items without training events have no ID vector. With this on, a linear map from the
+    # content vector to the ID vector, fitted after training (`ltrec.new_item_ids`), predicts
+    # one: the ID row of catalogue items that had no training events, and the item encoder's
+    # output for items added later. False for checkpoints trained before it (ltrec.train
+    # turns it on).
+    new_item_id_map: bool = False
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -107,6 +113,12 @@ class ItemFusion(nn.Module):
             contract.ATTRIBUTE_BUCKETS, cfg.embedding_dim, padding_idx=contract.PADDING_INDEX
         )
         nn.init.zeros_(self.attributes.weight)
+        # Fitted after training, not by gradient (`ltrec.new_item_ids`); zero until then.
+        self.new_item_ids: nn.Linear | None = None
+        if cfg.new_item_id_map and cfg.id_embeddings:
+            self.new_item_ids = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
+            nn.init.zeros_(self.new_item_ids.weight)
+            nn.init.zeros_(self.new_item_ids.bias)
 
     def attribute_vectors(self, attribute_ids: torch.Tensor) -> torch.Tensor:
         return self.attributes(attribute_ids).sum(dim=1)
@@ -163,7 +175,10 @@ class ItemEncoder(nn.Module):
     ) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         text = mean_pool(hidden, attention_mask)
-        return self.fusion(text, image_features, has_image, attribute_ids)
+        vector = self.fusion(text, image_features, has_image, attribute_ids)
+        if self.fusion.new_item_ids is not None:  # the predicted ID vector of a new item
+            vector = vector + self.fusion.new_item_ids(vector)
+        return vector
 
 
 class UserTower(nn.Module):

@@ -43,7 +43,9 @@ class IDOnlyRecommender(Recommender):
         side: ItemSide | None = None,
     ) -> None:
         # SASRec reads a sequence of IDs: none of our additions (no set pooling either).
-        cfg = ModelConfig(**{**cfg.to_dict(), "id_embeddings": True, "set_pooling": False})  # type: ignore[arg-type]
+        # Nor the predicted ID vectors of new items (ltrec.new_item_ids): SASRec has none.
+        plain = {"id_embeddings": True, "set_pooling": False, "new_item_id_map": False}
+        cfg = ModelConfig(**{**cfg.to_dict(), **plain})  # type: ignore[arg-type]
         features = (
             torch.zeros(cfg.n_items + 1, cfg.text_dim) if text_features is None else (text_features)
         )

@@ -36,6 +36,7 @@ from ltrec.evaluation import (
 from ltrec.image_encoder import IMAGE_MODEL_NAME
 from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vector_score_fn
 from ltrec.models import ModelConfig, Recommender
+from ltrec.new_item_ids import impute_new_item_ids
 from ltrec.prepared import Prepared, item_side, prepare
 from ltrec.scoring import model_score_fn
 from ltrec.sequences import Sequences
@@ -273,7 +274,7 @@ def _set_lr(
 
 # ModelConfig settings that new training uses unless `TrainConfig.model` says otherwise; the
 # dataclass keeps the values that older checkpoints were trained with.
-MODEL_DEFAULTS: dict[str, float | int | bool] = {"set_pooling": True}
+MODEL_DEFAULTS: dict[str, float | int | bool] = {"set_pooling": True, "new_item_id_map": True}
 
 
 def model_config(prepared: Prepared, cfg: TrainConfig) -> ModelConfig:
@@ -419,6 +420,7 @@ def fit(
             break
     model.load_state_dict(best_state)
     model.eval()
+    new_item_ids = impute_new_item_ids(model, prepared.popularity, seed=cfg.seed)
     summary = {
         "train_config": asdict(cfg),
         "model_config": model_cfg.to_dict(),
@@ -428,6 +430,7 @@ def fit(
         "epochs": history,
         "stop_reason": stop_reason,
         "train_seconds": time.monotonic() - started,
+        "new_item_ids": new_item_ids,
     }
     return model, summary
 

@@ -150,6 +150,12 @@ def _cold_start(report: dict) -> list[str]:
             at = c["at_default_weight"]
             label = f"{m['label']}, at the default long-tail weight (w = {at['weight']:g})"
             lines.append(_row([label, f(at["recall@10"]), f(at["ndcg@10"])]))
+        for without in (c.get("without_new_item_ids") or {}).values():
+            label = (
+                f"{m['label']}, without predicted ID vectors for new items "
+                f"(w = {without['weight']:g})"
+            )
+            lines.append(_row([label, f(without["recall@10"]), f(without["ndcg@10"])]))
     return lines
 
 

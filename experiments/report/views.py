@@ -4,6 +4,7 @@ sweep in torch and ONNX, SimilarItems), the cold-start view and the short, order
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -53,7 +54,9 @@ from ltrec.evaluation import (
     with_split,
 )
 from ltrec.models import Recommender
+from ltrec.new_item_ids import without_new_item_ids
 from ltrec.prepared import Prepared, prepare
+from ltrec.scoring import model_score_fn
 from ltrec.train import TrainConfig
 from ltrec_core import contract
 
@@ -346,6 +349,24 @@ def cold_view(
             **metrics,
             "tuning": cold_default,
         }
+        model = cold_fitted["ours"].model
+        if model is not None and getattr(model.fusion, "new_item_ids", None) is not None:
+            # The ablation: the same model with the cold items' predicted ID vectors taken out
+            # (zero, as training leaves them), at weight 0 and at the same default weight.
+            ablated = copy.deepcopy(model)
+            without_new_item_ids(ablated, cold_prepared.popularity)
+            plain = model_score_fn(ablated, ablated.cfg.max_history)
+            without = {}
+            for label, weight in (("weight_0", 0.0), ("at_default_weight", cold_default["chosen"])):
+                metrics, _ = evaluate(
+                    long_tail_adjusted(plain, cold_prepared.popularity, weight),
+                    cold_cases,
+                    ks=(K,),
+                    desc=f"cold ours without new-item ID vectors ({label})",
+                    progress=progress,
+                )
+                without[label] = {"weight": weight, **metrics}
+            models["ours"]["cold_start"]["without_new_item_ids"] = without
     return {
         "cold_items": int(cold.sum()),
         "cold_test_cases": len(cold_cases),
