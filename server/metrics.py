@@ -91,6 +91,10 @@ TRITON_ERRORS_TOTAL = Counter(
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )
+# From zero at start-up (so rate() sees the first failure): the codes the gateway's Triton client
+# turns a failure into itself; others Triton answers appear when first seen.
+for _code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+    TRITON_ERRORS_TOTAL.labels(code=_code)
 TRITON_RETRIES_TOTAL = Counter(
     "triton_retries_total",
     "Inference attempts repeated after Triton answered UNAVAILABLE.",
@@ -172,6 +176,9 @@ ITEM_UPDATES_TOTAL = Counter(
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )
+ITEM_UPDATE_OPS = ("upsert", "delete")
+for _op in ITEM_UPDATE_OPS:
+    ITEM_UPDATES_TOTAL.labels(op=_op)
 ITEM_STORE_WRITE_ERRORS_TOTAL = Counter(
     "item_store_write_errors_total",
     "Item store writes that failed (disk full, I/O error); none acknowledged.",

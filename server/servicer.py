@@ -70,6 +70,9 @@ FEEDBACK_TYPE_NAMES = {
     value: name.removeprefix("FEEDBACK_TYPE_").lower()
     for name, value in recommender_pb2.FeedbackType.items()
 }
+for _value, _name in FEEDBACK_TYPE_NAMES.items():  # from zero, so rate() sees the first
+    if _value != recommender_pb2.FEEDBACK_TYPE_UNSPECIFIED:  # refused by validation
+        metrics.FEEDBACK_EVENTS_TOTAL.labels(type=_name)
 # PRICE_BUCKET_MID_RANGE -> "mid-range" (the training text's wording), UNSPECIFIED -> ""
 PRICE_BUCKET_NAMES = {
     recommender_pb2.PRICE_BUCKET_UNSPECIFIED: "",

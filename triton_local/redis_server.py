@@ -109,6 +109,13 @@ class RedisServer:
             self._process.kill()
             self._process.wait()
 
+    def kill(self) -> None:
+        """SIGKILL by its pid, as a crash or a lost node would take it (no clean shutdown)."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.kill()
+        self._process.wait()
+
     def __enter__(self) -> RedisServer:
         return self.start()
 

@@ -7,7 +7,9 @@ foreground until SIGTERM/SIGINT, then stops the gateway first and Triton second.
 
 The gateway keeps user histories in a SQLite file (`--history-path`); with `--history-redis` it
 uses a local redis-server instead, which the stack starts first and stops last (what several
-replicas would share).
+replicas would share). A Redis of one's own is chosen by the gateway's variables, which the stack
+passes on (`LTREC_HISTORY_STORE=redis LTREC_HISTORY_REDIS_ADDRESS=host:port
+LTREC_USER_HASH_KEY=... make serve`); the serving line says which store the gateway uses.
 """
 
 from __future__ import annotations
@@ -164,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         "history-redis/), as replicas share one",
     )
     args = parser.parse_args(argv)
+    if args.history_redis is not None and os.environ.get("LTREC_HISTORY_REDIS_ADDRESS"):
+        logger.error(
+            "--history-redis starts a redis-server of its own, but LTREC_HISTORY_REDIS_ADDRESS "
+            "points the gateway at another: drop one of them"
+        )
+        return 2
     if not (args.model_repository / "recommend" / "config.pbtxt").is_file():
         logger.error("no exported models in %s: run `make export` first", args.model_repository)
         return 2
@@ -206,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         gateway.start()
         gateway.wait_serving()
+        history = describe_history({**os.environ, **env}, args.history_path.resolve())
         print(
             f"serving: gateway 127.0.0.1:{args.grpc_port} (gRPC, ltrec.v1.Recommender), "
             f"metrics http://127.0.0.1:{args.metrics_port}/metrics, Triton {triton.grpc_url}, "
-            f"Triton metrics {triton.metrics_url}; ready in "
+            f"Triton metrics {triton.metrics_url}, {history}; ready in "
             f"{time.monotonic() - started:.1f} s. Try: make client",
             flush=True,
         )
@@ -229,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         triton.stop()
         if redis is not None:
             redis.stop()
+
+
+def describe_history(env: Mapping[str, str], sqlite_path: Path) -> str:
+    """Where the gateway started with `env` keeps user histories (its LTREC_HISTORY_* rules)."""
+    store = env.get("LTREC_HISTORY_STORE", "sqlite")
+    if store == "redis":
+        return f"history store Redis at {env.get('LTREC_HISTORY_REDIS_ADDRESS', '')}"
+    if store == "sqlite":
+        return f"history store SQLite {sqlite_path}"
+    return f"history store {store}"
 
 
 def redis_env(redis: RedisServer, data_dir: Path) -> dict[str, str]:

@@ -34,9 +34,9 @@ from ltrec.train import TrainConfig, train
 from ltrec_core import contract
 from ltrec_core.item_attributes import attribute_ids
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.support.stack import Replica, start_replica
 from tests.support.tiny_model import encode_new_items, ml1m_slice
 from triton_local.server import TritonServer
-from triton_local.stack import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,17 +59,6 @@ def new_title(genre: str) -> str:
 
 
 NEW_IDS = [new_id(g) for g in GENRES]
-
-
-@dataclass
-class Replica:
-    process: GatewayProcess
-    channel: grpc.Channel
-    stub: recommender_pb2_grpc.RecommenderStub
-
-    def close(self) -> None:
-        self.channel.close()
-        self.process.stop()
 
 
 @dataclass
@@ -128,29 +117,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path) -> I
     triton = TritonServer(repo, build_dir=triton_build_dir, log_path=root / "tritonserver.log")
     triton.start()
 
-    def start_replica(name: str) -> Replica:
-        process = GatewayProcess(
-            repo,
-            triton.grpc_url,
-            log_path=root / f"gateway-{name}.log",
-            env={
-                "LTREC_FEEDBACK_REPLICA": name,
-                "LTREC_ITEMS_POLL_INTERVAL_SECONDS": str(POLL_SECONDS),
-            },
-        )
-        process.start()
-        process.wait_serving(timeout_s=120)
-        channel = grpc.insecure_channel(process.address)
-        replica = Replica(process, channel, recommender_pb2_grpc.RecommenderStub(channel))
+    def start_named(name: str) -> Replica:
+        env = {
+            "LTREC_FEEDBACK_REPLICA": name,
+            "LTREC_ITEMS_POLL_INTERVAL_SECONDS": str(POLL_SECONDS),
+        }
+        replica = start_replica(repo, triton.grpc_url, root / f"gateway-{name}.log", env)
         replicas.append(replica)  # restarted ones too: every process is stopped at teardown
         return replica
 
     replicas: list[Replica] = []
     try:
         triton.wait_ready(timeout_s=180)
-        start_replica("a")
-        start_replica("b")
-        yield Stack(root, repo, triton, replicas[0], replicas[1], cases, genres, start_replica)
+        start_named("a")
+        start_named("b")
+        yield Stack(root, repo, triton, replicas[0], replicas[1], cases, genres, start_named)
     finally:
         for replica in replicas:
             replica.close()

@@ -2,8 +2,8 @@
 
 `tests/unit/test_alerts.py` proves the PromQL parses; this proves it finds data: a real
 `prometheus` scrapes the gateway and Triton of the `stack` fixture under the job names the
-rendered rules select, real Recommend and RecommendBatch traffic flows, and every dashboard panel
-query and every alert expression must return at least one series.
+rendered rules select, real Recommend, RecommendBatch and Feedback traffic flows, and every
+dashboard panel query and every alert expression must return at least one series.
 
 Alert expressions are comparisons (`... > threshold`, `... == 0`, `A > 0 unless B > 0`): empty
 while the alert is not firing, which proves nothing. For those, each non-constant operand of the
@@ -35,7 +35,12 @@ from tests.integration.prometheus_util import (
     comparison_operands,
 )
 from tests.support.helm import CHART, rendered_rules
-from tests.support.stack import Stack, _request, serving_stack  # noqa: F401  (fixture `stack`)
+from tests.support.stack import (  # noqa: F401  (fixture `stack`)
+    Stack,
+    _request,
+    click_feedback,
+    serving_stack,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -117,7 +122,7 @@ def monitored(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Monitored]:
     """Prometheus scraping the stack every second, with the chart's rules loaded, after real
-    traffic (including one INVALID_ARGUMENT) has been scraped."""
+    traffic (including one INVALID_ARGUMENT, and a Feedback) has been scraped."""
     rules = rendered_rules()
     gateway_job = _job_of(rules, "ltrec_gateway_")
     triton_job = _job_of(rules, "nv_")
@@ -152,6 +157,11 @@ def monitored(
             stream = (recommender_pb2.RecommendBatchRequest(request=r) for r in batch)
             answers = list(stack.stub.RecommendBatch(stream, timeout=30))
             assert sorted(a.WhichOneof("result") for a in answers) == ["error", *["response"] * 2]
+            # A click on a served list (the feedback store's commit latency has a panel).
+            served = stack.stub.Recommend(_request(stack.history, k=5), timeout=10)
+            clicked = served.items[0].item_id
+            feedback = click_feedback(served.request_id, "prometheus-user", [clicked], 1_000)
+            stack.stub.FeedbackBatch(feedback, timeout=10)
             prometheus.poll_until(
                 lambda: _has_data(prometheus.query(then_scraped)),
                 DATA_TIMEOUT_S,

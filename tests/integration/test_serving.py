@@ -26,7 +26,14 @@ from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2
-from tests.support.stack import Stack, _request, serving_stack  # noqa: F401  (fixture `stack`)
+from tests.support.stack import (  # noqa: F401  (fixture `stack`)
+    Stack,
+    _request,
+    by_user_id,
+    click_feedback,
+    clicks_as_history,
+    serving_stack,
+)
 from tests.support.tiny_model import encode_new_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -219,48 +226,23 @@ def test_recommend_batch_answers_several_users_and_one_invalid_inline(stack: Sta
 def test_stored_history_serves_a_user_id_alone_until_the_user_is_forgotten(stack: Stack) -> None:
     """Through tritonserver: Feedback clicks become the user's stored history, a Recommend with
     only the user id is answered from it (the same list as sending that history), and ForgetUser
-    removes it at once."""
+    removes it at once. (Two replicas sharing Redis: `test_shared_history.py`.)"""
     user = "integration-stored-user"
     served = stack.stub.Recommend(_request(stack.history, k=5), timeout=10)
     clicked = stack.history[-3:]
     now = int(time.time()) - 60  # within the store's retention
-    events = [
-        recommender_pb2.FeedbackEvent(
-            request_id=served.request_id,
-            user_id=user,
-            item_id=item,
-            type=recommender_pb2.FEEDBACK_TYPE_CLICK,
-            timestamp=now + n,
-        )
-        for n, item in enumerate(clicked)
-    ]
-    stack.stub.FeedbackBatch(recommender_pb2.FeedbackBatchRequest(events=events), timeout=10)
-    context = recommender_pb2.Context(timestamp=978_300_760, region="zip4")
-    alone = recommender_pb2.RecommendRequest(user_id=user, k=5, context=context)
-    reply = stack.stub.Recommend(alone, timeout=10)
+    stack.stub.FeedbackBatch(click_feedback(served.request_id, user, clicked, now), timeout=10)
+    reply = stack.stub.Recommend(by_user_id(user), timeout=10)
     assert reply.history_source == recommender_pb2.HISTORY_SOURCE_STORED
     assert reply.history_events == len(clicked)
     assert not {item.item_id for item in reply.items} & set(clicked)  # history excluded
-    sent = recommender_pb2.RecommendRequest(
-        user_id=user,
-        k=5,
-        context=context,
-        history=[
-            recommender_pb2.HistoryEvent(
-                item_id=item,
-                event_type=recommender_pb2.EVENT_TYPE_VIEW,
-                timestamp=now + n,  # clicks are views
-            )
-            for n, item in enumerate(clicked)
-        ],
-    )
-    given = stack.stub.Recommend(sent, timeout=10)
+    given = stack.stub.Recommend(clicks_as_history(user, clicked, now), timeout=10)
     assert given.history_source == recommender_pb2.HISTORY_SOURCE_REQUEST
     assert [i.item_id for i in reply.items] == [i.item_id for i in given.items]
 
     forgotten = stack.stub.ForgetUser(recommender_pb2.ForgetUserRequest(user_id=user), timeout=10)
     assert forgotten.history_events_removed == len(clicked)
-    after = stack.stub.Recommend(alone, timeout=10)
+    after = stack.stub.Recommend(by_user_id(user), timeout=10)
     assert after.history_source == recommender_pb2.HISTORY_SOURCE_NONE
     assert after.history_events == 0
     assert [i.item_id for i in after.items] != [i.item_id for i in reply.items]

@@ -1,17 +1,22 @@
 """The real serving stack of the integration tests: a tiny model trained on a slice of ML-1M,
-exported, served by tritonserver behind the gateway (the `stack` fixture, one per module)."""
+exported, served by tritonserver behind the gateway (the `stack` fixture, one per module); more
+gateway replicas in front of the same Triton (`start_replica`); the requests the stored-history
+tests send (`click_feedback`, `by_user_id`, `clicks_as_history`); a gateway's metrics as numbers.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pandas as pd
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from export_scripts.export import export
 from ltrec_core import contract
@@ -21,6 +26,9 @@ from triton_local.server import TritonServer
 from triton_local.stack import GatewayProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the export loads MiniLM from site-packages
+
+# 978300760 = 2000-12-31 22:12:40 UTC: the context of every request below.
+CONTEXT = recommender_pb2.Context(timestamp=978_300_760, region="zip4")
 
 
 @dataclass
@@ -87,7 +95,90 @@ def _request(history: list[str], k: int = 10, **kwargs: object) -> recommender_p
             )
             for n, i in enumerate(history)
         ],
-        context=recommender_pb2.Context(timestamp=978_300_760, region="zip4"),
+        context=CONTEXT,
         k=k,
         **kwargs,
     )
+
+
+def click_feedback(
+    request_id: str, user_id: str, items: Sequence[str], first_timestamp: int
+) -> recommender_pb2.FeedbackBatchRequest:
+    """Clicks on `items` of the served list `request_id`, one second apart: what the gateway
+    keeps as the user's stored history."""
+    return recommender_pb2.FeedbackBatchRequest(
+        events=[
+            recommender_pb2.FeedbackEvent(
+                request_id=request_id,
+                user_id=user_id,
+                item_id=item,
+                type=recommender_pb2.FEEDBACK_TYPE_CLICK,
+                timestamp=first_timestamp + n,
+            )
+            for n, item in enumerate(items)
+        ]
+    )
+
+
+def by_user_id(user_id: str, k: int = 5) -> recommender_pb2.RecommendRequest:
+    """A Recommend with the user id and no history: answered from the stored history, if any."""
+    return recommender_pb2.RecommendRequest(user_id=user_id, k=k, context=CONTEXT)
+
+
+def clicks_as_history(
+    user_id: str, items: Sequence[str], first_timestamp: int, k: int = 5
+) -> recommender_pb2.RecommendRequest:
+    """The Recommend that sends what `click_feedback` stores (clicks are kept as views)."""
+    request = by_user_id(user_id, k)
+    request.history.extend(
+        recommender_pb2.HistoryEvent(
+            item_id=item, event_type=recommender_pb2.EVENT_TYPE_VIEW, timestamp=first_timestamp + n
+        )
+        for n, item in enumerate(items)
+    )
+    return request
+
+
+def metric_value(metrics_port: int, sample: str, labels: Mapping[str, str] | None = None) -> float:
+    """One sample of a gateway's /metrics (0 when absent, as a counter never incremented)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    wanted = dict(labels or {})
+    for family in text_string_to_metric_families(body):
+        for found in family.samples:
+            if found.name == sample and found.labels == wanted:
+                return float(found.value)
+    return 0.0
+
+
+@dataclass
+class Replica:
+    """One more gateway process in front of a stack's Triton, with its channel."""
+
+    process: GatewayProcess
+    channel: grpc.Channel
+    stub: recommender_pb2_grpc.RecommenderStub
+
+    def metric(self, sample: str, **labels: str) -> float:
+        return metric_value(self.process.metrics_port, sample, labels)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.process.stop()
+
+
+def start_replica(
+    repo: Path, triton_grpc_url: str, log_path: Path, env: Mapping[str, str]
+) -> Replica:
+    """A gateway on `repo` (its feedback and item stores beside it, shared with the other
+    replicas of the repository), serving once it says SERVING; `env`: its `LTREC_*` settings,
+    `LTREC_FEEDBACK_REPLICA` among them (each replica writes segments of its own)."""
+    process = GatewayProcess(repo, triton_grpc_url, log_path=log_path, env=env)
+    try:
+        process.start()
+        process.wait_serving(timeout_s=120)
+    except BaseException:
+        process.stop()
+        raise
+    channel = grpc.insecure_channel(process.address)
+    return Replica(process, channel, recommender_pb2_grpc.RecommenderStub(channel))

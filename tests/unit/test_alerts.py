@@ -83,7 +83,7 @@ def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
     substitutions = {"$__rate_interval": "5m", "$gateway_job": ".*", "$triton_job": ".*"}
     rules = []
     for panel in dashboard["panels"]:
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):
             expr = target["expr"]
             for variable, value in substitutions.items():
                 expr = expr.replace(variable, value)

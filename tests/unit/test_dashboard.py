@@ -17,6 +17,9 @@ from typing import Any
 
 import jsonschema
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from server import metrics as gateway_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "helm" / "ltrec" / "files" / "dashboard.json"
@@ -146,7 +149,7 @@ def test_error_ratio_and_in_flight_panels(dashboard: dict[str, Any]) -> None:
     rates = [
         t["expr"]
         for p in dashboard["panels"]
-        for t in p["targets"]
+        for t in p.get("targets", [])
         if t["expr"].count("ltrec_gateway_requests_total") == 2 and " / " in t["expr"]
     ]
     assert len(rates) == 1, "one error-ratio query: server-side codes / all requests"
@@ -154,3 +157,93 @@ def test_error_ratio_and_in_flight_panels(dashboard: dict[str, Any]) -> None:
     assert 'code=~"INTERNAL|UNAVAILABLE' in numerator and "code" not in denominator
     in_flight = _panel_with(dashboard, "ltrec_gateway_in_flight_requests")
     assert "In-flight" in in_flight["title"]
+
+
+# --- every gateway metric on the dashboard ------------------------------------------------------
+
+GATEWAY_METRICS: list[MetricWrapperBase] = [
+    value for value in vars(gateway_metrics).values() if isinstance(value, MetricWrapperBase)
+]
+# Labels a panel may group or match by: the gateway metrics' own (small fixed sets), Triton's
+# `model`, the histogram buckets and the scrape's target labels. Never a user or an item.
+TARGET_LABELS = {"le", "job", "instance", "pod", "model"}
+ALLOWED_LABELS = (
+    TARGET_LABELS
+    | {label for metric in GATEWAY_METRICS for label in metric._labelnames}
+    | {"model_version"}
+)
+
+
+def _series(metric: MetricWrapperBase) -> tuple[str, str]:
+    """(the name a panel queries, the metric's type): counters as `_total`, histograms by their
+    `_bucket` (a quantile), the info metric as `_info`."""
+    (family,) = metric.describe()
+    suffix = {"counter": "_total", "histogram": "_bucket", "info": "_info"}.get(family.type, "")
+    return family.name + suffix, family.type
+
+
+def _exprs(dashboard: dict[str, Any]) -> list[str]:
+    panels = [*dashboard["panels"]]
+    panels += [child for p in dashboard["panels"] for child in p.get("panels", [])]
+    return [t["expr"] for p in panels for t in p.get("targets", [])]
+
+
+def _mentions(expr: str, name: str) -> bool:
+    return re.search(rf"(?<![\w:]){name}(?![\w:])", expr) is not None
+
+
+@pytest.mark.parametrize(
+    ("series", "kind"), sorted(_series(m) for m in GATEWAY_METRICS), ids=lambda v: str(v)
+)
+def test_every_gateway_metric_is_on_a_panel_queried_as_its_type(
+    dashboard: dict[str, Any], series: str, kind: str
+) -> None:
+    """A metric added to server/metrics.py needs a panel: counters as rates, histograms as
+    quantiles of their bucket rates, gauges and the info metric as they are."""
+    using = [e for e in _exprs(dashboard) if _mentions(e, series)]
+    assert using, f"no dashboard panel queries {series}"
+    for expr in using:
+        if kind in ("counter", "histogram"):
+            assert re.search(rf"(?:rate|increase)\({series}\{{", expr), expr
+        else:
+            assert not re.search(rf"(?:rate|increase)\({series}\{{", expr), expr
+    if kind == "histogram":
+        assert any(e.startswith("histogram_quantile(") for e in using), using
+
+
+def test_the_metric_list_is_complete() -> None:
+    """What the test above walks: every metric of the module, the newest ones among them."""
+    names = {_series(m)[0] for m in GATEWAY_METRICS}
+    assert len(names) == len(GATEWAY_METRICS) >= 30
+    assert {
+        "ltrec_gateway_recommend_history_source_total",
+        "ltrec_gateway_history_store_errors_total",
+        "ltrec_gateway_filtered_requests_total",
+        "ltrec_gateway_batch_requests_in_flight",
+        "ltrec_gateway_forgotten_records_total",
+    } <= names
+
+
+def test_panels_group_only_by_small_fixed_label_sets(dashboard: dict[str, Any]) -> None:
+    """`by`, `on`, `group_left` and label matchers name only the metrics' own labels (no user or
+    item id could become a series)."""
+    for expr in _exprs(dashboard):
+        grouped = re.findall(r"\b(?:by|on|without|group_left|group_right) \(([^)]*)\)", expr)
+        labels = {label.strip() for group in grouped for label in group.split(",") if label.strip()}
+        labels |= set(re.findall(r"[{,]\s*(\w+)\s*[!=]~?", expr))
+        assert labels <= ALLOWED_LABELS, (expr, labels - ALLOWED_LABELS)
+
+
+def test_panel_ids_are_unique_and_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:
+    panels = [*dashboard["panels"]]
+    panels += [child for p in dashboard["panels"] for child in p.get("panels", [])]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, (panel["title"], cells.get((x, y)))
+                cells[(x, y)] = panel["title"]

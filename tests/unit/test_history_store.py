@@ -5,6 +5,7 @@ arrival, pruned after the retention; SQLite survives a reopen and takes two writ
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
 import threading
@@ -410,3 +411,24 @@ def test_the_local_stack_keeps_one_hash_key_beside_its_redis(
     assert config.history_store == "redis" and len(config.user_hash_key) == 64
     monkeypatch.setenv("LTREC_USER_HASH_KEY", "given")
     assert redis_env(server, tmp_path)["LTREC_USER_HASH_KEY"] == "given"
+
+
+def test_the_local_stack_takes_a_redis_of_ones_own_from_the_gateways_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`LTREC_HISTORY_STORE=redis LTREC_HISTORY_REDIS_ADDRESS=... make serve`: the gateway's own
+    variables reach it, and the serving line names the store; `--history-redis` (a redis-server
+    of the stack's own) beside such an address is refused before anything starts."""
+    from triton_local.stack import describe_history, main
+
+    sqlite = tmp_path / "history.sqlite3"
+    redis_vars = {"LTREC_HISTORY_STORE": "redis", "LTREC_HISTORY_REDIS_ADDRESS": "cache:6379"}
+    assert describe_history(redis_vars, sqlite) == "history store Redis at cache:6379"
+    assert describe_history({}, sqlite) == f"history store SQLite {sqlite}"
+    assert describe_history({"LTREC_HISTORY_STORE": "off"}, sqlite) == "history store off"
+
+    monkeypatch.setenv("LTREC_HISTORY_REDIS_ADDRESS", "cache:6379")
+    with caplog.at_level(logging.ERROR, logger="triton_local.stack"):
+        code = main(["--model-repository", str(tmp_path), "--history-redis", str(tmp_path)])
+    assert code == 2
+    assert "LTREC_HISTORY_REDIS_ADDRESS points the gateway at another" in caplog.text
