@@ -9,7 +9,9 @@ does it through tritonserver.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,26 @@ async def test_the_query_size_is_measured(repository: Path) -> None:
         await gw.stub.SimilarItems(similar(basket_item_ids=["i1", "i2", "i3"]))
         await gw.stub.SimilarItems(similar(item_id="i1"))
         assert query_items_observed() - before == 4
+
+
+@run_async
+async def test_the_example_client_completes_a_basket(repository: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    async with running_gateway(repository, ScorerGraphs()) as gw:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "examples/items_client.py", "--address", gw.address,
+            "basket", "i2", "i5", "i6", "-k", "3", "--long-tail-weight", "0",
+            cwd=root, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 0, err.decode()
+    heading, *lines = out.decode().splitlines()
+    assert heading.startswith("to complete a basket of 3 (model ")
+    want = expected([2, 5, 6], 3, 0.0)
+    assert len(lines) == 3
+    for rank, (line, (item_id, reason)) in enumerate(zip(lines, want, strict=True), 1):
+        title = TITLES[int(item_id[1:])]
+        assert line.startswith(f"{rank:>3}. {title}  (score ") and line.endswith(reason)
 
 
 # --- validation and errors ----------------------------------------------------------------------
