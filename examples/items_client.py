@@ -3,6 +3,7 @@
     python examples/items_client.py upsert --file examples/new_items.csv [--batch 64]
     python examples/items_client.py delete "Grave Shadows (2031)" [ID ...]
     python examples/items_client.py similar "Toy Story (1995)" [-k 10] [--long-tail-weight 0.01]
+    python examples/items_client.py basket "Toy Story (1995)" "Babe (1995)" [ID ...] [-k 10]
     (every command takes --address 127.0.0.1:50051 and --timeout SECONDS)
 
 `upsert` reads a CSV (UTF-8, header row) with the dataset format's item columns: `item_id` and
@@ -17,6 +18,9 @@ acknowledged once on disk) and retries a batch on UNAVAILABLE: upserts are idemp
 the gateway cannot use does not fail the item: it is printed, and the item is served by its text
 and attributes. Once it returns, the items are recommendable on every gateway replica within
 the poll interval (1 s).
+
+`basket` asks SimilarItems in basket mode (`basket_item_ids`): items that complete a cart of
+several items as a whole, none of the cart's, each with the cart item it is closest to.
 """
 
 from __future__ import annotations
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     similar.add_argument("item_id")
     similar.add_argument("-k", type=int, default=10)
     similar.add_argument("--long-tail-weight", type=float, default=None)
+    basket = commands.add_parser("basket", help="items that complete a basket of items")
+    basket.add_argument("item_ids", nargs="+", help="the basket (distinct ids)")
+    basket.add_argument("-k", type=int, default=10)
+    basket.add_argument("--long-tail-weight", type=float, default=None)
     args = parser.parse_args(argv)
 
     with grpc.insecure_channel(args.address) as channel:
@@ -182,14 +190,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"hidden: {reply.deleted} items")
             else:
-                request = recommender_pb2.SimilarItemsRequest(item_id=args.item_id, k=args.k)
+                if args.command == "basket":
+                    request = recommender_pb2.SimilarItemsRequest(
+                        basket_item_ids=args.item_ids, k=args.k
+                    )
+                    heading = f"to complete a basket of {len(args.item_ids)}"
+                else:
+                    request = recommender_pb2.SimilarItemsRequest(item_id=args.item_id, k=args.k)
+                    heading = f"related to {args.item_id}"
                 if args.long_tail_weight is not None:
                     request.long_tail_weight = args.long_tail_weight
                 reply = stub.SimilarItems(request, timeout=args.timeout)
-                print(f"related to {args.item_id} (model {reply.model_version}):")
+                print(f"{heading} (model {reply.model_version}):")
                 for rank, item in enumerate(reply.items, 1):
                     tail = " [long tail]" if item.long_tail else ""
-                    print(f"{rank:>3}. {item.title}  (score {item.score:.3f}){tail}")
+                    # in a basket: which of its items this one goes with
+                    why = f"  {item.reason}" if args.command == "basket" else ""
+                    print(f"{rank:>3}. {item.title}  (score {item.score:.3f}){tail}{why}")
         except grpc.RpcError as exc:
             print(f"call failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

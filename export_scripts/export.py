@@ -309,7 +309,7 @@ def _export_into(
         path, scorer, dim, cfg.n_items, rng, overlay=True, item_filter=True
     )
 
-    # item lookup (SimilarItems): catalogue index -> item vector
+    # item lookup (SimilarItems): catalogue indices (one item, or a basket) -> their mean vector
     path = output / contract.ITEM_LOOKUP_MODEL / VERSION / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(onnx_graphs.item_lookup_graph(table.numpy()), path)
@@ -373,6 +373,8 @@ def _export_into(
         item_overlay=True,
         # The scorer takes item_eligible; the catalogue file has the fields it is built from.
         item_filter=True,
+        # The item lookup takes a basket ([B, L] query items) and pools their vectors.
+        basket_lookup=True,
         vocabularies=ckpt.vocabularies,
         text_model=summary["text_model"],
         model_config=ckpt.model_config,

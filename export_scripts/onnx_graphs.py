@@ -434,22 +434,35 @@ def scorer_graph(
 
 
 def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
-    """ONNX version of `ltrec.models.ItemLookup`: `query_items` [B, 1] -> `query_embedding`
-    [B, D], from the trained table or the overlay (SimilarItems' first step)."""
+    """ONNX version of `ltrec.models.ItemLookup`: `query_items` [B, L] (a basket, padded with
+    `PADDING_INDEX`) -> `query_embedding` [B, D], the mean of the items' vectors, each from the
+    trained table or the overlay (SimilarItems' first step). L = 1 is the single-item query,
+    whose embedding is exactly the item's vector."""
     n_rows, dim = item_table.shape
     rows_nodes, rows_inits = _overlay_rows_nodes(dim)
     n = helper.make_node
     nodes = [
         *rows_nodes,
-        n("Squeeze", [contract.QUERY_ITEMS, "one_axis"], ["query_index"]),
         *_overlay_gather(
-            "item_table", "extra_rows", "query_index", contract.QUERY_EMBEDDING, vectors=True
-        ),
+            "item_table", "extra_rows", contract.QUERY_ITEMS, "query_vectors", vectors=True
+        ),  # [B, L, D]
+        # the mean over the basket's items, padding left out
+        n("Equal", [contract.QUERY_ITEMS, "pad_index"], ["query_is_pad"]),
+        n("Not", ["query_is_pad"], ["query_is_item"]),
+        n("Cast", ["query_is_item"], ["query_weight"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["query_weight", "last_axis"], ["query_weight_col"]),  # [B, L, 1]
+        n("Mul", ["query_vectors", "query_weight_col"], ["query_kept"]),
+        n("ReduceSum", ["query_kept", "one_axis"], ["query_sum"], keepdims=0),  # [B, D]
+        n("ReduceSum", ["query_weight_col", "one_axis"], ["query_count"], keepdims=0),  # [B, 1]
+        n("Max", ["query_count", "one"], ["query_count_safe"]),
+        n("Div", ["query_sum", "query_count_safe"], [contract.QUERY_EMBEDDING]),
     ]
     inits = [
         numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
+        numpy_helper.from_array(np.array(contract.PADDING_INDEX, dtype=np.int64), "pad_index"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
         *_overlay_inits(n_rows),
         *rows_inits,
     ]
@@ -458,7 +471,7 @@ def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
         nodes,
         "item_lookup",
         [
-            helper.make_tensor_value_info(contract.QUERY_ITEMS, i64, ["batch", 1]),
+            helper.make_tensor_value_info(contract.QUERY_ITEMS, i64, ["batch", "basket"]),
             helper.make_tensor_value_info(contract.EXTRA_ITEM_VECTORS, f32, ["extra", dim]),
         ],
         [helper.make_tensor_value_info(contract.QUERY_EMBEDDING, f32, ["batch", dim])],
@@ -598,17 +611,24 @@ def _share_differing(got: np.ndarray, want: np.ndarray) -> float:
 def item_lookup_parity(
     path: Path, lookup: ItemLookup, dim: int, n_items: int, rng: np.random.Generator
 ) -> float:
-    """Max abs difference over a trained-only (M = 0) and a mixed (M = 3) lookup."""
+    """Max abs difference over single-item queries ([B, 1]) and baskets ([B, 4], padded and
+    mixing trained and overlay items), each without (M = 0) and with (M = 3) an overlay."""
     worst = 0.0
     for n_extra in (0, 3):
         extra, _ = overlay_case(rng, n_extra, dim)
-        query = rng.integers(1, n_items + n_extra + 1, size=(4, 1)).astype(np.int64)
+        single = rng.integers(1, n_items + n_extra + 1, size=(4, 1)).astype(np.int64)
+        basket = rng.integers(1, n_items + n_extra + 1, size=(4, 4)).astype(np.int64)
+        basket[1, 2:] = contract.PADDING_INDEX  # a basket of two in a batch of four
+        basket[2, 1:] = contract.PADDING_INDEX  # a basket of one
         if n_extra:
-            query[0, 0] = n_items + n_extra
-        (diff,) = max_abs_diff(
-            path,
-            {contract.QUERY_ITEMS: query, contract.EXTRA_ITEM_VECTORS: extra},
-            lambda q=query, e=extra: (lookup(torch.from_numpy(q), torch.from_numpy(e)),),
-        )
-        worst = max(worst, diff)
+            single[0, 0] = n_items + n_extra
+            basket[0, 1] = n_items + 1  # an added item beside trained ones
+            basket[3, :] = n_items + np.arange(1, 5) % n_extra + 1  # added items only
+        for query in (single, basket):
+            (diff,) = max_abs_diff(
+                path,
+                {contract.QUERY_ITEMS: query, contract.EXTRA_ITEM_VECTORS: extra},
+                lambda q=query, e=extra: (lookup(torch.from_numpy(q), torch.from_numpy(e)),),
+            )
+            worst = max(worst, diff)
     return worst

@@ -75,7 +75,7 @@ def scorer_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
 def item_lookup_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     return (
         [
-            Tensor(contract.QUERY_ITEMS, INT64, (-1, 1)),
+            Tensor(contract.QUERY_ITEMS, INT64, (-1, -1)),  # [batch, basket]
             Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
         ],
         [Tensor(contract.QUERY_EMBEDDING, FP32, (-1, dim))],
@@ -116,8 +116,9 @@ def recommend_steps(dim: int) -> list[Step]:
 
 
 def similar_items_steps(dim: int) -> list[Step]:
-    """The query item's vector stands in for the user embedding, and the query item for the
-    history: it is excluded from its own neighbours, and reasons point at it."""
+    """The query's embedding (the mean of the basket's item vectors; one item: its vector) stands
+    in for the user embedding, and the query items for the history: they are excluded from their
+    own neighbours, and each reason points at the basket item closest to the returned one."""
     return [
         (contract.ITEM_LOOKUP_MODEL, item_lookup_io(dim), {}),
         (

@@ -13,15 +13,26 @@ On validation the query is the last training item and the target the validation 
 the validation item and the test item. A case is an `EvalCases` row whose history is the query
 alone, so the ranking loop, its tie rule and the long-tail metrics are `ltrec.evaluation`'s.
 
+Baskets (SimilarItems' `basket_item_ids`, "complete the basket"): given a user's last few items
+together, is the item the user took next among the basket's top 10? The query is the user's last
+`BASKET_SIZE` distinct items, every one of them masked from the ranking, as served. On validation
+they are the last training items and the target the validation item; on test, the last items up
+to and including the validation item, and the test item. Ours scores the basket as served, by the
+mean of its item vectors; ItemKNN by the sum of each candidate's similarities to the basket
+items (its settings tuned on basket validation). Each model is measured at weight 0, at its
+basket default (the same 2% rule on the scale-aware grid, on basket validation) and at its
+SimilarItems default (the pair measure's, which a served basket request gets).
+
     python -m ltrec.item_to_item --data data/ml-1m --checkpoint artifacts/ml-1m/checkpoint.pt
 
-prints the measure for our model and for an item-item ItemKNN, each at weight 0 and at its own
+prints both measures for our model and for an item-item ItemKNN, each at weight 0 and at its own
 default chosen on validation. Torch is imported only by that command.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +49,7 @@ from ltrec.evaluation import (
     evaluate_lists,
     events_in_order,
     long_tail_adjusted,
+    long_tail_mask,
     long_tail_metrics,
     ranking_metrics,
     tune_long_tail_weight,
@@ -55,6 +67,10 @@ ITEMKNN_GRID: tuple[dict[str, float], ...] = tuple(
 )
 
 
+# Items of a basket case: a user's last few distinct items.
+BASKET_SIZE = 3
+
+
 def pair_cases(history: pd.DataFrame, targets: pd.DataFrame) -> EvalCases:
     """One case per target event: the same user's last `history` event is the query.
 
@@ -62,14 +78,42 @@ def pair_cases(history: pd.DataFrame, targets: pd.DataFrame) -> EvalCases:
     give it). Users without history, and cases whose target is the query itself (a repeat the
     served SimilarItems can never return), are left out.
     """
-    last = history.drop_duplicates("user_id", keep="last").set_index("user_id")["item_index"]
-    queries = targets["user_id"].map(last)
-    keep = queries.notna().to_numpy() & (queries.to_numpy() != targets["item_index"].to_numpy())
-    query = queries.to_numpy()[keep].astype(np.int64)
-    n = len(query)
+    return basket_cases(history, targets, size=1)
+
+
+def basket_cases(history: pd.DataFrame, targets: pd.DataFrame, size: int) -> EvalCases:
+    """One case per target event: the same user's last `size` distinct `history` items, oldest
+    first, are the query (a basket; `size` 1 is `pair_cases`).
+
+    `history` must be grouped by user in time order. Users with fewer than `size` distinct
+    items, and cases whose target is in the basket (served, a basket item is never returned),
+    are left out.
+    """
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    # Each item's latest event, still in time order; then each user's last `size` of them.
+    latest = history.drop_duplicates(["user_id", "item_index"], keep="last")
+    recent = latest.groupby("user_id", sort=False).tail(size)
+    baskets = {
+        user: items
+        for user, items in recent.groupby("user_id", sort=False)["item_index"]
+        .agg(lambda s: tuple(s.to_numpy(np.int64)))
+        .items()
+        if len(items) == size
+    }
+    histories, keep = [], []
+    for row, (user, target) in enumerate(
+        zip(targets["user_id"].to_numpy(), targets["item_index"].to_numpy(), strict=True)
+    ):
+        basket = baskets.get(user)
+        if basket is None or target in basket:
+            continue
+        histories.append(np.array(basket, dtype=np.int64))
+        keep.append(row)
+    n = len(keep)
     return EvalCases(
-        histories=[np.array([q], dtype=np.int64) for q in query],
-        event_types=[np.zeros(1, dtype=np.int64) for _ in range(n)],
+        histories=histories,
+        event_types=[np.zeros(size, dtype=np.int64) for _ in range(n)],
         targets=targets["item_index"].to_numpy(np.int64)[keep],
         context=np.zeros((n, 4), dtype=np.int64),
     )
@@ -85,17 +129,25 @@ def held_out_pairs(split: LeaveOneOut) -> EvalCases:
     return pair_cases(events_in_order(split.train, split.valid), split.test)
 
 
-def queries_of(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
-    return np.array([cases.histories[r][-1] for r in rows], dtype=np.int64)
+def validation_baskets(split: LeaveOneOut, size: int = BASKET_SIZE) -> EvalCases:
+    """Basket = the user's last `size` distinct training items, target = the validation item."""
+    return basket_cases(split.train, split.valid, size)
+
+
+def held_out_baskets(split: LeaveOneOut, size: int = BASKET_SIZE) -> EvalCases:
+    """Basket = the user's last `size` distinct items up to and including the validation item,
+    target = the test item."""
+    return basket_cases(events_in_order(split.train, split.valid), split.test, size)
 
 
 def vector_score_fn(item_table: np.ndarray) -> ScoreFn:
-    """SimilarItems as served (item_lookup -> scorer): the query item's vector dotted with every
-    item vector, [N+1, D] table with row 0 the padding."""
+    """SimilarItems as served (item_lookup -> scorer): the mean of the query items' vectors (one
+    item: its vector) dotted with every item vector, [N+1, D] table with row 0 the padding."""
     table = np.ascontiguousarray(item_table, dtype=np.float32)
 
     def score(cases: EvalCases, rows: np.ndarray) -> np.ndarray:
-        return table[queries_of(cases, rows)] @ table.T
+        queries = np.stack([table[cases.histories[r]].mean(axis=0) for r in rows])
+        return queries @ table.T
 
     return score
 
@@ -105,25 +157,27 @@ def similarity_scale(score_fn: ScoreFn, popularity: np.ndarray, cases: EvalCases
     as much as the scores do.
 
     sigma_score is the standard deviation of a query's scores over the catalogue (padding and the
-    query left out), averaged over up to `SCALE_QUERIES` distinct queries of `cases`;
-    sigma_logpop is the standard deviation of log(1 + popularity) over the catalogue. 0 when
-    either is 0 (no weight can change a ranking then, or every score ties).
+    query's items left out), averaged over up to `SCALE_QUERIES` distinct queries (items, or
+    baskets) of `cases`, in sorted order; sigma_logpop is the standard deviation of
+    log(1 + popularity) over the catalogue. 0 when either is 0 (no weight can change a ranking
+    then, or every score ties).
     """
     log_pop = np.log1p(np.asarray(popularity, dtype=np.float64)[1:])
     pop_spread = float(log_pop.std())
-    queries = np.unique(np.array([h[-1] for h in cases.histories], dtype=np.int64))
-    if not len(queries) or pop_spread == 0.0:
+    queries = sorted({tuple(h.tolist()) for h in cases.histories})
+    if not queries or pop_spread == 0.0:
         return 0.0
     pick = np.linspace(0, len(queries) - 1, min(len(queries), SCALE_QUERIES)).astype(np.int64)
-    sample = queries[np.unique(pick)]
+    sample = [np.array(queries[i], dtype=np.int64) for i in np.unique(pick)]
     probe = EvalCases(
-        histories=[np.array([q]) for q in sample],
-        event_types=[np.zeros(1, dtype=np.int64) for _ in sample],
-        targets=sample,
+        histories=sample,
+        event_types=[np.zeros(len(q), dtype=np.int64) for q in sample],
+        targets=np.array([q[0] for q in sample], dtype=np.int64),
         context=np.zeros((len(sample), 4), dtype=np.int64),
     )
     scores = np.asarray(score_fn(probe, np.arange(len(sample))), dtype=np.float64).copy()
-    scores[np.arange(len(sample)), sample] = np.nan
+    for row, query in enumerate(sample):
+        scores[row, query] = np.nan
     score_spread = float(np.nanstd(scores[:, 1:], axis=1).mean())
     scale = score_spread / pop_spread
     return scale if np.isfinite(scale) and scale > 0 else 0.0
@@ -212,6 +266,41 @@ def compare(
     return out
 
 
+def compare_baskets(
+    models: Mapping[str, ScoreFn],
+    popularity: np.ndarray,
+    tail: np.ndarray,
+    split: LeaveOneOut,
+    similar_items_defaults: Mapping[str, float],
+    size: int = BASKET_SIZE,
+) -> dict[str, dict]:
+    """Per model: its basket default chosen on validation baskets (`tune_similar_items_weight`'s
+    rule and grid), and the test baskets' figures at weight 0, at that default and at
+    `similar_items_defaults[name]` (its pair measure's default: what a served basket request
+    gets)."""
+    valid, test = validation_baskets(split, size), held_out_baskets(split, size)
+    out: dict[str, dict] = {}
+    for name, score_fn in models.items():
+        tuned = tune_similar_items_weight(score_fn, popularity, tail, valid)
+        similar = similar_items_defaults[name]
+        out[name] = {
+            "size": size,
+            "default": tuned,
+            "test": {
+                "cases": len(test),
+                "weight_0": item_to_item_metrics(score_fn, popularity, tail, test, 0.0),
+                "at_default": item_to_item_metrics(
+                    score_fn, popularity, tail, test, tuned["chosen"]
+                ),
+                "at_similar_items_default": {
+                    "weight": similar,
+                    **item_to_item_metrics(score_fn, popularity, tail, test, similar),
+                },
+            },
+        }
+    return out
+
+
 def itemknn_score_fn(
     train: pd.DataFrame,
     n_items: int,
@@ -220,7 +309,8 @@ def itemknn_score_fn(
 ) -> tuple[ScoreFn, dict[str, float]]:
     """ItemKNN's item-item similarity (shrunk cosine of the training matrix), its settings tuned
     on item-to-item validation NDCG@10; a case's history is the query alone, so its scores are
-    the query's row. Returns the scorer and the chosen settings."""
+    the query's row (a basket's: the sum of its items' rows). Returns the scorer and the chosen
+    settings."""
     gram = baselines.cooccurrence(baselines.interaction_matrix(train, n_items))
 
     def build(neighbours: float, shrink: float) -> ScoreFn:
@@ -234,15 +324,30 @@ def itemknn_score_fn(
     return build(**best), best
 
 
-def _table(results: Mapping[str, dict]) -> list[str]:
-    lines = [f"{'model':<10} {'w':>8} {'f':>5} {'Recall@10':>10} {'NDCG@10':>8} {'Cov@10':>7}"]
+def relative_weight(tuned: Mapping, weight: float) -> float:
+    """f of `weight` on the grid of `tune_similar_items_weight`'s result `tuned` (w / scale off
+    the grid, 0 without a scale)."""
+    for row in tuned["grid"]:
+        if row["weight"] == weight:
+            return float(row["relative_weight"])
+    return weight / tuned["scale"] if tuned["scale"] else 0.0
+
+
+def _table(results: Mapping[str, dict], measure: str | None = None) -> list[str]:
+    """The test figures of `compare` (`measure` None) or of its basket results ("basket")."""
+    lines = [f"{'model':<24} {'w':>8} {'f':>6} {'Recall@10':>10} {'NDCG@10':>8} {'Cov@10':>7}"]
     for name, r in results.items():
-        chosen = r["default"]["chosen"]
-        f = next(g["relative_weight"] for g in r["default"]["grid"] if g["weight"] == chosen)
-        for label, w, rel in (("weight_0", 0.0, 0.0), ("at_default", chosen, f)):
-            t = r["test"][label]
+        r = r if measure is None else r[measure]
+        tuned = r["default"]
+        rows = [("weight_0", name, 0.0), ("at_default", f"{name} (default)", tuned["chosen"])]
+        if "at_similar_items_default" in r["test"]:
+            w = r["test"]["at_similar_items_default"]["weight"]
+            rows.append(("at_similar_items_default", f"{name} (SimilarItems')", w))
+        for key, label, w in rows:
+            t = r["test"][key]
+            rel = relative_weight(tuned, w)
             lines.append(
-                f"{name:<10} {w:>8.3g} {rel:>5g} {t['recall@10']:>10.4f} {t['ndcg@10']:>8.4f} "
+                f"{label:<24} {w:>8.3g} {rel:>6.3g} {t['recall@10']:>10.4f} {t['ndcg@10']:>8.4f} "
                 f"{t['coverage@10']:>7.4f}"
             )
     return lines
@@ -257,12 +362,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="dataset directory")
     parser.add_argument("--checkpoint", type=Path, required=True, help="make train's checkpoint")
     parser.add_argument("--cache", type=Path, default=Path("artifacts/cache"))
+    parser.add_argument(
+        "--basket-size",
+        type=int,
+        default=BASKET_SIZE,
+        help=f"items of a basket case: the user's last distinct ones (default {BASKET_SIZE})",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="also write the figures there, as the report's item_to_item (a model's basket "
+        "figures under its 'basket')",
+    )
     args = parser.parse_args(argv)
+    if args.basket_size < 1:
+        parser.error(f"--basket-size must be at least 1, got {args.basket_size}")
     import torch
 
     from ltrec.checkpoint import load_checkpoint
     from ltrec.data import DatasetError
-    from ltrec.evaluation import long_tail_mask
     from ltrec.prepared import prepare
 
     try:
@@ -281,28 +399,65 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with torch.no_grad():
         table = model.item_table().numpy()
-    split = prepared.split
-    knn, knn_settings = itemknn_score_fn(
-        split.train, len(prepared.item_ids), validation_pairs(split)
-    )
-    popularity = prepared.popularity
-    results = compare(
-        {"ours": vector_score_fn(table), "itemknn": knn},
-        popularity,
-        long_tail_mask(popularity),
-        split,
+    results = measure_all(
+        table, prepared.split, len(prepared.item_ids), prepared.popularity, args.basket_size
     )
     stored = ckpt.summary.get("similar_items_long_tail_weight")
+    knn_settings = results["itemknn"]["settings"]
     print(
         f"item to item, test ({results['ours']['test']['cases']} users): query = validation "
         f"item, target = test item; w chosen on validation, f = w / scale; ItemKNN {knn_settings}"
     )
     print("\n".join(_table(results)))
+    basket = results["ours"]["basket"]
+    print(
+        f"\nbasket of {basket['size']}, test ({basket['test']['cases']} users): query = the last "
+        f"{basket['size']} distinct items up to the validation item, together; target = test "
+        f"item; ItemKNN {results['itemknn']['basket']['settings']}"
+    )
+    print("\n".join(_table(results, "basket")))
     for name, r in results.items():
-        print(f"{name}: scale {r['default']['scale']:.4g}")
+        scales = r["default"]["scale"], r["basket"]["default"]["scale"]
+        print(f"{name}: scale {scales[0]:.4g}, basket scale {scales[1]:.4g}")
     if stored is not None:
         print(f"the checkpoint's SimilarItems default: {stored['chosen']:g}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def measure_all(
+    item_table: np.ndarray,
+    split: LeaveOneOut,
+    n_items: int,
+    popularity: np.ndarray,
+    basket_size: int = BASKET_SIZE,
+) -> dict[str, dict]:
+    """Both measures for ours (`item_table`, as served) and ItemKNN (tuned per measure on its
+    validation): `compare`'s figures per model, its basket figures under "basket", ItemKNN's
+    settings under "settings" (and the basket's under "basket"/"settings")."""
+    tail = long_tail_mask(popularity)
+    ours = vector_score_fn(item_table)
+    knn, knn_settings = itemknn_score_fn(split.train, n_items, validation_pairs(split))
+    results = compare({"ours": ours, "itemknn": knn}, popularity, tail, split)
+    results["itemknn"]["settings"] = knn_settings
+    basket_knn, basket_settings = itemknn_score_fn(
+        split.train, n_items, validation_baskets(split, basket_size)
+    )
+    baskets = compare_baskets(
+        {"ours": ours, "itemknn": basket_knn},
+        popularity,
+        tail,
+        split,
+        {name: r["default"]["chosen"] for name, r in results.items()},
+        basket_size,
+    )
+    baskets["itemknn"]["settings"] = basket_settings
+    for name, figures in baskets.items():
+        results[name]["basket"] = figures
+    return results
 
 
 if __name__ == "__main__":

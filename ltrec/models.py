@@ -440,7 +440,13 @@ class UserEncoder(nn.Module):
 
 
 class ItemLookup(nn.Module):
-    """Exported for SimilarItems: one catalogue index per row -> that item's vector [B, D]."""
+    """Exported for SimilarItems: the catalogue indices of a row's query items [B, L] (a basket;
+    `PADDING_INDEX` pads) -> the mean of their vectors [B, D] (zeros for an all-padding row).
+
+    The mean, not the sum: a candidate's score is then the mean of its single-item SimilarItems
+    scores against the basket items, on their scale, so SimilarItems' default long-tail weight
+    keeps its meaning; and a one-item basket is exactly that item's vector.
+    """
 
     def __init__(self, item_table: torch.Tensor) -> None:
         super().__init__()
@@ -449,7 +455,10 @@ class ItemLookup(nn.Module):
     def forward(
         self, query_items: torch.Tensor, extra_item_vectors: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return overlay_rows(self.item_table, extra_item_vectors, query_items[:, 0])
+        vectors = overlay_rows(self.item_table, extra_item_vectors, query_items)  # [B, L, D]
+        mask = (query_items != contract.PADDING_INDEX).to(vectors.dtype).unsqueeze(-1)
+        count = mask.sum(dim=1).clamp(min=1.0)
+        return (vectors * mask).sum(dim=1) / count
 
 
 class Scorer(nn.Module):

@@ -200,6 +200,10 @@ class RepositoryMetadata:
     # The scorer takes item_eligible (the business filter) and the catalogue file holds each
     # item's category, brand and price bucket.
     item_filter: bool = True
+    # The item lookup takes a basket (query_items [B, L]) and pools their vectors: SimilarItems'
+    # basket mode. False for a repository exported before it: the gateway serves it, and refuses
+    # basket requests naming the re-export.
+    basket_lookup: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     n_items: int = 0
@@ -233,6 +237,7 @@ class RepositoryMetadata:
             "catalogue_scan": self.catalogue_scan,
             "item_overlay": self.item_overlay,
             "item_filter": self.item_filter,
+            "basket_lookup": self.basket_lookup,
             "vocabularies": self.vocabularies.to_json(),
             "text_model": self.text_model,
             "model_config": self.model_config,
@@ -349,6 +354,7 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         similar_items_default_long_tail_weight=similar_weight,
         item_overlay=True,
         item_filter=True,
+        basket_lookup=raw.get("basket_lookup") is True,
         model_config=model_config if isinstance(model_config, dict) else {},
         created_at=optional("created_at", str, ""),
         n_items=optional("n_items", int, 0),

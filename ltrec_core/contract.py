@@ -38,8 +38,8 @@ TOP_K = "top_k"
 # (interaction counts, for the long-tail term).
 EXTRA_ITEM_VECTORS = "extra_item_vectors"
 EXTRA_POPULARITY = "extra_popularity"
-# SimilarItems ensemble input: the catalogue index of the item to find neighbours of.
-# INT64 [batch, 1].
+# SimilarItems ensemble input: the catalogue indices of the item (or the basket of items) to find
+# neighbours of, PADDING_INDEX = padding. INT64 [batch, basket]; [batch, 1] for one item.
 QUERY_ITEMS = "query_items"
 # The business filter (ItemFilter) as a mask the scorer applies before top-k: True where the item
 # may be returned. BOOL [batch, N+1+M] (every catalogue index, overlay included), or [batch, 1]
@@ -49,7 +49,8 @@ ITEM_ELIGIBLE = "item_eligible"
 # --- Intermediate tensors -----------------------------------------------------------------------
 USER_EMBEDDING = "user_embedding"
 WEIGHTED_USER_EMBEDDING = "weighted_user_embedding"
-QUERY_EMBEDDING = "query_embedding"  # the query item's vector, scored like a user embedding
+# The query items' mean vector (one item: its vector), scored like a user embedding.
+QUERY_EMBEDDING = "query_embedding"
 
 # --- Ensemble outputs ---------------------------------------------------------------------------
 TOP_ITEMS = "top_items"  # INT64 [batch, k] catalogue indices

@@ -160,6 +160,8 @@ def create_server(
         max_history=config.max_request_history,
         max_exclude=config.max_exclude,
         max_filter_item_ids=config.max_filter_item_ids,
+        max_basket_items=config.max_basket_items,
+        basket_lookup=metadata.basket_lookup,
         long_tail_weight_max=metadata.long_tail_weight_max,
         max_feedback_batch=config.feedback_max_batch,
         max_item_batch=config.items_max_batch,

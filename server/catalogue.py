@@ -51,6 +51,9 @@ class ModelMetadata:
     embedding_dim: int = 64
     # Tokens of item text the item text encoder reads (the training setting).
     text_max_tokens: int = 64
+    # The item lookup pools a basket (SimilarItems' basket_item_ids); False for a repository
+    # exported before it, whose basket requests are refused.
+    basket_lookup: bool = False
 
     @classmethod
     def from_repository(cls, metadata: RepositoryMetadata) -> ModelMetadata:
@@ -67,6 +70,7 @@ class ModelMetadata:
             region_buckets=vocabulary_buckets(vocabularies.region),
             embedding_dim=metadata.embedding_dim,
             text_max_tokens=metadata.text_max_tokens,
+            basket_lookup=metadata.basket_lookup,
         )
 
 

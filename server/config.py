@@ -48,6 +48,8 @@ class GatewayConfig:
     max_exclude: int = 1000
     # Ids per ItemFilter.allow_item_ids and per ItemFilter.deny_item_ids.
     max_filter_item_ids: int = 1000
+    # Items per SimilarItems basket (basket_item_ids).
+    max_basket_items: int = 50
     # Beyond this many concurrent RPCs gRPC itself answers RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1000
     # Larger request messages are refused by gRPC with RESOURCE_EXHAUSTED before any work.
@@ -164,6 +166,7 @@ class GatewayConfig:
             "max_request_history",
             "max_exclude",
             "max_filter_item_ids",
+            "max_basket_items",
             "max_concurrent_rpcs",
             "max_message_bytes",
             "feedback_max_batch",

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from ltrec_core import contract
 from ltrec_core.context import label_bucket, time_bucket
 from server.catalogue import Catalogue, ModelMetadata
+from server.errors import NotFound
 from server.gen.ltrec.v1 import recommender_pb2
 from server.item_filter import NO_FILTER, eligibility
 
@@ -113,9 +114,10 @@ def build_features(
 
 @dataclass(frozen=True)
 class SimilarFeatures:
-    """The `similar_items` ensemble's inputs: one query item instead of a history."""
+    """The `similar_items` ensemble's inputs: the query item, or the basket's items, instead of a
+    history."""
 
-    query_items: npt.NDArray[np.int64]  # [1, 1]
+    query_items: npt.NDArray[np.int64]  # [1, 1] for item_id, [1, L] for a basket of L items
     exclude_items: npt.NDArray[np.int64]  # [1, E]
     long_tail_weight: npt.NDArray[np.float32]  # [1, 1]
     top_k: npt.NDArray[np.int64]  # [1]
@@ -135,19 +137,37 @@ class SimilarFeatures:
         }
 
 
+def query_indices(request: recommender_pb2.SimilarItemsRequest, catalogue: Catalogue) -> list[int]:
+    """The catalogue indices of a validated request's item_id, or of its basket in order;
+    NotFound naming the first id the catalogue does not serve (unknown or hidden)."""
+    named = (
+        [(f"basket_item_ids[{p}]", i) for p, i in enumerate(request.basket_item_ids)]
+        if request.basket_item_ids
+        else [("item_id", request.item_id)]
+    )
+    indices = []
+    for field_name, item_id in named:
+        index = catalogue.index_of.get(item_id)
+        if index is None or catalogue.is_hidden(index):
+            raise NotFound(f"{field_name} {item_id!r} is not in the catalogue")
+        indices.append(index)
+    return indices
+
+
 def build_similar_features(
     request: recommender_pb2.SimilarItemsRequest,
     metadata: ModelMetadata,
     catalogue: Catalogue,
-    query_index: int,
+    query: Sequence[int],
 ) -> SimilarFeatures:
-    """Expects a validated request and the query item's (known, not hidden) index."""
+    """Expects a validated request and its query items' (known, not hidden) indices
+    (`query_indices`): one, or the basket's."""
     return SimilarFeatures(
-        query_items=np.asarray([[query_index]], dtype=np.int64),
+        query_items=np.asarray([query], dtype=np.int64),
         exclude_items=exclusions(request.exclude_item_ids, catalogue),
         # SimilarItems' own default: its scores are item-item, on another scale than Recommend's
         long_tail_weight=long_tail_weight(request, metadata.similar_items_default_long_tail_weight),
-        # the query item itself is masked: at most N + M - 1 others
+        # the query items themselves are masked: at most N + M - L others
         top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
         extra_item_vectors=catalogue.extra_vectors,
         extra_popularity=catalogue.extra_popularity,

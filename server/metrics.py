@@ -281,6 +281,16 @@ for _method in FILTER_METHODS:
     for _field in FILTER_FIELDS:
         FILTERED_REQUESTS_TOTAL.labels(method=_method, field=_field)
 
+# SimilarItems' query size: 1 for item_id, the basket's for basket_item_ids (how large the carts
+# sent are, against LTREC_MAX_BASKET_ITEMS).
+SIMILAR_ITEMS_QUERY_ITEMS = Histogram(
+    "similar_items_query_items",
+    "Items in each SimilarItems query: 1 for an item_id, the basket's size for basket_item_ids.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+    buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200),
+)
+
 # RecommendBatch (server.batch): each request of a stream, by the status code of its inline
 # answer (the stream itself is one RPC in requests_total), and those read and not yet answered.
 BATCH_REQUESTS_TOTAL = Counter(

@@ -42,17 +42,17 @@ def build_items(
 def build_similar_items(
     outputs: Mapping[str, np.ndarray], features: SimilarFeatures, catalogue: Catalogue
 ) -> list[recommender_pb2.RecommendedItem]:
-    """Like `build_items`; the query item is never returned and every reason names it."""
-    query = int(features.query_items[0, 0])
-    never = {query} | set(features.exclude_items[0].tolist())
-    because = f'Similar to "{catalogue.titles[query]}"'
+    """Like `build_items`; no query item is ever returned, and each reason names the query item
+    the scorer found closest (cosine) to the returned one: the item, or one of the basket's."""
+    query = features.query_items[0].tolist()
+    never = set(query) | set(features.exclude_items[0].tolist())
+
+    def reason(_long_tail: bool, position: int) -> str:
+        closest = query[position] if 0 <= position < len(query) else query[0]
+        return f'Similar to "{catalogue.titles[closest]}"'
+
     return _ranked_items(
-        outputs,
-        int(features.top_k[0]),
-        never,
-        features.item_eligible,
-        catalogue,
-        lambda _tail, _pos: because,
+        outputs, int(features.top_k[0]), never, features.item_eligible, catalogue, reason
     )
 
 

@@ -31,7 +31,7 @@ from server import metrics
 from server.batch import BatchRunner
 from server.catalogue import ModelMetadata
 from server.errors import BackendUnavailable, NotFound
-from server.features import build_features, build_similar_features
+from server.features import build_features, build_similar_features, query_indices
 from server.forget import UserEraser
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.history import SOURCE_NAMES, choose_history, feedback_events, request_events
@@ -188,11 +188,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             validate_similar_request(request, self._limits)
         self._check_model_version(request.model_version)
         catalogue = self._items.catalogue
-        index = catalogue.index_of.get(request.item_id)
-        if index is None or catalogue.is_hidden(index):
-            raise NotFound(f"item_id {request.item_id!r} is not in the catalogue")
         with _FEATURES.time():
-            features = build_similar_features(request, self._metadata, catalogue, index)
+            query = query_indices(request, catalogue)
+            features = build_similar_features(request, self._metadata, catalogue, query)
+        metrics.SIMILAR_ITEMS_QUERY_ITEMS.observe(len(query))
         with _TRITON.time():
             outputs = await self._triton.infer(
                 features.as_inputs(),

@@ -57,6 +57,10 @@ class RequestLimits:
     history_retention_seconds: int = 30 * 24 * 3600
     # Ids per ItemFilter.allow_item_ids and per ItemFilter.deny_item_ids.
     max_filter_item_ids: int = 1000
+    # SimilarItems' basket mode: ids per basket_item_ids, and whether the model repository's item
+    # lookup takes a basket at all (exported with it).
+    max_basket_items: int = 50
+    basket_lookup: bool = True
 
 
 def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
@@ -119,11 +123,48 @@ def validate_similar_request(
 ) -> None:
     _request_id("request_id", request.request_id)
     _max_chars("model_version", request.model_version, MAX_REQUEST_ID_CHARS)
-    _item_id("item_id", request.item_id)
+    _similar_query(request, limits)
     _k(request.k, limits)
     _exclusions(request.exclude_item_ids, limits)
     _long_tail_weight(request, limits)
     _item_filter("filter", request.filter, limits)
+
+
+def _similar_query(request: recommender_pb2.SimilarItemsRequest, limits: RequestLimits) -> None:
+    """One item (item_id) or a basket (basket_item_ids), never both: a request with both would
+    leave unsaid whether item_id belongs to the basket."""
+    basket = request.basket_item_ids
+    if not basket:
+        if not request.item_id:
+            raise InvalidArgument(
+                "item_id must be non-empty, or basket_item_ids set (the item, or the basket, to "
+                "find related items for)"
+            )
+        _item_id("item_id", request.item_id)
+        return
+    if request.item_id:
+        raise InvalidArgument(
+            "item_id and basket_item_ids are mutually exclusive: set one (a basket of one item "
+            "answers as its item_id)"
+        )
+    if not limits.basket_lookup:
+        raise InvalidArgument(
+            "basket_item_ids cannot be set: this model repository was exported before "
+            "SimilarItems took baskets (basket_lookup); re-run the export"
+        )
+    if len(basket) > limits.max_basket_items:
+        raise InvalidArgument(
+            f"basket_item_ids must have at most {limits.max_basket_items} ids, got {len(basket)}"
+        )
+    first: dict[str, int] = {}
+    for position, item_id in enumerate(basket):
+        _item_id(f"basket_item_ids[{position}]", item_id)
+        if item_id in first:
+            raise InvalidArgument(
+                f"basket_item_ids[{position}] repeats basket_item_ids[{first[item_id]}] (ids "
+                "must be distinct)"
+            )
+        first[item_id] = position
 
 
 def validate_upsert_request(

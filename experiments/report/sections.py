@@ -12,6 +12,7 @@ from experiments.report.settings import (
     SHUFFLED_AT_TEST,
     _printed,
 )
+from ltrec.item_to_item import relative_weight
 
 
 def _row(cells: list[str]) -> str:
@@ -58,6 +59,61 @@ def _item_to_item_section(report: dict) -> list[str]:
                     ]
                 )
             )
+    return [*lines, "", *_basket_section(report)]
+
+
+def _basket_section(report: dict) -> list[str]:
+    """SimilarItems' basket mode, or nothing for a report from before it was measured."""
+    results = {name: r["basket"] for name, r in report["item_to_item"].items() if "basket" in r}
+    if not results:
+        return []
+    f = _printed
+    labels = {"ours": MODELS["ours"], "itemknn": MODELS["itemknn"]}
+    size = next(iter(results.values()))["size"]
+    lines = [
+        f"## SimilarItems, basket of {size} (test)",
+        "",
+        f"Given a user's last {size} distinct items together (up to and including the validation "
+        "item), is the test item among the basket's 10 most related items? The catalogue ranked "
+        "with every basket item excluded: ours as served (`basket_item_ids`: the mean of the "
+        "basket's item vectors), ItemKNN by the sum of each item's shrunk cosine to the basket's "
+        "items (settings tuned on basket validation). Each model at weight 0, at its basket "
+        "default (the rule above, on validation baskets: the last training items, target the "
+        "validation item) and at its SimilarItems default from the table above (what a served "
+        "basket request gets).",
+        "",
+        _row(["model", "w", "f", "Recall@10", "NDCG@10", "Coverage@10", "APLT@10"]),
+        _row(["---"] + ["---:"] * 6),
+    ]
+    for name, r in results.items():
+        tuned = r["default"]
+        rows = [
+            ("weight_0", "", 0.0),
+            ("at_default", " (basket default)", tuned["chosen"]),
+            (
+                "at_similar_items_default",
+                " (SimilarItems default)",
+                r["test"]["at_similar_items_default"]["weight"],
+            ),
+        ]
+        for key, suffix, w in rows:
+            t = r["test"][key]
+            lines.append(
+                _row(
+                    [
+                        labels.get(name, name) + suffix,
+                        f"{w:g}",
+                        f"{relative_weight(tuned, w):.3g}",
+                        f(t["recall@10"]),
+                        f(t["ndcg@10"]),
+                        f(t["coverage@10"]),
+                        f(t["aplt@10"]),
+                    ]
+                )
+            )
+    settings = results.get("itemknn", {}).get("settings")
+    cases = next(iter(results.values()))["test"]["cases"]
+    lines += ["", f"{cases} test baskets" + (f"; ItemKNN {settings}" if settings else "") + "."]
     return [*lines, ""]
 
 

@@ -378,18 +378,14 @@ def cold_view(
 
 
 def item_to_item_view(prepared: Prepared, model: Recommender) -> dict:
-    """SimilarItems measured item to item (`ltrec.item_to_item`): ours as served (item-vector
-    dot products) and ItemKNN's shrunk cosine (its settings tuned on item-to-item validation),
-    each at weight 0 and at its own default chosen on validation on the scale-aware grid."""
+    """SimilarItems measured item to item and by baskets (`ltrec.item_to_item`): ours as served
+    (item-vector dot products; a basket's mean vector) and ItemKNN's shrunk cosine (summed over a
+    basket; its settings tuned on each measure's validation), each at weight 0 and at its own
+    default chosen on validation on the scale-aware grid (baskets: also at the SimilarItems
+    default, which a served basket request gets)."""
     model.eval()
     with torch.no_grad():
         table = model.item_table().numpy()
-    split = prepared.split
-    knn, settings = item_to_item.itemknn_score_fn(
-        split.train, len(prepared.item_ids), item_to_item.validation_pairs(split)
+    return item_to_item.measure_all(
+        table, prepared.split, len(prepared.item_ids), prepared.popularity
     )
-    popularity = prepared.popularity
-    scorers = {"ours": item_to_item.vector_score_fn(table), "itemknn": knn}
-    results = item_to_item.compare(scorers, popularity, long_tail_mask(popularity), split)
-    results["itemknn"]["settings"] = settings
-    return results

@@ -53,6 +53,7 @@ METADATA = {
     "embedding_dim": DIM,
     "item_overlay": True,
     "item_filter": True,
+    "basket_lookup": True,
     "model_config": {"text_max_tokens": 16},
     "default_long_tail_weight": 0.25,
     "similar_items_default_long_tail_weight": 0.01,

@@ -593,6 +593,7 @@ def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
     assert exported.metadata[contract.SIMILAR_ITEMS_DEFAULT_WEIGHT_KEY] == 0.0125
     assert metadata.default_long_tail_weight == 0.25
     assert metadata.similar_items_default_long_tail_weight == 0.0125
+    assert metadata.basket_lookup  # SimilarItems' basket mode: the item lookup pools baskets
     assert catalogue.size == N_ITEMS
     assert catalogue.item_ids[1:] == ckpt["item_ids"]
     assert catalogue.titles[1:] == ckpt["titles"]

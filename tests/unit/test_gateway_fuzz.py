@@ -44,6 +44,7 @@ MAX_EXCLUDE = 10
 MAX_FEEDBACK_BATCH = 8
 MAX_ITEM_BATCH = 6
 MAX_FILTER_ITEM_IDS = 4
+MAX_BASKET_ITEMS = 4
 SERVED_VERSION = METADATA["model_version"]
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
@@ -205,6 +206,7 @@ def fuzzed_gateway(root: Path, **settings: Any) -> Iterator[recommender_pb2_grpc
         max_request_history=MAX_REQUEST_HISTORY,
         max_exclude=MAX_EXCLUDE,
         max_filter_item_ids=MAX_FILTER_ITEM_IDS,
+        max_basket_items=MAX_BASKET_ITEMS,
         health_poll_interval_seconds=0.05,
         allow_plaintext=True,
         feedback_dir=root / "feedback",
@@ -338,10 +340,17 @@ def test_any_filter_gets_ok_exactly_when_accepted_and_k_items_that_pass(
     """A valid request but for its filter: OK exactly when the filter is within bounds and every
     value is the catalogue's; then every item that passes (but the history or the query) comes
     back, up to k."""
-    if similar:
+    basket = list(dict.fromkeys(history))
+    if similar and len(basket) >= 2:  # basket mode: none of the basket's items
+        call = stub.SimilarItems
+        request: Any = recommender_pb2.SimilarItemsRequest(
+            basket_item_ids=basket, k=k, filter=item_filter
+        )
+        never = set(basket)
+    elif similar:
         query = history[0] if history else KNOWN_IDS[0]
         call = stub.SimilarItems
-        request: Any = recommender_pb2.SimilarItemsRequest(item_id=query, k=k, filter=item_filter)
+        request = recommender_pb2.SimilarItemsRequest(item_id=query, k=k, filter=item_filter)
         never = {query}
     else:
         call = stub.Recommend
@@ -566,6 +575,20 @@ IMAGE_ITEMS = st.builds(
 )
 
 
+def _accepted_query(request: recommender_pb2.SimilarItemsRequest) -> bool:
+    """SimilarItems' query bounds: an item_id or a basket of 1..MAX_BASKET_ITEMS distinct ids,
+    never both."""
+    basket = request.basket_item_ids
+    if not basket:
+        return 0 < len(request.item_id) <= 256
+    return (
+        not request.item_id
+        and len(basket) <= MAX_BASKET_ITEMS
+        and len(set(basket)) == len(basket)
+        and all(0 < len(i) <= 256 for i in basket)
+    )
+
+
 def _accepted_item(item: recommender_pb2.Item) -> bool:
     return (
         0 < len(item.item_id) <= 256
@@ -592,7 +615,8 @@ def _accepted_item(item: recommender_pb2.Item) -> bool:
     delete=st.lists(ITEMS_IDS, max_size=MAX_ITEM_BATCH + 2),
     similar=st.builds(
         recommender_pb2.SimilarItemsRequest,
-        item_id=ITEMS_IDS,
+        item_id=st.one_of(ITEMS_IDS, st.just("")),
+        basket_item_ids=st.one_of(st.just([]), st.lists(ITEMS_IDS, max_size=MAX_BASKET_ITEMS + 2)),
         k=st.one_of(st.integers(min_value=-2, max_value=MAX_K + 2), INT32),
         exclude_item_ids=st.lists(ITEMS_IDS, max_size=MAX_EXCLUDE + 2),
         model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
@@ -655,7 +679,10 @@ def test_any_item_request_gets_only_documented_codes(
             exc.details(),
         )
         assert exc.details()
+        if exc.code() == grpc.StatusCode.NOT_FOUND and "is not in the catalogue" in exc.details():
+            assert _accepted_query(similar)
         return
+    assert _accepted_query(similar)
     assert similar.model_version in ("", SERVED_VERSION)
     assert 1 <= similar.k <= MAX_K and len(similar.exclude_item_ids) <= MAX_EXCLUDE
     if weight is not None:
@@ -663,6 +690,7 @@ def test_any_item_request_gets_only_documented_codes(
     returned = [item.item_id for item in reply.items]
     assert len(returned) <= similar.k
     assert similar.item_id not in returned
+    assert not set(returned) & set(similar.basket_item_ids)
     assert not set(returned) & set(similar.exclude_item_ids)
     # Whatever the upserts above did to the items' fields, a filter's id lists hold.
     if similar.filter.allow_item_ids:

@@ -14,14 +14,19 @@ import pandas as pd
 import pytest
 
 from ltrec.data import leave_one_out
-from ltrec.evaluation import EvalCases, long_tail_mask
+from ltrec.evaluation import EvalCases, evaluate, evaluate_lists, long_tail_mask
 from ltrec.item_to_item import (
+    basket_cases,
+    compare_baskets,
+    held_out_baskets,
     held_out_pairs,
     item_to_item_metrics,
+    itemknn_score_fn,
     pair_cases,
     scaled_grid,
     similarity_scale,
     tune_similar_items_weight,
+    validation_baskets,
     validation_pairs,
     vector_score_fn,
 )
@@ -68,6 +73,119 @@ def test_the_query_is_never_its_own_neighbour() -> None:
         vector_score_fn(table), popularity, np.zeros(4, bool), cases, weight=0.0
     )
     assert figures["recall@10"] == 1.0 and figures["ndcg@10"] == 1.0  # item 1 itself is masked
+
+
+# --- Baskets -----------------------------------------------------------------------------------
+
+
+def test_a_basket_case_is_the_users_last_distinct_items_and_next_item() -> None:
+    # a: 1 2 1 3 4 -> distinct, latest last: 2 1 3 4 -> basket (1, 3, 4); b: two distinct items
+    # only (left out); c: its target 5 is in its basket (left out); d has no history.
+    history = events(
+        [("a", 1), ("a", 2), ("a", 1), ("a", 3), ("a", 4), ("b", 7), ("b", 7), ("b", 8)]
+        + [("c", 5), ("c", 6), ("c", 9)]
+    )
+    targets = events([("a", 6), ("b", 1), ("c", 5), ("d", 2)])
+    cases = basket_cases(history, targets, size=3)
+    assert [h.tolist() for h in cases.histories] == [[1, 3, 4]]
+    assert cases.targets.tolist() == [6]
+    # Baskets of two: b's counts now; c's (6, 9) no longer holds its target.
+    assert [h.tolist() for h in basket_cases(history, targets, size=2).histories] == [
+        [3, 4],
+        [7, 8],
+        [6, 9],
+    ]
+    one = basket_cases(history, targets, size=1)  # the pair measure's cases
+    pairs = pair_cases(history, targets)
+    assert [h.tolist() for h in one.histories] == [h.tolist() for h in pairs.histories]
+    assert one.targets.tolist() == pairs.targets.tolist()
+
+    split = leave_one_out(events([("u", i) for i in (1, 2, 3, 4, 5, 6)]))
+    valid, test = validation_baskets(split, 3), held_out_baskets(split, 3)
+    # u: train 1-4 -> validation 5 -> test 6: the test basket ends with the validation item.
+    assert ([h.tolist() for h in valid.histories], valid.targets.tolist()) == ([[2, 3, 4]], [5])
+    assert ([h.tolist() for h in test.histories], test.targets.tolist()) == ([[3, 4, 5]], [6])
+
+
+# Items 1-3 are a basket's three corners (films of three genres), item 4 the film between them,
+# item 5 a near-duplicate of item 3 that outscores the film between as item 3's neighbour alone.
+BASKET_TABLE = np.array(
+    [
+        [0.0, 0.0, 0.0],
+        [1.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 0.0, 1.0],
+        [0.6, 0.6, 0.6],
+        [0.1, 0.0, 0.9],
+        [-0.5, -0.5, 0.0],
+    ],
+    dtype=np.float32,
+)
+
+
+def test_the_pooled_basket_finds_the_item_between_its_items_that_its_last_item_misses() -> None:
+    """User a took 1, 2, 3 and then 4, the film between all three. Alone, 3's nearest neighbour
+    is its near-duplicate 5 (0.9 against 0.6); the basket's mean vector (1/3, 1/3, 1/3) scores 4
+    at 0.6 and 5 at 0.33: the basket puts the target first, its last item alone second."""
+    history = events([("a", 1), ("a", 2), ("a", 3)])
+    targets = events([("a", 4)])
+    score = vector_score_fn(BASKET_TABLE)
+    baskets, pairs = basket_cases(history, targets, size=3), pair_cases(history, targets)
+    assert evaluate(score, baskets, ks=(1,), progress=False)[1].tolist() == [0]
+    assert evaluate(score, pairs, ks=(1,), progress=False)[1].tolist() == [1]
+    # The ranking masks every basket item, as served: 1, 2 and 3 would score 1/3 each.
+    _, top = evaluate_lists(score, baskets, k=6, progress=False)
+    assert top[0].tolist() == [4, 5, 6, -1, -1, -1]
+
+
+def test_itemknn_scores_a_basket_by_the_sum_of_its_similarities() -> None:
+    """Item 4 was taken with each of 1, 2 and 3 by one user; item 5 with 3 alone by two users.
+    Item 3's nearest neighbour is 5, the basket's is 4 (three similarities against one)."""
+    rows = [("x", i) for i in (1, 4)] + [("y", i) for i in (2, 4)] + [("z", i) for i in (3, 4)]
+    rows += [("v", i) for i in (3, 5)] + [("w", i) for i in (3, 5)]
+    train = events(rows)
+    history = events([("a", 1), ("a", 2), ("a", 3)])
+    targets = events([("a", 4)])
+    baskets, pairs = basket_cases(history, targets, size=3), pair_cases(history, targets)
+    knn, settings = itemknn_score_fn(train, 5, baskets, grid=[{"neighbours": 5, "shrink": 0}])
+    assert settings == {"neighbours": 5, "shrink": 0}
+    assert evaluate(knn, baskets, ks=(1,), progress=False)[1].tolist() == [0]
+    assert evaluate(knn, pairs, ks=(1,), progress=False)[1].tolist() == [1]
+
+
+def test_the_scale_of_a_basket_leaves_all_of_its_items_out() -> None:
+    """Basket (1, 2): scores 10, 10 for its own items, 0.3 and 0.1 for items 3 and 4; log(1 +
+    popularity) 2, 0, 2, 0: scale = std(0.3, 0.1) / std(2, 0, 2, 0) = 0.1 / 1 = 0.1."""
+    e = math.e
+    popularity = np.array([0, e**2 - 1, 0, e**2 - 1, 0])
+    cases = basket_cases(events([("a", 1), ("a", 2)]), events([("a", 3)]), size=2)
+    score = fixed_scores([0.0, 10.0, 10.0, 0.3, 0.1])
+    assert similarity_scale(score, popularity, cases) == pytest.approx(0.1)
+
+
+def test_compare_baskets_reports_each_default_and_the_similar_items_one() -> None:
+    split = leave_one_out(
+        events(
+            [("u", i) for i in (1, 2, 3, 4, 5)]
+            + [("v", i) for i in (6, 1, 2, 3, 4)]
+            + [("w", i) for i in (2, 6, 1, 3, 5)]
+        )
+    )
+    popularity = np.array([0, 3, 3, 2, 1, 1, 2])
+    out = compare_baskets(
+        {"ours": vector_score_fn(BASKET_TABLE)},
+        popularity,
+        long_tail_mask(popularity),
+        split,
+        {"ours": 0.05},
+        size=2,
+    )
+    ours = out["ours"]
+    assert ours["size"] == 2 and ours["test"]["cases"] == 3
+    assert ours["default"]["chosen"] in [g["weight"] for g in ours["default"]["grid"]]
+    assert ours["test"]["at_similar_items_default"]["weight"] == 0.05
+    for key in ("weight_0", "at_default", "at_similar_items_default"):
+        assert {"recall@10", "ndcg@10", "coverage@10", "aplt@10"} <= set(ours["test"][key])
 
 
 # --- The default weight, by hand ---------------------------------------------------------------

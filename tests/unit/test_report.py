@@ -397,6 +397,17 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         assert similar["default"]["chosen"] in [g["weight"] for g in similar["default"]["grid"]]
         assert {"recall@10", "ndcg@10", "coverage@10"} <= set(similar["test"]["at_default"])
     assert set(report["item_to_item"]) == {"ours", "itemknn"}
+    # Baskets (the last 3 distinct items together): each at 0, its basket default and its
+    # SimilarItems default (what a served basket request gets).
+    assert "## SimilarItems, basket of 3 (test)" in md
+    for similar in report["item_to_item"].values():
+        basket = similar["basket"]
+        assert basket["size"] == 3 and basket["test"]["cases"] > 0
+        assert basket["default"]["chosen"] in [g["weight"] for g in basket["default"]["grid"]]
+        served = basket["test"]["at_similar_items_default"]
+        assert served["weight"] == similar["default"]["chosen"]
+        assert {"recall@10", "ndcg@10", "coverage@10"} <= set(served)
+    assert "(SimilarItems default)" in md and "(basket default)" in md
     for s in sweep:
         assert accuracy | long_tail <= set(s["torch"]) and accuracy | long_tail <= set(s["onnx"])
         assert s["parity"]["match_at_printed_precision"], s
