@@ -200,6 +200,9 @@ class RepositoryMetadata:
     # The scorer takes item_eligible (the business filter) and the catalogue file holds each
     # item's category, brand and price bucket.
     item_filter: bool = True
+    # The repository has the audience ensemble (Audience, ForecastDemand); exported before it:
+    # False, and those two methods answer UNAVAILABLE until the export is re-run.
+    audience: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     n_items: int = 0
@@ -233,6 +236,7 @@ class RepositoryMetadata:
             "catalogue_scan": self.catalogue_scan,
             "item_overlay": self.item_overlay,
             "item_filter": self.item_filter,
+            "audience": self.audience,
             "vocabularies": self.vocabularies.to_json(),
             "text_model": self.text_model,
             "model_config": self.model_config,
@@ -349,6 +353,7 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         similar_items_default_long_tail_weight=similar_weight,
         item_overlay=True,
         item_filter=True,
+        audience=raw.get("audience") is True,
         model_config=model_config if isinstance(model_config, dict) else {},
         created_at=optional("created_at", str, ""),
         n_items=optional("n_items", int, 0),
