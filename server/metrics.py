@@ -200,12 +200,14 @@ for _outcome in IMAGE_OUTCOMES:  # from zero at start-up, so rate() sees the fir
 # The history store (server.stores.history): ops that failed (Redis unreachable or backing off,
 # an I/O error); a failed read serves the Recommend without a stored history, a failed write
 # keeps nothing (the Feedback is still acknowledged: the feedback store holds it), a failed
-# forget answers ForgetUser UNAVAILABLE.
-HISTORY_STORE_OPS = ("read", "write", "forget")
+# forget answers ForgetUser UNAVAILABLE, a failed listing or reading of the users (users)
+# answers Audience and ForecastDemand UNAVAILABLE.
+HISTORY_STORE_OPS = ("read", "write", "forget", "users")
 HISTORY_STORE_ERRORS_TOTAL = Counter(
     "history_store_errors_total",
-    "History store reads (served without a stored history), writes (events not kept) and "
-    "forgets (ForgetUser answered UNAVAILABLE) that failed, by op.",
+    "History store reads (served without a stored history), writes (events not kept), forgets "
+    "(ForgetUser answered UNAVAILABLE) and user listings (users: Audience and ForecastDemand "
+    "answered UNAVAILABLE) that failed, by op.",
     ["op"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
