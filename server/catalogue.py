@@ -51,6 +51,8 @@ class ModelMetadata:
     embedding_dim: int = 64
     # Tokens of item text the item text encoder reads (the training setting).
     text_max_tokens: int = 64
+    # The repository has the audience ensemble (Audience, ForecastDemand).
+    audience: bool = False
 
     @classmethod
     def from_repository(cls, metadata: RepositoryMetadata) -> ModelMetadata:
@@ -67,6 +69,7 @@ class ModelMetadata:
             region_buckets=vocabulary_buckets(vocabularies.region),
             embedding_dim=metadata.embedding_dim,
             text_max_tokens=metadata.text_max_tokens,
+            audience=metadata.audience,
         )
 
 

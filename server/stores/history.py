@@ -161,6 +161,10 @@ class HistoryStore:
         self._forget_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="forget")
         self._users_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="users")
 
+    def key_of(self, user_id: str) -> str:
+        """The store key of a (non-empty) user id."""
+        return user_key(user_id, self._hash_key)
+
     async def recent(
         self, user_id: str, now: float, max_age_seconds: int | None = None
     ) -> list[StoredEvent]:
