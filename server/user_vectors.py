@@ -127,8 +127,13 @@ class UserVectors:
             self._check_catalogue(catalogue)
             with_id = [user for user in listed if user.user_id is not None]
             stale = [user for user in with_id if not self._fresh(user, now)]
-            if stale:
-                await self._encode(stale, catalogue, now, deadline, request_id)
+            try:
+                if stale:
+                    await self._encode(stale, catalogue, now, deadline, request_id)
+            finally:  # encoded or not, a user forgotten meanwhile is not kept
+                for key in self._forgotten:
+                    self._cache.pop(key, None)
+                self._forgotten.clear()
             if len(listed) < max_users:  # the whole store: drop who it no longer holds
                 keep = {user.key for user in listed}
                 for key in [key for key in self._cache if key not in keep]:
@@ -137,9 +142,6 @@ class UserVectors:
             vectors: list[npt.NDArray[np.float32]] = []
             activity: list[int] = []
             without_items = 0
-            for key in self._forgotten:
-                self._cache.pop(key, None)
-            self._forgotten.clear()
             for user in with_id:
                 entry = self._cache.get(user.key)
                 if entry is None:  # forgotten meanwhile

@@ -447,3 +447,25 @@ async def test_the_example_client_prints_an_audience_and_a_forecast(repository: 
     assert len(audience_lines) == 3
     assert forecast_lines[0] == f"demand over 4 users (model {METADATA['model_version']}):"
     assert [line.split()[-1] for line in forecast_lines[1:]] == ["i3", "i6"]
+
+
+@run_async
+async def test_a_user_forgotten_while_their_vector_is_encoded_is_left_out(
+    repository: Path,
+) -> None:
+    """ForgetUser lands while an Audience waits for the user encoder: the answer leaves the
+    user out (though listed before), and no vector of theirs stays cached."""
+    now = int(time.time())
+    fake = FakeTransport()
+    async with running_gateway(repository, fake) as gw:
+        await clicks(gw, HISTORIES, now)
+        fake.delay_seconds = 0.5
+        pending = asyncio.ensure_future(gw.stub.Audience(audience("i6")))
+        await asyncio.sleep(0.2)
+        await gw.stub.ForgetUser(recommender_pb2.ForgetUserRequest(user_id="drama-fan"))
+        reply = await pending
+        assert "drama-fan" not in [u.user_id for u in reply.users] and len(reply.users) == 3
+        fake.delay_seconds = 0.0
+        again = await gw.stub.Audience(audience("i6"))
+        assert again.users_scanned == 3
+    assert sample("ltrec_gateway_audience_cached_users") == 3
