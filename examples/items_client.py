@@ -1,9 +1,12 @@
-"""Add, hide and relate catalogue items on the running gateway, without retraining.
+"""Add, hide and relate catalogue items on the running gateway, without retraining; find their
+audience and forecast their demand.
 
     python examples/items_client.py upsert --file examples/new_items.csv [--batch 64]
     python examples/items_client.py delete "Grave Shadows (2031)" [ID ...]
     python examples/items_client.py similar "Toy Story (1995)" [-k 10] [--long-tail-weight 0.01]
     python examples/items_client.py basket "Toy Story (1995)" "Babe (1995)" [ID ...] [-k 10]
+    python examples/items_client.py audience "Grave Shadows (2031)" [-k 10] [--max-users N]
+    python examples/items_client.py forecast "Grave Shadows (2031)" "Toy Story (1995)" [ID ...]
     (every command takes --address 127.0.0.1:50051 and --timeout SECONDS)
 
 `upsert` reads a CSV (UTF-8, header row) with the dataset format's item columns: `item_id` and
@@ -21,6 +24,11 @@ the poll interval (1 s).
 
 `basket` asks SimilarItems in basket mode (`basket_item_ids`): items that complete a cart of
 several items as a whole, none of the cart's, each with the cart item it is closest to.
+`audience` prints the users most likely to engage with an item (`Audience`): the users the
+gateway's history store knows (those who sent Feedback, or Recommend with remember_history),
+each with their expected interactions with the item (their activity x the model's probability
+that their next interaction is the item). `forecast` prints each item's expected interactions
+summed over the same users (`ForecastDemand`), to compare items for stock planning.
 """
 
 from __future__ import annotations
@@ -138,6 +146,44 @@ def with_retries(call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+def print_audience(
+    stub: recommender_pb2_grpc.RecommenderStub,
+    item_id: str,
+    k: int,
+    max_users: int | None,
+    timeout: float,
+) -> None:
+    request = recommender_pb2.AudienceRequest(item_id=item_id, k=k)
+    if max_users is not None:
+        request.max_users = max_users
+    reply = with_retries(lambda: stub.Audience(request, timeout=timeout))
+    print(
+        f"audience of {item_id} (model {reply.model_version}): {len(reply.users)} of "
+        f"{reply.users_scanned} users scanned; {reply.expected_interactions:.4f} expected "
+        "interactions in all"
+    )
+    for rank, user in enumerate(reply.users, 1):
+        print(
+            f"{rank:>3}. {user.user_id}  {user.expected_interactions:.4f} expected "
+            f"(p {user.probability:.2e} x {user.history_events} events)"
+        )
+
+
+def print_forecast(
+    stub: recommender_pb2_grpc.RecommenderStub,
+    item_ids: list[str],
+    max_users: int | None,
+    timeout: float,
+) -> None:
+    request = recommender_pb2.ForecastDemandRequest(item_ids=item_ids)
+    if max_users is not None:
+        request.max_users = max_users
+    reply = with_retries(lambda: stub.ForecastDemand(request, timeout=timeout))
+    print(f"demand over {reply.users_scanned} users (model {reply.model_version}):")
+    for item in reply.items:
+        print(f"  {item.expected_interactions:>12.4f}  {item.item_id}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -158,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     basket.add_argument("item_ids", nargs="+", help="the basket (distinct ids)")
     basket.add_argument("-k", type=int, default=10)
     basket.add_argument("--long-tail-weight", type=float, default=None)
+    audience = commands.add_parser("audience", help="the users most likely to engage with an item")
+    audience.add_argument("item_id")
+    audience.add_argument("-k", type=int, default=10)
+    audience.add_argument("--max-users", type=int, default=None, help="users scanned at most")
+    forecast = commands.add_parser("forecast", help="expected interactions per item")
+    forecast.add_argument("item_ids", nargs="+")
+    forecast.add_argument("--max-users", type=int, default=None, help="users scanned at most")
     args = parser.parse_args(argv)
 
     with grpc.insecure_channel(args.address) as channel:
@@ -189,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 print(f"hidden: {reply.deleted} items")
+            elif args.command == "audience":
+                print_audience(stub, args.item_id, args.k, args.max_users, args.timeout)
+            elif args.command == "forecast":
+                print_forecast(stub, args.item_ids, args.max_users, args.timeout)
             else:
                 if args.command == "basket":
                     request = recommender_pb2.SimilarItemsRequest(

@@ -35,7 +35,7 @@ import torch
 from export_scripts import onnx_graphs, triton_config
 from ltrec.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
 from ltrec.data import sha256_file
-from ltrec.models import ItemEncoder, ItemLookup, Scorer, UserEncoder
+from ltrec.models import AudienceScorer, ItemEncoder, ItemLookup, Scorer, UserEncoder
 from ltrec.prepared import dataset_item_fields
 from ltrec_core import contract
 from ltrec_core.artifacts import CatalogueFields, RepositoryMetadata, write_repository_metadata
@@ -51,6 +51,8 @@ OWNED_MODELS = (
     contract.IMAGE_ENCODER_MODEL,
     contract.ITEM_LOOKUP_MODEL,
     contract.SIMILAR_ITEMS_MODEL,
+    contract.AUDIENCE_SCORER_MODEL,
+    contract.AUDIENCE_MODEL,
 )
 
 
@@ -319,6 +321,14 @@ def _export_into(
         )
     }
 
+    # audience scorer (Audience, ForecastDemand): users x the catalogue's softmax
+    path = output / contract.AUDIENCE_SCORER_MODEL / VERSION / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(onnx_graphs.audience_scorer_graph(table.numpy()), path)
+    parity[contract.AUDIENCE_SCORER_MODEL] = onnx_graphs.audience_parity(
+        path, AudienceScorer(table).eval(), dim, cfg.n_items, rng
+    )
+
     configs = [
         triton_config.onnx_model_config(
             contract.USER_ENCODER_MODEL, triton_config.user_encoder_io(dim), tensorrt=tensorrt
@@ -334,8 +344,12 @@ def _export_into(
         triton_config.onnx_model_config(
             contract.ITEM_LOOKUP_MODEL, triton_config.item_lookup_io(dim), tensorrt=tensorrt
         ),
+        triton_config.onnx_model_config(
+            contract.AUDIENCE_SCORER_MODEL, triton_config.audience_scorer_io(dim), tensorrt=tensorrt
+        ),
         triton_config.ensemble_config(dim),
         triton_config.similar_items_config(dim),
+        triton_config.audience_config(dim),
     ]
 
     if text_encoder:
@@ -375,6 +389,8 @@ def _export_into(
         item_filter=True,
         # The item lookup takes a basket ([B, L] query items) and pools their vectors.
         basket_lookup=True,
+        # The audience ensemble and scorer (Audience, ForecastDemand) are in the repository.
+        audience=True,
         vocabularies=ckpt.vocabularies,
         text_model=summary["text_model"],
         model_config=ckpt.model_config,

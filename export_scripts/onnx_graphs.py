@@ -19,7 +19,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ltrec.image_encoder import ImageEncoder
-from ltrec.models import ContextWeighting, ItemEncoder, ItemLookup, Scorer, UserEncoder
+from ltrec.models import (
+    AudienceScorer,
+    ContextWeighting,
+    ItemEncoder,
+    ItemLookup,
+    Scorer,
+    UserEncoder,
+)
 from ltrec_core import contract
 
 OPSET = 18
@@ -480,6 +487,89 @@ def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
     return _model(graph)
 
 
+def audience_scorer_graph(item_table: np.ndarray) -> onnx.ModelProto:
+    """ONNX version of `ltrec.models.AudienceScorer` with the catalogue inside the graph.
+
+    Inputs: `query_embedding` [Q, D] (from item_lookup), `weighted_user_embedding` [U, D] (the
+    users' vectors under the request's context), `user_activity` [U], `exclude_items` [1, E]
+    (left out of the softmax with the padding row), `top_k` [1], `extra_item_vectors` [M, D].
+    Each user's log-normaliser over the whole catalogue (trained rows and overlay, computed as
+    max + log-sum-exp of the shifted row) turns the query scores into log p(item | user); plus
+    log activity, the log of the user's expected interactions, which top-k ranks and whose
+    exponentials sum to the item's. The [U, N+1+M] logits are the cost: the gateway sends the
+    users in blocks.
+    """
+    dim = item_table.shape[1]
+    n = helper.make_node
+    users = contract.WEIGHTED_USER_EMBEDDING
+    nodes = [
+        n("Gemm", [users, "item_table"], ["trained_logits"], transB=1),
+        n("Gemm", [users, contract.EXTRA_ITEM_VECTORS], ["extra_logits"], transB=1),
+        n("Concat", ["trained_logits", "extra_logits"], ["logits"], axis=1),
+        # padding and the excluded items leave the softmax: the same columns for every user
+        n("Concat", [contract.EXCLUDE_ITEMS, "pad_cell"], ["masked_row"], axis=1),
+        n("Shape", [users], ["n_users"], start=0, end=1),
+        n("Shape", ["masked_row"], ["n_masked"], start=1, end=2),
+        n("Concat", ["n_users", "n_masked"], ["masked_shape"], axis=0),
+        n("Expand", ["masked_row", "masked_shape"], ["masked_idx"]),
+        n("Expand", ["neg_inf", "masked_shape"], ["masked_val"]),
+        n("ScatterElements", ["logits", "masked_idx", "masked_val"], ["catalogue"], axis=1),
+        n("ReduceMax", ["catalogue", "one_axis"], ["row_max"], keepdims=1),
+        n("Sub", ["catalogue", "row_max"], ["shifted"]),
+        n("Exp", ["shifted"], ["shifted_exp"]),
+        n("ReduceSum", ["shifted_exp", "one_axis"], ["row_sum"], keepdims=1),
+        n("Log", ["row_sum"], ["row_log_sum"]),
+        n("Add", ["row_max", "row_log_sum"], ["log_norm_col"]),  # [U, 1]
+        n("Transpose", ["log_norm_col"], ["log_norm"], perm=[1, 0]),  # [1, U]
+        n("Gemm", [contract.QUERY_EMBEDDING, users], ["query_logits"], transB=1),  # [Q, U]
+        n("Sub", ["query_logits", "log_norm"], ["log_p"]),
+        n("Log", [contract.USER_ACTIVITY], ["log_activity"]),
+        n("Unsqueeze", ["log_activity", "zero_axis"], ["log_activity_row"]),
+        n("Add", ["log_p", "log_activity_row"], ["log_expected"]),
+        n(
+            "TopK",
+            ["log_expected", contract.TOP_K],
+            ["top_log_expected", contract.AUDIENCE_TOP_USERS],
+            axis=1,
+        ),
+        n("Exp", ["top_log_expected"], [contract.AUDIENCE_TOP_SCORES]),
+        n("Exp", ["log_expected"], ["expected"]),
+        n(
+            "ReduceSum",
+            ["expected", "one_axis"],
+            [contract.EXPECTED_INTERACTIONS],
+            keepdims=0,
+        ),
+    ]
+    inits = [
+        numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
+        numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"),
+        numpy_helper.from_array(np.array([[contract.PADDING_INDEX]], dtype=np.int64), "pad_cell"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "zero_axis"),
+    ]
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    graph = helper.make_graph(
+        nodes,
+        "audience_scorer",
+        [
+            helper.make_tensor_value_info(contract.QUERY_EMBEDDING, f32, ["query", dim]),
+            helper.make_tensor_value_info(users, f32, ["users", dim]),
+            helper.make_tensor_value_info(contract.USER_ACTIVITY, f32, ["users"]),
+            helper.make_tensor_value_info(contract.EXCLUDE_ITEMS, i64, [1, "exclude"]),
+            helper.make_tensor_value_info(contract.TOP_K, i64, [1]),
+            helper.make_tensor_value_info(contract.EXTRA_ITEM_VECTORS, f32, ["extra", dim]),
+        ],
+        [
+            helper.make_tensor_value_info(contract.AUDIENCE_TOP_USERS, i64, ["query", "k"]),
+            helper.make_tensor_value_info(contract.AUDIENCE_TOP_SCORES, f32, ["query", "k"]),
+            helper.make_tensor_value_info(contract.EXPECTED_INTERACTIONS, f32, ["query"]),
+        ],
+        inits,
+    )
+    return _model(graph)
+
+
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(
         graph,
@@ -632,3 +722,58 @@ def item_lookup_parity(
             )
             worst = max(worst, diff)
     return worst
+
+
+def audience_parity(
+    path: Path, scorer: AudienceScorer, dim: int, n_items: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """The worst figure over no overlay (M = 0) and 3 overlay items (one queried, one
+    excluded): expected interactions and top scores as relative differences (they span
+    orders of magnitude), top users as the share of positions that differ."""
+    figures: dict[str, float] = {}
+    for n_extra in (0, 3):
+        extra, _ = overlay_case(rng, n_extra, dim)
+        query = rng.standard_normal((3, dim)).astype(np.float32)
+        users = rng.standard_normal((7, dim)).astype(np.float32)
+        activity = rng.integers(1, 50, size=7).astype(np.float32)
+        exclude = rng.integers(1, n_items + 1, size=(1, 2)).astype(np.int64)
+        if n_extra:
+            exclude[0, 1] = n_items + n_extra
+        k = 4
+        feeds = {
+            contract.QUERY_EMBEDDING: query,
+            contract.WEIGHTED_USER_EMBEDDING: users,
+            contract.USER_ACTIVITY: activity,
+            contract.EXCLUDE_ITEMS: exclude,
+            contract.TOP_K: np.array([k], dtype=np.int64),
+            contract.EXTRA_ITEM_VECTORS: extra,
+        }
+        top_users, top_scores, expected = session(path).run(
+            [
+                contract.AUDIENCE_TOP_USERS,
+                contract.AUDIENCE_TOP_SCORES,
+                contract.EXPECTED_INTERACTIONS,
+            ],
+            feeds,
+        )
+        with torch.no_grad():
+            t_users, t_scores, t_expected = scorer(
+                torch.from_numpy(query),
+                torch.from_numpy(users),
+                torch.from_numpy(activity),
+                torch.from_numpy(exclude),
+                k,
+                torch.from_numpy(extra),
+            )
+        case = {
+            contract.EXPECTED_INTERACTIONS: _relative(expected, t_expected.numpy()),
+            contract.AUDIENCE_TOP_SCORES: _relative(top_scores, t_scores.numpy()),
+            contract.AUDIENCE_TOP_USERS: _share_differing(top_users, t_users.numpy()),
+        }
+        for name, value in case.items():
+            figures[name] = max(figures.get(name, 0.0), value)
+    return figures
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-30), initial=0.0))

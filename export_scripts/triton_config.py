@@ -82,6 +82,24 @@ def item_lookup_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     )
 
 
+def audience_scorer_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
+    return (
+        [
+            Tensor(contract.QUERY_EMBEDDING, FP32, (-1, dim)),
+            Tensor(contract.WEIGHTED_USER_EMBEDDING, FP32, (-1, dim)),
+            Tensor(contract.USER_ACTIVITY, FP32, (-1,)),
+            Tensor(contract.EXCLUDE_ITEMS, INT64, (1, -1)),
+            Tensor(contract.TOP_K, INT64, (1,)),
+            Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
+        ],
+        [
+            Tensor(contract.AUDIENCE_TOP_USERS, INT64, (-1, -1)),
+            Tensor(contract.AUDIENCE_TOP_SCORES, FP32, (-1, -1)),
+            Tensor(contract.EXPECTED_INTERACTIONS, FP32, (-1,)),
+        ],
+    )
+
+
 def item_encoder_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     return (
         [
@@ -129,6 +147,21 @@ def similar_items_steps(dim: int) -> list[Step]:
                 contract.HISTORY_ITEMS: contract.QUERY_ITEMS,
             },
         ),
+    ]
+
+
+def audience_steps(dim: int) -> list[Step]:
+    """The query items' vectors (trained or overlay), the users' vectors under the request's
+    context (the context weighting of Recommend, on the gateway's cached user encodings), then
+    the audience scorer."""
+    return [
+        (contract.ITEM_LOOKUP_MODEL, item_lookup_io(dim), {}),
+        (
+            contract.CONTEXT_WEIGHTING_MODEL,
+            context_weighting_io(dim),
+            {contract.USER_EMBEDDING: contract.AUDIENCE_USERS},
+        ),
+        (contract.AUDIENCE_SCORER_MODEL, audience_scorer_io(dim), {}),
     ]
 
 
@@ -202,6 +235,11 @@ def ensemble_config(dim: int) -> mc.ModelConfig:
 def similar_items_config(dim: int) -> mc.ModelConfig:
     """item lookup -> score (SimilarItems), one Triton request from the gateway."""
     return _ensemble(contract.SIMILAR_ITEMS_MODEL, similar_items_steps(dim))
+
+
+def audience_config(dim: int) -> mc.ModelConfig:
+    """item lookup -> context-weight the users -> audience scorer (Audience, ForecastDemand)."""
+    return _ensemble(contract.AUDIENCE_MODEL, audience_steps(dim))
 
 
 def to_pbtxt(cfg: mc.ModelConfig) -> str:

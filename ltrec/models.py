@@ -541,3 +541,52 @@ class Scorer(nn.Module):
         pad = torch.where(history_items == contract.PADDING_INDEX, float("-inf"), 0.0)
         reasons = (sims + pad.unsqueeze(1)).argmax(dim=2)
         return top_items, top_scores, reasons
+
+
+class AudienceScorer(nn.Module):
+    """Reference (torch) of the exported audience scorer (Audience, ForecastDemand).
+
+    For each query item q and user u (their context-weighted vectors): the model's probability
+    that the user's next interaction is q, `p(q|u) = softmax over the catalogue of <u, e_i>`,
+    the training objective read back (no long-tail term: popularity is part of what the model
+    predicts). The catalogue is the trained table plus the overlay, without padding and the
+    `exclude_items` [1, E] (the gateway's hidden items). Each user's expected interactions with
+    q are `activity_u * p(q|u)` (`user_activity`: the user's events in the history store's
+    retention window); per query, the top `k` users by it (positions in `users`, best first)
+    and its sum over the users (the item's expected interactions).
+    """
+
+    def __init__(self, item_table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("item_table", item_table.detach().clone())
+
+    def log_normalisers(
+        self,
+        users: torch.Tensor,
+        exclude_items: torch.Tensor,
+        extra_item_vectors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log sum_i exp(<u, e_i>) over the catalogue of each user, [U]."""
+        table = self.item_table
+        if extra_item_vectors is not None:
+            table = torch.cat([table, extra_item_vectors], dim=0)
+        logits = users @ table.T
+        masked = torch.cat(
+            [exclude_items, torch.full_like(exclude_items[:, :1], contract.PADDING_INDEX)], dim=1
+        )
+        logits = logits.scatter(1, masked.expand(users.shape[0], -1), float("-inf"))
+        return torch.logsumexp(logits, dim=1)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        users: torch.Tensor,
+        user_activity: torch.Tensor,
+        exclude_items: torch.Tensor,
+        k: int,
+        extra_item_vectors: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_p = query @ users.T - self.log_normalisers(users, exclude_items, extra_item_vectors)
+        log_expected = log_p + torch.log(user_activity).unsqueeze(0)
+        top_log, top_users = log_expected.topk(k, dim=1)
+        return top_users, top_log.exp(), log_expected.exp().sum(dim=1)

@@ -204,6 +204,9 @@ class RepositoryMetadata:
     # basket mode. False for a repository exported before it: the gateway serves it, and refuses
     # basket requests naming the re-export.
     basket_lookup: bool = False
+    # The repository has the audience ensemble (Audience, ForecastDemand); exported before it:
+    # False, and those two methods answer UNAVAILABLE until the export is re-run.
+    audience: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     n_items: int = 0
@@ -238,6 +241,7 @@ class RepositoryMetadata:
             "item_overlay": self.item_overlay,
             "item_filter": self.item_filter,
             "basket_lookup": self.basket_lookup,
+            "audience": self.audience,
             "vocabularies": self.vocabularies.to_json(),
             "text_model": self.text_model,
             "model_config": self.model_config,
@@ -355,6 +359,7 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         item_overlay=True,
         item_filter=True,
         basket_lookup=raw.get("basket_lookup") is True,
+        audience=raw.get("audience") is True,
         model_config=model_config if isinstance(model_config, dict) else {},
         created_at=optional("created_at", str, ""),
         n_items=optional("n_items", int, 0),

@@ -19,6 +19,11 @@ IMAGE_ENCODER_MODEL = "image_encoder"
 # SimilarItems: ensemble item_lookup -> scorer (the item's own vector as the query).
 SIMILAR_ITEMS_MODEL = "similar_items"
 ITEM_LOOKUP_MODEL = "item_lookup"
+# Audience and ForecastDemand: ensemble item_lookup -> context_weighting (of the users) ->
+# audience_scorer. The users' vectors come from USER_ENCODER_MODEL, which the gateway calls on
+# their stored histories (and caches).
+AUDIENCE_MODEL = "audience"
+AUDIENCE_SCORER_MODEL = "audience_scorer"
 
 # --- Ensemble inputs (all batch-first; the gateway sends batch 1) ------------------------------
 # Catalogue indices of the user's history, oldest first, 0 = padding. INT64 [batch, history].
@@ -46,6 +51,15 @@ QUERY_ITEMS = "query_items"
 # (True: no filter), which broadcasts, so an unfiltered request sends one element.
 ITEM_ELIGIBLE = "item_eligible"
 
+# Audience ensemble inputs (beside QUERY_ITEMS [Q, 1], one row per item; CONTEXT [U, 4], the same
+# row for every user; EXTRA_ITEM_VECTORS; TOP_K; EXCLUDE_ITEMS [1, E], the items left out of
+# the catalogue's softmax: the hidden ones, 0 = padding):
+# The user encoder's vectors of the users scored. FP32 [U, D].
+AUDIENCE_USERS = "audience_users"
+# Each user's events in the history store (> 0), the weight of their expected interactions.
+# FP32 [U].
+USER_ACTIVITY = "user_activity"
+
 # --- Intermediate tensors -----------------------------------------------------------------------
 USER_EMBEDDING = "user_embedding"
 WEIGHTED_USER_EMBEDDING = "weighted_user_embedding"
@@ -56,6 +70,11 @@ QUERY_EMBEDDING = "query_embedding"
 TOP_ITEMS = "top_items"  # INT64 [batch, k] catalogue indices
 TOP_SCORES = "top_scores"  # FP32 [batch, k]; -inf where fewer than k items were eligible
 REASON_POSITIONS = "reason_positions"  # INT64 [batch, k] history position closest to each item
+# Audience: per query item, the top k users (positions in AUDIENCE_USERS, best first) by their
+# expected interactions with it, activity x p(item | user), and its sum over the users.
+AUDIENCE_TOP_USERS = "audience_top_users"  # INT64 [Q, k]
+AUDIENCE_TOP_SCORES = "audience_top_scores"  # FP32 [Q, k]
+EXPECTED_INTERACTIONS = "expected_interactions"  # FP32 [Q]
 
 # --- Item encoders (for encoding new items; not on the Recommend path) -----------------------
 TEXT_INPUT_IDS = "input_ids"  # INT64 [batch, tokens]

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server import metrics
+from server.audience import Audiences
 from server.batch import METHOD as BATCH_METHOD
 from server.batch import BatchLimits, BatchRunner
 from server.catalogue import describe, load_model_repository
@@ -35,6 +36,7 @@ from server.stores.history_redis import RedisHistory
 from server.stores.history_sqlite import SqliteHistory
 from server.stores.items import ItemStore
 from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
+from server.user_vectors import UserVectors
 from server.validation import RequestLimits
 
 logger = logging.getLogger(__name__)
@@ -167,6 +169,9 @@ def create_server(
         max_item_batch=config.items_max_batch,
         history_store=config.history_store != "off",
         history_retention_seconds=config.history_retention_seconds,
+        max_audience_k=config.audience_max_k,
+        max_audience_users=config.audience_max_users,
+        max_forecast_items=config.forecast_max_items,
     )
     feedback = FeedbackStore(
         config.feedback_dir,
@@ -204,7 +209,18 @@ def create_server(
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=server_options(config),
     )
-    eraser = UserEraser(feedback, history, user_hash_key.encode())
+    user_vectors = (
+        None
+        if history is None
+        else UserVectors(
+            history,
+            triton,
+            max_history=metadata.max_history,
+            embedding_dim=metadata.embedding_dim,
+            max_cached=config.audience_max_users,
+        )
+    )
+    eraser = UserEraser(feedback, history, user_hash_key.encode(), user_vectors)
     batch = BatchRunner(
         BatchLimits(
             window=config.batch_stream_window,
@@ -225,6 +241,7 @@ def create_server(
             history,
             eraser=eraser,
             batch=batch,
+            audiences=None if user_vectors is None else Audiences(user_vectors, triton),
         ),
         server,
     )

@@ -54,6 +54,8 @@ class ModelMetadata:
     # The item lookup pools a basket (SimilarItems' basket_item_ids); False for a repository
     # exported before it, whose basket requests are refused.
     basket_lookup: bool = False
+    # The repository has the audience ensemble (Audience, ForecastDemand).
+    audience: bool = False
 
     @classmethod
     def from_repository(cls, metadata: RepositoryMetadata) -> ModelMetadata:
@@ -71,6 +73,7 @@ class ModelMetadata:
             embedding_dim=metadata.embedding_dim,
             text_max_tokens=metadata.text_max_tokens,
             basket_lookup=metadata.basket_lookup,
+            audience=metadata.audience,
         )
 
 

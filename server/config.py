@@ -22,6 +22,10 @@ HISTORY_STORES = ("sqlite", "redis", "off")
 MAX_BATCH_STREAM_WINDOW = 1024
 MAX_BATCH_IN_FLIGHT = 4096
 MAX_BATCH_REQUESTS_PER_STREAM = 1_000_000
+# Upper bounds of the Audience and ForecastDemand limits.
+MAX_AUDIENCE_K = 100_000
+MAX_AUDIENCE_USERS = 1_000_000
+MAX_FORECAST_ITEMS = 10_000
 
 ENV_PREFIX = "LTREC_"
 
@@ -122,6 +126,13 @@ class GatewayConfig:
     batch_stream_window: int = 16
     batch_max_in_flight: int = 64
     batch_max_requests_per_stream: int = 10_000
+    # Audience and ForecastDemand (`server.audience`): users an Audience returns at most; users
+    # a request scans at most (the history store's most recently active; also how many users'
+    # vectors are cached: memory of embedding_dim floats each); items per ForecastDemand. A
+    # request costs users x catalogue scores in Triton.
+    audience_max_k: int = 1000
+    audience_max_users: int = 10_000
+    forecast_max_items: int = 100
 
     def __post_init__(self) -> None:
         _check(
@@ -193,6 +204,9 @@ class GatewayConfig:
             ("batch_stream_window", MAX_BATCH_STREAM_WINDOW),
             ("batch_max_in_flight", MAX_BATCH_IN_FLIGHT),
             ("batch_max_requests_per_stream", MAX_BATCH_REQUESTS_PER_STREAM),
+            ("audience_max_k", MAX_AUDIENCE_K),
+            ("audience_max_users", MAX_AUDIENCE_USERS),
+            ("forecast_max_items", MAX_FORECAST_ITEMS),
         ):
             value = getattr(self, name)
             _check(value, name, 1 <= value <= most, f"in [1, {most}]")

@@ -7,7 +7,9 @@ Three steps, in an order that keeps every failure safe to retry (the call is ide
    retraining skips all of the user's feedback records and served lists. It holds a keyed hash
    of the user id, never the id.
 2. The user's stored history is deleted (`HistoryStore.forget`), on every replica sharing the
-   history store at once: the next Recommend with only the user_id has no stored history.
+   history store at once: the next Recommend with only the user_id has no stored history, and
+   the user is in no later Audience (its users are listed from the store for every request);
+   this replica also drops the user's cached vector (`server.user_vectors`).
 3. The user's records now in the feedback log are counted: what retraining will skip.
 
 A failure of 1 or 2 answers UNAVAILABLE and nothing is reported erased that was not; a retry
@@ -33,6 +35,7 @@ from server import metrics
 from server.hashing import user_hash
 from server.stores.feedback import FeedbackStore
 from server.stores.history import HistoryStore
+from server.user_vectors import UserVectors
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +56,16 @@ class Forgotten:
 
 class UserEraser:
     def __init__(
-        self, feedback: FeedbackStore, history: HistoryStore | None, user_hash_key: bytes
+        self,
+        feedback: FeedbackStore,
+        history: HistoryStore | None,
+        user_hash_key: bytes,
+        user_vectors: UserVectors | None = None,
     ) -> None:
         self._feedback = feedback
         self._history = history
         self._user_hash_key = user_hash_key  # the log lines' key (not the erasure key)
+        self._user_vectors = user_vectors
 
     async def forget(self, user_id: str, request_id: str) -> Forgotten:
         """Expects a validated, non-empty user id; raises BackendUnavailable or Overloaded."""
@@ -65,6 +73,8 @@ class UserEraser:
         record = tombstone(user_id, key, request_id, round(time.time(), 3))
         await self._feedback.append([record.to_json()])
         removed = 0 if self._history is None else await self._history.forget(user_id)
+        if self._user_vectors is not None:
+            self._user_vectors.forget(user_id)
         # Everything queued before the tombstone was written with it (group commit), so the
         # count covers every record acknowledged before this call.
         found = await asyncio.to_thread(count_user_records, self._feedback.directory, user_id)

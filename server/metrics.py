@@ -70,8 +70,9 @@ IN_FLIGHT_REQUESTS = Gauge(
 STAGE_DURATION_SECONDS = Histogram(
     "stage_duration_seconds",
     "Time spent in one stage of the Recommend and SimilarItems pipelines (validate, history: "
-    "reading the stored history, features, triton, postprocess) or of UpsertItems (images: read, "
-    "decode and resize; encode).",
+    "reading the stored history, features, triton, postprocess), of UpsertItems (images: read, "
+    "decode and resize; encode) or of Audience and ForecastDemand (users: listing the history "
+    "store's users and encoding those not cached; triton: scoring them).",
     ["stage"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
@@ -207,12 +208,14 @@ for _outcome in IMAGE_OUTCOMES:  # from zero at start-up, so rate() sees the fir
 # The history store (server.stores.history): ops that failed (Redis unreachable or backing off,
 # an I/O error); a failed read serves the Recommend without a stored history, a failed write
 # keeps nothing (the Feedback is still acknowledged: the feedback store holds it), a failed
-# forget answers ForgetUser UNAVAILABLE.
-HISTORY_STORE_OPS = ("read", "write", "forget")
+# forget answers ForgetUser UNAVAILABLE, a failed listing or reading of the users (users)
+# answers Audience and ForecastDemand UNAVAILABLE.
+HISTORY_STORE_OPS = ("read", "write", "forget", "users")
 HISTORY_STORE_ERRORS_TOTAL = Counter(
     "history_store_errors_total",
-    "History store reads (served without a stored history), writes (events not kept) and "
-    "forgets (ForgetUser answered UNAVAILABLE) that failed, by op.",
+    "History store reads (served without a stored history), writes (events not kept), forgets "
+    "(ForgetUser answered UNAVAILABLE) and user listings (users: Audience and ForecastDemand "
+    "answered UNAVAILABLE) that failed, by op.",
     ["op"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
@@ -307,6 +310,51 @@ BATCH_REQUESTS_IN_FLIGHT = Gauge(
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )
+# Audience and ForecastDemand (server.audience, server.user_vectors): the users scored per
+# answer, where their vectors came from (the cache, or the user encoder for this request), the
+# listed users left out (no_id: the store cannot give their id back; no_known_items: their
+# history holds no catalogue item), and the users whose vectors are cached.
+AUDIENCE_METHODS = ("Audience", "ForecastDemand")
+AUDIENCE_SCANNED_USERS = Histogram(
+    "audience_scanned_users",
+    "Users scored by one Audience or ForecastDemand answer (at most its max users).",
+    ["method"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+    buckets=(0, 10, 100, 1_000, 10_000, 100_000, 1_000_000),
+)
+AUDIENCE_USER_VECTOR_SOURCES = ("cache", "encoded")
+AUDIENCE_USER_VECTORS_TOTAL = Counter(
+    "audience_user_vectors_total",
+    "User vectors of the users Audience and ForecastDemand scored, by source (cache; encoded: "
+    "by Triton's user encoder for that request, new or changed since).",
+    ["source"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+AUDIENCE_SKIP_REASONS = ("no_id", "no_known_items")
+AUDIENCE_SKIPPED_USERS_TOTAL = Counter(
+    "audience_skipped_users_total",
+    "Users of the history store that Audience and ForecastDemand listed and did not score, by "
+    "reason (no_id: kept before ids were, or under another hash key; no_known_items: no item of "
+    "their history is in the catalogue).",
+    ["reason"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+AUDIENCE_CACHED_USERS = Gauge(
+    "audience_cached_users",
+    "Users whose vectors this replica keeps for Audience and ForecastDemand.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+for _method in AUDIENCE_METHODS:
+    AUDIENCE_SCANNED_USERS.labels(method=_method)
+for _source in AUDIENCE_USER_VECTOR_SOURCES:
+    AUDIENCE_USER_VECTORS_TOTAL.labels(source=_source)
+for _reason in AUDIENCE_SKIP_REASONS:
+    AUDIENCE_SKIPPED_USERS_TOTAL.labels(reason=_reason)
+
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",

@@ -15,6 +15,9 @@ Recommend's and SimilarItems' business filters (`ItemFilter`) become the scorer'
 mask in the features stage (`server.item_filter`).
 RecommendBatch answers a stream of Recommend requests through Recommend's own pipeline, with a
 bounded window and each error inline (`server.batch`).
+
+Audience and ForecastDemand score items against the users of the history store, as user vectors
+cached per user (`server.user_vectors`), in Triton's audience ensemble (`server.audience`).
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from ltrec_core import contract
 from ltrec_core.item_text import PRICE_BUCKETS, ItemFields, item_text
 from ltrec_core.records import FeedbackRecord, ServedRecord
 from server import metrics
+from server.audience import Audiences
 from server.batch import BatchRunner
-from server.catalogue import ModelMetadata
+from server.catalogue import Catalogue, ModelMetadata
 from server.errors import BackendUnavailable, NotFound
-from server.features import build_features, build_similar_features, query_indices
+from server.features import build_features, build_similar_features, context_buckets, query_indices
 from server.forget import UserEraser
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.history import SOURCE_NAMES, choose_history, feedback_events, request_events
@@ -46,9 +50,12 @@ from server.stores.items import ItemStore, NewItem
 from server.triton_client import OUTPUT_NAMES, TritonClient
 from server.validation import (
     RequestLimits,
+    max_users,
+    validate_audience_request,
     validate_delete_request,
     validate_feedback_event,
     validate_feedback_events,
+    validate_forecast_request,
     validate_forget_request,
     validate_request,
     validate_similar_request,
@@ -98,8 +105,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         *,
         eraser: UserEraser,
         batch: BatchRunner,
+        audiences: Audiences | None = None,
     ) -> None:
         self._history = history
+        self._audiences = audiences
         self._eraser = eraser
         self._batch = batch
         self._metadata = metadata
@@ -281,6 +290,96 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             request_id=request_id,
         )
 
+    async def Audience(
+        self,
+        request: recommender_pb2.AudienceRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> recommender_pb2.AudienceResponse:
+        deadline = _deadline(context)
+        request_id = current_request_id()
+        with _VALIDATE.time():
+            validate_audience_request(request, self._limits)
+        self._check_model_version(request.model_version)
+        audiences = self._require_audiences()
+        catalogue = self._items.catalogue  # one snapshot for the whole request
+        index = _served_index(catalogue, request.item_id, "item_id")
+        scored = await audiences.score(
+            [index],
+            request.k,
+            max_users(request, self._limits),
+            context_buckets(request.context, self._metadata, time.time()),
+            catalogue,
+            deadline=deadline,
+            request_id=request_id,
+            method="Audience",
+        )
+        return recommender_pb2.AudienceResponse(
+            users=[
+                recommender_pb2.AudienceUser(
+                    user_id=member.user_id,
+                    expected_interactions=member.expected_interactions,
+                    probability=member.probability,
+                    history_events=member.history_events,
+                )
+                for member in scored.audiences[0]
+            ],
+            users_scanned=scored.users_scanned,
+            expected_interactions=scored.expected_interactions[0],
+            model_version=self._metadata.model_version,
+            request_id=request_id,
+        )
+
+    async def ForecastDemand(
+        self,
+        request: recommender_pb2.ForecastDemandRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> recommender_pb2.ForecastDemandResponse:
+        deadline = _deadline(context)
+        request_id = current_request_id()
+        with _VALIDATE.time():
+            validate_forecast_request(request, self._limits)
+        self._check_model_version(request.model_version)
+        audiences = self._require_audiences()
+        catalogue = self._items.catalogue
+        indices = [
+            _served_index(catalogue, item_id, f"item_ids[{position}]")
+            for position, item_id in enumerate(request.item_ids)
+        ]
+        scored = await audiences.score(
+            indices,
+            1,  # the top users are not returned: only the sums
+            max_users(request, self._limits),
+            context_buckets(request.context, self._metadata, time.time()),
+            catalogue,
+            deadline=deadline,
+            request_id=request_id,
+            method="ForecastDemand",
+        )
+        return recommender_pb2.ForecastDemandResponse(
+            items=[
+                recommender_pb2.ItemDemand(item_id=item_id, expected_interactions=expected)
+                for item_id, expected in zip(
+                    request.item_ids, scored.expected_interactions, strict=True
+                )
+            ],
+            users_scanned=scored.users_scanned,
+            model_version=self._metadata.model_version,
+            request_id=request_id,
+        )
+
+    def _require_audiences(self) -> Audiences:
+        if not self._metadata.audience:
+            raise BackendUnavailable(
+                "this model repository has no audience model (exported before Audience and "
+                "ForecastDemand): re-run the export"
+            )
+        if self._audiences is None:
+            raise BackendUnavailable(
+                "this gateway keeps no user history (LTREC_HISTORY_STORE=off): it has no users "
+                "to score"
+            )
+        return self._audiences
+
     def _check_model_version(self, requested: str) -> None:
         served = self._metadata.model_version
         if requested and requested != served:
@@ -335,6 +434,14 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's deadline in `time.monotonic()` seconds (None: no deadline)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def _served_index(catalogue: Catalogue, item_id: str, field: str) -> int:
+    """The catalogue index of an item the request needs; NotFound when unknown or hidden."""
+    index = catalogue.index_of.get(item_id)
+    if index is None or catalogue.is_hidden(index):
+        raise NotFound(f"{field} {item_id!r} is not in the catalogue")
+    return index
 
 
 def _count_filter(

@@ -61,6 +61,10 @@ class RequestLimits:
     # lookup takes a basket at all (exported with it).
     max_basket_items: int = 50
     basket_lookup: bool = True
+    # Audience's k, users scanned per Audience or ForecastDemand, items per ForecastDemand.
+    max_audience_k: int = 1000
+    max_audience_users: int = 10_000
+    max_forecast_items: int = 100
 
 
 def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
@@ -234,6 +238,58 @@ def validate_forget_request(request: recommender_pb2.ForgetUserRequest) -> None:
     if not request.user_id:
         raise InvalidArgument("user_id must be non-empty (the user to forget)")
     _max_chars("user_id", request.user_id, MAX_USER_ID_CHARS)
+
+
+def validate_audience_request(
+    request: recommender_pb2.AudienceRequest, limits: RequestLimits
+) -> None:
+    _request_id("request_id", request.request_id)
+    _max_chars("model_version", request.model_version, MAX_REQUEST_ID_CHARS)
+    _item_id("item_id", request.item_id)
+    if not 1 <= request.k <= limits.max_audience_k:
+        raise InvalidArgument(f"k must be in [1, {limits.max_audience_k}], got {request.k}")
+    _max_users(request, limits)
+    _context("context", request.context)
+
+
+def validate_forecast_request(
+    request: recommender_pb2.ForecastDemandRequest, limits: RequestLimits
+) -> None:
+    _request_id("request_id", request.request_id)
+    _max_chars("model_version", request.model_version, MAX_REQUEST_ID_CHARS)
+    ids = request.item_ids
+    if not 1 <= len(ids) <= limits.max_forecast_items:
+        raise InvalidArgument(
+            f"item_ids must have between 1 and {limits.max_forecast_items} ids, got {len(ids)}"
+        )
+    first: dict[str, int] = {}
+    for position, item_id in enumerate(ids):
+        _item_id(f"item_ids[{position}]", item_id)
+        if item_id in first:
+            raise InvalidArgument(
+                f"item_ids[{position}] repeats item_ids[{first[item_id]}] (ids must be distinct)"
+            )
+        first[item_id] = position
+    _max_users(request, limits)
+    _context("context", request.context)
+
+
+def max_users(
+    request: recommender_pb2.AudienceRequest | recommender_pb2.ForecastDemandRequest,
+    limits: RequestLimits,
+) -> int:
+    """The users a validated request scans: its max_users, else the gateway's."""
+    return request.max_users if request.HasField("max_users") else limits.max_audience_users
+
+
+def _max_users(
+    request: recommender_pb2.AudienceRequest | recommender_pb2.ForecastDemandRequest,
+    limits: RequestLimits,
+) -> None:
+    if request.HasField("max_users") and not 1 <= request.max_users <= limits.max_audience_users:
+        raise InvalidArgument(
+            f"max_users must be in [1, {limits.max_audience_users}], got {request.max_users}"
+        )
 
 
 def validate_feedback_events(

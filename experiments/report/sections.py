@@ -212,6 +212,69 @@ def _cold_start(report: dict) -> list[str]:
                 f"(w = {without['weight']:g})"
             )
             lines.append(_row([label, f(without["recall@10"]), f(without["ndcg@10"])]))
+    ours = models.get("ours", {}).get("cold_start", {})
+    if "audience" in ours:
+        lines += audience_section(ours["audience"])
+    return lines
+
+
+AUDIENCE_ROWS = (
+    ("model_expected_interactions", "ours: expected interactions, activity x p (as served)"),
+    ("model_probability", "ours: p(item | user) alone"),
+    ("most_active_users", "the most active users"),
+    ("random", "random"),
+)
+DEMAND_ROWS = (
+    ("model_expected_interactions", "ours: summed expected interactions (as served)"),
+    ("model_probability", "ours: summed p(item | user)"),
+    ("category_average", "category average"),
+)
+AUDIENCE_TARGETS = ("all_held_out_events", "test_events")
+
+
+def audience_section(figures: dict) -> list[str]:
+    """Audience and ForecastDemand measured on the cold-start view (`ltrec.audience`'s
+    figures: `models.ours.cold_start.audience`)."""
+    f = _printed
+    ks = figures["ks"]
+    every, test = (figures[t] for t in AUDIENCE_TARGETS)
+    lines = [
+        "",
+        "### Audience and demand of the held-out items (ours)",
+        "",
+        f"{figures['held_out_items']:,} held-out items, {figures['users']:,} users scored (their "
+        "training and validation events as the stored history, at most the model's max "
+        "history; activity = that many events). Audience recall@k: per item, the share of the "
+        "users who interacted with it that are among its k best users, averaged over the items; "
+        f"all held-out events ({every['interactions']:,} on {every['items_with_interactions']} "
+        f"items: none was trained on) and the test part's ({test['interactions']:,} on "
+        f"{test['items_with_interactions']} items)."
+        + (
+            " **This model was trained with the held-out items** (their content vectors are "
+            "used, but its towers saw their interactions): optimistic."
+            if figures["trained_on_held_out"]
+            else ""
+        ),
+        "",
+        _row(["audience", *[f"Recall@{k}, all" for k in ks], *[f"Recall@{k}, test" for k in ks]]),
+        _row(["---", *["---:"] * (2 * len(ks))]),
+    ]
+    for key, label in AUDIENCE_ROWS:
+        cells = [f(every["audience"][key][f"recall@{k}"]) for k in ks]
+        cells += [f(test["audience"][key][f"recall@{k}"]) for k in ks]
+        lines.append(_row([label, *cells]))
+    lines += [
+        "",
+        "Demand: Spearman rank correlation over the held-out items between the forecast and "
+        "their interactions.",
+        "",
+        _row(["forecast", "all held-out interactions", "test interactions"]),
+        _row(["---", "---:", "---:"]),
+    ]
+    for key, label in DEMAND_ROWS:
+        lines.append(
+            _row([label, f(every["demand_spearman"][key]), f(test["demand_spearman"][key])])
+        )
     return lines
 
 

@@ -6,6 +6,12 @@ the last `retention_seconds` (or fewer, by request), oldest first, at most `max_
 model's max history). Users are keyed by `server.hashing.user_key`, a keyed hash: the store never
 holds a user id in clear. Item ids are kept as given (they are what the model reads).
 
+Beside the events, each user has an entry (`UserEntry`): the user id sealed under the hash key
+(`server.hashing.seal_user_id`: encrypted, so that Audience can answer with the caller's ids), a
+version that every write to the user's events changes, and the newest event's time. Audience
+lists the most recently active users (`known_users`) and reads their histories (`histories`);
+`forget` deletes the entry with the events, so an erased user is in no audience.
+
 The same rules hold in every backend (`HistoryBackend`), so that tests can hold them to it:
 
 * an event is (timestamp, event type, item id); one equal to an event already kept is not kept
@@ -34,7 +40,7 @@ from typing import Protocol
 
 from server import metrics
 from server.errors import BackendUnavailable
-from server.hashing import user_key
+from server.hashing import open_user_id, seal_user_id, user_key
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,28 @@ class StoredEvent:
     item_id: str
 
 
+@dataclass(frozen=True)
+class UserEntry:
+    """A user the backend keeps events of: their store key, their sealed id (None: kept
+    before ids were), a version that changes with every write to their events, and the
+    timestamp of their newest event."""
+
+    key: str
+    sealed_id: str | None
+    version: int
+    newest: int
+
+
+@dataclass(frozen=True)
+class KnownUser:
+    """A user the store knows, for Audience: the store key, the caller's id (None: it cannot
+    be opened: kept before ids were, or under another hash key) and the entry's version."""
+
+    key: str
+    user_id: str | None
+    version: int
+
+
 class HistoryBackendError(Exception):
     """A backend could not read or write (unreachable, timed out, I/O error)."""
 
@@ -65,15 +93,33 @@ class HistoryBackend(Protocol):
         ...
 
     async def append(
-        self, events: Mapping[str, Sequence[StoredEvent]], now: int, keep: int, retention: int
+        self,
+        events: Mapping[str, Sequence[StoredEvent]],
+        now: int,
+        keep: int,
+        retention: int,
+        sealed_ids: Mapping[str, str] | None = None,
     ) -> None:
         """Adds events per key, keeps each key's newest `keep` and drops those older than
-        `now - retention`. Raises HistoryBackendError when nothing could be written."""
+        `now - retention`; updates each key's entry (a new version, the newest time, and the
+        sealed id given for it, if any). Raises HistoryBackendError when nothing could be
+        written."""
         ...
 
     async def forget(self, key: str) -> int:
-        """Deletes every event of `key` at once (durably, where the backend can); returns how
-        many there were. Raises HistoryBackendError when it could not."""
+        """Deletes every event and the entry of `key` at once (durably, where the backend can);
+        returns how many events there were. Raises HistoryBackendError when it could not."""
+        ...
+
+    async def users(self, since: int, limit: int) -> list[UserEntry]:
+        """The entries whose newest event is at or after `since`, newest first, at most
+        `limit`. Raises HistoryBackendError when it could not read them."""
+        ...
+
+    async def read_many(
+        self, keys: Sequence[str], since: int, limit: int
+    ) -> dict[str, list[StoredEvent]]:
+        """`read` of each key (keys without events map to []). Raises HistoryBackendError."""
         ...
 
     async def close(self) -> None: ...
@@ -113,6 +159,11 @@ class HistoryStore:
         self._read_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="read")
         self._write_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="write")
         self._forget_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="forget")
+        self._users_errors = metrics.HISTORY_STORE_ERRORS_TOTAL.labels(op="users")
+
+    def key_of(self, user_id: str) -> str:
+        """The store key of a (non-empty) user id."""
+        return user_key(user_id, self._hash_key)
 
     async def recent(
         self, user_id: str, now: float, max_age_seconds: int | None = None
@@ -134,13 +185,19 @@ class HistoryStore:
         """Keeps (user_id, event) pairs; returns how many were handed to the backend (0 when it
         failed: counted and logged, never raised)."""
         by_key: dict[str, list[StoredEvent]] = {}
+        sealed: dict[str, str] = {}
         for user_id, event in events:
-            by_key.setdefault(user_key(user_id, self._hash_key), []).append(event)
+            key = user_key(user_id, self._hash_key)
+            if key not in sealed:
+                sealed[key] = seal_user_id(user_id, self._hash_key)
+            by_key.setdefault(key, []).append(event)
         if not by_key:
             return 0
         moment = int(time.time() if now is None else now)
         try:
-            await self.backend.append(by_key, moment, self.max_events, self.retention_seconds)
+            await self.backend.append(
+                by_key, moment, self.max_events, self.retention_seconds, sealed_ids=sealed
+            )
         except HistoryBackendError as exc:
             self._write_errors.inc()
             logger.warning("history store (%s): write failed, events not kept: %s", self.name, exc)
@@ -159,6 +216,43 @@ class HistoryStore:
             logger.warning("history store (%s): forget failed: %s", self.name, exc)
             raise BackendUnavailable(
                 f"the history store ({self.name}) cannot delete the user's history now; retry"
+            ) from exc
+
+    async def known_users(self, now: float, limit: int) -> list[KnownUser]:
+        """The users with events within the retention, most recently active first, at most
+        `limit`, their ids opened. BackendUnavailable (counted, logged) when the backend
+        cannot list them: an audience of no one would read as an answer."""
+        since = int(now) - self.retention_seconds
+        try:
+            entries = await self.backend.users(since, limit)
+        except HistoryBackendError as exc:
+            self._users_errors.inc()
+            logger.warning("history store (%s): listing users failed: %s", self.name, exc)
+            raise BackendUnavailable(
+                f"the history store ({self.name}) cannot list its users now; retry"
+            ) from exc
+        return [
+            KnownUser(
+                entry.key,
+                None
+                if entry.sealed_id is None
+                else open_user_id(entry.sealed_id, entry.key, self._hash_key),
+                entry.version,
+            )
+            for entry in entries
+        ]
+
+    async def histories(self, keys: Sequence[str], now: float) -> dict[str, list[StoredEvent]]:
+        """The kept events of each store key (as `recent` reads one user's). BackendUnavailable
+        (counted, logged) when the backend fails."""
+        since = int(now) - self.retention_seconds
+        try:
+            return await self.backend.read_many(keys, since, self.max_events)
+        except HistoryBackendError as exc:
+            self._users_errors.inc()
+            logger.warning("history store (%s): reading users failed: %s", self.name, exc)
+            raise BackendUnavailable(
+                f"the history store ({self.name}) cannot read its users now; retry"
             ) from exc
 
     async def close(self) -> None:

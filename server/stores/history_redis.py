@@ -2,11 +2,16 @@
 
 Each user is one string key ``ltrec:history:v1:<user key>`` holding a JSON array of
 ``[timestamp, event type, item id]``, oldest first, that expires `retention` seconds after its
-newest event. Appending is one Lua script per user (`_APPEND`: read, dedupe, order, bound, prune,
-write and set the expiry atomically on the server, so that concurrent replicas never lose each
-other's events), all users of a FeedbackBatch in one pipelined round trip. A read is one GET.
-Forgetting a user is one GET and DEL in a MULTI/EXEC transaction (what was there is what was
-deleted, whatever another replica appends meanwhile).
+newest event. The users' entries (`server.stores.history.UserEntry`) are two more keys: the hash
+``ltrec:history:v1:users`` (user key -> JSON ``[sealed id, version]``) and the sorted set
+``ltrec:history:v1:active`` (user key, scored by the newest event's time), which Audience lists
+newest first; entries whose newest event left the retention are removed as a listing passes
+them. Appending is one Lua script per user (`_APPEND`: read, dedupe, order, bound, prune, write,
+set the expiry and update the entry atomically on the server, so that concurrent replicas never
+lose each other's events), all users of a FeedbackBatch in one pipelined round trip. A read is
+one GET. Forgetting a user is one GET, DEL, HDEL and ZREM in a MULTI/EXEC transaction (what was
+there is what was deleted, whatever another replica appends meanwhile). The keys of one store
+share no hash slot: a single Redis (or a primary with replicas), not Redis Cluster.
 
 Redis being unreachable must cost serving little: every call has a short timeout and no retry,
 and after a failure the backend answers "unavailable" at once for `unavailable_backoff_seconds`
@@ -19,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from typing import cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
@@ -26,16 +32,23 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from server.stores.history import HistoryBackendError, StoredEvent
+from server.stores.history import HistoryBackendError, StoredEvent, UserEntry
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "ltrec:history:v1:"
+USERS_KEY = KEY_PREFIX + "users"  # hash: user key -> JSON [sealed id or null, version]
+ACTIVE_KEY = KEY_PREFIX + "active"  # sorted set: user key scored by the newest event's time
+# Entries past the retention removed per listing (the rest go with the next listings).
+PRUNE_PER_LISTING = 1000
+MGET_CHUNK = 1000
 
-# KEYS[1]: the user's key. ARGV: new events as a JSON array of [timestamp, type, item], the
-# cutoff (now - retention), how many to keep, now, the retention. The rules of
-# server.stores.history.merge_events, on the server: old events first, then the new ones, each
-# (timestamp, type, item) once, ordered by timestamp then arrival, the newest `keep`.
+# KEYS[1]: the user's key, KEYS[2] USERS_KEY, KEYS[3] ACTIVE_KEY. ARGV: new events as a JSON
+# array of [timestamp, type, item], the cutoff (now - retention), how many to keep, now, the
+# retention, the user key (the entry's member), the sealed id ('' for none: keep the kept one).
+# The rules of server.stores.history.merge_events, on the server: old events first, then the
+# new ones, each (timestamp, type, item) once, ordered by timestamp then arrival, the newest
+# `keep`; then the entry: version + 1, the newest event's time (no event left: no entry).
 _APPEND = """
 local raw = redis.call('GET', KEYS[1])
 local old = {}
@@ -65,16 +78,25 @@ local out = {}
 for i = math.max(1, #merged - keep + 1), #merged do
   out[#out + 1] = {merged[i][1], merged[i][2], merged[i][3]}
 end
-if #out == 0 then
-  redis.call('DEL', KEYS[1])
-  return 0
-end
-local ttl = out[#out][1] + retention - now
+local member = ARGV[6]
+local ttl = 0
+if #out > 0 then ttl = out[#out][1] + retention - now end
 if ttl < 1 then
   redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
   return 0
 end
 redis.call('SET', KEYS[1], cjson.encode(out), 'EX', string.format('%d', ttl))
+local sealed, version = cjson.null, 0
+local entry = redis.call('HGET', KEYS[2], member)
+if entry then
+  local kept = cjson.decode(entry)
+  sealed, version = kept[1], kept[2]
+end
+if ARGV[7] ~= '' then sealed = ARGV[7] end
+redis.call('HSET', KEYS[2], member, cjson.encode({sealed, version + 1}))
+redis.call('ZADD', KEYS[3], out[#out][1], member)
 return #out
 """
 
@@ -149,24 +171,95 @@ class RedisHistory:
             raise self._failed(exc) from exc
         if raw is None:
             return []
+        return _events(raw, since)[-limit:]
+
+    async def read_many(
+        self, keys: Sequence[str], since: int, limit: int
+    ) -> dict[str, list[StoredEvent]]:
+        self._check_up()
+        unique = list(dict.fromkeys(keys))
+        out: dict[str, list[StoredEvent]] = {}
+        for start in range(0, len(unique), MGET_CHUNK):
+            chunk = unique[start : start + MGET_CHUNK]
+            try:
+                raws = cast(
+                    list[bytes | None], await self._client.mget([KEY_PREFIX + key for key in chunk])
+                )
+            except (RedisError, OSError) as exc:
+                raise self._failed(exc) from exc
+            for key, raw in zip(chunk, raws, strict=True):
+                out[key] = [] if raw is None else _events(raw, since)[-limit:]
+        return out
+
+    async def users(self, since: int, limit: int) -> list[UserEntry]:
+        self._check_up()
         try:
-            rows = json.loads(raw)
-            events = [StoredEvent(int(t), str(e), str(i)) for t, e, i in rows]
-        except (ValueError, TypeError) as exc:
-            raise HistoryBackendError(f"{KEY_PREFIX}<user>: not a history ({exc})") from exc
-        return [e for e in events if e.timestamp >= since][-limit:]
+            listed = cast(
+                list[tuple[bytes, float]],
+                await self._client.zrevrangebyscore(
+                    ACTIVE_KEY, "+inf", since, start=0, num=limit, withscores=True
+                ),
+            )
+            entries = cast(
+                list[bytes | None],
+                await self._client.hmget(USERS_KEY, [m for m, _ in listed]) if listed else [],
+            )
+            expired = cast(
+                list[bytes],
+                await self._client.zrangebyscore(
+                    ACTIVE_KEY, "-inf", f"({since}", start=0, num=PRUNE_PER_LISTING
+                ),
+            )
+            if expired:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.zrem(ACTIVE_KEY, *expired)
+                    pipe.hdel(USERS_KEY, *expired)
+                    await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._failed(exc) from exc
+        users = []
+        for (member, newest), raw in zip(listed, entries, strict=True):
+            if raw is None:  # forgotten between the two calls
+                continue
+            try:
+                sealed, version = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            users.append(
+                UserEntry(
+                    member.decode("ascii", "replace"),
+                    sealed if isinstance(sealed, str) else None,
+                    int(version),
+                    int(newest),
+                )
+            )
+        return users
 
     async def append(
-        self, events: Mapping[str, Sequence[StoredEvent]], now: int, keep: int, retention: int
+        self,
+        events: Mapping[str, Sequence[StoredEvent]],
+        now: int,
+        keep: int,
+        retention: int,
+        sealed_ids: Mapping[str, str] | None = None,
     ) -> None:
         self._check_up()
+        sealed = sealed_ids or {}
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, user_events in events.items():
                     rows = [[e.timestamp, e.event_type, e.item_id] for e in user_events]
                     await self._append(
-                        keys=[KEY_PREFIX + key],
-                        args=[json.dumps(rows), now - retention, keep, now, retention],
+                        keys=[KEY_PREFIX + key, USERS_KEY, ACTIVE_KEY],
+                        args=[
+                            json.dumps(rows),
+                            now - retention,
+                            keep,
+                            now,
+                            retention,
+                            key,
+                            sealed.get(key, ""),
+                        ],
                         client=pipe,
                     )
                 await pipe.execute()
@@ -179,7 +272,9 @@ class RedisHistory:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.get(KEY_PREFIX + key)
                 pipe.delete(KEY_PREFIX + key)
-                raw, _ = await pipe.execute()
+                pipe.hdel(USERS_KEY, key)
+                pipe.zrem(ACTIVE_KEY, key)
+                raw, *_ = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise self._failed(exc) from exc
         if raw is None:
@@ -192,3 +287,13 @@ class RedisHistory:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _events(raw: bytes | str, since: int) -> list[StoredEvent]:
+    """A stored JSON history's events at or after `since`, oldest first."""
+    try:
+        rows = json.loads(raw)
+        events = [StoredEvent(int(t), str(e), str(i)) for t, e, i in rows]
+    except (ValueError, TypeError) as exc:
+        raise HistoryBackendError(f"{KEY_PREFIX}<user>: not a history ({exc})") from exc
+    return [e for e in events if e.timestamp >= since]

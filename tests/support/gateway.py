@@ -54,6 +54,7 @@ METADATA = {
     "item_overlay": True,
     "item_filter": True,
     "basket_lookup": True,
+    "audience": True,
     "model_config": {"text_max_tokens": 16},
     "default_long_tail_weight": 0.25,
     "similar_items_default_long_tail_weight": 0.01,
@@ -119,6 +120,99 @@ class InferCall:
 RANKING_OUTPUTS = (contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS)
 
 
+# What the fake user encoder and audience scorer read as the trained items' vectors (index 0 is
+# padding): i1-i3 point one way ("action"), i4-i6 another ("drama").
+FAKE_ITEM_TABLE = np.asarray(
+    [
+        [0.0, 0.0, 0.0, 0.0],
+        [1.0, 0.1, 0.0, 0.0],
+        [0.9, 0.0, 0.2, 0.0],
+        [1.0, 0.0, 0.0, 0.1],
+        [0.0, 1.0, 0.1, 0.0],
+        [0.1, 0.9, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.2],
+    ],
+    dtype=np.float32,
+)
+
+
+def _rows(indices: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """The trained table's rows, then the overlay's (indices N+1..N+M), as the graphs gather."""
+    return np.concatenate([FAKE_ITEM_TABLE, extra.reshape(-1, DIM)])[indices]
+
+
+def fake_user_vectors(history: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """What the fake user encoder answers: 3 x the mean item vector of the (left-padded)
+    history."""
+    vectors = _rows(history, extra)
+    real = (history != contract.PADDING_INDEX)[..., None]
+    return (3.0 * (vectors * real).sum(axis=1) / np.maximum(real.sum(axis=1), 1)).astype(np.float32)
+
+
+def fake_audience(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the fake audience ensemble answers: `ltrec.models.AudienceScorer` in numpy, over
+    the fake table and the overlay, the users unweighted (the context weighting an identity)."""
+    extra = inputs[contract.EXTRA_ITEM_VECTORS]
+    query = _rows(inputs[contract.QUERY_ITEMS][:, 0], extra).astype(np.float64)
+    users = inputs[contract.AUDIENCE_USERS].astype(np.float64)
+    catalogue = np.concatenate([FAKE_ITEM_TABLE, extra.reshape(-1, DIM)]).astype(np.float64)
+    logits = users @ catalogue.T
+    logits[:, [contract.PADDING_INDEX, *inputs[contract.EXCLUDE_ITEMS].ravel()]] = -np.inf
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))).T
+    log_expected = query @ users.T - log_norm + np.log(inputs[contract.USER_ACTIVITY])[None, :]
+    k = int(inputs[contract.TOP_K][0])
+    top = np.argsort(-log_expected, axis=1, kind="stable")[:, :k]
+    return {
+        contract.AUDIENCE_TOP_USERS: top.astype(np.int64),
+        contract.AUDIENCE_TOP_SCORES: np.exp(np.take_along_axis(log_expected, top, 1)).astype(
+            np.float32
+        ),
+        contract.EXPECTED_INTERACTIONS: np.exp(log_expected).sum(axis=1).astype(np.float32),
+    }
+
+
+AUDIENCE_OUTPUTS = (
+    contract.AUDIENCE_TOP_USERS,
+    contract.AUDIENCE_TOP_SCORES,
+    contract.EXPECTED_INTERACTIONS,
+)
+AUDIENCE_INPUTS = {
+    contract.QUERY_ITEMS: np.int64,
+    contract.AUDIENCE_USERS: np.float32,
+    contract.CONTEXT: np.int64,
+    contract.USER_ACTIVITY: np.float32,
+    contract.EXCLUDE_ITEMS: np.int64,
+    contract.TOP_K: np.int64,
+    contract.EXTRA_ITEM_VECTORS: np.float32,
+}
+
+
+def check_audience_inputs(model_name: str, inputs: Mapping[str, np.ndarray]) -> None:
+    """The fake's signatures of the user encoder and the audience ensemble, as exported."""
+    if model_name == contract.USER_ENCODER_MODEL:
+        assert set(inputs) == {
+            contract.HISTORY_ITEMS,
+            contract.HISTORY_EVENT_TYPES,
+            contract.EXTRA_ITEM_VECTORS,
+        }
+        history = inputs[contract.HISTORY_ITEMS]
+        assert history.dtype == np.int64 and history.ndim == 2 and len(history) >= 1
+        assert inputs[contract.HISTORY_EVENT_TYPES].shape == history.shape
+        return
+    assert set(inputs) == set(AUDIENCE_INPUTS), set(inputs)
+    for name, dtype in AUDIENCE_INPUTS.items():
+        assert inputs[name].dtype == dtype, name
+    users = len(inputs[contract.AUDIENCE_USERS])
+    assert users >= 1 and inputs[contract.AUDIENCE_USERS].shape[1] == DIM
+    assert inputs[contract.CONTEXT].shape == (users, len(contract.CONTEXT_FIELDS))
+    assert inputs[contract.USER_ACTIVITY].shape == (users,)
+    assert (inputs[contract.USER_ACTIVITY] >= 1).all()
+    assert inputs[contract.EXCLUDE_ITEMS].shape[0] == 1
+    assert 1 <= int(inputs[contract.TOP_K][0]) <= users
+    assert inputs[contract.QUERY_ITEMS].shape[1] == 1
+
+
 def fake_item_vectors(input_ids: np.ndarray) -> np.ndarray:
     """What the fake item encoder answers: a vector that depends on the tokens."""
     seeds = input_ids.sum(axis=1, keepdims=True).astype(np.float32)
@@ -163,7 +257,8 @@ class FakeTransport:
 
     The ranking ensembles (recommend, similar_items) answer `result`; the item encoder answers
     `fake_item_vectors` of its input ids (or `encoder_result` when set), the image encoder
-    `fake_image_features` of its images (or `image_result`).
+    `fake_image_features` of its images (or `image_result`), the user encoder
+    `fake_user_vectors` and the audience ensemble `fake_audience`.
     """
 
     def __init__(self, result: Mapping[str, np.ndarray] | None = None) -> None:
@@ -192,6 +287,12 @@ class FakeTransport:
         elif model_name == contract.IMAGE_ENCODER_MODEL:
             assert tuple(output_names) == (contract.IMAGE_FEATURES,)
             check_encoder_inputs(model_name, inputs)
+        elif model_name == contract.USER_ENCODER_MODEL:
+            assert tuple(output_names) == (contract.USER_EMBEDDING,)
+            check_audience_inputs(model_name, inputs)
+        elif model_name == contract.AUDIENCE_MODEL:
+            assert tuple(output_names) == AUDIENCE_OUTPUTS
+            check_audience_inputs(model_name, inputs)
         else:
             assert model_name in (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
             assert tuple(output_names) == RANKING_OUTPUTS
@@ -210,6 +311,13 @@ class FakeTransport:
             if self.image_result is not None:
                 return self.image_result
             return {contract.IMAGE_FEATURES: fake_image_features(inputs[contract.IMAGE])}
+        if model_name == contract.USER_ENCODER_MODEL:
+            vectors = fake_user_vectors(
+                inputs[contract.HISTORY_ITEMS], inputs[contract.EXTRA_ITEM_VECTORS]
+            )
+            return {contract.USER_EMBEDDING: vectors}
+        if model_name == contract.AUDIENCE_MODEL:
+            return fake_audience(inputs)
         return self.result
 
     def ranking_calls(self, model_name: str = contract.ENSEMBLE_MODEL) -> list[InferCall]:

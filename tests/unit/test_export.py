@@ -43,8 +43,9 @@ TOWER_MODELS = (
     contract.CONTEXT_WEIGHTING_MODEL,
     contract.SCORER_MODEL,
     contract.ITEM_LOOKUP_MODEL,
+    contract.AUDIENCE_SCORER_MODEL,
 )
-ENSEMBLES = (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
+ENSEMBLES = (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL, contract.AUDIENCE_MODEL)
 EXPORTED_MODELS = (*ENSEMBLES, *TOWER_MODELS)
 
 
@@ -109,6 +110,11 @@ def test_every_parity_figure_is_within_tolerance(exported: Exported) -> None:
         contract.TOP_SCORES,
         contract.TOP_ITEMS,
         contract.REASON_POSITIONS,
+    }
+    assert set(parity[contract.AUDIENCE_SCORER_MODEL]) == {
+        contract.AUDIENCE_TOP_USERS,
+        contract.AUDIENCE_TOP_SCORES,
+        contract.EXPECTED_INTERACTIONS,
     }
     figures = [v for diffs in parity.values() for v in diffs.values()]
     assert figures and all(math.isfinite(v) and v <= 1e-4 for v in figures), parity
@@ -186,6 +192,35 @@ ENSEMBLE_WIRING = {
         },
         [contract.ITEM_LOOKUP_MODEL, contract.SCORER_MODEL],
     ),
+    contract.AUDIENCE_MODEL: (
+        {
+            contract.QUERY_ITEMS,
+            contract.AUDIENCE_USERS,
+            contract.CONTEXT,
+            contract.USER_ACTIVITY,
+            contract.EXCLUDE_ITEMS,
+            contract.TOP_K,
+            contract.EXTRA_ITEM_VECTORS,
+        },
+        [
+            contract.ITEM_LOOKUP_MODEL,
+            contract.CONTEXT_WEIGHTING_MODEL,
+            contract.AUDIENCE_SCORER_MODEL,
+        ],
+    ),
+}
+ENSEMBLE_OUTPUTS = {
+    contract.ENSEMBLE_MODEL: {contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS},
+    contract.SIMILAR_ITEMS_MODEL: {
+        contract.TOP_ITEMS,
+        contract.TOP_SCORES,
+        contract.REASON_POSITIONS,
+    },
+    contract.AUDIENCE_MODEL: {
+        contract.AUDIENCE_TOP_USERS,
+        contract.AUDIENCE_TOP_SCORES,
+        contract.EXPECTED_INTERACTIONS,
+    },
 }
 
 
@@ -208,15 +243,14 @@ def test_ensemble_steps_are_wired_to_existing_models_in_order(
             assert ensemble_tensor in available, (step.model_name, ensemble_tensor)
         available |= set(step.output_map.values())
     assert {o.name for o in ensemble.output} <= available
-    assert {o.name for o in ensemble.output} == {
-        contract.TOP_ITEMS,
-        contract.TOP_SCORES,
-        contract.REASON_POSITIONS,
-    }
+    assert {o.name for o in ensemble.output} == ENSEMBLE_OUTPUTS[name]
     if name == contract.SIMILAR_ITEMS_MODEL:  # the query item is the scorer's "history"
         scorer_step = steps[-1]
         assert scorer_step.input_map[contract.HISTORY_ITEMS] == contract.QUERY_ITEMS
         assert scorer_step.input_map[contract.WEIGHTED_USER_EMBEDDING] == contract.QUERY_EMBEDDING
+    if name == contract.AUDIENCE_MODEL:  # the users, not a history, are context-weighted
+        weighting = steps[1]
+        assert weighting.input_map[contract.USER_EMBEDDING] == contract.AUDIENCE_USERS
 
 
 @pytest.mark.parametrize("model", TOWER_MODELS)

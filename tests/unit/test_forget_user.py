@@ -25,7 +25,7 @@ from ltrec_core.erasure import KEY_FILE
 from ltrec_core.feedback_log import read_records, segments
 from server.gen.ltrec.v1 import recommender_pb2
 from server.hashing import user_hash, user_key
-from server.stores.history_redis import KEY_PREFIX
+from server.stores.history_redis import ACTIVE_KEY, KEY_PREFIX, USERS_KEY
 from tests.support.gateway import FakeTransport, access_log, run_async, running_gateway
 from triton_local.redis_server import RedisServer
 
@@ -160,7 +160,13 @@ async def test_forget_user_through_redis_reaches_every_replica(
         assert (await a.stub.Recommend(by_user(ERASED))).history_source == NONE
         assert (await a.stub.Recommend(by_user(KEPT))).history_source == STORED
         client = redis.Redis(host="127.0.0.1", port=redis_server.port)
-        assert client.keys("*") == [f"{KEY_PREFIX}{user_key(KEPT, HASH_KEY.encode())}".encode()]
+        kept = user_key(KEPT, HASH_KEY.encode())
+        assert sorted(client.keys(f"{KEY_PREFIX}*")) == sorted(
+            [f"{KEY_PREFIX}{kept}".encode(), USERS_KEY.encode(), ACTIVE_KEY.encode()]
+        )
+        # and its user entries (Audience's list) hold only the kept user
+        assert client.hkeys(USERS_KEY) == [kept.encode()]
+        assert client.zrange(ACTIVE_KEY, 0, -1) == [kept.encode()]
         client.close()
 
         # Redis down: the history cannot be deleted, so the erasure is not reported done.

@@ -1,7 +1,8 @@
 """Property-based fuzzing of every RPC: malformed and extreme requests get only documented codes.
 
 RecommendBatch gets random streams of the same random Recommend requests: each is answered
-inline exactly as a Recommend of it is.
+inline exactly as a Recommend of it is. Audience and ForecastDemand get random requests over
+the users of the history store (and the users other properties' feedback adds).
 
 The gateway runs once per module fixture (its own event loop, in a thread) against the fake
 Triton of `test_gateway`; hypothesis sends thousands of requests over a real gRPC channel. The
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,9 @@ MAX_FEEDBACK_BATCH = 8
 MAX_ITEM_BATCH = 6
 MAX_FILTER_ITEM_IDS = 4
 MAX_BASKET_ITEMS = 4
+MAX_AUDIENCE_K = 20
+MAX_AUDIENCE_USERS = 5
+MAX_FORECAST_ITEMS = 4
 SERVED_VERSION = METADATA["model_version"]
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
@@ -177,9 +182,14 @@ class RankingFake(FakeTransport):
         answer = await super().infer(
             model_name, inputs, output_names, client_timeout=client_timeout, request_id=request_id
         )
-        if model_name in (contract.ITEM_ENCODER_MODEL, contract.IMAGE_ENCODER_MODEL):
-            return answer
         self.calls.clear()  # thousands of calls: keep none
+        if model_name in (
+            contract.ITEM_ENCODER_MODEL,
+            contract.IMAGE_ENCODER_MODEL,
+            contract.USER_ENCODER_MODEL,
+            contract.AUDIENCE_MODEL,
+        ):
+            return answer
         history = inputs.get(contract.HISTORY_ITEMS, inputs.get(contract.QUERY_ITEMS))
         banned = set(history.ravel()) | set(inputs[contract.EXCLUDE_ITEMS].ravel())
         n_rows = len(ITEMS) + len(inputs[contract.EXTRA_ITEM_VECTORS])
@@ -214,6 +224,9 @@ def fuzzed_gateway(root: Path, **settings: Any) -> Iterator[recommender_pb2_grpc
         history_sqlite_path=root / "history" / "history.sqlite3",
         feedback_max_batch=MAX_FEEDBACK_BATCH,
         items_max_batch=MAX_ITEM_BATCH,
+        audience_max_k=MAX_AUDIENCE_K,
+        audience_max_users=MAX_AUDIENCE_USERS,
+        forecast_max_items=MAX_FORECAST_ITEMS,
         **settings,
     )
     loop = asyncio.new_event_loop()
@@ -509,6 +522,132 @@ def test_any_forget_user_gets_ok_or_invalid_argument_and_erases_at_once(
     # Erased at once: a Recommend with only the user id has no stored history.
     after = stub.Recommend(recommender_pb2.RecommendRequest(user_id=user_id, k=1), timeout=10)
     assert after.history_source == recommender_pb2.HISTORY_SOURCE_NONE
+
+
+# --- Audience and ForecastDemand ----------------------------------------------------------------
+
+AUDIENCE_USERS = [f"audience-user-{n}" for n in range(8)]
+MAX_USERS = st.one_of(st.none(), st.integers(min_value=-2, max_value=MAX_AUDIENCE_USERS + 2), INT32)
+AUDIENCE_REQUESTS = st.builds(
+    recommender_pb2.AudienceRequest,
+    item_id=ITEM_IDS,
+    k=st.one_of(st.integers(min_value=-2, max_value=MAX_AUDIENCE_K + 2), INT32),
+    request_id=st.text(max_size=140),
+    model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
+    context=CONTEXTS,
+)
+FORECAST_REQUESTS = st.builds(
+    recommender_pb2.ForecastDemandRequest,
+    item_ids=st.lists(ITEM_IDS, max_size=MAX_FORECAST_ITEMS + 2),
+    request_id=st.text(max_size=140),
+    model_version=st.one_of(st.just(""), st.just(SERVED_VERSION), st.text(max_size=140)),
+    context=CONTEXTS,
+)
+
+
+def _context_accepted(context: recommender_pb2.Context) -> bool:
+    return (
+        0 <= context.timestamp <= 253_402_300_799
+        and len(context.device) <= 64
+        and len(context.region) <= 64
+    )
+
+
+def _common_accepted(request: Any, max_users: int | None) -> bool:
+    request_id = request.request_id
+    return (
+        request_id.isascii()
+        and request_id.isprintable()
+        and len(request_id) <= 128
+        and len(request.model_version) <= 128
+        and (max_users is None or 1 <= max_users <= MAX_AUDIENCE_USERS)
+        and _context_accepted(request.context)
+    )
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(request=AUDIENCE_REQUESTS, forecast=FORECAST_REQUESTS, max_users=MAX_USERS)
+def test_any_audience_or_forecast_gets_only_documented_codes(
+    stub: recommender_pb2_grpc.RecommenderStub,
+    request: recommender_pb2.AudienceRequest,
+    forecast: recommender_pb2.ForecastDemandRequest,
+    max_users: int | None,
+) -> None:
+    """OK exactly when every bound holds and the items are known (NOT_FOUND: an unknown item or
+    model version); then at most k users of the store, at most max_users scanned."""
+    now = int(time.time())
+    events = [
+        recommender_pb2.FeedbackEvent(
+            request_id="fuzz-audience", user_id=user, item_id=KNOWN_IDS[n % 6], type=2,
+            timestamp=now - n,
+        )
+        for n, user in enumerate(AUDIENCE_USERS)
+    ]  # fmt: skip
+    stub.FeedbackBatch(recommender_pb2.FeedbackBatchRequest(events=events[:8]), timeout=10)
+    if max_users is not None:
+        request.max_users = max_users
+        forecast.max_users = max_users
+    bound = MAX_AUDIENCE_USERS if max_users is None else max_users
+    accepted = _common_accepted(request, max_users) and 1 <= request.k <= MAX_AUDIENCE_K
+    try:
+        reply = stub.Audience(request, timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (
+            exc.code(),
+            exc.details(),
+        )
+        assert exc.details()
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            assert accepted and 0 < len(request.item_id) <= 256
+            assert request.item_id not in KNOWN_IDS or request.model_version not in (
+                "",
+                SERVED_VERSION,
+            )
+        else:
+            assert not (accepted and 0 < len(request.item_id) <= 256), exc.details()
+    else:
+        assert accepted and request.item_id in KNOWN_IDS
+        assert request.model_version in ("", SERVED_VERSION)
+        # (users other properties' feedback added, with an unknown item only, are not scanned)
+        assert 0 <= reply.users_scanned <= bound
+        assert len(reply.users) == min(request.k, reply.users_scanned)
+        assert len({u.user_id for u in reply.users}) == len(reply.users)
+        assert all(0 < len(u.user_id) <= 256 and u.history_events >= 1 for u in reply.users)
+        assert reply.expected_interactions >= sum(u.expected_interactions for u in reply.users) * (
+            1 - 1e-6
+        )
+
+    ids = list(forecast.item_ids)
+    accepted = (
+        _common_accepted(forecast, max_users)
+        and 1 <= len(ids) <= MAX_FORECAST_ITEMS
+        and all(0 < len(i) <= 256 for i in ids)
+        and len(set(ids)) == len(ids)
+    )
+    try:
+        demand = stub.ForecastDemand(forecast, timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (
+            exc.code(),
+            exc.details(),
+        )
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            assert accepted
+            assert not set(ids) <= set(KNOWN_IDS) or forecast.model_version not in (
+                "",
+                SERVED_VERSION,
+            )
+        else:
+            assert not accepted, exc.details()
+        return
+    assert accepted and set(ids) <= set(KNOWN_IDS)
+    assert [item.item_id for item in demand.items] == ids
+    assert 0 <= demand.users_scanned <= bound
+    assert all(item.expected_interactions >= 0 for item in demand.items)
 
 
 # --- The item RPCs -----------------------------------------------------------------------------

@@ -20,15 +20,16 @@ from prometheus_client import REGISTRY
 
 from server.config import ConfigError, GatewayConfig
 from server.errors import BackendUnavailable
-from server.hashing import user_hash, user_key
+from server.hashing import open_user_id, seal_user_id, user_hash, user_key
 from server.stores.history import (
     HistoryBackend,
     HistoryBackendError,
     HistoryStore,
+    KnownUser,
     StoredEvent,
     merge_events,
 )
-from server.stores.history_redis import KEY_PREFIX, RedisHistory
+from server.stores.history_redis import ACTIVE_KEY, KEY_PREFIX, USERS_KEY, RedisHistory
 from server.stores.history_sqlite import SqliteHistory
 from tests.support.gateway import run_async
 from triton_local.redis_server import RedisServer
@@ -279,9 +280,14 @@ async def test_the_store_keys_users_by_a_keyed_hash_never_the_id(
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("h.sqlite3*"))
     assert user_key(user, key).encode() in raw and b"alice" not in raw
     client = redis.Redis(host="127.0.0.1", port=redis_server.port)
-    assert client.keys("*") == [f"{KEY_PREFIX}{user_key(user, key)}".encode()]
-    assert b"alice" not in client.get(client.keys("*")[0])
-    ttl = client.ttl(client.keys("*")[0])
+    history = f"{KEY_PREFIX}{user_key(user, key)}".encode()
+    assert sorted(client.keys("*")) == sorted([history, ACTIVE_KEY.encode(), USERS_KEY.encode()])
+    assert b"alice" not in client.get(history)
+    # the user's entry: the sealed id (no id in clear) and the newest event's time
+    entry = client.hget(USERS_KEY, user_key(user, key))
+    assert entry is not None and b"alice" not in entry
+    assert client.zscore(ACTIVE_KEY, user_key(user, key)) == NOW
+    ttl = client.ttl(history)
     assert DAY - 5 <= ttl <= DAY  # expires a retention after its newest event
     client.close()
 
@@ -432,3 +438,121 @@ def test_the_local_stack_takes_a_redis_of_ones_own_from_the_gateways_variables(
         code = main(["--model-repository", str(tmp_path), "--history-redis", str(tmp_path)])
     assert code == 2
     assert "LTREC_HISTORY_REDIS_ADDRESS points the gateway at another" in caplog.text
+
+
+# --- The users' entries (Audience) ---------------------------------------------------------------
+
+
+@run_async
+async def test_users_are_listed_most_recent_first_with_their_ids_and_a_version_per_write(
+    backend_factory: Callable[[], HistoryBackend],
+) -> None:
+    """Audience lists the users of the store: newest event first, within the retention, at most
+    the limit, each with the caller's id and a version that changes with every write."""
+    async with opened(backend_factory) as backend:
+        store = HistoryStore(backend, b"k", max_events=3, retention_seconds=DAY, name="t")
+        await store.remember([("carol", view(NOW - 2 * DAY, "old"))], NOW - 2 * DAY)
+        await store.remember([("alice", view(NOW - 50, "a1")), ("bob", view(NOW - 10, "b1"))], NOW)
+        listed = await store.known_users(NOW, 10)
+        assert [u.user_id for u in listed] == ["bob", "alice"]  # carol is past the retention
+        assert [u.key for u in listed] == [user_key("bob", b"k"), user_key("alice", b"k")]
+        assert [u.user_id for u in await store.known_users(NOW, 1)] == ["bob"]
+        before = {u.user_id: u.version for u in listed}
+        # A write to alice (even a repeated event) changes her version, not bob's; she is now
+        # the most recent.
+        await store.remember([("alice", view(NOW - 5, "a2"))], NOW)
+        after = await store.known_users(NOW, 10)
+        assert [u.user_id for u in after] == ["alice", "bob"]
+        versions = {u.user_id: u.version for u in after}
+        assert versions["alice"] != before["alice"] and versions["bob"] == before["bob"]
+        # Their histories, as recent() reads one user's.
+        keys = [u.key for u in after]
+        histories = await store.histories([*keys, user_key("nobody", b"k")], NOW)
+        assert histories[keys[0]] == [view(NOW - 50, "a1"), view(NOW - 5, "a2")]
+        assert histories[keys[1]] == [view(NOW - 10, "b1")]
+        assert histories[user_key("nobody", b"k")] == []
+        # Forgetting a user takes them off the list at once.
+        assert await store.forget("alice") == 2
+        assert [u.user_id for u in await store.known_users(NOW, 10)] == ["bob"]
+
+
+@run_async
+async def test_a_user_under_another_hash_key_is_listed_without_an_id(
+    backend_factory: Callable[[], HistoryBackend],
+) -> None:
+    """An id sealed under another key cannot be opened: listed (the events are there) with no
+    id, never with someone else's."""
+    async with opened(backend_factory) as backend:
+        old = HistoryStore(backend, b"old-key", max_events=3, retention_seconds=DAY, name="t")
+        await old.remember([("alice", view(NOW, "a1"))], NOW)
+        new = HistoryStore(backend, b"new-key", max_events=3, retention_seconds=DAY, name="t")
+        (listed,) = await new.known_users(NOW, 10)
+        assert listed == KnownUser(user_key("alice", b"old-key"), None, listed.version)
+
+
+def test_a_version_1_sqlite_file_is_migrated_and_its_users_get_their_ids_with_the_next_event(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "h.sqlite3"
+    connection = sqlite3.connect(path)
+    connection.executescript(
+        "CREATE TABLE history_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_key TEXT NOT "
+        "NULL, timestamp INTEGER NOT NULL, event_type TEXT NOT NULL, item_id TEXT NOT NULL, "
+        "UNIQUE (user_key, timestamp, event_type, item_id));"
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "PRAGMA user_version = 1;"
+    )
+    connection.execute(
+        "INSERT INTO history_events (user_key, timestamp, event_type, item_id) VALUES (?, ?, ?, ?)",
+        (user_key("alice", b"k"), NOW - 20, "view", "a1"),
+    )
+    connection.commit()
+    connection.close()
+
+    async def check() -> None:
+        backend = SqliteHistory(path)
+        backend.open()
+        store = HistoryStore(backend, b"k", max_events=3, retention_seconds=DAY, name="t")
+        (listed,) = await store.known_users(NOW, 10)
+        assert listed.key == user_key("alice", b"k") and listed.user_id is None
+        await store.remember([("alice", view(NOW - 10, "a2"))], NOW)
+        (listed,) = await store.known_users(NOW, 10)
+        assert listed.user_id == "alice"
+        assert await store.recent("alice", NOW) == [view(NOW - 20, "a1"), view(NOW - 10, "a2")]
+        await store.close()
+
+    asyncio.run(check())
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+    connection.close()
+
+
+@run_async
+async def test_listing_users_fails_loudly_counted(tmp_path: Path) -> None:
+    """Unlike a Recommend's read, an audience cannot be answered without its users."""
+    (port,) = free_ports(1)
+    backend = RedisHistory(f"127.0.0.1:{port}", timeout_seconds=0.5, unavailable_backoff_seconds=30)
+    store = HistoryStore(backend, b"k", max_events=3, retention_seconds=DAY, name="redis")
+    errors = "ltrec_gateway_history_store_errors_total"
+    before = sample(errors, {"op": "users"})
+    with pytest.raises(BackendUnavailable, match=r"history store \(redis\) cannot list"):
+        await store.known_users(NOW, 10)
+    with pytest.raises(BackendUnavailable, match=r"cannot read its users"):
+        await store.histories(["k1"], NOW)
+    assert sample(errors, {"op": "users"}) == before + 2
+    await store.close()
+
+
+@pytest.mark.parametrize("user", ["alice@example.com", "ü" * 256, "1m_42", "a\ud800b"])
+def test_a_sealed_id_opens_only_for_its_own_row_and_key(user: str) -> None:
+    key = b"hash-key"
+    sealed = seal_user_id(user, key)
+    assert sealed.startswith("s1:") and user not in sealed
+    assert seal_user_id(user, key) == sealed  # deterministic, as the store key is
+    assert open_user_id(sealed, user_key(user, key), key) == user
+    assert open_user_id(sealed, user_key(user, b"other-key"), b"other-key") is None
+    assert open_user_id(sealed, user_key("mallory", key), key) is None  # another row's id
+    tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    assert open_user_id(tampered, user_key(user, key), key) is None
+    assert open_user_id("not sealed", user_key(user, key), key) is None
+    assert open_user_id("s1:!!", user_key(user, key), key) is None

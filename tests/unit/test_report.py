@@ -391,6 +391,19 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     at_default = report["models"]["ours"]["cold_start"]["at_default_weight"]
     assert {"weight", "recall@10", "ndcg@10"} <= set(at_default)
     assert "(default)" in md
+    # Audience and demand on the cold view (ltrec.audience), in the JSON and the Markdown.
+    audience = report["models"]["ours"]["cold_start"]["audience"]
+    assert audience["trained_on_held_out"] is False and audience["held_out_items"] > 0
+    every = audience["all_held_out_events"]
+    assert set(every["audience"]) == {
+        "model_expected_interactions",
+        "model_probability",
+        "most_active_users",
+        "random",
+    }
+    assert all(math.isfinite(v) for v in every["demand_spearman"].values())
+    assert "### Audience and demand of the held-out items (ours)" in md
+    assert "| category average |" in md
     # SimilarItems item to item: ours and ItemKNN, each at 0 and at its own validation default.
     assert "## SimilarItems, item to item (test)" in md
     for similar in report["item_to_item"].values():
