@@ -162,6 +162,13 @@ def monitored(
             clicked = served.items[0].item_id
             feedback = click_feedback(served.request_id, "prometheus-user", [clicked], 1_000)
             stack.stub.FeedbackBatch(feedback, timeout=10)
+            # Audience and ForecastDemand over the store's users (their panel's quantiles).
+            audience = recommender_pb2.AudienceRequest(item_id=clicked, k=3)
+            stack.stub.Audience(audience, timeout=30)
+            forecast = recommender_pb2.ForecastDemandRequest(item_ids=[clicked])
+            stack.stub.ForecastDemand(forecast, timeout=30)
+            similar = recommender_pb2.SimilarItemsRequest(basket_item_ids=[clicked], k=3)
+            stack.stub.SimilarItems(similar, timeout=10)
             prometheus.poll_until(
                 lambda: _has_data(prometheus.query(then_scraped)),
                 DATA_TIMEOUT_S,
