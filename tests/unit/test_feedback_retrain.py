@@ -194,7 +194,16 @@ def test_retrain_and_compare_before_and_after(
         epochs=2,
         batch_size=16,
         patience=5,
-        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
+        model={
+            "embedding_dim": 16,
+            "n_layers": 1,
+            "n_heads": 1,
+            "max_history": 20,
+            # Off: the predicted ID vectors of items without training events are refitted by
+            # each training on its own set of trained items, which moves many of this tiny
+            # catalogue's competitors between the two runs; this test isolates the feedback.
+            "new_item_id_map": False,
+        },
     )
     cache = tmp_path / "cache"
     base = prepare(tiny_data, cache)
