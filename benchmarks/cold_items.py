@@ -23,7 +23,6 @@ for the cost. Prints a table; `--json` writes the figures.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -91,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     default = float(ckpt.summary["long_tail_weight"]["chosen"])
     variants = {"as trained": model}
     if imputed.get("applied"):  # the ablation: the same model with zero ID vectors for them
-        ablated = copy.deepcopy(model)
-        without_new_item_ids(ablated, warm.popularity)
-        variants["without predicted ID vectors"] = ablated
+        variants["without predicted ID vectors"] = without_new_item_ids(model, warm.popularity)
     figures = []
     for variant, m in variants.items():
         score = model_score_fn(m, m.cfg.max_history)

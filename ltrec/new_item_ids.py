@@ -19,6 +19,7 @@ would be: the typical collaborative placement of items like it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -71,11 +72,9 @@ def impute_new_item_ids(model: Recommender, popularity: np.ndarray, seed: int = 
     new_item_ids = getattr(model.fusion, "new_item_ids", None)
     if model.item_ids is None or new_item_ids is None:
         return {"applied": False}
-    popularity = np.asarray(popularity)
-    trained = popularity > 0
+    untrained = _untrained(popularity)
+    trained = ~untrained
     trained[0] = False
-    untrained = ~trained
-    untrained[0] = False
     if trained.sum() < 2 * FOLDS:
         return {"applied": False, "reason": f"fewer than {2 * FOLDS} items with training events"}
     was_training = model.training
@@ -103,15 +102,22 @@ def impute_new_item_ids(model: Recommender, popularity: np.ndarray, seed: int = 
     }
 
 
-def without_new_item_ids(model: Recommender, popularity: np.ndarray) -> None:
-    """Undo `impute_new_item_ids` in place (an ablation): ID rows of the items without training
-    events back to zero, and the map to zero, as training leaves them."""
-    new_item_ids = getattr(model.fusion, "new_item_ids", None)
-    if model.item_ids is None or new_item_ids is None:
-        return
-    untrained = np.asarray(popularity) <= 0
-    untrained[0] = False
+def without_new_item_ids(model: Recommender, popularity: np.ndarray) -> Recommender:
+    """A copy of `model` without what `impute_new_item_ids` did (an ablation): the ID rows of the
+    items without training events back at zero, and the map at zero, as training leaves them."""
+    plain = copy.deepcopy(model)
+    new_item_ids = getattr(plain.fusion, "new_item_ids", None)
+    if plain.item_ids is None or new_item_ids is None:
+        return plain
     with torch.no_grad():
-        model.item_ids.weight[torch.from_numpy(np.flatnonzero(untrained))] = 0.0
+        plain.item_ids.weight[torch.from_numpy(np.flatnonzero(_untrained(popularity)))] = 0.0
         new_item_ids.weight.zero_()
         new_item_ids.bias.zero_()
+    return plain
+
+
+def _untrained(popularity: np.ndarray) -> np.ndarray:
+    """Catalogue rows (padding excluded) without training events."""
+    untrained = np.asarray(popularity) <= 0
+    untrained[0] = False
+    return untrained

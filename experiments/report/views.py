@@ -4,7 +4,6 @@ sweep in torch and ONNX, SimilarItems), the cold-start view and the short, order
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import sys
@@ -354,8 +353,7 @@ def cold_view(
         if model is not None and getattr(model.fusion, "new_item_ids", None) is not None:
             # The ablation: the same model with the cold items' predicted ID vectors taken out
             # (zero, as training leaves them), at weight 0 and at the same default weight.
-            ablated = copy.deepcopy(model)
-            without_new_item_ids(ablated, cold_prepared.popularity)
+            ablated = without_new_item_ids(model, cold_prepared.popularity)
             plain = model_score_fn(ablated, ablated.cfg.max_history)
             without = {}
             for label, weight in (("weight_0", 0.0), ("at_default_weight", cold_default["chosen"])):

@@ -77,9 +77,12 @@ def test_items_without_events_get_the_content_map_as_their_id_vector() -> None:
         torch.testing.assert_close(table[untrained], want, atol=1e-5, rtol=1e-5)
         assert ids[untrained].norm(dim=1).min() > 0
         assert torch.equal(table[contract.PADDING_INDEX], torch.zeros(CFG.embedding_dim))
-    without_new_item_ids(model, popularity)
-    torch.testing.assert_close(model.item_ids.weight.detach(), before)
-    assert float(model.fusion.new_item_ids.weight.detach().abs().sum()) == 0.0
+    imputed = model.item_ids.weight.detach().clone()
+    plain = without_new_item_ids(model, popularity)
+    assert plain.item_ids is not None and plain.fusion.new_item_ids is not None
+    torch.testing.assert_close(plain.item_ids.weight.detach(), before)
+    assert float(plain.fusion.new_item_ids.weight.detach().abs().sum()) == 0.0
+    assert torch.equal(model.item_ids.weight.detach(), imputed)  # the model itself is kept
 
 
 def test_models_without_the_map_or_without_id_vectors_are_left_alone() -> None:
