@@ -63,7 +63,7 @@ SCALE_QUERIES = 1024  # queries whose score spread sets the scale (evenly spaced
 # ItemKNN's settings tried on item-to-item validation (the shrunk cosine of `ltrec.baselines`;
 # 5000 neighbours keeps every item of a catalogue that size: the plain shrunk cosine).
 ITEMKNN_GRID: tuple[dict[str, float], ...] = tuple(
-    {"neighbours": n, "shrink": s} for n in (100, 500, 5000) for s in (0, 10, 100)
+    {"neighbours": n, "shrink": s} for n in (20, 50, 100, 500, 5000) for s in (0, 10, 100)
 )
 
 
