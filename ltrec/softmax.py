@@ -32,8 +32,11 @@ class _FusedFullSoftmax(torch.autograd.Function):
         chunk: int,
         matmul_dtype: torch.dtype,
         bias: torch.Tensor | None,
+        excluded: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         n = users.shape[0]
+        if excluded is not None:  # (rows, columns), rows ascending: where each chunk's pairs are
+            bounds = torch.searchsorted(excluded[0], torch.arange(0, n + chunk, chunk)).tolist()
         grad_users = torch.empty_like(users)
         grad_table = torch.zeros_like(table)
         total = torch.zeros((), dtype=torch.float64)
@@ -48,6 +51,10 @@ class _FusedFullSoftmax(torch.autograd.Function):
             logits = (u @ low_table.T).float()
             if bias is not None:
                 logits += bias
+            if excluded is not None:
+                first, last = bounds[start // chunk], bounds[start // chunk + 1]
+                if last > first:
+                    logits[excluded[0][first:last] - start, excluded[1][first:last]] = float("-inf")
             # log-sum-exp and softmax from one pass of exp, in place: loss = lse - target logit.
             top = logits.amax(dim=1, keepdim=True)
             target_logit = logits[rows, t] - top.squeeze(1)
@@ -66,7 +73,7 @@ class _FusedFullSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         grad_users, grad_table = ctx.saved_tensors
-        return grad_users * grad, grad_table * grad, None, None, None, None
+        return grad_users * grad, grad_table * grad, None, None, None, None, None
 
 
 def full_softmax_loss(
@@ -76,11 +83,16 @@ def full_softmax_loss(
     chunk: int = CHUNK,
     matmul_dtype: torch.dtype = torch.float32,
     bias: torch.Tensor | None = None,
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `targets` (column indices of `table`) under softmax(users @ table.T).
 
     `bias` [C], a constant (no gradient), is added to every row of logits: the logit-adjusted
     loss, `F.cross_entropy(users @ table.T + bias, targets)`.
+
+    `excluded` (rows, columns), two INT64 [m] tensors with rows ascending: logits left out of
+    their row's softmax (set to -inf), e.g. items a user is known to want that are not the row's
+    target. A row's target must not be among its excluded columns.
 
     users [n, D], table [C, D], targets INT64 [n] in [0, C). Same value and gradients as
     `F.cross_entropy(users @ table.T, targets)`, without the [n, C] tensors. With
@@ -93,8 +105,27 @@ def full_softmax_loss(
         raise ValueError(
             f"bias must have one value per table row ({table.shape[0]}), got {tuple(bias.shape)}"
         )
+    if excluded is not None:
+        rows, columns = excluded
+        if rows.shape != columns.shape or rows.dim() != 1:
+            raise ValueError("excluded must be two 1-D tensors of the same length")
+        if rows.numel():
+            if int(rows.min()) < 0 or int(rows.max()) >= users.shape[0]:
+                raise ValueError(f"excluded rows must index the {users.shape[0]} rows of users")
+            if int(columns.min()) < 0 or int(columns.max()) >= table.shape[0]:
+                raise ValueError(f"excluded columns must index the {table.shape[0]} table rows")
+            if bool((rows[1:] < rows[:-1]).any()):
+                raise ValueError("excluded rows must be in ascending order")
+            if bool((columns == targets[rows]).any()):
+                raise ValueError("a row's target cannot be excluded from its softmax")
     return _FusedFullSoftmax.apply(
-        users, table, targets, chunk, matmul_dtype, None if bias is None else bias.detach().float()
+        users,
+        table,
+        targets,
+        chunk,
+        matmul_dtype,
+        None if bias is None else bias.detach().float(),
+        excluded,
     )
 
 

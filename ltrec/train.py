@@ -46,6 +46,7 @@ from ltrec_core import contract
 from ltrec_core.artifacts import CheckpointMetadata, Vocabularies
 
 SET_CONTEXTS = ("prefix", "others")
+SOFTMAX_EXCLUDES = ("none", "prefix", "others")
 
 
 @dataclass
@@ -85,6 +86,12 @@ class TrainConfig:
     # window except j (a history read as a set: each item predicted from all the rest, as a
     # held-out item is at test time). Chosen on validation where the report screens it.
     set_context: str = "prefix"
+    # Full softmax only: which of the user's other window items each training event's softmax
+    # leaves out. "none": all are negatives (next-item prediction, as SASRec trains). "prefix":
+    # the items before the target, which serving excludes from the ranking anyway. "others":
+    # every other item of the window, which for a history read as a set are positives too, not
+    # negatives. Chosen on validation where the report screens it.
+    softmax_exclude: str = "none"
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
@@ -100,6 +107,13 @@ class TrainConfig:
             raise ValueError(f"logit_adjustment must be in [0, 2], got {self.logit_adjustment:g}")
         if self.logit_adjustment and self.loss != "full":
             raise ValueError("logit_adjustment applies to the full softmax only (loss='full')")
+        if self.softmax_exclude not in SOFTMAX_EXCLUDES:
+            raise ValueError(
+                f"softmax_exclude must be one of {', '.join(SOFTMAX_EXCLUDES)}, got "
+                f"{self.softmax_exclude!r}"
+            )
+        if self.softmax_exclude != "none" and self.loss != "full":
+            raise ValueError("softmax_exclude applies to the full softmax only (loss='full')")
         if self.set_context == "others" and self.model.get("set_pooling") is False:
             raise ValueError("set_context 'others' needs set pooling (it replaces its mean)")
 
@@ -198,6 +212,29 @@ def leave_one_out_means(vectors: torch.Tensor, items: torch.Tensor) -> torch.Ten
     return (vectors.sum(dim=1, keepdim=True) - vectors) / others.clamp(min=1.0) * real
 
 
+def window_exclusions(
+    targets: torch.Tensor, column: torch.Tensor, which: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, column) pairs a batch's softmax leaves out (`TrainConfig.softmax_exclude`).
+
+    targets [B, W] (0 = padding) are the window items; the rows are the batch's real events in
+    row-major order (as `states[targets != 0]`), `column` maps an item to its softmax column.
+    "prefix" pairs each event with the items before it in its window, "others" with every other
+    item of its window; an item equal to the event's own target (a repeat) is never left out.
+    """
+    valid = targets != contract.PADDING_INDEX
+    width = targets.shape[1]
+    row = torch.cumsum(valid.flatten(), 0).view_as(targets) - 1
+    pair = valid.unsqueeze(2) & valid.unsqueeze(1)  # [B, t (the event), s (the other item)]
+    pair &= targets.unsqueeze(2) != targets.unsqueeze(1)
+    if which == "prefix":
+        pair &= torch.ones(width, width, dtype=torch.bool).tril(-1)
+    b, t, s = torch.nonzero(pair, as_tuple=True)
+    rows, columns = row[b, t], column[targets[b, s]]
+    kept = columns >= 0  # an item outside the softmax has nothing to leave out
+    return rows[kept], columns[kept]
+
+
 def _loss(
     model: Recommender,
     batch: tuple[torch.Tensor, ...],
@@ -229,6 +266,11 @@ def _loss(
             column[target],
             matmul_dtype=matmul_dtype(cfg.softmax_precision),
             bias=cfg.logit_adjustment * log_q[active] if cfg.logit_adjustment else None,
+            excluded=(
+                window_exclusions(targets, column, cfg.softmax_exclude)
+                if cfg.softmax_exclude != "none"
+                else None
+            ),
         )
     # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ) unless
     # the ablation turns the correction off.
@@ -622,6 +664,15 @@ def main(argv: list[str] | None = None) -> int:
         "read as a set)",
     )
     parser.add_argument(
+        "--softmax-exclude",
+        choices=SOFTMAX_EXCLUDES,
+        default=TrainConfig.softmax_exclude,
+        help="which other items of the user's training window each event's full softmax leaves "
+        "out: none (all are negatives, next-item prediction), prefix (the earlier ones, which "
+        "serving excludes anyway) or others (all of them: a history read as a set, whose other "
+        "items are positives, not negatives)",
+    )
+    parser.add_argument(
         "--no-set-pooling",
         action="store_true",
         help="the user tower reads the history as a sequence only (no running mean of the "
@@ -654,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             order_augmentation=args.order_augmentation,
             logit_adjustment=args.logit_adjustment,
             set_context=args.set_context,
+            softmax_exclude=args.softmax_exclude,
             model={
                 "embedding_dim": args.embedding_dim,
                 "n_layers": args.layers,

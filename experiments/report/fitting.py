@@ -254,7 +254,7 @@ def parse_settings(text: str) -> tuple[str, dict[str, float | str]]:
         key = key.strip()
         if not eq or key not in GRID_KEYS:
             raise ValueError(f"setting keys must be {', '.join(GRID_KEYS)}, got {item!r}")
-        if key == "set_context":
+        if key in TEXT_KEYS:
             point[key] = value.strip()
         else:
             try:
@@ -264,12 +264,13 @@ def parse_settings(text: str) -> tuple[str, dict[str, float | str]]:
     return row.strip(), point
 
 
-GRID_KEYS = ("lr", "batch_size", "dropout", "order_augmentation", "set_context")
+GRID_KEYS = ("lr", "batch_size", "dropout", "order_augmentation", "set_context", "softmax_exclude")
+TEXT_KEYS = ("set_context", "softmax_exclude")
 
 
 def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
-    """`train` with a neural grid point applied: "lr", "batch_size", "order_augmentation" and
-    "set_context" to the training, "dropout" to the model."""
+    """`train` with a neural grid point applied: "lr", "batch_size", "order_augmentation",
+    "set_context" and "softmax_exclude" to the training, "dropout" to the model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
@@ -282,6 +283,7 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
         batch_size=int(params.get("batch_size", train.batch_size)),
         order_augmentation=float(params.get("order_augmentation", train.order_augmentation)),
         set_context=str(params.get("set_context", train.set_context)),
+        softmax_exclude=str(params.get("softmax_exclude", train.softmax_exclude)),
         model=model,
     )
 

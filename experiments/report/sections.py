@@ -327,6 +327,11 @@ def _convergence(report: dict) -> list[str]:
                         if train.get("set_context", "prefix") != "prefix"
                         else ""
                     )
+                    + (
+                        f", softmax leaves out {train['softmax_exclude']}"
+                        if train.get("softmax_exclude", "none") != "none"
+                        else ""
+                    )
                     if train and model
                     else "-",
                 ]

@@ -117,8 +117,8 @@ class ReportConfig:
     )
     # Per neural row, training settings chosen on validation for that row: each point trains
     # `screen_epochs` epochs, and the best by validation NDCG@10 is then trained to convergence.
-    # Keys: "lr", "batch_size", "order_augmentation", "set_context" (TrainConfig) and "dropout"
-    # (ModelConfig).
+    # Keys: "lr", "batch_size", "order_augmentation", "set_context", "softmax_exclude"
+    # (TrainConfig) and "dropout" (ModelConfig); every point of a row's grid has the same keys.
     neural_grids: dict[str, list[dict[str, float | str]]] = field(
         default_factory=lambda: {
             "sasrec": [
@@ -134,10 +134,12 @@ class ReportConfig:
             # its own validation, then until validation stops improving (the checkpoint's other
             # settings, `--max-minutes` as the cap).
             "ours_converged": [{"lr": lr} for lr in (1e-3, 2e-3)],
+            # The set reading predicts each item from all the others and leaves the others out
+            # of its softmax (TrainConfig.softmax_exclude): they are positives, not negatives.
             "ours": [
-                {"order_augmentation": 0.0, "set_context": "prefix"},
-                {"order_augmentation": 1.0, "set_context": "prefix"},
-                {"order_augmentation": 1.0, "set_context": "others"},
+                {"order_augmentation": 0.0, "set_context": "prefix", "softmax_exclude": "none"},
+                {"order_augmentation": 1.0, "set_context": "prefix", "softmax_exclude": "none"},
+                {"order_augmentation": 1.0, "set_context": "others", "softmax_exclude": "others"},
             ],
         }
     )
@@ -154,6 +156,11 @@ class ReportConfig:
     models: tuple[str, ...] = tuple(MODELS)
     # TrainConfig fields set on the command line; they win over a checkpoint's training config.
     train_overrides: dict[str, float | int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, grid in self.neural_grids.items():
+            if any(set(point) != set(grid[0]) for point in grid):
+                raise ValueError(f"every point of {name}'s neural grid must set the same keys")
 
 
 def quick_config() -> ReportConfig:

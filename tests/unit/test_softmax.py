@@ -80,3 +80,41 @@ def test_bias_is_the_logit_adjusted_cross_entropy() -> None:
     assert not torch.isclose(loss, F.cross_entropy(u @ t.T, targets), atol=1e-3)
     with pytest.raises(ValueError, match="one value per table row"):
         full_softmax_loss(users, table, targets, bias=torch.zeros(29))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_excluded_logits_leave_their_rows_softmax(chunk: int) -> None:
+    """Excluded (row, column) pairs are the cross-entropy of logits masked with -inf there: the
+    same value and gradients, no gradient at all through an excluded logit."""
+    torch.manual_seed(4)
+    users = torch.randn(23, 8, requires_grad=True)
+    table = torch.randn(12, 8, requires_grad=True)
+    targets = torch.randint(0, 12, (23,))
+    mask = torch.rand(23, 12) < 0.3
+    mask[torch.arange(23), targets] = False  # never a row's own target
+    rows, columns = torch.nonzero(mask, as_tuple=True)
+    loss = full_softmax_loss(users, table, targets, chunk=chunk, excluded=(rows, columns))
+    loss.backward()
+    u = users.detach().clone().requires_grad_()
+    t = table.detach().clone().requires_grad_()
+    want = F.cross_entropy((u @ t.T).masked_fill(mask, float("-inf")), targets)
+    want.backward()
+    assert torch.isclose(loss, want, atol=1e-5)
+    assert torch.allclose(users.grad, u.grad, atol=1e-6)
+    assert torch.allclose(table.grad, t.grad, atol=1e-6)
+    # and it is another loss than the unmasked one
+    assert not torch.isclose(loss, F.cross_entropy(u @ t.T, targets), atol=1e-3)
+
+
+def test_excluded_pairs_that_would_be_wrong_are_refused() -> None:
+    users, table, targets = torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="target cannot be excluded"):
+        full_softmax_loss(users, table, targets, excluded=(torch.tensor([1]), torch.tensor([1])))
+    with pytest.raises(ValueError, match="ascending"):
+        full_softmax_loss(
+            users, table, targets, excluded=(torch.tensor([2, 0]), torch.tensor([3, 3]))
+        )
+    with pytest.raises(ValueError, match="rows of users"):
+        full_softmax_loss(users, table, targets, excluded=(torch.tensor([3]), torch.tensor([4])))
+    with pytest.raises(ValueError, match="table rows"):
+        full_softmax_loss(users, table, targets, excluded=(torch.tensor([0]), torch.tensor([5])))

@@ -171,6 +171,46 @@ def test_set_context_others_reads_the_whole_window() -> None:
         fit(None, TrainConfig(set_context="others"), plain)  # type: ignore[arg-type]
 
 
+def test_window_exclusions_pair_each_event_with_its_windows_other_items() -> None:
+    from ltrec.train import window_exclusions
+
+    # two windows: items 3 1 2 (and padding), and 4 4 1 2 (a repeat of 4)
+    targets = torch.tensor([[3, 1, 2, 0], [4, 4, 1, 2]])
+    column = torch.arange(10) * 10  # item i is softmax column 10 i
+    rows, columns = window_exclusions(targets, column, "prefix")
+    pairs = set(zip(rows.tolist(), columns.tolist(), strict=True))
+    # events (rows) 0..2 are window 0's, 3..6 window 1's; the repeat of 4 never excludes 4
+    assert pairs == {(1, 30), (2, 30), (2, 10), (5, 40), (6, 40), (6, 10)}
+    rows, columns = window_exclusions(targets, column, "others")
+    pairs = set(zip(rows.tolist(), columns.tolist(), strict=True))
+    assert pairs == {
+        (0, 10), (0, 20), (1, 30), (1, 20), (2, 30), (2, 10),
+        (3, 10), (3, 20), (4, 10), (4, 20), (5, 40), (5, 20), (6, 40), (6, 10),
+    }  # fmt: skip
+    assert bool((rows[1:] >= rows[:-1]).all())  # ascending, as the fused softmax needs
+    # an item outside the softmax (column -1) has nothing to leave out
+    column[2] = -1
+    rows, columns = window_exclusions(targets, column, "others")
+    assert bool((columns >= 0).all())
+
+
+def test_softmax_exclusion_changes_the_loss_only_when_asked() -> None:
+    cfg = ModelConfig(n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2)
+    torch.manual_seed(0)
+    model = Recommender(cfg, torch.randn(31, 384)).eval()
+    seqs = sequences([6, 9, 4])
+    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
+    batch = next(_batches(seqs, 10, 8, np.random.default_rng(0)))
+    q = torch.full((31,), 1 / 30)
+    q[0] = 0
+    log_q = torch.log(q.clamp(min=1e-12))
+    plain = _loss(model, batch, TrainConfig(), log_q, q)
+    prefix = _loss(model, batch, TrainConfig(softmax_exclude="prefix"), log_q, q)
+    others = _loss(model, batch, TrainConfig(softmax_exclude="others"), log_q, q)
+    # leaving competitors out of a softmax can only lower each event's loss
+    assert float(others) < float(prefix) < float(plain)
+
+
 def test_training_settings_that_would_be_ignored_are_refused() -> None:
     with pytest.raises(ValueError, match="set_context must be one of prefix, others"):
         TrainConfig(set_context="all")
@@ -181,6 +221,10 @@ def test_training_settings_that_would_be_ignored_are_refused() -> None:
     with pytest.raises(ValueError, match="needs set pooling"):
         TrainConfig(set_context="others", model={"set_pooling": False})
     TrainConfig(set_context="others", logit_adjustment=0.5)  # a valid pair
+    with pytest.raises(ValueError, match="softmax_exclude must be one of none, prefix, others"):
+        TrainConfig(softmax_exclude="all")
+    with pytest.raises(ValueError, match="full softmax only"):
+        TrainConfig(loss="sampled", softmax_exclude="prefix")
 
 
 @pytest.mark.parametrize(
@@ -189,6 +233,7 @@ def test_training_settings_that_would_be_ignored_are_refused() -> None:
         ["--logit-adjustment", "3"],
         ["--loss", "sampled", "--logit-adjustment", "0.5"],
         ["--set-context", "others", "--no-set-pooling"],
+        ["--loss", "sampled", "--softmax-exclude", "others"],
     ],
 )
 def test_train_cli_names_the_bad_setting(flags: list[str], capsys: pytest.CaptureFixture) -> None:
