@@ -11,6 +11,7 @@ from experiments.report.sections import (
     _loss_ablation,
     _row,
     _short_history,
+    _targets,
     _tuned,
 )
 from experiments.report.settings import (
@@ -92,6 +93,7 @@ def markdown(report: dict) -> str:
                 ]
             )
         )
+    lines += _targets(full)
     lines += _convergence(report)
     lines += _context_ablation(report)
     lines += _loss_ablation(report)

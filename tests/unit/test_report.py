@@ -841,3 +841,41 @@ def test_a_row_keeps_its_screening_run_only_when_it_validates_better(
     else:
         assert "kept" not in fitted.info
         assert "screening run" not in _tuned(fitted.info)
+
+
+def test_targets_are_judged_from_the_reports_own_figures() -> None:
+    from experiments.report.sections import _targets
+
+    def row(label: str, ndcg: float, tail: float) -> dict:
+        return {"label": label, "test": {"ndcg@10": ndcg, "tail": {"ndcg@10": tail}}}
+
+    report = {
+        "models": {
+            "sasrec": row("SASRec", 0.19, 0.13),
+            "ours": {
+                **row("ours", 0.195, 0.16),
+                "cold_start": {"at_default_weight": {"weight": 0.1, "recall@10": 0.02}},
+                "short_history": {"ndcg@10": 0.12, "tail": {"ndcg@10": 0.03}},
+            },
+            "ease": {
+                "label": "EASE",
+                "short_history": {"ndcg@10": 0.11, "tail": {"ndcg@10": 0.04}},
+            },
+        },
+        "long_tail_sweep": [
+            {"weight": 0.0, "torch": {"ndcg@10": 0.195, "coverage@10": 0.6}},
+            {"weight": 0.1, "default": True, "torch": {"ndcg@10": 0.19, "coverage@10": 0.71}},
+        ],
+    }
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in _targets(report)[7:]}
+    assert len(lines) == 8
+    texts = list(lines.values())
+    assert "(1.23x)" in texts[2] and texts[2].endswith("| **met** |")
+    assert "(-2.6%)" in texts[3] and texts[3].endswith("| missed |")
+    assert "0.7100" in texts[4] and texts[4].endswith("| **met** |")
+    assert texts[5].endswith("| missed |")  # cold recall 0.02 < 0.05
+    assert texts[6].endswith("| **met** |")  # short view NDCG 0.12 >= EASE's 0.11
+    assert texts[7].endswith("| missed |")  # short view tail 0.03 < EASE's 0.04
+    assert "(stretch met)" in texts[1]
+    # without the rows a target needs, it is left out, not judged
+    assert _targets({"models": {}, "long_tail_sweep": []}) == []
