@@ -1,44 +1,40 @@
-"""`python -m server`: run the gateway configured from `LTREC_*` environment variables.
+"""`python -m server`: run the gateway configured from `LTREC_*` environment variables (and the
+standard `OTEL_*` ones for traces, `server.tracing`).
 
-Exits 2 when the configuration or the model repository files are unusable.
+Logs JSON lines on stderr from the first line (`server.logs`); exits 2 when the configuration or
+the model repository files are unusable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import logging.handlers
-import queue
 import sys
 
 from server.app import serve
 from server.config import GatewayConfig
 from server.errors import StartupError
+from server.logs import configure_logging
+from server.tracing import configure_tracing
+
+logger = logging.getLogger("server")
 
 
 def main() -> int:
+    log = configure_logging(logging.INFO)  # before the configuration: its errors are JSON too
+    provider = None
     try:
         config = GatewayConfig.from_env()
-    except StartupError as exc:
-        print(f"cannot start the gateway: {exc}", file=sys.stderr)
-        return 2
-    # Log records are handed to a thread that formats and writes them, so a slow stderr never
-    # blocks the event loop that serves requests.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
-    root = logging.getLogger()
-    root.setLevel(config.log_level)
-    root.addHandler(logging.handlers.QueueHandler(records))  # formats nothing; the listener does
-    listener.start()
-    try:
+        logging.getLogger().setLevel(config.log_level)
+        provider = configure_tracing()
         asyncio.run(serve(config))
     except StartupError as exc:
-        logging.getLogger("server").error("cannot start the gateway: %s", exc)
+        logger.error("cannot start the gateway: %s", exc)
         return 2
     finally:
-        listener.stop()
+        if provider is not None:
+            provider.shutdown()  # exports the spans still queued
+        log.stop()
     return 0
 
 

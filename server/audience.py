@@ -26,6 +26,7 @@ from ltrec_core import contract
 from server import metrics
 from server.catalogue import Catalogue
 from server.features import exclusions
+from server.tracing import Stage
 from server.triton_client import TritonClient
 from server.user_vectors import UserMatrix, UserVectors
 
@@ -38,9 +39,7 @@ OUTPUT_NAMES = (
     contract.AUDIENCE_TOP_SCORES,
     contract.EXPECTED_INTERACTIONS,
 )
-_USERS, _TRITON = (
-    metrics.STAGE_DURATION_SECONDS.labels(stage=stage) for stage in ("users", "triton")
-)
+_USERS, _TRITON = (Stage(stage) for stage in ("users", "triton"))
 
 
 @dataclass(frozen=True)

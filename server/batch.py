@@ -12,7 +12,6 @@ cannot take all of Triton from online calls).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -144,10 +143,16 @@ class BatchRunner:
             metrics.BATCH_REQUESTS_IN_FLIGHT.dec()
             self._pipeline_slots.release()
         metrics.BATCH_REQUESTS_TOTAL.labels(method=METHOD, code=code.name).inc()
-        logger.info(json.dumps(self._log_line(index, request_id, code, start, request.user_id)))
+        logger.info(
+            "%s[%d] %s",
+            METHOD,
+            index,
+            code.name,
+            extra=self._log_fields(index, request_id, code, start, request.user_id),
+        )
         answers.put_nowait(result)
 
-    def _log_line(
+    def _log_fields(
         self, index: int, request_id: str, code: grpc.StatusCode, start: float, user_id: str
     ) -> dict[str, Any]:
         """One line per request of a stream, like the access log's; the user only as a keyed

@@ -24,7 +24,6 @@ same keyed hash as the gateway's other log lines (`server.hashing`), never the i
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -84,15 +83,14 @@ class UserEraser:
         _FORGOTTEN["feedback"].inc(forgotten.feedback_records)
         _FORGOTTEN["served_list"].inc(forgotten.served_lists)
         logger.info(
-            json.dumps(
-                {
-                    "event": "forget_user",
-                    "request_id": request_id,
-                    "user": user_hash(user_id, self._user_hash_key),
-                    "history_events_removed": forgotten.history_events,
-                    "feedback_records_erased": forgotten.feedback_records,
-                    "served_lists_erased": forgotten.served_lists,
-                }
-            )
+            "user forgotten",
+            extra={
+                "event": "forget_user",
+                "request_id": request_id,
+                "user": user_hash(user_id, self._user_hash_key),
+                "history_events_removed": forgotten.history_events,
+                "feedback_records_erased": forgotten.feedback_records,
+                "served_lists_erased": forgotten.served_lists,
+            },
         )
         return forgotten

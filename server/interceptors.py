@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
 import secrets
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from server import metrics
+from server import metrics, tracing
 from server.errors import (
     BackendError,
     BackendTimeout,
@@ -81,16 +80,16 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not full_method.startswith(self._prefixes):
             return handler
-        method = full_method.rsplit("/", 1)[-1]
+        service, method = full_method.lstrip("/").rsplit("/", 1)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap(method, handler.unary_unary, self._user_hash_key),
+                _wrap(service, method, handler.unary_unary, self._user_hash_key),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream, self._user_hash_key),
+                _wrap_stream(service, method, handler.stream_stream, self._user_hash_key),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -125,19 +124,21 @@ class _Observer:
             self._durations[code] = metrics.REQUEST_DURATION_SECONDS.labels(**labels)
         self._counters[code].inc()
         self._durations[code].observe(elapsed)
-        # One JSON line per request; the user only as a keyed hash.
+        # One access-log line per request (fields of the JSON object); the user only as a keyed
+        # hash.
         logger.info(
-            json.dumps(
-                {
-                    "event": "rpc",
-                    "request_id": request_id,
-                    "method": self.method,
-                    "code": code.name,
-                    "latency_ms": round(elapsed * 1000, 3),
-                    "user": user_hash(user_id, self._user_hash_key),
-                    "model_version": metrics.model_version(),
-                }
-            )
+            "%s %s",
+            self.method,
+            code.name,
+            extra={
+                "event": "rpc",
+                "request_id": request_id,
+                "method": self.method,
+                "code": code.name,
+                "latency_ms": round(elapsed * 1000, 3),
+                "user": user_hash(user_id, self._user_hash_key),
+                "model_version": metrics.model_version(),
+            },
         )
 
     def outcome(
@@ -155,31 +156,38 @@ class _Observer:
         return grpc.StatusCode.UNKNOWN, None
 
 
-def _wrap(method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:
+def _wrap(service: str, method: str, behavior: Behavior, user_hash_key: bytes) -> Behavior:
     observer = _Observer(method, user_hash_key)
 
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         request_id = request_id_of(request)
         code = grpc.StatusCode.UNKNOWN
-        start = observer.begin(request_id, context)
-        try:
-            response = await behavior(request, context)
-            code = grpc.StatusCode.OK
-            return response
-        except BaseException as exc:
-            code, message = observer.outcome(exc, request_id, context)
-            if message is None:
-                raise
-            await context.abort(code, message)
-        finally:
-            observer.end(code, start, request_id, getattr(request, "user_id", ""))
+        with tracing.rpc_span(service, method, context) as span:
+            start = observer.begin(request_id, context)
+            try:
+                response = await behavior(request, context)
+                code = grpc.StatusCode.OK
+                return response
+            except BaseException as exc:
+                code, message = observer.outcome(exc, request_id, context)
+                if code is grpc.StatusCode.INTERNAL:
+                    span.record_exception(exc)
+                if message is None:
+                    raise
+                await context.abort(code, message)
+            finally:
+                span.set_code(code, request_id)
+                observer.end(code, start, request_id, getattr(request, "user_id", ""))
 
     return wrapped
 
 
-def _wrap_stream(method: str, behavior: StreamBehavior, user_hash_key: bytes) -> StreamBehavior:
-    """A bidirectional stream is one RPC: one status, one duration and one access-log line (with
-    no user: its requests are each a user's, and `server.batch` logs them one by one)."""
+def _wrap_stream(
+    service: str, method: str, behavior: StreamBehavior, user_hash_key: bytes
+) -> StreamBehavior:
+    """A bidirectional stream is one RPC: one status, one duration, one span and one access-log
+    line (with no user: its requests are each a user's, and `server.batch` logs them one by
+    one)."""
     observer = _Observer(method, user_hash_key)
 
     async def wrapped(
@@ -187,18 +195,22 @@ def _wrap_stream(method: str, behavior: StreamBehavior, user_hash_key: bytes) ->
     ) -> AsyncIterator[Any]:
         request_id = uuid.uuid4().hex
         code = grpc.StatusCode.UNKNOWN
-        start = observer.begin(request_id, context)
-        try:
-            async for response in behavior(requests, context):
-                yield response
-            code = grpc.StatusCode.OK
-        except BaseException as exc:
-            code, message = observer.outcome(exc, request_id, context)
-            if message is None:
-                raise
-            await context.abort(code, message)
-        finally:
-            observer.end(code, start, request_id, "")
+        with tracing.rpc_span(service, method, context) as span:
+            start = observer.begin(request_id, context)
+            try:
+                async for response in behavior(requests, context):
+                    yield response
+                code = grpc.StatusCode.OK
+            except BaseException as exc:
+                code, message = observer.outcome(exc, request_id, context)
+                if code is grpc.StatusCode.INTERNAL:
+                    span.record_exception(exc)
+                if message is None:
+                    raise
+                await context.abort(code, message)
+            finally:
+                span.set_code(code, request_id)
+                observer.end(code, start, request_id, "")
 
     return wrapped
 
@@ -209,10 +221,16 @@ def failure_status(exc: Exception, method: str, request_id: str) -> tuple[grpc.S
     if isinstance(exc, GatewayError):
         code, message = status_of(exc)
         if code is grpc.StatusCode.INTERNAL:
-            logger.error("request_id=%s %s failed: %s", request_id, method, exc, exc_info=exc)
+            logger.error(
+                "%s failed: %s", method, exc, exc_info=exc, extra=_fields(method, request_id)
+            )
         return code, message
-    logger.error("request_id=%s %s failed unexpectedly", request_id, method, exc_info=exc)
+    logger.error("%s failed unexpectedly", method, exc_info=exc, extra=_fields(method, request_id))
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def _fields(method: str, request_id: str) -> dict[str, str]:
+    return {"event": "rpc_error", "method": method, "request_id": request_id}
 
 
 def status_of(exc: GatewayError) -> tuple[grpc.StatusCode, str]:

@@ -47,6 +47,7 @@ from server.postprocess import build_items, build_similar_items
 from server.stores.feedback import FeedbackStore
 from server.stores.history import HistoryStore
 from server.stores.items import ItemStore, NewItem
+from server.tracing import Stage
 from server.triton_client import OUTPUT_NAMES, TritonClient
 from server.validation import (
     RequestLimits,
@@ -63,9 +64,9 @@ from server.validation import (
 )
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
-# Stage histograms bound once.
+# Stage histograms (and, with tracing on, spans) bound once.
 _VALIDATE, _HISTORY, _FEATURES, _TRITON, _POSTPROCESS, _IMAGES, _ENCODE = (
-    metrics.STAGE_DURATION_SECONDS.labels(stage=stage)
+    Stage(stage)
     for stage in ("validate", "history", "features", "triton", "postprocess", "images", "encode")
 )
 _HISTORY_SOURCES = {

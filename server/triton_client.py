@@ -20,7 +20,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from ltrec_core import contract
-from server import metrics
+from server import metrics, tracing
 from server.errors import BackendError, BackendTimeout, BackendUnavailable
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ class GrpcTritonTransport:
             outputs=requested,
             request_id=request_id,
             client_timeout=client_timeout,
+            # The current (Triton attempt) span as `traceparent`: Triton's traces join ours.
+            headers=tracing.outgoing_headers(),
         )
         outputs: dict[str, np.ndarray] = {}
         for name in output_names:
@@ -141,7 +143,10 @@ class TritonClient:
             if timeout is None:
                 raise BackendTimeout("deadline exceeded before the model was called")
             try:
-                with metrics.TRITON_REQUEST_DURATION_SECONDS.time():
+                with (
+                    tracing.triton_span(model_name, attempt),
+                    metrics.TRITON_REQUEST_DURATION_SECONDS.time(),
+                ):
                     async with asyncio.timeout(timeout):
                         return await self._transport.infer(
                             model_name,

@@ -9,6 +9,7 @@ import pytest
 from tests.support.datasets import tiny_data  # noqa: F401  (a fixture)
 from tests.support.gateway import write_repository
 from tests.support.redis import redis_server  # noqa: F401  (a fixture)
+from tests.support.tracing import spans  # noqa: F401  (a fixture)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec_core import contract
 from server.gen.ltrec.v1 import recommender_pb2
+from tests.support.otlp import OtlpReceiver
 from tests.support.stack import (  # noqa: F401  (fixture `stack`)
     Stack,
     _request,
@@ -33,8 +34,10 @@ from tests.support.stack import (  # noqa: F401  (fixture `stack`)
     click_feedback,
     clicks_as_history,
     serving_stack,
+    start_replica,
 )
 from tests.support.tiny_model import encode_new_items
+from triton_local.server import TritonServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -246,6 +249,72 @@ def test_stored_history_serves_a_user_id_alone_until_the_user_is_forgotten(stack
     assert after.history_source == recommender_pb2.HISTORY_SOURCE_NONE
     assert after.history_events == 0
     assert [i.item_id for i in after.items] != [i.item_id for i in reply.items]
+
+
+def test_a_traced_recommend_is_one_trace_from_the_caller_into_triton(
+    stack: Stack, tmp_path: Path, triton_build_dir: Path
+) -> None:
+    """Tracing on (OTLP over HTTP to a collector, Triton in OpenTelemetry mode): the caller's
+    trace holds the gateway's RPC span, its stage spans, the Triton call and Triton's own spans
+    under it; the answer is the untraced one, and the gateway's log is JSON lines carrying the
+    trace id."""
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    request = _request(stack.history, k=10)
+    request.request_id = "traced-1"
+    with OtlpReceiver() as collector:
+        # rate=0: Triton traces only the requests that bring a trace context (the gateway's).
+        trace_args = [
+            "--trace-config=mode=opentelemetry",
+            f"--trace-config=opentelemetry,url={collector.endpoint}/v1/traces",
+            "--trace-config=opentelemetry,resource=service.name=triton",
+            "--trace-config=opentelemetry,bsp_schedule_delay=100",
+            "--trace-config=rate=0",
+            "--trace-config=level=TIMESTAMPS",
+        ]
+        triton = TritonServer(
+            stack.repo,
+            build_dir=triton_build_dir,
+            extra_args=trace_args,
+            log_path=tmp_path / "triton.log",
+        )
+        with triton:
+            triton.wait_ready(timeout_s=180)
+            env = {
+                "LTREC_FEEDBACK_REPLICA": "traced",
+                "LTREC_HISTORY_STORE": "off",
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "100",
+            }
+            replica = start_replica(stack.repo, triton.grpc_url, tmp_path / "gateway.log", env)
+            try:
+                traceparent = (("traceparent", f"00-{caller_trace}-{caller_span}-01"),)
+                traced = replica.stub.Recommend(request, metadata=traceparent, timeout=10)
+            finally:
+                replica.close()
+            spans = collector.wait_for(
+                lambda got: {"ltrec-gateway", "triton"} <= {span.service for span in got}
+            )
+    untraced = stack.stub.Recommend(request, timeout=10)
+    assert [i.item_id for i in traced.items] == [i.item_id for i in untraced.items]
+
+    assert {span.trace_id for span in spans} == {caller_trace}
+    gateway = {span.name: span for span in spans if span.service == "ltrec-gateway"}
+    rpc = gateway["ltrec.v1.Recommender/Recommend"]
+    assert rpc.parent_span_id == caller_span
+    stages = {name for name, span in gateway.items() if span.parent_span_id == rpc.span_id}
+    assert stages == {"validate", "history", "features", "triton", "postprocess"}
+    attempt = gateway["inference.GRPCInferenceService/ModelInfer"]
+    assert attempt.parent_span_id == gateway["triton"].span_id
+    # Triton's request span is a child of the gateway's call; its model spans below it.
+    (infer,) = [span for span in spans if span.service == "triton" and span.name == "InferRequest"]
+    assert infer.parent_span_id == attempt.span_id
+    models = [span for span in spans if span.parent_span_id == infer.span_id]
+    assert [span.attributes["triton.model_name"] for span in models] == [contract.ENSEMBLE_MODEL]
+
+    log = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines()]
+    (access,) = [line for line in log if line.get("request_id") == "traced-1"]
+    assert (access["trace_id"], access["span_id"]) == (caller_trace, rpc.span_id)
 
 
 def test_triton_down_gives_unavailable_then_not_serving(stack: Stack) -> None:

@@ -27,6 +27,7 @@ from ltrec_core import contract
 from server.app import GatewayServer, create_server
 from server.config import GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from server.logs import json_formatter
 
 # (item_id, title, popularity, long_tail); catalogue index = position + 1.
 ITEMS = [
@@ -375,10 +376,17 @@ async def running_gateway(
         await server.stop(None)
 
 
+def log_lines(caplog: pytest.LogCaptureFixture, event: str | None = None) -> list[dict[str, Any]]:
+    """The captured records as the gateway's log writes them (JSON objects), those of one
+    `event` (the access log's `rpc`, ...) when given."""
+    formatter = json_formatter()
+    lines = [json.loads(formatter.format(record)) for record in caplog.records]
+    return [line for line in lines if event is None or line.get("event") == event]
+
+
 def access_log(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     """The gateway's per-request JSON lines."""
-    messages = [record.getMessage() for record in caplog.records]
-    return [json.loads(m) for m in messages if m.startswith('{"event": "rpc"')]
+    return log_lines(caplog, "rpc")
 
 
 def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:

@@ -6,7 +6,6 @@ the audit line (the keyed hash only), the metrics and the example client."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -25,8 +24,15 @@ from ltrec_core.erasure import KEY_FILE
 from ltrec_core.feedback_log import read_records, segments
 from server.gen.ltrec.v1 import recommender_pb2
 from server.hashing import user_hash, user_key
+from server.logs import LINE_FIELDS, TRACE_FIELDS
 from server.stores.history_redis import ACTIVE_KEY, KEY_PREFIX, USERS_KEY
-from tests.support.gateway import FakeTransport, access_log, run_async, running_gateway
+from tests.support.gateway import (
+    FakeTransport,
+    access_log,
+    log_lines,
+    run_async,
+    running_gateway,
+)
 from triton_local.redis_server import RedisServer
 
 CLICK = recommender_pb2.FEEDBACK_TYPE_CLICK
@@ -37,6 +43,14 @@ STORED = recommender_pb2.HISTORY_SOURCE_STORED
 NONE = recommender_pb2.HISTORY_SOURCE_NONE
 ERASED, KEPT = "erased-user", "kept-user"
 HASH_KEY = "shared-by-the-replicas"
+AUDIT_FIELDS = (
+    "event",
+    "request_id",
+    "user",
+    "history_events_removed",
+    "feedback_records_erased",
+    "served_lists_erased",
+)
 
 
 def feedback(user: str, item: str, kind: int, timestamp: int) -> recommender_pb2.FeedbackEvent:
@@ -235,10 +249,9 @@ async def test_the_audit_line_and_the_metrics_carry_no_user_id(
         reply = await gw.stub.ForgetUser(forget(user, request_id="erase-2"))
     assert (reply.history_events_removed, reply.feedback_records_erased) == (0, 1)
     assert "carol" not in caplog.text
-    messages = [record.getMessage() for record in caplog.records]
-    (audit,) = [json.loads(m) for m in messages if m.startswith('{"event": "forget_user"')]
+    (audit,) = log_lines(caplog, "forget_user")
     hashed = user_hash(user, b"audit-key")
-    assert audit == {
+    assert {key: audit.get(key) for key in AUDIT_FIELDS} == {
         "event": "forget_user",
         "request_id": "erase-2",
         "user": hashed,
@@ -246,6 +259,7 @@ async def test_the_audit_line_and_the_metrics_carry_no_user_id(
         "feedback_records_erased": 1,
         "served_lists_erased": 0,
     }
+    assert set(audit) <= {*AUDIT_FIELDS, *LINE_FIELDS, *TRACE_FIELDS}  # nothing more on the user
     (rpc,) = [line for line in access_log(caplog) if line["method"] == "ForgetUser"]
     assert (rpc["user"], rpc["code"], rpc["request_id"]) == (hashed, "OK", "erase-2")
     assert sample("ltrec_gateway_users_forgotten_total") == before["users"] + 1

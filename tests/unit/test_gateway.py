@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from tests.support.gateway import (
     ITEMS,
     METADATA,
     FakeTransport,
+    access_log,
     event,
     full_request,
     outputs,
@@ -352,9 +352,7 @@ async def test_unexpected_exception_is_internal_with_a_generic_message(
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert caught.value.details() == INTERNAL_MESSAGE
     assert "secret detail" in caplog.text and "Traceback" in caplog.text
-    (line,) = [
-        json.loads(r.getMessage()) for r in caplog.records if '"event": "rpc"' in r.getMessage()
-    ]
+    (line,) = access_log(caplog)
     assert line["request_id"] == "r-9" and line["method"] == "Recommend"
     assert line["code"] == "INTERNAL" and line["model_version"] == METADATA["model_version"]
     assert len(line["user"]) == 16  # a keyed hash (random key when none is configured)
@@ -469,9 +467,7 @@ async def test_access_log_is_json_with_a_keyed_user_hash(
     async with running_gateway(repository, fake, user_hash_key="k1") as gw:
         for user in ("alice@example.com", "alice@example.com", "bob"):
             await gw.stub.Recommend(recommender_pb2.RecommendRequest(user_id=user, k=1), timeout=5)
-    lines = [
-        json.loads(r.getMessage()) for r in caplog.records if '"event": "rpc"' in r.getMessage()
-    ]
+    lines = access_log(caplog)
     assert [line["code"] for line in lines] == ["OK", "OK", "OK"]
     users = [line["user"] for line in lines]
     assert users[0] == users[1] == user_hash("alice@example.com", b"k1") != users[2]

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from ltrec_core import contract
 from server.app import create_server
@@ -27,6 +27,7 @@ from server.catalogue import ModelRepositoryError, load_catalogue, load_metadata
 from server.config import ConfigError, GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.support.gateway import ITEMS, METADATA, run_async, write_repository
+from tests.support.triton_fake import FakeTritonService
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -240,46 +241,6 @@ def _config(repository: Path, **changes: Any) -> GatewayConfig:
 
 
 # --- The real tritonclient transport -------------------------------------------------------------
-
-_NUMPY_DTYPES = {"INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
-
-
-class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Triton's KServe v2 gRPC surface, enough for ModelReady and ModelInfer."""
-
-    def __init__(self) -> None:
-        self.requests: list[service_pb2.ModelInferRequest] = []
-
-    async def ModelReady(
-        self, request: service_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext
-    ) -> service_pb2.ModelReadyResponse:
-        return service_pb2.ModelReadyResponse(ready=request.name == contract.ENSEMBLE_MODEL)
-
-    async def ModelInfer(
-        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> service_pb2.ModelInferResponse:
-        self.requests.append(request)
-        top_k = int(self.decode(request)[contract.TOP_K][0])
-        tensors = {
-            contract.TOP_ITEMS: np.arange(1, top_k + 1, dtype=np.int64)[::-1].reshape(1, top_k),
-            contract.TOP_SCORES: np.linspace(1, 0, top_k, dtype=np.float32).reshape(1, top_k),
-            contract.REASON_POSITIONS: np.zeros((1, top_k), dtype=np.int64),
-        }
-        response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
-        for name, array in tensors.items():
-            datatype = "INT64" if array.dtype == np.int64 else "FP32"
-            response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-            response.raw_output_contents.append(array.tobytes())
-        return response
-
-    @staticmethod
-    def decode(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
-        return {
-            tensor.name: np.frombuffer(raw, dtype=_NUMPY_DTYPES[tensor.datatype]).reshape(
-                list(tensor.shape)
-            )
-            for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)
-        }
 
 
 @run_async

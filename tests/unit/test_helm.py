@@ -17,7 +17,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
-from server import metrics
+from server import metrics, tracing
 from server.config import GatewayConfig
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "ltrec"
@@ -164,6 +164,16 @@ def test_rendered_kinds() -> None:
             "/gateway/env",
             "additional properties 'image_root'",
         ),
+        (
+            {"gateway": {"tracing": {"exporter": "jaeger"}}},
+            "/gateway/tracing/exporter",
+            "value must be one of",
+        ),
+        (
+            {"gateway": {"tracing": {"env": {"LTREC_MAX_K": "5"}}}},
+            "/gateway/tracing/env",
+            "additional properties 'LTREC_MAX_K'",
+        ),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(
@@ -303,12 +313,48 @@ def gateway_env(container: dict[str, Any]) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_gateway_env_names_are_config_fields(name: str) -> None:
-    """A typo in an LTREC_* name would be ignored silently by the gateway."""
+    """A typo in an LTREC_* name would be ignored silently by the gateway (the others are the
+    standard OTEL_* variables of traces)."""
     (gateway,) = pod_spec(render(VALUES[name]), "gateway")["containers"]
     env = gateway_env(gateway)
     known = {f"LTREC_{f.upper()}" for f in GatewayConfig.__dataclass_fields__}
-    assert set(env) <= known, set(env) - known
+    ltrec = {name for name in env if not name.startswith("OTEL_")}
+    assert ltrec <= known, ltrec - known
     GatewayConfig.from_env(env)
+
+
+def test_gateway_traces_are_off_by_default() -> None:
+    (gateway,) = pod_spec(render({}), "gateway")["containers"]
+    otel = {k: v for k, v in gateway_env(gateway).items() if k.startswith("OTEL_")}
+    assert otel == {"OTEL_TRACES_EXPORTER": "none", "OTEL_SERVICE_NAME": "ltrec-gateway"}
+    assert tracing.exporter_names(otel) == []
+
+
+def test_gateway_traces_to_a_collector_with_more_otel_variables() -> None:
+    values = {
+        "gateway": {
+            "tracing": {
+                "exporter": "otlp",
+                "serviceName": "recs-eu",
+                "endpoint": "http://otel-collector.observability:4318",
+                "env": {
+                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": 0.1,
+                },
+            }
+        }
+    }
+    assert lint_errors(values) == []
+    (gateway,) = pod_spec(render(values), "gateway")["containers"]
+    otel = {k: v for k, v in gateway_env(gateway).items() if k.startswith("OTEL_")}
+    assert otel == {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_SERVICE_NAME": "recs-eu",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    }
+    assert tracing.exporter_names(otel) == ["otlp"]
 
 
 def test_model_repository_from_a_pvc_by_default() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -24,7 +23,9 @@ from tests.support.gateway import (
     METADATA,
     FakeTransport,
     InferCall,
+    access_log,
     event,
+    log_lines,
     outputs,
     run_async,
     running_gateway,
@@ -349,11 +350,8 @@ async def test_each_request_gets_a_log_line_without_the_user_id(
         call = gw.stub.RecommendBatch(_stream(requests), timeout=5)
         [a async for a in call]
         trailing = dict(await call.trailing_metadata())
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
-    per_request = {line["request_id"]: line for line in lines if line["event"] == "batch_request"}
-    (stream,) = [
-        line for line in lines if line.get("method") == "RecommendBatch" and line["event"] == "rpc"
-    ]
+    per_request = {line["request_id"]: line for line in log_lines(caplog, "batch_request")}
+    (stream,) = [line for line in access_log(caplog) if line["method"] == "RecommendBatch"]
     assert set(per_request) == {"ok-1", "bad"}
     assert (per_request["ok-1"]["code"], per_request["bad"]["code"]) == ("OK", "INVALID_ARGUMENT")
     assert {line["index"] for line in per_request.values()} == {0, 1}

@@ -1,0 +1,90 @@
+"""The gateway's log: one JSON object per line on stderr, written off the event loop.
+
+Every line has `timestamp`, `level`, `logger` and `message`; a traceback is the `exc_info` field
+of its line; `trace_id` and `span_id` are there when a span is active (`server.tracing`); the
+fields a call passes in `extra` (the access log's `event`, `request_id`, `method`, `code`, ...)
+are fields of the object. User ids appear only as keyed hashes (`server.hashing`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import logging.handlers
+import queue
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+from server import tracing
+
+# The fields of every line, those of a line logged inside a span, and of one with a traceback.
+LINE_FIELDS = ("timestamp", "level", "logger", "message")
+TRACE_FIELDS = ("trace_id", "span_id")
+EXCEPTION_FIELD = "exc_info"
+_TRACEBACKS = logging.Formatter()
+
+
+def json_formatter() -> JsonFormatter:
+    return JsonFormatter(
+        ["levelname", "name", "message"],
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp=True,
+    )
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds the current span's `trace_id` and `span_id` to a record (in the logging thread,
+    where the span is current)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = tracing.trace_ids()
+        if ids is not None:
+            record.trace_id, record.span_id = ids
+        return True
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread with their message and traceback rendered as text
+    (the arguments and frames may change once the call returns), formatting nothing else."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)  # other handlers see the original
+        record.msg = record.message = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = record.exc_text or _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+@dataclass(frozen=True)
+class JsonLog:
+    """The root logger's JSON handler and the thread that writes its lines."""
+
+    handler: logging.Handler
+    listener: logging.handlers.QueueListener
+
+    def stop(self) -> None:
+        """Writes what is queued and removes the handler (at exit; tests)."""
+        logging.getLogger().removeHandler(self.handler)
+        self.listener.stop()
+
+
+def configure_logging(level: str | int, stream: TextIO | None = None) -> JsonLog:
+    """Sends the root logger's records, as JSON lines, to `stream` (default stderr) from a
+    writer thread, so that a slow stderr never blocks the event loop; Python warnings too."""
+    writer = logging.StreamHandler(sys.stderr if stream is None else stream)
+    writer.setFormatter(json_formatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handler = _QueueHandler(records)
+    handler.addFilter(TraceContextFilter())
+    listener = logging.handlers.QueueListener(records, writer)
+    root = logging.getLogger()
+    root.setLevel(level)
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    listener.start()
+    return JsonLog(handler, listener)

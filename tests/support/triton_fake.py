@@ -1,0 +1,53 @@
+"""An in-process fake of Triton's KServe v2 gRPC inference service, for the tests that run the
+real `tritonclient.grpc.aio` transport (wire names, dtypes and shapes; request metadata)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from ltrec_core import contract
+
+_NUMPY_DTYPES = {"INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
+
+
+class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Triton's KServe v2 gRPC surface, enough for ModelReady and ModelInfer."""
+
+    def __init__(self) -> None:
+        self.requests: list[service_pb2.ModelInferRequest] = []
+        # The gRPC metadata of each ModelInfer (`traceparent` when the gateway traces).
+        self.metadata: list[dict[str, str | bytes]] = []
+
+    async def ModelReady(
+        self, request: service_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelReadyResponse:
+        return service_pb2.ModelReadyResponse(ready=request.name == contract.ENSEMBLE_MODEL)
+
+    async def ModelInfer(
+        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
+        self.requests.append(request)
+        self.metadata.append(dict(context.invocation_metadata() or ()))
+        top_k = int(self.decode(request)[contract.TOP_K][0])
+        tensors = {
+            contract.TOP_ITEMS: np.arange(1, top_k + 1, dtype=np.int64)[::-1].reshape(1, top_k),
+            contract.TOP_SCORES: np.linspace(1, 0, top_k, dtype=np.float32).reshape(1, top_k),
+            contract.REASON_POSITIONS: np.zeros((1, top_k), dtype=np.int64),
+        }
+        response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+        for name, array in tensors.items():
+            datatype = "INT64" if array.dtype == np.int64 else "FP32"
+            response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            response.raw_output_contents.append(array.tobytes())
+        return response
+
+    @staticmethod
+    def decode(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
+        return {
+            tensor.name: np.frombuffer(raw, dtype=_NUMPY_DTYPES[tensor.datatype]).reshape(
+                list(tensor.shape)
+            )
+            for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)
+        }

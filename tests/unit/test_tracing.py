@@ -1,0 +1,324 @@
+"""Traces: the span tree of an RPC (RPC span -> stage spans -> Triton attempt), the caller's W3C
+`traceparent` as its parent, the context passed on to Triton in the gRPC metadata, and the
+`OTEL_*` configuration (off by default)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
+from tritonclient.grpc import service_pb2_grpc
+
+from ltrec_core import contract
+from server import tracing
+from server.app import create_server
+from server.config import GatewayConfig
+from server.errors import StartupError
+from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.support.gateway import (
+    FakeTransport,
+    event,
+    full_request,
+    outputs,
+    run_async,
+    running_gateway,
+    unavailable,
+    write_repository,
+)
+from tests.support.tracing import by_name
+from tests.support.triton_fake import FakeTritonService
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = (("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
+RECOMMEND = "ltrec.v1.Recommender/Recommend"
+TRITON_CALL = "inference.GRPCInferenceService/ModelInfer"
+RECOMMEND_STAGES = {"validate", "history", "features", "triton", "postprocess"}
+
+
+def _children(parent: ReadableSpan, finished: Iterable[ReadableSpan]) -> list[ReadableSpan]:
+    assert parent.context is not None
+    return [
+        span
+        for span in finished
+        if span.parent is not None and span.parent.span_id == parent.context.span_id
+    ]
+
+
+def _trace_id(span: ReadableSpan) -> str:
+    assert span.context is not None
+    return format_trace_id(span.context.trace_id)
+
+
+def _span_id(span: ReadableSpan) -> str:
+    assert span.context is not None
+    return format_span_id(span.context.span_id)
+
+
+@run_async
+async def test_recommend_is_one_span_per_stage_under_the_callers_span(
+    repository: Path, spans: InMemorySpanExporter
+) -> None:
+    async with running_gateway(repository, FakeTransport(outputs([3], [1.0], [0]))) as gw:
+        await gw.stub.Recommend(full_request(), metadata=TRACEPARENT, timeout=5)
+    finished = spans.get_finished_spans()
+    named = by_name(finished)
+
+    rpc = named[RECOMMEND]
+    assert rpc.kind is SpanKind.SERVER
+    assert rpc.parent is not None and rpc.parent.is_remote
+    assert format_span_id(rpc.parent.span_id) == CALLER_SPAN
+    assert {_trace_id(span) for span in finished} == {CALLER_TRACE}
+    assert rpc.attributes is not None
+    assert rpc.attributes["rpc.method"] == "Recommend"
+    assert rpc.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+    assert rpc.attributes["ltrec.request_id"] == "req-123"
+    assert rpc.status.status_code is StatusCode.UNSET
+
+    stages = _children(rpc, finished)
+    assert {span.name for span in stages} == RECOMMEND_STAGES
+    # In pipeline order, each within the RPC's span.
+    order = [span.name for span in sorted(stages, key=lambda span: span.start_time or 0)]
+    assert order == ["validate", "history", "features", "triton", "postprocess"]
+    assert all(
+        (rpc.start_time or 0)
+        <= (span.start_time or 0)
+        <= (span.end_time or 0)
+        <= (rpc.end_time or 0)
+        for span in stages
+    )
+    (attempt,) = _children(named["triton"], finished)
+    assert attempt.name == TRITON_CALL and attempt.kind is SpanKind.CLIENT
+    assert attempt.attributes is not None
+    assert attempt.attributes["ltrec.triton.model"] == contract.ENSEMBLE_MODEL
+    assert set(named) == {RECOMMEND, *RECOMMEND_STAGES, TRITON_CALL}
+
+
+@run_async
+async def test_without_a_traceparent_each_rpc_starts_its_own_trace(
+    repository: Path, spans: InMemorySpanExporter
+) -> None:
+    async with running_gateway(repository, FakeTransport(outputs([3], [1.0], [0]))) as gw:
+        for _ in range(2):
+            await gw.stub.Recommend(full_request(), timeout=5)
+    finished = spans.get_finished_spans()
+    rpcs = [span for span in finished if span.name == RECOMMEND]
+    assert len(rpcs) == 2 and all(span.parent is None for span in rpcs)
+    first, second = (_trace_id(span) for span in rpcs)
+    assert first != second
+    for rpc in rpcs:
+        assert {span.name for span in _children(rpc, finished)} == RECOMMEND_STAGES
+
+
+@run_async
+async def test_each_triton_attempt_is_a_span_and_a_failed_one_is_an_error(
+    repository: Path, spans: InMemorySpanExporter
+) -> None:
+    fake = FakeTransport(outputs([3], [1.0], [0]))
+    fake.errors = [unavailable()]
+    async with running_gateway(repository, fake) as gw:
+        await gw.stub.Recommend(full_request(), timeout=5)
+    finished = spans.get_finished_spans()
+    (stage,) = [span for span in finished if span.name == "triton"]
+    attempts = sorted(_children(stage, finished), key=lambda span: span.start_time or 0)
+    assert [span.attributes["ltrec.triton.attempt"] for span in attempts if span.attributes] == [
+        0,
+        1,
+    ]
+    assert [span.status.status_code for span in attempts] == [StatusCode.ERROR, StatusCode.UNSET]
+    assert [e.name for e in attempts[0].events] == ["exception"]
+
+
+@run_async
+async def test_a_failed_rpc_marks_its_span_by_code(
+    repository: Path, spans: InMemorySpanExporter
+) -> None:
+    """Server errors (INTERNAL) are span errors with the exception; the caller's mistakes
+    (INVALID_ARGUMENT) only carry their code."""
+    fake = FakeTransport()
+    fake.always = RuntimeError("secret detail")
+    async with running_gateway(repository, fake) as gw:
+        for request in (full_request(), recommender_pb2.RecommendRequest(k=0)):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gw.stub.Recommend(request, timeout=5)
+    finished = spans.get_finished_spans()
+    internal, invalid = sorted(
+        (span for span in finished if span.name == RECOMMEND), key=lambda s: s.start_time or 0
+    )
+    assert internal.status.status_code is StatusCode.ERROR
+    assert internal.status.description == "INTERNAL"
+    assert internal.attributes is not None
+    assert internal.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
+    (exception,) = internal.events
+    assert exception.attributes is not None
+    assert exception.attributes["exception.type"] == "RuntimeError"
+    assert {s.name for s in _children(internal, finished)} == {
+        "validate",
+        "history",
+        "features",
+        "triton",
+    }
+    assert invalid.status.status_code is StatusCode.UNSET
+    assert invalid.attributes is not None
+    assert invalid.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    (validate,) = _children(invalid, finished)
+    assert validate.name == "validate" and validate.status.status_code is StatusCode.ERROR
+
+
+@run_async
+async def test_a_batch_stream_is_one_span_over_its_requests_stages(
+    repository: Path, spans: InMemorySpanExporter
+) -> None:
+    async def stream() -> AsyncIterator[recommender_pb2.RecommendBatchRequest]:
+        for request_id in ("b-1", "b-2"):
+            yield recommender_pb2.RecommendBatchRequest(
+                request=recommender_pb2.RecommendRequest(
+                    request_id=request_id,
+                    k=1,
+                    history=[event("i1", recommender_pb2.EVENT_TYPE_VIEW, 100)],
+                )
+            )
+
+    async with running_gateway(repository, FakeTransport(outputs([3], [1.0], [0]))) as gw:
+        answers = [a async for a in gw.stub.RecommendBatch(stream(), metadata=TRACEPARENT)]
+    assert len(answers) == 2
+    finished = spans.get_finished_spans()
+    (rpc,) = [span for span in finished if span.name == "ltrec.v1.Recommender/RecommendBatch"]
+    assert rpc.parent is not None and format_span_id(rpc.parent.span_id) == CALLER_SPAN
+    stages = [span.name for span in _children(rpc, finished)]
+    assert sorted(stages) == sorted([*RECOMMEND_STAGES] * 2)
+
+
+async def _recommend_through_the_wire(
+    tmp_path: Path, metadata: tuple[tuple[str, str], ...]
+) -> FakeTritonService:
+    """One Recommend through the gateway and the real tritonclient transport to a fake Triton."""
+    triton = grpc.aio.server()
+    fake = FakeTritonService()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, triton)
+    triton_port = triton.add_insecure_port("127.0.0.1:0")
+    await triton.start()
+    config = GatewayConfig(
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=0,
+        model_repository=write_repository(tmp_path / "model_repository"),
+        triton_url=f"127.0.0.1:{triton_port}",
+        allow_plaintext=True,
+        feedback_dir=tmp_path / "feedback",
+        items_dir=tmp_path / "items",
+        history_sqlite_path=tmp_path / "history" / "history.sqlite3",
+    )
+    server, port = create_server(config)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            request = recommender_pb2.RecommendRequest(
+                k=2, history=[event("i1", recommender_pb2.EVENT_TYPE_VIEW, 100)]
+            )
+            response = await stub.Recommend(request, metadata=metadata, timeout=5)
+    finally:
+        await server.stop(None)
+        await triton.stop(None)
+    assert [item.item_id for item in response.items] == ["i2"]  # i1 is history: dropped
+    return fake
+
+
+@run_async
+async def test_the_triton_call_carries_the_trace_to_triton(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    fake = await _recommend_through_the_wire(tmp_path, TRACEPARENT)
+    (attempt,) = [span for span in spans.get_finished_spans() if span.name == TRITON_CALL]
+    (metadata,) = fake.metadata
+    # Triton's spans become children of the gateway's Triton attempt, in the caller's trace.
+    assert metadata["traceparent"] == f"00-{CALLER_TRACE}-{_span_id(attempt)}-01"
+
+
+@run_async
+async def test_tracing_is_off_by_default_and_sends_triton_no_trace(tmp_path: Path) -> None:
+    assert not tracing.enabled()
+    fake = await _recommend_through_the_wire(tmp_path, TRACEPARENT)
+    (metadata,) = fake.metadata
+    assert "traceparent" not in metadata
+
+
+# --- Configuration from OTEL_* -----------------------------------------------------------------
+
+
+@pytest.fixture
+def otel_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in (
+        "OTEL_SDK_DISABLED",
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    yield monkeypatch
+    tracing.enable(None)
+
+
+def test_no_exporter_means_no_tracing(otel_env: pytest.MonkeyPatch) -> None:
+    assert tracing.configure_tracing() is None
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert tracing.configure_tracing() is None
+    assert not tracing.enabled()
+    assert tracing.outgoing_headers() is None
+
+
+def test_sdk_disabled_wins_over_an_exporter(otel_env: pytest.MonkeyPatch) -> None:
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "console")
+    otel_env.setenv("OTEL_SDK_DISABLED", "true")
+    assert tracing.configure_tracing() is None
+    assert not tracing.enabled()
+
+
+@pytest.mark.parametrize(
+    ("exporters", "service"), [("console", None), ("otlp,console", "recs-eu"), ("otlp", "recs")]
+)
+def test_exporters_and_service_name_come_from_the_environment(
+    otel_env: pytest.MonkeyPatch, exporters: str, service: str | None
+) -> None:
+    otel_env.setenv("OTEL_TRACES_EXPORTER", exporters)
+    if service is not None:
+        otel_env.setenv("OTEL_SERVICE_NAME", service)
+    provider = tracing.configure_tracing()
+    assert provider is not None
+    try:
+        assert tracing.enabled()
+        assert provider.resource.attributes["service.name"] == (
+            service or tracing.DEFAULT_SERVICE_NAME
+        )
+        processors = provider._active_span_processor._span_processors
+        exported = sorted(type(p.span_exporter).__name__ for p in processors)  # type: ignore[attr-defined]
+        expected = {"otlp": "OTLPSpanExporter", "console": "ConsoleSpanExporter"}
+        assert exported == sorted(expected[name] for name in exporters.split(","))
+    finally:
+        provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_TRACES_EXPORTER", "jaeger"),
+        ("OTEL_TRACES_EXPORTER", "none,console"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    ],
+)
+def test_an_unusable_value_fails_startup_naming_the_variable(
+    otel_env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    otel_env.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    otel_env.setenv(variable, value)
+    with pytest.raises(StartupError, match=f"{variable} must be one of .*got '{value}'"):
+        tracing.configure_tracing()
+    assert not tracing.enabled()
