@@ -151,12 +151,13 @@ def create_server(
     metrics.set_model_version(metadata.model_version)
 
     images = ItemImages(config.image_root)  # before any store is opened: fails fast
-    triton = TritonClient(
-        transport if transport is not None else GrpcTritonTransport(config.triton_url),
-        timeout_seconds=config.triton_timeout_seconds,
-        retries=config.triton_retries,
-        backoff_seconds=config.triton_retry_backoff_seconds,
-    )
+    if transport is None:
+        transport = GrpcTritonTransport(
+            config.triton_url,
+            retries=config.triton_retries,
+            backoff_seconds=config.triton_retry_backoff_seconds,
+        )
+    triton = TritonClient(transport, timeout_seconds=config.triton_timeout_seconds)
     limits = RequestLimits(
         max_k=config.max_k,
         max_history=config.max_request_history,

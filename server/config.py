@@ -42,9 +42,12 @@ class GatewayConfig:
     grpc_port: int = 50051
     # 0 disables the Prometheus HTTP endpoint (tests); the gRPC port 0 picks a free port.
     metrics_port: int = 9100
+    # Any gRPC target: `host:port`, `dns:///name:port` (the chart's headless Service: every ready
+    # Triton pod, spread by round_robin), `ipv4:host:port,host:port`.
     triton_url: str = "127.0.0.1:8001"
     model_repository: Path = Path("model_repository")
     triton_timeout_seconds: float = 2.0
+    # gRPC's retry policy for inference (UNAVAILABLE only), within triton_timeout_seconds.
     triton_retries: int = 2
     triton_retry_backoff_seconds: float = 0.05
     max_k: int = 500
@@ -161,7 +164,6 @@ class GatewayConfig:
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value > 0, "a finite number > 0")
         for name in (
-            "triton_retry_backoff_seconds",
             "shutdown_grace_seconds",
             "shutdown_drain_seconds",
             "max_connection_age_seconds",
@@ -169,7 +171,10 @@ class GatewayConfig:
         ):
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value >= 0, "a finite number >= 0")
-        _check(self.triton_retries, "triton_retries", 0 <= self.triton_retries <= 10, "in [0, 10]")
+        # gRPC's retry policy (server/triton_client.py) allows at most 5 attempts.
+        _check(self.triton_retries, "triton_retries", 0 <= self.triton_retries <= 4, "in [0, 4]")
+        backoff = self.triton_retry_backoff_seconds
+        _check(backoff, "triton_retry_backoff_seconds", 0.001 <= backoff <= 60, "in [0.001, 60]")
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _check(self.log_level, "log_level", self.log_level in levels, f"one of {levels}")
         for name in (

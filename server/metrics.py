@@ -80,14 +80,14 @@ STAGE_DURATION_SECONDS = Histogram(
 )
 TRITON_REQUEST_DURATION_SECONDS = Histogram(
     "triton_request_duration_seconds",
-    "Time of one inference call to Triton (one attempt; retries are observed separately).",
+    "Time of one inference call to Triton, gRPC's retries of UNAVAILABLE included.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
     buckets=STAGE_BUCKETS_SECONDS,
 )
 TRITON_ERRORS_TOTAL = Counter(
     "triton_errors_total",
-    "Failed inference attempts against Triton, by gRPC status code.",
+    "Failed inference calls to Triton (after gRPC's retries), by gRPC status code.",
     ["code"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
@@ -96,12 +96,6 @@ TRITON_ERRORS_TOTAL = Counter(
 # turns a failure into itself; others Triton answers appear when first seen.
 for _code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
     TRITON_ERRORS_TOTAL.labels(code=_code)
-TRITON_RETRIES_TOTAL = Counter(
-    "triton_retries_total",
-    "Inference attempts repeated after Triton answered UNAVAILABLE.",
-    namespace=NAMESPACE,
-    subsystem=SUBSYSTEM,
-)
 SKIPPED_HISTORY_ITEMS_TOTAL = Counter(
     "skipped_history_items_total",
     "History events ignored because their item id is not in the catalogue.",

@@ -227,8 +227,9 @@ def rpc_span(service: str, method: str, servicer_context: grpc.aio.ServicerConte
     )
 
 
-def triton_span(model_name: str, attempt: int) -> AbstractContextManager[Any]:
-    """The CLIENT span of one Triton inference attempt (a context manager)."""
+def triton_span(model_name: str) -> AbstractContextManager[Any]:
+    """The CLIENT span of one Triton inference call, gRPC's own retries on UNAVAILABLE
+    included (`server.triton_client`: they happen inside the channel), a context manager."""
     if _tracer is None:
         return _OFF
     return _tracer.start_as_current_span(
@@ -239,7 +240,6 @@ def triton_span(model_name: str, attempt: int) -> AbstractContextManager[Any]:
             "rpc.service": "inference.GRPCInferenceService",
             "rpc.method": "ModelInfer",
             "ltrec.triton.model": model_name,
-            "ltrec.triton.attempt": attempt,
         },
     )
 

@@ -2,17 +2,20 @@
 
 `TritonTransport` is the narrow surface of `tritonclient.grpc.aio` the gateway uses (numpy in,
 numpy out, `InferenceServerException` on failure); tests inject a fake transport and exercise the
-real policy in `TritonClient`.
+real policy in `TritonClient`. Load spreading and retries live in the channel's gRPC service config
+(`service_config`): `round_robin` over every address the Triton target resolves to (each pod of
+the chart's headless Service), and gRPC's own retry of UNAVAILABLE, which re-picks the next pod and
+never runs past the call's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import random
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
@@ -26,9 +29,17 @@ from server.errors import BackendError, BackendTimeout, BackendUnavailable
 logger = logging.getLogger(__name__)
 
 OUTPUT_NAMES = (contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS)
-# A retry is not worth starting with less time than this left before the caller's deadline.
-MIN_ATTEMPT_SECONDS = 0.01
+# Triton's gRPC service and the one method retried: inference is idempotent; the readiness poll is
+# not retried (it is a poll, repeated anyway).
+TRITON_SERVICE = "inference.GRPCInferenceService"
+RETRIED_METHOD = "ModelInfer"
+# gRPC caps a retry policy's attempts at 5: the first one and at most 4 retries.
+MAX_RETRIES = 4
+MIN_BACKOFF_SECONDS = 0.001
 MAX_BACKOFF_SECONDS = 1.0
+# A request larger than this is not retried (gRPC keeps a copy of each request until its answer
+# starts, to resend it); image batches for the image encoder stay below it.
+PER_RPC_RETRY_BUFFER_BYTES = 16 * 1024 * 1024
 # The channel to Triton: tritonclient's message limits, and a reconnect backoff capped at one
 # second (gRPC's default grows to two minutes), so that a restarted Triton is found again within
 # about a second instead of after the last failed attempt's backoff.
@@ -41,6 +52,49 @@ CHANNEL_ARGS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+
+
+def service_config(*, retries: int, backoff_seconds: float) -> dict[str, Any]:
+    """The Triton channel's service config. `round_robin` sends each call to the next ready
+    address of the target (`dns:///` of a headless Service resolves to every ready pod); with a
+    single address it behaves as gRPC's default. `retries` > 0 adds gRPC's retry policy for
+    inference: UNAVAILABLE only, at most `retries` more attempts, jittered exponential backoff from
+    `backoff_seconds` capped at a second, all within the call's own deadline."""
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be in [0, {MAX_RETRIES}], got {retries}")
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": TRITON_SERVICE, "method": RETRIED_METHOD}],
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": _duration(backoff_seconds),
+                    "maxBackoff": _duration(max(MAX_BACKOFF_SECONDS, backoff_seconds)),
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return config
+
+
+def channel_args(*, retries: int, backoff_seconds: float) -> list[tuple[str, Any]]:
+    """`CHANNEL_ARGS` plus the service config (`service_config`) and retry buffer."""
+    config = service_config(retries=retries, backoff_seconds=backoff_seconds)
+    return [
+        *CHANNEL_ARGS,
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", PER_RPC_RETRY_BUFFER_BYTES),
+    ]
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf JSON duration ("0.050000s"); gRPC rejects a zero backoff."""
+    if not MIN_BACKOFF_SECONDS <= seconds <= 3600:
+        raise ValueError(f"backoff_seconds must be in [{MIN_BACKOFF_SECONDS}, 3600], got {seconds}")
+    return f"{seconds:.6f}s"
 
 
 class TritonTransport(Protocol):
@@ -60,10 +114,14 @@ class TritonTransport(Protocol):
 
 
 class GrpcTritonTransport:
-    """The production transport over `tritonclient.grpc.aio`."""
+    """The production transport over `tritonclient.grpc.aio`: one channel to `url`, any gRPC
+    target (`host:port`, `dns:///name:port`, `ipv4:a:p,b:p`), spread and retried by
+    `service_config`."""
 
-    def __init__(self, url: str) -> None:
-        self._client = triton_grpc.InferenceServerClient(url=url, channel_args=CHANNEL_ARGS)
+    def __init__(self, url: str, *, retries: int = 0, backoff_seconds: float = 0.05) -> None:
+        self._client = triton_grpc.InferenceServerClient(
+            url=url, channel_args=channel_args(retries=retries, backoff_seconds=backoff_seconds)
+        )
         self._outputs: dict[tuple[str, ...], list[InferRequestedOutput]] = {}
 
     async def infer(
@@ -109,21 +167,14 @@ class GrpcTritonTransport:
 
 
 class TritonClient:
-    """Calls the ensemble under the caller's deadline; retries only UNAVAILABLE, a bounded number
-    of times, with jittered exponential backoff that never runs past the deadline."""
+    """Calls Triton under the caller's deadline and turns failures into the gateway's errors.
 
-    def __init__(
-        self,
-        transport: TritonTransport,
-        *,
-        timeout_seconds: float,
-        retries: int,
-        backoff_seconds: float,
-    ) -> None:
+    Retries of UNAVAILABLE happen below, in the channel (`service_config`): bounded, jittered and
+    inside the deadline given here, each one re-picking the next Triton address."""
+
+    def __init__(self, transport: TritonTransport, *, timeout_seconds: float) -> None:
         self._transport = transport
         self._timeout_seconds = timeout_seconds
-        self._retries = retries
-        self._backoff_seconds = backoff_seconds
 
     async def infer(
         self,
@@ -136,46 +187,40 @@ class TritonClient:
         timeout_seconds: float | None = None,
     ) -> dict[str, np.ndarray]:
         """`deadline` is the caller's, in `time.monotonic()` seconds (None: no deadline);
-        `timeout_seconds` replaces the configured per-call timeout (the item text encoder)."""
-        attempt = 0
-        while True:
-            timeout = self._attempt_timeout(deadline, timeout_seconds)
-            if timeout is None:
-                raise BackendTimeout("deadline exceeded before the model was called")
-            try:
-                with (
-                    tracing.triton_span(model_name, attempt),
-                    metrics.TRITON_REQUEST_DURATION_SECONDS.time(),
-                ):
-                    async with asyncio.timeout(timeout):
-                        return await self._transport.infer(
-                            model_name,
-                            inputs,
-                            output_names,
-                            client_timeout=timeout,
-                            request_id=request_id,
-                        )
-            except TimeoutError:
-                metrics.TRITON_ERRORS_TOTAL.labels(code="DEADLINE_EXCEEDED").inc()
-                raise BackendTimeout(f"model call timed out after {timeout:.3f} s") from None
-            except InferenceServerException as exc:
-                code = status_code(exc)
-                metrics.TRITON_ERRORS_TOTAL.labels(code=code).inc()
-                if code == "DEADLINE_EXCEEDED":
-                    raise BackendTimeout(f"model call timed out after {timeout:.3f} s") from exc
-                if code == "NOT_FOUND":  # the model is not loaded (yet): not ready
-                    raise BackendUnavailable(f"{model_name} is not loaded in Triton") from exc
-                if code != "UNAVAILABLE":
-                    raise BackendError(f"Triton answered {code}: {exc.message()}") from exc
-                failure: Exception = exc
-            except OSError as exc:
-                metrics.TRITON_ERRORS_TOTAL.labels(code="UNAVAILABLE").inc()
-                failure = exc
-            if attempt >= self._retries or not await self._backoff(attempt, deadline):
-                raise BackendUnavailable("the model server is unavailable") from failure
-            attempt += 1
-            metrics.TRITON_RETRIES_TOTAL.inc()
-            logger.debug("retrying Triton after UNAVAILABLE (attempt %d)", attempt + 1)
+        `timeout_seconds` replaces the configured per-call timeout (the item text encoder).
+        The smaller of the two bounds the call, its retries included."""
+        timeout = self._call_timeout(deadline, timeout_seconds)
+        if timeout is None:
+            raise BackendTimeout("deadline exceeded before the model was called")
+        try:
+            with (
+                tracing.triton_span(model_name),
+                metrics.TRITON_REQUEST_DURATION_SECONDS.time(),
+            ):
+                async with asyncio.timeout(timeout):
+                    return await self._transport.infer(
+                        model_name,
+                        inputs,
+                        output_names,
+                        client_timeout=timeout,
+                        request_id=request_id,
+                    )
+        except TimeoutError:
+            metrics.TRITON_ERRORS_TOTAL.labels(code="DEADLINE_EXCEEDED").inc()
+            raise BackendTimeout(f"model call timed out after {timeout:.3f} s") from None
+        except InferenceServerException as exc:
+            code = status_code(exc)
+            metrics.TRITON_ERRORS_TOTAL.labels(code=code).inc()
+            if code == "DEADLINE_EXCEEDED":
+                raise BackendTimeout(f"model call timed out after {timeout:.3f} s") from exc
+            if code == "NOT_FOUND":  # the model is not loaded (yet): not ready
+                raise BackendUnavailable(f"{model_name} is not loaded in Triton") from exc
+            if code == "UNAVAILABLE":
+                raise BackendUnavailable("the model server is unavailable") from exc
+            raise BackendError(f"Triton answered {code}: {exc.message()}") from exc
+        except OSError as exc:
+            metrics.TRITON_ERRORS_TOTAL.labels(code="UNAVAILABLE").inc()
+            raise BackendUnavailable("the model server is unavailable") from exc
 
     async def is_ensemble_ready(self) -> bool:
         """False on any failure: readiness is a poll, not a request to report errors for."""
@@ -191,7 +236,7 @@ class TritonClient:
     async def close(self) -> None:
         await self._transport.close()
 
-    def _attempt_timeout(
+    def _call_timeout(
         self, deadline: float | None, timeout_seconds: float | None = None
     ) -> float | None:
         configured = self._timeout_seconds if timeout_seconds is None else timeout_seconds
@@ -201,14 +246,6 @@ class TritonClient:
         if remaining <= 0:
             return None
         return min(configured, remaining)
-
-    async def _backoff(self, attempt: int, deadline: float | None) -> bool:
-        """Sleeps before a retry; False when the retry could not finish before the deadline."""
-        delay = random.uniform(0, min(MAX_BACKOFF_SECONDS, self._backoff_seconds * 2**attempt))
-        if deadline is not None and time.monotonic() + delay + MIN_ATTEMPT_SECONDS >= deadline:
-            return False
-        await asyncio.sleep(delay)
-        return True
 
 
 def status_code(exc: InferenceServerException) -> str:

@@ -67,7 +67,13 @@ def test_config_reads_prefixed_environment_variables(tmp_path: Path) -> None:
         ({"LTREC_GRPC_PORT": "70000"}, "LTREC_GRPC_PORT must be in [0, 65535], got 70000"),
         ({"LTREC_TRITON_TIMEOUT_SECONDS": "0"}, "LTREC_TRITON_TIMEOUT_SECONDS must be a finite"),
         ({"LTREC_TRITON_TIMEOUT_SECONDS": "soon"}, "LTREC_TRITON_TIMEOUT_SECONDS must be a number"),
-        ({"LTREC_TRITON_RETRIES": "-1"}, "LTREC_TRITON_RETRIES must be in [0, 10], got -1"),
+        ({"LTREC_TRITON_RETRIES": "-1"}, "LTREC_TRITON_RETRIES must be in [0, 4], got -1"),
+        # gRPC's retry policy allows at most 5 attempts.
+        ({"LTREC_TRITON_RETRIES": "5"}, "LTREC_TRITON_RETRIES must be in [0, 4], got 5"),
+        (
+            {"LTREC_TRITON_RETRY_BACKOFF_SECONDS": "0"},
+            "LTREC_TRITON_RETRY_BACKOFF_SECONDS must be in [0.001, 60], got 0",
+        ),
         ({"LTREC_MAX_K": "0"}, "LTREC_MAX_K must be >= 1, got 0"),
         ({"LTREC_LOG_LEVEL": "loud"}, "LTREC_LOG_LEVEL must be one of"),
     ],

@@ -19,6 +19,7 @@ from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonit
 
 from server import metrics, tracing
 from server.config import GatewayConfig
+from server.triton_client import channel_args
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "ltrec"
 KUBE_VERSION = "1.30.0"
@@ -90,6 +91,7 @@ def test_rendered_kinds() -> None:
         "NetworkPolicy",
         "Service",
         "Service",
+        "Service",
         "ServiceAccount",
     ]
     assert kinds["default"] == sorted(
@@ -116,6 +118,11 @@ def test_rendered_kinds() -> None:
         ({"gateway": {"replicas": 3}}, "/gateway", "additional properties 'replicas'"),
         ({"tirton": {}}, "", "additional properties 'tirton'"),
         ({"triton": {"image": {"tag": ""}}}, "/triton/image/tag", "minLength"),
+        (
+            {"triton": {"grpc": {"maxConnectionAgeSeconds": -1}}},
+            "/triton/grpc/maxConnectionAgeSeconds",
+            "minimum",
+        ),
         ({"gateway": {"image": {"tag": None}}}, "/gateway/image", "missing property 'tag'"),
         ({"model": {"source": "s3"}}, "/model/source", "value must be one of"),
         ({"model": {"pvc": {"claimName": ""}}}, "/model/pvc/claimName", "minLength"),
@@ -284,6 +291,47 @@ def test_triton_container_serves_the_repository_with_health_probes() -> None:
     assert "nvidia.com/gpu" not in triton["resources"].get("limits", {})
 
 
+def test_gateways_spread_over_every_ready_triton_pod() -> None:
+    """The headless Service resolves to each ready Triton pod; the gateway's channel, built from
+    the rendered environment, round-robins over them and retries UNAVAILABLE on the next one."""
+    docs = render({"gateway": {"env": {"triton_retries": "3"}}})
+    headless = one(docs, "Service", f"{RELEASE}-triton-headless")["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] is False
+    assert (
+        headless["selector"]
+        == one(docs, "Deployment", f"{RELEASE}-triton")["spec"]["selector"]["matchLabels"]
+    )
+    # gRPC only: the ServiceMonitor's "metrics" port stays on the ClusterIP Service, scraped once.
+    assert [(p["name"], p["port"]) for p in headless["ports"]] == [("grpc", 8001)]
+    clusterip = one(docs, "Service", f"{RELEASE}-triton")["spec"]
+    assert "clusterIP" not in clusterip and {p["name"] for p in clusterip["ports"]} == {
+        "http",
+        "grpc",
+        "metrics",
+    }
+
+    (gateway,) = pod_spec(docs, "gateway")["containers"]
+    config = GatewayConfig.from_env(gateway_env(gateway))
+    assert config.triton_url.startswith(f"dns:///{RELEASE}-triton-headless.")
+    args = dict(channel_args(retries=config.triton_retries, backoff_seconds=0.05))
+    service_config = json.loads(args["grpc.service_config"])
+    assert service_config["loadBalancingConfig"] == [{"round_robin": {}}]
+    (method,) = service_config["methodConfig"]
+    assert method["retryPolicy"]["maxAttempts"] == 4
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert args["grpc.enable_retries"] == 1
+
+    # Triton ends connections after a minute, so gateways re-resolve and find new pods.
+    (triton,) = pod_spec(docs, "triton")["containers"]
+    assert "--grpc-max-connection-age=60000" in triton["args"]
+    assert "--grpc-max-connection-age-grace=30000" in triton["args"]
+    (triton,) = pod_spec(render({"triton": {"grpc": {"maxConnectionAgeSeconds": 0}}}), "triton")[
+        "containers"
+    ]
+    assert not [a for a in triton["args"] if a.startswith("--grpc-max-connection-age")]
+
+
 def test_gpu_mode_requests_a_gpu() -> None:
     (triton,) = pod_spec(render(VALUES["gpu"]), "triton")["containers"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -296,7 +344,7 @@ def test_gateway_probes_and_environment() -> None:
     assert gateway["readinessProbe"]["grpc"] == {"port": 50051}
     assert gateway["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
     env = {e["name"]: e.get("value", "") for e in gateway["env"]}
-    assert env["LTREC_TRITON_URL"] == f"{RELEASE}-triton:8001"
+    assert env["LTREC_TRITON_URL"] == f"dns:///{RELEASE}-triton-headless.{NAMESPACE}.svc:8001"
     assert env["LTREC_MODEL_REPOSITORY"] == "/models"
     config = GatewayConfig.from_env(env)
     assert config.grpc_port == 50051 and config.metrics_port == 9100

@@ -21,6 +21,16 @@
 {{- printf "%s-triton" (include "ltrec.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The headless Service: one DNS record per ready Triton pod, for the gateways' round_robin. */}}
+{{- define "ltrec.triton.headlessName" -}}
+{{- printf "%s-triton-headless" (include "ltrec.fullname" . | trunc 46 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The gateways' gRPC target for Triton: every ready pod of the headless Service. */}}
+{{- define "ltrec.triton.grpcTarget" -}}
+{{- printf "dns:///%s.%s.svc:%v" (include "ltrec.triton.headlessName" .) .Release.Namespace .Values.triton.ports.grpc }}
+{{- end }}
+
 {{- define "ltrec.gateway.fullname" -}}
 {{- printf "%s-gateway" (include "ltrec.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
