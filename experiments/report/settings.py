@@ -136,10 +136,19 @@ class ReportConfig:
             "ours_converged": [{"lr": lr} for lr in (1e-3, 2e-3)],
             # The set reading predicts each item from all the others and leaves the others out
             # of its softmax (TrainConfig.softmax_exclude): they are positives, not negatives.
+            # Each reading at two learning rates, as SASRec's are screened.
             "ours": [
-                {"order_augmentation": 0.0, "set_context": "prefix", "softmax_exclude": "none"},
-                {"order_augmentation": 1.0, "set_context": "prefix", "softmax_exclude": "none"},
-                {"order_augmentation": 1.0, "set_context": "others", "softmax_exclude": "others"},
+                {**reading, "lr": lr}
+                for reading in (
+                    {"order_augmentation": 0.0, "set_context": "prefix", "softmax_exclude": "none"},
+                    {"order_augmentation": 1.0, "set_context": "prefix", "softmax_exclude": "none"},
+                    {
+                        "order_augmentation": 1.0,
+                        "set_context": "others",
+                        "softmax_exclude": "others",
+                    },
+                )
+                for lr in (1e-3, 2e-3)
             ],
         }
     )
