@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto proto-check proto-baseline grafana-schema data photo-data run-photos train export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
+.PHONY: install proto proto-check proto-baseline grafana-schema data photo-data run-photos train train-ddp export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -103,6 +103,13 @@ $(ARTIFACTS)/checkpoint.pt: $(DATA_DIR)/source.json
 	$(PY) -m ltrec.train --data $(DATA_DIR) --out $(ARTIFACTS) $(TRAIN_ARGS)
 
 train: $(ARTIFACTS)/checkpoint.pt
+
+# The same training in NPROC processes on this machine (torchrun, DDP over gloo): each takes its
+# share of every batch, so the results are one process's at the same global batch.
+NPROC ?= 2
+train-ddp: $(DATA_DIR)/source.json
+	$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m ltrec.train --data $(DATA_DIR) \
+		--out $(ARTIFACTS) $(TRAIN_ARGS)
 
 # Re-exported when the checkpoint or the export code changes (the graphs' contract may have).
 $(MODEL_REPOSITORY)/ltrec_metadata.json: $(ARTIFACTS)/checkpoint.pt $(wildcard export_scripts/*.py)

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from ltrec.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ltrec.data import DatasetError
+from ltrec.distributed import SINGLE, World, join, leave, world_from_env
 from ltrec.evaluation import (
     EvalCases,
     evaluate,
@@ -122,6 +124,9 @@ class TrainConfig:
 # epoch, so the allocator keeps reusing the same blocks instead of fragmenting the heap.
 WIDTH_STEP = 16
 
+# A training batch: history, event types, targets, context (`_batches`).
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def epoch_spans(seqs: Sequences, window: int, rng: np.random.Generator) -> np.ndarray:
     """One training window per user for an epoch, [n_users, 2] (start, stop) into `seqs`.
@@ -166,7 +171,7 @@ def _batches(
     batch_size: int,
     rng: np.random.Generator,
     order_augmentation: float = 0.0,
-):
+) -> Iterator[Batch]:
     """An epoch of right-padded training batches: (history, event types, targets, context).
 
     targets[:, t] is the item at position t of the window (0 = padding), predicted from the
@@ -174,32 +179,65 @@ def _batches(
     With `order_augmentation` p, a share p of the users' windows come in a random order (the
     same permutation for items, event types and context).
     """
+    for batch, _ in _shard_batches(seqs, window, batch_size, rng, order_augmentation):
+        yield batch
+
+
+def _shard_batches(
+    seqs: Sequences,
+    window: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    order_augmentation: float = 0.0,
+    rank: int = 0,
+    processes: int = 1,
+) -> Iterator[tuple[Batch, float]]:
+    """`_batches` for process `rank` of `processes`: its shard of every batch, with the shard's
+    share of the batch's events.
+
+    Every process draws the same epoch (the same seeded `rng`, consumed the same way), so the
+    global batches are exactly one process's batches, and each process takes every
+    `processes`-th user of each (users rank, rank + processes, ...: a batch's users have about
+    the same window length, so the shards come out about equal). One step is then one process's
+    step over the same users, at the same batch size, learning-rate schedule and steps per
+    epoch, only computed in parts; whole batches per process would instead multiply the batch
+    and divide the steps by the number of processes. A shard's mean loss weighted by its share
+    (its events over the batch's) sums over the processes to the batch's mean. A process whose
+    shard would be empty (a batch of fewer users than processes) gets the batch's first user at
+    share 0: it still takes the step that the gradient averaging waits for, and adds nothing.
+    """
     spans = epoch_spans(seqs, window, rng)
     permute = rng.random(len(spans)) < order_augmentation if order_augmentation > 0 else None
     for chosen in epoch_batches(spans, batch_size, rng):
-        longest = int((spans[chosen, 1] - spans[chosen, 0]).max())
+        orders = []  # every user's, so that every process draws the same permutations
+        for u in chosen:
+            order = np.arange(spans[u, 0], spans[u, 1])
+            if permute is not None and permute[u]:
+                order = rng.permutation(order)
+            orders.append(order)
+        mine = orders[rank::processes]
+        share = sum(map(len, mine)) / sum(map(len, orders)) if mine else 0.0
+        mine = mine or orders[:1]
+        longest = max(map(len, mine))
         width = min(window, -(-longest // WIDTH_STEP) * WIDTH_STEP)
-        b_size = len(chosen)
+        b_size = len(mine)
         hist = np.zeros((b_size, max(width - 1, 1)), dtype=np.int64)
         hist_types = np.zeros_like(hist)
         targets = np.zeros((b_size, hist.shape[1] + 1), dtype=np.int64)
         context = np.zeros((b_size, hist.shape[1] + 1, 4), dtype=np.int64)
-        for i, u in enumerate(chosen):
-            b, e = spans[u]
-            n = e - b
-            order = np.arange(b, e)
-            if permute is not None and permute[u]:
-                order = rng.permutation(order)
+        for i, order in enumerate(mine):
+            n = len(order)
             hist[i, : n - 1] = seqs.items[order[:-1]]
             hist_types[i, : n - 1] = seqs.event_types[order[:-1]]
             targets[i, :n] = seqs.items[order]
             context[i, :n] = seqs.context[order]
-        yield (
+        batch = (
             torch.from_numpy(hist),
             torch.from_numpy(hist_types),
             torch.from_numpy(targets),
             torch.from_numpy(context),
         )
+        yield batch, share
 
 
 def leave_one_out_means(vectors: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -283,10 +321,10 @@ def _loss(
     return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long))
 
 
-def _progress(step: int, total_steps: int, started: float, max_minutes: float) -> float:
-    """How far the run is through whichever budget (steps or minutes) runs out first, 0..1."""
-    elapsed = (time.monotonic() - started) / (max_minutes * 60)
-    return min(max(step / total_steps, elapsed), 1.0)
+def _progress(step: int, total_steps: int, elapsed: float, max_minutes: float) -> float:
+    """How far the run is through whichever budget (steps or minutes) runs out first, 0..1;
+    `elapsed` in seconds."""
+    return min(max(step / total_steps, elapsed / (max_minutes * 60)), 1.0)
 
 
 def _overruns(elapsed: float, epochs_done: int, max_minutes: float) -> bool:
@@ -300,7 +338,7 @@ def _set_lr(
     step: int,
     warmup_steps: int,
     total_steps: int,
-    started: float,
+    elapsed: float,
     max_minutes: float,
 ) -> None:
     """Linear warm-up, then cosine decay over whichever budget (steps or minutes) runs out first,
@@ -308,7 +346,7 @@ def _set_lr(
     if step < warmup_steps:
         lr = peak * (step + 1) / warmup_steps
     else:
-        progress = _progress(step, total_steps, started, max_minutes)
+        progress = _progress(step, total_steps, elapsed, max_minutes)
         lr = peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
     for group in optimiser.param_groups:
         group["lr"] = lr
@@ -344,6 +382,33 @@ def target_distribution(popularity: np.ndarray) -> tuple[torch.Tensor, torch.Ten
     return q.float(), torch.log(q.clamp(min=1e-12)).float()
 
 
+class _StepLoss(torch.nn.Module):
+    """The training loss as a module's forward: what DistributedDataParallel wraps (its
+    gradient averaging is armed by a forward call, and `_loss` calls the model's parts)."""
+
+    def __init__(
+        self, model: Recommender, cfg: TrainConfig, log_q: torch.Tensor, q: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg, self.log_q, self.q = cfg, log_q, q
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return _loss(self.model, batch, self.cfg, self.log_q, self.q)
+
+
+def _distributed_step_loss(
+    model: Recommender, cfg: TrainConfig, log_q: torch.Tensor, q: torch.Tensor
+) -> torch.nn.Module:
+    """`_StepLoss` under DDP. Unused parameters are expected (the image path of a catalogue
+    without images, parts only serving uses): DDP must look for them every step, and it leaves
+    their gradients unset as one process does, so AdamW skips them alike. Buffers are constant
+    features, not running statistics: nothing to broadcast each step."""
+    return torch.nn.parallel.DistributedDataParallel(
+        _StepLoss(model, cfg, log_q, q), find_unused_parameters=True, forward_sync_buffers=False
+    )
+
+
 def fit(
     prepared: Prepared,
     cfg: TrainConfig,
@@ -351,12 +416,20 @@ def fit(
     name: str = "",
     progress: bool = True,
     valid_cases: EvalCases | None = None,
+    world: World = SINGLE,
 ) -> tuple[Recommender, dict]:
     """The training loop shared by `train` and the evaluation's models and ablations.
 
     Early stopping on validation NDCG@10; the best epoch's weights are loaded back.
     `valid_cases` replaces the validation cases built from `prepared.split` (the context
     ablation validates on shuffled context, as it trains on it).
+
+    In several processes (`world`, from torchrun) each takes its shard of every batch
+    (`_shard_batches`) and DDP averages the gradients, so a step is one process's step at the
+    same global batch. Rank 0 alone validates, keeps the best weights, imputes the new-item ID
+    map and decides when to stop; its clock (for the learning-rate schedule and the time budget)
+    and its stop decision are broadcast, so all ranks take the same steps and stop together.
+    The summary is rank 0's; other ranks return an empty one.
     """
     if cfg.set_context == "others" and model.user_tower.set_projection is None:
         raise ValueError("set_context 'others' needs a model with set pooling")
@@ -364,11 +437,14 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif world.distributed:
+        torch.set_num_threads(world.default_threads())
     model_cfg = model.cfg
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     q, log_q = target_distribution(prepared.popularity)
+    step_loss = _distributed_step_loss(model, cfg, log_q, q) if world.distributed else None
     split = prepared.split
-    if valid_cases is None:
+    if valid_cases is None and world.main:
         valid_cases = make_cases(
             split.train, split.valid, prepared.device_vocab, prepared.region_vocab
         )
@@ -382,84 +458,100 @@ def fit(
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[dict] = []
     step, stop_reason = 0, "epochs"
-    _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, started, cfg.max_minutes)
+    _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, 0.0, cfg.max_minutes)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         losses = []
         epoch_started = time.monotonic()
         bar = tqdm(
-            _batches(prepared.train_sequences, window, cfg.batch_size, rng, cfg.order_augmentation),
+            _shard_batches(
+                prepared.train_sequences,
+                window,
+                cfg.batch_size,
+                rng,
+                cfg.order_augmentation,
+                world.rank,
+                world.size,
+            ),
             total=steps_per_epoch,
             desc=f"{label}epoch {epoch}/{cfg.epochs}",
             unit="batch",
-            disable=not progress,
+            disable=not progress or not world.main,
         )
-        for batch in bar:
-            loss = _loss(model, batch, cfg, log_q, q)
+        for batch, share in bar:
+            if step_loss is None:
+                loss = _loss(model, batch, cfg, log_q, q)
+                scaled = loss
+            else:
+                world.seed_step(cfg.seed, step)
+                loss = step_loss(*batch)
+                # DDP averages over the ranks: share x ranks makes that the batch's mean.
+                scaled = loss * (share * world.size)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            scaled.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimiser.step()
             step += 1
-            _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, started, cfg.max_minutes)
-            losses.append(loss.item())
+            elapsed = world.broadcast_float(time.monotonic() - started)
+            _set_lr(optimiser, cfg.lr, step, warmup_steps, total_steps, elapsed, cfg.max_minutes)
+            losses.append(loss.item() * share if world.distributed else loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        losses = world.sum(losses)  # each step's loss over its global batch
         trained = time.monotonic()
-        # Would another epoch like the ones so far overrun the time budget? Then this is the last.
-        last = epoch == cfg.epochs or _overruns(trained - started, epoch, cfg.max_minutes)
-        if not (
-            last
-            or epoch % cfg.validate_every == 0
-            or _progress(step, total_steps, started, cfg.max_minutes) >= 0.5
-        ):
-            history.append(
-                {
-                    "epoch": epoch,
-                    "loss": float(np.mean(losses)),
-                    "seconds": trained - started,
-                    "train_epoch_seconds": trained - epoch_started,
-                    "validation_seconds": 0.0,
-                }
-            )
-            print(
-                f"{label}epoch {epoch}: loss {history[-1]['loss']:.4f}  (no validation; "
-                f"{history[-1]['train_epoch_seconds']:.1f} s training; "
-                f"{(trained - started) / 60:.1f} min)",
-                file=sys.stderr,
-            )
-            continue
-        metrics, _ = evaluate(
-            model_score_fn(model, model_cfg.max_history),
-            valid_cases,
-            desc="validation",
-            progress=progress,
-        )
-        elapsed = time.monotonic() - started
-        record = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "seconds": elapsed,
-            "train_epoch_seconds": trained - epoch_started,
-            "validation_seconds": time.monotonic() - trained,
-            **metrics,
-        }
-        history.append(record)
-        print(
-            f"{label}epoch {epoch}: loss {record['loss']:.4f}  valid recall@10 "
-            f"{metrics['recall@10']:.4f}  ndcg@10 {metrics['ndcg@10']:.4f}  "
-            f"({record['train_epoch_seconds']:.1f} s training + "
-            f"{record['validation_seconds']:.1f} s validation; {elapsed / 60:.1f} min)",
-            file=sys.stderr,
-        )
-        if metrics["ndcg@10"] > best["ndcg@10"]:
-            best = {"epoch": epoch, **metrics}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if epoch - best["epoch"] >= cfg.patience:
-            stop_reason = f"no validation gain for {cfg.patience} epochs"
+        stop = False
+        if world.main:
+            # Would another epoch like the ones so far overrun the time budget? Then this is the
+            # last.
+            last = epoch == cfg.epochs or _overruns(trained - started, epoch, cfg.max_minutes)
+            record = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "seconds": trained - started,
+                "train_epoch_seconds": trained - epoch_started,
+                "validation_seconds": 0.0,
+            }
+            history.append(record)
+            if not (
+                last
+                or epoch % cfg.validate_every == 0
+                or _progress(step, total_steps, trained - started, cfg.max_minutes) >= 0.5
+            ):
+                print(
+                    f"{label}epoch {epoch}: loss {record['loss']:.4f}  (no validation; "
+                    f"{record['train_epoch_seconds']:.1f} s training; "
+                    f"{(trained - started) / 60:.1f} min)",
+                    file=sys.stderr,
+                )
+            else:
+                metrics, _ = evaluate(
+                    model_score_fn(model, model_cfg.max_history),
+                    valid_cases,  # type: ignore[arg-type]
+                    desc="validation",
+                    progress=progress,
+                )
+                elapsed = time.monotonic() - started
+                record.update(
+                    seconds=elapsed, validation_seconds=time.monotonic() - trained, **metrics
+                )
+                print(
+                    f"{label}epoch {epoch}: loss {record['loss']:.4f}  valid recall@10 "
+                    f"{metrics['recall@10']:.4f}  ndcg@10 {metrics['ndcg@10']:.4f}  "
+                    f"({record['train_epoch_seconds']:.1f} s training + "
+                    f"{record['validation_seconds']:.1f} s validation; {elapsed / 60:.1f} min)",
+                    file=sys.stderr,
+                )
+                if metrics["ndcg@10"] > best["ndcg@10"]:
+                    best = {"epoch": epoch, **metrics}
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if epoch - best["epoch"] >= cfg.patience:
+                    stop_reason, stop = f"no validation gain for {cfg.patience} epochs", True
+                elif _overruns(elapsed, epoch, cfg.max_minutes):
+                    stop_reason, stop = f"time budget of {cfg.max_minutes} min", True
+        if world.broadcast_flag(stop):
             break
-        if _overruns(elapsed, epoch, cfg.max_minutes):
-            stop_reason = f"time budget of {cfg.max_minutes} min"
-            break
+    world.check_replicas(model)
+    if not world.main:
+        return model, {}
     model.load_state_dict(best_state)
     model.eval()
     new_item_ids = impute_new_item_ids(model, prepared.popularity, seed=cfg.seed)
@@ -468,6 +560,7 @@ def fit(
         "model_config": model_cfg.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "never_target_items": int((q[1:] == 0).sum()),
+        "processes": world.size,
         "best": best,
         "epochs": history,
         "stop_reason": stop_reason,
@@ -477,18 +570,30 @@ def fit(
     return model, summary
 
 
-def train(prepared: Prepared, cfg: TrainConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Train our model; writes checkpoint.pt (what export reads) and metrics.json."""
+def train(
+    prepared: Prepared,
+    cfg: TrainConfig,
+    out_dir: Path,
+    progress: bool = True,
+    world: World = SINGLE,
+) -> dict:
+    """Train our model; writes checkpoint.pt (what export reads) and metrics.json.
+
+    In several processes (`world`) all of them train (`fit`), and rank 0 alone validates, tunes
+    the serving defaults and writes the files; the other ranks return an empty summary."""
     model_cfg = model_config(prepared, cfg)
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     model = Recommender(model_cfg, torch.from_numpy(prepared.text_features), item_side(prepared))
+    if not world.main:
+        fit(prepared, cfg, model, progress=progress, world=world)
+        return {}
     valid_cases = make_cases(
         prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
     )
     popular_metrics, _ = evaluate(
         most_popular(prepared.popularity), valid_cases, desc="most-popular", progress=progress
     )
-    model, fitted = fit(prepared, cfg, model, progress=progress)
+    model, fitted = fit(prepared, cfg, model, progress=progress, world=world)
     # The serving default of the long-tail weight, on validation (export reads it).
     long_tail_weight = tune_long_tail_weight(
         model_score_fn(model, model_cfg.max_history),
@@ -684,8 +789,27 @@ def main(argv: list[str] | None = None) -> int:
         help="no training: choose the serving default of the long-tail weight for the "
         "checkpoint in --out on --data's validation split, and store it there",
     )
+    parser.add_argument(
+        "--softmax-precision",
+        choices=("auto", "float32", "bfloat16"),
+        default=TrainConfig.softmax_precision,
+        help="input type of the full softmax's matmuls (auto: bfloat16 where the CPU has it)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=TrainConfig.threads,
+        help="torch threads per process (0: torch's default in one process; under torchrun, "
+        "the cores divided among this machine's processes)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be at least 0, got {args.threads}")
+    try:
+        world = world_from_env()
+    except ValueError as exc:
+        parser.error(f"invalid torchrun environment: {exc}")
     if not 0.0 <= args.id_dropout < 1.0:
         parser.error(f"--id-dropout must be in [0, 1), got {args.id_dropout:g}")
     if not 0.0 <= args.order_augmentation <= 1.0:
@@ -702,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
             patience=args.patience,
             validate_every=args.validate_every,
             seed=args.seed,
+            threads=args.threads,
+            softmax_precision=args.softmax_precision,
             order_augmentation=args.order_augmentation,
             logit_adjustment=args.logit_adjustment,
             set_context=args.set_context,
@@ -720,11 +846,31 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"invalid training settings: {exc}")
     started = time.monotonic()
+    join(world)
     try:
-        prepared = prepare(args.data, args.cache)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return _run(args, cfg, world, started)
+    finally:
+        leave(world)
+
+
+def _run(args: argparse.Namespace, cfg: TrainConfig, world: World, started: float) -> int:
+    """`main` once the settings are read: prepare, train (on every rank), report (on rank 0)."""
+    if args.tune_long_tail_only and not world.main:
+        return 0
+    # Rank 0 prepares first, so that it alone encodes and caches the item texts; the other ranks
+    # then read its cache, or stop with it if the data is bad.
+    prepared, error = None, None
+    if world.main:
+        try:
+            prepared = prepare(args.data, args.cache)
+        except DatasetError as exc:
+            error = exc
+    if not world.broadcast_flag(error is None):
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
         return 2
+    if prepared is None:
+        prepared = prepare(args.data, args.cache)
     if args.tune_long_tail_only:
         try:
             stored = retune_long_tail_weight(prepared, args.out)
@@ -734,13 +880,17 @@ def main(argv: list[str] | None = None) -> int:
         print(_long_tail_line(stored["long_tail_weight"]))
         print(_similar_items_line(stored["similar_items_long_tail_weight"]))
         return 0
+    if not world.main:
+        train(prepared, cfg, args.out, progress=False, world=world)
+        return 0
     print(f"cleaning: {prepared.report_text}", file=sys.stderr)
     print(
         f"data: {len(prepared.item_ids)} items, {len(prepared.train_sequences)} users, "
-        f"{len(prepared.split.train)} train events, {len(prepared.split.valid)} validation cases",
+        f"{len(prepared.split.train)} train events, {len(prepared.split.valid)} validation cases"
+        + (f"; {world.size} processes" if world.distributed else ""),
         file=sys.stderr,
     )
-    summary = train(prepared, cfg, args.out, progress=not args.no_progress)
+    summary = train(prepared, cfg, args.out, progress=not args.no_progress, world=world)
     best, pop = summary["best"], summary["most_popular_valid"]
     print(f"\nvalidation (leave-one-out, full ranking, {len(prepared.split.valid)} users):")
     print(f"  {'model':<14} {'Recall@10':>10} {'NDCG@10':>10}")
@@ -753,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(epochs)} epochs: {np.mean([e['train_epoch_seconds'] for e in epochs]):.1f} s "
         f"training + {np.mean([e['validation_seconds'] for e in epochs]):.1f} s validation per "
         f"epoch (mean), {torch.get_num_threads()} threads"
+        + (f" x {world.size} processes" if world.distributed else "")
     )
     print(
         f"best epoch {best['epoch']}, stopped: {summary['stop_reason']}, "

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from ltrec.models import ModelConfig, Recommender, UserTower
-from ltrec.sequences import Sequences
 from ltrec.train import (
     WIDTH_STEP,
     TrainConfig,
@@ -22,20 +21,7 @@ from ltrec.train import (
     leave_one_out_means,
 )
 from ltrec_core import contract
-
-
-def sequences(lengths: list[int]) -> Sequences:
-    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    n = int(offsets[-1])
-    items = np.arange(1, n + 1, dtype=np.int64)  # every event its own item: positions show
-    return Sequences(
-        users=np.array([f"u{i}" for i in range(len(lengths))], dtype=object),
-        offsets=offsets,
-        items=items,
-        event_types=(items % 3 + 1).astype(np.int64),
-        context=np.stack([items % 24, items % 7, items % 2, items % 5], axis=1).astype(np.int64),
-    )
-
+from tests.support.datasets import sequences
 
 LENGTHS = [3, 40, 7, 120, 15, 2, 60, 33, 9, 80, 5, 250, 18]
 
