@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server import metrics
+from server.access import ADMIN_METHODS, AccessInterceptor, Authoriser, CallerLimiter
 from server.audience import Audiences
 from server.batch import METHOD as BATCH_METHOD
 from server.batch import BatchLimits, BatchRunner
@@ -144,13 +145,18 @@ def create_server(
         "loaded model repository %s: %s", config.model_repository, describe(metadata, catalogue)
     )
     metrics.CATALOGUE_ITEMS.set(catalogue.size)
-    metrics.initialise_request_counters(
-        recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].methods_by_name,
-        batch_methods=(BATCH_METHOD,),
-    )
+    methods = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].methods_by_name
+    metrics.initialise_request_counters(methods, batch_methods=(BATCH_METHOD,))
+    metrics.initialise_access_counters(methods, ADMIN_METHODS)
     metrics.set_model_version(metadata.model_version)
 
     images = ItemImages(config.image_root)  # before any store is opened: fails fast
+    authoriser = Authoriser.from_config(config)
+    admin = ", ".join(sorted(ADMIN_METHODS))
+    if authoriser.allows_nobody:
+        logger.warning("admin RPCs (%s) allowed to %s", admin, authoriser.describe())
+    else:
+        logger.info("admin RPCs (%s) allowed to %s", admin, authoriser.describe())
     if transport is None:
         transport = GrpcTritonTransport(
             config.triton_url,
@@ -205,8 +211,13 @@ def create_server(
     # Without a configured (or kept) key, user hashes are consistent within this process only;
     # the access log and ForgetUser's audit line share it, so that their users join.
     user_hash_key = user_hash_key or secrets.token_hex(32)
+    # The access interceptor runs inside the gateway interceptor: its refusals are statuses of
+    # the one error table, counted and logged like any other.
+    access = AccessInterceptor(
+        (SERVICE_NAME,), authoriser, CallerLimiter(config.max_concurrent_per_caller)
+    )
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor((SERVICE_NAME,), user_hash_key)],
+        interceptors=[GatewayInterceptor((SERVICE_NAME,), user_hash_key), access],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=server_options(config),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,15 @@ MAX_AUDIENCE_USERS = 1_000_000
 MAX_FORECAST_ITEMS = 10_000
 
 ENV_PREFIX = "LTREC_"
+# Who may call the admin RPCs (`server.access`): callers with a token or an allowed client
+# certificate, or (local stacks) every caller.
+REQUIRE = "require"
+ALLOW_ALL = "allow-all"
+ADMIN_AUTH_MODES = (REQUIRE, ALLOW_ALL)
+# Allow-list entries are separated by these (an RFC 2253 subject has commas and escapes `;`).
+IDENTITY_SEPARATORS = re.compile(r"[;\n]")
+# Optional paths: an empty variable leaves them unset.
+OPTIONAL_PATHS = ("image_root", "admin_tokens_dir")
 
 
 class ConfigError(StartupError):
@@ -136,6 +146,18 @@ class GatewayConfig:
     audience_max_k: int = 1000
     audience_max_users: int = 10_000
     forecast_max_items: int = 100
+    # Access control (`server.access`) of the admin RPCs (UpsertItems, DeleteItems, ForgetUser).
+    # require: only callers with a bearer token of the tokens directory (one file per token,
+    # named by its caller: a mounted Secret) or with a client certificate (mutual TLS) whose
+    # subject (RFC 2253, e.g. `CN=sync,O=Shop`) or a SAN is one of the `;`-separated allowed
+    # identities; with neither configured, no caller. allow-all: every caller (local stacks).
+    admin_auth: str = REQUIRE
+    admin_tokens_dir: Path | None = None
+    admin_allowed_identities: str = ""
+    # RPCs in flight per caller (a token's name, a certificate's subject, or one "anonymous"
+    # bucket for every caller without either), each RPC of a stream for its whole length;
+    # 0: no limit but max_concurrent_rpcs.
+    max_concurrent_per_caller: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -205,6 +227,7 @@ class GatewayConfig:
             ">= 4096",
         )
         self._check_history()
+        self._check_access()
         for name, most in (
             ("batch_stream_window", MAX_BATCH_STREAM_WINDOW),
             ("batch_max_in_flight", MAX_BATCH_IN_FLIGHT),
@@ -251,6 +274,28 @@ class GatewayConfig:
                 "empty unless LTREC_HISTORY_STORE=redis",
             )
 
+    def _check_access(self) -> None:
+        mode = self.admin_auth
+        _check(mode, "admin_auth", mode in ADMIN_AUTH_MODES, f"one of {ADMIN_AUTH_MODES}")
+        _check(
+            self.admin_allowed_identities,
+            "admin_allowed_identities",
+            not self.allowed_identities or bool(self.tls_client_ca_file),
+            "empty unless LTREC_TLS_CLIENT_CA_FILE is set (only mutual TLS proves an identity)",
+        )
+        _check(
+            self.max_concurrent_per_caller,
+            "max_concurrent_per_caller",
+            0 <= self.max_concurrent_per_caller <= self.max_concurrent_rpcs,
+            f"in [0, LTREC_MAX_CONCURRENT_RPCS={self.max_concurrent_rpcs}] (0: no limit)",
+        )
+
+    @property
+    def allowed_identities(self) -> frozenset[str]:
+        """The client certificate subjects and SANs that may call the admin RPCs."""
+        entries = IDENTITY_SEPARATORS.split(self.admin_allowed_identities)
+        return frozenset(entry.strip() for entry in entries if entry.strip())
+
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert_file)
@@ -277,11 +322,11 @@ class GatewayConfig:
                     if not raw.strip():
                         raise ConfigError(f"{var} must be a non-empty path")
                     values[spec.name] = Path(raw)
-                elif spec.name == "image_root":  # optional: empty is unset
+                elif spec.name in OPTIONAL_PATHS:  # empty is unset
                     values[spec.name] = Path(raw.strip()) if raw.strip() else None
                 elif spec.name == "log_level":
                     values[spec.name] = raw.strip().upper()
-                elif spec.name == "history_store":
+                elif spec.name in ("history_store", "admin_auth"):
                     values[spec.name] = raw.strip().lower()
                 else:
                     values[spec.name] = raw.strip()

@@ -35,5 +35,13 @@ class BackendError(GatewayError):
     """Triton answered with an error that is not the caller's fault (maps to INTERNAL)."""
 
 
+class Unauthenticated(GatewayError):
+    """An admin RPC came without credentials, or with a bearer token that is not valid."""
+
+
+class PermissionDenied(GatewayError):
+    """An admin RPC came from an identified caller that is not allowed to call it."""
+
+
 class StartupError(Exception):
     """The gateway cannot start: bad configuration or model repository files."""

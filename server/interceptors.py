@@ -26,6 +26,8 @@ from server.errors import (
     InvalidArgument,
     NotFound,
     Overloaded,
+    PermissionDenied,
+    Unauthenticated,
 )
 from server.hashing import user_hash
 from server.validation import MAX_REQUEST_ID_CHARS
@@ -39,10 +41,20 @@ STATUS_BY_ERROR: dict[type[GatewayError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BackendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     BackendError: grpc.StatusCode.INTERNAL,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 # Statuses whose message is ours to show; everything else answers with INTERNAL_MESSAGE.
 _CALLER_FACING = frozenset(
-    {InvalidArgument, NotFound, BackendUnavailable, Overloaded, BackendTimeout}
+    {
+        InvalidArgument,
+        NotFound,
+        BackendUnavailable,
+        Overloaded,
+        BackendTimeout,
+        Unauthenticated,
+        PermissionDenied,
+    }
 )
 INTERNAL_MESSAGE = "internal error; see the gateway log"
 REQUEST_ID_METADATA_KEY = "x-request-id"

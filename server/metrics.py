@@ -349,6 +349,27 @@ for _source in AUDIENCE_USER_VECTOR_SOURCES:
 for _reason in AUDIENCE_SKIP_REASONS:
     AUDIENCE_SKIPPED_USERS_TOTAL.labels(reason=_reason)
 
+# Access control (`server.access`): refused admin RPCs by reason (missing_credentials and
+# invalid_token answer UNAUTHENTICATED, not_allowed PERMISSION_DENIED), and RPCs refused by the
+# per-caller concurrency limit. No caller identity is ever a label.
+AUTH_DENIED_REASONS = ("missing_credentials", "invalid_token", "not_allowed")
+AUTH_DENIED_TOTAL = Counter(
+    "auth_denied_total",
+    "Admin RPCs (UpsertItems, DeleteItems, ForgetUser) refused to a caller that is not allowed, "
+    "by method and reason.",
+    ["method", "reason"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+CALLER_LIMIT_REJECTED_TOTAL = Counter(
+    "caller_limit_rejected_total",
+    "RPCs answered RESOURCE_EXHAUSTED because their caller already had "
+    "LTREC_MAX_CONCURRENT_PER_CALLER RPCs in flight, by method.",
+    ["method"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+
 MODEL = Info(
     "model",
     "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",
@@ -393,3 +414,12 @@ def set_model_version(version: str) -> None:
 
 def model_version() -> str:
     return _model_version
+
+
+def initialise_access_counters(methods: Iterable[str], admin_methods: Iterable[str]) -> None:
+    """The access counters at zero from start-up, as the request counters."""
+    for method in methods:
+        CALLER_LIMIT_REJECTED_TOTAL.labels(method=method)
+    for method in admin_methods:
+        for reason in AUTH_DENIED_REASONS:
+            AUTH_DENIED_TOTAL.labels(method=method, reason=reason)

@@ -71,6 +71,10 @@ class GatewayProcess:
 
     def start(self) -> None:
         env = {
+            # Every caller may change the catalogue and erase users: a local stack, said
+            # explicitly (the gateway's default and the chart's require credentials); an
+            # exported LTREC_ADMIN_AUTH (with tokens) wins.
+            "LTREC_ADMIN_AUTH": "allow-all",
             **os.environ,
             "LTREC_GRPC_HOST": "127.0.0.1",
             "LTREC_GRPC_PORT": str(self.grpc_port),
@@ -93,11 +97,19 @@ class GatewayProcess:
             cwd=Path(__file__).resolve().parent.parent,
         )
 
-    def wait_serving(self, timeout_s: float = 120.0) -> float:
-        """Polls gRPC health until SERVING; fails fast if the process exits."""
+    def wait_serving(
+        self, timeout_s: float = 120.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> float:
+        """Polls gRPC health until SERVING (over TLS with `credentials`); fails fast if the
+        process exits."""
         assert self.process is not None
         started = time.monotonic()
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (
+            grpc.insecure_channel(self.address)
+            if credentials is None
+            else grpc.secure_channel(self.address, credentials)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 code = self.process.poll()

@@ -361,6 +361,9 @@ async def running_gateway(
         "triton_retry_backoff_seconds": 0.01,
         "health_poll_interval_seconds": 0.02,
         "allow_plaintext": True,
+        # Every caller may call the admin RPCs, as on the local stack (tests/unit/test_access.py
+        # tests the access control).
+        "admin_auth": "allow-all",
         "feedback_dir": repository.parent / "feedback",
         "items_dir": repository.parent / "items",
         "history_sqlite_path": repository.parent / "history" / "history.sqlite3",

@@ -53,9 +53,13 @@ def serving_stack(
 
 @contextlib.contextmanager
 def started_stack(
-    root: Path, triton_build_dir: Path, gateway_env: Mapping[str, str] | None = None
+    root: Path,
+    triton_build_dir: Path,
+    gateway_env: Mapping[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[Stack]:
-    """The stack under `root`; `gateway_env`: more `LTREC_*` settings for the gateway."""
+    """The stack under `root`; `gateway_env`: more `LTREC_*` settings for the gateway;
+    `credentials`: the stack's channel speaks TLS with them (the gateway serves TLS)."""
     prepared, users = ml1m_slice(root)
     checkpoint = train_tiny(prepared, root / "artifacts")
     repo = root / "model_repository"
@@ -67,8 +71,12 @@ def started_stack(
     try:
         triton.wait_ready(timeout_s=180)
         gateway.start()
-        gateway.wait_serving(timeout_s=120)
-        channel = grpc.insecure_channel(gateway.address)
+        gateway.wait_serving(timeout_s=120, credentials=credentials)
+        channel = (
+            grpc.insecure_channel(gateway.address)
+            if credentials is None
+            else grpc.secure_channel(gateway.address, credentials)
+        )
         first_user = prepared.split.train[prepared.split.train["user_id"] == users.iloc[0]]
         yield Stack(
             repo=repo,

@@ -219,6 +219,7 @@ def fuzzed_gateway(root: Path, **settings: Any) -> Iterator[recommender_pb2_grpc
         max_basket_items=MAX_BASKET_ITEMS,
         health_poll_interval_seconds=0.05,
         allow_plaintext=True,
+        admin_auth="allow-all",
         feedback_dir=root / "feedback",
         items_dir=root / "items",
         history_sqlite_path=root / "history" / "history.sqlite3",

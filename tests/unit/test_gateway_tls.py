@@ -1,8 +1,7 @@
-"""TLS and mutual TLS on the gateway, with certificates made by openssl for each test session."""
+"""TLS and mutual TLS on the gateway, with certificates made by openssl for each test module."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,32 +14,15 @@ from server.config import ConfigError, GatewayConfig
 from server.errors import StartupError
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.support.gateway import FakeTransport, run_async, write_repository
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+from tests.support.pki import make_pki
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "1", "-subj", "/CN=ltrec-test-ca", cwd=d,
-    )  # fmt: skip
-    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN=ltrec-{name}", cwd=d,
-        )  # fmt: skip
-        extra = ["-extfile", "server.ext"] if name == "server" else []
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", *extra, cwd=d,
-        )  # fmt: skip
-    return d
+    made = make_pki(tmp_path_factory.mktemp("pki"))
+    made.issue("client", "/CN=ltrec-client")
+    return made.directory
 
 
 @asynccontextmanager

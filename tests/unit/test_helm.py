@@ -36,6 +36,7 @@ VALUES = {
     "default": {},
     "gpu": values_file("gpu-values.yaml"),
     "object-store": values_file("object-store-values.yaml"),
+    "access": values_file("access-values.yaml"),
 }
 
 
@@ -459,6 +460,72 @@ def test_gateway_tls_secret_is_mounted_and_used() -> None:
     (container,) = [c for c in spec["containers"] if c["name"] == "gateway"]
     env = {e["name"]: e.get("value", "") for e in container["env"]}
     assert env["LTREC_TLS_CLIENT_CA_FILE"] == f"{mount['mountPath']}/ca.crt"
+
+
+def test_admin_rpcs_require_credentials_by_default() -> None:
+    """The chart's default: no caller may change the catalogue or erase users until tokens or
+    certificate identities are given; no per-caller limit."""
+    spec = pod_spec(render({}), "gateway")
+    env = gateway_env(spec["containers"][0])
+    assert env["LTREC_ADMIN_AUTH"] == "require"
+    assert env["LTREC_MAX_CONCURRENT_PER_CALLER"] == "0"
+    assert "LTREC_ADMIN_TOKENS_DIR" not in env and "LTREC_ADMIN_ALLOWED_IDENTITIES" not in env
+    assert "admin-tokens" not in {v["name"] for v in spec["volumes"]}
+    config = GatewayConfig.from_env(env)
+    assert config.admin_auth == "require" and not config.allowed_identities
+
+
+def test_admin_tokens_secret_allow_list_and_per_caller_limit_reach_the_gateway() -> None:
+    values = VALUES["access"]
+    spec = pod_spec(render(values), "gateway")
+    (container,) = spec["containers"]
+    env = gateway_env(container)
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "admin-tokens"]
+    assert volume["secret"] == {"secretName": "ltrec-admin-tokens", "defaultMode": 0o440}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "admin-tokens"]
+    assert mount["readOnly"] is True
+    assert env["LTREC_ADMIN_TOKENS_DIR"] == mount["mountPath"] == "/etc/ltrec/admin-tokens"
+    config = GatewayConfig.from_env(env)
+    assert config.allowed_identities == set(values["gateway"]["adminAuth"]["allowedIdentities"])
+    assert config.max_concurrent_per_caller == 8
+    assert config.tls_client_ca_file == "/etc/ltrec/tls/ca.crt"
+    # The local-stack setting is an explicit value, never a default.
+    everyone = pod_spec(render({"gateway": {"adminAuth": {"mode": "allow-all"}}}), "gateway")
+    assert gateway_env(everyone["containers"][0])["LTREC_ADMIN_AUTH"] == "allow-all"
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        (
+            {"gateway": {"adminAuth": {"allowedIdentities": ["CN=sync"]}}},
+            "allowedIdentities needs mutual TLS",
+        ),
+        (
+            {
+                "gateway": {
+                    "tls": {"enabled": True, "secretName": "tls"},
+                    "adminAuth": {"allowedIdentities": ["CN=sync"]},
+                }
+            },
+            "allowedIdentities needs mutual TLS",
+        ),
+        # Only through adminAuth and maxConcurrentPerCaller: the schema knows no such env keys.
+        (
+            {"gateway": {"env": {"admin_auth": "allow-all"}}},
+            "additional properties 'admin_auth' not allowed",
+        ),
+        ({"gateway": {"adminAuth": {"mode": "open"}}}, "mode"),
+        ({"gateway": {"adminAuth": {"allowedIdentities": ["CN=a;CN=b"]}}}, "allowedIdentities"),
+        ({"gateway": {"maxConcurrentPerCaller": -1}}, "maxConcurrentPerCaller"),
+    ],
+    ids=["no-tls", "no-client-ca", "env", "mode", "separator", "negative"],
+)
+def test_access_values_the_gateway_could_not_use_fail_the_install(
+    values: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(Exception, match=error):
+        render(values)
 
 
 def test_hpa_scales_gateway_on_cpu_and_triton_on_queue_time() -> None:
