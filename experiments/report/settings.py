@@ -97,6 +97,15 @@ MAIN_VIEW_ONLY = ("ours_converged",)
 SHUFFLED_AT_TEST = ("ours_context_shuffled_test", "ours_context_shuffled")
 
 
+# How our row may read a history (the report screens them): as a sequence, as a sequence in
+# random order, or as a set whose every item is predicted from all the others.
+OURS_READINGS: tuple[dict[str, float | str], ...] = (
+    {"order_augmentation": 0.0, "set_context": "prefix", "softmax_exclude": "none"},
+    {"order_augmentation": 1.0, "set_context": "prefix", "softmax_exclude": "none"},
+    {"order_augmentation": 1.0, "set_context": "others", "softmax_exclude": "others"},
+)
+
+
 @dataclass
 class ReportConfig:
     """Sizes and grids of one run; `--quick` swaps in a CI-sized one."""
@@ -138,19 +147,7 @@ class ReportConfig:
             # of its softmax (TrainConfig.softmax_exclude): they are positives, not negatives.
             # Each reading at two learning rates, as SASRec's are screened (on the short view,
             # 20-epoch screens: 1e-3 beat 2e-3, and 5e-4 beat 1e-3 over 40 epochs).
-            "ours": [
-                {**reading, "lr": lr}
-                for reading in (
-                    {"order_augmentation": 0.0, "set_context": "prefix", "softmax_exclude": "none"},
-                    {"order_augmentation": 1.0, "set_context": "prefix", "softmax_exclude": "none"},
-                    {
-                        "order_augmentation": 1.0,
-                        "set_context": "others",
-                        "softmax_exclude": "others",
-                    },
-                )
-                for lr in (5e-4, 1e-3)
-            ],
+            "ours": [{**reading, "lr": lr} for reading in OURS_READINGS for lr in (5e-4, 1e-3)],
         }
     )
     screen_epochs: int = 10
