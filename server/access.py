@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import grpc
 from server import metrics
 from server.config import ALLOW_ALL, GatewayConfig, env_var
 from server.errors import Overloaded, PermissionDenied, StartupError, Unauthenticated
+from server.interceptors import Behavior, MethodInterceptor, StreamBehavior
 
 logger = logging.getLogger(__name__)
 
@@ -206,51 +207,16 @@ class CallerLimiter:
         return self._in_flight.get(key, 0)
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamBehavior = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]
-
-
-class AccessInterceptor(grpc.aio.ServerInterceptor):
+class AccessInterceptor(MethodInterceptor):
     """Authorises the admin RPCs and applies the per-caller limit to every RPC of the services
     (health and reflection are open to all, and unlimited)."""
 
     def __init__(
         self, service_names: tuple[str, ...], authoriser: Authoriser, limiter: CallerLimiter
     ) -> None:
-        self._prefixes = tuple(f"/{name}/" for name in service_names)
+        super().__init__(service_names)
         self._authoriser = authoriser
         self._limiter = limiter
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        full_method: str = handler_call_details.method
-        wrapped = self._wrapped.get(full_method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or not full_method.startswith(self._prefixes):
-            return handler
-        method = full_method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        elif handler.stream_stream is not None:
-            wrapped = grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        else:
-            return handler
-        self._wrapped[full_method] = wrapped
-        return wrapped
 
     @contextlib.contextmanager
     def _admitted(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
@@ -282,14 +248,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         finally:
             self._limiter.release(caller.key)
 
-    def _wrap(self, method: str, behavior: Behavior) -> Behavior:
+    def wrap_unary(self, service: str, method: str, behavior: Behavior) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with self._admitted(method, context):
                 return await behavior(request, context)
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+    def wrap_stream(self, service: str, method: str, behavior: StreamBehavior) -> StreamBehavior:
         """A stream holds its caller's slot until it ends."""
 
         async def wrapped(

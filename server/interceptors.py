@@ -70,15 +70,20 @@ def current_request_id() -> str:
     return _request_id.get() or uuid.uuid4().hex
 
 
-class GatewayInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the unary RPCs of the given services (not health or reflection checks)."""
+class MethodInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the unary-unary and stream-stream RPCs of the given services (not health or
+    reflection checks) with `wrap_unary` / `wrap_stream`; each method's wrapped handler is built
+    once (handlers are static), not per RPC."""
 
-    def __init__(self, service_names: tuple[str, ...], user_hash_key: str = "") -> None:
+    def __init__(self, service_names: tuple[str, ...]) -> None:
         self._prefixes = tuple(f"/{name}/" for name in service_names)
-        # Without a configured key, user hashes are consistent within this process only.
-        self._user_hash_key = (user_hash_key or secrets.token_hex(32)).encode()
-        # Wrapped handlers are built once per method (handlers are static), not per RPC.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def wrap_unary(self, service: str, method: str, behavior: Behavior) -> Behavior:
+        raise NotImplementedError
+
+    def wrap_stream(self, service: str, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -95,13 +100,13 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         service, method = full_method.lstrip("/").rsplit("/", 1)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap(service, method, handler.unary_unary, self._user_hash_key),
+                self.wrap_unary(service, method, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(service, method, handler.stream_stream, self._user_hash_key),
+                self.wrap_stream(service, method, handler.stream_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -109,6 +114,21 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             return handler
         self._wrapped[full_method] = wrapped
         return wrapped
+
+
+class GatewayInterceptor(MethodInterceptor):
+    """Status codes, metrics, access-log lines and spans of the given services' RPCs."""
+
+    def __init__(self, service_names: tuple[str, ...], user_hash_key: str = "") -> None:
+        super().__init__(service_names)
+        # Without a configured key, user hashes are consistent within this process only.
+        self._user_hash_key = (user_hash_key or secrets.token_hex(32)).encode()
+
+    def wrap_unary(self, service: str, method: str, behavior: Behavior) -> Behavior:
+        return _wrap(service, method, behavior, self._user_hash_key)
+
+    def wrap_stream(self, service: str, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        return _wrap_stream(service, method, behavior, self._user_hash_key)
 
 
 class _Observer:
