@@ -248,7 +248,15 @@ class AccessInterceptor(MethodInterceptor):
         finally:
             self._limiter.release(caller.key)
 
+    def _unchecked(self, method: str) -> bool:
+        """Whether the method's RPCs need nothing from this interceptor: not an admin RPC and no
+        per-caller limit (then its handler is left as it is: no cost on Recommend's path)."""
+        return method not in ADMIN_METHODS and not self._limiter.limit
+
     def wrap_unary(self, service: str, method: str, behavior: Behavior) -> Behavior:
+        if self._unchecked(method):
+            return behavior
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with self._admitted(method, context):
                 return await behavior(request, context)
@@ -257,6 +265,8 @@ class AccessInterceptor(MethodInterceptor):
 
     def wrap_stream(self, service: str, method: str, behavior: StreamBehavior) -> StreamBehavior:
         """A stream holds its caller's slot until it ends."""
+        if self._unchecked(method):
+            return behavior
 
         async def wrapped(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
