@@ -15,6 +15,15 @@ ID vector:
 A content vector carries less than a trained ID vector (the R^2 is printed in the training
 summary), so the prediction is what the item's text, attributes and photo say its ID vector
 would be: the typical collaborative placement of items like it.
+
+Which placement is "typical" depends on how the fit weighs the items. Recommendation targets are
+events, and events fall on items in proportion to their popularity, so the fit may weigh each
+item by popularity^a (a = 0: every item alike, most of them tail items; a = 1: every training
+event alike). The exponent and the penalty are chosen together on validation by what the map is
+for (`fold_out_ndcg`): the items with events are split into folds, each fold's ID vectors are
+replaced by the map fitted on the other folds, and the validation events whose target falls in
+the fold are ranked against the whole catalogue, as a new item's events would be. Without
+validation cases, the penalty is chosen by cross-validated R^2 and the items weigh alike.
 """
 
 from __future__ import annotations
@@ -29,15 +38,34 @@ import torch
 if TYPE_CHECKING:
     from ltrec.models import Recommender
 
-RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+RIDGE_GRID = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+# Exponents a of the items' weights popularity^a in the fit (0: every item alike; 1: every
+# training event alike), chosen on validation with the penalty.
+POPULARITY_EXPONENTS = (0.0, 0.5, 1.0)
 FOLDS = 5
+# Scores held at once by `fold_out_ndcg` (validation cases x catalogue; bounds its memory).
+SCORE_BUDGET = 2**24
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge regression y ~ x @ w + b, the intercept unpenalised: (w [Dx, Dy], b [Dy])."""
-    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+def fit_ridge(
+    x: np.ndarray, y: np.ndarray, lam: float, sample_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression y ~ x @ w + b, the intercept unpenalised: (w [Dx, Dy], b [Dy]).
+
+    `sample_weight` (non-negative, not all zero) weighs each row's squared error; the weights
+    are scaled to a mean of 1, so a penalty means the same with or without them."""
+    if sample_weight is None:
+        weight = np.ones(len(x))
+    else:
+        weight = np.asarray(sample_weight, dtype=np.float64)
+        if weight.shape != (len(x),) or (weight < 0).any() or weight.sum() <= 0:
+            raise ValueError(f"sample_weight must be {len(x)} non-negative weights, not all zero")
+        weight = weight * (len(x) / weight.sum())
+    share = weight / weight.sum()
+    x_mean, y_mean = share @ x, share @ y
     xc, yc = x - x_mean, y - y_mean
-    w = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ yc)
+    xw = xc * weight[:, None]
+    w = np.linalg.solve(xw.T @ xc + lam * np.eye(x.shape[1]), xw.T @ yc)
     return w, y_mean - x_mean @ w
 
 
@@ -64,11 +92,70 @@ def cross_validated_r2(
     return scores
 
 
-def impute_new_item_ids(model: Recommender, popularity: np.ndarray, seed: int = 0) -> dict:
+def fold_out_ndcg(
+    content: np.ndarray,
+    ids: np.ndarray,
+    weights: np.ndarray,
+    lam: float,
+    fit_rows: np.ndarray,
+    user_vectors: np.ndarray,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    folds: int = FOLDS,
+    seed: int = 0,
+) -> float:
+    """Validation NDCG@10 of items scored as if they were new: the `fit_rows` items (those with
+    training events) are split into `folds` seeded folds; for each fold, its items' vectors
+    become content + the map fitted on the other folds (ridge with `weights` and `lam`), and
+    every validation case whose target is in the fold ranks the whole catalogue (the rows of
+    `content`, row 0 padding; the user's history excluded, ties counted against the target, as
+    in `ltrec.evaluation`). Cases whose target is not in `fit_rows` count for nothing.
+
+    `user_vectors` [C, D] are the validation cases' user vectors, `histories` their history
+    indices and `targets` their target indices."""
+    order = np.random.default_rng(seed).permutation(fit_rows)
+    fold_of = np.full(len(content), -1)
+    for k, part in enumerate(np.array_split(order, folds)):
+        fold_of[part] = k
+    table = content + ids
+    gains, cases = 0.0, 0
+    for k in range(folds):
+        part = np.flatnonzero(fold_of == k)
+        rest = np.flatnonzero((fold_of >= 0) & (fold_of != k))
+        w, b = fit_ridge(content[rest], ids[rest], lam, weights[rest])
+        folded = table.copy()
+        folded[part] = content[part] + content[part] @ w + b
+        rows = np.flatnonzero(fold_of[targets] == k)
+        step = max(1, SCORE_BUDGET // len(content))
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            scores = user_vectors[chunk] @ folded.T
+            scores[:, 0] = -np.inf
+            for i, r in enumerate(chunk):
+                scores[i, histories[r]] = -np.inf
+            target = scores[np.arange(len(chunk)), targets[chunk]]
+            # Ties against the target: every other item scored at least as high ranks above it.
+            rank = (scores >= target[:, None]).sum(axis=1) - 1
+            hit = rank < 10
+            gains += float((1.0 / np.log2(rank[hit] + 2.0)).sum())
+        cases += len(rows)
+    return gains / cases if cases else 0.0
+
+
+def impute_new_item_ids(
+    model: Recommender,
+    popularity: np.ndarray,
+    seed: int = 0,
+    validation: tuple[np.ndarray, Sequence[np.ndarray], np.ndarray] | None = None,
+) -> dict:
     """Fit the content -> ID map on the items with training events, store it in the model's
     `fusion.new_item_ids` and write its prediction into the ID rows of the catalogue items
     without training events. A model without ID vectors or without the map is left as it is.
-    Returns what was done, for the training summary."""
+
+    `validation` (user vectors [C, D], history indices, target indices of the validation
+    cases, as the model scores them) chooses the popularity exponent and the penalty by
+    `fold_out_ndcg`; without it, the penalty is chosen by cross-validated R^2 and every item
+    weighs alike. Returns what was done, for the training summary."""
     new_item_ids = getattr(model.fusion, "new_item_ids", None)
     if model.item_ids is None or new_item_ids is None:
         return {"applied": False}
@@ -83,8 +170,34 @@ def impute_new_item_ids(model: Recommender, popularity: np.ndarray, seed: int = 
         content = model.content_table().double().numpy()
         ids = model.item_ids.weight.double().numpy()
     scores = cross_validated_r2(content[trained], ids[trained], seed=seed)
-    lam = max(scores, key=lambda k: scores[k])
-    w, b = fit_ridge(content[trained], ids[trained], lam)
+    counts = np.asarray(popularity, dtype=np.float64)
+    chosen: dict = {
+        "popularity_exponent": 0.0,
+        "ridge_lambda": max(scores, key=lambda k: scores[k]),
+        "chosen_by": "cross-validated R^2",
+    }
+    if validation is not None:
+        user_vectors, histories, targets = validation
+        fit_rows = np.flatnonzero(trained)
+        grid = []
+        for exponent in POPULARITY_EXPONENTS:
+            for lam in RIDGE_GRID:
+                ndcg = fold_out_ndcg(
+                    content, ids, counts**exponent, lam, fit_rows,
+                    np.asarray(user_vectors, dtype=np.float64), histories,
+                    np.asarray(targets), seed=seed,
+                )  # fmt: skip
+                grid.append({"popularity_exponent": exponent, "ridge_lambda": lam, "ndcg@10": ndcg})
+        best = max(grid, key=lambda g: g["ndcg@10"])
+        chosen = {
+            "popularity_exponent": best["popularity_exponent"],
+            "ridge_lambda": best["ridge_lambda"],
+            "chosen_by": "validation NDCG@10 of items scored as new (fold_out_ndcg)",
+            "fold_out_ndcg@10": best["ndcg@10"],
+            "grid": grid,
+        }
+    weights = counts[trained] ** chosen["popularity_exponent"]
+    w, b = fit_ridge(content[trained], ids[trained], chosen["ridge_lambda"], weights)
     with torch.no_grad():
         new_item_ids.weight.copy_(torch.from_numpy(w.T))
         new_item_ids.bias.copy_(torch.from_numpy(b))
@@ -95,7 +208,7 @@ def impute_new_item_ids(model: Recommender, popularity: np.ndarray, seed: int = 
     model.train(was_training)
     return {
         "applied": True,
-        "ridge_lambda": lam,
+        **chosen,
         "cv_r2": scores,
         "fitted_items": int(trained.sum()),
         "imputed_items": int(untrained.sum()),

@@ -40,7 +40,7 @@ from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vect
 from ltrec.models import ModelConfig, Recommender
 from ltrec.new_item_ids import impute_new_item_ids
 from ltrec.prepared import Prepared, item_side, prepare
-from ltrec.scoring import model_score_fn
+from ltrec.scoring import model_score_fn, user_vectors
 from ltrec.sequences import Sequences
 from ltrec.softmax import full_softmax_loss, matmul_dtype
 from ltrec.text_encoder import TEXT_MODEL_NAME
@@ -554,7 +554,14 @@ def fit(
         return model, {}
     model.load_state_dict(best_state)
     model.eval()
-    new_item_ids = impute_new_item_ids(model, prepared.popularity, seed=cfg.seed)
+    validation = None
+    if valid_cases is not None and getattr(model.fusion, "new_item_ids", None) is not None:
+        # The new-item map is chosen by how its predictions rank validation targets.
+        vectors = user_vectors(model, valid_cases, model_cfg.max_history)
+        validation = (vectors, valid_cases.histories, valid_cases.targets)
+    new_item_ids = impute_new_item_ids(
+        model, prepared.popularity, seed=cfg.seed, validation=validation
+    )
     summary = {
         "train_config": asdict(cfg),
         "model_config": model_cfg.to_dict(),

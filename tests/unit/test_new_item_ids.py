@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ltrec.models import ModelConfig, Recommender
 from ltrec.neural_baselines import IDOnlyRecommender
 from ltrec.new_item_ids import (
+    POPULARITY_EXPONENTS,
+    RIDGE_GRID,
     cross_validated_r2,
     fit_ridge,
+    fold_out_ndcg,
     impute_new_item_ids,
     without_new_item_ids,
 )
@@ -99,3 +103,79 @@ def test_models_without_the_map_or_without_id_vectors_are_left_alone() -> None:
     before = sasrec.item_table().detach().clone()
     assert impute_new_item_ids(sasrec, popularity) == {"applied": False}
     assert torch.equal(sasrec.item_table().detach(), before)
+
+
+def test_sample_weights_act_as_repeated_rows() -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 2))
+    counts = rng.integers(1, 4, size=40)
+    w, b = fit_ridge(x, y, 0.5, counts.astype(float))
+    # The weights are scaled to a mean of 1, so the repeated rows' penalty scales alike.
+    scale = counts.sum() / len(counts)
+    repeated_x, repeated_y = np.repeat(x, counts, axis=0), np.repeat(y, counts, axis=0)
+    want_w, want_b = fit_ridge(repeated_x, repeated_y, 0.5 * scale)
+    np.testing.assert_allclose(w, want_w, atol=1e-10)
+    np.testing.assert_allclose(b, want_b, atol=1e-10)
+    with pytest.raises(ValueError, match="sample_weight"):
+        fit_ridge(x, y, 0.5, -np.ones(40))
+
+
+def _ranking_fixture(
+    n_items: int = 120, dim: int = 6, seed: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """Content, ID vectors that are an exact linear map of the content, and validation cases
+    whose target is each user's best-scored item outside its history."""
+    rng = np.random.default_rng(seed)
+    content = rng.normal(size=(n_items + 1, dim))
+    ids = content @ rng.normal(size=(dim, dim)) * 0.5 + 0.2
+    content[0] = ids[0] = 0.0
+    users = rng.normal(size=(300, dim))
+    histories = [rng.choice(np.arange(1, n_items + 1), size=5, replace=False) for _ in users]
+    scores = users @ (content + ids).T
+    scores[:, 0] = -np.inf
+    for i, h in enumerate(histories):
+        scores[i, h] = -np.inf
+    return content, ids, users, histories, scores.argmax(axis=1)
+
+
+def test_fold_out_ndcg_is_perfect_when_content_predicts_the_ids_exactly() -> None:
+    content, ids, users, histories, targets = _ranking_fixture()
+    rows = np.arange(1, len(content))
+    ones = np.ones(len(content))
+    exact = fold_out_ndcg(content, ids, ones, 1e-8, rows, users, histories, targets)
+    assert exact == pytest.approx(1.0)  # every target is its user's top item
+    # A penalty that shrinks the map towards its intercept places the folded items worse.
+    shrunk = fold_out_ndcg(content, ids, ones, 1e6, rows, users, histories, targets)
+    assert shrunk < 0.8 * exact
+    # Only the cases whose target is among the fitted rows count: none here.
+    others = np.setdiff1d(rows, targets)
+    assert fold_out_ndcg(content, ids, ones, 1e-8, others, users, histories, targets) == 0.0
+
+
+def test_validation_chooses_the_fit_weighting_that_places_new_items_best() -> None:
+    torch.manual_seed(0)
+    model = Recommender(CFG, torch.randn(CFG.n_items + 1, CFG.text_dim)).eval()
+    popularity = np.where(np.arange(CFG.n_items + 1) % 2 == 0, 50, 1)
+    popularity[0], popularity[-4:] = 0, 0  # the last four items have no training events
+    _trained_like(model, popularity)
+    assert model.item_ids is not None
+    with torch.no_grad():
+        content = model.content_table()
+        # The rare items' ID vectors follow another map than the popular items'.
+        rare = torch.from_numpy(popularity == 1)
+        model.item_ids.weight[rare] = content[rare] @ torch.randn(8, 8)
+        table = model.item_table().numpy().astype(np.float64)
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(400, CFG.embedding_dim))
+    histories = [np.array([1]) for _ in users]
+    popular = np.flatnonzero(popularity == 50)
+    scores = users @ table[popular].T
+    targets = popular[scores.argmax(axis=1)]  # validation targets are popular items
+    done = impute_new_item_ids(model, popularity, validation=(users, histories, targets))
+    assert done["applied"] and done["chosen_by"].startswith("validation")
+    assert done["popularity_exponent"] == 1.0
+    assert len(done["grid"]) == len(POPULARITY_EXPONENTS) * len(RIDGE_GRID)
+    chosen = max(done["grid"], key=lambda g: g["ndcg@10"])
+    assert chosen["ndcg@10"] > max(
+        g["ndcg@10"] for g in done["grid"] if g["popularity_exponent"] == 0.0
+    )
