@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         f"cold items: {int(cold.sum())}; their ID vectors predicted from content "
         f"(ltrec.new_item_ids): {imputed.get('applied')}"
         + (
-            f", ridge lambda {imputed['ridge_lambda']:g}, cross-validated R^2 "
+            f", ridge lambda {imputed['ridge_lambda']:g}, items weighed by popularity^"
+            f"{imputed.get('popularity_exponent', 0.0):g} (chosen by "
+            f"{imputed.get('chosen_by', 'cross-validated R^2')}), cross-validated R^2 "
             f"{max(imputed['cv_r2'].values()):.3f}"
             if imputed.get("applied")
             else ""
