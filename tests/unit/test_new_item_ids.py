@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from ltrec.models import ModelConfig, Recommender
 from ltrec.neural_baselines import IDOnlyRecommender
 from ltrec.new_item_ids import (
+    EVENT_WEIGHTED_EXPONENTS,
     POPULARITY_EXPONENTS,
     RIDGE_GRID,
     cross_validated_r2,
@@ -171,10 +173,18 @@ def test_validation_chooses_the_fit_weighting_that_places_new_items_best() -> No
     popular = np.flatnonzero(popularity == 50)
     scores = users @ table[popular].T
     targets = popular[scores.argmax(axis=1)]  # validation targets are popular items
-    done = impute_new_item_ids(model, popularity, validation=(users, histories, targets))
+    validation = (users, histories, targets)
+    default = copy.deepcopy(model)
+    done = impute_new_item_ids(
+        model, popularity, validation=validation, exponents=EVENT_WEIGHTED_EXPONENTS
+    )
     assert done["applied"] and done["chosen_by"].startswith("validation")
     assert done["popularity_exponent"] == 1.0
-    assert len(done["grid"]) == len(POPULARITY_EXPONENTS) * len(RIDGE_GRID)
+    assert len(done["grid"]) == len(EVENT_WEIGHTED_EXPONENTS) * len(RIDGE_GRID)
+    # The served default weighs every item alike; validation still chooses its penalty.
+    assert POPULARITY_EXPONENTS == (0.0,)
+    plain = impute_new_item_ids(default, popularity, validation=validation)
+    assert plain["popularity_exponent"] == 0.0 and len(plain["grid"]) == len(RIDGE_GRID)
     chosen = max(done["grid"], key=lambda g: g["ndcg@10"])
     assert chosen["ndcg@10"] > max(
         g["ndcg@10"] for g in done["grid"] if g["popularity_exponent"] == 0.0

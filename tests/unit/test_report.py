@@ -371,6 +371,17 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
             continue  # main view only (below)
         assert {"recall@10", "ndcg@10", "cases"} <= set(model["cold_start"])
         assert math.isfinite(model["cold_start"]["ndcg@10"]) and model["cold_start"]["ndcg@10"] >= 0
+    # Ours on the cold view: what the new items cost the whole test set, and the ablation of the
+    # new-item map fitted event-weighted, its Audience and demand figures beside the served map's.
+    ours_cold = report["models"]["ours"]["cold_start"]
+    assert set(ours_cold["all_cases_ndcg@10"]) == {"weight_0", "at_default_weight"}
+    weighted = ours_cold["event_weighted_map"]
+    assert weighted["popularity_exponent"] in (0.0, 0.5, 1.0)
+    for key in ("weight_0", "at_default_weight"):
+        assert 0 <= weighted[key]["all_cases_ndcg@10"] <= 1 and "recall@10" in weighted[key]
+    assert "demand_spearman" in weighted["audience"]["all_held_out_events"]
+    assert "new-item map fitted event-weighted (popularity^" in md
+    assert "ours: p(item | user) alone, new-item map fitted event-weighted" in md
     # Most-popular shows everyone the same list less their history: at most 10 + the longest
     # history's items are ever shown.
     longest = load_dataset(tiny_data).events["user_id"].value_counts().max()
