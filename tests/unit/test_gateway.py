@@ -114,6 +114,28 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
 
 
 @run_async
+async def test_served_items_are_counted_by_long_tail_flag(repository: Path) -> None:
+    """The long-tail share of what callers are shown (per model version on the dashboard)."""
+
+    def served(flag: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "ltrec_gateway_served_items_total", {"method": "Recommend", "long_tail": flag}
+        )
+        return value or 0.0
+
+    before = served("true"), served("false")
+    # i5 and i4 are long-tail items, i1 and i3 are not; i2 is in the history and dropped.
+    fake = FakeTransport(outputs([5, 1, 4, 3, 2], [5.0, 4.0, 3.0, 2.0, 1.0], [0, 0, 0, 0, 0]))
+    async with running_gateway(repository, fake) as gw:
+        request = recommender_pb2.RecommendRequest(
+            history=[event("i2", recommender_pb2.EVENT_TYPE_VIEW, 100)], k=10
+        )
+        response = await gw.stub.Recommend(request, timeout=5)
+    assert [item.long_tail for item in response.items] == [True, False, True, False]
+    assert (served("true") - before[0], served("false") - before[1]) == (2, 2)
+
+
+@run_async
 async def test_recommend_without_history_pads_and_uses_generic_reasons(repository: Path) -> None:
     fake = FakeTransport(outputs([4, 1], [0.9, 0.8], [0, 0]))
     request = recommender_pb2.RecommendRequest(
