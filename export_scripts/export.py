@@ -38,7 +38,12 @@ from ltrec.data import sha256_file
 from ltrec.models import AudienceScorer, ItemEncoder, ItemLookup, Scorer, UserEncoder
 from ltrec.prepared import dataset_item_fields
 from ltrec_core import contract
-from ltrec_core.artifacts import CatalogueFields, RepositoryMetadata, write_repository_metadata
+from ltrec_core.artifacts import (
+    CatalogueFields,
+    RepositoryMetadata,
+    content_hash,
+    write_repository_metadata,
+)
 
 PARITY_TOLERANCE = 1e-4
 VERSION = "1"  # Triton version folder; the model version string lives in the metadata
@@ -62,6 +67,15 @@ def _write_config(repo: Path, cfg: object) -> None:
     text = triton_config.to_pbtxt(cfg)  # type: ignore[arg-type]
     triton_config.parse_pbtxt(text)  # round-trip: a config Triton cannot parse never lands
     (model_dir / "config.pbtxt").write_text(text)
+
+
+def file_hashes(repo: Path) -> dict[str, dict[str, Any]]:
+    """Every file of the repository but the metadata file: relative path -> sha256, bytes."""
+    files = sorted(p for p in repo.rglob("*") if p.is_file() and p.name != contract.METADATA_FILE)
+    return {
+        str(p.relative_to(repo)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in files
+    }
 
 
 def write_catalogue(path: Path, ckpt: Checkpoint, fields: CatalogueFields) -> None:
@@ -347,7 +361,7 @@ def _export_into(
         triton_config.onnx_model_config(
             contract.AUDIENCE_SCORER_MODEL, triton_config.audience_scorer_io(dim), tensorrt=tensorrt
         ),
-        triton_config.ensemble_config(dim),
+        # The recommend ensemble is written last, with the repository's identity (below).
         triton_config.similar_items_config(dim),
         triton_config.audience_config(dim),
     ]
@@ -368,12 +382,18 @@ def _export_into(
         raise RuntimeError(f"ONNX graphs disagree with torch: {', '.join(failed)}")
 
     write_catalogue(output / contract.CATALOGUE_FILE, ckpt, catalogue_fields(ckpt, log))
-    files = sorted(p for p in output.rglob("*") if p.is_file() and p.name != contract.METADATA_FILE)
     summary = ckpt.summary
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     ckpt_hash = sha256_file(checkpoint)
+    model_version = f"{stamp}-{ckpt_hash[:8]}"
+    # The identity Triton will serve: the hash of every other file, written into the ensemble.
+    identity = content_hash(file_hashes(output))
+    _write_config(
+        output,
+        triton_config.with_identity(triton_config.ensemble_config(dim), model_version, identity),
+    )
     metadata = RepositoryMetadata(
-        model_version=f"{stamp}-{ckpt_hash[:8]}",
+        model_version=model_version,
         created_at=datetime.now(UTC).isoformat(),
         embedding_dim=dim,
         max_history=cfg.max_history,
@@ -404,11 +424,9 @@ def _export_into(
         },
         parity_max_abs_diff=parity,
         checkpoint={"path": str(checkpoint), "sha256": ckpt_hash},
-        files={
-            str(p.relative_to(output)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in files
-        },
+        files=file_hashes(output),
         export_seconds=round(time.monotonic() - started, 2),
+        content_hash=identity,
     )
     return write_repository_metadata(output / contract.METADATA_FILE, metadata)
 

@@ -242,6 +242,16 @@ def audience_config(dim: int) -> mc.ModelConfig:
     return _ensemble(contract.AUDIENCE_MODEL, audience_steps(dim))
 
 
+def with_identity(cfg: mc.ModelConfig, model_version: str, content_hash: str) -> mc.ModelConfig:
+    """`cfg` (the ensemble's) carrying the repository's identity as model parameters, which
+    Triton's model configuration endpoint returns to the gateway (`server.health`)."""
+    out = mc.ModelConfig()
+    out.CopyFrom(cfg)
+    out.parameters[contract.MODEL_VERSION_PARAMETER].string_value = model_version
+    out.parameters[contract.CONTENT_HASH_PARAMETER].string_value = content_hash
+    return out
+
+
 def to_pbtxt(cfg: mc.ModelConfig) -> str:
     return text_format.MessageToString(cfg)
 

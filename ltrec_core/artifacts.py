@@ -14,6 +14,7 @@ and checkpoints written before the schemas were declared read as they are. A lat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -219,6 +220,9 @@ class RepositoryMetadata:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     export_seconds: float = 0.0
+    # `content_hash(files)`; "" in repositories exported before it (the gateway then cannot
+    # compare what Triton serves with what it loaded, and says so at start).
+    content_hash: str = ""
 
     @property
     def text_max_tokens(self) -> int:
@@ -251,6 +255,7 @@ class RepositoryMetadata:
             "checkpoint": self.checkpoint,
             "files": self.files,
             "export_seconds": self.export_seconds,
+            "content_hash": self.content_hash,
         }
 
 
@@ -372,4 +377,17 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         checkpoint=optional("checkpoint", dict, {}),
         files=optional("files", dict, {}),
         export_seconds=float(optional("export_seconds", (int, float), 0.0)),
+        content_hash=optional("content_hash", str, ""),
     )
+
+
+def content_hash(files: dict[str, dict[str, Any]]) -> str:
+    """One sha256 over the repository's files (relative path -> {"sha256": ...}), the metadata
+    file and the ensemble config that carries the hash left out: two repositories with the same
+    models, configs and catalogue have the same hash, whatever their version label says."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        if path in (contract.METADATA_FILE, contract.IDENTITY_CARRIER):
+            continue
+        digest.update(f"{path}\0{files[path]['sha256']}\n".encode())
+    return digest.hexdigest()

@@ -110,6 +110,14 @@ UNKNOWN_BUCKET = 0  # device/region: 0 unknown, 1 + position in the exported voc
 
 # --- Files the export writes at the root of the model repository -------------------------------
 METADATA_FILE = "ltrec_metadata.json"  # versions, data, training figures, hashes, vocabularies
+# The repository's identity as Triton serves it: the export writes the model version and the
+# content hash (`ltrec_core.artifacts.content_hash`) into the ensemble's config.pbtxt as model
+# parameters; Triton's model configuration endpoint returns them, and the gateway compares them
+# with the metadata file it loaded (not SERVING while they differ).
+MODEL_VERSION_PARAMETER = "ltrec_model_version"
+CONTENT_HASH_PARAMETER = "ltrec_content_hash"
+# Files the content hash leaves out: the metadata file, and the ensemble config that carries it.
+IDENTITY_CARRIER = f"{ENSEMBLE_MODEL}/config.pbtxt"
 CATALOGUE_FILE = "ltrec_catalogue.csv"  # CATALOGUE_COLUMNS, one row per item (index 1..N)
 # The catalogue file's header: the export writes it, the gateway refuses any other. category,
 # brand and price_bucket (one of `ltrec_core.item_text.PRICE_BUCKETS`, or empty) are the item's

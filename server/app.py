@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from ltrec_core import contract
 from server import metrics
 from server.access import ADMIN_METHODS, AccessInterceptor, Authoriser, CallerLimiter
 from server.audience import Audiences
@@ -36,7 +37,12 @@ from server.stores.history import HistoryBackend, HistoryStore
 from server.stores.history_redis import RedisHistory
 from server.stores.history_sqlite import SqliteHistory
 from server.stores.items import ItemStore
-from server.triton_client import GrpcTritonTransport, TritonClient, TritonTransport
+from server.triton_client import (
+    GrpcTritonTransport,
+    ModelIdentity,
+    TritonClient,
+    TritonTransport,
+)
 from server.user_vectors import UserVectors
 from server.validation import RequestLimits
 
@@ -257,7 +263,18 @@ def create_server(
         ),
         server,
     )
-    health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds)
+    expected = (
+        ModelIdentity(metadata.model_version, metadata.content_hash)
+        if metadata.content_hash
+        else None
+    )
+    if expected is None:
+        logger.warning(
+            "%s has no content_hash (exported before it was written): the model Triton serves "
+            "is not compared with this one; re-run the export",
+            contract.METADATA_FILE,
+        )
+    health = HealthReporter(triton, (SERVICE_NAME,), config.health_poll_interval_seconds, expected)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

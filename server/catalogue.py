@@ -56,6 +56,9 @@ class ModelMetadata:
     basket_lookup: bool = False
     # The repository has the audience ensemble (Audience, ForecastDemand).
     audience: bool = False
+    # The hash of the repository's files (`ltrec_core.artifacts.content_hash`); "" when exported
+    # before it. With the version, what Triton must serve for this gateway to be SERVING.
+    content_hash: str = ""
 
     @classmethod
     def from_repository(cls, metadata: RepositoryMetadata) -> ModelMetadata:
@@ -74,6 +77,7 @@ class ModelMetadata:
             text_max_tokens=metadata.text_max_tokens,
             basket_lookup=metadata.basket_lookup,
             audience=metadata.audience,
+            content_hash=metadata.content_hash,
         )
 
 

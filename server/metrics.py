@@ -85,6 +85,14 @@ TRITON_REQUEST_DURATION_SECONDS = Histogram(
     subsystem=SUBSYSTEM,
     buckets=STAGE_BUCKETS_SECONDS,
 )
+MODEL_VERSION_MISMATCH = Gauge(
+    "model_version_mismatch",
+    "1 while the model version or content hash that Triton's ensemble serves differs from the "
+    "repository this gateway loaded (the gateway is NOT_SERVING meanwhile), else 0; the gateway's "
+    "version is ltrec_gateway_model_info's.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
 TRITON_ERRORS_TOTAL = Counter(
     "triton_errors_total",
     "Failed inference calls to Triton (after gRPC's retries), by gRPC status code.",
@@ -277,6 +285,22 @@ for _method in FILTER_METHODS:
     FILTER_SHORT_RESULTS_TOTAL.labels(method=_method)
     for _field in FILTER_FIELDS:
         FILTERED_REQUESTS_TOTAL.labels(method=_method, field=_field)
+
+# Items of the lists served (Recommend, SimilarItems), by whether each is a long-tail item of the
+# catalogue: the long-tail share of what callers are shown, per model version when joined with
+# ltrec_gateway_model_info (a canary's effect on the long tail beside the stable version's).
+SERVED_ITEM_METHODS = ("Recommend", "SimilarItems")
+SERVED_ITEMS_TOTAL = Counter(
+    "served_items_total",
+    "Items in the answered Recommend (RecommendBatch's included) and SimilarItems lists, by "
+    "method and whether the item is a long-tail item (long_tail: true, false).",
+    ["method", "long_tail"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+for _method in SERVED_ITEM_METHODS:
+    for _flag in ("true", "false"):
+        SERVED_ITEMS_TOTAL.labels(method=_method, long_tail=_flag)
 
 # SimilarItems' query size: 1 for item_id, the basket's for basket_item_ids (how large the carts
 # sent are, against LTREC_MAX_BASKET_ITEMS).

@@ -163,6 +163,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         with _POSTPROCESS.time():
             items = build_items(outputs, features, catalogue)
         _count_filter("Recommend", request.filter, request.k, len(items))
+        _count_served("Recommend", items)
         # The served list goes to the feedback store without waiting for the disk.
         self._feedback.offer(
             ServedRecord(
@@ -213,6 +214,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         with _POSTPROCESS.time():
             items = build_similar_items(outputs, features, catalogue)
         _count_filter("SimilarItems", request.filter, request.k, len(items))
+        _count_served("SimilarItems", items)
         return recommender_pb2.SimilarItemsResponse(
             items=items, model_version=self._metadata.model_version, request_id=request_id
         )
@@ -453,6 +455,16 @@ def _count_filter(
         metrics.FILTERED_REQUESTS_TOTAL.labels(method=method, field=name).inc()
     if fields and returned < k:
         metrics.FILTER_SHORT_RESULTS_TOTAL.labels(method=method).inc()
+
+
+def _count_served(method: str, items: list[recommender_pb2.RecommendedItem]) -> None:
+    long_tail = sum(1 for item in items if item.long_tail)
+    if long_tail:
+        metrics.SERVED_ITEMS_TOTAL.labels(method=method, long_tail="true").inc(long_tail)
+    if len(items) > long_tail:
+        metrics.SERVED_ITEMS_TOTAL.labels(method=method, long_tail="false").inc(
+            len(items) - long_tail
+        )
 
 
 def _count_images(encoded: int, problems: list[ImageProblem]) -> None:

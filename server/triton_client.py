@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -97,6 +98,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.6f}s"
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which export a repository is: its version label and the hash of its files."""
+
+    model_version: str
+    content_hash: str
+
+    def short(self) -> str:
+        return f"{self.model_version or '?'} ({self.content_hash[:12] or 'no content hash'})"
+
+
 class TritonTransport(Protocol):
     async def infer(
         self,
@@ -109,6 +121,10 @@ class TritonTransport(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
     async def is_model_ready(self, model_name: str, *, client_timeout: float) -> bool: ...
+
+    async def model_parameters(
+        self, model_name: str, *, client_timeout: float
+    ) -> dict[str, str]: ...
 
     async def close(self) -> None: ...
 
@@ -161,6 +177,11 @@ class GrpcTritonTransport:
 
     async def is_model_ready(self, model_name: str, *, client_timeout: float) -> bool:
         return bool(await self._client.is_model_ready(model_name, client_timeout=client_timeout))
+
+    async def model_parameters(self, model_name: str, *, client_timeout: float) -> dict[str, str]:
+        """The string parameters of the model's configuration as Triton serves it."""
+        response = await self._client.get_model_config(model_name, client_timeout=client_timeout)
+        return {k: v.string_value for k, v in response.config.parameters.items()}
 
     async def close(self) -> None:
         await self._client.close()
@@ -232,6 +253,22 @@ class TritonClient:
         except (TimeoutError, InferenceServerException, OSError) as exc:
             logger.debug("Triton readiness check failed: %s", exc)
             return False
+
+    async def served_identity(self) -> ModelIdentity | None:
+        """The model version and content hash the ensemble Triton serves carries (empty strings
+        where its config has none); None when Triton could not be asked (a poll, as readiness)."""
+        try:
+            async with asyncio.timeout(self._timeout_seconds):
+                parameters = await self._transport.model_parameters(
+                    contract.ENSEMBLE_MODEL, client_timeout=self._timeout_seconds
+                )
+        except (TimeoutError, InferenceServerException, OSError) as exc:
+            logger.debug("Triton model configuration request failed: %s", exc)
+            return None
+        return ModelIdentity(
+            parameters.get(contract.MODEL_VERSION_PARAMETER, ""),
+            parameters.get(contract.CONTENT_HASH_PARAMETER, ""),
+        )
 
     async def close(self) -> None:
         await self._transport.close()

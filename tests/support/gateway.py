@@ -270,6 +270,8 @@ class FakeTransport:
         self.always: BaseException | None = None
         self.delay_seconds = 0.0
         self.ready = True
+        # The ensemble config's parameters (the served model's identity, `server.health`).
+        self.parameters: dict[str, str] = {}
         self.closed = False
         self.calls: list[InferCall] = []
 
@@ -327,6 +329,10 @@ class FakeTransport:
     async def is_model_ready(self, model_name: str, *, client_timeout: float) -> bool:
         assert model_name == contract.ENSEMBLE_MODEL
         return self.ready
+
+    async def model_parameters(self, model_name: str, *, client_timeout: float) -> dict[str, str]:
+        assert model_name == contract.ENSEMBLE_MODEL
+        return dict(self.parameters)
 
     async def close(self) -> None:
         self.closed = True

@@ -38,10 +38,11 @@ def alert_names(spec: dict[str, Any]) -> set[str]:
 
 def test_rules_pass_promtool_check(promtool: str, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(yaml.safe_dump(rendered_rules()))
+    spec = rendered_rules()
+    rules.write_text(yaml.safe_dump(spec))
     result = run(promtool, "check", "rules", str(rules))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert f"SUCCESS: {len(alert_names(spec))} rules found" in result.stdout
 
 
 def test_alert_unit_tests_pass(promtool: str, tmp_path: Path) -> None:

@@ -152,9 +152,12 @@ def test_error_ratio_and_in_flight_panels(dashboard: dict[str, Any]) -> None:
         for t in p.get("targets", [])
         if t["expr"].count("ltrec_gateway_requests_total") == 2 and " / " in t["expr"]
     ]
-    assert len(rates) == 1, "one error-ratio query: server-side codes / all requests"
-    numerator, denominator = rates[0].split(" / ")
-    assert 'code=~"INTERNAL|UNAVAILABLE' in numerator and "code" not in denominator
+    # By method, and by model version (a canary beside the primary version).
+    assert len(rates) == 2, "error-ratio queries: server-side codes / all requests"
+    assert sum("group_left (model_version)" in rate for rate in rates) == 1
+    for rate in rates:
+        numerator, denominator = rate.split(" / ")
+        assert 'code=~"INTERNAL|UNAVAILABLE' in numerator and "code" not in denominator
     in_flight = _panel_with(dashboard, "ltrec_gateway_in_flight_requests")
     assert "In-flight" in in_flight["title"]
 

@@ -27,7 +27,7 @@ from export_scripts import onnx_graphs, triton_config
 from ltrec.checkpoint import load_checkpoint
 from ltrec.models import ItemLookup, Scorer, UserEncoder
 from ltrec_core import contract
-from ltrec_core.artifacts import CatalogueFields
+from ltrec_core.artifacts import CatalogueFields, content_hash
 from server.catalogue import load_model_repository
 from server.gen.ltrec.v1 import recommender_pb2
 from server.item_filter import eligibility
@@ -673,6 +673,30 @@ def test_metadata_records_version_and_file_hashes(exported: Exported) -> None:
         data = (repo / name).read_bytes()
         assert entry["sha256"] == hashlib.sha256(data).hexdigest(), name
         assert entry["bytes"] == len(data), name
+
+
+def test_ensemble_config_carries_the_repository_identity(exported: Exported) -> None:
+    """What Triton's model configuration endpoint gives the gateway: the version and a hash
+    of every file but the metadata and the config carrying it, recomputed here from the disk."""
+    repo = exported.repo
+    parameters = read_config(repo, contract.ENSEMBLE_MODEL).parameters
+    assert (
+        parameters[contract.MODEL_VERSION_PARAMETER].string_value
+        == (exported.metadata["model_version"])
+    )
+    digest = hashlib.sha256()
+    for path in sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()):
+        if path in (contract.METADATA_FILE, f"{contract.ENSEMBLE_MODEL}/config.pbtxt"):
+            continue
+        digest.update(
+            f"{path}\0{hashlib.sha256((repo / path).read_bytes()).hexdigest()}\n".encode()
+        )
+    assert parameters[contract.CONTENT_HASH_PARAMETER].string_value == digest.hexdigest()
+    assert exported.metadata["content_hash"] == digest.hexdigest()
+    # Any served file changed changes the hash.
+    changed = dict(exported.metadata["files"])
+    changed[contract.CATALOGUE_FILE] = {"sha256": "0" * 64, "bytes": 1}
+    assert content_hash(changed) != exported.metadata["content_hash"]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from tests.support.gateway import (
     run_async,
     running_gateway,
     unavailable,
+    write_repository,
 )
 
 SERVICE = "ltrec.v1.Recommender"
@@ -109,6 +111,28 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
         contract.ITEM_ELIGIBLE: np.bool_,
     }
     assert {name: array.dtype.type for name, array in tensors.items()} == expected_dtypes
+
+
+@run_async
+async def test_served_items_are_counted_by_long_tail_flag(repository: Path) -> None:
+    """The long-tail share of what callers are shown (per model version on the dashboard)."""
+
+    def served(flag: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "ltrec_gateway_served_items_total", {"method": "Recommend", "long_tail": flag}
+        )
+        return value or 0.0
+
+    before = served("true"), served("false")
+    # i5 and i4 are long-tail items, i1 and i3 are not; i2 is in the history and dropped.
+    fake = FakeTransport(outputs([5, 1, 4, 3, 2], [5.0, 4.0, 3.0, 2.0, 1.0], [0, 0, 0, 0, 0]))
+    async with running_gateway(repository, fake) as gw:
+        request = recommender_pb2.RecommendRequest(
+            history=[event("i2", recommender_pb2.EVENT_TYPE_VIEW, 100)], k=10
+        )
+        response = await gw.stub.Recommend(request, timeout=5)
+    assert [item.long_tail for item in response.items] == [True, False, True, False]
+    assert (served("true") - before[0], served("false") - before[1]) == (2, 2)
 
 
 @run_async
@@ -396,6 +420,68 @@ async def test_health_follows_triton_readiness_both_ways(repository: Path) -> No
         await gw.server.stop(1.0)
         assert fake.closed
         assert REGISTRY.get_sample_value("ltrec_gateway_triton_ready") == 0
+
+
+def _identity_repository(directory: Path, content_hash: str) -> Path:
+    repository = write_repository(directory)
+    metadata = {**METADATA, "content_hash": content_hash}
+    (repository / contract.METADATA_FILE).write_text(json.dumps(metadata), encoding="utf-8")
+    return repository
+
+
+def _served(version: str, content_hash: str) -> dict[str, str]:
+    return {
+        contract.MODEL_VERSION_PARAMETER: version,
+        contract.CONTENT_HASH_PARAMETER: content_hash,
+    }
+
+
+@run_async
+async def test_health_is_not_serving_while_triton_serves_another_model(tmp_path: Path) -> None:
+    """Ready is not enough: the version and content hash of Triton's ensemble must be the
+    repository's the gateway loaded, re-checked every poll, both ways."""
+    repository = _identity_repository(tmp_path / "repo", "a" * 64)
+    fake = FakeTransport()
+    fake.parameters = _served("older-version", "b" * 64)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    mismatch = "ltrec_gateway_model_version_mismatch"
+    async with running_gateway(repository, fake) as gw:
+        health = health_pb2_grpc.HealthStub(gw.channel)
+        await asyncio.sleep(0.1)  # several polls
+        for service in ("", SERVICE):
+            check = health_pb2.HealthCheckRequest(service=service)
+            assert (await health.Check(check, timeout=1)).status == not_serving
+        assert REGISTRY.get_sample_value(mismatch) == 1
+        assert REGISTRY.get_sample_value("ltrec_gateway_triton_ready") == 1
+        fake.parameters = _served(METADATA["model_version"], "a" * 64)
+        await _wait_for_status(health, SERVICE, serving)
+        assert REGISTRY.get_sample_value(mismatch) == 0
+        # Same version label, other files (a re-export): not the model this gateway loaded.
+        fake.parameters = _served(METADATA["model_version"], "c" * 64)
+        await _wait_for_status(health, "", not_serving)
+        assert REGISTRY.get_sample_value(mismatch) == 1
+        fake.parameters = {}  # a repository exported without an identity
+        await asyncio.sleep(0.1)
+        assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status == (
+            not_serving
+        )
+        fake.parameters = _served(METADATA["model_version"], "a" * 64)
+        await _wait_for_status(health, "", serving)
+
+
+@run_async
+async def test_health_skips_the_comparison_for_a_repository_without_content_hash(
+    repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Repositories exported before the hash existed still serve (and the start says so)."""
+    fake = FakeTransport()
+    fake.parameters = _served("anything", "b" * 64)
+    async with running_gateway(repository, fake) as gw:
+        health = health_pb2_grpc.HealthStub(gw.channel)
+        await _wait_for_status(health, SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    assert REGISTRY.get_sample_value("ltrec_gateway_model_version_mismatch") == 0
+    assert any("no content_hash" in r.getMessage() for r in caplog.records)
 
 
 @run_async

@@ -37,6 +37,7 @@ VALUES = {
     "gpu": values_file("gpu-values.yaml"),
     "object-store": values_file("object-store-values.yaml"),
     "access": values_file("access-values.yaml"),
+    "canary": values_file("canary-values.yaml"),
 }
 
 
@@ -57,8 +58,22 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return found[0]
 
 
+def unit_name(component: str, docs: list[dict[str, Any]] | None = None) -> str:
+    """The primary unit's Deployment of a component (named by model.version: default "1")."""
+    if docs is None:
+        return f"{RELEASE}-{component}-v1"
+    (name,) = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        and d["metadata"]["labels"]["ltrec.io/track"] == "primary"
+    ]
+    return str(name)
+
+
 def pod_spec(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
-    return one(docs, "Deployment", f"{RELEASE}-{component}")["spec"]["template"]["spec"]
+    return one(docs, "Deployment", unit_name(component, docs))["spec"]["template"]["spec"]
 
 
 @pytest.fixture(scope="module", params=sorted(VALUES))
@@ -109,6 +124,16 @@ def test_rendered_kinds() -> None:
         ]
     )
     assert kinds["object-store"] == sorted([*common, "PodDisruptionBudget", "PrometheusRule"])
+    # A second unit: its Triton and gateway Deployments and its headless Service.
+    assert kinds["canary"] == sorted(
+        [
+            *common,
+            *["Deployment", "Deployment", "Service"],
+            *["PodDisruptionBudget"] * 2,
+            "PrometheusRule",
+            "ConfigMap",
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -196,10 +221,10 @@ def test_bad_values_are_rejected_naming_the_field(
 def test_network_policy_lets_only_gateway_pods_reach_triton_serving_ports() -> None:
     docs = render({})
     policy = one(docs, "NetworkPolicy", f"{RELEASE}-triton")["spec"]
-    triton_labels = one(docs, "Deployment", f"{RELEASE}-triton")["spec"]["template"]["metadata"][
+    triton_labels = one(docs, "Deployment", unit_name("triton"))["spec"]["template"]["metadata"][
         "labels"
     ]
-    gateway_labels = one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["metadata"][
+    gateway_labels = one(docs, "Deployment", unit_name("gateway"))["spec"]["template"]["metadata"][
         "labels"
     ]
     selects = policy["podSelector"]["matchLabels"]
@@ -219,7 +244,7 @@ def test_network_policy_lets_only_gateway_pods_reach_triton_serving_ports() -> N
 
 
 def pod_labels(docs: list[dict[str, Any]], component: str) -> dict[str, str]:
-    template = one(docs, "Deployment", f"{RELEASE}-{component}")["spec"]["template"]
+    template = one(docs, "Deployment", unit_name(component, docs))["spec"]["template"]
     labels: dict[str, str] = template["metadata"]["labels"]
     return labels
 
@@ -296,12 +321,12 @@ def test_gateways_spread_over_every_ready_triton_pod() -> None:
     """The headless Service resolves to each ready Triton pod; the gateway's channel, built from
     the rendered environment, round-robins over them and retries UNAVAILABLE on the next one."""
     docs = render({"gateway": {"env": {"triton_retries": "3"}}})
-    headless = one(docs, "Service", f"{RELEASE}-triton-headless")["spec"]
+    headless = one(docs, "Service", f"{RELEASE}-triton-v1")["spec"]
     assert headless["clusterIP"] == "None"
     assert headless["publishNotReadyAddresses"] is False
     assert (
         headless["selector"]
-        == one(docs, "Deployment", f"{RELEASE}-triton")["spec"]["selector"]["matchLabels"]
+        == one(docs, "Deployment", unit_name("triton"))["spec"]["selector"]["matchLabels"]
     )
     # gRPC only: the ServiceMonitor's "metrics" port stays on the ClusterIP Service, scraped once.
     assert [(p["name"], p["port"]) for p in headless["ports"]] == [("grpc", 8001)]
@@ -314,7 +339,7 @@ def test_gateways_spread_over_every_ready_triton_pod() -> None:
 
     (gateway,) = pod_spec(docs, "gateway")["containers"]
     config = GatewayConfig.from_env(gateway_env(gateway))
-    assert config.triton_url.startswith(f"dns:///{RELEASE}-triton-headless.")
+    assert config.triton_url.startswith(f"dns:///{RELEASE}-triton-v1.")
     args = dict(channel_args(retries=config.triton_retries, backoff_seconds=0.05))
     service_config = json.loads(args["grpc.service_config"])
     assert service_config["loadBalancingConfig"] == [{"round_robin": {}}]
@@ -345,7 +370,7 @@ def test_gateway_probes_and_environment() -> None:
     assert gateway["readinessProbe"]["grpc"] == {"port": 50051}
     assert gateway["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
     env = {e["name"]: e.get("value", "") for e in gateway["env"]}
-    assert env["LTREC_TRITON_URL"] == f"dns:///{RELEASE}-triton-headless.{NAMESPACE}.svc:8001"
+    assert env["LTREC_TRITON_URL"] == f"dns:///{RELEASE}-triton-v1.{NAMESPACE}.svc:8001"
     assert env["LTREC_MODEL_REPOSITORY"] == "/models"
     config = GatewayConfig.from_env(env)
     assert config.grpc_port == 50051 and config.metrics_port == 9100
@@ -422,7 +447,7 @@ def test_model_bundle_from_object_store_reaches_triton_and_gateway() -> None:
     docs = render(VALUES["object-store"])
     version = VALUES["object-store"]["model"]["version"]
     for component in ("triton", "gateway"):
-        deployment = one(docs, "Deployment", f"{RELEASE}-{component}")
+        deployment = one(docs, "Deployment", unit_name(component, docs))
         spec = deployment["spec"]["template"]["spec"]
         (init,) = spec["initContainers"]
         env = {e["name"]: e.get("value") for e in init["env"]}
@@ -536,7 +561,7 @@ def test_hpa_scales_gateway_on_cpu_and_triton_on_queue_time() -> None:
     assert triton["metrics"][0]["type"] == "Pods"
     assert triton["metrics"][0]["pods"]["metric"]["name"] == "nv_inference_queue_duration_us"
     # Deployments scaled by an HPA leave replicas to it.
-    assert "replicas" not in one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]
+    assert "replicas" not in one(docs, "Deployment", unit_name("gateway"))["spec"]
 
 
 def test_pods_run_as_non_root_without_capabilities(
@@ -643,7 +668,7 @@ def test_gateway_images_volume_only_with_a_claim_and_read_only() -> None:
         ({"existingClaim": "ltrec-photos", "mountPath": "/srv/photos"}, "/srv/photos"),
     ):
         docs = render({"gateway": {"images": images}})
-        deployment = one(docs, "Deployment", f"{RELEASE}-gateway")
+        deployment = one(docs, "Deployment", unit_name("gateway"))
         kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
         spec = deployment["spec"]["template"]["spec"]
         (volume,) = [v for v in spec["volumes"] if v["name"] == "images"]
@@ -705,3 +730,113 @@ def test_gateway_history_in_redis_needs_the_user_hash_key_once() -> None:
                 }
             }
         )
+
+
+# --- Model units: no gateway reaches a Triton of another version ----------------------------------
+
+
+def units(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """model version -> its gateway and Triton pod specs, labels, replicas and Triton target."""
+    found: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        template = doc["spec"]["template"]
+        version = template["metadata"]["labels"]["ltrec.io/model-version"]
+        component = template["metadata"]["labels"]["app.kubernetes.io/component"]
+        found.setdefault(version, {})[component] = doc
+    return found
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def test_each_gateway_reaches_only_the_triton_pods_of_its_own_version() -> None:
+    docs = render(VALUES["canary"])
+    found = units(docs)
+    assert sorted(found) == ["2026-11-29.1", "2026-12-06.1"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for version, unit in found.items():
+        (gateway,) = unit["gateway"]["spec"]["template"]["spec"]["containers"]
+        target = GatewayConfig.from_env(gateway_env(gateway)).triton_url
+        host = target.removeprefix("dns:///").split(".")[0]
+        selector = services[host]["spec"]["selector"]
+        assert services[host]["spec"]["clusterIP"] == "None"
+        for other, other_unit in found.items():
+            labels = other_unit["triton"]["spec"]["template"]["metadata"]["labels"]
+            assert selects(selector, labels) == (other == version), (version, other)
+        # Each unit mounts its own version's directory of the claim: upgrade and rollback
+        # change the files served.
+        for component in ("gateway", "triton"):
+            (container,) = unit[component]["spec"]["template"]["spec"]["containers"]
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == "model-repository"]
+            assert mount["subPath"] == f"bundles/{version}"
+    # The gateway Service spreads callers over both units' gateway pods.
+    gateway_service = services[f"{RELEASE}-gateway"]["spec"]["selector"]
+    for unit in found.values():
+        assert selects(gateway_service, unit["gateway"]["spec"]["template"]["metadata"]["labels"])
+    canary = found["2026-12-06.1"]
+    assert canary["gateway"]["spec"]["replicas"] == 1
+    assert canary["gateway"]["metadata"]["labels"]["ltrec.io/track"] == "canary"
+    assert found["2026-11-29.1"]["gateway"]["spec"]["replicas"] == 2
+
+
+def test_promotion_swaps_versions_without_replacing_a_pod() -> None:
+    """Promotion exchanges model.version and canary.version: both units keep their names and pod
+    templates (no pod restarts); only replica counts and the track label move."""
+    before = VALUES["canary"]
+    after = copy.deepcopy(before)
+    after["model"]["version"], after["canary"]["version"] = (
+        before["canary"]["version"],
+        before["model"]["version"],
+    )
+    old, new = units(render(before)), units(render(after))
+    assert sorted(old) == sorted(new)
+    for version in old:
+        for component in ("gateway", "triton"):
+            a, b = old[version][component], new[version][component]
+            assert a["metadata"]["name"] == b["metadata"]["name"]
+            assert a["spec"]["template"] == b["spec"]["template"], (version, component)
+    assert new["2026-12-06.1"]["gateway"]["metadata"]["labels"]["ltrec.io/track"] == "primary"
+    assert new["2026-12-06.1"]["gateway"]["spec"]["replicas"] == 2
+    assert new["2026-11-29.1"]["gateway"]["spec"]["replicas"] == 1
+
+
+def test_triton_pods_outlive_their_draining_gateways() -> None:
+    docs = render({})
+    triton = pod_spec(docs, "triton")
+    (container,) = triton["containers"]
+    delay = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    env = gateway_env(pod_spec(docs, "gateway")["containers"][0])
+    drain = float(env["LTREC_SHUTDOWN_DRAIN_SECONDS"]) + float(env["LTREC_SHUTDOWN_GRACE_SECONDS"])
+    assert delay > drain
+    assert triton["terminationGracePeriodSeconds"] > delay
+
+
+def test_object_store_units_download_their_own_version() -> None:
+    values = {**VALUES["object-store"], "canary": {**VALUES["canary"]["canary"]}}
+    for version, unit in units(render(values)).items():
+        for component in ("gateway", "triton"):
+            (init,) = unit[component]["spec"]["template"]["spec"]["initContainers"]
+            env = {e["name"]: e.get("value") for e in init["env"]}
+            assert env["MODEL_VERSION"] == version
+            assert env["MODEL_BUNDLE_URL"] == (
+                f"s3://ltrec-models/bundles/{version}/model_repository.tar.gz"
+            )
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"canary": {"enabled": True, "version": ""}}, "/canary/version"),
+        ({"canary": {"enabled": True, "version": "1"}}, "must differ from model.version"),
+        ({"canary": {"enabled": True, "version": "B", "gateway": {"replicaCount": 0}}}, "minimum"),
+        ({"model": {"version": "2026/12"}}, "/model/version"),
+        ({"model": {"pvc": {"root": "/abs"}}}, "/model/pvc/root"),
+        ({"model": {"pvc": {"subPath": "x"}}}, "additional properties 'subPath'"),
+    ],
+)
+def test_bad_unit_values_fail_the_install(values: dict[str, Any], error: str) -> None:
+    with pytest.raises(helm_python.HelmError, match=error):
+        render(values)

@@ -21,14 +21,57 @@
 {{- printf "%s-triton" (include "ltrec.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The headless Service: one DNS record per ready Triton pod, for the gateways' round_robin. */}}
-{{- define "ltrec.triton.headlessName" -}}
-{{- printf "%s-triton-headless" (include "ltrec.fullname" . | trunc 46 | trimSuffix "-") }}
+{{/*
+Model units. Each model version served runs as one unit: a Triton Deployment, a headless Service
+that selects only that version's Triton pods, and a gateway Deployment whose LTREC_TRITON_URL is
+that Service, so a gateway can never reach a Triton of another version. The primary unit serves
+model.version (sized by triton/gateway replicaCount or their autoscalers); with canary.enabled a
+second unit serves canary.version beside it with canary's replica counts, and the gateway
+Service spreads callers over both by their ready gateway pods. Units are named by their version
+("v" + the version in lower case, other characters as "-"), so swapping the two versions
+(promotion) creates and deletes nothing: only replica counts change.
+*/}}
+{{- define "ltrec.slug" -}}
+{{- printf "v%s" (regexReplaceAll "[^a-z0-9-]+" (lower .) "-") | trunc 31 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The gateways' gRPC target for Triton: every ready pod of the headless Service. */}}
-{{- define "ltrec.triton.grpcTarget" -}}
-{{- printf "dns:///%s.%s.svc:%v" (include "ltrec.triton.headlessName" .) .Release.Namespace .Values.triton.ports.grpc }}
+{{- define "ltrec.units" -}}
+{{- $units := list (dict "version" .Values.model.version "slug" (include "ltrec.slug" .Values.model.version) "primary" true "track" "primary" "tritonReplicas" .Values.triton.replicaCount "gatewayReplicas" .Values.gateway.replicaCount) }}
+{{- with .Values.canary }}
+{{- if .enabled }}
+{{- $slug := include "ltrec.slug" .version }}
+{{- if eq $slug (include "ltrec.slug" $.Values.model.version) }}
+{{- fail (printf "canary.version %q must differ from model.version %q (in lower case, with other characters as '-')" .version $.Values.model.version) }}
+{{- end }}
+{{- $units = append $units (dict "version" .version "slug" $slug "primary" false "track" "canary" "tritonReplicas" .triton.replicaCount "gatewayReplicas" .gateway.replicaCount) }}
+{{- end }}
+{{- end }}
+{{- toYaml $units }}
+{{- end }}
+
+{{/* Names of one unit's objects: include with (dict "ctx" $ "unit" $u). */}}
+{{- define "ltrec.unit.triton" -}}
+{{- printf "%s-triton-%s" (include "ltrec.fullname" .ctx | trunc 24 | trimSuffix "-") .unit.slug }}
+{{- end }}
+
+{{- define "ltrec.unit.gateway" -}}
+{{- printf "%s-gateway-%s" (include "ltrec.fullname" .ctx | trunc 23 | trimSuffix "-") .unit.slug }}
+{{- end }}
+
+{{/* The unit's headless Service: one DNS record per ready Triton pod of its version. */}}
+{{- define "ltrec.unit.tritonHeadless" -}}
+{{- printf "%s-triton-%s" (include "ltrec.fullname" .ctx | trunc 24 | trimSuffix "-") .unit.slug }}
+{{- end }}
+
+{{/* The unit's gateways' gRPC target for Triton: every ready Triton pod of its version. */}}
+{{- define "ltrec.unit.grpcTarget" -}}
+{{- printf "dns:///%s.%s.svc:%v" (include "ltrec.unit.tritonHeadless" .) .ctx.Release.Namespace .ctx.Values.triton.ports.grpc }}
+{{- end }}
+
+{{/* Selector labels of one unit's pods of a component: (dict "ctx" $ "unit" $u "component" "triton"). */}}
+{{- define "ltrec.unit.selectorLabels" -}}
+{{ include "ltrec.selectorLabels" (dict "ctx" .ctx "component" .component) }}
+ltrec.io/model-unit: {{ .unit.slug }}
 {{- end }}
 
 {{- define "ltrec.gateway.fullname" -}}
@@ -63,36 +106,45 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .repository .tag }}
 {{- end }}
 
-{{/* Pod annotations that roll both Deployments when the model version changes. */}}
+{{/* Labels of one unit's pods: its version and track (primary or canary); the track changes at
+a promotion, the version never (it names the unit). (dict "ctx" $ "unit" $u) */}}
+{{- define "ltrec.unit.podLabels" -}}
+ltrec.io/model-version: {{ .unit.version | quote }}
+ltrec.io/track: {{ .unit.track }}
+{{- end }}
+
 {{- define "ltrec.modelAnnotations" -}}
-ltrec.io/model-version: {{ .Values.model.version | quote }}
-ltrec.io/model-source: {{ .Values.model.source | quote }}
+ltrec.io/model-version: {{ .unit.version | quote }}
+ltrec.io/model-source: {{ .ctx.Values.model.source | quote }}
 {{- end }}
 
 {{/*
-The model repository volume. source=pvc: an existing claim, mounted read-only.
+The model repository volume of a unit: (dict "ctx" $ "unit" $u). source=pvc: an existing claim,
+mounted read-only, whose subdirectory <pvc.root>/<version> is the unit's repository.
 source=objectStore: an emptyDir that the "fetch-model" init container fills (one per pod: an
 emptyDir is never shared between pods, so Triton and the gateway each download the bundle).
 */}}
 {{- define "ltrec.modelVolume" -}}
+{{- $m := .ctx.Values.model }}
 - name: model-repository
-{{- if eq .Values.model.source "pvc" }}
+{{- if eq $m.source "pvc" }}
   persistentVolumeClaim:
-    claimName: {{ required "model.pvc.claimName is required when model.source is pvc" .Values.model.pvc.claimName }}
+    claimName: {{ required "model.pvc.claimName is required when model.source is pvc" $m.pvc.claimName }}
     readOnly: true
 {{- else }}
   emptyDir:
-    {{- with .Values.model.objectStore.sizeLimit }}
+    {{- with $m.objectStore.sizeLimit }}
     sizeLimit: {{ . }}
     {{- end }}
 {{- end }}
 {{- end }}
 
 {{- define "ltrec.modelMount" -}}
+{{- $m := .ctx.Values.model }}
 - name: model-repository
-  mountPath: {{ .Values.model.mountPath }}
-  {{- if and (eq .Values.model.source "pvc") .Values.model.pvc.subPath }}
-  subPath: {{ .Values.model.pvc.subPath }}
+  mountPath: {{ $m.mountPath }}
+  {{- if eq $m.source "pvc" }}
+  subPath: {{ printf "%s/%s" (trimSuffix "/" $m.pvc.root) .unit.version | trimPrefix "/" | quote }}
   {{- end }}
   readOnly: true
 {{- end }}
@@ -107,9 +159,13 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
+{{/* (dict "ctx" $ "unit" $u): downloads the unit's version. bundleUrl is rendered with tpl
+and .Values.model.version standing for the unit's version. */}}
 {{- define "ltrec.fetchModelInitContainer" -}}
-{{- if eq .Values.model.source "objectStore" }}
-{{- $os := .Values.model.objectStore }}
+{{- $ctx := .ctx }}
+{{- if eq $ctx.Values.model.source "objectStore" }}
+{{- $os := $ctx.Values.model.objectStore }}
+{{- $tplCtx := dict "Values" (dict "model" (dict "version" .unit.version)) "Release" $ctx.Release "Chart" $ctx.Chart "Template" $ctx.Template "Capabilities" $ctx.Capabilities }}
 - name: fetch-model
   image: {{ include "ltrec.image" $os.image }}
   imagePullPolicy: {{ $os.image.pullPolicy }}
@@ -117,11 +173,11 @@ seccompProfile:
     {{- toYaml $os.command | nindent 4 }}
   env:
     - name: MODEL_VERSION
-      value: {{ .Values.model.version | quote }}
+      value: {{ .unit.version | quote }}
     - name: MODEL_BUNDLE_URL
-      value: {{ tpl $os.bundleUrl . | quote }}
+      value: {{ tpl $os.bundleUrl $tplCtx | quote }}
     - name: MODEL_DIR
-      value: {{ .Values.model.mountPath | quote }}
+      value: {{ $ctx.Values.model.mountPath | quote }}
     - name: HOME
       value: /tmp
     {{- with $os.env }}
@@ -132,12 +188,12 @@ seccompProfile:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   securityContext:
-    {{- include "ltrec.containerSecurityContext" . | nindent 4 }}
+    {{- include "ltrec.containerSecurityContext" $ctx | nindent 4 }}
   resources:
     {{- toYaml $os.resources | nindent 4 }}
   volumeMounts:
     - name: model-repository
-      mountPath: {{ .Values.model.mountPath }}
+      mountPath: {{ $ctx.Values.model.mountPath }}
     - name: tmp
       mountPath: /tmp
 {{- end }}
