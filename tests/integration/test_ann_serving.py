@@ -39,10 +39,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, triton_build_dir: Path) -> I
 
 
 def scorer_feeds(stack: Stack, weight: float, seed: int) -> dict[str, np.ndarray]:
+    """A user like the model's (the scaled mean of a few items: HNSW over inner products is
+    built for queries from the items' own distribution, not random directions)."""
     n_rows = stack.metadata["n_items"] + 1
     rng = np.random.default_rng(seed)
     dim = stack.metadata["embedding_dim"]
-    users = rng.standard_normal((1, dim)).astype(np.float32) * 4
+    vectors = np.load(stack.repo / contract.SCORER_MODEL / "1" / ann_scorer.VECTORS_FILE)
+    users = (vectors[rng.integers(1, n_rows, size=8)].mean(axis=0, keepdims=True) * 8**0.5).astype(
+        np.float32
+    )
     return {
         contract.WEIGHTED_USER_EMBEDDING: users,
         contract.HISTORY_ITEMS: rng.integers(1, n_rows, size=(1, 6)).astype(np.int64),
