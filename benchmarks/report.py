@@ -89,6 +89,7 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
             ("gateway_p99_ms", "gateway p99"),
             ("gateway_rps", "gateway req/s"),
             ("recall_vs_fp32", "recall@k vs fp32"),
+            ("recall_vs_fp32_weight_0", "recall@k vs fp32, weight 0"),
         ],
     )
 

@@ -104,7 +104,13 @@ def synthetic_checkpoint(source: Path, n_items: int, path: Path, seed: int = 0) 
 
 
 def export_synthetic(
-    source: Path, n_items: int, workdir: Path, *, scan: str = "fp32", seed: int = 0
+    source: Path,
+    n_items: int,
+    workdir: Path,
+    *,
+    scan: str = "fp32",
+    retrieval: str = "exact",
+    seed: int = 0,
 ) -> tuple[Path, dict[str, Any]]:
     """Synthetic checkpoint + the ordinary export; returns the repository and timings."""
     started = time.monotonic()
@@ -113,12 +119,19 @@ def export_synthetic(
     generated = time.monotonic() - started
     repo = workdir / "model_repository"
     metadata = export(
-        checkpoint, repo, text_encoder=False, catalogue_scan=scan, log=lambda _m: None
+        checkpoint,
+        repo,
+        text_encoder=False,
+        catalogue_scan=scan,
+        retrieval=retrieval,
+        log=lambda _m: None,
     )
     checkpoint.unlink()  # as large as the catalogue; the repository is what is served
     return repo, {
         "generate_seconds": generated,
         "export_seconds": float(metadata["export_seconds"]),
         "repository_mib": sum(f["bytes"] for f in metadata["files"].values()) / 2**20,
-        "scorer_mib": (repo / contract.SCORER_MODEL / "1" / "model.onnx").stat().st_size / 2**20,
+        "scorer_mib": sum(p.stat().st_size for p in (repo / contract.SCORER_MODEL / "1").iterdir())
+        / 2**20,
+        "ann": metadata.get("ann", {}),
     }

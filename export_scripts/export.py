@@ -13,6 +13,11 @@ with overlay items.
         --output model_repository
     python -m export_scripts.export ... --tensorrt   # configs for a GPU deployment (TensorRT EP)
     python -m export_scripts.export ... --catalogue-scan int8   # large catalogues (see onnx_graphs)
+    python -m export_scripts.export ... --retrieval ann   # force the Faiss scorer (ann_scorer)
+
+The scorer scans the catalogue exactly (ONNX) up to `ANN_MIN_ITEMS` items and is an ANN index in
+front of an exact re-rank above (`--retrieval` overrides). A graph whose catalogue would pass the
+protobuf limit keeps it in external data beside it (`onnx_graphs.save`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
-from export_scripts import onnx_graphs, triton_config
+from export_scripts import ann_index, onnx_graphs, triton_config
 from ltrec.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
 from ltrec.data import sha256_file
 from ltrec.models import AudienceScorer, ItemEncoder, ItemLookup, Scorer, UserEncoder
@@ -228,6 +232,20 @@ def export(checkpoint: Path, output: Path, **options: Any) -> dict:
 
 LONG_TAIL_WEIGHT_MAX = 2.0  # the largest long-tail weight a request may ask for
 
+# Above this many items the scorer is the ANN index: the exact scan's p99 at a million items is
+# 32 ms on 2 cores (reports/bench), near the 50 ms target, and grows with the catalogue.
+ANN_MIN_ITEMS = 1_000_000
+RETRIEVALS = ("auto", "exact", "ann")
+
+
+def choose_retrieval(n_items: int, requested: str = "auto") -> str:
+    """ "exact" or "ann": the request, or by catalogue size for "auto"."""
+    if requested not in RETRIEVALS:
+        raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "ann" if n_items > ANN_MIN_ITEMS else "exact"
+
 
 # Where training stores each method's default in the checkpoint's summary.
 RECOMMEND_WEIGHT = "long_tail_weight"
@@ -249,6 +267,8 @@ def _export_into(
     default_long_tail_weight: float = 0.0,
     similar_items_default_long_tail_weight: float = 0.0,
     catalogue_scan: str = "fp32",
+    retrieval: str = "auto",
+    ann_spec: ann_index.IndexSpec = ann_index.DEFAULT_SPEC,
     log: Callable[[str], object] = print,
 ) -> dict:
     started = time.monotonic()
@@ -308,27 +328,51 @@ def _export_into(
     )
     parity[contract.CONTEXT_WEIGHTING_MODEL] = {contract.WEIGHTED_USER_EMBEDDING: diff}
 
-    # scorer: the catalogue and its popularity inside the graph, overlay rows appended
+    # scorer: the catalogue and its popularity inside the graph, overlay rows appended; or, for
+    # a large catalogue, the ANN index with an exact re-rank (a Python-backend model)
     popularity = torch.from_numpy(np.asarray(ckpt.popularity))
-    scorer = Scorer(table, popularity).eval()
-    path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    graph = onnx_graphs.scorer_graph(
-        table.numpy(),
-        np.asarray(ckpt.popularity),
-        scan=catalogue_scan,
-        overlay=True,
-        item_filter=True,
-    )
-    onnx.save(graph, path)
-    parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(
-        path, scorer, dim, cfg.n_items, rng, overlay=True, item_filter=True
-    )
+    external = onnx_graphs.needs_external_data(table)
+    chosen = choose_retrieval(cfg.n_items, retrieval)
+    ann: dict[str, Any] = {}
+    if chosen == "ann":
+        folder = output / contract.SCORER_MODEL / VERSION
+        ann = ann_index.write_ann_scorer(
+            folder, table.numpy(), np.asarray(ckpt.popularity), ann_spec, log
+        )
+        ann["check"] = ann_index.check_recall(
+            folder, (0.0, default_long_tail_weight), np.random.default_rng(0)
+        )
+        worst = min(ann["check"].values())
+        log(f"ANN check against the exact scan: {ann['check']}")
+        if worst < ann_index.MIN_CHECK_RECALL:
+            raise RuntimeError(
+                f"the ANN index finds {worst:.2f} of the exact top 10 "
+                f"(at least {ann_index.MIN_CHECK_RECALL} expected): {ann['check']}"
+            )
+        scorer_config = triton_config.python_model_config(
+            contract.SCORER_MODEL, triton_config.scorer_io(dim)
+        )
+    else:
+        scorer = Scorer(table, popularity).eval()
+        path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
+        graph = onnx_graphs.scorer_graph(
+            table.numpy(),
+            np.asarray(ckpt.popularity),
+            scan=catalogue_scan,
+            overlay=True,
+            item_filter=True,
+        )
+        onnx_graphs.save(graph, path, external=external)
+        parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(
+            path, scorer, dim, cfg.n_items, rng, overlay=True, item_filter=True
+        )
+        scorer_config = triton_config.onnx_model_config(
+            contract.SCORER_MODEL, triton_config.scorer_io(dim), tensorrt=tensorrt
+        )
 
     # item lookup (SimilarItems): catalogue indices (one item, or a basket) -> their mean vector
     path = output / contract.ITEM_LOOKUP_MODEL / VERSION / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_graphs.item_lookup_graph(table.numpy()), path)
+    onnx_graphs.save(onnx_graphs.item_lookup_graph(table.numpy()), path, external=external)
     parity[contract.ITEM_LOOKUP_MODEL] = {
         contract.QUERY_EMBEDDING: onnx_graphs.item_lookup_parity(
             path, ItemLookup(table).eval(), dim, cfg.n_items, rng
@@ -337,8 +381,7 @@ def _export_into(
 
     # audience scorer (Audience, ForecastDemand): users x the catalogue's softmax
     path = output / contract.AUDIENCE_SCORER_MODEL / VERSION / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_graphs.audience_scorer_graph(table.numpy()), path)
+    onnx_graphs.save(onnx_graphs.audience_scorer_graph(table.numpy()), path, external=external)
     parity[contract.AUDIENCE_SCORER_MODEL] = onnx_graphs.audience_parity(
         path, AudienceScorer(table).eval(), dim, cfg.n_items, rng
     )
@@ -352,9 +395,7 @@ def _export_into(
             triton_config.context_weighting_io(dim),
             tensorrt=tensorrt,
         ),
-        triton_config.onnx_model_config(
-            contract.SCORER_MODEL, triton_config.scorer_io(dim), tensorrt=tensorrt
-        ),
+        scorer_config,
         triton_config.onnx_model_config(
             contract.ITEM_LOOKUP_MODEL, triton_config.item_lookup_io(dim), tensorrt=tensorrt
         ),
@@ -403,6 +444,8 @@ def _export_into(
         long_tail_weight_max=LONG_TAIL_WEIGHT_MAX,
         tensorrt=tensorrt,
         catalogue_scan=catalogue_scan,
+        retrieval=chosen,
+        ann=ann,
         # The user encoder, scorer and item lookup take extra_item_vectors/extra_popularity.
         item_overlay=True,
         # The scorer takes item_eligible; the catalogue file has the fields it is built from.
@@ -462,6 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         help="int8: the scorer scans a per-row int8 copy of the catalogue and re-scores the best "
         "candidates in fp32 (about twice as fast at a million items; fp32 is faster when small)",
     )
+    parser.add_argument(
+        "--retrieval",
+        choices=RETRIEVALS,
+        default="auto",
+        help=f"the scorer: exact ONNX scan, or a Faiss index in front of an exact re-rank (auto: "
+        f"ann above {ANN_MIN_ITEMS:,} items)",
+    )
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
         print(
@@ -511,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         default_long_tail_weight=weights["Recommend"],
         similar_items_default_long_tail_weight=weights["SimilarItems"],
         catalogue_scan=args.catalogue_scan,
+        retrieval=args.retrieval,
         log=lambda m: print(m, file=sys.stderr),
     )
     total = sum(f["bytes"] for f in meta["files"].values())

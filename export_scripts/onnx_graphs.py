@@ -33,6 +33,33 @@ OPSET = 18
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
 
 
+# Initializers past this many bytes go to a file beside the graph (`model.onnx.data`): a
+# protobuf message cannot exceed 2 GB, and a large catalogue (8M items at 64-d fp32) would.
+EXTERNAL_DATA_BYTES = 1 << 30
+EXTERNAL_DATA_FILE = "model.onnx.data"
+
+
+def needs_external_data(*arrays: np.ndarray | torch.Tensor) -> bool:
+    return sum(int(a.nbytes) for a in arrays) > EXTERNAL_DATA_BYTES
+
+
+def save(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    """Writes `model`; with `external`, its large tensors go to `EXTERNAL_DATA_FILE` beside it,
+    which onnxruntime (and Triton's native backend) read from the graph's own folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=min(1 << 20, EXTERNAL_DATA_BYTES),
+        )
+    else:
+        onnx.save(model, str(path))
+
+
 def _export(
     module: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -40,6 +67,8 @@ def _export(
     input_names: list[str],
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
+    *,
+    external: bool = False,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
@@ -49,7 +78,7 @@ def _export(
             module,
             args,
             dynamo=True,
-            external_data=False,
+            external_data=external,
             input_names=input_names,
             output_names=output_names,
             dynamic_axes=dynamic_axes,
@@ -58,7 +87,7 @@ def _export(
             verbose=False,
         )
     assert program is not None
-    program.save(str(path), external_data=False)
+    program.save(str(path), external_data=external)
 
 
 def export_user_encoder(encoder: UserEncoder, path: Path, *, overlay: bool = False) -> None:
@@ -78,7 +107,8 @@ def export_user_encoder(encoder: UserEncoder, path: Path, *, overlay: bool = Fal
         args = (items, events, torch.randn(3, dim))
         names.append(contract.EXTRA_ITEM_VECTORS)
         axes[contract.EXTRA_ITEM_VECTORS] = {0: "extra"}
-    _export(encoder, args, path, names, [contract.USER_EMBEDDING], axes)
+    external = needs_external_data(encoder.item_table)
+    _export(encoder, args, path, names, [contract.USER_EMBEDDING], axes, external=external)
 
 
 def export_context_weighting(module: ContextWeighting, dim: int, path: Path) -> None:

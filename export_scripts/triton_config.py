@@ -14,6 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ltrec_core import contract
 
 ONNX_BACKEND = "onnxruntime"
+PYTHON_BACKEND = "python"
 INT64 = mc.TYPE_INT64
 FP32 = mc.TYPE_FP32
 BOOL = mc.TYPE_BOOL
@@ -206,6 +207,23 @@ def onnx_model_config(
         group.kind = mc.ModelInstanceGroup.KIND_CPU
         cfg.parameters["intra_op_thread_count"].string_value = str(threads)
         cfg.parameters["inter_op_thread_count"].string_value = "1"
+    return cfg
+
+
+def python_model_config(name: str, io: tuple[list[Tensor], list[Tensor]]) -> mc.ModelConfig:
+    """A Python-backend model (`<version>/model.py`), as the ANN scorer: one CPU instance."""
+    inputs, outputs = io
+    cfg = mc.ModelConfig(
+        name=name,
+        backend=PYTHON_BACKEND,
+        max_batch_size=0,
+        input=_io(inputs, mc.ModelInput),
+        output=_io(outputs, mc.ModelOutput),
+    )
+    cfg.version_policy.latest.num_versions = 1
+    group = cfg.instance_group.add()
+    group.count = 1
+    group.kind = mc.ModelInstanceGroup.KIND_CPU
     return cfg
 
 

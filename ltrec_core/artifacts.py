@@ -213,6 +213,10 @@ class RepositoryMetadata:
     n_items: int = 0
     tensorrt: bool = False
     catalogue_scan: str = "fp32"
+    # "exact": the ONNX scorer scans the catalogue; "ann": a Faiss index (a Python-backend
+    # scorer) in front of an exact re-rank, described by `ann` (kind, build time, recall).
+    retrieval: str = "exact"
+    ann: dict[str, Any] = field(default_factory=dict)
     text_model: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -242,6 +246,8 @@ class RepositoryMetadata:
             "long_tail_weight_max": self.long_tail_weight_max,
             "tensorrt": self.tensorrt,
             "catalogue_scan": self.catalogue_scan,
+            "retrieval": self.retrieval,
+            "ann": self.ann,
             "item_overlay": self.item_overlay,
             "item_filter": self.item_filter,
             "basket_lookup": self.basket_lookup,
@@ -370,6 +376,8 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         n_items=optional("n_items", int, 0),
         tensorrt=optional("tensorrt", bool, False),
         catalogue_scan=optional("catalogue_scan", str, "fp32"),
+        retrieval=optional("retrieval", str, "exact"),
+        ann=optional("ann", dict, {}),
         text_model=optional("text_model", str, ""),
         data=optional("data", dict, {}),
         training=optional("training", dict, {}),

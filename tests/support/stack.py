@@ -57,13 +57,15 @@ def started_stack(
     triton_build_dir: Path,
     gateway_env: Mapping[str, str] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    export_options: Mapping[str, object] | None = None,
 ) -> Iterator[Stack]:
     """The stack under `root`; `gateway_env`: more `LTREC_*` settings for the gateway;
-    `credentials`: the stack's channel speaks TLS with them (the gateway serves TLS)."""
+    `credentials`: the stack's channel speaks TLS with them (the gateway serves TLS);
+    `export_options`: more keyword arguments of the export (`retrieval="ann"`, say)."""
     prepared, users = ml1m_slice(root)
     checkpoint = train_tiny(prepared, root / "artifacts")
     repo = root / "model_repository"
-    metadata = export(checkpoint, repo, log=lambda _m: None)
+    metadata = export(checkpoint, repo, log=lambda _m: None, **dict(export_options or {}))
 
     triton = TritonServer(repo, build_dir=triton_build_dir)
     triton.start()
