@@ -660,7 +660,7 @@ def _targets(report: dict) -> list[str]:
             (
                 f"served model at its default weight (w = {default['weight']:g}): test NDCG@10 "
                 f"within {DEFAULT_WEIGHT_COST:.0%} of weight 0's ({f(zero['ndcg@10'])})",
-                f"{f(at['ndcg@10'])} ({change:+.1%})",
+                f"{f(at['ndcg@10'])} ({change:+.2%})",
                 change >= -DEFAULT_WEIGHT_COST,
             )
         )
@@ -689,7 +689,7 @@ def _targets(report: dict) -> list[str]:
                     f"served recipe on the cold-start split at its default weight: NDCG@10 over "
                     f"every test case within {DEFAULT_WEIGHT_COST:.0%} of weight 0's "
                     f"({f(every['weight_0'])})",
-                    f"{f(every['at_default_weight'])} ({change:+.1%})",
+                    f"{f(every['at_default_weight'])} ({change:+.2%})",
                     change >= -DEFAULT_WEIGHT_COST,
                 )
             )

@@ -885,10 +885,10 @@ def test_targets_are_judged_from_the_reports_own_figures() -> None:
     assert len(lines) == 9
     texts = list(lines.values())
     assert "(1.23x)" in texts[2] and texts[2].endswith("| **met** |")
-    assert "(-2.6%)" in texts[3] and texts[3].endswith("| missed |")
+    assert "(-2.56%)" in texts[3] and texts[3].endswith("| missed |")
     assert "0.7100" in texts[4] and texts[4].endswith("| **met** |")
     assert texts[5].endswith("| missed |")  # cold recall 0.02 < 0.05
-    assert "(-1.2%)" in texts[6] and texts[6].endswith("| **met** |")  # cold split, every case
+    assert "(-1.18%)" in texts[6] and texts[6].endswith("| **met** |")  # cold split, every case
     assert texts[7].endswith("| **met** |")  # short view NDCG 0.12 >= EASE's 0.11
     assert texts[8].endswith("| missed |")  # short view tail 0.03 < EASE's 0.04
     assert "(stretch met)" in texts[1]
