@@ -32,7 +32,18 @@ $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	@command -v redis-server >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 	  else echo "redis-server missing: run 'sudo apt-get install -y redis-server'" >&2; exit 1; fi; }
+	$(need_podman)
 	touch $@
+
+# podman and runc build and run the gateway's image (`make image`, tests/integration/test_image.py);
+# mmdebstrap makes its base from Debian's packages where the public one cannot be pulled.
+define need_podman
+@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null \
+  || { if [ "$$(id -u)" = 0 ]; then \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap; \
+  else echo "podman, runc or mmdebstrap missing: run 'sudo apt-get install -y podman runc mmdebstrap'" >&2; \
+  exit 1; fi; }
+endef
 
 STUBS := server/gen/ltrec/v1/recommender_pb2.py
 
@@ -178,9 +189,15 @@ bench-quick: install $(DATA_DIR)/source.json
 	$(PY) -m benchmarks.bench --quick --checkpoint $(ARTIFACTS)/checkpoint.pt --data $(DATA_DIR) \
 		$(BENCH_ARGS)
 
-# The gateway's container image (needs a Docker engine; the chart in helm/ltrec deploys it).
-image:
-	docker build -f docker/gateway.Dockerfile -t ltrec-gateway:dev .
+# The gateway's container image, built with podman by tools/image.py (the chart in helm/ltrec
+# deploys it): the wheels of requirements/base.txt downloaded on the host into build/wheels/, the
+# public python:3.11-slim base or, where it cannot be pulled, one made here from Debian's packages
+# (IMAGE_ARGS="--base IMAGE" picks another); nothing is rebuilt when none of its inputs changed.
+IMAGE ?= localhost/ltrec-gateway:dev
+IMAGE_ARGS ?=
+image: | $(VENV)/.installed
+	$(need_podman)
+	$(PY) tools/image.py --tag $(IMAGE) $(IMAGE_ARGS)
 
 # --- tests and lint ------------------------------------------------------------------------------
 test: install
