@@ -219,11 +219,12 @@ def context_files() -> list[Path]:
 
 def inputs_digest(base_id: str) -> str:
     """What the image is built from: the base's id, the Dockerfile and its ignore file, the
-    wheels' spec and the build context's files (names and bytes)."""
+    wheels' spec and the build context's files (names and bytes). A file not there yet (the
+    wheels' spec before the first download) counts as absent."""
     digest = hashlib.sha256(f"base {base_id}\n".encode())
     for file in [DOCKERFILE, IGNOREFILE, WHEELS_SPEC, *context_files()]:
         digest.update(f"{file.relative_to(ROOT).as_posix()}\n".encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+        digest.update(hashlib.sha256(file.read_bytes()).digest() if file.exists() else b"absent")
     return digest.hexdigest()
 
 
