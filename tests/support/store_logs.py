@@ -2,7 +2,7 @@
 reader should arrive at, and a worker process for the crash tests (`tests/integration/
 test_store_upkeep_crash.py`):
 
-    python -m tests.support.store_logs write-items DIR REPLICA     # prints each acked request
+    python -m tests.support.store_logs write-items DIR REPLICA     # prints acked requests (a,b)
     python -m tests.support.store_logs write-feedback DIR REPLICA  # the same, feedback lines
     python -m tests.support.store_logs compact DIR                 # compacts in a loop
     python -m tests.support.store_logs retire DIR                  # retires in a loop
@@ -129,11 +129,14 @@ def _write_items(directory: Path, replica: str) -> None:
     n = 0
     while True:
         n += 1
-        records: list[ItemUpsertRecord | ItemDeleteRecord] = [upsert(f"w-{n}", f"u-{n}")]
+        records: list[ItemUpsertRecord | ItemDeleteRecord] = [
+            upsert(f"{replica}-{n}", f"u {replica}-{n}")
+        ]
         if n > 10 and n % 3 == 0:  # delete an earlier item of this writer
-            records.append(ItemDeleteRecord(item_id=f"w-{n - 10}", request_id=f"d-{n - 10}"))
+            item = f"{replica}-{n - 10}"
+            records.append(ItemDeleteRecord(item_id=item, request_id=f"d {item}"))
         writer.write(records)
-        print(" ".join(r.request_id for r in records), flush=True)
+        print(",".join(r.request_id for r in records), flush=True)
         time.sleep(0.002)
 
 
@@ -147,7 +150,7 @@ def _write_feedback(directory: Path, replica: str) -> None:
         if n % 25 == 0:
             records.append(erasure(f"e-{n}", "k" * 16))
         log.write(encode_lines(records))
-        print(" ".join(r["request_id"] for r in records), flush=True)
+        print(",".join(r["request_id"] for r in records), flush=True)
         time.sleep(0.002)
 
 
