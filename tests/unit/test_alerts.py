@@ -41,7 +41,7 @@ def test_rules_pass_promtool_check(promtool: str, tmp_path: Path) -> None:
     rules.write_text(yaml.safe_dump(rendered_rules()))
     result = run(promtool, "check", "rules", str(rules))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_alert_unit_tests_pass(promtool: str, tmp_path: Path) -> None:
