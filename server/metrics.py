@@ -206,13 +206,6 @@ ITEM_STORE_COMPACTIONS_TOTAL = Counter(
 )
 for _result in COMPACTION_RESULTS:
     ITEM_STORE_COMPACTIONS_TOTAL.labels(result=_result)
-ITEM_STORE_COMPACTION_DURATION_SECONDS = Histogram(
-    "item_store_compaction_duration_seconds",
-    "Time to fold the item store's closed segments into a new snapshot.",
-    namespace=NAMESPACE,
-    subsystem=SUBSYSTEM,
-    buckets=STAGE_BUCKETS_SECONDS,
-)
 FEEDBACK_STORE_BYTES = Gauge(
     "feedback_store_bytes",
     "Bytes of the feedback store's segments at this replica's last survey.",

@@ -336,15 +336,15 @@ class ItemStore:
             metrics.ITEM_STORE_COMPACTIONS_TOTAL.labels(result="skipped").inc()
             return None
         metrics.ITEM_STORE_COMPACTIONS_TOTAL.labels(result="ok").inc()
-        metrics.ITEM_STORE_COMPACTION_DURATION_SECONDS.observe(time.perf_counter() - started)
         metrics.ITEM_STORE_BYTES.set(done.bytes_after)
         logger.info(
-            "item store: compacted %d segments (%d records) into generation %d (%d records); "
-            "%d -> %d bytes",
+            "item store: compacted %d segments (%d records) into generation %d (%d records) in "
+            "%.3f s; %d -> %d bytes",
             done.segments,
             done.records_read,
             done.generation,
             done.records_kept,
+            time.perf_counter() - started,
             done.bytes_before,
             done.bytes_after,
         )
