@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto proto-check proto-baseline grafana-schema data photo-data run-photos train train-ddp export serve run client retrain evaluate evaluate-quick bench bench-quick image test test-unit test-integration lint clean
+.PHONY: install proto proto-check proto-baseline grafana-schema data photo-data run-photos train train-ddp export serve run client retrain evaluate evaluate-quick bench bench-quick soak image test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -188,6 +188,15 @@ bench: install $(ARTIFACTS)/checkpoint.pt
 bench-quick: install $(DATA_DIR)/source.json
 	$(PY) -m benchmarks.bench --quick --checkpoint $(ARTIFACTS)/checkpoint.pt --data $(DATA_DIR) \
 		$(BENCH_ARGS)
+
+# A soak run (not in CI): the local stack under steady mixed Recommend / Feedback / UpsertItems
+# traffic; gateway and Triton memory, open files and store sizes at start and end
+# (benchmarks/soak.py). SOAK_MINUTES=3 for a short one.
+SOAK_MINUTES ?= 30
+SOAK_RATE ?= 20
+soak: install export
+	$(PY) -m benchmarks.soak --model-repository $(MODEL_REPOSITORY) --minutes $(SOAK_MINUTES) \
+		--rate $(SOAK_RATE)
 
 # The gateway's container image, built with podman by tools/image.py (the chart in helm/ltrec
 # deploys it): the wheels of requirements/base.txt downloaded on the host into build/wheels/, the

@@ -16,8 +16,10 @@ in the catalogue are dropped and counted (the cleaning report of `load_dataset` 
 Users erased by ForgetUser are left out: every feedback record and served list whose user matches
 an erasure record of the log is skipped and counted (`ltrec_core.erasure`); a log whose erasure
 records cannot be checked (its key file missing or replaced) is refused rather than merged.
-`compare` evaluates both checkpoints on the merged data's leave-one-out test split (full
-ranking, as in `docs/evaluation.md`), overall and on the users who gave feedback.
+Once the merged dataset is written, `merge` records in the feedback directory what it read
+(`ltrec_core.feedback_log.record_consumed`): the gateway's retention retires only segments a
+retraining consumed. `compare` evaluates both checkpoints on the merged data's leave-one-out test
+split (full ranking, as in `docs/evaluation.md`), overall and on the users who gave feedback.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from ltrec.evaluation import (
 from ltrec.prepared import prepare
 from ltrec.scoring import model_score_fn
 from ltrec_core.erasure import ErasureError, Erasures
-from ltrec_core.feedback_log import read_records
+from ltrec_core.feedback_log import read_records, record_consumed
 from ltrec_core.records import (
     ERASURE,
     FEEDBACK,
@@ -60,8 +62,11 @@ EVENT_TYPE_OF_FEEDBACK = {"click": "view", "cart": "cart", "purchase": "purchase
 REPORT_FILE = "feedback_report.json"
 
 
-def feedback_events(feedback_dir: Path) -> tuple[pd.DataFrame, dict]:
-    """Events from the store's feedback records, and counts of what was read and skipped.
+def feedback_events(
+    feedback_dir: Path, consumed: dict[str, int] | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """Events from the store's feedback records, and counts of what was read and skipped;
+    `consumed` receives the bytes read per segment (`record_consumed`).
 
     The erasures are known only once the whole log is read (a tombstone may come after the
     user's records, or from another replica), so records are filtered at the end.
@@ -70,7 +75,7 @@ def feedback_events(feedback_dir: Path) -> tuple[pd.DataFrame, dict]:
     erasures = Erasures(feedback_dir)
     feedback: list[FeedbackRecord] = []
     served_by_user: Counter[str] = Counter()
-    for record in read_records(feedback_dir, stats):
+    for record in read_records(feedback_dir, stats, consumed):
         if record["kind"] == ERASURE:
             erasures.add(UserErasureRecord.from_json(record))
         elif record["kind"] == SERVED:
@@ -113,7 +118,8 @@ def feedback_events(feedback_dir: Path) -> tuple[pd.DataFrame, dict]:
 def merge(data_dir: Path, feedback_dir: Path, out_dir: Path) -> dict:
     """Writes base + feedback as a dataset directory; returns (and writes) the merge report."""
     base = load_dataset(data_dir)
-    new, counts = feedback_events(feedback_dir)
+    consumed: dict[str, int] = {}
+    new, counts = feedback_events(feedback_dir, consumed)
     catalogue = set(base.items["item_id"].astype(str))
     known = new["item_id"].isin(catalogue)
     base_events = base.events[[c for c in EVENT_COLUMNS if c in base.events.columns]]
@@ -140,6 +146,14 @@ def merge(data_dir: Path, feedback_dir: Path, out_dir: Path) -> dict:
         },
         "merged": {"dir": str(out_dir), "events": len(merged)},
     }
+    # Only once the merged data is written: what retention may retire (`feedback_log.retire`).
+    # A store mounted read-only here keeps everything (nothing recorded, nothing retired).
+    try:
+        record_consumed(feedback_dir, consumed)
+        report["feedback"]["consumption_recorded"] = True
+    except OSError as exc:
+        print(f"warning: {feedback_dir}: consumption not recorded ({exc})", file=sys.stderr)
+        report["feedback"]["consumption_recorded"] = False
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -14,6 +14,12 @@ already hold the bytes of a later good write, and a retried write must not land 
 the records of a failed write were never acknowledged. A crash can still leave at most one torn
 line at the end of a segment (never acknowledged); readers skip it (`SegmentReader`).
 
+Sealing: a writer that closes a segment (rotation, shutdown) makes it read-only (mode 0440), and
+a replica's segment is never written once a later one of the same replica exists. Either way it
+is *closed* (`closed_segments`): what compaction (`ltrec_core.item_log`) and retention
+(`ltrec_core.feedback_log`) may fold away or delete. A segment left by a killed writer stays
+open until that replica writes its next one.
+
 Pure Python (no numpy): the gateway's stores and `ltrec.retrain` (which reads the feedback log
 offline) both use it.
 """
@@ -26,6 +32,7 @@ import logging
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +66,66 @@ def segments(directory: Path, prefix: str) -> list[Path]:
         if (match := pattern.match(path.name))
     ]
     return [path for _, _, path in sorted(found)]
+
+
+def parse_name(path: Path, prefix: str) -> tuple[str, int] | None:
+    """(replica, sequence) of a segment's file name; None for any other file."""
+    match = segment_pattern(prefix).match(path.name)
+    return None if match is None else (match["replica"], int(match["sequence"]))
+
+
+def closed_segments(directory: Path, prefix: str) -> list[Path]:
+    """The segments no writer will append to again: every one of a replica but its last, and
+    its last when sealed (see the module docstring)."""
+    closed: list[Path] = []
+    by_replica: dict[str, list[Path]] = {}
+    for path in segments(directory, prefix):
+        parsed = parse_name(path, prefix)
+        assert parsed is not None
+        by_replica.setdefault(parsed[0], []).append(path)
+    for paths in by_replica.values():
+        closed.extend(paths[:-1])
+        try:
+            if not paths[-1].stat().st_mode & stat.S_IWUSR:
+                closed.append(paths[-1])
+        except FileNotFoundError:
+            continue
+    return closed
+
+
+def fsync_directory(directory: Path) -> None:
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def publish(directory: Path, name: str, data: bytes, *, replace: bool = False) -> bool:
+    """Writes `data` to a temporary file, fsyncs it, hard-links it in as `name` and fsyncs the
+    directory: readers see the whole file or none. False (nothing changed) when `name` exists:
+    of writers racing for one name, one wins. With `replace`, renamed over `name` instead."""
+    directory = Path(directory)
+    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o440)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        if replace:
+            os.replace(temporary, directory / name)
+        else:
+            os.link(temporary, directory / name)
+    except FileExistsError:
+        return False
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_directory(directory)
+    return True
 
 
 def encode_lines(records: list[dict[str, Any]]) -> bytes:
@@ -137,10 +204,11 @@ class SegmentWriter:
             self.close()
 
     def close(self) -> None:
-        """Syncs and closes the open segment, if any."""
+        """Syncs, seals (read-only) and closes the open segment, if any."""
         if self._fd is not None:
             try:
                 os.fsync(self._fd)
+                os.fchmod(self._fd, 0o440)
             finally:
                 self._abandon_segment()
 
@@ -159,11 +227,7 @@ class SegmentWriter:
         self._path = path
         self._size = 0
         # The new directory entry must be durable too, or a synced segment could vanish.
-        directory_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        fsync_directory(self.directory)
         if self._on_new_segment is not None:
             self._on_new_segment(path)
 
@@ -188,17 +252,35 @@ class SegmentReader:
     where a failed write was cut off again) is read again from its start.
     """
 
-    def __init__(self, directory: Path, prefix: str) -> None:
+    def __init__(
+        self, directory: Path, prefix: str, skip: Callable[[Path], bool] | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.prefix = prefix
+        # Segments not to read (compacted into a snapshot, `ltrec_core.item_log`).
+        self.skip = skip
         self._offsets: dict[str, int] = {}
         self._lines: dict[str, int] = {}
         self.segments_read = 0
         self.torn_tails = 0
 
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Bytes read so far (complete lines; with `final`, all), by segment file name."""
+        return dict(self._offsets)
+
+    @property
+    def lines(self) -> dict[str, int]:
+        """Complete lines read so far, by segment file name."""
+        return dict(self._lines)
+
     def read(self, *, final: bool = False) -> Iterator[Line]:
         for path in segments(self.directory, self.prefix):
             name = path.name
+            if self.skip is not None and self.skip(path):
+                self._offsets.pop(name, None)
+                self._lines.pop(name, None)
+                continue
             try:
                 size = path.stat().st_size
                 offset = self._offsets.get(name, 0)

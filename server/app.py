@@ -191,6 +191,7 @@ def create_server(
         replica=config.feedback_replica,
         max_segment_bytes=config.feedback_max_segment_bytes,
         max_pending_records=config.feedback_max_pending,
+        retention_seconds=config.feedback_retention_seconds,
     )
     feedback.open()
     logger.info("feedback store %s (replica %s)", config.feedback_dir, feedback.replica)
@@ -202,6 +203,8 @@ def create_server(
         poll_interval_seconds=config.items_poll_interval_seconds,
         max_segment_bytes=config.items_max_segment_bytes,
         max_overlay_items=config.items_max_overlay,
+        compact_tail_bytes=config.items_compact_tail_bytes,
+        compact_tail_records=config.items_compact_tail_records,
     )
     items.open()
     tokenizer = ItemTokenizer.from_repository(config.model_repository, metadata.text_max_tokens)

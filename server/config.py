@@ -101,12 +101,20 @@ class GatewayConfig:
     feedback_max_batch: int = 1000
     # Records waiting for the disk beyond which Feedback answers RESOURCE_EXHAUSTED.
     feedback_max_pending: int = 10_000
+    # Retention (`ltrec_core.feedback_log.retire`): closed segments that a retraining consumed
+    # (`ltrec.retrain merge` records what it read) and last written longer ago than this are
+    # deleted, ForgetUser's tombstones carried over; 0: keep every segment.
+    feedback_retention_seconds: int = 0
     # The item store (`server.stores.items`): items added (UpsertItems) or hidden (DeleteItems)
     # after training, fsync'd JSON lines that every replica writes (segments named by
     # feedback_replica) and reads: a directory all replicas mount, polled every interval.
     items_dir: Path = Path("items")
     items_poll_interval_seconds: float = 1.0
     items_max_segment_bytes: int = 64 * 1024 * 1024
+    # Compaction (`ltrec_core.item_log`): once the records this replica could fold into a new
+    # snapshot pass either many bytes or records, its poll compacts; 0: that bound never does.
+    items_compact_tail_bytes: int = 16 * 1024 * 1024
+    items_compact_tail_records: int = 20_000
     # Items per UpsertItems call and ids per DeleteItems call.
     items_max_batch: int = 64
     # Added items served at once (each goes to Triton with every request: M x D floats).
@@ -226,6 +234,13 @@ class GatewayConfig:
             self.feedback_max_segment_bytes >= 4096,
             ">= 4096",
         )
+        for name in (
+            "feedback_retention_seconds",
+            "items_compact_tail_bytes",
+            "items_compact_tail_records",
+        ):
+            value = getattr(self, name)
+            _check(value, name, value >= 0, ">= 0 (0: off)")
         self._check_history()
         self._check_access()
         for name, most in (

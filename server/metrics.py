@@ -194,6 +194,50 @@ ITEM_STORE_UNREADABLE_LINES_TOTAL = Counter(
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
 )
+# Stores that do not grow forever (`ltrec_core.item_log`, `ltrec_core.feedback_log`). The store
+# directories are shared by every replica: each reports the same size, so dashboards take max().
+ITEM_STORE_BYTES = Gauge(
+    "item_store_bytes",
+    "Bytes of the item store's files (snapshot and segments) at this replica's last poll.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+# ok: a new snapshot generation; skipped: nothing to fold, or another replica published first;
+# error: the disk failed (nothing was deleted).
+COMPACTION_RESULTS = ("ok", "skipped", "error")
+ITEM_STORE_COMPACTIONS_TOTAL = Counter(
+    "item_store_compactions_total",
+    "Item store compactions run by this replica, by result (ok, skipped, error).",
+    ["result"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+for _result in COMPACTION_RESULTS:
+    ITEM_STORE_COMPACTIONS_TOTAL.labels(result=_result)
+FEEDBACK_STORE_BYTES = Gauge(
+    "feedback_store_bytes",
+    "Bytes of the feedback store's segments at this replica's last survey.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FEEDBACK_STORE_SEGMENTS = Gauge(
+    "feedback_store_segments",
+    "Segment files in the feedback store at this replica's last survey.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FEEDBACK_SEGMENTS_RETIRED_TOTAL = Counter(
+    "feedback_segments_retired_total",
+    "Feedback segments deleted by this replica: consumed by retraining, older than retention.",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
+FEEDBACK_RETENTION_ERRORS_TOTAL = Counter(
+    "feedback_retention_errors_total",
+    "Feedback retention passes that failed (disk error, unreadable consumption record).",
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+)
 # Outcomes of an UpsertItems item's image: encoded with the item; unreadable (undecodable bytes
 # or file, missing file); not_allowed (a URL, a path outside LTREC_IMAGE_ROOT, or no root set).
 IMAGE_OUTCOMES = ("encoded", "unreadable", "not_allowed")

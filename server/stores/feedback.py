@@ -16,6 +16,11 @@ most one torn line at the end of a segment; that line was never acknowledged, an
 The format is read by `ltrec_core.feedback_log` and turned into training events by
 `ltrec.retrain`. ForgetUser's erasure records (`ltrec_core.erasure`) are appended like feedback;
 the directory's erasure key (`erasure_key`) is made by the first of them.
+
+Retention (`ltrec_core.feedback_log.retire`): every `SURVEY_INTERVAL_SECONDS` the store measures
+the directory (metrics) and, when `retention_seconds` is set, deletes the closed segments that a
+retraining consumed (`ltrec.retrain merge` records what it read) and that are older than that.
+`python -m server.stores retire` runs one pass on demand.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ltrec_core import feedback_log
 from ltrec_core.erasure import ErasureError, load_or_create_key
-from ltrec_core.feedback_log import SEGMENT_PREFIX
+from ltrec_core.feedback_log import SEGMENT_PREFIX, Retirement
 from ltrec_core.segment_log import SegmentWriter, encode_lines, replica_name
 from server import metrics
 from server.errors import BackendUnavailable, Overloaded, StartupError
 
 logger = logging.getLogger(__name__)
+
+SURVEY_INTERVAL_SECONDS = 60.0
 
 
 @dataclass
@@ -53,11 +61,15 @@ class FeedbackStore:
         replica: str = "",
         max_segment_bytes: int = 64 * 1024 * 1024,
         max_pending_records: int = 10_000,
+        retention_seconds: float = 0.0,
     ) -> None:
         self.directory = Path(directory)
         self.replica = replica_name(replica)
         self.max_segment_bytes = max_segment_bytes
         self.max_pending_records = max_pending_records
+        # Consumed segments older than this are retired (0: never).
+        self.retention_seconds = retention_seconds
+        self._survey_task: asyncio.Task[None] | None = None
         self._pending: list[_Pending] = []
         self._pending_records = 0
         self._wakeup = asyncio.Event()
@@ -86,11 +98,17 @@ class FeedbackStore:
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._writer(), name="feedback-writer")
+        if self._survey_task is None:
+            self._survey_task = asyncio.create_task(self._surveys(), name="feedback-survey")
 
     async def close(self) -> None:
         """Writes and syncs everything pending, then closes the segment."""
         self._closing = True
         self._wakeup.set()
+        if self._survey_task is not None:
+            self._survey_task.cancel()
+            await asyncio.gather(self._survey_task, return_exceptions=True)
+            self._survey_task = None
         if self._task is not None:
             await self._task
             self._task = None
@@ -136,6 +154,44 @@ class FeedbackStore:
                 ) from exc
         return self._erasure_key
 
+    # --- size and retention ----------------------------------------------------------------
+    async def survey(self) -> Retirement | None:
+        """Measures the directory and, with a retention time, retires what it allows; None when
+        retention is off or the pass failed (counted and logged; nothing is lost)."""
+        retired = None
+        if self.retention_seconds > 0:
+            try:
+                retired = await asyncio.to_thread(
+                    feedback_log.retire, self.directory, self.retention_seconds
+                )
+            except (OSError, ValueError) as exc:
+                metrics.FEEDBACK_RETENTION_ERRORS_TOTAL.inc()
+                logger.error("feedback store: retention pass failed: %s", exc)
+            else:
+                if retired.segments:
+                    metrics.FEEDBACK_SEGMENTS_RETIRED_TOTAL.inc(retired.segments)
+                    logger.info(
+                        "feedback store: retired %d consumed segments (%d bytes; %d erasure "
+                        "records carried)",
+                        retired.segments,
+                        retired.bytes,
+                        retired.erasures_carried,
+                    )
+        try:
+            paths = await asyncio.to_thread(feedback_log.segments, self.directory)
+            size = sum(await asyncio.to_thread(_sizes, paths))
+        except OSError as exc:
+            logger.warning("feedback store: cannot measure %s: %s", self.directory, exc)
+        else:
+            metrics.FEEDBACK_STORE_BYTES.set(size)
+            metrics.FEEDBACK_STORE_SEGMENTS.set(len(paths))
+        return retired
+
+    async def _surveys(self) -> None:
+        while True:
+            await self.survey()
+            await asyncio.sleep(SURVEY_INTERVAL_SECONDS)
+
     def _enqueue(self, pending: _Pending) -> None:
         self._pending.append(pending)
         self._pending_records += pending.records
@@ -179,3 +235,13 @@ class FeedbackStore:
         self._segment = path
         metrics.FEEDBACK_SEGMENTS_TOTAL.inc()
         logger.info("feedback store: writing %s", path)
+
+
+def _sizes(paths: list[Path]) -> list[int]:
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(path.stat().st_size)
+        except FileNotFoundError:
+            continue
+    return sizes

@@ -26,6 +26,12 @@ segment log shared with the feedback store (`ltrec_core.segment_log`). A crash c
 line at the end of a segment (never acknowledged; a segment is never reopened); readers apply
 complete lines only. Writes are rare (catalogue changes, not traffic), so one write and one sync
 per call, serialised, is enough.
+
+Compaction (`ltrec_core.item_log`): when the records not yet in a snapshot that this replica
+could fold pass `compact_tail_bytes` or `compact_tail_records`, the poll closes this replica's
+segment and folds the closed segments into the next snapshot generation (each item's winning
+record), published atomically before anything is deleted; every replica's poll loads a newer
+generation when it sees one. `python -m server.stores compact` does the same on demand.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ltrec_core import contract
+from ltrec_core import contract, item_log
+from ltrec_core.item_log import Compaction, ItemLogError, ItemLogReader
 from ltrec_core.item_text import ItemFields
 from ltrec_core.records import (
     DELETE,
@@ -57,7 +64,7 @@ from ltrec_core.records import (
     RecordError,
     item_record_from_json,
 )
-from ltrec_core.segment_log import SegmentReader, SegmentWriter, encode_lines, replica_name
+from ltrec_core.segment_log import SegmentWriter, encode_lines, replica_name
 from server import metrics
 from server.catalogue import Catalogue, ModelMetadata
 from server.errors import BackendUnavailable, GatewayError, Overloaded, StartupError
@@ -66,7 +73,7 @@ from server.item_filter import FacetRow
 
 logger = logging.getLogger(__name__)
 
-SEGMENT_PREFIX = "items-"
+SEGMENT_PREFIX = item_log.SEGMENT_PREFIX
 __all__ = ["DELETE", "UPSERT", "ItemStore", "NewItem", "decode_vector", "encode_vector"]
 # Re-encoding after a model rollout: items per Triton call.
 REENCODE_BATCH = 32
@@ -133,17 +140,22 @@ class ItemStore:
         poll_interval_seconds: float = 1.0,
         max_segment_bytes: int = 64 * 1024 * 1024,
         max_overlay_items: int = 10_000,
+        compact_tail_bytes: int = 0,
+        compact_tail_records: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.replica = replica_name(replica)
         self.poll_interval_seconds = poll_interval_seconds
         self.max_segment_bytes = max_segment_bytes
         self.max_overlay_items = max_overlay_items
+        # Compaction thresholds (0: never automatically).
+        self.compact_tail_bytes = compact_tail_bytes
+        self.compact_tail_records = compact_tail_records
         self._trained = trained
         self._model_version = metadata.model_version
         self._dim = metadata.embedding_dim
         self._entries: dict[str, _Entry] = {}
-        self._reader = SegmentReader(self.directory, SEGMENT_PREFIX)
+        self._reader = ItemLogReader(self.directory)
         self._log = SegmentWriter(
             self.directory,
             SEGMENT_PREFIX,
@@ -172,10 +184,14 @@ class ItemStore:
         """Creates the directory and reads every segment; call before serving."""
         try:
             self._log.open()
+            # A compacted segment's name must never come back (`ltrec_core.item_log`).
+            covered = item_log.covered_sequence(self.directory, self.replica)
+            self._log.sequence = max(self._log.sequence, covered)
             records = self._scan()
-        except OSError as exc:
+        except (OSError, ItemLogError) as exc:
             raise StartupError(
-                f"LTREC_ITEMS_DIR: cannot use {self.directory}: {exc.strerror}"
+                f"LTREC_ITEMS_DIR: cannot use {self.directory}: "
+                f"{exc.strerror if isinstance(exc, OSError) else exc}"
             ) from exc
         self._apply(records)
         logger.info(
@@ -288,17 +304,60 @@ class ItemStore:
         """Complete lines appended to any segment since the last scan (a torn or unfinished
         last line waits)."""
         records: list[ItemRecord] = []
-        for line in self._reader.read():
-            record = _parse(line.data)
+        for segment, data in self._reader.read():
+            record = _parse(data)
             if record is None:
-                if line.data.strip(b"\0"):
+                if data.strip(b"\0"):
                     metrics.ITEM_STORE_UNREADABLE_LINES_TOTAL.inc()
-                    logger.warning(
-                        "item store: %s has an unreadable line; skipped", line.segment.name
-                    )
+                    logger.warning("item store: %s has an unreadable line; skipped", segment.name)
                 continue
             records.append(record)
+        metrics.ITEM_STORE_BYTES.set(item_log.store_bytes(self.directory))
         return records
+
+    def _tail(self) -> tuple[int, int]:
+        return self._reader.tail(self.replica)
+
+    # --- compaction ------------------------------------------------------------------------------
+    async def compact(self) -> Compaction | None:
+        """Closes this replica's segment and folds the closed segments into a new snapshot
+        (`ltrec_core.item_log.compact`); None when there was nothing to fold. Never raises:
+        a failure is counted and logged, and the records stay where they are."""
+        async with self._lock:
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(self._log.close)
+                done = await asyncio.to_thread(item_log.compact, self.directory)
+            except (OSError, ItemLogError) as exc:
+                metrics.ITEM_STORE_COMPACTIONS_TOTAL.labels(result="error").inc()
+                logger.error("item store: compaction failed: %s", exc)
+                return None
+        if done is None:
+            metrics.ITEM_STORE_COMPACTIONS_TOTAL.labels(result="skipped").inc()
+            return None
+        metrics.ITEM_STORE_COMPACTIONS_TOTAL.labels(result="ok").inc()
+        metrics.ITEM_STORE_BYTES.set(done.bytes_after)
+        logger.info(
+            "item store: compacted %d segments (%d records) into generation %d (%d records) in "
+            "%.3f s; %d -> %d bytes",
+            done.segments,
+            done.records_read,
+            done.generation,
+            done.records_kept,
+            time.perf_counter() - started,
+            done.bytes_before,
+            done.bytes_after,
+        )
+        return done
+
+    async def _maybe_compact(self) -> None:
+        if not (self.compact_tail_bytes or self.compact_tail_records):
+            return
+        size, records = await asyncio.to_thread(self._tail)
+        if (self.compact_tail_bytes and size >= self.compact_tail_bytes) or (
+            self.compact_tail_records and records >= self.compact_tail_records
+        ):
+            await self.compact()
 
     # --- state -----------------------------------------------------------------------------------
     def _apply(self, records: Sequence[ItemRecord | dict[str, Any]]) -> None:
@@ -399,6 +458,7 @@ class ItemStore:
                 records = await asyncio.to_thread(self._scan)
                 if records:
                     self._apply(records)
+                await self._maybe_compact()
                 await self._reencode()
             except asyncio.CancelledError:
                 raise
