@@ -7,7 +7,9 @@ audience and forecast their demand.
     python examples/items_client.py basket "Toy Story (1995)" "Babe (1995)" [ID ...] [-k 10]
     python examples/items_client.py audience "Grave Shadows (2031)" [-k 10] [--max-users N]
     python examples/items_client.py forecast "Grave Shadows (2031)" "Toy Story (1995)" [ID ...]
-    (every command takes --address 127.0.0.1:50051 and --timeout SECONDS)
+    (every command takes --address 127.0.0.1:50051 and --timeout SECONDS; upsert and delete
+    take --token TOKEN, default the LTREC_ADMIN_TOKEN environment variable: the bearer token
+    a gateway that requires credentials for its admin RPCs accepts)
 
 `upsert` reads a CSV (UTF-8, header row) with the dataset format's item columns: `item_id` and
 `title` (required), `description`, `category` (`Books|Fiction`), `brand`, `price_bucket`
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -190,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--address", default="127.0.0.1:50051")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("LTREC_ADMIN_TOKEN") or None,
+        help="bearer token for UpsertItems and DeleteItems (default: $LTREC_ADMIN_TOKEN)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     upsert = commands.add_parser("upsert", help="add or replace items from a CSV file")
     upsert.add_argument("--file", type=Path, required=True)
@@ -212,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     forecast.add_argument("item_ids", nargs="+")
     forecast.add_argument("--max-users", type=int, default=None, help="users scanned at most")
     args = parser.parse_args(argv)
+    # Only the admin RPCs carry the token (the others never need it).
+    credentials = [("authorization", f"Bearer {args.token}")] if args.token else None
 
     with grpc.insecure_channel(args.address) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
@@ -222,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in batches(items, args.batch):
                     reply = with_retries(
                         lambda b=batch: stub.UpsertItems(  # type: ignore[misc]
-                            recommender_pb2.UpsertItemsRequest(items=b), timeout=args.timeout
+                            recommender_pb2.UpsertItemsRequest(items=b),
+                            timeout=args.timeout,
+                            metadata=credentials,
                         )
                     )
                     done += reply.upserted
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: stub.DeleteItems(
                         recommender_pb2.DeleteItemsRequest(item_ids=args.item_ids),
                         timeout=args.timeout,
+                        metadata=credentials,
                     )
                 )
                 print(f"hidden: {reply.deleted} items")

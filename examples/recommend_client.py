@@ -26,7 +26,9 @@ starts with Comedy (MovieLens: the genre list, "Comedy|Romance"). A value no ite
 INVALID_ARGUMENT naming it: "filter.brands[0] 'Acme' is not the brand of any item ...".
 
 `--forget` erases the user instead (`ForgetUser`): the stored history is deleted, and the next
-retraining skips the user's feedback; it prints what was erased.
+retraining skips the user's feedback; it prints what was erased. ForgetUser is an admin RPC:
+`--token` (default: the LTREC_ADMIN_TOKEN environment variable) sends `authorization: Bearer
+<token>` with it, for a gateway that requires credentials (the local stack allows every caller).
 
 `--batch N` asks for N users at once over one `RecommendBatch` stream (as a newsletter job
 would): users ID-1 ... ID-N, each with a different part of the history. Answers come back as they
@@ -36,6 +38,7 @@ are ready, each with the index of its request and either the list or that reques
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -88,6 +91,11 @@ def main() -> int:
     stored.add_argument(
         "--forget", action="store_true", help="erase the user (ForgetUser) instead of recommending"
     )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("LTREC_ADMIN_TOKEN") or None,
+        help="bearer token for ForgetUser (default: $LTREC_ADMIN_TOKEN)",
+    )
     business = parser.add_argument_group("business filter (ItemFilter)")
     business.add_argument(
         "--category", action="append", default=[], metavar="PATH", help="category path prefix"
@@ -105,7 +113,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.forget:
-        return forget(args.address, args.user, args.timeout)
+        return forget(args.address, args.user, args.timeout, args.token)
     if args.batch is not None:
         return batch(args.address, args.user, args.batch, args.k, args.timeout)
     now = int(time.time())
@@ -167,12 +175,17 @@ def main() -> int:
     return 0
 
 
-def forget(address: str, user_id: str, timeout: float) -> int:
+def admin_metadata(token: str | None) -> list[tuple[str, str]] | None:
+    """The credentials an admin RPC carries: `authorization: Bearer <token>`, or none."""
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
+def forget(address: str, user_id: str, timeout: float, token: str | None = None) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
         try:
             request = recommender_pb2.ForgetUserRequest(user_id=user_id)
-            reply = stub.ForgetUser(request, timeout=timeout)
+            reply = stub.ForgetUser(request, timeout=timeout, metadata=admin_metadata(token))
         except grpc.RpcError as exc:
             print(f"call failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

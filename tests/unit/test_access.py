@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ from server.app import create_server
 from server.config import ConfigError, GatewayConfig
 from server.errors import StartupError
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.support.gateway import FakeTransport, run_async, write_repository
+from tests.support.gateway import FakeTransport, run_async, running_gateway, write_repository
 from tests.support.pki import Pki, make_pki
 
 SYNC_TOKEN = "sync-token-0123456789abcdef"
@@ -436,3 +437,44 @@ async def test_the_per_caller_limit_refuses_one_caller_while_another_gets_throug
         assert await stream.code() == grpc.StatusCode.OK
         assert (await reader.Recommend(PB.RecommendRequest(k=1), timeout=10)).items
         assert sample("caller_limit_rejected_total", method="Recommend") == rejected + 1
+
+
+async def _example(script: str, *args: str, token: str | None = None) -> tuple[int, str, str]:
+    """Runs an example client as the README does; `token` in LTREC_ADMIN_TOKEN."""
+    env = {k: v for k, v in os.environ.items() if k != "LTREC_ADMIN_TOKEN"}
+    if token is not None:
+        env["LTREC_ADMIN_TOKEN"] = token
+    root = Path(__file__).resolve().parents[2]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, f"examples/{script}", *args,
+        cwd=root, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@run_async
+async def test_the_example_clients_send_an_admin_token_where_the_gateway_requires_one(
+    tmp_path: Path,
+) -> None:
+    repository = write_repository(tmp_path / "model_repository")
+    tokens = secret_volume(tmp_path / "tokens", {"catalogue-sync": SYNC_TOKEN})
+    async with running_gateway(
+        repository, FakeTransport(), admin_auth="require", admin_tokens_dir=tokens
+    ) as gw:
+        address = ["--address", gw.address]
+        delete = [*address, "delete", "i1"]
+        code, _, err = await _example("items_client.py", *delete)  # no token: refused
+        assert code == 1 and "UNAUTHENTICATED: DeleteItems needs credentials" in err
+        code, _, err = await _example("items_client.py", *delete, token="wrong-token-0123")
+        assert code == 1 and "the bearer token is not valid" in err
+        code, out, err = await _example("items_client.py", *delete, token=SYNC_TOKEN)
+        assert code == 0, err
+        assert out.strip() == "hidden: 1 items"
+        forget = [*address, "--user", "u1", "--forget"]
+        code, _, err = await _example("recommend_client.py", *forget)
+        assert code == 1 and "UNAUTHENTICATED: ForgetUser needs credentials" in err
+        code, out, err = await _example("recommend_client.py", *forget, "--token", SYNC_TOKEN)
+        assert code == 0, err
+        assert out.startswith("forgot the user")
