@@ -40,11 +40,9 @@ user_id already is such a hash (a record that stores the keyed hash instead of t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections import Counter
 from pathlib import Path
@@ -98,26 +96,9 @@ def load_or_create_key(directory: Path, replica: str) -> bytes:
     key = read_key(directory)
     if key is not None:
         return key
-    temporary = directory / f".{KEY_FILE}.{replica}.{os.getpid()}.tmp"
     data = (secrets.token_hex(KEY_BYTES) + "\n").encode("ascii")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)  # as the segments
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, directory / KEY_FILE)
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+    if not segment_log.publish(directory, KEY_FILE, data, mode=0o640, writer=replica):
+        segment_log.fsync_directory(directory)  # another replica's key: durable before it is used
     key = read_key(directory)
     if key is None:
         raise ErasureError(f"{directory / KEY_FILE}: vanished as it was made")

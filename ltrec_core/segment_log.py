@@ -101,13 +101,23 @@ def fsync_directory(directory: Path) -> None:
         os.close(directory_fd)
 
 
-def publish(directory: Path, name: str, data: bytes, *, replace: bool = False) -> bool:
+def publish(
+    directory: Path,
+    name: str,
+    data: bytes,
+    *,
+    replace: bool = False,
+    mode: int = 0o440,
+    writer: str = "",
+) -> bool:
     """Writes `data` to a temporary file, fsyncs it, hard-links it in as `name` and fsyncs the
     directory: readers see the whole file or none. False (nothing changed) when `name` exists:
-    of writers racing for one name, one wins. With `replace`, renamed over `name` instead."""
+    of writers racing for one name, one wins. With `replace`, renamed over `name` instead.
+    `writer` (a replica name) keeps the temporary files of writers on other hosts, whose
+    process ids may be equal, apart in a shared directory."""
     directory = Path(directory)
-    temporary = directory / f".{name}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o440)
+    temporary = directory / f".{name}.{writer}{'.' if writer else ''}{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:
