@@ -27,7 +27,6 @@ from benchmarks.workload import build_workload
 from export_scripts import ann_scorer
 from export_scripts.ann_index import IndexSpec, build_index
 from export_scripts.export import checkpoint_long_tail_weight, export
-from ltrec_core import contract
 
 K = 10
 HISTORY = 50  # the scale bench's history length: blocked items the scorer over-fetches for
@@ -44,21 +43,7 @@ def real_queries(checkpoint: Path, data: Path, workdir: Path, n: int) -> np.ndar
     export(checkpoint, repo, text_encoder=False, log=lambda _m: None)
     workload = build_workload(repo, n, events_path=data / "events.parquet")
     model = InProcessRecommender(repo)
-    rows = []
-    for t in workload.tensors:
-        (user,) = model.encoder.run(
-            [contract.USER_EMBEDDING],
-            {
-                contract.HISTORY_ITEMS: t[contract.HISTORY_ITEMS],
-                contract.HISTORY_EVENT_TYPES: t[contract.HISTORY_EVENT_TYPES],
-                contract.EXTRA_ITEM_VECTORS: t[contract.EXTRA_ITEM_VECTORS],
-            },
-        )
-        (weighted,) = model.context.run(
-            [contract.WEIGHTED_USER_EMBEDDING],
-            {contract.USER_EMBEDDING: user, contract.CONTEXT: t[contract.CONTEXT]},
-        )
-        rows.append(weighted[0])
+    rows = [model.weighted_user(t)[0] for t in workload.tensors]
     return np.stack(rows).astype(np.float32)
 
 

@@ -48,7 +48,8 @@ class InProcessRecommender:
         self.scorer = load(contract.SCORER_MODEL)
         self._outputs = [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS]
 
-    def __call__(self, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def weighted_user(self, t: dict[str, np.ndarray]) -> np.ndarray:
+        """The context-weighted user embedding of a request's tensors (encode, then weight)."""
         (user,) = self.encoder.run(
             [contract.USER_EMBEDDING],
             {
@@ -61,6 +62,10 @@ class InProcessRecommender:
             [contract.WEIGHTED_USER_EMBEDDING],
             {contract.USER_EMBEDDING: user, contract.CONTEXT: t[contract.CONTEXT]},
         )
+        return weighted
+
+    def __call__(self, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        weighted = self.weighted_user(t)
         results = self.scorer.run(
             self._outputs,
             {
