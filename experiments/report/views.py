@@ -39,6 +39,7 @@ from ltrec.evaluation import (
     KS,
     EvalCases,
     K,
+    ScoreFn,
     cached,
     cold_start_split,
     evaluate,
@@ -357,34 +358,19 @@ def cold_view(
         # What the new items' places cost or give the whole test set (every test case, the
         # cold targets among them), at weight 0 and at the default weight.
         every = held_out_cases(cold_prepared)
-        for key, weight in (("weight_0", 0.0), ("at_default_weight", cold_default["chosen"])):
-            all_metrics, _ = evaluate(
-                long_tail_adjusted(served, cold_prepared.popularity, weight),
-                every,
-                ks=(K,),
-                desc=f"cold ours, every test case ({key})",
-                progress=progress,
-            )
-            models["ours"]["cold_start"].setdefault("all_cases_ndcg@10", {})[key] = all_metrics[
-                "ndcg@10"
-            ]
+        at_weights = at_zero_and_default(served, cold_prepared.popularity, every, cold_default)
+        models["ours"]["cold_start"]["all_cases_ndcg@10"] = {
+            key: figures["ndcg@10"] for key, figures in at_weights.items()
+        }
         model = cold_fitted["ours"].model
         if model is not None and getattr(model.fusion, "new_item_ids", None) is not None:
             # The ablation: the same model with the cold items' predicted ID vectors taken out
             # (zero, as training leaves them), at weight 0 and at the same default weight.
             ablated = without_new_item_ids(model, cold_prepared.popularity)
             plain = model_score_fn(ablated, ablated.cfg.max_history)
-            without = {}
-            for label, weight in (("weight_0", 0.0), ("at_default_weight", cold_default["chosen"])):
-                metrics, _ = evaluate(
-                    long_tail_adjusted(plain, cold_prepared.popularity, weight),
-                    cold_cases,
-                    ks=(K,),
-                    desc=f"cold ours without new-item ID vectors ({label})",
-                    progress=progress,
-                )
-                without[label] = {"weight": weight, **metrics}
-            models["ours"]["cold_start"]["without_new_item_ids"] = without
+            models["ours"]["cold_start"]["without_new_item_ids"] = at_zero_and_default(
+                plain, cold_prepared.popularity, cold_cases, cold_default
+            )
             models["ours"]["cold_start"]["event_weighted_map"] = event_weighted_view(
                 model, prepared, cold_prepared, cold_split, cold, cold_cases, cold_default["chosen"]
             )
@@ -423,21 +409,33 @@ def event_weighted_view(
         exponents=EVENT_WEIGHTED_EXPONENTS,
     )
     score = model_score_fn(weighted, weighted.cfg.max_history)
-    every = held_out_cases(cold_prepared)
+    tuning = {"chosen": default_weight}
+    on_cold = at_zero_and_default(score, cold_prepared.popularity, cold_cases, tuning)
+    on_every = at_zero_and_default(
+        score, cold_prepared.popularity, held_out_cases(cold_prepared), tuning
+    )
     figures: dict[str, Any] = {
         "popularity_exponent": fit.get("popularity_exponent"),
         "ridge_lambda": fit.get("ridge_lambda"),
     }
-    for label, weight in (("weight_0", 0.0), ("at_default_weight", default_weight)):
-        adjusted = long_tail_adjusted(score, cold_prepared.popularity, weight)
-        cold_metrics, _ = evaluate(adjusted, cold_cases, ks=(K,), progress=False)
-        all_metrics, _ = evaluate(adjusted, every, ks=(K,), progress=False)
-        figures[label] = {
-            "weight": weight,
-            **cold_metrics,
-            "all_cases_ndcg@10": all_metrics["ndcg@10"],
-        }
+    for key, cold_figures in on_cold.items():
+        figures[key] = {**cold_figures, "all_cases_ndcg@10": on_every[key]["ndcg@10"]}
     figures["audience"] = audience_view(weighted, prepared, cold_split, cold)
+    return figures
+
+
+def at_zero_and_default(
+    score: ScoreFn, popularity: np.ndarray, cases: EvalCases, tuning: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """A scorer's figures on `cases` at weight 0 and at the default weight `tuning["chosen"]`
+    (`tune_long_tail_weight`'s answer), as served: {"weight_0": ..., "at_default_weight": ...},
+    each with its weight."""
+    figures = {}
+    for key, weight in (("weight_0", 0.0), ("at_default_weight", float(tuning["chosen"]))):
+        metrics, _ = evaluate(
+            long_tail_adjusted(score, popularity, weight), cases, ks=(K,), progress=False
+        )
+        figures[key] = {"weight": weight, **metrics}
     return figures
 
 
