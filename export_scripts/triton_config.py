@@ -184,17 +184,8 @@ def onnx_model_config(
     name: str, io: tuple[list[Tensor], list[Tensor]], *, tensorrt: bool = False, threads: int = 1
 ) -> mc.ModelConfig:
     """Config for the native onnxruntime backend (NGC image) and our local stand-in alike."""
-    inputs, outputs = io
-    cfg = mc.ModelConfig(
-        name=name,
-        backend=ONNX_BACKEND,
-        max_batch_size=0,
-        input=_io(inputs, mc.ModelInput),
-        output=_io(outputs, mc.ModelOutput),
-    )
-    cfg.version_policy.latest.num_versions = 1
-    group = cfg.instance_group.add()
-    group.count = 1
+    cfg = _model_config(name, ONNX_BACKEND, io)
+    group = cfg.instance_group[0]
     if tensorrt:
         group.kind = mc.ModelInstanceGroup.KIND_GPU
         accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add()
@@ -212,18 +203,24 @@ def onnx_model_config(
 
 def python_model_config(name: str, io: tuple[list[Tensor], list[Tensor]]) -> mc.ModelConfig:
     """A Python-backend model (`<version>/model.py`), as the ANN scorer: one CPU instance."""
+    cfg = _model_config(name, PYTHON_BACKEND, io)
+    cfg.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
+    return cfg
+
+
+def _model_config(name: str, backend: str, io: tuple[list[Tensor], list[Tensor]]) -> mc.ModelConfig:
+    """A model of `backend` with these inputs and outputs, its latest version served, one
+    instance (the caller sets its kind)."""
     inputs, outputs = io
     cfg = mc.ModelConfig(
         name=name,
-        backend=PYTHON_BACKEND,
+        backend=backend,
         max_batch_size=0,
         input=_io(inputs, mc.ModelInput),
         output=_io(outputs, mc.ModelOutput),
     )
     cfg.version_policy.latest.num_versions = 1
-    group = cfg.instance_group.add()
-    group.count = 1
-    group.kind = mc.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.add().count = 1
     return cfg
 
 
