@@ -18,6 +18,7 @@ from experiments.report.settings import (
     MODELS,
     NEURAL,
     ReportConfig,
+    settings_text,
 )
 from ltrec import baselines, neural_baselines
 from ltrec.checkpoint import Checkpoint
@@ -213,7 +214,7 @@ def fit_all(
             info = {"tuning": "early stopping on validation NDCG@10", **summary}
             if fixed:
                 info["tuning"] = (
-                    f"settings fixed on the command line ({_settings_text(fixed)}), then early "
+                    f"settings fixed on the command line ({settings_text(fixed)}), then early "
                     "stopping on validation NDCG@10"
                 )
                 info["fixed_settings"] = dict(fixed)
@@ -234,13 +235,6 @@ def fit_all(
             ours.score_fn, {"tuning": "the main row's model", "same_model_as": "ours"}, ours.model
         )
     return fitted
-
-
-def _settings_text(params: dict[str, float | str]) -> str:
-    return ", ".join(
-        f"{key} {value:g}" if not isinstance(value, str) else f"{key} {value}"
-        for key, value in params.items()
-    )
 
 
 def parse_settings(text: str) -> tuple[str, dict[str, float | str]]:
@@ -264,23 +258,42 @@ def parse_settings(text: str) -> tuple[str, dict[str, float | str]]:
     return row.strip(), point
 
 
-GRID_KEYS = ("lr", "batch_size", "dropout", "order_augmentation", "set_context", "softmax_exclude")
+GRID_KEYS = (
+    "lr",
+    "batch_size",
+    "weight_decay",
+    "dropout",
+    "embedding_dim",
+    "order_augmentation",
+    "set_context",
+    "softmax_exclude",
+)
 TEXT_KEYS = ("set_context", "softmax_exclude")
 
 
 def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
-    """`train` with a neural grid point applied: "lr", "batch_size", "order_augmentation",
-    "set_context" and "softmax_exclude" to the training, "dropout" to the model."""
+    """`train` with a neural grid point applied: "lr", "batch_size", "weight_decay",
+    "order_augmentation", "set_context" and "softmax_exclude" to the training, "dropout" and
+    "embedding_dim" (the width of every vector: item, state and user) to the model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
     model = dict(train.model)
     if "dropout" in params:
         model["dropout"] = float(params["dropout"])
+    if "embedding_dim" in params:
+        width = float(params["embedding_dim"])
+        heads = int(model.get("n_heads", ModelConfig.n_heads))
+        if width != int(width) or width < 1 or int(width) % heads:
+            raise ValueError(
+                f"embedding_dim must be a positive multiple of n_heads ({heads}), got {width:g}"
+            )
+        model["embedding_dim"] = int(width)
     return dataclasses.replace(
         train,
         lr=float(params.get("lr", train.lr)),
         batch_size=int(params.get("batch_size", train.batch_size)),
+        weight_decay=float(params.get("weight_decay", train.weight_decay)),
         order_augmentation=float(params.get("order_augmentation", train.order_augmentation)),
         set_context=str(params.get("set_context", train.set_context)),
         softmax_exclude=str(params.get("softmax_exclude", train.softmax_exclude)),

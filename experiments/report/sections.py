@@ -11,6 +11,7 @@ from experiments.report.settings import (
     SHORT_HISTORY,
     SHUFFLED_AT_TEST,
     _printed,
+    settings_text,
 )
 from ltrec.item_to_item import relative_weight
 
@@ -347,6 +348,12 @@ def _convergence(report: dict) -> list[str]:
                     reason,
                     f"lr {train.get('lr', '-'):g}, batch {train.get('batch_size', '-')}, "
                     f"dropout {model.get('dropout', '-'):g}"
+                    + (f", width {model['embedding_dim']}" if "embedding_dim" in model else "")
+                    + (
+                        f", weight decay {train['weight_decay']:g}"
+                        if "weight_decay" in train
+                        else ""
+                    )
                     + (
                         f", order augmentation {train['order_augmentation']:g}"
                         if train.get("order_augmentation")
@@ -598,7 +605,9 @@ def _tuned(info: dict) -> str:
                 f"-epoch screening run, kept over the converged run on validation NDCG@10 "
                 f"({kept['screen_ndcg@10']:.4f} against {kept['converged_ndcg@10']:.4f})"
             )
-        return f"{source}best epoch {info['best'].get('epoch')}"
+        fixed = info.get("fixed_settings")
+        given = f"settings given ({settings_text(fixed)}), " if fixed else ""
+        return f"{source}{given}best epoch {info['best'].get('epoch')}"
     return info.get("tuning", "")
 
 

@@ -126,8 +126,9 @@ class ReportConfig:
     )
     # Per neural row, training settings chosen on validation for that row: each point trains
     # `screen_epochs` epochs, and the best by validation NDCG@10 is then trained to convergence.
-    # Keys: "lr", "batch_size", "order_augmentation", "set_context", "softmax_exclude"
-    # (TrainConfig) and "dropout" (ModelConfig); every point of a row's grid has the same keys.
+    # Keys: "lr", "batch_size", "weight_decay", "order_augmentation", "set_context",
+    # "softmax_exclude" (TrainConfig), "dropout" and "embedding_dim" (ModelConfig); every point of
+    # a row's grid has the same keys.
     neural_grids: dict[str, list[dict[str, float | str]]] = field(
         default_factory=lambda: {
             "sasrec": [
@@ -191,6 +192,14 @@ def quick_config() -> ReportConfig:
         ease_grid=[{"lam": 10}, {"lam": 100}, {"lam": 1000}],
         neural_grids={"sasrec": [{"lr": 1e-3, "dropout": 0.2}, {"lr": 2e-3, "dropout": 0.5}]},
         screen_epochs=1,
+    )
+
+
+def settings_text(params: dict[str, float | str]) -> str:
+    """A neural grid point as text: "lr 0.001, set_context others"."""
+    return ", ".join(
+        f"{key} {value:g}" if not isinstance(value, str) else f"{key} {value}"
+        for key, value in params.items()
     )
 
 

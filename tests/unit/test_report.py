@@ -692,6 +692,10 @@ def test_parse_settings() -> None:
         {"lr": 1e-3, "dropout": 0.2, "batch_size": 64.0},
     )
     assert parse_settings("ours:set_context=others") == ("ours", {"set_context": "others"})
+    assert parse_settings("ours:embedding_dim=128,weight_decay=1") == (
+        "ours",
+        {"embedding_dim": 128.0, "weight_decay": 1.0},
+    )
     for bad in ("sasrec", "sasrec:", ":lr=1", "sasrec:lr", "sasrec:lr=fast", "sasrec:depth=2"):
         with pytest.raises(ValueError):
             parse_settings(bad)
@@ -700,12 +704,17 @@ def test_parse_settings() -> None:
 def test_fixed_settings_replace_the_screen(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
-    fixed = ["--settings", "sasrec:lr=3e-3,dropout=0.4", "--patience", "7"]
+    fixed = ["--settings", "sasrec:lr=3e-3,dropout=0.4,weight_decay=0.5", "--patience", "7"]
     assert main([*args, "--quick", "--no-progress", "--models", "sasrec", *fixed]) == 0
     fit = json.loads((out / "report.json").read_text())["models"]["sasrec"]["fit"]
-    assert "screening" not in fit and fit["fixed_settings"] == {"lr": 3e-3, "dropout": 0.4}
+    assert "screening" not in fit
+    assert fit["fixed_settings"] == {"lr": 3e-3, "dropout": 0.4, "weight_decay": 0.5}
     assert fit["train_config"]["lr"] == 3e-3 and fit["model_config"]["dropout"] == 0.4
-    assert fit["train_config"]["patience"] == 7
+    assert fit["train_config"]["patience"] == 7 and fit["train_config"]["weight_decay"] == 0.5
+    # the accuracy table says which settings were given rather than chosen there
+    assert "settings given (lr 0.003, dropout 0.4, weight_decay 0.5)" in (
+        out / "report.md"
+    ).read_text()
     for bad in (
         ["--settings", "ease:lr=1"],
         ["--settings", "sasrec:lr=x"],
@@ -806,6 +815,13 @@ def test_grid_points_set_training_and_model_settings() -> None:
     assert cfg.set_context == "others"
     with pytest.raises(ValueError, match="neural grid keys"):
         with_settings(ltrec.train.TrainConfig(), {"momentum": 0.9})
+    # capacity and regularisation: the width goes to the model, the weight decay to training
+    wide = with_settings(ltrec.train.TrainConfig(), {"embedding_dim": 128.0, "weight_decay": 1.0})
+    assert (wide.model["embedding_dim"], wide.weight_decay) == (128, 1.0)
+    assert isinstance(wide.model["embedding_dim"], int)
+    for width in (0.0, 12.5, 127.0):  # the width must split evenly over the default 2 heads
+        with pytest.raises(ValueError, match="embedding_dim must be a positive multiple"):
+            with_settings(ltrec.train.TrainConfig(), {"embedding_dim": width})
     # ours is screened on sequence, random order and set reading of the history
     ours = ReportConfig().neural_grids["ours"]
     assert {(p["order_augmentation"], p["set_context"]) for p in ours} == {
