@@ -32,14 +32,20 @@ def _parts_sentence(report: dict) -> str:
             " Rows trained in several parts (different schedules) are taken from the run with "
             "the best validation NDCG@10: "
             + ", ".join(
-                f"{report['models'][name]['label']} from part {index + 1} "
-                f"(created {parts[index].get('created')})"
-                for name, index in chosen.items()
-                if name in report["models"]
+                f"{report['models'][key]['label']}{VIEW_NAMES.get(view, '')} from part "
+                f"{index + 1} (created {parts[index].get('created')})"
+                for key, view, index in (
+                    (*name.partition(".")[::2], index) for name, index in chosen.items()
+                )
+                if key in report["models"]
             )
             + "."
         )
     return text
+
+
+# A refit view's name in the sentence on merged parts (`merge._REFIT_VIEWS`).
+VIEW_NAMES = {"short_history": " (short-history view)", "cold_start": " (cold-start view)"}
 
 
 def markdown(report: dict) -> str:

@@ -13,12 +13,19 @@ _SAME_DATA = ("dir", "items", "users_evaluated", "users_sampled", "train_events"
 _NONE = float("-inf")
 
 
-def _validation(row: dict) -> float:
-    """A row's best validation NDCG@10 in its main-view training; -inf when it has none (a
+def _validation(row: dict, view: str | None = None) -> float:
+    """A row's best validation NDCG@10 in its main-view training, or with `view` (a view that
+    refits the row, such as "short_history") in that view's training; -inf when it has none (a
     non-neural row, a checkpoint's figures count: they are its training's)."""
-    best = (row.get("fit") or {}).get("best") or {}
+    where = row if view is None else (row.get(view) or {})
+    best = (where.get("fit") or {}).get("best") or {}
     value = best.get("ndcg@10") if isinstance(best, dict) else None
     return float(value) if value is not None else _NONE
+
+
+# Views that refit every row on their own split: a row run in several parts takes each of these
+# from the part whose refit has the best validation NDCG@10 in that view.
+_REFIT_VIEWS = ("short_history", "cold_start")
 
 
 def merge_reports(parts: list[dict]) -> dict:
@@ -58,6 +65,13 @@ def merge_reports(parts: list[dict]) -> dict:
         for i in order:
             for key, value in parts[i]["models"][name].items():
                 merged_row.setdefault(key, value)
+        for view in _REFIT_VIEWS:
+            runs = [i for i in having if view in parts[i]["models"][name]]
+            scores = {_validation(parts[i]["models"][name], view) for i in runs} - {_NONE}
+            if len(scores) > 1:
+                best = max(runs, key=lambda i: _validation(parts[i]["models"][name], view))
+                merged_row[view] = parts[best]["models"][name][view]
+                chosen[f"{name}.{view}"] = best
     data = dict(first["data"])
     for prefix in ("cold_", "short_"):  # a view's sizes, from the first part that ran it
         for part in parts:

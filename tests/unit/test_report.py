@@ -20,6 +20,7 @@ from experiments.report.fitting import (
     parse_settings,
     with_shuffled_context,
 )
+from experiments.report.markdown import _parts_sentence as markdown_parts_sentence
 from experiments.report.merge import _SAME_DATA, merge_reports
 from experiments.report.sections import _convergence
 from experiments.report.settings import (
@@ -649,6 +650,23 @@ def test_merge_reports_joins_parts_and_refuses_other_data() -> None:
     assert merge_reports([first, second])["models"]["sasrec"]["test"] == {"ndcg@10": 0.18}
     assert merge_reports([first, second])["chosen_on_validation"] == {}
 
+    # A refit view (short histories) run in two parts with different settings: that view is
+    # taken from the part whose refit validates better there, whatever the order of the parts
+    # and wherever the main view comes from.
+    def short(valid: float, test: float) -> dict:
+        return {"ndcg@10": test, "fit": {"best": {"ndcg@10": valid}}}
+
+    third, fourth = part(["ours"], 5, False), part(["ours"], 5, False)
+    third["models"]["ours"] = {"label": "o", "short_history": short(0.0996, 0.1004)}
+    fourth["models"]["ours"] = {"label": "o", "short_history": short(0.1022, 0.1059)}
+    for parts in ([third, fourth], [fourth, third]):
+        merged = merge_reports(parts)
+        assert merged["models"]["ours"]["short_history"]["ndcg@10"] == 0.1059
+        assert merged["chosen_on_validation"] == {"ours.short_history": parts.index(fourth)}
+        assert "o (short-history view) from part" in markdown_parts_sentence(
+            {**merged, "parts": [{"created": "a"}, {"created": "b"}]}
+        )
+
 
 def test_report_in_parts_and_merged(tiny_data: Path, tmp_path: Path) -> None:
     args = ["--data", str(tiny_data), "--cache", str(tmp_path / "cache"), "--quick"]
@@ -712,9 +730,10 @@ def test_fixed_settings_replace_the_screen(tiny_data: Path, tmp_path: Path) -> N
     assert fit["train_config"]["lr"] == 3e-3 and fit["model_config"]["dropout"] == 0.4
     assert fit["train_config"]["patience"] == 7 and fit["train_config"]["weight_decay"] == 0.5
     # the accuracy table says which settings were given rather than chosen there
-    assert "settings given (lr 0.003, dropout 0.4, weight_decay 0.5)" in (
-        out / "report.md"
-    ).read_text()
+    assert (
+        "settings given (lr 0.003, dropout 0.4, weight_decay 0.5)"
+        in (out / "report.md").read_text()
+    )
     for bad in (
         ["--settings", "ease:lr=1"],
         ["--settings", "sasrec:lr=x"],
