@@ -1,6 +1,7 @@
 """The datasets' command line: validate a dataset directory, or write one from a source.
 
-python -m ltrec.datasets check DIR [--json]
+python -m ltrec.datasets check DIR [--json] [--chunk-rows N]
+python -m ltrec.datasets convert DIR --output OUT [--chunk-rows N]
 python -m ltrec.datasets convert-movielens --output data/ml-1m [--format parquet|csv]
 python -m ltrec.datasets photo-shop --out data/photo-shop [--users 400] [--seed 0]
 """
@@ -13,13 +14,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ltrec.data import TABLE_FORMATS, DatasetError, load_dataset
+from ltrec.data import (
+    DEFAULT_CHUNK_ROWS,
+    TABLE_FORMATS,
+    CleaningReport,
+    DatasetError,
+    convert_dataset,
+    load_dataset,
+)
 from ltrec.datasets import photo_shop
 from ltrec.datasets.photo_shop import MIN_USERS, build_photo_catalogue
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``check DIR`` validates a shop's directory; ``convert-movielens`` builds the default data;
+    """``check DIR`` validates a shop's directory; ``convert DIR`` writes its cleaned form (events
+    streamed in chunks, for logs of any size); ``convert-movielens`` builds the default data;
     ``photo-shop`` builds the sample shop with photos (`photo_shop_main`)."""
     parser = argparse.ArgumentParser(
         prog="python -m ltrec.datasets", description=__doc__.split("\n")[0]
@@ -33,6 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check", help="load a dataset directory and print its report")
     check.add_argument("directory", type=Path)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    clean = commands.add_parser(
+        "convert", help="write the cleaned dataset as Parquet, reading events in chunks"
+    )
+    clean.add_argument("directory", type=Path)
+    clean.add_argument("--output", type=Path, required=True, help="output directory")
+    clean.add_argument("--json", action="store_true", help="print the report as JSON")
+    for command in (check, clean):
+        command.add_argument(
+            "--chunk-rows",
+            type=int,
+            default=DEFAULT_CHUNK_ROWS,
+            help=f"events read at a time (default {DEFAULT_CHUNK_ROWS:,})",
+        )
     commands.add_parser(
         "photo-shop",
         help="write the sample shop with photos (--out, --users, --seed)",
@@ -43,22 +65,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return photo_shop_main(argv[1:])
     args = parser.parse_args(argv)
 
+    report: CleaningReport
     try:
         if args.command == "convert-movielens":
             from ltrec.datasets.movielens import convert_movielens_1m
 
             out = convert_movielens_1m(args.output, fmt=args.format)
-            dataset = load_dataset(out)
+            report = load_dataset(out).report
             print(f"wrote {out}")
+        elif args.command == "convert":
+            report = convert_dataset(args.directory, args.output, chunk_rows=args.chunk_rows)
+            print(f"wrote {args.output}")
         else:
-            dataset = load_dataset(args.directory)
-    except DatasetError as exc:
+            # Compact: checking a log needs its report, not string columns.
+            report = load_dataset(args.directory, chunk_rows=args.chunk_rows, compact=True).report
+    except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
-        print(json.dumps(dataset.report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(dataset.report)
+        print(report)
     return 0
 
 
