@@ -723,6 +723,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=TrainConfig.weight_decay,
+        help="AdamW's decoupled weight decay (default %(default)g; wider vectors need more: the "
+        "report's short view chose 1 at 128-d)",
+    )
     parser.add_argument("--loss", choices=("full", "sampled"), default=TrainConfig.loss)
     parser.add_argument("--negatives", type=int, default=TrainConfig.negatives)
     parser.add_argument(
@@ -821,12 +828,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--id-dropout must be in [0, 1), got {args.id_dropout:g}")
     if not 0.0 <= args.order_augmentation <= 1.0:
         parser.error(f"--order-augmentation must be in [0, 1], got {args.order_augmentation:g}")
+    if not 0.0 <= args.weight_decay <= 10.0:
+        parser.error(f"--weight-decay must be in [0, 10], got {args.weight_decay:g}")
     try:
         cfg = TrainConfig(
             epochs=args.epochs,
             max_minutes=args.max_minutes,
             batch_size=args.batch_size,
             lr=args.lr,
+            weight_decay=args.weight_decay,
             loss=args.loss,
             negatives=args.negatives,
             logq=not args.no_logq,

@@ -231,6 +231,16 @@ def test_train_cli_names_the_bad_setting(flags: list[str], capsys: pytest.Captur
     assert "invalid training settings" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("decay", ["-0.1", "11"])
+def test_train_cli_bounds_the_weight_decay(decay: str, capsys: pytest.CaptureFixture) -> None:
+    from ltrec.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "missing", "--out", "unused", "--weight-decay", decay])
+    assert exit_info.value.code == 2
+    assert f"--weight-decay must be in [0, 10], got {float(decay):g}" in capsys.readouterr().err
+
+
 def _fit_with_scripted_validation(
     monkeypatch: pytest.MonkeyPatch, scores: list[float], cfg: TrainConfig
 ) -> dict:
