@@ -236,7 +236,8 @@ def test_ivf_scorer_searches_with_the_specs_nprobe_and_finds_the_exact_top_k(
     list is probed (the exact re-rank repairs the 8-bit lists' scores)."""
     directory = tmp_path / "scorer" / "1"
     spec = ann_index.IndexSpec(kind="ivf", ivf_encoding=encoding, nprobe=24)
-    built = ann_index.write_ann_scorer(directory, *catalogue, spec, log=lambda _m: None)
+    table, popularity = catalogue
+    built = ann_index.write_ann_scorer(directory, table, popularity, spec, log=lambda _m: None)
     lists = ann_index.ivf_lists_for(N + 1)
     assert built["index"]["ivf_lists"] == lists and built["index"]["ivf_encoding"] == encoding
     scorer = ann_scorer.AnnScorer.load(directory)
@@ -251,7 +252,6 @@ def test_ivf_scorer_searches_with_the_specs_nprobe_and_finds_the_exact_top_k(
         dataclasses.replace(scorer.settings, nprobe=lists),
     )
     assert faiss.extract_index_ivf(everything.index).nprobe == lists
-    table, popularity = catalogue
     users = table[1:33] * 4
     truth = ann_index.exact_top_k(table, np.log1p(popularity.astype(np.float32)), users, 0.0, K)
     got, _, _ = everything.score(
