@@ -1,12 +1,14 @@
-"""The sweep that chose the ANN index: recall against the exact scan, search latency and build
-time of HNSW and IVF on generated catalogues, on this machine (2 cores).
+"""The sweep that chose the ANN index: recall against the exact scan, search latency, build time
+and size of HNSW and IVF (fp32 or 8-bit lists) on generated catalogues, on this machine (2 cores).
 
-    python -m benchmarks.ann_sweep --items 1000000    # writes reports/bench/ann_sweep.{md,json}
+    python -m benchmarks.ann_sweep --items 100000 1000000   # reports/bench/ann_sweep.{md,json}
 
 Queries are real: the trained user encoder and context weighting on real MovieLens-1M histories
 (the trained catalogue's space, whose mean and covariance the generated vectors share). Recall@10
 is measured at long-tail weight 0 and at the checkpoint's default, with the candidate count the
-scorer fetches for an unfiltered request (`ann_scorer`); latency is one query at a time.
+scorer fetches for an unfiltered request (`ann_scorer`) re-ranked exactly; latency is one query at
+a time on one thread. HNSW is built only up to `--hnsw-max-items` (at a million items it took
+over 38 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -25,26 +27,39 @@ from benchmarks.floor import InProcessRecommender
 from benchmarks.synthetic_catalogue import generated_item_table, zipf_popularity
 from benchmarks.workload import build_workload
 from export_scripts import ann_scorer
-from export_scripts.ann_index import IndexSpec, build_index
+from export_scripts.ann_index import IndexSpec, build_index, ivf_lists_for
 from export_scripts.export import checkpoint_long_tail_weight, export
 
 K = 10
 HISTORY = 50  # the scale bench's history length: blocked items the scorer over-fetches for
-SPECS: tuple[tuple[IndexSpec, tuple[int, ...]], ...] = (
-    (IndexSpec(kind="hnsw", hnsw_m=16, ef_construction=128), (128, 256, 512, 1024)),
-    (IndexSpec(kind="hnsw", hnsw_m=32, ef_construction=128), (256, 512)),
-    (IndexSpec(kind="ivf"), (32, 64, 128)),
-)
+
+
+def sweep_specs(items: int, hnsw_max_items: int) -> list[tuple[IndexSpec, tuple[int, ...]]]:
+    """(index, the efSearch or nprobe values searched) measured at `items`."""
+    lists = ivf_lists_for(items)
+    specs: list[tuple[IndexSpec, tuple[int, ...]]] = []
+    if items <= hnsw_max_items:
+        specs.append((IndexSpec(kind="hnsw", hnsw_m=16, ef_construction=128), (128, 256, 512)))
+    specs += [
+        (IndexSpec(kind="ivf", ivf_lists=lists, ivf_encoding="flat"), (64, 128, 256, 512)),
+        (IndexSpec(kind="ivf", ivf_lists=lists, ivf_encoding="sq8"), (256,)),
+    ]
+    return specs
 
 
 def real_queries(checkpoint: Path, data: Path, workdir: Path, n: int) -> np.ndarray:
-    """[n, D] context-weighted user embeddings of real histories."""
+    """[n, D] context-weighted user embeddings of real histories (kept in `workdir`)."""
+    cached = workdir / f"queries-{n}.npy"
+    if cached.is_file() and cached.stat().st_mtime > checkpoint.stat().st_mtime:
+        return np.load(cached)
     repo = workdir / "trained_repository"
     export(checkpoint, repo, text_encoder=False, log=lambda _m: None)
     workload = build_workload(repo, n, events_path=data / "events.parquet")
     model = InProcessRecommender(repo)
     rows = [model.weighted_user(t)[0] for t in workload.tensors]
-    return np.stack(rows).astype(np.float32)
+    queries = np.stack(rows).astype(np.float32)
+    np.save(cached, queries)
+    return queries
 
 
 def exact_top(folded: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -63,8 +78,14 @@ def exact_top(folded: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return best_ids
 
 
-def run(items: int, checkpoint: Path, data: Path, workdir: Path, n_queries: int) -> dict[str, Any]:
-    import faiss
+def run(
+    sizes: list[int],
+    checkpoint: Path,
+    data: Path,
+    workdir: Path,
+    n_queries: int,
+    hnsw_max_items: int,
+) -> dict[str, Any]:
     import torch
 
     from ltrec.checkpoint import load_checkpoint
@@ -73,41 +94,70 @@ def run(items: int, checkpoint: Path, data: Path, workdir: Path, n_queries: int)
     model, _ = load_checkpoint(checkpoint)
     with torch.no_grad():
         reference = model.item_table().numpy()
+    default_weight = checkpoint_long_tail_weight(checkpoint) or 0.0
+    weights = sorted({0.0, default_weight})
+    fetch = int((K + HISTORY + 1) * ann_scorer.SearchSettings(tensors={}).overfetch) + 16
+    return {
+        "queries": n_queries,
+        "fetch": fetch,
+        "weights": weights,
+        "machine_cores": os.cpu_count(),
+        "load": os.getloadavg()[0],
+        "sizes": [
+            sweep_size(items, reference, queries, weights, fetch, hnsw_max_items) for items in sizes
+        ],
+    }
+
+
+def sweep_size(
+    items: int,
+    reference: np.ndarray,
+    queries: np.ndarray,
+    weights: list[float],
+    fetch: int,
+    hnsw_max_items: int,
+) -> dict[str, Any]:
+    import faiss
+
+    n_queries = len(queries)
     rng = np.random.default_rng(0)
     table = generated_item_table(reference, items, rng)
     log_pop = np.log1p(zipf_popularity(items, rng).astype(np.float32))
     scale = ann_scorer.popularity_scale(table, log_pop)
     folded = ann_scorer.fold_items(table, log_pop, scale)
-    default_weight = checkpoint_long_tail_weight(checkpoint) or 0.0
-    weights = sorted({0.0, default_weight})
+    del table
     truth = {
         w: exact_top(folded, ann_scorer.fold_queries(queries, np.full((n_queries, 1), w), scale), K)
         for w in weights
     }
     exact_ms = []
-    for q in ann_scorer.fold_queries(queries[:50], np.zeros((50, 1)), scale):
+    timed = queries[:50]
+    for q in ann_scorer.fold_queries(timed, np.zeros((len(timed), 1)), scale):
         started = time.perf_counter()
         exact_top(folded, q.reshape(1, -1), K)
         exact_ms.append((time.perf_counter() - started) * 1000)
-    fetch = int((K + HISTORY + 1) * ann_scorer.SearchSettings(tensors={}).overfetch) + 16
     rows = []
-    for spec, search_values in SPECS:
+    for spec, search_values in sweep_specs(items, hnsw_max_items):
         faiss.omp_set_num_threads(2)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         index = build_index(folded, spec)
         build_seconds = time.monotonic() - started
+        build_cpu_seconds = time.process_time() - cpu_started
         faiss.omp_set_num_threads(1)
+        hnsw = spec.kind == "hnsw"
         for value in search_values:
             row: dict[str, Any] = {
-                "index": spec.kind,
-                "m": spec.hnsw_m if spec.kind == "hnsw" else None,
-                "ef_construction": spec.ef_construction if spec.kind == "hnsw" else None,
-                "lists": index.nlist if spec.kind == "ivf" else None,
-                "search": f"efSearch {value}" if spec.kind == "hnsw" else f"nprobe {value}",
+                "items": items,
+                "index": "hnsw" if hnsw else f"ivf {spec.ivf_encoding}",
+                "params": f"M {spec.hnsw_m}, efC {spec.ef_construction}"
+                if hnsw
+                else f"{spec.ivf_lists} lists",
+                "search": f"efSearch {value}" if hnsw else f"nprobe {value}",
                 "build_seconds": build_seconds,
-                "index_mib": faiss.serialize_index(index).nbytes / 2**20 if items <= 2e6 else None,
+                "build_cpu_seconds": build_cpu_seconds,
+                "index_mib": faiss.serialize_index(index).nbytes / 2**20,
             }
-            if spec.kind == "hnsw":
+            if hnsw:
                 params: Any = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
                     efSearch=max(value, fetch)
                 )
@@ -132,52 +182,56 @@ def run(items: int, checkpoint: Path, data: Path, workdir: Path, n_queries: int)
         del index
     return {
         "items": items,
-        "queries": n_queries,
-        "fetch": fetch,
-        "weights": weights,
         "exact_scan_p50_ms": float(np.percentile(exact_ms, 50)),
-        "machine_cores": os.cpu_count(),
         "rows": rows,
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
     weights = result["weights"]
-    head = ["index", "params", "search", "build s", "index MiB"]
+    head = ["items", "index", "params", "search", "build s", "build CPU s", "index MiB"]
     for w in weights:
         head += [f"recall@10 w={w:g}", f"p50 ms w={w:g}", f"p99 ms w={w:g}"]
+    exact = ", ".join(
+        f"{size['items']:,} items {size['exact_scan_p50_ms']:.1f} ms" for size in result["sizes"]
+    )
     lines = [
-        f"# ANN sweep: {result['items']:,} generated items, {result['queries']} real queries",
+        f"# ANN sweep: generated items, {result['queries']} real queries",
         "",
         f"Candidates fetched per query: {result['fetch']} (k = {K}, {HISTORY} history items "
-        f"blocked, the scorer's over-fetch); exact scan (numpy, 1 query): "
-        f"{result['exact_scan_p50_ms']:.1f} ms p50. Search on 1 thread, build on "
-        f"{result['machine_cores']} cores.",
+        f"blocked, the scorer's over-fetch), re-ranked exactly. Exact scan (numpy, 1 query, "
+        f"p50): {exact}. Search on 1 thread, build on {result['machine_cores']} cores shared with "
+        f"other work (load average {result['load']:.1f}): build CPU seconds are the figure to "
+        "compare, wall seconds and p99 depend on the load.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    for r in result["rows"]:
-        params = (
-            f"M {r['m']}, efC {r['ef_construction']}"
-            if r["index"] == "hnsw"
-            else f"{r['lists']} lists"
-        )
-        mib = f"{r['index_mib']:.0f}" if r["index_mib"] is not None else "–"
-        cells = [r["index"], params, r["search"], f"{r['build_seconds']:.0f}", mib]
-        for w in weights:
-            cells += [
-                f"{r[f'recall_w{w:g}']:.3f}",
-                f"{r[f'p50_ms_w{w:g}']:.2f}",
-                f"{r[f'p99_ms_w{w:g}']:.2f}",
+    for size in result["sizes"]:
+        for r in size["rows"]:
+            cells = [
+                f"{r['items']:,}",
+                r["index"],
+                r["params"],
+                r["search"],
+                f"{r['build_seconds']:.0f}",
+                f"{r['build_cpu_seconds']:.0f}",
+                f"{r['index_mib']:.0f}",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
+            for w in weights:
+                cells += [
+                    f"{r[f'recall_w{w:g}']:.3f}",
+                    f"{r[f'p50_ms_w{w:g}']:.2f}",
+                    f"{r[f'p99_ms_w{w:g}']:.2f}",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--hnsw-max-items", type=int, default=250_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--checkpoint", type=Path, default=Path("artifacts/ml-1m/checkpoint.pt"))
     parser.add_argument("--data", type=Path, default=Path("data/ml-1m"))
@@ -186,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    result = run(args.items, args.checkpoint, args.data, args.workdir, args.queries)
+    result = run(
+        args.items, args.checkpoint, args.data, args.workdir, args.queries, args.hnsw_max_items
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     (args.out / "ann_sweep.md").write_text(text)

@@ -37,15 +37,16 @@ def make_session(path: Path, threads: int = 1) -> ort.InferenceSession:
 
 
 class InProcessRecommender:
-    """The ensemble's three steps as three onnxruntime sessions, outputs fed forward."""
+    """The ensemble's three steps as three onnxruntime sessions, outputs fed forward (without
+    `scorer`, the first two only: `weighted_user` for a repository whose scorer is the ANN one)."""
 
-    def __init__(self, model_repository: Path, threads: int = 1) -> None:
+    def __init__(self, model_repository: Path, threads: int = 1, scorer: bool = True) -> None:
         def load(model: str) -> ort.InferenceSession:
             return make_session(model_repository / model / VERSION / "model.onnx", threads)
 
         self.encoder = load(contract.USER_ENCODER_MODEL)
         self.context = load(contract.CONTEXT_WEIGHTING_MODEL)
-        self.scorer = load(contract.SCORER_MODEL)
+        self.scorer = load(contract.SCORER_MODEL) if scorer else None
         self._outputs = [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS]
 
     def weighted_user(self, t: dict[str, np.ndarray]) -> np.ndarray:
@@ -65,6 +66,8 @@ class InProcessRecommender:
         return weighted
 
     def __call__(self, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.scorer is None:
+            raise RuntimeError("loaded without the scorer")
         weighted = self.weighted_user(t)
         results = self.scorer.run(
             self._outputs,

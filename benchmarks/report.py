@@ -90,6 +90,8 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
             ("gateway_rps", "gateway req/s"),
             ("recall_vs_fp32", "recall@k vs fp32"),
             ("recall_vs_fp32_weight_0", "recall@k vs fp32, weight 0"),
+            ("reference", "exact reference"),
+            ("ann_index", "ANN index"),
         ],
     )
 

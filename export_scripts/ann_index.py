@@ -1,15 +1,31 @@
 """The ANN scorer's files: the Faiss index of the folded catalogue and what the re-rank reads.
 
 The index kind and its parameters were chosen by measurement (`python -m benchmarks.ann_sweep`,
-reports/bench/ann_sweep.md): HNSW over the folded vectors (inner product), which at a million
-generated items reached the recall target at the lowest latency; IVF stays selectable.
+reports/bench/ann_sweep.md: generated catalogues, 300 real queries, the scorer's 107 candidates
+re-ranked exactly, 2 shared cores; CPU seconds of the build, search on one thread):
+
+    100k items  HNSW M16/efC128  build 18 CPU s   efSearch 256: recall@10 0.987, p50 0.35 ms
+                IVF-Flat 1264    build  6 CPU s   nprobe 256:   recall@10 0.998, p50 0.38 ms
+    1M items    IVF-Flat 4000    build 56 CPU s   nprobe 256:   recall@10 0.974, p50 1.1 ms
+                                                  nprobe 128:   0.909; nprobe 512: 0.996, 5 ms
+                HNSW M16/efC128  over 38 min wall (not swept again; about 10x the 100k build
+                                 in CPU at the least)
+
+(the same at long-tail weight 0 and at the default). So `kind="auto"` (the default) builds HNSW
+below `IVF_MIN_ITEMS` and IVF-Flat from there: at 100k IVF already matches HNSW's recall and
+latency for a third of the build, and its build grows as N·lists (k-means assignment), not as
+HNSW's graph insertion, which is what makes 10M buildable on 2 cores. IVF lists stay fp32
+("flat"): 8-bit lists ("sq8", selectable) are 3.6x smaller with the same recall (the re-rank
+reads the fp32 vectors) but were searched far slower at 65 dimensions (1M items, nprobe 256:
+50 ms p50 against 1.1 ms; faiss' SIMD scanners want a multiple of 8).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +34,53 @@ import numpy as np
 from export_scripts import ann_scorer
 from ltrec_core import contract
 
-INDEX_KINDS = ("hnsw", "ivf")
+# Faiss' OpenMP threads sleep rather than spin while they wait (read when faiss loads, after
+# this import): on 2 cores shared with other work, spinning threads made an IVF build 2-4x
+# slower (the same IVF1024 train and add: 6.0 s and 3.0 s spinning, 2.6 s and 0.7 s passive).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+INDEX_KINDS = ("auto", "hnsw", "ivf")
+IVF_ENCODINGS = ("flat", "sq8")  # what an IVF list stores: fp32 rows, or 8 bits a dimension
+# "auto": HNSW below this many rows, IVF-Flat from here (the module docstring's figures).
+IVF_MIN_ITEMS = 100_000
+
+
+def ivf_lists_for(n_items: int) -> int:
+    """IVF lists for `n_items`: about 4·sqrt(N), at least 39 training points a list (faiss'
+    lower bound for k-means), at most 4096: assigning every row costs N · lists (56 CPU s at
+    1M items and 4000 lists), so 10M items with 4096 lists is about ten times that, not forty."""
+    return max(1, min(int(4 * np.sqrt(n_items)), n_items // 39, 4096))
 
 
 @dataclass(frozen=True)
 class IndexSpec:
-    kind: str = "hnsw"
+    kind: str = "auto"
     hnsw_m: int = 16  # graph degree
     ef_construction: int = 128
     ef_search: int = 512
-    ivf_lists: int = 0  # 0: 4·sqrt(N)
-    nprobe: int = 32
+    ivf_lists: int = 0  # 0: ivf_lists_for(N)
+    ivf_encoding: str = "flat"
+    nprobe: int = 256  # recall@10 0.974 at 1M items, 4000 lists
     threads: int = 0  # build threads; 0: faiss' default (all cores)
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"kind must be one of {INDEX_KINDS}, got {self.kind!r}")
+        if self.ivf_encoding not in IVF_ENCODINGS:
+            raise ValueError(
+                f"ivf_encoding must be one of {IVF_ENCODINGS}, got {self.ivf_encoding!r}"
+            )
+        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def resolve(self, n_rows: int) -> IndexSpec:
+        """The spec for an index of `n_rows` rows: the kind chosen ("auto") and the lists."""
+        kind = self.kind
+        if kind == "auto":
+            kind = "ivf" if n_rows >= IVF_MIN_ITEMS else "hnsw"
+        lists = (self.ivf_lists or ivf_lists_for(n_rows)) if kind == "ivf" else self.ivf_lists
+        return replace(self, kind=kind, ivf_lists=lists)
 
 
 DEFAULT_SPEC = IndexSpec()
@@ -63,6 +110,7 @@ def build_index(folded: np.ndarray, spec: IndexSpec = DEFAULT_SPEC) -> Any:
     if spec.threads:
         faiss.omp_set_num_threads(spec.threads)
     n, dim = folded.shape
+    spec = spec.resolve(n)
     folded = np.ascontiguousarray(folded, dtype=np.float32)
     index: Any
     if spec.kind == "hnsw":
@@ -70,10 +118,11 @@ def build_index(folded: np.ndarray, spec: IndexSpec = DEFAULT_SPEC) -> Any:
         index.hnsw.efConstruction = spec.ef_construction
         index.hnsw.efSearch = spec.ef_search
     else:
-        lists = spec.ivf_lists or max(1, min(int(4 * np.sqrt(n)), n // 39))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-        sample = folded[np.random.default_rng(0).permutation(n)[: max(lists * 64, 10_000)]]
+        encoding = {"flat": "Flat", "sq8": "SQ8"}[spec.ivf_encoding]
+        index = faiss.index_factory(
+            dim, f"IVF{spec.ivf_lists},{encoding}", faiss.METRIC_INNER_PRODUCT
+        )
+        sample = folded[np.random.default_rng(0).permutation(n)[: max(spec.ivf_lists * 64, 10_000)]]
         index.train(sample)
         index.nprobe = spec.nprobe
     chunk = 262_144
@@ -101,6 +150,7 @@ def write_ann_scorer(
     np.save(directory / ann_scorer.LOG_POPULARITY_FILE, log_popularity)
     started = time.monotonic()
     scale = ann_scorer.popularity_scale(table, log_popularity)
+    spec = spec.resolve(len(table))
     index = build_index(ann_scorer.fold_items(table, log_popularity, scale), spec)
     build_seconds = time.monotonic() - started
     faiss.write_index(index, str(directory / ann_scorer.INDEX_FILE))
@@ -115,6 +165,7 @@ def write_ann_scorer(
     log(f"ANN index ({spec.kind}) of {len(table) - 1:,} items built in {build_seconds:.1f} s")
     return {
         "kind": spec.kind,
+        "index": asdict(spec),
         "build_seconds": round(build_seconds, 2),
         "index_bytes": (directory / ann_scorer.INDEX_FILE).stat().st_size,
     }

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import onnx
 import pytest
@@ -192,11 +193,86 @@ def test_index_builder_indexes_every_row_under_its_id(catalogue: tuple, kind: st
     np.testing.assert_array_equal(ids[:, 0], exact_ids[:, 0])  # …as the exact scan says
 
 
+def test_auto_picks_hnsw_for_small_catalogues_and_ivf_above() -> None:
+    spec = ann_index.IndexSpec()
+    assert spec.kind == "auto"
+    bound = ann_index.IVF_MIN_ITEMS
+    assert spec.resolve(bound - 1).kind == "hnsw"
+    large = spec.resolve(bound)
+    assert (large.kind, large.ivf_lists) == ("ivf", ann_index.ivf_lists_for(bound))
+    assert large.nprobe == spec.nprobe and large.ivf_encoding == "flat"
+    assert ann_index.IndexSpec(kind="hnsw").resolve(10**8).kind == "hnsw"  # a kind given stays
+    assert ann_index.IndexSpec(kind="ivf", ivf_lists=7).resolve(10**8).ivf_lists == 7
+
+
+def test_ivf_lists_grow_with_the_catalogue_within_bounds() -> None:
+    sizes = [100, 10_000, 1_000_000, 10_000_000, 100_000_000]
+    lists = [ann_index.ivf_lists_for(n) for n in sizes]
+    assert lists == sorted(lists)
+    assert all(n // lists_ >= 39 for n, lists_ in zip(sizes, lists, strict=True))
+    assert lists[-1] == lists[-2] == 4096 and lists[2] == 4000
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("kind", "pq", "kind must be one of"),
+        ("ivf_encoding", "pq8", "ivf_encoding must be one of"),
+        ("nprobe", 0, "nprobe must be at least 1, got 0"),
+        ("ef_search", -1, "ef_search must be at least 1, got -1"),
+    ],
+)
+def test_bad_index_specs_are_refused_naming_the_field(field: str, value: object, message: str):
+    with pytest.raises(ValueError, match=message):
+        ann_index.IndexSpec(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("encoding", ann_index.IVF_ENCODINGS)
+def test_ivf_scorer_searches_with_the_specs_nprobe_and_finds_the_exact_top_k(
+    tmp_path: Path, catalogue: tuple, encoding: str
+) -> None:
+    """The written settings and the loaded index carry the spec's nprobe; with it the IVF
+    scorer finds most of the exact top 10 at weight 0 and the default, and all of it when every
+    list is probed (the exact re-rank repairs the 8-bit lists' scores)."""
+    directory = tmp_path / "scorer" / "1"
+    spec = ann_index.IndexSpec(kind="ivf", ivf_encoding=encoding, nprobe=24)
+    table, popularity = catalogue
+    built = ann_index.write_ann_scorer(directory, table, popularity, spec, log=lambda _m: None)
+    lists = ann_index.ivf_lists_for(N + 1)
+    assert built["index"]["ivf_lists"] == lists and built["index"]["ivf_encoding"] == encoding
+    scorer = ann_scorer.AnnScorer.load(directory)
+    assert scorer.settings.nprobe == 24
+    assert faiss.extract_index_ivf(scorer.index).nprobe == 24
+    recall = ann_index.check_recall(directory, (0.0, DEFAULT_WEIGHT), np.random.default_rng(0))
+    assert min(recall.values()) >= 0.9, recall
+    everything = ann_scorer.AnnScorer(
+        scorer.index,
+        scorer.vectors,
+        scorer.log_popularity,
+        dataclasses.replace(scorer.settings, nprobe=lists),
+    )
+    assert faiss.extract_index_ivf(everything.index).nprobe == lists
+    users = table[1:33] * 4
+    truth = ann_index.exact_top_k(table, np.log1p(popularity.astype(np.float32)), users, 0.0, K)
+    got, _, _ = everything.score(
+        users,
+        np.zeros((32, 1), dtype=np.int64),
+        np.zeros((32, 1), dtype=np.int64),
+        np.zeros((32, 1), dtype=np.float32),
+        K,
+        np.zeros((0, DIM), dtype=np.float32),
+        np.zeros(0, dtype=np.float32),
+        np.ones((32, 1), dtype=bool),
+    )
+    np.testing.assert_array_equal(got, truth)
+
+
 def test_settings_name_the_contract_tensors(written: Path) -> None:
     settings = ann_scorer.SearchSettings.from_json((written / ann_scorer.SETTINGS_FILE).read_text())
     assert set(settings.tensors) == set(ann_scorer.ROLES)
     assert settings.tensors["eligible"] == contract.ITEM_ELIGIBLE
-    assert settings.index["kind"] == ann_index.DEFAULT_SPEC.kind
+    assert settings.index == dataclasses.asdict(ann_index.DEFAULT_SPEC.resolve(N + 1))
+    assert settings.index["kind"] == "hnsw"  # "auto" at 3,000 items
     broken = json.loads((written / ann_scorer.SETTINGS_FILE).read_text())
     del broken["tensors"]["user"]
     with pytest.raises(ValueError, match=r"no name for \['user'\]"):

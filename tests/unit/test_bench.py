@@ -123,11 +123,34 @@ def test_targets_are_judged_from_the_rows() -> None:
         ],
     }
     met = [t["met"] for t in bench.evaluate_targets(results)]
-    # overhead 0.8 ms; 2100/4000 >= 0.5; 8x < 10x; fp32 p99 too high; int8 fine
-    assert met == [True, True, False, False, True]
+    # overhead 0.8 ms; 2100/4000 >= 0.5; 8x < 10x; fp32 p99 too high; int8 fine; no 10M row
+    assert met == [True, True, False, False, True, None]
+    assert "10M items (ANN)" in bench.evaluate_targets(results)[-1]["target"]
     results["agreement"] = {"naive_identical": 49, "compared": 50}
     results["systems"][-1] = _row("naive", 8, 50.0, 90.0, 50.0)  # 16x, but one list differs
     assert bench.evaluate_targets(results)[2]["met"] is False
+
+
+@pytest.mark.parametrize(
+    ("recalls", "p99", "met"),
+    [((0.97, 0.96), 30.0, True), ((0.97, 0.94), 30.0, False), ((0.99, 0.99), 55.0, False)],
+)
+def test_the_10m_ann_row_is_judged_on_both_recalls_and_p99(
+    recalls: tuple[float, float], p99: float, met: bool
+) -> None:
+    ann = {
+        "items": 10_000_000,
+        "scan": "ann",
+        "recall_vs_fp32": recalls[0],
+        "recall_vs_fp32_weight_0": recalls[1],
+        "reference": "numpy scan",
+        "gateway_p99_ms": p99,
+        "triton_peak_rss_mib": 9000,
+    }
+    (target,) = bench.evaluate_targets({"scale": [ann]})
+    assert target["target"].startswith("10M items (ANN)")
+    assert target["met"] is met
+    assert "numpy scan" in target["measured"] and "9000 MiB" in target["measured"]
 
 
 def test_recall_and_identical_lists() -> None:
