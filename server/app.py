@@ -27,7 +27,7 @@ from server.errors import StartupError
 from server.forget import UserEraser
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
-from server.interceptors import GatewayInterceptor
+from server.interceptors import GatewayInterceptor, add_wrapped
 from server.item_encoder import TritonItemEncoder
 from server.item_images import ItemImages
 from server.item_tokenizer import ItemTokenizer
@@ -225,8 +225,10 @@ def create_server(
     access = AccessInterceptor(
         (SERVICE_NAME,), authoriser, CallerLimiter(config.max_concurrent_per_caller)
     )
+    # Applied to the service's handlers once, at registration (`add_wrapped`), rather than as
+    # `grpc.aio.server` interceptors, which add a coroutine pipeline to every RPC.
+    interceptors = (GatewayInterceptor((SERVICE_NAME,), user_hash_key), access)
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor((SERVICE_NAME,), user_hash_key), access],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=server_options(config),
     )
@@ -250,7 +252,8 @@ def create_server(
         ),
         user_hash_key.encode(),
     )
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(
+    add_wrapped(
+        recommender_pb2_grpc.add_RecommenderServicer_to_server,
         RecommenderServicer(
             metadata,
             items,
@@ -265,6 +268,7 @@ def create_server(
             audiences=None if user_vectors is None else Audiences(user_vectors, triton),
         ),
         server,
+        interceptors,
     )
     expected = (
         ModelIdentity(metadata.model_version, metadata.content_hash)
