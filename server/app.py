@@ -31,12 +31,14 @@ from server.interceptors import GatewayInterceptor, add_wrapped
 from server.item_encoder import TritonItemEncoder
 from server.item_images import ItemImages
 from server.item_tokenizer import ItemTokenizer
+from server.logs import configure_logging
 from server.servicer import SERVICE_NAME, RecommenderServicer
 from server.stores.feedback import FeedbackStore
 from server.stores.history import HistoryBackend, HistoryStore
 from server.stores.history_redis import RedisHistory
 from server.stores.history_sqlite import SqliteHistory
 from server.stores.items import ItemStore
+from server.tracing import configure_tracing
 from server.triton_client import (
     GrpcTritonTransport,
     ModelIdentity,
@@ -339,6 +341,9 @@ def open_history_store(config: GatewayConfig, max_events: int) -> tuple[HistoryS
 
 def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
     options = [("grpc.max_receive_message_length", config.max_message_bytes)]
+    if config.workers > 1:
+        # The workers (`server.workers`) bind the same port; the kernel spreads connections.
+        options.append(("grpc.so_reuseport", 1))
     if config.max_connection_age_seconds > 0:
         options += [
             ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
@@ -369,6 +374,31 @@ def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def run(config: GatewayConfig) -> int:
+    """Serves until SIGTERM or SIGINT (one process, or one worker of several); the exit code:
+    0, or 2 when the configuration or the model repository files are unusable."""
+    provider = None
+    try:
+        provider = configure_tracing()
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        logger.error("cannot start the gateway: %s", exc)
+        return 2
+    finally:
+        if provider is not None:
+            provider.shutdown()  # exports the spans still queued
+    return 0
+
+
+def run_worker(config: GatewayConfig) -> int:
+    """`run` in a worker process of `server.workers`: its own log writer, lines with its pid."""
+    log = configure_logging(config.log_level, pid=True)
+    try:
+        return run(config)
+    finally:
+        log.stop()
 
 
 async def serve(config: GatewayConfig) -> None:
