@@ -27,16 +27,18 @@ from server.errors import StartupError
 from server.forget import UserEraser
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.health import HealthReporter
-from server.interceptors import GatewayInterceptor
+from server.interceptors import GatewayInterceptor, add_wrapped
 from server.item_encoder import TritonItemEncoder
 from server.item_images import ItemImages
 from server.item_tokenizer import ItemTokenizer
+from server.logs import configure_logging
 from server.servicer import SERVICE_NAME, RecommenderServicer
 from server.stores.feedback import FeedbackStore
 from server.stores.history import HistoryBackend, HistoryStore
 from server.stores.history_redis import RedisHistory
 from server.stores.history_sqlite import SqliteHistory
 from server.stores.items import ItemStore
+from server.tracing import configure_tracing
 from server.triton_client import (
     GrpcTritonTransport,
     ModelIdentity,
@@ -225,8 +227,10 @@ def create_server(
     access = AccessInterceptor(
         (SERVICE_NAME,), authoriser, CallerLimiter(config.max_concurrent_per_caller)
     )
+    # Applied to the service's handlers once, at registration (`add_wrapped`), rather than as
+    # `grpc.aio.server` interceptors, which add a coroutine pipeline to every RPC.
+    interceptors = (GatewayInterceptor((SERVICE_NAME,), user_hash_key), access)
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor((SERVICE_NAME,), user_hash_key), access],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=server_options(config),
     )
@@ -250,7 +254,8 @@ def create_server(
         ),
         user_hash_key.encode(),
     )
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(
+    add_wrapped(
+        recommender_pb2_grpc.add_RecommenderServicer_to_server,
         RecommenderServicer(
             metadata,
             items,
@@ -265,6 +270,7 @@ def create_server(
             audiences=None if user_vectors is None else Audiences(user_vectors, triton),
         ),
         server,
+        interceptors,
     )
     expected = (
         ModelIdentity(metadata.model_version, metadata.content_hash)
@@ -335,6 +341,9 @@ def open_history_store(config: GatewayConfig, max_events: int) -> tuple[HistoryS
 
 def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
     options = [("grpc.max_receive_message_length", config.max_message_bytes)]
+    if config.workers > 1:
+        # The workers (`server.workers`) bind the same port; the kernel spreads connections.
+        options.append(("grpc.so_reuseport", 1))
     if config.max_connection_age_seconds > 0:
         options += [
             ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
@@ -365,6 +374,31 @@ def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def run(config: GatewayConfig) -> int:
+    """Serves until SIGTERM or SIGINT (one process, or one worker of several); the exit code:
+    0, or 2 when the configuration or the model repository files are unusable."""
+    provider = None
+    try:
+        provider = configure_tracing()
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        logger.error("cannot start the gateway: %s", exc)
+        return 2
+    finally:
+        if provider is not None:
+            provider.shutdown()  # exports the spans still queued
+    return 0
+
+
+def run_worker(config: GatewayConfig) -> int:
+    """`run` in a worker process of `server.workers`: its own log writer, lines with its pid."""
+    log = configure_logging(config.log_level, pid=True)
+    try:
+        return run(config)
+    finally:
+        log.stop()
 
 
 async def serve(config: GatewayConfig) -> None:

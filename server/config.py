@@ -27,6 +27,8 @@ MAX_BATCH_REQUESTS_PER_STREAM = 1_000_000
 MAX_AUDIENCE_K = 100_000
 MAX_AUDIENCE_USERS = 1_000_000
 MAX_FORECAST_ITEMS = 10_000
+# Gateway worker processes (LTREC_WORKERS) at most.
+MAX_WORKERS = 64
 
 ENV_PREFIX = "LTREC_"
 # Who may call the admin RPCs (`server.access`): callers with a token or an allowed client
@@ -52,6 +54,10 @@ class GatewayConfig:
     grpc_port: int = 50051
     # 0 disables the Prometheus HTTP endpoint (tests); the gRPC port 0 picks a free port.
     metrics_port: int = 9100
+    # Gateway processes sharing the gRPC port (SO_REUSEPORT; `server.workers`): a Python process
+    # serves about one core. The limits below (max_concurrent_rpcs, the per-caller and batch
+    # limits, caches) are each worker's.
+    workers: int = 1
     # Any gRPC target: `host:port`, `dns:///name:port` (the chart's headless Service: every ready
     # Triton pod, spread by round_robin), `ipv4:host:port,host:port`.
     triton_url: str = "127.0.0.1:8001"
@@ -181,6 +187,13 @@ class GatewayConfig:
             "used only with LTREC_TLS_CERT_FILE and LTREC_TLS_KEY_FILE",
         )
         _check(self.grpc_port, "grpc_port", 0 <= self.grpc_port <= 65535, "in [0, 65535]")
+        _check(self.workers, "workers", 1 <= self.workers <= MAX_WORKERS, f"in [1, {MAX_WORKERS}]")
+        _check(
+            self.grpc_port,
+            "grpc_port",
+            self.workers == 1 or self.grpc_port > 0,
+            "a fixed port (not 0) with LTREC_WORKERS > 1: the workers share it",
+        )
         _check(self.metrics_port, "metrics_port", 0 <= self.metrics_port <= 65535, "in [0, 65535]")
         _check(self.grpc_host, "grpc_host", bool(self.grpc_host.strip()), "non-empty")
         _check(self.triton_url, "triton_url", bool(self.triton_url.strip()), "non-empty")

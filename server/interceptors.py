@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -73,7 +73,12 @@ def current_request_id() -> str:
 class MethodInterceptor(grpc.aio.ServerInterceptor):
     """Wraps the unary-unary and stream-stream RPCs of the given services (not health or
     reflection checks) with `wrap_unary` / `wrap_stream`; each method's wrapped handler is built
-    once (handlers are static), not per RPC."""
+    once (handlers are static), not per RPC.
+
+    The gateway applies it when it registers its services (`wrap_handlers`, `add_wrapped`): an
+    interceptor given to `grpc.aio.server` costs a coroutine pipeline per RPC even when it only
+    returns a cached handler. As a server interceptor it behaves the same.
+    """
 
     def __init__(self, service_names: tuple[str, ...]) -> None:
         self._prefixes = tuple(f"/{name}/" for name in service_names)
@@ -97,7 +102,27 @@ class MethodInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not full_method.startswith(self._prefixes):
             return handler
+        wrapped = self.wrap_handler(full_method, handler)
+        self._wrapped[full_method] = wrapped
+        return wrapped
+
+    def wrap_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> dict[str, grpc.RpcMethodHandler]:
+        """A service's method handlers (by method name), each wrapped when the service is one of
+        this interceptor's."""
+        if f"/{service}/" not in self._prefixes:
+            return dict(handlers)
+        return {
+            name: self.wrap_handler(f"/{service}/{name}", handler)
+            for name, handler in handlers.items()
+        }
+
+    def wrap_handler(
+        self, full_method: str, handler: grpc.RpcMethodHandler
+    ) -> grpc.RpcMethodHandler:
         service, method = full_method.lstrip("/").rsplit("/", 1)
+        wrapped: grpc.RpcMethodHandler
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 self.wrap_unary(service, method, handler.unary_unary),
@@ -112,8 +137,40 @@ class MethodInterceptor(grpc.aio.ServerInterceptor):
             )
         else:
             return handler
-        self._wrapped[full_method] = wrapped
         return wrapped
+
+
+class _Registrar:
+    """Stands in for the server in a generated `add_*Servicer_to_server`, keeping the method
+    handlers it registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[Any]) -> None:
+        pass  # the same handlers come through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers[service_name] = dict(method_handlers)
+
+
+def add_wrapped(
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    interceptors: Sequence[MethodInterceptor],
+) -> None:
+    """Registers a servicer (through its generated `add_*Servicer_to_server`) with its methods
+    wrapped by `interceptors`, the first outermost, as `grpc.aio.server(interceptors=...)`
+    would order them, at no cost per RPC beyond the wrappers themselves."""
+    registrar = _Registrar()
+    add_to_server(servicer, registrar)
+    for service, handlers in registrar.handlers.items():
+        for interceptor in reversed(interceptors):
+            handlers = interceptor.wrap_handlers(service, handlers)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
 class GatewayInterceptor(MethodInterceptor):

@@ -24,13 +24,16 @@ from server import tracing
 LINE_FIELDS = ("timestamp", "level", "logger", "message")
 TRACE_FIELDS = ("trace_id", "span_id")
 EXCEPTION_FIELD = "exc_info"
+PID_FIELD = "pid"
 _TRACEBACKS = logging.Formatter()
 
 
-def json_formatter() -> JsonFormatter:
+def json_formatter(*, pid: bool = False) -> JsonFormatter:
+    """With `pid`, every line also names its process (`pid`): the workers of one gateway
+    (`server.workers`) write to the same stream."""
     return JsonFormatter(
-        ["levelname", "name", "message"],
-        rename_fields={"levelname": "level", "name": "logger"},
+        ["levelname", "name", "message", *(["process"] if pid else [])],
+        rename_fields={"levelname": "level", "name": "logger", "process": PID_FIELD},
         timestamp=True,
     )
 
@@ -73,11 +76,14 @@ class JsonLog:
         self.listener.stop()
 
 
-def configure_logging(level: str | int, stream: TextIO | None = None) -> JsonLog:
+def configure_logging(
+    level: str | int, stream: TextIO | None = None, *, pid: bool = False
+) -> JsonLog:
     """Sends the root logger's records, as JSON lines, to `stream` (default stderr) from a
-    writer thread, so that a slow stderr never blocks the event loop; Python warnings too."""
+    writer thread, so that a slow stderr never blocks the event loop; Python warnings too.
+    `pid`: each line names its process (several workers)."""
     writer = logging.StreamHandler(sys.stderr if stream is None else stream)
-    writer.setFormatter(json_formatter())
+    writer.setFormatter(json_formatter(pid=pid))
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handler = _QueueHandler(records)
     handler.addFilter(TraceContextFilter())

@@ -2,13 +2,18 @@
 
 Names follow `ltrec_gateway_<name>_<unit>`; labels come from small fixed sets (`method`, `code`,
 `stage`, `model_version`) and never carry user or item ids.
+
+With several worker processes (`server.workers`) prometheus_client runs in multiprocess mode:
+counters and histograms are summed over the workers, and each gauge is combined as its
+`multiprocess_mode` says (sums of what each worker holds, the max or min of what they all see),
+over live workers only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram
 
 NAMESPACE = "ltrec"
 SUBSYSTEM = "gateway"
@@ -66,6 +71,7 @@ IN_FLIGHT_REQUESTS = Gauge(
     "Gateway RPCs being served now.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livesum",
 )
 STAGE_DURATION_SECONDS = Histogram(
     "stage_duration_seconds",
@@ -92,6 +98,7 @@ MODEL_VERSION_MISMATCH = Gauge(
     "version is ltrec_gateway_model_info's.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 TRITON_ERRORS_TOTAL = Counter(
     "triton_errors_total",
@@ -115,12 +122,14 @@ CATALOGUE_ITEMS = Gauge(
     "Items in the loaded catalogue.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 TRITON_READY = Gauge(
     "triton_ready",
     "1 when Triton reported the ensemble ready at the last health poll, else 0.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemin",
 )
 FEEDBACK_EVENTS_TOTAL = Counter(
     "feedback_events_total",
@@ -159,18 +168,21 @@ OVERLAY_ITEMS = Gauge(
     "Items added after training (UpsertItems) that this replica serves now.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 HIDDEN_ITEMS = Gauge(
     "hidden_items",
     "Trained items never returned now: deleted, or replaced by an upserted item.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 ITEMS_PENDING_ENCODING = Gauge(
     "items_pending_encoding",
     "Added items encoded by another model version, waiting to be re-encoded by this one.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 ITEM_UPDATES_TOTAL = Counter(
     "item_updates_total",
@@ -201,6 +213,7 @@ ITEM_STORE_BYTES = Gauge(
     "Bytes of the item store's files (snapshot and segments) at this replica's last poll.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 # ok: a new snapshot generation; skipped: nothing to fold, or another replica published first;
 # error: the disk failed (nothing was deleted).
@@ -219,12 +232,14 @@ FEEDBACK_STORE_BYTES = Gauge(
     "Bytes of the feedback store's segments at this replica's last survey.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 FEEDBACK_STORE_SEGMENTS = Gauge(
     "feedback_store_segments",
     "Segment files in the feedback store at this replica's last survey.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 FEEDBACK_SEGMENTS_RETIRED_TOTAL = Counter(
     "feedback_segments_retired_total",
@@ -371,6 +386,7 @@ BATCH_REQUESTS_IN_FLIGHT = Gauge(
     "Requests of batch streams in the Recommend pipeline now (at most LTREC_BATCH_MAX_IN_FLIGHT).",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livesum",
 )
 # Audience and ForecastDemand (server.audience, server.user_vectors): the users scored per
 # answer, where their vectors came from (the cache, or the user encoder for this request), the
@@ -409,6 +425,7 @@ AUDIENCE_CACHED_USERS = Gauge(
     "Users whose vectors this replica keeps for Audience and ForecastDemand.",
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livesum",
 )
 for _method in AUDIENCE_METHODS:
     AUDIENCE_SCANNED_USERS.labels(method=_method)
@@ -438,11 +455,15 @@ CALLER_LIMIT_REJECTED_TOTAL = Counter(
     subsystem=SUBSYSTEM,
 )
 
-MODEL = Info(
-    "model",
-    "The exported model the gateway serves (exposed as ltrec_gateway_model_info).",
+# A gauge at 1 (what an Info metric exposes), since Info does not work in prometheus_client's
+# multiprocess mode (LTREC_WORKERS > 1).
+MODEL_INFO = Gauge(
+    "model_info",
+    "The exported model the gateway serves: 1, labelled with its version.",
+    ["model_version"],
     namespace=NAMESPACE,
     subsystem=SUBSYSTEM,
+    multiprocess_mode="livemax",
 )
 
 
@@ -474,10 +495,10 @@ _model_version = ""
 
 
 def set_model_version(version: str) -> None:
-    """Records the served model version (the `MODEL` info metric and every access-log line)."""
+    """Records the served model version (the `MODEL_INFO` metric and every access-log line)."""
     global _model_version
     _model_version = version
-    MODEL.info({"model_version": version})
+    MODEL_INFO.labels(model_version=version).set(1)
 
 
 def model_version() -> str:

@@ -26,6 +26,7 @@ retraining consumed (`ltrec.retrain merge` records what it read) and that are ol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ from server.errors import BackendUnavailable, Overloaded, StartupError
 logger = logging.getLogger(__name__)
 
 SURVEY_INTERVAL_SECONDS = 60.0
+# Served lists (nobody waits for them) gather this long before they are written, unless a record
+# someone waits for arrives first: one write, and one hop to a worker thread, per request would
+# cost Recommend more than the write itself.
+SERVED_LINGER_SECONDS = 0.05
 
 
 @dataclass
@@ -73,6 +78,7 @@ class FeedbackStore:
         self._pending: list[_Pending] = []
         self._pending_records = 0
         self._wakeup = asyncio.Event()
+        self._urgent = asyncio.Event()  # a record someone waits for is pending, or closing
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._segment: Path | None = None
@@ -104,6 +110,7 @@ class FeedbackStore:
     async def close(self) -> None:
         """Writes and syncs everything pending, then closes the segment."""
         self._closing = True
+        self._urgent.set()
         self._wakeup.set()
         if self._survey_task is not None:
             self._survey_task.cancel()
@@ -195,12 +202,19 @@ class FeedbackStore:
     def _enqueue(self, pending: _Pending) -> None:
         self._pending.append(pending)
         self._pending_records += pending.records
+        if pending.done is not None:
+            self._urgent.set()
         self._wakeup.set()
 
     async def _writer(self) -> None:
         while True:
             await self._wakeup.wait()
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SERVED_LINGER_SECONDS):
+                        await self._urgent.wait()
             self._wakeup.clear()
+            self._urgent.clear()
             batch, self._pending = self._pending, []
             if batch:
                 self._pending_records -= sum(p.records for p in batch)
