@@ -30,7 +30,7 @@ class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.ModelInferResponse:
         self.requests.append(request)
         self.metadata.append(dict(context.invocation_metadata() or ()))
-        top_k = int(self.decode(request)[contract.TOP_K][0])
+        top_k = int(self.decode(request)[contract.TOP_K].reshape(-1)[0])
         tensors = {
             contract.TOP_ITEMS: np.arange(1, top_k + 1, dtype=np.int64)[::-1].reshape(1, top_k),
             contract.TOP_SCORES: np.linspace(1, 0, top_k, dtype=np.float32).reshape(1, top_k),
