@@ -326,7 +326,7 @@ def scorer_graph(
         inits += [
             # sum over d of q[d, i]: (u_q - zero) . q = u_q . q - zero * sum(q), exactly
             numpy_helper.from_array(
-                q.astype(np.int32).sum(axis=1).reshape(1, -1), "item_table_q_sum"
+                q.astype(np.int32).sum(axis=1, dtype=np.int32).reshape(1, -1), "item_table_q_sum"
             ),
             numpy_helper.from_array(np.array(255.0, dtype=np.float32), "uint8_max"),
         ]

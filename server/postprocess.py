@@ -30,7 +30,11 @@ def build_items(
     never = set(history.tolist()) | set(features.exclude_items[0].tolist())
 
     def reason(long_tail: bool, position: int) -> str:
-        if features.has_history and 0 <= position < len(history):
+        if (
+            features.has_history
+            and 0 <= position < len(history)
+            and history[position] != contract.PADDING_INDEX
+        ):
             verb = _VERBS[contract.EVENT_TYPES[int(event_types[position]) - 1]]
             return f'Because you {verb} "{catalogue.titles[int(history[position])]}"'
         return LONG_TAIL_REASON if long_tail else POPULAR_REASON

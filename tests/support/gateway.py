@@ -102,6 +102,12 @@ def write_repository(
     return directory
 
 
+def unpadded(indices: np.ndarray) -> list[list[int]]:
+    """A padded index tensor the gateway sent ([1, L]: history, basket, exclusions) without its
+    padding: what the request carries."""
+    return [[int(i) for i in row if i != contract.PADDING_INDEX] for row in indices]
+
+
 def outputs(items: list[int], scores: list[float], positions: list[int]) -> dict[str, np.ndarray]:
     return {
         contract.TOP_ITEMS: np.asarray([items], dtype=np.int64),
