@@ -58,7 +58,7 @@ class NaiveRecommender(recommender_pb2_grpc.RecommenderServicer):
                 history,
                 torch.from_numpy(features.exclude_items),
                 torch.from_numpy(features.long_tail_weight),
-                int(features.top_k[0]),
+                int(features.top_k[0, 0]),
             )
         outputs = {
             contract.TOP_ITEMS: items.numpy(),

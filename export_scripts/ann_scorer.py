@@ -252,6 +252,40 @@ class AnnScorer:
             top_items[b], top_scores[b] = _top(scores, ids, k)
         return top_items, top_scores, self.reasons(top_items, history, extra_vectors)
 
+    def score_rows(
+        self,
+        users: np.ndarray,  # [B, D]
+        history: np.ndarray,  # [B, H]
+        exclude: np.ndarray,  # [B, E]
+        weights: np.ndarray,  # [B, 1]
+        top_k: np.ndarray,  # [B, 1]
+        extra_vectors: np.ndarray,  # [B, M, D]
+        extra_popularity: np.ndarray,  # [B, M]
+        eligible: np.ndarray,  # [B, N+1+M] or [B, 1]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batching scorer's form (`scorer_io`): k and the overlay per row; every row gets
+        the largest k, its own top k first and (0, -inf) after, as the ONNX scorer's TopK."""
+        ks = top_k.reshape(-1).astype(np.int64)
+        k_max = int(ks.max()) if len(ks) else 1
+        batch = users.shape[0]
+        items = np.zeros((batch, k_max), dtype=np.int64)
+        scores = np.full((batch, k_max), -np.inf, dtype=np.float32)
+        reasons = np.zeros((batch, k_max), dtype=np.int64)
+        for b in range(batch):
+            row = slice(b, b + 1)
+            k = int(ks[b])
+            items[row, :k], scores[row, :k], reasons[row, :k] = self.score(
+                users[row],
+                history[row],
+                exclude[row],
+                weights[row],
+                k,
+                extra_vectors[b],
+                extra_popularity[b],
+                eligible[row],
+            )
+        return items, scores, reasons
+
     def _rows(self, indices: np.ndarray, extra_vectors: np.ndarray) -> np.ndarray:
         flat = indices.reshape(-1)
         out = np.zeros((len(flat), self.vectors.shape[1]), dtype=np.float32)
@@ -301,12 +335,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                items, scores, reasons = self.scorer.score(
+                items, scores, reasons = self.scorer.score_rows(
                     tensor(request, "user"),
                     tensor(request, "history"),
                     tensor(request, "exclude"),
                     tensor(request, "weight"),
-                    int(tensor(request, "top_k").reshape(-1)[0]),
+                    tensor(request, "top_k"),
                     tensor(request, "extra_vectors"),
                     tensor(request, "extra_popularity"),
                     tensor(request, "eligible"),

@@ -299,7 +299,7 @@ def _export_into(
             {
                 contract.HISTORY_ITEMS: hist,
                 contract.HISTORY_EVENT_TYPES: types,
-                contract.EXTRA_ITEM_VECTORS: extra,
+                contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, len(hist)),
             },
             lambda h=hist, t=types, e=extra: (  # type: ignore[misc]
                 encoder(torch.from_numpy(h), torch.from_numpy(t), torch.from_numpy(e)),

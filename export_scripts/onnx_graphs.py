@@ -91,7 +91,8 @@ def _export(
 
 
 def export_user_encoder(encoder: UserEncoder, path: Path, *, overlay: bool = False) -> None:
-    """`overlay` adds the `extra_item_vectors` [M, D] input (items added after training)."""
+    """`overlay` adds the `extra_item_vectors` [B, M, D] input (items added after training, per
+    row)."""
     items = torch.tensor([[0, 0, 3, 1, 2], [4, 5, 6, 7, 1]], dtype=torch.long)
     events = torch.tensor([[0, 0, 1, 2, 4], [1, 1, 3, 4, 4]], dtype=torch.long)
     args: tuple[torch.Tensor, ...] = (items, events)
@@ -104,9 +105,9 @@ def export_user_encoder(encoder: UserEncoder, path: Path, *, overlay: bool = Fal
     if overlay:
         n_rows, dim = encoder.item_table.shape
         items[1, 0] = n_rows + 1  # an overlay row, so the trace keeps both sides of the gather
-        args = (items, events, torch.randn(3, dim))
+        args = (items, events, torch.randn(2, 3, dim))
         names.append(contract.EXTRA_ITEM_VECTORS)
-        axes[contract.EXTRA_ITEM_VECTORS] = {0: "extra"}
+        axes[contract.EXTRA_ITEM_VECTORS] = {0: "batch", 1: "extra"}
     external = needs_external_data(encoder.item_table)
     _export(encoder, args, path, names, [contract.USER_EMBEDDING], axes, external=external)
 
@@ -201,10 +202,12 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _overlay_gather(
     rows: str, extra_rows: str, indices: str, out: str, *, vectors: bool
 ) -> list[onnx.NodeProto]:
-    """`out = concat(rows, extra_rows)[indices]` without copying the trained rows per request.
+    """`out[b] = concat(rows, extra_rows[b])[indices[b]]` without copying the trained rows per
+    request: each index is gathered from the side it falls in.
 
     Needs `n_trained` (N+1), `n_trained_last` (N) and `n_extra` (M) in the graph, and
-    `extra_rows` padded with one zero row, so that M = 0 still gathers (a row nobody keeps).
+    `extra_rows` the row's overlay padded with one zero row ([B, M+1, D], or [B, M+1] when not
+    `vectors`), so that M = 0 still gathers (a row nobody keeps).
     """
     n = helper.make_node
     nodes = [
@@ -212,9 +215,22 @@ def _overlay_gather(
         n("Gather", [rows, f"{out}_trained_idx"], [f"{out}_trained"]),
         n("Sub", [indices, "n_trained"], [f"{out}_extra_rel"]),
         n("Clip", [f"{out}_extra_rel", "zero_index", "n_extra"], [f"{out}_extra_idx"]),
-        n("Gather", [extra_rows, f"{out}_extra_idx"], [f"{out}_extra"]),
-        n("GreaterOrEqual", [indices, "n_trained"], [f"{out}_is_extra"]),
     ]
+    if vectors:  # [B, L] -> [B, L, D], each row from its own overlay
+        nodes += [
+            n("Unsqueeze", [f"{out}_extra_idx", "last_axis"], [f"{out}_extra_idx_col"]),
+            n(
+                "GatherND",
+                [extra_rows, f"{out}_extra_idx_col"],
+                [f"{out}_extra"],
+                batch_dims=1,
+            ),
+        ]
+    else:
+        nodes.append(
+            n("GatherElements", [extra_rows, f"{out}_extra_idx"], [f"{out}_extra"], axis=1)
+        )
+    nodes.append(n("GreaterOrEqual", [indices, "n_trained"], [f"{out}_is_extra"]))
     condition = f"{out}_is_extra"
     if vectors:
         nodes.append(n("Unsqueeze", [condition, "last_axis"], [f"{out}_is_extra_col"]))
@@ -233,12 +249,15 @@ def _overlay_inits(n_rows: int) -> list[onnx.TensorProto]:
 
 
 def _overlay_rows_nodes(dim: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """`extra_rows` (the overlay plus one zero row) and `n_extra` (M, a scalar)."""
+    """`extra_rows` (each row's overlay plus one zero row, [B, M+1, D]) and `n_extra` (M, a
+    scalar)."""
     n = helper.make_node
-    inits = [numpy_helper.from_array(np.zeros((1, dim), dtype=np.float32), "zero_row")]
+    inits = [
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 1, 0], dtype=np.int64), "pad_one_row"),
+    ]
     nodes = [
-        n("Concat", [contract.EXTRA_ITEM_VECTORS, "zero_row"], ["extra_rows"], axis=0),
-        n("Shape", [contract.EXTRA_ITEM_VECTORS], ["n_extra_1d"], start=0, end=1),
+        n("Pad", [contract.EXTRA_ITEM_VECTORS, "pad_one_row"], ["extra_rows"]),
+        n("Shape", [contract.EXTRA_ITEM_VECTORS], ["n_extra_1d"], start=1, end=2),
         n("Squeeze", ["n_extra_1d", "zero_axis"], ["n_extra"]),
     ]
     return nodes, inits
@@ -259,10 +278,16 @@ def scorer_graph(
     exactly in fp32: the same top-k as fp32 whenever it lies within those candidates, with exact
     scores. The fp32 table stays for that and for the reasons.
 
-    `overlay=True` (what the export writes) adds the inputs `extra_item_vectors` [M, D] and
-    `extra_popularity` [M]: items added after training, catalogue indices N+1..N+M. They are
-    scored in fp32 beside the trained catalogue (whose table is never copied per request) and
-    the two score rows are concatenated before masking and top-k.
+    `overlay=True` (what the export writes) adds the inputs `extra_item_vectors` [B, M, D] and
+    `extra_popularity` [B, M]: items added after training, catalogue indices N+1..N+M, per row
+    (rows batched together share M, not necessarily the vectors). They are scored in fp32 beside
+    the trained catalogue (whose table is never copied per request) and the two score rows are
+    concatenated before masking and top-k.
+
+    `top_k` is per row ([B, 1]); the outputs have the batch's largest k for every row, whose
+    first k are the row's own top k (TopK's ties go to the lower index, so a prefix of a longer
+    ranking is the shorter one). The int8 scan quantizes each row on its own and keeps each
+    row's own k + RERANK_EXTRA candidates: a row's answer does not depend on its batch.
 
     `item_filter=True` (what the export writes) adds the input `item_eligible`, BOOL [B, N+1+M]
     or [B, 1] (broadcast): the business filter, applied with the history and exclusions before
@@ -298,13 +323,36 @@ def scorer_graph(
             numpy_helper.from_array(np.ascontiguousarray(q.T), "item_table_q_t"),  # [D, N+1]
             numpy_helper.from_array(scale.reshape(1, -1), "item_scale"),
         ]
-        score_nodes = [
-            n(
-                "DynamicQuantizeLinear",
-                [contract.WEIGHTED_USER_EMBEDDING],
-                ["user_q", "user_scale", "user_zero"],
+        inits += [
+            # sum over d of q[d, i]: (u_q - zero) . q = u_q . q - zero * sum(q), exactly
+            numpy_helper.from_array(
+                q.astype(np.int32).sum(axis=1, dtype=np.int32).reshape(1, -1), "item_table_q_sum"
             ),
-            n("MatMulInteger", ["user_q", "item_table_q_t", "user_zero"], ["raw_int"]),
+            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "uint8_max"),
+        ]
+        user = contract.WEIGHTED_USER_EMBEDDING
+        score_nodes = [
+            # DynamicQuantizeLinear's uint8 quantization, but per row: a row's candidates must
+            # not depend on the rows it is batched with.
+            n("ReduceMax", [user, "last_axis"], ["user_max_raw"], keepdims=1),
+            n("Max", ["user_max_raw", "zero"], ["user_max"]),
+            n("ReduceMin", [user, "last_axis"], ["user_min_raw"], keepdims=1),
+            n("Min", ["user_min_raw", "zero"], ["user_min"]),
+            n("Sub", ["user_max", "user_min"], ["user_range"]),
+            n("Div", ["user_range", "uint8_max"], ["user_scale"]),  # [B, 1]
+            n("Div", ["user_min", "user_scale"], ["user_min_units"]),
+            n("Neg", ["user_min_units"], ["user_zero_raw"]),
+            n("Clip", ["user_zero_raw", "zero", "uint8_max"], ["user_zero_clipped"]),
+            n("Round", ["user_zero_clipped"], ["user_zero_f"]),
+            n("Div", [user, "user_scale"], ["user_units"]),
+            n("Round", ["user_units"], ["user_units_rounded"]),
+            n("Add", ["user_units_rounded", "user_zero_f"], ["user_shifted"]),
+            n("Clip", ["user_shifted", "zero", "uint8_max"], ["user_q_f"]),
+            n("Cast", ["user_q_f"], ["user_q"], to=TensorProto.UINT8),
+            n("Cast", ["user_zero_f"], ["user_zero_i"], to=TensorProto.INT32),
+            n("MatMulInteger", ["user_q", "item_table_q_t"], ["raw_int_unshifted"]),
+            n("Mul", ["user_zero_i", "item_table_q_sum"], ["raw_int_shift"]),
+            n("Sub", ["raw_int_unshifted", "raw_int_shift"], ["raw_int"]),
             n("Cast", ["raw_int"], ["raw_units"], to=TensorProto.FLOAT),
             n("Mul", ["raw_units", "item_scale"], ["raw"]),  # exact score / user_scale
             n("Div", [contract.LONG_TAIL_WEIGHT, "user_scale"], ["scaled_weight"]),
@@ -333,17 +381,20 @@ def scorer_graph(
         user = contract.WEIGHTED_USER_EMBEDDING
         nodes += [
             *rows_nodes,
-            n("Gemm", [user, contract.EXTRA_ITEM_VECTORS], ["extra_raw_exact"], transB=1),
+            # each row against its own overlay: [B, 1, D] x [B, D, M]
+            n("Unsqueeze", [user, "one_axis"], ["user_row3"]),
+            n("Transpose", [contract.EXTRA_ITEM_VECTORS], ["extra_t"], perm=[0, 2, 1]),
+            n("MatMul", ["user_row3", "extra_t"], ["extra_raw3"]),
+            n("Squeeze", ["extra_raw3", "one_axis"], ["extra_raw_exact"]),  # [B, M]
             n("Add", [contract.EXTRA_POPULARITY, "one"], ["extra_pop_plus_one"]),
-            n("Log", ["extra_pop_plus_one"], ["extra_log_pop"]),
-            n("Unsqueeze", ["extra_log_pop", "zero_axis"], ["extra_log_pop_row"]),
+            n("Log", ["extra_pop_plus_one"], ["extra_log_pop"]),  # [B, M]
         ]
         if scan == "fp32":
             nodes.append(n("Identity", ["extra_raw_exact"], ["extra_raw"]))
         else:  # the trained scores are in units of user_scale here
             nodes.append(n("Div", ["extra_raw_exact", "user_scale"], ["extra_raw"]))
         nodes += [
-            n("Mul", [weight, "extra_log_pop_row"], ["extra_penalty"]),
+            n("Mul", [weight, "extra_log_pop"], ["extra_penalty"]),
             n("Sub", ["extra_raw", "extra_penalty"], ["adjusted_extra"]),
             n("Concat", ["adjusted_trained", "adjusted_extra"], ["adjusted"], axis=1),
         ]
@@ -376,9 +427,14 @@ def scorer_graph(
         nodes.append(
             n("Where", [contract.ITEM_ELIGIBLE, "scores_unfiltered", "neg_inf"], ["scores"])
         )
+    # One TopK for the batch: its largest k (a row's own k are the first k of its row).
+    nodes += [
+        n("ReduceMax", [contract.TOP_K], ["k_max_scalar"], keepdims=0),
+        n("Reshape", ["k_max_scalar", "last_axis"], ["k_max"]),
+    ]
     if scan == "fp32":
         nodes.append(
-            n("TopK", ["scores", contract.TOP_K], [contract.TOP_SCORES, contract.TOP_ITEMS], axis=1)
+            n("TopK", ["scores", "k_max"], [contract.TOP_SCORES, contract.TOP_ITEMS], axis=1)
         )
     else:
         inits += [
@@ -387,10 +443,12 @@ def scorer_graph(
             numpy_helper.from_array(log_popularity.reshape(-1), "log_popularity_flat"),
         ]
         if overlay:
-            inits.append(numpy_helper.from_array(np.zeros(1, dtype=np.float32), "zero_1d"))
+            inits.append(
+                numpy_helper.from_array(np.array([0, 0, 0, 1], dtype=np.int64), "pad_one_col")
+            )
             nodes += [
                 n("Add", ["n_rows", "n_extra_1d"], ["n_all_rows"]),
-                n("Concat", ["extra_log_pop", "zero_1d"], ["extra_log_pop_padded"], axis=0),
+                n("Pad", ["extra_log_pop", "pad_one_col"], ["extra_log_pop_padded"]),
             ]
             cand_log_pop = _overlay_gather(
                 "log_popularity_flat",
@@ -402,10 +460,20 @@ def scorer_graph(
         else:
             nodes.append(n("Identity", ["n_rows"], ["n_all_rows"]))
             cand_log_pop = [n("Gather", ["log_popularity_flat", "cand_items"], ["cand_log_pop"])]
+        inits += [
+            numpy_helper.from_array(np.array(0, dtype=np.int64), "range_start"),
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "range_step"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "first_axis"),
+        ]
         nodes += [
-            n("Add", [contract.TOP_K, "rerank_extra"], ["wanted"]),
+            n("Add", ["k_max", "rerank_extra"], ["wanted"]),
             n("Min", ["wanted", "n_all_rows"], ["n_candidates"]),
             n("TopK", ["scores", "n_candidates"], ["cand_scores", "cand_items"], axis=1),
+            # a row keeps its own k + RERANK_EXTRA candidates, as when scored alone
+            n("Add", [contract.TOP_K, "rerank_extra"], ["row_wanted"]),  # [B, 1]
+            n("Squeeze", ["n_candidates", "first_axis"], ["n_candidates_scalar"]),
+            n("Range", ["range_start", "n_candidates_scalar", "range_step"], ["cand_positions"]),
+            n("GreaterOrEqual", ["cand_positions", "row_wanted"], ["cand_beyond"]),
             # exact fp32 scores of the candidates; masked ones stay -inf
             *gather_vectors("cand_items", "cand_vec"),
             n("Unsqueeze", [contract.WEIGHTED_USER_EMBEDDING, "last_axis"], ["user_col"]),
@@ -414,9 +482,10 @@ def scorer_graph(
             *cand_log_pop,
             n("Mul", [contract.LONG_TAIL_WEIGHT, "cand_log_pop"], ["cand_penalty"]),
             n("Sub", ["cand_raw", "cand_penalty"], ["cand_exact"]),
-            n("IsInf", ["cand_scores"], ["cand_masked"], detect_positive=0),
+            n("IsInf", ["cand_scores"], ["cand_masked_score"], detect_positive=0),
+            n("Or", ["cand_masked_score", "cand_beyond"], ["cand_masked"]),
             n("Where", ["cand_masked", "neg_inf", "cand_exact"], ["cand_final"]),
-            n("TopK", ["cand_final", contract.TOP_K], [contract.TOP_SCORES, "top_pos"], axis=1),
+            n("TopK", ["cand_final", "k_max"], [contract.TOP_SCORES, "top_pos"], axis=1),
             n("GatherElements", ["cand_items", "top_pos"], [contract.TOP_ITEMS], axis=1),
         ]
     nodes += [
@@ -443,12 +512,14 @@ def scorer_graph(
         helper.make_tensor_value_info(contract.HISTORY_ITEMS, i64, ["batch", "history"]),
         helper.make_tensor_value_info(contract.EXCLUDE_ITEMS, i64, ["batch", "exclude"]),
         helper.make_tensor_value_info(contract.LONG_TAIL_WEIGHT, f32, ["batch", 1]),
-        helper.make_tensor_value_info(contract.TOP_K, i64, [1]),
+        helper.make_tensor_value_info(contract.TOP_K, i64, ["batch", 1]),
     ]
     if overlay:
         inputs += [
-            helper.make_tensor_value_info(contract.EXTRA_ITEM_VECTORS, f32, ["extra", dim]),
-            helper.make_tensor_value_info(contract.EXTRA_POPULARITY, f32, ["extra"]),
+            helper.make_tensor_value_info(
+                contract.EXTRA_ITEM_VECTORS, f32, ["batch", "extra", dim]
+            ),
+            helper.make_tensor_value_info(contract.EXTRA_POPULARITY, f32, ["batch", "extra"]),
         ]
     if item_filter:
         inputs.append(
@@ -509,7 +580,9 @@ def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
         "item_lookup",
         [
             helper.make_tensor_value_info(contract.QUERY_ITEMS, i64, ["batch", "basket"]),
-            helper.make_tensor_value_info(contract.EXTRA_ITEM_VECTORS, f32, ["extra", dim]),
+            helper.make_tensor_value_info(
+                contract.EXTRA_ITEM_VECTORS, f32, ["batch", "extra", dim]
+            ),
         ],
         [helper.make_tensor_value_info(contract.QUERY_EMBEDDING, f32, ["batch", dim])],
         inits,
@@ -637,6 +710,12 @@ def max_abs_diff(
     return diffs
 
 
+def per_row(shared: np.ndarray, batch: int) -> np.ndarray:
+    """A batch-shared tensor (the overlay, [M, D] or [M]) as the batching models take it: one
+    copy per row."""
+    return np.ascontiguousarray(np.broadcast_to(shared, (batch, *shared.shape)))
+
+
 def overlay_case(rng: np.random.Generator, n_extra: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Overlay inputs for a parity check: M random vectors and popularity counts."""
     vectors = rng.standard_normal((n_extra, dim)).astype(np.float32)
@@ -656,9 +735,11 @@ def scorer_parity(
 ) -> dict[str, float]:
     """Scores and order must match; ties aside, the same items in the same order.
 
-    With `overlay`, the worst figure over no overlay (M = 0) and an overlay of 3 items that
-    appear in the history and the exclusions; with `item_filter`, each of those unfiltered
-    (`item_eligible` [B, 1] of True, broadcast) and under a random filter over every item.
+    The two rows ask for different k (the graph returns the larger for both): each row's first
+    k must be torch's top k. With `overlay`, the worst figure over no overlay (M = 0) and an
+    overlay of 3 items that appear in the history and the exclusions; with `item_filter`, each
+    of those unfiltered (`item_eligible` [B, 1] of True, broadcast) and under a random filter
+    over every item.
     """
     figures: dict[str, float] = {}
     for n_extra in (0, 3) if overlay else (0,):
@@ -672,16 +753,17 @@ def scorer_parity(
             excl[0, 0] = n_items + n_extra
         weight = np.array([[0.0], [0.7]], dtype=np.float32)
         k = min(10, max(1, n_items + n_extra - 9))
+        row_k = [k, max(1, k - 3)]
         feeds = {
             contract.WEIGHTED_USER_EMBEDDING: user,
             contract.HISTORY_ITEMS: hist,
             contract.EXCLUDE_ITEMS: excl,
             contract.LONG_TAIL_WEIGHT: weight,
-            contract.TOP_K: np.array([k], dtype=np.int64),
+            contract.TOP_K: np.array(row_k, dtype=np.int64).reshape(-1, 1),
         }
         if overlay:
-            feeds[contract.EXTRA_ITEM_VECTORS] = extra
-            feeds[contract.EXTRA_POPULARITY] = extra_pop
+            feeds[contract.EXTRA_ITEM_VECTORS] = per_row(extra, len(user))
+            feeds[contract.EXTRA_POPULARITY] = per_row(extra_pop, len(user))
         masks: list[np.ndarray | None] = [None]
         if item_filter:
             masks = [
@@ -694,32 +776,37 @@ def scorer_parity(
             items, scores, reasons = session(path).run(
                 [contract.TOP_ITEMS, contract.TOP_SCORES, contract.REASON_POSITIONS], feeds
             )
-            with torch.no_grad():
-                t_items, t_scores, t_reasons = scorer(
-                    torch.from_numpy(user),
-                    torch.from_numpy(hist),
-                    torch.from_numpy(excl),
-                    torch.from_numpy(weight),
-                    k,
-                    torch.from_numpy(extra) if overlay else None,
-                    torch.from_numpy(extra_pop) if overlay else None,
-                    None if mask is None else torch.from_numpy(mask),
-                )
-            finite = np.isfinite(t_scores.numpy())
-            case = {
-                # -inf where fewer than k items are eligible: the same slots in both
-                contract.TOP_SCORES: float(
-                    np.max(np.abs(scores[finite] - t_scores.numpy()[finite]), initial=0.0)
-                    if np.array_equal(finite, np.isfinite(scores))
-                    else np.inf
-                ),
-                contract.TOP_ITEMS: _share_differing(items[finite], t_items.numpy()[finite]),
-                contract.REASON_POSITIONS: _share_differing(
-                    reasons[finite], t_reasons.numpy()[finite]
-                ),
-            }
-            for name, value in case.items():
-                figures[name] = max(figures.get(name, 0.0), value)
+            for row, row_k_value in enumerate(row_k):
+                with torch.no_grad():
+                    t_items, t_scores, t_reasons = scorer(
+                        torch.from_numpy(user),
+                        torch.from_numpy(hist),
+                        torch.from_numpy(excl),
+                        torch.from_numpy(weight),
+                        row_k_value,
+                        torch.from_numpy(extra) if overlay else None,
+                        torch.from_numpy(extra_pop) if overlay else None,
+                        None if mask is None else torch.from_numpy(mask),
+                    )
+                want_scores = t_scores.numpy()[row]
+                got_scores = scores[row, :row_k_value]
+                finite = np.isfinite(want_scores)
+                case = {
+                    # -inf where fewer than k items are eligible: the same slots in both
+                    contract.TOP_SCORES: float(
+                        np.max(np.abs(got_scores[finite] - want_scores[finite]), initial=0.0)
+                        if np.array_equal(finite, np.isfinite(got_scores))
+                        else np.inf
+                    ),
+                    contract.TOP_ITEMS: _share_differing(
+                        items[row, :row_k_value][finite], t_items.numpy()[row][finite]
+                    ),
+                    contract.REASON_POSITIONS: _share_differing(
+                        reasons[row, :row_k_value][finite], t_reasons.numpy()[row][finite]
+                    ),
+                }
+                for name, value in case.items():
+                    figures[name] = max(figures.get(name, 0.0), value)
     return figures
 
 
@@ -747,7 +834,7 @@ def item_lookup_parity(
         for query in (single, basket):
             (diff,) = max_abs_diff(
                 path,
-                {contract.QUERY_ITEMS: query, contract.EXTRA_ITEM_VECTORS: extra},
+                {contract.QUERY_ITEMS: query, contract.EXTRA_ITEM_VECTORS: per_row(extra, 4)},
                 lambda q=query, e=extra: (lookup(torch.from_numpy(q), torch.from_numpy(e)),),
             )
             worst = max(worst, diff)

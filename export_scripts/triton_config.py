@@ -1,7 +1,11 @@
 """Triton `config.pbtxt` files, built as `ModelConfig` protobufs (never string templates).
 
-Every model has `max_batch_size: 0` and an explicit leading batch dimension: history length, the
-exclusion list and k vary per request, so Triton could not stack requests anyway.
+The Recommend and SimilarItems ensembles and their steps (user encoder, context weighting, item
+lookup, scorer) batch: `max_batch_size > 0`, per-row dims, and Triton's dynamic batcher stacks
+concurrent requests of one shape (the gateway pads history, basket and exclusions to a few
+lengths; k and the item overlay are per row). The batcher's settings (`Batching`) were chosen
+by `benchmarks/batching_sweep.py`. The audience ensemble and scorer and the item encoders keep
+`max_batch_size: 0` and explicit batch dimensions (an audience call is already a block of users).
 """
 
 from __future__ import annotations
@@ -24,51 +28,78 @@ BOOL = mc.TYPE_BOOL
 class Tensor:
     name: str
     dtype: int
-    dims: tuple[int, ...]
+    dims: tuple[int, ...]  # per row for a batching model, whole for the others
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The dynamic batcher of the batching models and their instance counts.
+
+    Chosen by `benchmarks/batching_sweep.py` on 2 cores (see the README): no queue delay, since
+    on a loaded machine requests already wait for an instance and a delay is paid in full at
+    low concurrency; one instance per model, since the models of an ensemble run beside each
+    other and a second instance only adds a process competing for the same cores."""
+
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_microseconds: int = 0
+    instances: int = 1
+
+
+DEFAULT_BATCHING = Batching()
+# The models that batch, and the largest batch each takes: the scorer only serves the ensembles;
+# the others are also called directly with many rows (cached user vectors, audience blocks).
+BATCHED_MODELS: dict[str, int] = {
+    contract.USER_ENCODER_MODEL: contract.MAX_DIRECT_ROWS,
+    contract.CONTEXT_WEIGHTING_MODEL: contract.MAX_DIRECT_ROWS,
+    contract.ITEM_LOOKUP_MODEL: contract.MAX_DIRECT_ROWS,
+    contract.SCORER_MODEL: contract.MAX_BATCH_SIZE,
+}
 
 
 def _io(tensors: list[Tensor], kind: type) -> list:
     return [kind(name=t.name, data_type=t.dtype, dims=list(t.dims)) for t in tensors]
 
 
+# Batching models: dims per row (Triton adds the batch dimension).
 def user_encoder_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     return (
         [
-            Tensor(contract.HISTORY_ITEMS, INT64, (-1, -1)),
-            Tensor(contract.HISTORY_EVENT_TYPES, INT64, (-1, -1)),
+            Tensor(contract.HISTORY_ITEMS, INT64, (-1,)),
+            Tensor(contract.HISTORY_EVENT_TYPES, INT64, (-1,)),
             Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
         ],
-        [Tensor(contract.USER_EMBEDDING, FP32, (-1, dim))],
+        [Tensor(contract.USER_EMBEDDING, FP32, (dim,))],
     )
 
 
 def context_weighting_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     return (
         [
-            Tensor(contract.USER_EMBEDDING, FP32, (-1, dim)),
-            Tensor(contract.CONTEXT, INT64, (-1, len(contract.CONTEXT_FIELDS))),
+            Tensor(contract.USER_EMBEDDING, FP32, (dim,)),
+            Tensor(contract.CONTEXT, INT64, (len(contract.CONTEXT_FIELDS),)),
         ],
-        [Tensor(contract.WEIGHTED_USER_EMBEDDING, FP32, (-1, dim))],
+        [Tensor(contract.WEIGHTED_USER_EMBEDDING, FP32, (dim,))],
     )
 
 
 def scorer_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     return (
         [
-            Tensor(contract.WEIGHTED_USER_EMBEDDING, FP32, (-1, dim)),
-            Tensor(contract.HISTORY_ITEMS, INT64, (-1, -1)),
-            Tensor(contract.EXCLUDE_ITEMS, INT64, (-1, -1)),
-            Tensor(contract.LONG_TAIL_WEIGHT, FP32, (-1, 1)),
+            Tensor(contract.WEIGHTED_USER_EMBEDDING, FP32, (dim,)),
+            Tensor(contract.HISTORY_ITEMS, INT64, (-1,)),
+            Tensor(contract.EXCLUDE_ITEMS, INT64, (-1,)),
+            Tensor(contract.LONG_TAIL_WEIGHT, FP32, (1,)),
             Tensor(contract.TOP_K, INT64, (1,)),
             Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
             Tensor(contract.EXTRA_POPULARITY, FP32, (-1,)),
-            # [batch, N+1+M], or [batch, 1] without a filter
-            Tensor(contract.ITEM_ELIGIBLE, BOOL, (-1, -1)),
+            # [N+1+M], or [1] without a filter
+            Tensor(contract.ITEM_ELIGIBLE, BOOL, (-1,)),
         ],
         [
-            Tensor(contract.TOP_ITEMS, INT64, (-1, -1)),
-            Tensor(contract.TOP_SCORES, FP32, (-1, -1)),
-            Tensor(contract.REASON_POSITIONS, INT64, (-1, -1)),
+            # the batch's largest k
+            Tensor(contract.TOP_ITEMS, INT64, (-1,)),
+            Tensor(contract.TOP_SCORES, FP32, (-1,)),
+            Tensor(contract.REASON_POSITIONS, INT64, (-1,)),
         ],
     )
 
@@ -76,11 +107,14 @@ def scorer_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
 def item_lookup_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
     return (
         [
-            Tensor(contract.QUERY_ITEMS, INT64, (-1, -1)),  # [batch, basket]
+            Tensor(contract.QUERY_ITEMS, INT64, (-1,)),  # [basket]
             Tensor(contract.EXTRA_ITEM_VECTORS, FP32, (-1, dim)),
         ],
-        [Tensor(contract.QUERY_EMBEDDING, FP32, (-1, dim))],
+        [Tensor(contract.QUERY_EMBEDDING, FP32, (dim,))],
     )
+
+
+# Models with max_batch_size 0: whole dims.
 
 
 def audience_scorer_io(dim: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -154,9 +188,14 @@ def similar_items_steps(dim: int) -> list[Step]:
 def audience_steps(dim: int) -> list[Step]:
     """The query items' vectors (trained or overlay), the users' vectors under the request's
     context (the context weighting of Recommend, on the gateway's cached user encodings), then
-    the audience scorer."""
+    the audience scorer. The item lookup takes its overlay per query row, the audience scorer
+    the whole overlay once: two ensemble inputs."""
     return [
-        (contract.ITEM_LOOKUP_MODEL, item_lookup_io(dim), {}),
+        (
+            contract.ITEM_LOOKUP_MODEL,
+            item_lookup_io(dim),
+            {contract.EXTRA_ITEM_VECTORS: contract.QUERY_EXTRA_ITEM_VECTORS},
+        ),
         (
             contract.CONTEXT_WEIGHTING_MODEL,
             context_weighting_io(dim),
@@ -166,25 +205,37 @@ def audience_steps(dim: int) -> list[Step]:
     ]
 
 
-def _ensemble_io(steps: list[Step]) -> tuple[list[Tensor], list[Tensor]]:
+def _ensemble_io(steps: list[Step], *, batched: bool) -> tuple[list[Tensor], list[Tensor]]:
     """Request inputs: every step input no earlier step produces (first declaration wins);
-    outputs: the last step's."""
+    outputs: the last step's. A batching ensemble's dims are per row (all its steps batch); a
+    non-batching one's are whole: a batching step's tensors get the batch dimension in front."""
+
+    def dims(model: str, t: Tensor) -> tuple[int, ...]:
+        return t.dims if batched or model not in BATCHED_MODELS else (-1, *t.dims)
+
     inputs: dict[str, Tensor] = {}
     produced: set[str] = set()
-    for _, (step_in, step_out), renames in steps:
+    for model, (step_in, step_out), renames in steps:
         for t in step_in:
             name = renames.get(t.name, t.name)
             if name not in produced and name not in inputs:
-                inputs[name] = Tensor(name, t.dtype, t.dims)
+                inputs[name] = Tensor(name, t.dtype, dims(model, t))
         produced |= {renames.get(t.name, t.name) for t in step_out}
-    return list(inputs.values()), steps[-1][1][1]
+    last_model, (_, last_out), _ = steps[-1]
+    return list(inputs.values()), [Tensor(t.name, t.dtype, dims(last_model, t)) for t in last_out]
 
 
 def onnx_model_config(
-    name: str, io: tuple[list[Tensor], list[Tensor]], *, tensorrt: bool = False, threads: int = 1
+    name: str,
+    io: tuple[list[Tensor], list[Tensor]],
+    *,
+    tensorrt: bool = False,
+    threads: int = 1,
+    batching: Batching = DEFAULT_BATCHING,
 ) -> mc.ModelConfig:
-    """Config for the native onnxruntime backend (NGC image) and our local stand-in alike."""
-    cfg = _model_config(name, ONNX_BACKEND, io)
+    """Config for the native onnxruntime backend (NGC image) and our local stand-in alike: only
+    fields the native backend reads."""
+    cfg = _model_config(name, ONNX_BACKEND, io, batching)
     group = cfg.instance_group[0]
     if tensorrt:
         group.kind = mc.ModelInstanceGroup.KIND_GPU
@@ -201,35 +252,63 @@ def onnx_model_config(
     return cfg
 
 
-def python_model_config(name: str, io: tuple[list[Tensor], list[Tensor]]) -> mc.ModelConfig:
-    """A Python-backend model (`<version>/model.py`), as the ANN scorer: one CPU instance."""
-    cfg = _model_config(name, PYTHON_BACKEND, io)
+def python_model_config(
+    name: str, io: tuple[list[Tensor], list[Tensor]], *, batching: Batching = DEFAULT_BATCHING
+) -> mc.ModelConfig:
+    """A Python-backend model (`<version>/model.py`), as the ANN scorer: CPU instances."""
+    cfg = _model_config(name, PYTHON_BACKEND, io, batching)
     cfg.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
     return cfg
 
 
-def _model_config(name: str, backend: str, io: tuple[list[Tensor], list[Tensor]]) -> mc.ModelConfig:
-    """A model of `backend` with these inputs and outputs, its latest version served, one
-    instance (the caller sets its kind)."""
+def _model_config(
+    name: str, backend: str, io: tuple[list[Tensor], list[Tensor]], batching: Batching
+) -> mc.ModelConfig:
+    """A model of `backend` with these inputs and outputs, its latest version served (the
+    caller sets its instances' kind). A model of `BATCHED_MODELS` gets its largest batch, the
+    dynamic batcher and `batching.instances` instances; the others one instance, no batching."""
     inputs, outputs = io
     cfg = mc.ModelConfig(
         name=name,
         backend=backend,
-        max_batch_size=0,
+        max_batch_size=BATCHED_MODELS.get(name, 0),
         input=_io(inputs, mc.ModelInput),
         output=_io(outputs, mc.ModelOutput),
     )
     cfg.version_policy.latest.num_versions = 1
-    cfg.instance_group.add().count = 1
+    group = cfg.instance_group.add()
+    group.count = 1
+    if name in BATCHED_MODELS:
+        apply_batching(cfg, batching)
     return cfg
 
 
-def _ensemble(name: str, steps: list[Step]) -> mc.ModelConfig:
-    inputs, outputs = _ensemble_io(steps)
+def apply_batching(cfg: mc.ModelConfig, batching: Batching) -> None:
+    """Sets a batching model's dynamic batcher and instance count (the sweep re-applies it to an
+    exported repository)."""
+    if cfg.max_batch_size <= 0:
+        raise ValueError(f"{cfg.name} does not batch (max_batch_size {cfg.max_batch_size})")
+    cfg.dynamic_batching.Clear()
+    cfg.dynamic_batching.SetInParent()
+    cfg.dynamic_batching.preferred_batch_size.extend(
+        [size for size in batching.preferred_batch_sizes if size <= cfg.max_batch_size]
+    )
+    cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
+    cfg.instance_group[0].count = batching.instances
+
+
+def _ensemble(name: str, steps: list[Step], *, batched: bool) -> mc.ModelConfig:
+    """`batched`: the ensemble takes a batch dimension of its own (every step must batch);
+    Triton's dynamic batchers in the steps stack concurrent requests."""
+    inputs, outputs = _ensemble_io(steps, batched=batched)
+    if batched:
+        unbatched = [model for model, _, _ in steps if model not in BATCHED_MODELS]
+        if unbatched:
+            raise ValueError(f"{name}: steps {unbatched} do not batch")
     cfg = mc.ModelConfig(
         name=name,
         platform="ensemble",
-        max_batch_size=0,
+        max_batch_size=contract.MAX_BATCH_SIZE if batched else 0,
         input=_io(inputs, mc.ModelInput),
         output=_io(outputs, mc.ModelOutput),
     )
@@ -244,17 +323,17 @@ def _ensemble(name: str, steps: list[Step]) -> mc.ModelConfig:
 
 def ensemble_config(dim: int) -> mc.ModelConfig:
     """encode -> context-weight -> score, one Triton request from the gateway."""
-    return _ensemble(contract.ENSEMBLE_MODEL, recommend_steps(dim))
+    return _ensemble(contract.ENSEMBLE_MODEL, recommend_steps(dim), batched=True)
 
 
 def similar_items_config(dim: int) -> mc.ModelConfig:
     """item lookup -> score (SimilarItems), one Triton request from the gateway."""
-    return _ensemble(contract.SIMILAR_ITEMS_MODEL, similar_items_steps(dim))
+    return _ensemble(contract.SIMILAR_ITEMS_MODEL, similar_items_steps(dim), batched=True)
 
 
 def audience_config(dim: int) -> mc.ModelConfig:
     """item lookup -> context-weight the users -> audience scorer (Audience, ForecastDemand)."""
-    return _ensemble(contract.AUDIENCE_MODEL, audience_steps(dim))
+    return _ensemble(contract.AUDIENCE_MODEL, audience_steps(dim), batched=False)
 
 
 def with_identity(cfg: mc.ModelConfig, model_version: str, content_hash: str) -> mc.ModelConfig:

@@ -405,13 +405,20 @@ def overlay_rows(
 ) -> torch.Tensor:
     """Rows of `table` (indices 0..N) followed by the rows of `extra` (N+1..N+M).
 
-    Items added after training (the gateway's item overlay) arrive per request as `extra`; the
-    trained table is not copied to append them: each index is gathered from the side it falls
-    in (a zero row stands in on the other side, so that M = 0 needs no special case).
+    Items added after training (the gateway's item overlay) arrive per request as `extra`, [M, D]
+    shared by the rows of `indices` or [B, M, D] per row (as the served, batching models take
+    it); the trained table is not copied to append them: each index is gathered from the side it
+    falls in (a zero row stands in on the other side, so that M = 0 needs no special case).
     """
     if extra is None:
         return F.embedding(indices, table)
     n_rows = table.shape[0]
+    if extra.dim() == 3:
+        rows = torch.cat([extra, extra.new_zeros(extra.shape[0], 1, extra.shape[2])], dim=1)
+        relative = (indices - n_rows).clamp(min=0).clamp(max=extra.shape[1])
+        added = torch.gather(rows, 1, relative.unsqueeze(-1).expand(-1, -1, extra.shape[2]))
+        trained = F.embedding(indices.clamp(max=n_rows - 1), table)
+        return torch.where((indices >= n_rows).unsqueeze(-1), added, trained)
     padded = torch.cat([extra, torch.zeros_like(table[:1])], dim=0)
     trained = F.embedding(indices.clamp(max=n_rows - 1), table)
     added = F.embedding((indices - n_rows).clamp(min=0).clamp(max=extra.shape[0]), padded)

@@ -26,34 +26,47 @@ AUDIENCE_MODEL = "audience"
 AUDIENCE_SCORER_MODEL = "audience_scorer"
 
 # --- Ensemble inputs (all batch-first; the gateway sends batch 1) ------------------------------
-# Catalogue indices of the user's history, oldest first, 0 = padding. INT64 [batch, history].
+# The Recommend and SimilarItems ensembles and their steps batch (Triton's dynamic batcher): every
+# input is per row, and requests of one shape are stacked. The gateway pads the variable-length
+# inputs to a few lengths (`padded_length`) so that concurrent requests share a shape.
+# Catalogue indices of the user's history, oldest first, 0 = padding (left-padded to a length of
+# `HISTORY_BUCKETS`). INT64 [batch, history].
 HISTORY_ITEMS = "history_items"
 # Event type index per history position (see EVENT_TYPES), 0 = padding. INT64 [batch, history].
 HISTORY_EVENT_TYPES = "history_event_types"
 # Context buckets (hour, weekday, device, region), each 0 = unknown. INT64 [batch, 4].
 CONTEXT = "context"
-# Catalogue indices never to return, 0 = padding. INT64 [batch, n_exclude].
+# Catalogue indices never to return, 0 = padding (padded to a length of `EXCLUDE_BUCKETS`).
+# INT64 [batch, n_exclude].
 EXCLUDE_ITEMS = "exclude_items"
 # Popularity-debiasing strength. FP32 [batch, 1].
 LONG_TAIL_WEIGHT = "long_tail_weight"
-# Number of items to return (shared by the batch). INT64 [1].
+# Number of items to return, per row. INT64 [batch, 1]. A batch returns its largest k for every
+# row (TOP_ITEMS [batch, max k]); a row's own top k are the first k of its row (TopK breaks ties
+# by index, so they are exactly what k alone returns), and the gateway keeps those.
 TOP_K = "top_k"
-# The item overlay: items added after training (UpsertItems), shared by the batch. Row j is
-# catalogue index N+1+j in history, exclusions and outputs; M may be 0. FP32 [M, D] and FP32 [M]
-# (interaction counts, for the long-tail term).
+# The item overlay: items added after training (UpsertItems), per row. Row j is catalogue index
+# N+1+j in history, exclusions and outputs; M may be 0. FP32 [batch, M, D] and FP32 [batch, M]
+# (interaction counts, for the long-tail term). A caller whose indices read only some overlay rows
+# may send just those, renumbered (`server.features.overlay_subset`).
 EXTRA_ITEM_VECTORS = "extra_item_vectors"
 EXTRA_POPULARITY = "extra_popularity"
 # SimilarItems ensemble input: the catalogue indices of the item (or the basket of items) to find
-# neighbours of, PADDING_INDEX = padding. INT64 [batch, basket]; [batch, 1] for one item.
+# neighbours of, PADDING_INDEX = padding (right-padded to a length of `HISTORY_BUCKETS`).
+# INT64 [batch, basket].
 QUERY_ITEMS = "query_items"
 # The business filter (ItemFilter) as a mask the scorer applies before top-k: True where the item
 # may be returned. BOOL [batch, N+1+M] (every catalogue index, overlay included), or [batch, 1]
 # (True: no filter), which broadcasts, so an unfiltered request sends one element.
 ITEM_ELIGIBLE = "item_eligible"
 
-# Audience ensemble inputs (beside QUERY_ITEMS [Q, 1], one row per item; CONTEXT [U, 4], the same
-# row for every user; EXTRA_ITEM_VECTORS; TOP_K; EXCLUDE_ITEMS [1, E], the items left out of
-# the catalogue's softmax: the hidden ones, 0 = padding):
+# Audience ensemble inputs (not batched; beside QUERY_ITEMS [Q, 1], one row per item; CONTEXT
+# [U, 4], the same row for every user; EXTRA_ITEM_VECTORS [M, D], the audience scorer's; TOP_K
+# [1]; EXCLUDE_ITEMS [1, E], the items left out of the catalogue's softmax: the hidden ones,
+# 0 = padding):
+# The overlay rows the query items read, per query row, for the (batching) item lookup.
+# FP32 [Q, M', D].
+QUERY_EXTRA_ITEM_VECTORS = "query_extra_item_vectors"
 # The user encoder's vectors of the users scored. FP32 [U, D].
 AUDIENCE_USERS = "audience_users"
 # Each user's events in the history store (> 0), the weight of their expected interactions.
@@ -98,6 +111,35 @@ ATTRIBUTE_BUCKETS = 1024  # ids 1..ATTRIBUTE_BUCKETS-1
 ITEM_VECTOR = "item_vector"  # FP32 [batch, EMBEDDING_DIM] (not "embedding": clashes in torch.onnx)
 # The tokenizer files (tokenizer.json) the gateway tokenizes new items' text with, no torch.
 TOKENIZER_DIR = "tokenizer"  # under <repository>/item_encoder/
+
+# --- Batching ------------------------------------------------------------------------------------
+# Padded lengths of the history (and basket): the smallest that holds it, at most max_history.
+HISTORY_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
+# Padded lengths of the exclusions: powers of two from the first.
+EXCLUDE_BUCKET_MIN = 16
+# The largest batch of the Recommend and SimilarItems ensembles and the scorer.
+MAX_BATCH_SIZE = 64
+# The largest batch of the steps the gateway also calls directly with many rows (the user encoder
+# for cached user vectors, the context weighting and item lookup for Audience's user blocks and
+# query items): at least their largest direct call.
+MAX_DIRECT_ROWS = 4096
+
+
+def padded_length(length: int, buckets: tuple[int, ...], limit: int) -> int:
+    """The smallest of `buckets` (then `limit`) that holds `length`; beyond `limit`, `length`."""
+    for bucket in buckets:
+        if length <= bucket and bucket < limit:
+            return bucket
+    return max(length, limit)
+
+
+def exclude_length(length: int) -> int:
+    """A power of two from EXCLUDE_BUCKET_MIN that holds `length`."""
+    size = EXCLUDE_BUCKET_MIN
+    while size < length:
+        size *= 2
+    return size
+
 
 # --- Vocabularies and bounds --------------------------------------------------------------------
 PADDING_INDEX = 0

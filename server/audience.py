@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ltrec_core import contract
 from server import metrics
 from server.catalogue import Catalogue
-from server.features import exclusions
+from server.features import exclusions, overlay_subset
 from server.tracing import Stage
 from server.triton_client import TritonClient
 from server.user_vectors import UserMatrix, UserVectors
@@ -33,7 +33,7 @@ from server.user_vectors import UserMatrix, UserVectors
 # Scores (users x catalogue items) one audience scorer call computes at most: its logits are
 # about 4 bytes each, a few times over.
 BLOCK_SCORES = 8_000_000
-MAX_BLOCK_USERS = 4096
+MAX_BLOCK_USERS = contract.MAX_DIRECT_ROWS  # the context weighting's largest batch
 OUTPUT_NAMES = (
     contract.AUDIENCE_TOP_USERS,
     contract.AUDIENCE_TOP_SCORES,
@@ -93,7 +93,10 @@ class Audiences:
         n_items = len(item_indices)
         if not len(matrix):
             return Scored([[] for _ in item_indices], [0.0] * n_items, 0)
-        queries = np.asarray(item_indices, dtype=np.int64).reshape(-1, 1)
+        # the item lookup batches: the overlay per query row, only the rows the queries read
+        queries, query_extra = overlay_subset(
+            np.asarray(item_indices, dtype=np.int64).reshape(-1, 1), catalogue
+        )
         step = block_users(catalogue)
         excluded = exclusions((), catalogue)
         tops: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]] = []
@@ -112,6 +115,7 @@ class Audiences:
                         contract.EXCLUDE_ITEMS: excluded,
                         contract.TOP_K: np.asarray([min(k, stop - start)], dtype=np.int64),
                         contract.EXTRA_ITEM_VECTORS: catalogue.extra_vectors,
+                        contract.QUERY_EXTRA_ITEM_VECTORS: query_extra,
                     },
                     deadline=deadline,
                     request_id=request_id,

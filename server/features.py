@@ -1,8 +1,15 @@
-"""Request -> ensemble input tensors (batch 1; the ensemble has `max_batch_size: 0`).
+"""Request -> ensemble input tensors: one row of a batch Triton's dynamic batcher may stack.
+
+Requests of one shape batch together, so the variable lengths are padded to a few: the history
+(left-padded, as the user encoder reads it) and a basket to a length of
+`contract.HISTORY_BUCKETS` (then max_history), the exclusions to a power of two from
+`contract.EXCLUDE_BUCKET_MIN`; padding is `PADDING_INDEX`, which the models ignore and never
+return, so the answer is the unpadded one. k is per row ([1, 1]): the scorer returns the batch's
+largest k, and `server.postprocess` keeps this request's first k.
 
 Every request carries the catalogue snapshot's item overlay (items added after training,
-indices N+1..N+M) and excludes its hidden items (deleted, or replaced by an added item). Its
-business filter goes to the scorer as the eligibility mask (`server.item_filter`).
+indices N+1..N+M; [1, M, D]) and excludes its hidden items (deleted, or replaced by an added
+item). Its business filter goes to the scorer as the eligibility mask (`server.item_filter`).
 """
 
 from __future__ import annotations
@@ -35,16 +42,17 @@ EVENT_TYPE_INDEX: dict[int, int] = {
 
 @dataclass(frozen=True)
 class Features:
-    history_items: npt.NDArray[np.int64]  # [1, L], oldest first; [[0]] without known history
+    # [1, L]: L a history bucket, oldest first, left-padded; all padding without known history
+    history_items: npt.NDArray[np.int64]
     history_event_types: npt.NDArray[np.int64]  # [1, L]
     context: npt.NDArray[np.int64]  # [1, 4]: hour, weekday, device, region buckets
-    exclude_items: npt.NDArray[np.int64]  # [1, E]; [[0]] without known exclusions
+    exclude_items: npt.NDArray[np.int64]  # [1, E]: E an exclusion bucket, right-padded
     long_tail_weight: npt.NDArray[np.float32]  # [1, 1]
-    top_k: npt.NDArray[np.int64]  # [1]
+    top_k: npt.NDArray[np.int64]  # [1, 1]
     skipped_history_items: int
-    extra_item_vectors: npt.NDArray[np.float32]  # [M, D]
-    extra_popularity: npt.NDArray[np.float32]  # [M]
-    history_events: int = 0  # known history items the model reads (L, or 0 when padded)
+    extra_item_vectors: npt.NDArray[np.float32]  # [1, M, D]
+    extra_popularity: npt.NDArray[np.float32]  # [1, M]
+    history_events: int = 0  # known history items the model reads (the unpadded length)
     # [1, N+M+1]: the items the request's filter lets pass; [[True]] without a filter
     item_eligible: npt.NDArray[np.bool_] = field(default_factory=lambda: NO_FILTER)
 
@@ -63,7 +71,7 @@ class Features:
 
     @property
     def has_history(self) -> bool:
-        return bool(self.history_items[0, 0] != contract.PADDING_INDEX)
+        return self.history_events > 0
 
 
 def build_features(
@@ -94,19 +102,18 @@ def build_features(
     items = items[-metadata.max_history :]
     event_types = event_types[-metadata.max_history :]
     used = len(items)
-    if not items:
-        items, event_types = [contract.PADDING_INDEX], [contract.PADDING_INDEX]
+    width = contract.padded_length(used, contract.HISTORY_BUCKETS, metadata.max_history)
 
     return Features(
-        history_items=np.asarray([items], dtype=np.int64),
-        history_event_types=np.asarray([event_types], dtype=np.int64),
+        history_items=padded_row(items, width, left=True),
+        history_event_types=padded_row(event_types, width, left=True),
         context=np.asarray([context_buckets(request.context, metadata, now_seconds)], np.int64),
         exclude_items=exclusions(request.exclude_item_ids, catalogue),
         long_tail_weight=long_tail_weight(request, metadata.default_long_tail_weight),
-        top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
+        top_k=np.asarray([[min(request.k, catalogue.size)]], dtype=np.int64),
         skipped_history_items=skipped,
-        extra_item_vectors=catalogue.extra_vectors,
-        extra_popularity=catalogue.extra_popularity,
+        extra_item_vectors=catalogue.extra_vectors[np.newaxis],
+        extra_popularity=catalogue.extra_popularity[np.newaxis],
         history_events=used,
         item_eligible=eligibility(request.filter, catalogue),
     )
@@ -117,12 +124,13 @@ class SimilarFeatures:
     """The `similar_items` ensemble's inputs: the query item, or the basket's items, instead of a
     history."""
 
-    query_items: npt.NDArray[np.int64]  # [1, 1] for item_id, [1, L] for a basket of L items
-    exclude_items: npt.NDArray[np.int64]  # [1, E]
+    # [1, L]: the item, or the basket's items, in order, right-padded to a history bucket
+    query_items: npt.NDArray[np.int64]
+    exclude_items: npt.NDArray[np.int64]  # [1, E], as Features'
     long_tail_weight: npt.NDArray[np.float32]  # [1, 1]
-    top_k: npt.NDArray[np.int64]  # [1]
-    extra_item_vectors: npt.NDArray[np.float32]  # [M, D]
-    extra_popularity: npt.NDArray[np.float32]  # [M]
+    top_k: npt.NDArray[np.int64]  # [1, 1]
+    extra_item_vectors: npt.NDArray[np.float32]  # [1, M, D]
+    extra_popularity: npt.NDArray[np.float32]  # [1, M]
     item_eligible: npt.NDArray[np.bool_] = field(default_factory=lambda: NO_FILTER)  # as Features'
 
     def as_inputs(self) -> dict[str, np.ndarray]:
@@ -162,28 +170,56 @@ def build_similar_features(
 ) -> SimilarFeatures:
     """Expects a validated request and its query items' (known, not hidden) indices
     (`query_indices`): one, or the basket's."""
+    width = contract.padded_length(len(query), contract.HISTORY_BUCKETS, metadata.max_history)
     return SimilarFeatures(
-        query_items=np.asarray([query], dtype=np.int64),
+        query_items=padded_row(query, width, left=False),
         exclude_items=exclusions(request.exclude_item_ids, catalogue),
         # SimilarItems' own default: its scores are item-item, on another scale than Recommend's
         long_tail_weight=long_tail_weight(request, metadata.similar_items_default_long_tail_weight),
         # the query items themselves are masked: at most N + M - L others
-        top_k=np.asarray([min(request.k, catalogue.size)], dtype=np.int64),
-        extra_item_vectors=catalogue.extra_vectors,
-        extra_popularity=catalogue.extra_popularity,
+        top_k=np.asarray([[min(request.k, catalogue.size)]], dtype=np.int64),
+        extra_item_vectors=catalogue.extra_vectors[np.newaxis],
+        extra_popularity=catalogue.extra_popularity[np.newaxis],
         item_eligible=eligibility(request.filter, catalogue),
     )
 
 
 def exclusions(item_ids: Iterable[str], catalogue: Catalogue) -> npt.NDArray[np.int64]:
-    """[1, E]: the known requested exclusions, then the catalogue's hidden items."""
+    """[1, E]: the known requested exclusions, then the catalogue's hidden items, padded to
+    `contract.exclude_length`."""
     requested = [catalogue.index_of.get(i) for i in item_ids]
     excluded = [i for i in dict.fromkeys(requested) if i is not None]
-    if catalogue.hidden.size:
-        return np.concatenate([np.asarray(excluded, dtype=np.int64), catalogue.hidden]).reshape(
-            1, -1
-        )
-    return np.asarray([excluded or [contract.PADDING_INDEX]], dtype=np.int64)
+    out = np.zeros((1, contract.exclude_length(len(excluded) + catalogue.hidden.size)), np.int64)
+    out[0, : len(excluded)] = excluded
+    out[0, len(excluded) : len(excluded) + catalogue.hidden.size] = catalogue.hidden
+    return out
+
+
+def padded_row(values: Sequence[int], width: int, *, left: bool) -> npt.NDArray[np.int64]:
+    """[1, width]: `values` then PADDING_INDEX (or PADDING_INDEX then `values`, `left`)."""
+    out = np.full((1, max(width, len(values))), contract.PADDING_INDEX, dtype=np.int64)
+    if values:
+        if left:
+            out[0, out.shape[1] - len(values) :] = values
+        else:
+            out[0, : len(values)] = values
+    return out
+
+
+def overlay_subset(
+    indices: npt.NDArray[np.int64], catalogue: Catalogue
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """`indices` [R, L] with the overlay items they read renumbered N+1, N+2, ..., and those
+    items' vectors once per row, [R, M', D]: what a batching model that only gathers the
+    vectors of `indices` (user encoder, item lookup) needs, instead of the whole overlay R
+    times. Its outputs are those of the whole overlay."""
+    first = catalogue.trained_size + 1
+    added = indices >= first
+    used = np.unique(indices[added])
+    remapped = indices.copy()
+    remapped[added] = first + np.searchsorted(used, indices[added])
+    vectors = catalogue.extra_vectors[used - first]
+    return remapped, np.ascontiguousarray(np.broadcast_to(vectors, (len(indices), *vectors.shape)))
 
 
 def long_tail_weight(

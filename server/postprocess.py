@@ -21,7 +21,8 @@ LONG_TAIL_REASON = "A long-tail pick"
 def build_items(
     outputs: Mapping[str, np.ndarray], features: Features, catalogue: Catalogue
 ) -> list[recommender_pb2.RecommendedItem]:
-    """Drops the -inf padding of short rankings; anything inconsistent is a backend error."""
+    """Keeps the request's first k (a batch returns its largest k) and drops the -inf padding of
+    short rankings; anything inconsistent is a backend error."""
     history = features.history_items[0]
     event_types = features.history_event_types[0]
     # The scorer already removes these (and the items the filter leaves out); checking again
@@ -29,13 +30,17 @@ def build_items(
     never = set(history.tolist()) | set(features.exclude_items[0].tolist())
 
     def reason(long_tail: bool, position: int) -> str:
-        if features.has_history and 0 <= position < len(history):
+        if (
+            features.has_history
+            and 0 <= position < len(history)
+            and history[position] != contract.PADDING_INDEX
+        ):
             verb = _VERBS[contract.EVENT_TYPES[int(event_types[position]) - 1]]
             return f'Because you {verb} "{catalogue.titles[int(history[position])]}"'
         return LONG_TAIL_REASON if long_tail else POPULAR_REASON
 
     return _ranked_items(
-        outputs, int(features.top_k[0]), never, features.item_eligible, catalogue, reason
+        outputs, int(features.top_k[0, 0]), never, features.item_eligible, catalogue, reason
     )
 
 
@@ -52,7 +57,7 @@ def build_similar_items(
         return f'Similar to "{catalogue.titles[closest]}"'
 
     return _ranked_items(
-        outputs, int(features.top_k[0]), never, features.item_eligible, catalogue, reason
+        outputs, int(features.top_k[0, 0]), never, features.item_eligible, catalogue, reason
     )
 
 
@@ -72,8 +77,8 @@ def _ranked_items(
             f"ensemble returned {len(items)} items, {len(scores)} scores and "
             f"{len(positions)} reason positions"
         )
-    if len(items) > top_k:
-        raise BackendError(f"ensemble returned {len(items)} items for top_k {top_k}")
+    # A batch returns its largest k; this request's top k are the first k of its row.
+    items, scores, positions = items[:top_k], scores[:top_k], positions[:top_k]
     never = never | {contract.PADDING_INDEX}
     passes = eligible.reshape(-1)  # [N+M+1], or [1] for every item
 

@@ -36,6 +36,7 @@ import numpy.typing as npt
 from ltrec_core import contract
 from server import metrics
 from server.catalogue import Catalogue
+from server.features import overlay_subset
 from server.stores.history import HistoryStore, KnownUser, StoredEvent
 from server.triton_client import TritonClient
 
@@ -221,11 +222,12 @@ class UserVectors:
                 history = histories[key]
                 items[row, width - len(history.items) :] = history.items
                 types[row, width - len(history.event_types) :] = history.event_types
+            items, extra = overlay_subset(items, catalogue)  # per row: only what it reads
             outputs = await self._triton.infer(
                 {
                     contract.HISTORY_ITEMS: items,
                     contract.HISTORY_EVENT_TYPES: types,
-                    contract.EXTRA_ITEM_VECTORS: catalogue.extra_vectors,
+                    contract.EXTRA_ITEM_VECTORS: extra,
                 },
                 deadline=deadline,
                 request_id=request_id,

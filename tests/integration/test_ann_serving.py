@@ -53,9 +53,9 @@ def scorer_feeds(stack: Stack, weight: float, seed: int) -> dict[str, np.ndarray
         contract.HISTORY_ITEMS: rng.integers(1, n_rows, size=(1, 6)).astype(np.int64),
         contract.EXCLUDE_ITEMS: np.zeros((1, 1), dtype=np.int64),
         contract.LONG_TAIL_WEIGHT: np.full((1, 1), weight, dtype=np.float32),
-        contract.TOP_K: np.array([K], dtype=np.int64),
-        contract.EXTRA_ITEM_VECTORS: rng.standard_normal((2, dim)).astype(np.float32),
-        contract.EXTRA_POPULARITY: np.zeros(2, dtype=np.float32),
+        contract.TOP_K: np.array([[K]], dtype=np.int64),  # per row, as the scorer batches
+        contract.EXTRA_ITEM_VECTORS: rng.standard_normal((1, 2, dim)).astype(np.float32),
+        contract.EXTRA_POPULARITY: np.zeros((1, 2), dtype=np.float32),
         contract.ITEM_ELIGIBLE: np.ones((1, 1), dtype=bool),
     }
 

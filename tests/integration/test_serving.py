@@ -317,6 +317,46 @@ def test_a_traced_recommend_is_one_trace_from_the_caller_into_triton(
     assert (access["trace_id"], access["span_id"]) == (caller_trace, rpc.span_id)
 
 
+def _executions(stack: Stack, model: str) -> tuple[int, int]:
+    """(requests answered, executions) of `model` so far, from Triton's statistics API."""
+    with triton_grpc.InferenceServerClient(stack.triton.grpc_url) as client:
+        (stats,) = client.get_inference_statistics(model_name=model).model_stats
+    return stats.inference_count, stats.execution_count
+
+
+def test_concurrent_recommends_batch_in_triton_and_answer_as_alone(stack: Stack) -> None:
+    """32 requests at once (histories of several lengths, k from 3 to 12, some exclusions):
+    each answer is the one the same request gets alone, and Triton ran them in fewer
+    executions than requests (its dynamic batcher stacked them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = stack.catalogue["item_id"].tolist()
+    requests = [
+        _request(
+            ids[n * 7 % len(ids) : n * 7 % len(ids) + 1 + n % 20],
+            k=3 + n % 10,
+            exclude_item_ids=ids[n : n + n % 3],
+        )
+        for n in range(32)
+    ]
+
+    def answer(request: recommender_pb2.RecommendRequest) -> list[tuple[str, str]]:
+        reply = stack.stub.Recommend(request, timeout=30)
+        return [(item.item_id, item.reason) for item in reply.items]
+
+    alone = [answer(request) for request in requests]
+    before = _executions(stack, contract.SCORER_MODEL)
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for _ in range(3):
+            together = list(pool.map(answer, requests))
+            assert together == alone
+    after = _executions(stack, contract.SCORER_MODEL)
+    served, executions = after[0] - before[0], after[1] - before[1]
+    assert served == 3 * len(requests)
+    assert executions < served, (executions, served)
+    assert all(len(items) == request.k for items, request in zip(alone, requests, strict=True))
+
+
 def test_triton_down_gives_unavailable_then_not_serving(stack: Stack) -> None:
     """Runs last in this module: it stops Triton."""
     stack.triton.stop()

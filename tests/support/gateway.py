@@ -102,6 +102,12 @@ def write_repository(
     return directory
 
 
+def unpadded(indices: np.ndarray) -> list[list[int]]:
+    """A padded index tensor the gateway sent ([1, L]: history, basket, exclusions) without its
+    padding: what the request carries."""
+    return [[int(i) for i in row if i != contract.PADDING_INDEX] for row in indices]
+
+
 def outputs(items: list[int], scores: list[float], positions: list[int]) -> dict[str, np.ndarray]:
     return {
         contract.TOP_ITEMS: np.asarray([items], dtype=np.int64),
@@ -142,10 +148,17 @@ def _rows(indices: np.ndarray, extra: np.ndarray) -> np.ndarray:
     return np.concatenate([FAKE_ITEM_TABLE, extra.reshape(-1, DIM)])[indices]
 
 
+def _rows_per_row(indices: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """`_rows` of each row of `indices` [R, L] with its own overlay, `extra` [R, M, D] (the
+    batching models' form)."""
+    assert extra.ndim == 3 and len(extra) == len(indices), extra.shape
+    return np.stack([_rows(row, row_extra) for row, row_extra in zip(indices, extra, strict=True)])
+
+
 def fake_user_vectors(history: np.ndarray, extra: np.ndarray) -> np.ndarray:
     """What the fake user encoder answers: 3 x the mean item vector of the (left-padded)
     history."""
-    vectors = _rows(history, extra)
+    vectors = _rows_per_row(history, extra)
     real = (history != contract.PADDING_INDEX)[..., None]
     return (3.0 * (vectors * real).sum(axis=1) / np.maximum(real.sum(axis=1), 1)).astype(np.float32)
 
@@ -154,7 +167,8 @@ def fake_audience(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What the fake audience ensemble answers: `ltrec.models.AudienceScorer` in numpy, over
     the fake table and the overlay, the users unweighted (the context weighting an identity)."""
     extra = inputs[contract.EXTRA_ITEM_VECTORS]
-    query = _rows(inputs[contract.QUERY_ITEMS][:, 0], extra).astype(np.float64)
+    query = _rows_per_row(inputs[contract.QUERY_ITEMS], inputs[contract.QUERY_EXTRA_ITEM_VECTORS])
+    query = query[:, 0].astype(np.float64)
     users = inputs[contract.AUDIENCE_USERS].astype(np.float64)
     catalogue = np.concatenate([FAKE_ITEM_TABLE, extra.reshape(-1, DIM)]).astype(np.float64)
     logits = users @ catalogue.T
@@ -186,6 +200,7 @@ AUDIENCE_INPUTS = {
     contract.EXCLUDE_ITEMS: np.int64,
     contract.TOP_K: np.int64,
     contract.EXTRA_ITEM_VECTORS: np.float32,
+    contract.QUERY_EXTRA_ITEM_VECTORS: np.float32,
 }
 
 
@@ -200,6 +215,7 @@ def check_audience_inputs(model_name: str, inputs: Mapping[str, np.ndarray]) -> 
         history = inputs[contract.HISTORY_ITEMS]
         assert history.dtype == np.int64 and history.ndim == 2 and len(history) >= 1
         assert inputs[contract.HISTORY_EVENT_TYPES].shape == history.shape
+        assert inputs[contract.EXTRA_ITEM_VECTORS].shape[0] == len(history)  # per row
         return
     assert set(inputs) == set(AUDIENCE_INPUTS), set(inputs)
     for name, dtype in AUDIENCE_INPUTS.items():
@@ -212,6 +228,7 @@ def check_audience_inputs(model_name: str, inputs: Mapping[str, np.ndarray]) -> 
     assert inputs[contract.EXCLUDE_ITEMS].shape[0] == 1
     assert 1 <= int(inputs[contract.TOP_K][0]) <= users
     assert inputs[contract.QUERY_ITEMS].shape[1] == 1
+    assert len(inputs[contract.QUERY_EXTRA_ITEM_VECTORS]) == len(inputs[contract.QUERY_ITEMS])
 
 
 def fake_item_vectors(input_ids: np.ndarray) -> np.ndarray:

@@ -30,11 +30,14 @@ class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.ModelInferResponse:
         self.requests.append(request)
         self.metadata.append(dict(context.invocation_metadata() or ()))
-        top_k = int(self.decode(request)[contract.TOP_K][0])
+        inputs = self.decode(request)
+        top_k = int(inputs[contract.TOP_K].reshape(-1)[0])
+        # every reason: the oldest history item (the first after the left padding)
+        oldest = int(np.argmax(inputs[contract.HISTORY_ITEMS][0] != contract.PADDING_INDEX))
         tensors = {
             contract.TOP_ITEMS: np.arange(1, top_k + 1, dtype=np.int64)[::-1].reshape(1, top_k),
             contract.TOP_SCORES: np.linspace(1, 0, top_k, dtype=np.float32).reshape(1, top_k),
-            contract.REASON_POSITIONS: np.zeros((1, top_k), dtype=np.int64),
+            contract.REASON_POSITIONS: np.full((1, top_k), oldest, dtype=np.int64),
         }
         response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
         for name, array in tensors.items():

@@ -63,26 +63,27 @@ def requests(weight: float, eligible: np.ndarray | None = None) -> dict[str, np.
     history[1, -1] = N + 2  # an overlay item (reasons read it)
     exclude = rng.integers(1, N + 1, size=(2, 3)).astype(np.int64)
     extra = rng.standard_normal((M, DIM)).astype(np.float32)
+    # the batching scorer's form: k and the overlay per row
     return {
         contract.WEIGHTED_USER_EMBEDDING: users,
         contract.HISTORY_ITEMS: history,
         contract.EXCLUDE_ITEMS: exclude,
         contract.LONG_TAIL_WEIGHT: np.full((2, 1), weight, dtype=np.float32),
-        contract.TOP_K: np.array([K], dtype=np.int64),
-        contract.EXTRA_ITEM_VECTORS: extra,
-        contract.EXTRA_POPULARITY: np.array([0, 3, 40, 0], dtype=np.float32),
+        contract.TOP_K: np.full((2, 1), K, dtype=np.int64),
+        contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, 2),
+        contract.EXTRA_POPULARITY: onnx_graphs.per_row(np.array([0, 3, 40, 0], np.float32), 2),
         contract.ITEM_ELIGIBLE: np.ones((2, 1), dtype=bool) if eligible is None else eligible,
     }
 
 
 def run_ann(scorer: ann_scorer.AnnScorer, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return list(
-        scorer.score(
+        scorer.score_rows(
             feeds[contract.WEIGHTED_USER_EMBEDDING],
             feeds[contract.HISTORY_ITEMS],
             feeds[contract.EXCLUDE_ITEMS],
             feeds[contract.LONG_TAIL_WEIGHT],
-            int(feeds[contract.TOP_K][0]),
+            feeds[contract.TOP_K],
             feeds[contract.EXTRA_ITEM_VECTORS],
             feeds[contract.EXTRA_POPULARITY],
             feeds[contract.ITEM_ELIGIBLE],
@@ -132,7 +133,7 @@ def test_an_overlay_item_is_found_without_a_rebuild(written: Path, exact: Path) 
     """An item added after the index was built, aligned with the user, comes first."""
     scorer = ann_scorer.AnnScorer.load(written)
     feeds = requests(DEFAULT_WEIGHT)
-    feeds[contract.EXTRA_ITEM_VECTORS][2] = feeds[contract.WEIGHTED_USER_EMBEDDING][0] * 2
+    feeds[contract.EXTRA_ITEM_VECTORS][:, 2] = feeds[contract.WEIGHTED_USER_EMBEDDING][0] * 2
     got = run_ann(scorer, feeds)
     assert got[0][0, 0] == N + 1 + 2
     assert_same(got, run_exact(exact, feeds))
@@ -171,7 +172,7 @@ def test_fewer_eligible_than_k_pads_with_minus_infinity(written: Path, exact: Pa
 def test_bad_k_and_mask_width_are_refused_naming_the_tensor(written: Path) -> None:
     scorer = ann_scorer.AnnScorer.load(written)
     feeds = requests(0.0)
-    feeds[contract.TOP_K] = np.array([N + M + 5], dtype=np.int64)
+    feeds[contract.TOP_K] = np.full((2, 1), N + M + 5, dtype=np.int64)
     with pytest.raises(ValueError, match=r"top_k must be in \[1, "):
         run_ann(scorer, feeds)
     feeds = requests(0.0, np.ones((2, 7), dtype=bool))

@@ -201,7 +201,9 @@ async def test_user_vectors_are_cached_until_the_history_or_its_catalogue_rows_c
         reply = await gw.stub.Audience(audience("i3"))
         assert encoded_users(fake) == 8
         last = [c for c in fake.calls if c.model_name == contract.USER_ENCODER_MODEL][-1]
-        assert last.inputs[contract.HISTORY_ITEMS][0, -1] == 8  # the overlay row of later-item
+        # later-item (overlay row 8) is the only added item read: sent as the first overlay row
+        assert last.inputs[contract.HISTORY_ITEMS][0, -1] == 7
+        assert last.inputs[contract.EXTRA_ITEM_VECTORS].shape == (1, 1, 4)
         # a deleted trained item re-encodes the users who read it
         await gw.stub.DeleteItems(recommender_pb2.DeleteItemsRequest(item_ids=["i6"]))
         await gw.stub.Audience(audience("i3"))
@@ -282,8 +284,11 @@ async def test_what_triton_is_sent(repository: Path) -> None:
         await gw.stub.Audience(audience("i2", k=50, context=context))
     call = fake.ranking_calls(contract.AUDIENCE_MODEL)[-1]
     assert call.inputs[contract.QUERY_ITEMS].tolist() == [[7]]  # i2 is now the overlay's row
-    assert call.inputs[contract.EXCLUDE_ITEMS].tolist() == [[2]]  # the replaced trained row
+    # the replaced trained row, padded
+    assert call.inputs[contract.EXCLUDE_ITEMS].tolist() == [[2] + [0] * 15]
     assert call.inputs[contract.EXTRA_ITEM_VECTORS].shape == (1, 4)  # the added i2
+    # the item lookup's overlay: per query row, the rows it reads
+    assert call.inputs[contract.QUERY_EXTRA_ITEM_VECTORS].shape == (1, 1, 4)
     # Wednesday 15:30 UTC: hour bucket 16, weekday bucket 3; device 2, region 2
     assert call.inputs[contract.CONTEXT].tolist() == [[16, 3, 2, 2]] * 4
     assert sorted(call.inputs[contract.USER_ACTIVITY].tolist()) == [1.0, 2.0, 3.0, 3.0]

@@ -154,7 +154,10 @@ def test_item_lookup_then_the_scorer_serve_a_new_item_by_its_overlay_row(
     indices = np.array([[4], [N_ITEMS + 2]], dtype=np.int64)
     (query,) = onnx_graphs.session(lookup).run(
         [contract.QUERY_EMBEDDING],
-        {contract.QUERY_ITEMS: indices, contract.EXTRA_ITEM_VECTORS: extra},
+        {
+            contract.QUERY_ITEMS: indices,
+            contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, len(indices)),
+        },
     )
     top_users, _, expected = run(path, **feeds_for(query, users, activity, [], 6, extra))
     want = numpy_audience(table, extra, np.concatenate([table, extra])[[4, N_ITEMS + 2]], users,

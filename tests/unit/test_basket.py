@@ -50,7 +50,11 @@ TITLES = ["", *(title for _, title, _, _ in ITEMS)]
 def lookup(table: np.ndarray, query: np.ndarray, extra: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(onnx_graphs.item_lookup_graph(table).SerializeToString())
     (embedding,) = session.run(
-        None, {contract.QUERY_ITEMS: query, contract.EXTRA_ITEM_VECTORS: extra}
+        None,
+        {
+            contract.QUERY_ITEMS: query,
+            contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, len(query)),
+        },
     )
     return np.asarray(embedding)
 
@@ -158,8 +162,9 @@ async def test_a_basket_returns_k_items_beside_it_each_naming_its_closest_basket
         reply = await gw.stub.SimilarItems(similar(basket_item_ids=["i6", "i2"], k=50), timeout=5)
         assert sorted(i.item_id for i in reply.items) == ["i1", "i3", "i4", "i5"]
         sent = gw.fake.ranking_calls(contract.SIMILAR_ITEMS_MODEL)[-1].inputs
-        np.testing.assert_array_equal(sent[contract.QUERY_ITEMS], [[6, 2]])
-        np.testing.assert_array_equal(sent[contract.TOP_K], [N])
+        # right-padded to the smallest length (max_history=3 here)
+        np.testing.assert_array_equal(sent[contract.QUERY_ITEMS], [[6, 2, 0]])
+        np.testing.assert_array_equal(sent[contract.TOP_K], [[N]])
 
 
 @run_async

@@ -347,11 +347,11 @@ def test_scorer_graph_top_k_matches_numpy(scan: str, n_extra: int | None) -> Non
             contract.HISTORY_ITEMS: history.reshape(1, -1).astype(np.int64),
             contract.EXCLUDE_ITEMS: exclude.reshape(1, -1).astype(np.int64),
             contract.LONG_TAIL_WEIGHT: np.array([[weight]], dtype=np.float32),
-            contract.TOP_K: np.array([k], dtype=np.int64),
+            contract.TOP_K: np.array([[k]], dtype=np.int64),
         }
         if n_extra is not None:
-            feeds[contract.EXTRA_ITEM_VECTORS] = extra
-            feeds[contract.EXTRA_POPULARITY] = extra_pop.astype(np.float32)
+            feeds[contract.EXTRA_ITEM_VECTORS] = extra[np.newaxis]
+            feeds[contract.EXTRA_POPULARITY] = extra_pop.astype(np.float32)[np.newaxis]
         items, scores = session.run([contract.TOP_ITEMS, contract.TOP_SCORES], feeds)
         want_items, want_scores = _reference_top_k(
             full_table, full_pop, user[0], history, exclude, weight, k
@@ -375,7 +375,7 @@ def test_scorer_masks_padding_without_padding_in_the_request() -> None:
             contract.HISTORY_ITEMS: np.array([[2]], dtype=np.int64),
             contract.EXCLUDE_ITEMS: np.zeros((1, 0), dtype=np.int64),
             contract.LONG_TAIL_WEIGHT: np.zeros((1, 1), dtype=np.float32),
-            contract.TOP_K: np.array([4], dtype=np.int64),
+            contract.TOP_K: np.array([[4]], dtype=np.int64),
         },
     )
     assert items[0].tolist()[:2] == [1, 3]
@@ -418,9 +418,9 @@ def test_synthetic_catalogue_exports_a_scorer_that_ranks_like_numpy(tmp_path: Pa
                 contract.HISTORY_ITEMS: history.reshape(1, -1).astype(np.int64),
                 contract.EXCLUDE_ITEMS: np.zeros((1, 1), dtype=np.int64),
                 contract.LONG_TAIL_WEIGHT: np.array([[0.5]], dtype=np.float32),
-                contract.TOP_K: np.array([10], dtype=np.int64),
-                contract.EXTRA_ITEM_VECTORS: np.zeros((0, table.shape[1]), dtype=np.float32),
-                contract.EXTRA_POPULARITY: np.zeros(0, dtype=np.float32),
+                contract.TOP_K: np.array([[10]], dtype=np.int64),
+                contract.EXTRA_ITEM_VECTORS: np.zeros((1, 0, table.shape[1]), dtype=np.float32),
+                contract.EXTRA_POPULARITY: np.zeros((1, 0), dtype=np.float32),
                 contract.ITEM_ELIGIBLE: np.ones((1, 1), dtype=np.bool_),
             },
         )

@@ -156,7 +156,17 @@ def test_config_round_trips_through_text_format(exported: Exported, model: str) 
     parsed = text_format.Parse(text, mc.ModelConfig())
     assert text_format.MessageToString(parsed) == text
     assert parsed.name == model
-    assert parsed.max_batch_size == 0
+    batched = model in (contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL)
+    assert parsed.max_batch_size == (
+        contract.MAX_BATCH_SIZE if batched else triton_config.BATCHED_MODELS.get(model, 0)
+    )
+    if parsed.max_batch_size and model not in ENSEMBLES:
+        # the dynamic batcher, only with fields the native onnxruntime backend reads
+        batching = triton_config.DEFAULT_BATCHING
+        assert list(parsed.dynamic_batching.preferred_batch_size) == list(
+            batching.preferred_batch_sizes
+        )
+        assert parsed.instance_group[0].count == batching.instances
     if model in ENSEMBLES:
         assert parsed.platform == "ensemble"
     else:
@@ -201,6 +211,7 @@ ENSEMBLE_WIRING = {
             contract.EXCLUDE_ITEMS,
             contract.TOP_K,
             contract.EXTRA_ITEM_VECTORS,
+            contract.QUERY_EXTRA_ITEM_VECTORS,
         },
         [
             contract.ITEM_LOOKUP_MODEL,
@@ -261,15 +272,17 @@ def test_onnx_signature_matches_config(exported: Exported, model: str) -> None:
     def signature(tensors) -> dict[str, tuple[str, int]]:
         return {t.name: (t.type, len(t.shape)) for t in tensors}
 
+    batch = [-1] if cfg.max_batch_size > 0 else []  # Triton's own batch dimension
+
     def declared(tensors) -> dict[str, tuple[str, int]]:
-        return {t.name: (TRITON_TYPES[t.data_type], len(t.dims)) for t in tensors}
+        return {t.name: (TRITON_TYPES[t.data_type], len(batch) + len(t.dims)) for t in tensors}
 
     assert signature(sess.get_inputs()) == declared(cfg.input)
     assert signature(sess.get_outputs()) == declared(cfg.output)
     # Fixed sizes in the config are fixed in the graph; -1 is a symbolic (dynamic) dimension.
     onnx_dims = {t.name: t.shape for t in [*sess.get_inputs(), *sess.get_outputs()]}
     for t in [*cfg.input, *cfg.output]:
-        for want, got in zip(t.dims, onnx_dims[t.name], strict=True):
+        for want, got in zip([*batch, *t.dims], onnx_dims[t.name], strict=True):
             if want == -1:
                 assert not isinstance(got, int), (t.name, onnx_dims[t.name])
             else:
@@ -328,14 +341,15 @@ def run_chain(
 ) -> tuple[np.ndarray, ...]:
     """The recommend ensemble's three graphs chained with onnxruntime (no filter: `eligible`
     [B, 1] of True, as the gateway sends it)."""
+    batch = hist.shape[0]
     if eligible is None:
-        eligible = np.ones((hist.shape[0], 1), dtype=np.bool_)
+        eligible = np.ones((batch, 1), dtype=np.bool_)
     (user,) = session(repo, contract.USER_ENCODER_MODEL).run(
         None,
         {
             contract.HISTORY_ITEMS: hist,
             contract.HISTORY_EVENT_TYPES: types,
-            contract.EXTRA_ITEM_VECTORS: extra,
+            contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, batch),
         },
     )
     (weighted,) = session(repo, contract.CONTEXT_WEIGHTING_MODEL).run(
@@ -348,9 +362,9 @@ def run_chain(
             contract.HISTORY_ITEMS: hist,
             contract.EXCLUDE_ITEMS: exclude,
             contract.LONG_TAIL_WEIGHT: long_tail,
-            contract.TOP_K: np.array([k], dtype=np.int64),
-            contract.EXTRA_ITEM_VECTORS: extra,
-            contract.EXTRA_POPULARITY: extra_pop,
+            contract.TOP_K: np.full((batch, 1), k, dtype=np.int64),
+            contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, batch),
+            contract.EXTRA_POPULARITY: onnx_graphs.per_row(extra_pop, batch),
             contract.ITEM_ELIGIBLE: eligible,
         },
     )
@@ -445,7 +459,10 @@ def test_a_new_item_is_recommended_and_has_similar_items_through_onnx(exported: 
 
     (query,) = session(repo, contract.ITEM_LOOKUP_MODEL).run(
         None,
-        {contract.QUERY_ITEMS: np.array([[N_ITEMS + 2]]), contract.EXTRA_ITEM_VECTORS: extra},
+        {
+            contract.QUERY_ITEMS: np.array([[N_ITEMS + 2]]),
+            contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, 1),
+        },
     )
     np.testing.assert_allclose(query, new, atol=1e-6)
     feeds = {
@@ -453,9 +470,9 @@ def test_a_new_item_is_recommended_and_has_similar_items_through_onnx(exported: 
         contract.HISTORY_ITEMS: np.array([[N_ITEMS + 2]]),
         contract.EXCLUDE_ITEMS: np.array([[5]]),
         contract.LONG_TAIL_WEIGHT: weight,
-        contract.TOP_K: np.array([6], dtype=np.int64),
-        contract.EXTRA_ITEM_VECTORS: extra,
-        contract.EXTRA_POPULARITY: np.zeros(2, np.float32),
+        contract.TOP_K: np.array([[6]], dtype=np.int64),
+        contract.EXTRA_ITEM_VECTORS: onnx_graphs.per_row(extra, 1),
+        contract.EXTRA_POPULARITY: np.zeros((1, 2), np.float32),
         contract.ITEM_ELIGIBLE: np.ones((1, 1), dtype=np.bool_),
     }
     similar, similar_scores, _ = session(repo, contract.SCORER_MODEL).run(None, feeds)
@@ -489,11 +506,11 @@ def scorer_run(
             contract.HISTORY_ITEMS: np.array([[7]]),
             contract.EXCLUDE_ITEMS: np.array([[8]]),
             contract.LONG_TAIL_WEIGHT: np.array([[0.3]], dtype=np.float32),
-            contract.TOP_K: np.array([k], dtype=np.int64),
-            contract.EXTRA_ITEM_VECTORS: rng.standard_normal((2, CFG.embedding_dim)).astype(
+            contract.TOP_K: np.array([[k]], dtype=np.int64),
+            contract.EXTRA_ITEM_VECTORS: rng.standard_normal((1, 2, CFG.embedding_dim)).astype(
                 np.float32
             ),
-            contract.EXTRA_POPULARITY: np.array([3.0, 0.0], dtype=np.float32),
+            contract.EXTRA_POPULARITY: np.array([[3.0, 0.0]], dtype=np.float32),
             contract.ITEM_ELIGIBLE: eligible,
         },
     )

@@ -91,12 +91,15 @@ async def test_recommend_maps_the_ranking_and_sends_the_expected_tensors(reposit
     np.testing.assert_array_equal(tensors[contract.HISTORY_EVENT_TYPES], [[1, 2, 3]])
     # 15:xx UTC -> 16; Wednesday (Monday = 0) -> 3; " Mobile " -> mobile -> 2; unknown region -> 0.
     np.testing.assert_array_equal(tensors[contract.CONTEXT], [[16, 3, 2, 0]])
-    np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[6]])
+    # Padded to the first exclusion bucket, so that requests of one shape batch in Triton.
+    np.testing.assert_array_equal(
+        tensors[contract.EXCLUDE_ITEMS], [[6] + [0] * (contract.EXCLUDE_BUCKET_MIN - 1)]
+    )
     np.testing.assert_array_equal(tensors[contract.LONG_TAIL_WEIGHT], [[0.25]])
-    np.testing.assert_array_equal(tensors[contract.TOP_K], [6])  # min(k=10, N=6)
-    # No items added after training: an empty overlay of the model's width.
-    assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (0, DIM)
-    assert tensors[contract.EXTRA_POPULARITY].shape == (0,)
+    np.testing.assert_array_equal(tensors[contract.TOP_K], [[6]])  # min(k=10, N=6), per row
+    # No items added after training: an empty overlay of the model's width, per row.
+    assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (1, 0, DIM)
+    assert tensors[contract.EXTRA_POPULARITY].shape == (1, 0)
     # No filter: one True that the scorer broadcasts over the catalogue.
     np.testing.assert_array_equal(tensors[contract.ITEM_ELIGIBLE], [[True]])
     expected_dtypes = {
@@ -153,11 +156,14 @@ async def test_recommend_without_history_pads_and_uses_generic_reasons(repositor
     assert response.skipped_history_items == 1
     assert len(response.request_id) == 32 and int(response.request_id, 16) >= 0
     tensors = fake.calls[0].inputs
-    np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[0]])
-    np.testing.assert_array_equal(tensors[contract.HISTORY_EVENT_TYPES], [[0]])
-    np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[0]])
+    # All padding, of the smallest length (max_history=3 here); no exclusions: all padding too.
+    np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[0, 0, 0]])
+    np.testing.assert_array_equal(tensors[contract.HISTORY_EVENT_TYPES], [[0, 0, 0]])
+    np.testing.assert_array_equal(
+        tensors[contract.EXCLUDE_ITEMS], np.zeros((1, contract.EXCLUDE_BUCKET_MIN))
+    )
     np.testing.assert_array_equal(tensors[contract.LONG_TAIL_WEIGHT], [[1.5]])
-    np.testing.assert_array_equal(tensors[contract.TOP_K], [2])
+    np.testing.assert_array_equal(tensors[contract.TOP_K], [[2]])
     hour, weekday, device, region = tensors[contract.CONTEXT][0].tolist()
     assert (hour, weekday) in {
         (1 + moment.hour, 1 + moment.weekday()) for moment in (before, after)

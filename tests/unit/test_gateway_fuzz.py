@@ -192,12 +192,12 @@ class RankingFake(FakeTransport):
             return answer
         history = inputs.get(contract.HISTORY_ITEMS, inputs.get(contract.QUERY_ITEMS))
         banned = set(history.ravel()) | set(inputs[contract.EXCLUDE_ITEMS].ravel())
-        n_rows = len(ITEMS) + len(inputs[contract.EXTRA_ITEM_VECTORS])
+        n_rows = len(ITEMS) + inputs[contract.EXTRA_ITEM_VECTORS].shape[1]  # [1, M, D]
         mask = inputs[contract.ITEM_ELIGIBLE]
         assert mask.dtype == bool and mask.shape in ((1, 1), (1, n_rows + 1)), mask.shape
         passes = mask[0] if mask.shape[1] > 1 else [True] * (n_rows + 1)
         eligible = [i for i in range(1, n_rows + 1) if i not in banned and passes[i]]
-        k = int(inputs[contract.TOP_K][0])
+        k = int(inputs[contract.TOP_K][0, 0])
         ranked = (eligible + [0] * k)[:k]
         scores = [float(n_rows - n) if i else float("-inf") for n, i in enumerate(ranked)]
         return outputs(ranked, scores, [0] * k)

@@ -278,15 +278,16 @@ async def test_grpc_transport_sends_the_contract_tensors_to_triton(tmp_path: Pat
     (sent,) = fake.requests
     assert sent.model_name == contract.ENSEMBLE_MODEL and sent.id == "wire-1"
     wire = {t.name: (t.datatype, list(t.shape)) for t in sent.inputs}
+    # One row of a batch; history padded to max_history (3 here), exclusions to 16.
     assert wire == {
-        contract.HISTORY_ITEMS: ("INT64", [1, 1]),
-        contract.HISTORY_EVENT_TYPES: ("INT64", [1, 1]),
+        contract.HISTORY_ITEMS: ("INT64", [1, 3]),
+        contract.HISTORY_EVENT_TYPES: ("INT64", [1, 3]),
         contract.CONTEXT: ("INT64", [1, 4]),
-        contract.EXCLUDE_ITEMS: ("INT64", [1, 1]),
+        contract.EXCLUDE_ITEMS: ("INT64", [1, contract.EXCLUDE_BUCKET_MIN]),
         contract.LONG_TAIL_WEIGHT: ("FP32", [1, 1]),
-        contract.TOP_K: ("INT64", [1]),
-        contract.EXTRA_ITEM_VECTORS: ("FP32", [0, METADATA["embedding_dim"]]),
-        contract.EXTRA_POPULARITY: ("FP32", [0]),
+        contract.TOP_K: ("INT64", [1, 1]),
+        contract.EXTRA_ITEM_VECTORS: ("FP32", [1, 0, METADATA["embedding_dim"]]),
+        contract.EXTRA_POPULARITY: ("FP32", [1, 0]),
         contract.ITEM_ELIGIBLE: ("BOOL", [1, 1]),
     }
     assert {o.name for o in sent.outputs} == {

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
@@ -50,12 +51,14 @@ def by_user(user: str, **fields: Any) -> recommender_pb2.RecommendRequest:
 
 
 def sent_history(fake: FakeTransport) -> tuple[list[int], list[int]]:
-    """The history the last Recommend sent to Triton: catalogue indices, event type indices."""
+    """The history the last Recommend sent to Triton: catalogue indices, event type indices,
+    without the left padding (to the max_history of 3 here): [] for none."""
     inputs = fake.ranking_calls()[-1].inputs
-    return (
-        inputs[contract.HISTORY_ITEMS][0].tolist(),
-        inputs[contract.HISTORY_EVENT_TYPES][0].tolist(),
-    )
+    items = inputs[contract.HISTORY_ITEMS][0]
+    assert items.shape == (3,)
+    real = items != contract.PADDING_INDEX
+    assert real[int(np.argmax(real)) :].all() or not real.any()  # left-padded: padding first
+    return items[real].tolist(), inputs[contract.HISTORY_EVENT_TYPES][0][real].tolist()
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -82,7 +85,7 @@ async def test_feedback_becomes_the_history_of_a_recommend_with_only_a_user_id(
     async with running_gateway(repository, fake) as gw:
         reply = await gw.stub.Recommend(by_user("u1"))
         assert (reply.history_source, reply.history_events) == (NONE, 0)
-        assert sent_history(fake) == ([0], [0])
+        assert sent_history(fake) == ([], [])
         await gw.stub.FeedbackBatch(
             recommender_pb2.FeedbackBatchRequest(
                 events=[
@@ -185,7 +188,7 @@ async def test_stored_history_max_age_reads_only_recent_events(repository: Path)
         reply = await gw.stub.Recommend(by_user("u1", stored_history_max_age_seconds=3600))
         assert (reply.history_events, sent_history(fake)[0]) == (1, [2])
         reply = await gw.stub.Recommend(by_user("u1", stored_history_max_age_seconds=30))
-        assert (reply.history_source, sent_history(fake)[0]) == (NONE, [0])
+        assert (reply.history_source, sent_history(fake)[0]) == (NONE, [])
 
 
 @run_async
@@ -214,7 +217,7 @@ async def test_without_a_store_a_user_id_alone_gets_no_history(repository: Path)
         )
         reply = await gw.stub.Recommend(by_user("u1"))
         assert gw.server.history is None
-    assert (reply.history_source, sent_history(fake)[0]) == (NONE, [0])
+    assert (reply.history_source, sent_history(fake)[0]) == (NONE, [])
     assert not (repository.parent / "history").exists()
 
 
@@ -302,7 +305,7 @@ async def test_redis_down_degrades_to_no_stored_history_counted_not_failed(
         reads, writes = sample(errors, {"op": "read"}), sample(errors, {"op": "write"})
         reply = await gw.stub.Recommend(by_user("u1"), timeout=5)
         assert (reply.history_source, reply.history_events) == (NONE, 0)
-        assert len(reply.items) == 1 and sent_history(fake) == ([0], [0])  # as with no history
+        assert len(reply.items) == 1 and sent_history(fake) == ([], [])  # as with no history
         assert sample(errors, {"op": "read"}) == reads + 1
         # Feedback is still acknowledged: it is on disk in the feedback store; only the history
         # write is lost, and counted.

@@ -46,6 +46,7 @@ from tests.support.gateway import (
     outputs,
     run_async,
     running_gateway,
+    unpadded,
     write_repository,
 )
 from tests.support.images import image_bytes, noise_png
@@ -89,7 +90,8 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 @run_async
 async def test_an_upserted_item_is_encoded_stored_and_recommended_at_once(repository: Path) -> None:
-    fake = FakeTransport(outputs([N + 2, 4], [2.0, 1.0], [0, 0]))
+    # reason positions index the left-padded history sent: [0, i1, new-1]
+    fake = FakeTransport(outputs([N + 2, 4], [2.0, 1.0], [1, 1]))
     async with running_gateway(repository, fake) as gw:
         reply = await gw.stub.UpsertItems(
             upsert(
@@ -114,9 +116,9 @@ async def test_an_upserted_item_is_encoded_stored_and_recommended_at_once(reposi
         response = await gw.stub.Recommend(recommend("i1", "new-1"), timeout=5)
     tensors = sent(fake)
     # The new items are indices N+1, N+2; their vectors and popularity go with the request.
-    np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[1, N + 1]])
-    np.testing.assert_allclose(tensors[contract.EXTRA_ITEM_VECTORS], fake_item_vectors(ids))
-    np.testing.assert_array_equal(tensors[contract.EXTRA_POPULARITY], [0.0, 0.0])
+    assert unpadded(tensors[contract.HISTORY_ITEMS]) == ([[1, N + 1]])
+    np.testing.assert_allclose(tensors[contract.EXTRA_ITEM_VECTORS], [fake_item_vectors(ids)])
+    np.testing.assert_array_equal(tensors[contract.EXTRA_POPULARITY], [[0.0, 0.0]])
     assert tensors[contract.EXTRA_POPULARITY].dtype == np.float32
     assert [(i.item_id, i.title, i.long_tail) for i in response.items] == [
         ("new-2", "Space Film (2031)", True),
@@ -142,9 +144,9 @@ async def test_upserting_a_trained_item_replaces_it_and_keeps_its_popularity(
         assert (reply.upserted, reply.created) == (1, 0)
         response = await gw.stub.Recommend(recommend("i3"), timeout=5)
     tensors = sent(fake)
-    np.testing.assert_array_equal(tensors[contract.HISTORY_ITEMS], [[N + 1]])  # the new version
-    np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[3]])  # the old one, hidden
-    np.testing.assert_array_equal(tensors[contract.EXTRA_POPULARITY], [300.0])
+    assert unpadded(tensors[contract.HISTORY_ITEMS]) == ([[N + 1]])  # the new version
+    assert unpadded(tensors[contract.EXCLUDE_ITEMS]) == ([[3]])  # the old one, hidden
+    np.testing.assert_array_equal(tensors[contract.EXTRA_POPULARITY], [[300.0]])
     assert response.items == []  # index 3 hidden, N+1 in the history: both dropped
 
 
@@ -476,8 +478,8 @@ async def test_deleted_items_are_excluded_at_once_and_unknown_ids_are_not_found(
         response = await gw.stub.Recommend(recommend("i1"), timeout=5)
         tensors = sent(fake)
         # i2 excluded for every request; the deleted new item is out of the overlay.
-        np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[2]])
-        assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (0, DIM)
+        assert unpadded(tensors[contract.EXCLUDE_ITEMS]) == ([[2]])
+        assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (1, 0, DIM)
         assert [i.item_id for i in response.items] == ["i5"]  # i2 hidden: dropped
         # Deleting again is OK (idempotent); an id never seen is NOT_FOUND, nothing hidden.
         await gw.stub.DeleteItems(recommender_pb2.DeleteItemsRequest(item_ids=["new-1"]))
@@ -488,12 +490,12 @@ async def test_deleted_items_are_excluded_at_once_and_unknown_ids_are_not_found(
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert "item_ids[1] 'nope' is not in the catalogue" in (caught.value.details() or "")
         await gw.stub.Recommend(recommend("i1"), timeout=5)
-        np.testing.assert_array_equal(sent(fake)[contract.EXCLUDE_ITEMS], [[2]])
+        assert unpadded(sent(fake)[contract.EXCLUDE_ITEMS]) == ([[2]])
         # An upsert brings a deleted item back.
         await gw.stub.UpsertItems(upsert(item("i2", "Heat (1995)")))
         await gw.stub.Recommend(recommend(), timeout=5)
-        np.testing.assert_array_equal(sent(fake)[contract.EXCLUDE_ITEMS], [[2]])
-        assert sent(fake)[contract.EXTRA_ITEM_VECTORS].shape == (1, DIM)
+        assert unpadded(sent(fake)[contract.EXCLUDE_ITEMS]) == ([[2]])
+        assert sent(fake)[contract.EXTRA_ITEM_VECTORS].shape == (1, 1, DIM)
 
 
 # --- Replicas and restarts ---------------------------------------------------------------------
@@ -513,8 +515,8 @@ async def test_replicas_on_one_store_agree_and_items_survive_a_restart(repositor
         await wait_for(lambda: b.server.items.catalogue.size == N + 1)
         for gw, fake in ((a, fake_a), (b, fake_b)):
             await gw.stub.Recommend(recommend("new-1"), timeout=5)
-            np.testing.assert_array_equal(sent(fake)[contract.HISTORY_ITEMS], [[N + 1]])
-            np.testing.assert_array_equal(sent(fake)[contract.EXCLUDE_ITEMS], [[6]])
+            assert unpadded(sent(fake)[contract.HISTORY_ITEMS]) == ([[N + 1]])
+            assert unpadded(sent(fake)[contract.EXCLUDE_ITEMS]) == ([[6]])
         np.testing.assert_array_equal(
             sent(fake_a)[contract.EXTRA_ITEM_VECTORS], sent(fake_b)[contract.EXTRA_ITEM_VECTORS]
         )
@@ -524,8 +526,8 @@ async def test_replicas_on_one_store_agree_and_items_survive_a_restart(repositor
     async with running_gateway(repository, restarted, feedback_replica="a") as gw:
         await gw.stub.Recommend(recommend("new-1"), timeout=5)
         await gw.stub.UpsertItems(upsert(item("new-2")))
-    np.testing.assert_array_equal(sent(restarted)[contract.HISTORY_ITEMS], [[N + 1]])
-    np.testing.assert_array_equal(sent(restarted)[contract.EXCLUDE_ITEMS], [[6]])
+    assert unpadded(sent(restarted)[contract.HISTORY_ITEMS]) == ([[N + 1]])
+    assert unpadded(sent(restarted)[contract.EXCLUDE_ITEMS]) == ([[6]])
     # A restart begins a new segment; it never appends to an old one.
     assert (repository.parent / "items" / "items-a-000002.jsonl").is_file()
 
@@ -659,11 +661,11 @@ async def test_similar_items_query_the_item_vector_with_the_same_exclusions(
             contract.ITEM_ELIGIBLE,
         }
         np.testing.assert_array_equal(tensors[contract.ITEM_ELIGIBLE], [[True]])  # no filter
-        np.testing.assert_array_equal(tensors[contract.QUERY_ITEMS], [[1]])
-        np.testing.assert_array_equal(tensors[contract.EXCLUDE_ITEMS], [[2, 6]])
+        assert unpadded(tensors[contract.QUERY_ITEMS]) == ([[1]])
+        assert unpadded(tensors[contract.EXCLUDE_ITEMS]) == ([[2, 6]])
         np.testing.assert_array_equal(tensors[contract.LONG_TAIL_WEIGHT], [[0.5]])
-        np.testing.assert_array_equal(tensors[contract.TOP_K], [4])
-        assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (1, DIM)
+        np.testing.assert_array_equal(tensors[contract.TOP_K], [[4]])
+        assert tensors[contract.EXTRA_ITEM_VECTORS].shape == (1, 1, DIM)
         assert [(i.item_id, i.reason) for i in reply.items] == [
             ("i4", 'Similar to "Toy Story (1995)"'),
             ("new-1", 'Similar to "Toy Story (1995)"'),
@@ -672,9 +674,7 @@ async def test_similar_items_query_the_item_vector_with_the_same_exclusions(
 
         # A new item has neighbours too; an unknown or hidden one is NOT_FOUND.
         await gw.stub.SimilarItems(recommender_pb2.SimilarItemsRequest(item_id="new-1", k=4))
-        np.testing.assert_array_equal(
-            sent(fake, contract.SIMILAR_ITEMS_MODEL)[contract.QUERY_ITEMS], [[N + 1]]
-        )
+        assert unpadded(sent(fake, contract.SIMILAR_ITEMS_MODEL)[contract.QUERY_ITEMS]) == [[N + 1]]
         calls = len(fake.calls)
         for missing in ("nope", "i6"):
             with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -60,7 +60,7 @@ class PacedFake(FakeTransport):
             if request_id in self.failing:
                 raise self.failing[request_id]
             # Items 2, 3, ... (item 1 is every request's history): k of them.
-            k = int(inputs[contract.TOP_K][0])
+            k = int(inputs[contract.TOP_K].reshape(-1)[0])
             return outputs(list(range(2, k + 2)), [float(10 - n) for n in range(k)], [0] * k)
         finally:
             self.active -= 1
