@@ -90,7 +90,7 @@ def onnx_sweep(
                     contract.HISTORY_ITEMS: whole,
                     contract.EXCLUDE_ITEMS: np.zeros((len(rows), 1), dtype=np.int64),
                     contract.LONG_TAIL_WEIGHT: np.full((len(rows), 1), w, dtype=np.float32),
-                    contract.TOP_K: np.array([width], dtype=np.int64),
+                    contract.TOP_K: np.full((len(rows), 1), width, dtype=np.int64),  # per row
                 },
             )
             tops[w][rows, :width] = np.where(np.isfinite(scores), top, -1)
