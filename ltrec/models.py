@@ -63,6 +63,10 @@ class ModelConfig:
         return asdict(self)
 
 
+# Rows of the item table computed at once without gradients (`Recommender.content_table`).
+TABLE_CHUNK_ROWS = 262_144
+
+
 class TextProjection(nn.Module):
     """Trained map from the frozen sentence embedding into the recommendation space."""
 
@@ -374,16 +378,37 @@ class Recommender(nn.Module):
 
         Computed as `ItemFusion.forward` computes one item, with the image term added only on
         the rows that have an image. In training, image dropout hides a share of those images.
+        Without gradients (export, evaluation) it runs `TABLE_CHUNK_ROWS` rows at a time into
+        one [N+1, D] tensor, so the projection's hidden layer ([rows, projection_hidden]) never
+        exists for the whole catalogue: at ten million items it alone would take 10 GiB.
         """
-        table = self.fusion.text(self.text_features)
+        n_rows = self.text_features.shape[0]
+        if torch.is_grad_enabled() or self.training or n_rows <= TABLE_CHUNK_ROWS:
+            return self._content_rows(0, n_rows)
+        table = torch.empty(n_rows, self.cfg.embedding_dim, dtype=self.text_features.dtype)
+        for start in range(0, n_rows, TABLE_CHUNK_ROWS):
+            stop = min(start + TABLE_CHUNK_ROWS, n_rows)
+            table[start:stop] = self._content_rows(start, stop)
+        return table
+
+    def _content_rows(self, start: int, stop: int) -> torch.Tensor:
+        """`content_table`'s rows start..stop-1."""
+        whole = start == 0 and stop == self.text_features.shape[0]
+        table = self.fusion.text(self.text_features if whole else self.text_features[start:stop])
         if self.attribute_ids is not None:
-            table = table + self.fusion.attribute_vectors(self.attribute_ids)
+            ids = self.attribute_ids if whole else self.attribute_ids[start:stop]
+            table = table + self.fusion.attribute_vectors(ids)
         if self.image_rows.numel():
-            image = self.fusion.image(self.image_features)
-            if self.training and self.cfg.image_dropout > 0:
-                keep = torch.rand(image.shape[0], 1, device=image.device) >= self.cfg.image_dropout
-                image = image * keep.to(image.dtype)
-            table = table.index_add(0, self.image_rows, image)
+            rows, features = self.image_rows, self.image_features
+            if not whole:
+                inside = (rows >= start) & (rows < stop)
+                rows, features = rows[inside] - start, features[inside]
+            if rows.numel():
+                image = self.fusion.image(features)
+                if self.training and self.cfg.image_dropout > 0:
+                    draw = torch.rand(image.shape[0], 1, device=image.device)
+                    image = image * (draw >= self.cfg.image_dropout).to(image.dtype)
+                table = table.index_add(0, rows, image)
         return table
 
     def item_table(self) -> torch.Tensor:
@@ -394,10 +419,16 @@ class Recommender(nn.Module):
             if self.training and self.cfg.id_dropout > 0:
                 kept = torch.rand(ids.shape[0], 1, device=ids.device) >= self.cfg.id_dropout
                 ids = ids * kept.to(ids.dtype)
-            table = table + ids
-        keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
-        keep[contract.PADDING_INDEX] = 0.0
-        return table * keep
+            if torch.is_grad_enabled() or self.training:
+                table = table + ids
+            else:  # in place: no second catalogue-sized tensor
+                table += ids
+        if torch.is_grad_enabled() or self.training:
+            keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
+            keep[contract.PADDING_INDEX] = 0.0
+            return table * keep
+        table[contract.PADDING_INDEX] = 0.0
+        return table
 
 
 def overlay_rows(

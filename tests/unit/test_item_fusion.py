@@ -169,3 +169,30 @@ def test_encode_images_reports_missing_and_unreadable_files(tmp_path, image_enco
     assert result.rows.tolist() == [0]
     assert result.features.shape == (1, contract.IMAGE_FEATURE_DIM)
     assert result.problems == {"missing": 1, "unreadable": 1}
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 5])
+def test_item_table_without_gradients_is_computed_in_chunks_with_the_same_rows(
+    monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    """Export and evaluation build the table a chunk of rows at a time (a ten-million-item
+    catalogue's hidden layer would not fit in memory): same vectors, images and attributes in
+    chunks that hold none, one or both image rows, ID vectors added, padding row zero."""
+    import ltrec.models as models
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, id_embeddings=True)
+    text = torch.randn(cfg.n_items + 1, cfg.text_dim)
+    model = Recommender(cfg, text, _side()).eval()
+    _randomise(model)
+    with torch.no_grad():
+        whole = model.item_table()
+        monkeypatch.setattr(models, "TABLE_CHUNK_ROWS", chunk_rows)
+        chunked = model.item_table()
+    assert whole.abs().sum() > 0
+    torch.testing.assert_close(chunked, whole)
+    assert torch.all(chunked[contract.PADDING_INDEX] == 0)
+    # With gradients (training) the table is still one differentiable computation.
+    table = model.item_table()
+    assert table.requires_grad
+    torch.testing.assert_close(table.detach(), whole)
