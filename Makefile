@@ -13,7 +13,7 @@ ARTIFACTS ?= artifacts/ml-1m
 MODEL_REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 
-.PHONY: install proto proto-check proto-baseline grafana-schema data photo-data run-photos train train-ddp export serve run client retrain evaluate evaluate-quick bench bench-quick soak image test test-unit test-integration lint clean
+.PHONY: install proto proto-check proto-baseline grafana-schema data photo-data run-photos train train-ddp export serve run client retrain evaluate evaluate-quick bench bench-quick batching-sweep soak image test test-unit test-integration lint clean
 
 $(VENV)/.installed: requirements/base.txt requirements/dev.txt
 	python3 -m venv $(VENV)
@@ -188,6 +188,13 @@ bench: install $(ARTIFACTS)/checkpoint.pt
 bench-quick: install $(DATA_DIR)/source.json
 	$(PY) -m benchmarks.bench --quick --checkpoint $(ARTIFACTS)/checkpoint.pt --data $(DATA_DIR) \
 		$(BENCH_ARGS)
+
+# The dynamic batcher's settings against each other (benchmarks/batching_sweep.py): about 10
+# minutes on 2 cores, reports/bench/batching_sweep.{md,json}. Run it on a quiet machine.
+BATCHING_SWEEP_ARGS ?=
+batching-sweep: install $(ARTIFACTS)/checkpoint.pt
+	$(PY) -m benchmarks.batching_sweep --checkpoint $(ARTIFACTS)/checkpoint.pt --data $(DATA_DIR) \
+		$(BATCHING_SWEEP_ARGS)
 
 # A soak run (not in CI): the local stack under steady mixed Recommend / Feedback / UpsertItems
 # traffic; gateway and Triton memory, open files and store sizes at start and end

@@ -17,7 +17,9 @@ with overlay items.
 
 The scorer scans the catalogue exactly (ONNX) up to `ANN_MIN_ITEMS` items and is an ANN index in
 front of an exact re-rank above (`--retrieval` overrides). A graph whose catalogue would pass the
-protobuf limit keeps it in external data beside it (`onnx_graphs.save`).
+protobuf limit keeps it in external data beside it (`onnx_graphs.save`). The batching models'
+dynamic batcher and instance counts are `triton_config.Batching` (the `batching` option; its
+defaults, which `benchmarks/batching_sweep.py` measures against other settings).
 """
 
 from __future__ import annotations
@@ -269,6 +271,7 @@ def _export_into(
     catalogue_scan: str = "fp32",
     retrieval: str = "auto",
     ann_spec: ann_index.IndexSpec = ann_index.DEFAULT_SPEC,
+    batching: triton_config.Batching = triton_config.DEFAULT_BATCHING,
     log: Callable[[str], object] = print,
 ) -> dict:
     started = time.monotonic()
@@ -350,7 +353,7 @@ def _export_into(
                 f"(at least {ann_index.MIN_CHECK_RECALL} expected): {ann['check']}"
             )
         scorer_config = triton_config.python_model_config(
-            contract.SCORER_MODEL, triton_config.scorer_io(dim)
+            contract.SCORER_MODEL, triton_config.scorer_io(dim), batching=batching
         )
     else:
         scorer = Scorer(table, popularity).eval()
@@ -367,7 +370,10 @@ def _export_into(
             path, scorer, dim, cfg.n_items, rng, overlay=True, item_filter=True
         )
         scorer_config = triton_config.onnx_model_config(
-            contract.SCORER_MODEL, triton_config.scorer_io(dim), tensorrt=tensorrt
+            contract.SCORER_MODEL,
+            triton_config.scorer_io(dim),
+            tensorrt=tensorrt,
+            batching=batching,
         )
 
     # item lookup (SimilarItems): catalogue indices (one item, or a basket) -> their mean vector
@@ -388,16 +394,23 @@ def _export_into(
 
     configs = [
         triton_config.onnx_model_config(
-            contract.USER_ENCODER_MODEL, triton_config.user_encoder_io(dim), tensorrt=tensorrt
+            contract.USER_ENCODER_MODEL,
+            triton_config.user_encoder_io(dim),
+            tensorrt=tensorrt,
+            batching=batching,
         ),
         triton_config.onnx_model_config(
             contract.CONTEXT_WEIGHTING_MODEL,
             triton_config.context_weighting_io(dim),
             tensorrt=tensorrt,
+            batching=batching,
         ),
         scorer_config,
         triton_config.onnx_model_config(
-            contract.ITEM_LOOKUP_MODEL, triton_config.item_lookup_io(dim), tensorrt=tensorrt
+            contract.ITEM_LOOKUP_MODEL,
+            triton_config.item_lookup_io(dim),
+            tensorrt=tensorrt,
+            batching=batching,
         ),
         triton_config.onnx_model_config(
             contract.AUDIENCE_SCORER_MODEL, triton_config.audience_scorer_io(dim), tensorrt=tensorrt

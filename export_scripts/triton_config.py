@@ -3,9 +3,10 @@
 The Recommend and SimilarItems ensembles and their steps (user encoder, context weighting, item
 lookup, scorer) batch: `max_batch_size > 0`, per-row dims, and Triton's dynamic batcher stacks
 concurrent requests of one shape (the gateway pads history, basket and exclusions to a few
-lengths; k and the item overlay are per row). The batcher's settings (`Batching`) were chosen
-by `benchmarks/batching_sweep.py`. The audience ensemble and scorer and the item encoders keep
-`max_batch_size: 0` and explicit batch dimensions (an audience call is already a block of users).
+lengths; k and the item overlay are per row). The batcher's settings (`Batching`) are defaults
+that `benchmarks/batching_sweep.py` measures against other settings. The audience ensemble and
+scorer and the item encoders keep `max_batch_size: 0` and explicit batch dimensions (an audience
+call is already a block of users).
 """
 
 from __future__ import annotations
@@ -35,14 +36,32 @@ class Tensor:
 class Batching:
     """The dynamic batcher of the batching models and their instance counts.
 
-    Chosen by `benchmarks/batching_sweep.py` on 2 cores (see the README): no queue delay, since
-    on a loaded machine requests already wait for an instance and a delay is paid in full at
-    low concurrency; one instance per model, since the models of an ensemble run beside each
-    other and a second instance only adds a process competing for the same cores."""
+    The defaults are reasoned, not yet measured: no queue delay, since under load requests
+    already wait for a free instance and a delay is paid in full at low concurrency; one
+    instance per model, since the models of an ensemble run beside each other and on 2 cores a
+    second instance only adds a process competing for the same cores. `benchmarks/
+    batching_sweep.py` measures them against other settings (reports/bench/batching_sweep.md).
+    `dynamic=False` leaves the batcher out (each request executes alone: the sweep's baseline).
+    """
 
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_queue_delay_microseconds: int = 0
     instances: int = 1
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        sizes = self.preferred_batch_sizes
+        if any(size < 1 for size in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ValueError(
+                f"preferred_batch_sizes must be ascending, distinct and >= 1, got {list(sizes)}"
+            )
+        if self.max_queue_delay_microseconds < 0:
+            raise ValueError(
+                "max_queue_delay_microseconds must be >= 0, got "
+                f"{self.max_queue_delay_microseconds}"
+            )
+        if self.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {self.instances}")
 
 
 DEFAULT_BATCHING = Batching()
@@ -284,17 +303,19 @@ def _model_config(
 
 
 def apply_batching(cfg: mc.ModelConfig, batching: Batching) -> None:
-    """Sets a batching model's dynamic batcher and instance count (the sweep re-applies it to an
-    exported repository)."""
+    """Sets a batching model's dynamic batcher (none with `batching.dynamic` false) and its
+    instance count."""
     if cfg.max_batch_size <= 0:
         raise ValueError(f"{cfg.name} does not batch (max_batch_size {cfg.max_batch_size})")
-    cfg.dynamic_batching.Clear()
+    cfg.ClearField("dynamic_batching")
+    cfg.instance_group[0].count = batching.instances
+    if not batching.dynamic:
+        return
     cfg.dynamic_batching.SetInParent()
     cfg.dynamic_batching.preferred_batch_size.extend(
         [size for size in batching.preferred_batch_sizes if size <= cfg.max_batch_size]
     )
     cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
-    cfg.instance_group[0].count = batching.instances
 
 
 def _ensemble(name: str, steps: list[Step], *, batched: bool) -> mc.ModelConfig:

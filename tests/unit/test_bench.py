@@ -4,6 +4,7 @@ catalogue and the int8 catalogue scan. No timed assertions: figures are the scri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import threading
@@ -14,12 +15,85 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from benchmarks import bench, procstat, report
+from benchmarks import batching_sweep, bench, procstat, report
 from benchmarks.load import run_async, run_threads
 from benchmarks.stats import markdown_table, percentile, ratio, summarize
 from benchmarks.synthetic_catalogue import generated_item_table, zipf_popularity
-from export_scripts import onnx_graphs
+from export_scripts import onnx_graphs, triton_config
 from ltrec_core import contract
+
+# --- the batching sweep ------------------------------------------------------------------------
+
+
+def test_the_batching_grid_starts_with_the_default_then_no_batcher_and_has_no_repeats() -> None:
+    grid = batching_sweep.full_grid()
+    assert grid[0] == triton_config.DEFAULT_BATCHING
+    assert grid[1] == batching_sweep.NO_BATCHER
+    assert len(set(grid)) == len(grid)
+    # every combination once: 3 preferred-size ladders x 3 delays x 2 instance counts, the
+    # default among them, plus the baseline without a batcher
+    assert len(grid) == 3 * 3 * 2 + 1
+
+
+def _sweep_row(batching: triton_config.Batching, rps: list[float], repeat: bool = False) -> dict:
+    runs = [
+        {
+            "concurrency": c,
+            "throughput_rps": value,
+            "p50_ms": 2.0,
+            "p99_ms": 5.0,
+            "errors": 0,
+            "first_error": "",
+            "scorer_rows": 100,
+            "scorer_executions": 100 if c == 1 or not batching.dynamic else 40,
+        }
+        for c, value in zip((1, 8), rps, strict=True)
+    ]
+    return {
+        "setting": dataclasses.asdict(batching),
+        **batching_sweep.describe(batching),
+        "runs": runs,
+        "repeat": repeat,
+    }
+
+
+def test_batching_sweep_table_has_a_row_per_setting_with_ratios_to_the_default() -> None:
+    wide = triton_config.Batching((4, 8, 16, 32, 64), 500, 2)
+    rows = [
+        _sweep_row(triton_config.DEFAULT_BATCHING, [100.0, 400.0]),
+        _sweep_row(batching_sweep.NO_BATCHER, [110.0, 200.0]),
+        _sweep_row(wide, [50.0, 600.0]),
+        _sweep_row(triton_config.DEFAULT_BATCHING, [90.0, 380.0], repeat=True),
+    ]
+    batching_sweep.add_ratios(rows)
+    assert [r["rps_vs_default"] for r in rows[2]["runs"]] == [0.5, 1.5]
+    assert [r["rps_vs_default"] for r in rows[3]["runs"]] == [0.9, 0.95]
+    result = {
+        "quick": False,
+        "machine": {"summary": "2 cores", "date": "today", "load_before": 1.0, "load_after": 1.0},
+        "model": {"checkpoint": "ckpt.pt", "catalogue_size": 3883},
+        "workload": "real histories",
+        "plan": {"concurrency": [1, 8]},
+        "default": dataclasses.asdict(triton_config.DEFAULT_BATCHING),
+        "rows": rows,
+        "seconds": 60.0,
+    }
+    text = batching_sweep.markdown(result)
+    table = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert table == [
+        "| preferred 8/16/32 (default) | 0 | 1 | 100 | 1.00 | 2.00 | 5.00 | 100 / 100 "
+        "| 400 | 1.00 | 2.00 | 5.00 | 40 / 100 |",
+        "| off | – | 1 | 110 | 1.10 | 2.00 | 5.00 | 100 / 100 | 200 | 0.50 | 2.00 | 5.00 "
+        "| 100 / 100 |",
+        "| preferred 4/8/16/32/64 | 500 | 2 | 50 | 0.50 | 2.00 | 5.00 | 100 / 100 | 600 | 1.50 "
+        "| 2.00 | 5.00 | 40 / 100 |",
+        "| preferred 8/16/32 (default, repeat) | 0 | 1 | 90 | 0.90 | 2.00 | 5.00 | 100 / 100 "
+        "| 380 | 0.95 | 2.00 | 5.00 | 40 / 100 |",
+    ]
+    assert "Highest throughput at c=1: no batcher, 1 instance(s) (110 req/s, 1.10× the" in text
+    assert "Highest throughput at c=8: preferred 4/8/16/32/64, delay 500 µs, 2 instance(s)" in text
+    assert batching_sweep.setting_of(rows[2]) == wide
+
 
 # --- statistics and tables ---------------------------------------------------------------------
 

@@ -319,6 +319,49 @@ def test_tensorrt_configs_run_on_gpu_with_the_tensorrt_accelerator(
     )
 
 
+def test_the_batching_option_sets_every_batching_model_and_only_those(
+    exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `benchmarks/batching_sweep.py` exports per setting."""
+    reuse_tower_exports(monkeypatch, exported.repo)
+    wide = triton_config.Batching((4, 8, 16, 32, 64, 128), 500, 2)
+    off = triton_config.Batching((), dynamic=False, instances=3)
+    for name, batching in (("wide", wide), ("off", off)):
+        repo = tmp_path / name
+        export_module.export(
+            exported.checkpoint, repo, text_encoder=False, batching=batching, log=lambda _: None
+        )
+        for model in EXPORTED_MODELS:
+            cfg = read_config(repo, model)
+            if model not in triton_config.BATCHED_MODELS:  # ensembles, the audience scorer
+                assert not cfg.HasField("dynamic_batching"), model
+                assert [g.count for g in cfg.instance_group] == ([] if model in ENSEMBLES else [1])
+                continue
+            assert cfg.instance_group[0].count == batching.instances
+            if batching is off:
+                assert not cfg.HasField("dynamic_batching"), model
+                continue
+            # sizes above the model's largest batch are left out (the scorer takes 64)
+            assert list(cfg.dynamic_batching.preferred_batch_size) == [
+                size for size in wide.preferred_batch_sizes if size <= cfg.max_batch_size
+            ]
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"preferred_batch_sizes": (16, 8)}, "preferred_batch_sizes must be ascending"),
+        ({"preferred_batch_sizes": (0, 8)}, "preferred_batch_sizes must be ascending"),
+        ({"max_queue_delay_microseconds": -1}, "max_queue_delay_microseconds must be >= 0"),
+        ({"instances": 0}, "instances must be >= 1, got 0"),
+    ],
+)
+def test_bad_batching_settings_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        triton_config.Batching(**kwargs)
+
+
 # --- the chained graphs against torch ----------------------------------------------------------
 
 
