@@ -425,12 +425,17 @@ def scale_section(
                 _recommend_client(stack.gateway.address, workload, 1, plan.warmup, 0), {}
             )
             peak = procstat.read_tree(stack.triton_pid)
+            # The runs above send one request at a time; as many at once as the ensemble's largest
+            # batch show what batched scans hold (onnxruntime's arena keeps its largest).
+            measure(_triton_client(stack, workload, contract.MAX_BATCH_SIZE, 0, 0), {})
+            batched = procstat.read_tree(stack.triton_pid)
         row = {
             "items": items,
             "scan": scan,
             **exported,
             "triton_rss_mib": loaded_rss.rss_mib,
             "triton_peak_rss_mib": peak.peak_rss_mib,
+            "triton_peak_batched_rss_mib": batched.peak_rss_mib,
             "floor_p50_ms": floor.get("p50_ms"),
             "floor_p99_ms": floor.get("p99_ms"),
             "triton_p50_ms": triton.summary.p50_ms,
@@ -446,7 +451,9 @@ def scale_section(
         rows.append(row)
         log(
             f"  {items:,} items ({scan}): export {row['export_seconds']:.1f} s, Triton "
-            f"{row['triton_peak_rss_mib']:.0f} MiB peak, gateway p50 {row['gateway_p50_ms']:.2f}"
+            f"{row['triton_peak_rss_mib']:.0f} MiB peak "
+            f"({row['triton_peak_batched_rss_mib']:.0f} at concurrency {contract.MAX_BATCH_SIZE}), "
+            f"gateway p50 {row['gateway_p50_ms']:.2f}"
             f" p99 {row['gateway_p99_ms']:.2f} ms"
             + (f", recall vs fp32 {recall['default']:.4f}" if recall["default"] is not None else "")
             + (f" (weight 0: {recall['zero']:.4f})" if recall["zero"] is not None else "")

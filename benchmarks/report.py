@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.stats import fmt, markdown_table
+from ltrec_core import contract
 
 SYSTEM_LABELS = {
     "floor": "floor (in-process onnxruntime)",
@@ -83,6 +84,7 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
             ("repository_mib", "repo MiB"),
             ("triton_rss_mib", "Triton RSS MiB"),
             ("triton_peak_rss_mib", "Triton peak MiB"),
+            ("triton_peak_batched_rss_mib", f"Triton peak MiB, {contract.MAX_BATCH_SIZE} at once"),
             ("floor_p50_ms", "floor p50"),
             ("triton_p50_ms", "Triton p50"),
             ("gateway_p50_ms", "gateway p50"),
@@ -140,7 +142,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     if results.get("scale"):
         lines += [
-            "## Catalogue size (generated item vectors, concurrency 1, ms)",
+            "## Catalogue size (generated item vectors, concurrency 1, ms; the batched peak after "
+            f"{contract.MAX_BATCH_SIZE} requests at once)",
             "",
             scale_table(results["scale"]),
             "",

@@ -336,6 +336,13 @@ def _export_into(
     popularity = torch.from_numpy(np.asarray(ckpt.popularity))
     external = onnx_graphs.needs_external_data(table)
     chosen = choose_retrieval(cfg.n_items, retrieval)
+    # An exact scan holds [rows, N] score matrices: fewer rows per execution on a large catalogue.
+    # The ANN scorer re-ranks a few candidates per row and takes the usual batch.
+    scorer_rows = (
+        contract.MAX_BATCH_SIZE
+        if chosen == "ann"
+        else triton_config.scorer_max_batch_size(cfg.n_items)
+    )
     ann: dict[str, Any] = {}
     if chosen == "ann":
         folder = output / contract.SCORER_MODEL / VERSION
@@ -374,6 +381,7 @@ def _export_into(
             triton_config.scorer_io(dim),
             tensorrt=tensorrt,
             batching=batching,
+            max_batch_size=scorer_rows,
         )
 
     # item lookup (SimilarItems): catalogue indices (one item, or a basket) -> their mean vector
@@ -416,7 +424,7 @@ def _export_into(
             contract.AUDIENCE_SCORER_MODEL, triton_config.audience_scorer_io(dim), tensorrt=tensorrt
         ),
         # The recommend ensemble is written last, with the repository's identity (below).
-        triton_config.similar_items_config(dim),
+        triton_config.similar_items_config(dim, scorer_rows),
         triton_config.audience_config(dim),
     ]
 
@@ -444,7 +452,9 @@ def _export_into(
     identity = content_hash(file_hashes(output))
     _write_config(
         output,
-        triton_config.with_identity(triton_config.ensemble_config(dim), model_version, identity),
+        triton_config.with_identity(
+            triton_config.ensemble_config(dim, scorer_rows), model_version, identity
+        ),
     )
     metadata = RepositoryMetadata(
         model_version=model_version,

@@ -7,6 +7,10 @@ lengths; k and the item overlay are per row). The batcher's settings (`Batching`
 that `benchmarks/batching_sweep.py` measures against other settings. The audience ensemble and
 scorer and the item encoders keep `max_batch_size: 0` and explicit batch dimensions (an audience
 call is already a block of users).
+
+An exact scan holds a few [rows, catalogue] score matrices per execution, and onnxruntime's arena
+keeps the largest it has seen: the scorer's largest batch is bounded by the catalogue's size
+(`scorer_max_batch_size`), and the two ensembles that end in it take no more rows than it does.
 """
 
 from __future__ import annotations
@@ -66,13 +70,31 @@ class Batching:
 
 DEFAULT_BATCHING = Batching()
 # The models that batch, and the largest batch each takes: the scorer only serves the ensembles;
-# the others are also called directly with many rows (cached user vectors, audience blocks).
+# the others are also called directly with many rows (cached user vectors, audience blocks). An
+# exact-scan scorer takes fewer rows on a large catalogue (`scorer_max_batch_size`).
 BATCHED_MODELS: dict[str, int] = {
     contract.USER_ENCODER_MODEL: contract.MAX_DIRECT_ROWS,
     contract.CONTEXT_WEIGHTING_MODEL: contract.MAX_DIRECT_ROWS,
     contract.ITEM_LOOKUP_MODEL: contract.MAX_DIRECT_ROWS,
     contract.SCORER_MODEL: contract.MAX_BATCH_SIZE,
 }
+
+
+# Scores (rows x catalogue items) one execution of the exact scan holds at most: 64 MiB per fp32
+# [rows, N] intermediate, of which the scan keeps a few alive at once (scores, popularity-adjusted,
+# masked). Measured on the exported scorer at 1M items, 64-d, in one onnxruntime session as the
+# stand-in creates it: after one row, a batch of 64 rows took the process from 567 to 1,332 MiB and
+# one of 16 (this budget at 1M) to 759 MiB, held by the arena for good.
+SCORER_BATCH_SCORES = 1 << 24
+
+
+def scorer_max_batch_size(n_items: int) -> int:
+    """The exact scan's largest batch on a catalogue of `n_items`: `contract.MAX_BATCH_SIZE`, or
+    fewer rows where rows x (N + 1) would pass `SCORER_BATCH_SCORES`; at least one. (Items added
+    after training widen the rows a little; they are few beside a catalogue this size.)"""
+    if n_items < 1:
+        raise ValueError(f"n_items must be at least 1, got {n_items}")
+    return max(1, min(contract.MAX_BATCH_SIZE, SCORER_BATCH_SCORES // (n_items + 1)))
 
 
 def _io(tensors: list[Tensor], kind: type) -> list:
@@ -251,10 +273,12 @@ def onnx_model_config(
     tensorrt: bool = False,
     threads: int = 1,
     batching: Batching = DEFAULT_BATCHING,
+    max_batch_size: int | None = None,
 ) -> mc.ModelConfig:
     """Config for the native onnxruntime backend (NGC image) and our local stand-in alike: only
-    fields the native backend reads."""
-    cfg = _model_config(name, ONNX_BACKEND, io, batching)
+    fields the native backend reads. `max_batch_size` lowers a batching model's largest batch
+    (the exact scorer's, `scorer_max_batch_size`)."""
+    cfg = _model_config(name, ONNX_BACKEND, io, batching, max_batch_size)
     group = cfg.instance_group[0]
     if tensorrt:
         group.kind = mc.ModelInstanceGroup.KIND_GPU
@@ -272,25 +296,41 @@ def onnx_model_config(
 
 
 def python_model_config(
-    name: str, io: tuple[list[Tensor], list[Tensor]], *, batching: Batching = DEFAULT_BATCHING
+    name: str,
+    io: tuple[list[Tensor], list[Tensor]],
+    *,
+    batching: Batching = DEFAULT_BATCHING,
+    max_batch_size: int | None = None,
 ) -> mc.ModelConfig:
     """A Python-backend model (`<version>/model.py`), as the ANN scorer: CPU instances."""
-    cfg = _model_config(name, PYTHON_BACKEND, io, batching)
+    cfg = _model_config(name, PYTHON_BACKEND, io, batching, max_batch_size)
     cfg.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
     return cfg
 
 
 def _model_config(
-    name: str, backend: str, io: tuple[list[Tensor], list[Tensor]], batching: Batching
+    name: str,
+    backend: str,
+    io: tuple[list[Tensor], list[Tensor]],
+    batching: Batching,
+    max_batch_size: int | None = None,
 ) -> mc.ModelConfig:
     """A model of `backend` with these inputs and outputs, its latest version served (the
-    caller sets its instances' kind). A model of `BATCHED_MODELS` gets its largest batch, the
-    dynamic batcher and `batching.instances` instances; the others one instance, no batching."""
+    caller sets its instances' kind). A model of `BATCHED_MODELS` gets its largest batch (or
+    `max_batch_size`, at most that), the dynamic batcher and `batching.instances` instances; the
+    others one instance, no batching."""
+    largest = BATCHED_MODELS.get(name, 0)
+    if max_batch_size is not None:
+        if not 1 <= max_batch_size <= largest:
+            raise ValueError(
+                f"{name}: max_batch_size must be in [1, {largest}], got {max_batch_size}"
+            )
+        largest = max_batch_size
     inputs, outputs = io
     cfg = mc.ModelConfig(
         name=name,
         backend=backend,
-        max_batch_size=BATCHED_MODELS.get(name, 0),
+        max_batch_size=largest,
         input=_io(inputs, mc.ModelInput),
         output=_io(outputs, mc.ModelOutput),
     )
@@ -318,18 +358,23 @@ def apply_batching(cfg: mc.ModelConfig, batching: Batching) -> None:
     cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
 
 
-def _ensemble(name: str, steps: list[Step], *, batched: bool) -> mc.ModelConfig:
-    """`batched`: the ensemble takes a batch dimension of its own (every step must batch);
+def _ensemble(name: str, steps: list[Step], *, max_batch_size: int) -> mc.ModelConfig:
+    """`max_batch_size > 0`: the ensemble takes a batch dimension of its own (every step must
+    batch, and take as many rows: Triton refuses an ensemble whose batch a step cannot take);
     Triton's dynamic batchers in the steps stack concurrent requests."""
+    batched = max_batch_size > 0
     inputs, outputs = _ensemble_io(steps, batched=batched)
     if batched:
         unbatched = [model for model, _, _ in steps if model not in BATCHED_MODELS]
         if unbatched:
             raise ValueError(f"{name}: steps {unbatched} do not batch")
+        smaller = [model for model, _, _ in steps if BATCHED_MODELS[model] < max_batch_size]
+        if smaller:
+            raise ValueError(f"{name}: steps {smaller} take fewer than {max_batch_size} rows")
     cfg = mc.ModelConfig(
         name=name,
         platform="ensemble",
-        max_batch_size=contract.MAX_BATCH_SIZE if batched else 0,
+        max_batch_size=max_batch_size,
         input=_io(inputs, mc.ModelInput),
         output=_io(outputs, mc.ModelOutput),
     )
@@ -342,19 +387,23 @@ def _ensemble(name: str, steps: list[Step], *, batched: bool) -> mc.ModelConfig:
     return cfg
 
 
-def ensemble_config(dim: int) -> mc.ModelConfig:
-    """encode -> context-weight -> score, one Triton request from the gateway."""
-    return _ensemble(contract.ENSEMBLE_MODEL, recommend_steps(dim), batched=True)
+def ensemble_config(dim: int, max_batch_size: int = contract.MAX_BATCH_SIZE) -> mc.ModelConfig:
+    """encode -> context-weight -> score, one Triton request from the gateway; at most the
+    scorer's largest batch."""
+    return _ensemble(contract.ENSEMBLE_MODEL, recommend_steps(dim), max_batch_size=max_batch_size)
 
 
-def similar_items_config(dim: int) -> mc.ModelConfig:
-    """item lookup -> score (SimilarItems), one Triton request from the gateway."""
-    return _ensemble(contract.SIMILAR_ITEMS_MODEL, similar_items_steps(dim), batched=True)
+def similar_items_config(dim: int, max_batch_size: int = contract.MAX_BATCH_SIZE) -> mc.ModelConfig:
+    """item lookup -> score (SimilarItems), one Triton request from the gateway; at most the
+    scorer's largest batch."""
+    return _ensemble(
+        contract.SIMILAR_ITEMS_MODEL, similar_items_steps(dim), max_batch_size=max_batch_size
+    )
 
 
 def audience_config(dim: int) -> mc.ModelConfig:
     """item lookup -> context-weight the users -> audience scorer (Audience, ForecastDemand)."""
-    return _ensemble(contract.AUDIENCE_MODEL, audience_steps(dim), batched=False)
+    return _ensemble(contract.AUDIENCE_MODEL, audience_steps(dim), max_batch_size=0)
 
 
 def with_identity(cfg: mc.ModelConfig, model_version: str, content_hash: str) -> mc.ModelConfig:

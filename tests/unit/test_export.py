@@ -175,6 +175,60 @@ def test_config_round_trips_through_text_format(exported: Exported, model: str) 
         assert not parsed.optimization.execution_accelerators.gpu_execution_accelerator
 
 
+def test_exact_scorer_rows_are_bounded_against_the_catalogue() -> None:
+    """A batch of the exact scan holds [rows, N+1] score matrices: at a million items the scorer
+    takes fewer rows than the ensembles' usual batch, never none."""
+    million = 1_000_000
+    rows = triton_config.scorer_max_batch_size(million)
+    assert 1 <= rows < contract.MAX_BATCH_SIZE
+    assert rows * (million + 1) <= triton_config.SCORER_BATCH_SCORES
+    assert triton_config.scorer_max_batch_size(N_ITEMS) == contract.MAX_BATCH_SIZE
+    assert triton_config.scorer_max_batch_size(100_000_000) == 1
+    with pytest.raises(ValueError, match="n_items must be at least 1, got 0"):
+        triton_config.scorer_max_batch_size(0)
+    scorer = triton_config.onnx_model_config(
+        contract.SCORER_MODEL, triton_config.scorer_io(CFG.embedding_dim), max_batch_size=rows
+    )
+    assert scorer.max_batch_size == rows
+    assert all(size <= rows for size in scorer.dynamic_batching.preferred_batch_size)
+    with pytest.raises(ValueError, match=r"scorer: max_batch_size must be in \[1, 64\], got 65"):
+        triton_config.onnx_model_config(
+            contract.SCORER_MODEL, triton_config.scorer_io(CFG.embedding_dim), max_batch_size=65
+        )
+
+
+def test_a_large_catalogue_exports_a_scorer_and_ensembles_of_fewer_rows(
+    exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget lowered to 4 rows of the tiny catalogue stands in for a million items: the
+    scorer and the two ensembles that end in it take 4 rows (Triton refuses an ensemble larger
+    than a step); the steps the gateway also calls directly keep theirs."""
+    reuse_tower_exports(monkeypatch, exported.repo)
+    monkeypatch.setattr(triton_config, "SCORER_BATCH_SCORES", 4 * (N_ITEMS + 1) + 3)
+    repo = tmp_path / "repo"
+    export_module.export(exported.checkpoint, repo, text_encoder=False, log=lambda _: None)
+    for model in (contract.SCORER_MODEL, contract.ENSEMBLE_MODEL, contract.SIMILAR_ITEMS_MODEL):
+        assert read_config(repo, model).max_batch_size == 4, model
+    for model in (contract.USER_ENCODER_MODEL, contract.ITEM_LOOKUP_MODEL):
+        assert read_config(repo, model).max_batch_size == contract.MAX_DIRECT_ROWS
+    assert (
+        list(read_config(repo, contract.SCORER_MODEL).dynamic_batching.preferred_batch_size) == []
+    )
+
+
+def test_an_ensemble_never_takes_more_rows_than_a_step() -> None:
+    with pytest.raises(ValueError, match=r"steps \['scorer'\] take fewer than 65 rows"):
+        triton_config.ensemble_config(CFG.embedding_dim, 65)
+
+
+def test_a_catalogue_past_64_mib_is_mapped_from_external_data() -> None:
+    """onnxruntime copies an embedded table out of the protobuf (twice the table while a model
+    loads, in each of the models that hold it) but maps external data from its file."""
+    dim = 64
+    assert not onnx_graphs.needs_external_data(np.empty((100_000, dim), np.float32))
+    assert onnx_graphs.needs_external_data(np.empty((1_000_001, dim), np.float32))
+
+
 ENSEMBLE_WIRING = {
     contract.ENSEMBLE_MODEL: (
         {
