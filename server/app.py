@@ -22,6 +22,7 @@ from server.audience import Audiences
 from server.batch import METHOD as BATCH_METHOD
 from server.batch import BatchLimits, BatchRunner
 from server.catalogue import describe, load_model_repository
+from server.coalesce import Coalescer
 from server.config import GatewayConfig
 from server.errors import StartupError
 from server.forget import UserEraser
@@ -172,6 +173,11 @@ def create_server(
             backoff_seconds=config.triton_retry_backoff_seconds,
         )
     triton = TritonClient(transport, timeout_seconds=config.triton_timeout_seconds)
+    ranking: TritonClient | Coalescer = (
+        Coalescer(triton, max_in_flight=config.triton_coalesce_max_in_flight)
+        if config.triton_coalesce
+        else triton
+    )
     limits = RequestLimits(
         max_k=config.max_k,
         max_history=config.max_request_history,
@@ -259,7 +265,7 @@ def create_server(
         RecommenderServicer(
             metadata,
             items,
-            triton,
+            ranking,
             limits,
             feedback,
             encoder,
