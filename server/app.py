@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import secrets
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from server.audience import Audiences
 from server.batch import METHOD as BATCH_METHOD
 from server.batch import BatchLimits, BatchRunner
 from server.catalogue import describe, load_model_repository
+from server.coalesce import Coalescer
 from server.config import GatewayConfig
 from server.errors import StartupError
 from server.forget import UserEraser
@@ -172,6 +174,11 @@ def create_server(
             backoff_seconds=config.triton_retry_backoff_seconds,
         )
     triton = TritonClient(transport, timeout_seconds=config.triton_timeout_seconds)
+    ranking: TritonClient | Coalescer = (
+        Coalescer(triton, max_in_flight=config.triton_coalesce_max_in_flight)
+        if config.triton_coalesce
+        else triton
+    )
     limits = RequestLimits(
         max_k=config.max_k,
         max_history=config.max_request_history,
@@ -259,7 +266,7 @@ def create_server(
         RecommenderServicer(
             metadata,
             items,
-            triton,
+            ranking,
             limits,
             feedback,
             encoder,
@@ -382,7 +389,8 @@ def run(config: GatewayConfig) -> int:
     provider = None
     try:
         provider = configure_tracing()
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:
+            runner.run(serve(config))
     except StartupError as exc:
         logger.error("cannot start the gateway: %s", exc)
         return 2
@@ -390,6 +398,21 @@ def run(config: GatewayConfig) -> int:
         if provider is not None:
             provider.shutdown()  # exports the spans still queued
     return 0
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop (libuv: fewer Python frames per gRPC callback) when `name` is
+    "uvloop" and it can be imported; otherwise asyncio's own (None), with a warning if uvloop
+    was asked for."""
+    if name != "uvloop":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        logger.warning("LTREC_EVENT_LOOP=uvloop but uvloop cannot be imported: asyncio's loop")
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def run_worker(config: GatewayConfig) -> int:
@@ -409,7 +432,11 @@ async def serve(config: GatewayConfig) -> None:
         logger.info("metrics on :%d/metrics", config.metrics_port)
     await server.start()
     logger.info(
-        "gateway listening on %s:%d, Triton at %s", config.grpc_host, port, config.triton_url
+        "gateway listening on %s:%d, Triton at %s (event loop %s)",
+        config.grpc_host,
+        port,
+        config.triton_url,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
 
     stop = asyncio.Event()

@@ -19,6 +19,7 @@ from server.stores.history import (
 from server.stores.history_redis import check_address
 
 HISTORY_STORES = ("sqlite", "redis", "off")
+EVENT_LOOPS = ("uvloop", "asyncio")
 # Upper bounds of the RecommendBatch limits (memory: window x max message bytes per stream).
 MAX_BATCH_STREAM_WINDOW = 1024
 MAX_BATCH_IN_FLIGHT = 4096
@@ -27,6 +28,8 @@ MAX_BATCH_REQUESTS_PER_STREAM = 1_000_000
 MAX_AUDIENCE_K = 100_000
 MAX_AUDIENCE_USERS = 1_000_000
 MAX_FORECAST_ITEMS = 10_000
+# Coalesced Triton calls of one shape in flight at once (LTREC_TRITON_COALESCE_MAX_IN_FLIGHT).
+MAX_COALESCE_IN_FLIGHT = 64
 # Gateway worker processes (LTREC_WORKERS) at most.
 MAX_WORKERS = 64
 
@@ -66,6 +69,14 @@ class GatewayConfig:
     # gRPC's retry policy for inference (UNAVAILABLE only), within triton_timeout_seconds.
     triton_retries: int = 2
     triton_retry_backoff_seconds: float = 0.05
+    # Recommend's and SimilarItems' Triton calls of one shape that arrive while
+    # triton_coalesce_max_in_flight calls of that shape are in flight wait and go together, as one
+    # call of up to 64 rows (`server.coalesce`); never a wait at low load. false: one call each.
+    triton_coalesce: bool = True
+    triton_coalesce_max_in_flight: int = 1
+    # The event loop: asyncio's, or uvloop (when it can be imported; else asyncio's, with a
+    # warning). uvloop measured no faster here (benchmarks/gateway_ab.py), so it is not pinned.
+    event_loop: str = "asyncio"
     max_k: int = 500
     max_request_history: int = 1000
     max_exclude: int = 1000
@@ -218,6 +229,14 @@ class GatewayConfig:
         _check(self.triton_retries, "triton_retries", 0 <= self.triton_retries <= 4, "in [0, 4]")
         backoff = self.triton_retry_backoff_seconds
         _check(backoff, "triton_retry_backoff_seconds", 0.001 <= backoff <= 60, "in [0.001, 60]")
+        _check(
+            self.triton_coalesce_max_in_flight,
+            "triton_coalesce_max_in_flight",
+            1 <= self.triton_coalesce_max_in_flight <= MAX_COALESCE_IN_FLIGHT,
+            f"in [1, {MAX_COALESCE_IN_FLIGHT}]",
+        )
+        loop = self.event_loop
+        _check(loop, "event_loop", loop in EVENT_LOOPS, f"one of {EVENT_LOOPS}")
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _check(self.log_level, "log_level", self.log_level in levels, f"one of {levels}")
         for name in (
@@ -354,7 +373,7 @@ class GatewayConfig:
                     values[spec.name] = Path(raw.strip()) if raw.strip() else None
                 elif spec.name == "log_level":
                     values[spec.name] = raw.strip().upper()
-                elif spec.name in ("history_store", "admin_auth"):
+                elif spec.name in ("history_store", "admin_auth", "event_loop"):
                     values[spec.name] = raw.strip().lower()
                 else:
                     values[spec.name] = raw.strip()

@@ -35,8 +35,7 @@ def user_hash(user_id: str, key: bytes, digits: int = LOG_DIGITS) -> str:
     """Keyed hash of a user id for logs: joinable across lines, not reversible without the key."""
     if not user_id:
         return ""
-    mac = hmac.new(key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256)
-    return mac.hexdigest()[:digits]
+    return hmac.digest(key, user_id.encode("utf-8", "surrogatepass"), "sha256").hex()[:digits]
 
 
 def user_key(user_id: str, key: bytes) -> str:

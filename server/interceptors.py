@@ -197,6 +197,7 @@ class _Observer:
         # Metric children bound once per status code instead of a labels() lookup per RPC.
         self._counters: dict[grpc.StatusCode, Any] = {}
         self._durations: dict[grpc.StatusCode, Any] = {}
+        self._messages: dict[grpc.StatusCode, str] = {}
 
     def begin(self, request_id: str, context: grpc.aio.ServicerContext) -> float:
         _request_id.set(request_id)
@@ -211,14 +212,14 @@ class _Observer:
             labels = {"method": self.method, "code": code.name}
             self._counters[code] = metrics.REQUESTS_TOTAL.labels(**labels)
             self._durations[code] = metrics.REQUEST_DURATION_SECONDS.labels(**labels)
+            # The line's message as text: the log handler then has nothing to render or copy.
+            self._messages[code] = f"{self.method} {code.name}"
         self._counters[code].inc()
         self._durations[code].observe(elapsed)
         # One access-log line per request (fields of the JSON object); the user only as a keyed
         # hash.
         logger.info(
-            "%s %s",
-            self.method,
-            code.name,
+            self._messages[code],
             extra={
                 "event": "rpc",
                 "request_id": request_id,

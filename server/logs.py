@@ -9,14 +9,14 @@ are fields of the object. User ids appear only as keyed hashes (`server.hashing`
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import json
 import logging
 import logging.handlers
 import queue
 import sys
 from dataclasses import dataclass
-from typing import TextIO
-
-from pythonjsonlogger.json import JsonFormatter
+from typing import Any, TextIO
 
 from server import tracing
 
@@ -28,14 +28,54 @@ PID_FIELD = "pid"
 _TRACEBACKS = logging.Formatter()
 
 
-def json_formatter(*, pid: bool = False) -> JsonFormatter:
+# A LogRecord's own attributes: every other attribute is a field a call passed in `extra`.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonLineFormatter(logging.Formatter):
+    """A record as one JSON object: `level`, `logger`, `message` (and `pid`), the `extra` fields,
+    `exc_info` (a traceback), `timestamp` (ISO 8601, UTC). Written for the access log's line per
+    request, which a general JSON formatter made a tenth of the gateway's Python time."""
+
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self._pid = pid
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self._pid:
+            line[PID_FIELD] = record.process
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRIBUTES:
+                line[name] = value
+        if record.exc_info:
+            line[EXCEPTION_FIELD] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line[EXCEPTION_FIELD] = record.exc_text
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
+        line["timestamp"] = dt.datetime.fromtimestamp(record.created, tz=dt.UTC).isoformat()
+        return _ENCODER.encode(line)
+
+
+def _jsonable(value: object) -> object:
+    """A value json cannot write: dates as ISO 8601, anything else as its str()."""
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+_ENCODER = json.JSONEncoder(default=_jsonable)
+
+
+def json_formatter(*, pid: bool = False) -> JsonLineFormatter:
     """With `pid`, every line also names its process (`pid`): the workers of one gateway
     (`server.workers`) write to the same stream."""
-    return JsonFormatter(
-        ["levelname", "name", "message", *(["process"] if pid else [])],
-        rename_fields={"levelname": "level", "name": "logger", "process": PID_FIELD},
-        timestamp=True,
-    )
+    return JsonLineFormatter(pid=pid)
 
 
 class TraceContextFilter(logging.Filter):
@@ -54,6 +94,10 @@ class _QueueHandler(logging.handlers.QueueHandler):
     (the arguments and frames may change once the call returns), formatting nothing else."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if not record.args and not record.exc_info and isinstance(record.msg, str):
+            # Already text (the access log's line): nothing to render, nothing to copy.
+            record.message = record.msg
+            return record
         record = copy.copy(record)  # other handlers see the original
         record.msg = record.message = record.getMessage()
         record.args = None

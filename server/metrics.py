@@ -91,6 +91,15 @@ TRITON_REQUEST_DURATION_SECONDS = Histogram(
     subsystem=SUBSYSTEM,
     buckets=STAGE_BUCKETS_SECONDS,
 )
+TRITON_BATCH_ROWS = Histogram(
+    "triton_batch_rows",
+    "Requests per ranking call to Triton (Recommend's and SimilarItems' calls of one shape that "
+    "arrive while another is in flight go as one call of several rows; server.coalesce), by model.",
+    ["model"],
+    namespace=NAMESPACE,
+    subsystem=SUBSYSTEM,
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 MODEL_VERSION_MISMATCH = Gauge(
     "model_version_mismatch",
     "1 while the model version or content hash that Triton's ensemble serves differs from the "

@@ -34,6 +34,7 @@ from server import metrics
 from server.audience import Audiences
 from server.batch import BatchRunner
 from server.catalogue import Catalogue, ModelMetadata
+from server.coalesce import Coalescer
 from server.errors import BackendUnavailable, NotFound
 from server.features import build_features, build_similar_features, context_buckets, query_indices
 from server.forget import UserEraser
@@ -97,7 +98,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self,
         metadata: ModelMetadata,
         items: ItemStore,
-        triton: TritonClient,
+        triton: TritonClient | Coalescer,
         limits: RequestLimits,
         feedback: FeedbackStore,
         encoder: TritonItemEncoder | None,

@@ -33,6 +33,7 @@ from tests.support.stack import (  # noqa: F401  (fixture `stack`)
     by_user_id,
     click_feedback,
     clicks_as_history,
+    metric_value,
     serving_stack,
     start_replica,
 )
@@ -324,10 +325,21 @@ def _executions(stack: Stack, model: str) -> tuple[int, int]:
     return stats.inference_count, stats.execution_count
 
 
+def _coalesced(stack: Stack) -> tuple[float, float]:
+    """(ranking calls, requests in them) of the recommend ensemble the gateway made so far."""
+    labels = {"model": contract.ENSEMBLE_MODEL}
+    port = stack.gateway.metrics_port
+    return (
+        metric_value(port, "ltrec_gateway_triton_batch_rows_count", labels),
+        metric_value(port, "ltrec_gateway_triton_batch_rows_sum", labels),
+    )
+
+
 def test_concurrent_recommends_batch_in_triton_and_answer_as_alone(stack: Stack) -> None:
     """32 requests at once (histories of several lengths, k from 3 to 12, some exclusions):
-    each answer is the one the same request gets alone, and Triton ran them in fewer
-    executions than requests (its dynamic batcher stacked them)."""
+    each answer is the one the same request gets alone, the gateway sent them in fewer Triton
+    calls than requests (coalesced, `server.coalesce`), and Triton ran them in fewer executions
+    than requests (its dynamic batcher stacked them)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ids = stack.catalogue["item_id"].tolist()
@@ -346,6 +358,7 @@ def test_concurrent_recommends_batch_in_triton_and_answer_as_alone(stack: Stack)
 
     alone = [answer(request) for request in requests]
     before = _executions(stack, contract.SCORER_MODEL)
+    calls_before, rows_before = _coalesced(stack)
     with ThreadPoolExecutor(max_workers=32) as pool:
         for _ in range(3):
             together = list(pool.map(answer, requests))
@@ -354,6 +367,12 @@ def test_concurrent_recommends_batch_in_triton_and_answer_as_alone(stack: Stack)
     served, executions = after[0] - before[0], after[1] - before[1]
     assert served == 3 * len(requests)
     assert executions < served, (executions, served)
+    # The gateway coalesced (LTREC_TRITON_COALESCE, on by default): every request in exactly
+    # one Triton call, some calls of several rows.
+    calls_after, rows_after = _coalesced(stack)
+    calls, rows = calls_after - calls_before, rows_after - rows_before
+    assert rows == 3 * len(requests)
+    assert calls < rows, (calls, rows)
     assert all(len(items) == request.k for items, request in zip(alone, requests, strict=True))
 
 

@@ -338,7 +338,8 @@ class FakeTransport:
             return {contract.USER_EMBEDDING: vectors}
         if model_name == contract.AUDIENCE_MODEL:
             return fake_audience(inputs)
-        return self.result
+        rows = len(inputs[contract.TOP_K])  # a coalesced call (`server.coalesce`): rows alike
+        return {name: np.repeat(array, rows, axis=0) for name, array in self.result.items()}
 
     def ranking_calls(self, model_name: str = contract.ENSEMBLE_MODEL) -> list[InferCall]:
         return [call for call in self.calls if call.model_name == model_name]

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from ltrec_core import contract
-from server.app import create_server
+from server.app import create_server, event_loop_factory
 from server.catalogue import ModelRepositoryError, load_catalogue, load_metadata
 from server.config import ConfigError, GatewayConfig
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
@@ -319,3 +319,32 @@ async def test_triton_down_gives_unavailable_promptly(tmp_path: Path) -> None:
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert elapsed < 3.0
     assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+PLAINTEXT = {"LTREC_ALLOW_PLAINTEXT": "true"}
+
+
+def test_event_loop_is_asyncio_unless_uvloop_is_asked_for_and_importable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert GatewayConfig(allow_plaintext=True).event_loop == "asyncio"
+    assert event_loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert event_loop_factory("uvloop") is None
+    assert "uvloop cannot be imported" in caplog.text
+    with pytest.raises(ConfigError, match="LTREC_EVENT_LOOP must be one of"):
+        GatewayConfig.from_env({**PLAINTEXT, "LTREC_EVENT_LOOP": "trio"})
+    assert (
+        GatewayConfig.from_env({**PLAINTEXT, "LTREC_EVENT_LOOP": " UVLOOP "}).event_loop == "uvloop"
+    )
+
+
+def test_coalescing_settings_are_read_and_bounded() -> None:
+    assert GatewayConfig(allow_plaintext=True).triton_coalesce
+    assert not GatewayConfig.from_env(
+        {**PLAINTEXT, "LTREC_TRITON_COALESCE": "false"}
+    ).triton_coalesce
+    with pytest.raises(
+        ConfigError, match=r"LTREC_TRITON_COALESCE_MAX_IN_FLIGHT must be in \[1, 64\], got 0"
+    ):
+        GatewayConfig.from_env({**PLAINTEXT, "LTREC_TRITON_COALESCE_MAX_IN_FLIGHT": "0"})

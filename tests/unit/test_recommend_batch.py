@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -22,18 +23,27 @@ from server.interceptors import INTERNAL_MESSAGE
 from tests.support.gateway import (
     METADATA,
     FakeTransport,
+    Gateway,
     InferCall,
     access_log,
     event,
     log_lines,
     outputs,
     run_async,
-    running_gateway,
 )
+from tests.support.gateway import running_gateway as _running_gateway
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+
+
+def running_gateway(
+    repository: Path, fake: FakeTransport, **config: object
+) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    """A gateway that makes one Triton call per request: these tests pace, fail and count the
+    calls by request (coalesced calls, `server.coalesce`, are tested in test_coalesce.py)."""
+    return _running_gateway(repository, fake, triton_coalesce=False, **config)
 
 
 class PacedFake(FakeTransport):
