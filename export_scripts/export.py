@@ -477,6 +477,8 @@ def _export_into(
         basket_lookup=True,
         # The audience ensemble and scorer (Audience, ForecastDemand) are in the repository.
         audience=True,
+        # The Recommend and SimilarItems ensembles take at most the scorer's rows.
+        max_batch_rows=scorer_rows,
         vocabularies=ckpt.vocabularies,
         text_model=summary["text_model"],
         model_config=ckpt.model_config,

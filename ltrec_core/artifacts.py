@@ -208,6 +208,9 @@ class RepositoryMetadata:
     # The repository has the audience ensemble (Audience, ForecastDemand); exported before it:
     # False, and those two methods answer UNAVAILABLE until the export is re-run.
     audience: bool = False
+    # The most rows one Recommend or SimilarItems ensemble call takes (their max_batch_size,
+    # lowered on a large catalogue): the gateway never coalesces more requests into one call.
+    max_batch_rows: int = contract.MAX_BATCH_SIZE
     model_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     n_items: int = 0
@@ -252,6 +255,7 @@ class RepositoryMetadata:
             "item_filter": self.item_filter,
             "basket_lookup": self.basket_lookup,
             "audience": self.audience,
+            "max_batch_rows": self.max_batch_rows,
             "vocabularies": self.vocabularies.to_json(),
             "text_model": self.text_model,
             "model_config": self.model_config,
@@ -357,6 +361,17 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         value = raw.get(key, default)
         return value if isinstance(value, kind) else default
 
+    max_batch_rows = raw.get("max_batch_rows", contract.MAX_BATCH_SIZE)
+    if (
+        isinstance(max_batch_rows, bool)
+        or not isinstance(max_batch_rows, int)
+        or not 1 <= max_batch_rows <= contract.MAX_BATCH_SIZE
+    ):
+        raise fail(
+            f"max_batch_rows must be an integer in [1, {contract.MAX_BATCH_SIZE}], "
+            f"got {max_batch_rows!r}"
+        )
+
     return RepositoryMetadata(
         model_version=model_version,
         embedding_dim=dim,
@@ -371,6 +386,7 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         item_filter=True,
         basket_lookup=raw.get("basket_lookup") is True,
         audience=raw.get("audience") is True,
+        max_batch_rows=max_batch_rows,
         model_config=model_config if isinstance(model_config, dict) else {},
         created_at=optional("created_at", str, ""),
         n_items=optional("n_items", int, 0),

@@ -175,7 +175,11 @@ def create_server(
         )
     triton = TritonClient(transport, timeout_seconds=config.triton_timeout_seconds)
     ranking: TritonClient | Coalescer = (
-        Coalescer(triton, max_in_flight=config.triton_coalesce_max_in_flight)
+        Coalescer(
+            triton,
+            max_rows=metadata.max_batch_rows,
+            max_in_flight=config.triton_coalesce_max_in_flight,
+        )
         if config.triton_coalesce
         else triton
     )

@@ -56,6 +56,8 @@ class ModelMetadata:
     basket_lookup: bool = False
     # The repository has the audience ensemble (Audience, ForecastDemand).
     audience: bool = False
+    # The most rows one Recommend or SimilarItems ensemble call takes: the coalescer's bound.
+    max_batch_rows: int = contract.MAX_BATCH_SIZE
     # The hash of the repository's files (`ltrec_core.artifacts.content_hash`); "" when exported
     # before it. With the version, what Triton must serve for this gateway to be SERVING.
     content_hash: str = ""
@@ -77,6 +79,7 @@ class ModelMetadata:
             text_max_tokens=metadata.text_max_tokens,
             basket_lookup=metadata.basket_lookup,
             audience=metadata.audience,
+            max_batch_rows=metadata.max_batch_rows,
             content_hash=metadata.content_hash,
         )
 

@@ -6,6 +6,7 @@ answer as each alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -373,3 +374,29 @@ async def test_concurrent_recommends_coalesced_answer_as_each_alone(tmp_path: Pa
         assert len(one.items) <= request.k
     assert any(len(r.items) > 1 for r in alone)
     assert isinstance(together[0], recommender_pb2.RecommendResponse)
+
+
+@run_async
+async def test_the_gateway_coalesces_no_more_rows_than_the_repository_s_ensembles_take(
+    tmp_path: Path,
+) -> None:
+    """A large catalogue's export lowers the ensembles' max_batch_size (`max_batch_rows` in its
+    metadata): Triton would refuse a larger call, so the gateway never sends one."""
+    repository = write_repository(tmp_path / "repo")
+    metadata_file = repository / contract.METADATA_FILE
+    metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+    metadata_file.write_text(json.dumps({**metadata, "max_batch_rows": 2}), encoding="utf-8")
+    fake = RowFake()
+    requests = []
+    for n in range(12):
+        request = full_request()
+        request.ClearField("request_id")
+        request.k = 1 + n % 5
+        requests.append(request)
+    async with running_gateway(repository, fake) as gw:
+        answers = await asyncio.gather(*(gw.stub.Recommend(r, timeout=5) for r in requests))
+    calls = fake.ranking_calls()
+    rows = [len(call.inputs[contract.TOP_K]) for call in calls]
+    assert sum(rows) == len(requests)
+    assert max(rows) == 2  # coalesced, within the bound
+    assert all(len(a.items) >= 1 for a in answers)

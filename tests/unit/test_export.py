@@ -27,7 +27,7 @@ from export_scripts import onnx_graphs, triton_config
 from ltrec.checkpoint import load_checkpoint
 from ltrec.models import ItemLookup, Scorer, UserEncoder
 from ltrec_core import contract
-from ltrec_core.artifacts import CatalogueFields, content_hash
+from ltrec_core.artifacts import CatalogueFields, content_hash, read_repository_metadata
 from server.catalogue import load_model_repository
 from server.gen.ltrec.v1 import recommender_pb2
 from server.item_filter import eligibility
@@ -211,6 +211,9 @@ def test_a_large_catalogue_exports_a_scorer_and_ensembles_of_fewer_rows(
         assert read_config(repo, model).max_batch_size == 4, model
     for model in (contract.USER_ENCODER_MODEL, contract.ITEM_LOOKUP_MODEL):
         assert read_config(repo, model).max_batch_size == contract.MAX_DIRECT_ROWS
+    # The gateway reads the ensembles' rows from the metadata: it never coalesces more.
+    assert read_repository_metadata(repo / contract.METADATA_FILE).max_batch_rows == 4
+    assert exported.metadata["max_batch_rows"] == contract.MAX_BATCH_SIZE
     assert (
         list(read_config(repo, contract.SCORER_MODEL).dynamic_batching.preferred_batch_size) == []
     )

@@ -176,6 +176,14 @@ BAD_METADATA = {
         "vocabularies.event_types must be",
     ),
     "no vocabularies": (_metadata_with(vocabularies=None), "vocabularies must be an object"),
+    "batch rows past the ensembles' bound": (
+        _metadata_with(max_batch_rows=65),
+        "max_batch_rows must be an integer in [1, 64], got 65",
+    ),
+    "batch rows not a number": (
+        _metadata_with(max_batch_rows="16"),
+        "max_batch_rows must be an integer in [1, 64], got '16'",
+    ),
     "exported before the item filter": (
         _metadata_with(item_filter=None),
         "item_filter must be true: this repository was exported before the scorer took the "
