@@ -34,16 +34,23 @@ K = 10
 HISTORY = 50  # the scale bench's history length: blocked items the scorer over-fetches for
 
 
-def sweep_specs(items: int, hnsw_max_items: int) -> list[tuple[IndexSpec, tuple[int, ...]]]:
+IVF_ENCODINGS = ("flat", "sq8")
+
+
+def sweep_specs(
+    items: int, hnsw_max_items: int, ivf_encodings: tuple[str, ...] = IVF_ENCODINGS
+) -> list[tuple[IndexSpec, tuple[int, ...]]]:
     """(index, the efSearch or nprobe values searched) measured at `items`."""
     lists = ivf_lists_for(items)
     specs: list[tuple[IndexSpec, tuple[int, ...]]] = []
     if items <= hnsw_max_items:
         specs.append((IndexSpec(kind="hnsw", hnsw_m=16, ef_construction=128), (128, 256, 512)))
-    specs += [
-        (IndexSpec(kind="ivf", ivf_lists=lists, ivf_encoding="flat"), (64, 128, 256, 512)),
-        (IndexSpec(kind="ivf", ivf_lists=lists, ivf_encoding="sq8"), (256,)),
-    ]
+    if "flat" in ivf_encodings:
+        specs.append(
+            (IndexSpec(kind="ivf", ivf_lists=lists, ivf_encoding="flat"), (64, 128, 256, 512))
+        )
+    if "sq8" in ivf_encodings:
+        specs.append((IndexSpec(kind="ivf", ivf_lists=lists, ivf_encoding="sq8"), (256,)))
     return specs
 
 
@@ -85,6 +92,7 @@ def run(
     workdir: Path,
     n_queries: int,
     hnsw_max_items: int,
+    ivf_encodings: tuple[str, ...] = IVF_ENCODINGS,
 ) -> dict[str, Any]:
     import torch
 
@@ -104,7 +112,8 @@ def run(
         "machine_cores": os.cpu_count(),
         "load": os.getloadavg()[0],
         "sizes": [
-            sweep_size(items, reference, queries, weights, fetch, hnsw_max_items) for items in sizes
+            sweep_size(items, reference, queries, weights, fetch, hnsw_max_items, ivf_encodings)
+            for items in sizes
         ],
     }
 
@@ -116,6 +125,7 @@ def sweep_size(
     weights: list[float],
     fetch: int,
     hnsw_max_items: int,
+    ivf_encodings: tuple[str, ...] = IVF_ENCODINGS,
 ) -> dict[str, Any]:
     import faiss
 
@@ -137,7 +147,7 @@ def sweep_size(
         exact_top(folded, q.reshape(1, -1), K)
         exact_ms.append((time.perf_counter() - started) * 1000)
     rows = []
-    for spec, search_values in sweep_specs(items, hnsw_max_items):
+    for spec, search_values in sweep_specs(items, hnsw_max_items, ivf_encodings):
         faiss.omp_set_num_threads(2)
         started, cpu_started = time.monotonic(), time.process_time()
         index = build_index(folded, spec)
@@ -233,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--hnsw-max-items", type=int, default=250_000)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument(
+        "--ivf-encodings",
+        nargs="+",
+        choices=IVF_ENCODINGS,
+        default=list(IVF_ENCODINGS),
+        help="IVF list encodings built (sq8 doubles the build time at 10M items)",
+    )
     parser.add_argument("--checkpoint", type=Path, default=Path("artifacts/ml-1m/checkpoint.pt"))
     parser.add_argument("--data", type=Path, default=Path("data/ml-1m"))
     parser.add_argument("--workdir", type=Path, default=Path("build/ann-sweep"))
@@ -241,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.workdir.mkdir(parents=True, exist_ok=True)
     result = run(
-        args.items, args.checkpoint, args.data, args.workdir, args.queries, args.hnsw_max_items
+        args.items,
+        args.checkpoint,
+        args.data,
+        args.workdir,
+        args.queries,
+        args.hnsw_max_items,
+        tuple(args.ivf_encodings),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)

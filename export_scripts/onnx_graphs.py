@@ -305,7 +305,7 @@ def scorer_graph(
     n_rows, dim = item_table.shape
     log_popularity = np.log1p(popularity.astype(np.float32)).reshape(1, -1)
     inits = [
-        numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
+        numpy_helper.from_array(np.asarray(item_table, dtype=np.float32), "item_table"),
         numpy_helper.from_array(log_popularity, "log_popularity"),
         numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"),
         numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
@@ -324,7 +324,7 @@ def scorer_graph(
             n("Gemm", [contract.WEIGHTED_USER_EMBEDDING, "item_table"], ["raw"], transB=1)
         ]
     else:
-        q, scale = quantize_rows(item_table.astype(np.float32))
+        q, scale = quantize_rows(np.asarray(item_table, dtype=np.float32))
         inits += [
             numpy_helper.from_array(np.ascontiguousarray(q.T), "item_table_q_t"),  # [D, N+1]
             numpy_helper.from_array(scale.reshape(1, -1), "item_scale"),
@@ -572,7 +572,7 @@ def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
         n("Div", ["query_sum", "query_count_safe"], [contract.QUERY_EMBEDDING]),
     ]
     inits = [
-        numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
+        numpy_helper.from_array(np.asarray(item_table, dtype=np.float32), "item_table"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
         numpy_helper.from_array(np.array(contract.PADDING_INDEX, dtype=np.int64), "pad_index"),
@@ -651,7 +651,7 @@ def audience_scorer_graph(item_table: np.ndarray) -> onnx.ModelProto:
         ),
     ]
     inits = [
-        numpy_helper.from_array(item_table.astype(np.float32), "item_table"),
+        numpy_helper.from_array(np.asarray(item_table, dtype=np.float32), "item_table"),
         numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"),
         numpy_helper.from_array(np.array([[contract.PADDING_INDEX]], dtype=np.int64), "pad_cell"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),

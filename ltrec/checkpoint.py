@@ -127,6 +127,8 @@ def load_checkpoint(path: Path) -> tuple[Recommender, Checkpoint]:
     ckpt = read_checkpoint(path)
     cfg = ModelConfig(**ckpt.model_config)
     model = Recommender(cfg, torch.from_numpy(ckpt.text_features), checkpoint_side(ckpt))
-    model.load_state_dict(ckpt.state_dict)
+    # The checkpoint's tensors become the model's (no copy): at millions of items the ID table
+    # alone is gigabytes, and a copy would live as long as the checkpoint object.
+    model.load_state_dict(ckpt.state_dict, assign=True)
     model.eval()
     return model, ckpt
