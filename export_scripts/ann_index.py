@@ -11,9 +11,14 @@ re-ranked exactly, 2 shared cores; CPU seconds of the build, search on one threa
                 HNSW M16/efC128  over 38 min wall (not swept again; about 10x the 100k build
                                  in CPU at the least)
 
+    10M items   IVF-Flat 4096    build 110 CPU s  nprobe 256:   recall@10 0.983, p50 15 ms
+                                                  nprobe 512:   0.997, p50 29 ms, p99 49-58 ms
+
 (the same at long-tail weight 0 and at the default). Served through the gateway, nprobe 256
-gave recall@10 0.951 and 0.944 against the exact scan (two runs at 1M): on the 0.95 line, so the
-default probes 512 lists (0.996 in the sweep, 5 ms). So `kind="auto"` (the default) builds HNSW
+gave recall@10 0.951 and 0.944 against the exact scan (two runs at 1M): on the 0.95 line, so at
+1M the default probes 512 lists (0.996 in the sweep, 5 ms). A probe scans N / lists rows, so the
+default is a scan budget (`nprobe_for`: about 640k rows, at most 512 lists): 512 lists at 1M,
+262 at 10M, where 512 would cost 29 ms p50 on one thread. So `kind="auto"` (the default) builds HNSW
 below `IVF_MIN_ITEMS` and IVF-Flat from there: at 100k IVF already matches HNSW's recall and
 latency for a third of the build, and its build grows as N·lists (k-means assignment), not as
 HNSW's graph insertion, which is what makes 10M buildable on 2 cores. IVF lists stay fp32
@@ -47,6 +52,22 @@ IVF_ENCODINGS = ("flat", "sq8")  # what an IVF list stores: fp32 rows, or 8 bits
 IVF_MIN_ITEMS = 100_000
 
 
+# IVF search budget: about this many rows scanned per query (nprobe lists of N / lists rows). At
+# 1M items (4000 lists) the cap of 512 lists binds; at 10M (4096 lists of about 2,400 rows) it
+# gives 262 lists: recall@10 0.983 and a 15 ms p50 on one thread, where 512 lists gave 0.997 at
+# 29 ms and a p99 past 50 ms (reports/bench-10m/ann_sweep.md).
+IVF_SCAN_ROWS = 640_000
+IVF_MAX_NPROBE = 512
+
+
+def nprobe_for(n_rows: int, lists: int) -> int:
+    """Lists an IVF search probes by default: `IVF_SCAN_ROWS` rows' worth, at most
+    `IVF_MAX_NPROBE` and every list, at least one."""
+    if n_rows < 1 or lists < 1:
+        raise ValueError(f"n_rows and lists must be at least 1, got {n_rows} and {lists}")
+    return max(1, min(IVF_MAX_NPROBE, lists, IVF_SCAN_ROWS * lists // n_rows))
+
+
 def ivf_lists_for(n_items: int) -> int:
     """IVF lists for `n_items`: about 4·sqrt(N), at least 39 training points a list (faiss'
     lower bound for k-means), at most 4096: assigning every row costs N · lists (56 CPU s at
@@ -62,7 +83,9 @@ class IndexSpec:
     ef_search: int = 512
     ivf_lists: int = 0  # 0: ivf_lists_for(N)
     ivf_encoding: str = "flat"
-    nprobe: int = 512  # recall@10 0.996 at 1M items, 4000 lists (served, 256 gave 0.944-0.951)
+    # 0: nprobe_for(N, lists): 512 at 1M items, 4000 lists (recall@10 0.996; served, 256 gave
+    # 0.944-0.951), 262 at 10M (0.983)
+    nprobe: int = 0
     threads: int = 0  # build threads; 0: faiss' default (all cores)
 
     def __post_init__(self) -> None:
@@ -72,17 +95,23 @@ class IndexSpec:
             raise ValueError(
                 f"ivf_encoding must be one of {IVF_ENCODINGS}, got {self.ivf_encoding!r}"
             )
-        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
+        for name in ("hnsw_m", "ef_construction", "ef_search"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.nprobe < 0:
+            raise ValueError(f"nprobe must be at least 0 (0: by catalogue size), got {self.nprobe}")
 
     def resolve(self, n_rows: int) -> IndexSpec:
         """The spec for an index of `n_rows` rows: the kind chosen ("auto") and the lists."""
         kind = self.kind
         if kind == "auto":
             kind = "ivf" if n_rows >= IVF_MIN_ITEMS else "hnsw"
-        lists = (self.ivf_lists or ivf_lists_for(n_rows)) if kind == "ivf" else self.ivf_lists
-        return replace(self, kind=kind, ivf_lists=lists)
+        if kind != "ivf":
+            return replace(self, kind=kind)
+        lists = self.ivf_lists or ivf_lists_for(n_rows)
+        return replace(
+            self, kind=kind, ivf_lists=lists, nprobe=self.nprobe or nprobe_for(n_rows, lists)
+        )
 
 
 DEFAULT_SPEC = IndexSpec()

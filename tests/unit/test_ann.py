@@ -201,7 +201,9 @@ def test_auto_picks_hnsw_for_small_catalogues_and_ivf_above() -> None:
     assert spec.resolve(bound - 1).kind == "hnsw"
     large = spec.resolve(bound)
     assert (large.kind, large.ivf_lists) == ("ivf", ann_index.ivf_lists_for(bound))
-    assert large.nprobe == spec.nprobe and large.ivf_encoding == "flat"
+    assert large.nprobe == ann_index.nprobe_for(bound, large.ivf_lists)
+    assert large.ivf_encoding == "flat"
+    assert ann_index.IndexSpec(nprobe=24).resolve(bound).nprobe == 24  # a value given stays
     assert ann_index.IndexSpec(kind="hnsw").resolve(10**8).kind == "hnsw"  # a kind given stays
     assert ann_index.IndexSpec(kind="ivf", ivf_lists=7).resolve(10**8).ivf_lists == 7
 
@@ -214,12 +216,29 @@ def test_ivf_lists_grow_with_the_catalogue_within_bounds() -> None:
     assert lists[-1] == lists[-2] == 4096 and lists[2] == 4000
 
 
+def test_default_nprobe_is_a_scan_budget_that_shrinks_for_ten_million_items() -> None:
+    """Every list up to the cap on small catalogues, 512 at a million items (the served recall
+    needed it), about 640k rows' worth at ten million, where 512 lists cost 29 ms a query."""
+
+    def default(n: int) -> int:
+        return ann_index.IndexSpec(kind="ivf").resolve(n).nprobe
+
+    assert default(100_000) == min(512, ann_index.ivf_lists_for(100_000))
+    assert default(1_000_000) == 512
+    assert default(10_000_000) == 262
+    assert default(100_000_000) < default(10_000_000)
+    assert all(default(n) >= 1 for n in (40, 10**9))
+    assert ann_index.IndexSpec(kind="hnsw").resolve(10**7).nprobe == 0  # unused by HNSW
+    with pytest.raises(ValueError, match="n_rows and lists must be at least 1"):
+        ann_index.nprobe_for(0, 16)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
         ("kind", "pq", "kind must be one of"),
         ("ivf_encoding", "pq8", "ivf_encoding must be one of"),
-        ("nprobe", 0, "nprobe must be at least 1, got 0"),
+        ("nprobe", -1, "nprobe must be at least 0"),
         ("ef_search", -1, "ef_search must be at least 1, got -1"),
     ],
 )
