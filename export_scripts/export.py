@@ -371,6 +371,7 @@ def _export_into(
             scan=catalogue_scan,
             overlay=True,
             item_filter=True,
+            external_dir=path.parent,
         )
         onnx_graphs.save(graph, path, external=external)
         parity[contract.SCORER_MODEL] = onnx_graphs.scorer_parity(
@@ -386,7 +387,8 @@ def _export_into(
 
     # item lookup (SimilarItems): catalogue indices (one item, or a basket) -> their mean vector
     path = output / contract.ITEM_LOOKUP_MODEL / VERSION / "model.onnx"
-    onnx_graphs.save(onnx_graphs.item_lookup_graph(table.numpy()), path, external=external)
+    graph = onnx_graphs.item_lookup_graph(table.numpy(), path.parent)
+    onnx_graphs.save(graph, path, external=external)
     parity[contract.ITEM_LOOKUP_MODEL] = {
         contract.QUERY_EMBEDDING: onnx_graphs.item_lookup_parity(
             path, ItemLookup(table).eval(), dim, cfg.n_items, rng
@@ -395,7 +397,8 @@ def _export_into(
 
     # audience scorer (Audience, ForecastDemand): users x the catalogue's softmax
     path = output / contract.AUDIENCE_SCORER_MODEL / VERSION / "model.onnx"
-    onnx_graphs.save(onnx_graphs.audience_scorer_graph(table.numpy()), path, external=external)
+    graph = onnx_graphs.audience_scorer_graph(table.numpy(), path.parent)
+    onnx_graphs.save(graph, path, external=external)
     parity[contract.AUDIENCE_SCORER_MODEL] = onnx_graphs.audience_parity(
         path, AudienceScorer(table).eval(), dim, cfg.n_items, rng
     )

@@ -49,10 +49,47 @@ def needs_external_data(*arrays: np.ndarray | torch.Tensor) -> bool:
     return sum(int(a.nbytes) for a in arrays) > EXTERNAL_DATA_BYTES
 
 
+# Offsets of tables written straight to external data are aligned for memory mapping.
+EXTERNAL_DATA_ALIGNMENT = 1 << 16
+
+
+def table_initializer(
+    table: np.ndarray, name: str, external_dir: Path | None = None
+) -> onnx.TensorProto:
+    """The catalogue `table` as a float32 initializer named `name`.
+
+    With `external_dir` and a table past `EXTERNAL_DATA_BYTES`, its bytes go straight to
+    `external_dir / EXTERNAL_DATA_FILE` (appended at an aligned offset) and the initializer only
+    points at them: no in-memory copy as protobuf bytes, which past 2 GiB (about 8M items at
+    64-d) no protobuf message can hold at all. `save` then appends the graph's other large
+    tensors to the same file."""
+    array = np.ascontiguousarray(table, dtype=np.float32)
+    if external_dir is None or array.nbytes <= EXTERNAL_DATA_BYTES:
+        return numpy_helper.from_array(array, name)
+    external_dir.mkdir(parents=True, exist_ok=True)
+    with (external_dir / EXTERNAL_DATA_FILE).open("ab") as handle:
+        end = handle.tell()
+        offset = -(-end // EXTERNAL_DATA_ALIGNMENT) * EXTERNAL_DATA_ALIGNMENT
+        handle.write(b"\0" * (offset - end))
+        array.tofile(handle)
+    tensor = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (
+        ("location", EXTERNAL_DATA_FILE),
+        ("offset", str(offset)),
+        ("length", str(array.nbytes)),
+    ):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
 def save(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
     """Writes `model`; with `external`, its large tensors go to `EXTERNAL_DATA_FILE` beside it,
-    which onnxruntime (and Triton's native backend) read from the graph's own folder."""
+    which onnxruntime (and Triton's native backend) read from the graph's own folder. A graph
+    whose tables `table_initializer` already wrote there is checked here, from its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    points_at_data = _points_at_external_data(model)
     if external:
         onnx.save_model(
             model,
@@ -64,6 +101,8 @@ def save(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
         )
     else:
         onnx.save(model, str(path))
+    if points_at_data:
+        onnx.checker.check_model(str(path))
 
 
 def _export(
@@ -276,8 +315,10 @@ def scorer_graph(
     scan: str = "fp32",
     overlay: bool = False,
     item_filter: bool = False,
+    external_dir: Path | None = None,
 ) -> onnx.ModelProto:
-    """ONNX version of `ltrec.models.Scorer` with the catalogue inside the graph.
+    """ONNX version of `ltrec.models.Scorer` with the catalogue inside the graph (in
+    `external_dir`'s external data when it is large: `table_initializer`).
 
     `scan="int8"` reads the catalogue as per-row int8 (a quarter of the bytes: the scan is
     memory-bound on large catalogues), keeps the best `k + RERANK_EXTRA` and re-scores those
@@ -305,7 +346,7 @@ def scorer_graph(
     n_rows, dim = item_table.shape
     log_popularity = np.log1p(popularity.astype(np.float32)).reshape(1, -1)
     inits = [
-        numpy_helper.from_array(np.asarray(item_table, dtype=np.float32), "item_table"),
+        table_initializer(item_table, "item_table", external_dir),
         numpy_helper.from_array(log_popularity, "log_popularity"),
         numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"),
         numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
@@ -547,7 +588,7 @@ def scorer_graph(
     return _model(graph)
 
 
-def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
+def item_lookup_graph(item_table: np.ndarray, external_dir: Path | None = None) -> onnx.ModelProto:
     """ONNX version of `ltrec.models.ItemLookup`: `query_items` [B, L] (a basket, padded with
     `PADDING_INDEX`) -> `query_embedding` [B, D], the mean of the items' vectors, each from the
     trained table or the overlay (SimilarItems' first step). L = 1 is the single-item query,
@@ -572,7 +613,7 @@ def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
         n("Div", ["query_sum", "query_count_safe"], [contract.QUERY_EMBEDDING]),
     ]
     inits = [
-        numpy_helper.from_array(np.asarray(item_table, dtype=np.float32), "item_table"),
+        table_initializer(item_table, "item_table", external_dir),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
         numpy_helper.from_array(np.array(contract.PADDING_INDEX, dtype=np.int64), "pad_index"),
@@ -596,7 +637,9 @@ def item_lookup_graph(item_table: np.ndarray) -> onnx.ModelProto:
     return _model(graph)
 
 
-def audience_scorer_graph(item_table: np.ndarray) -> onnx.ModelProto:
+def audience_scorer_graph(
+    item_table: np.ndarray, external_dir: Path | None = None
+) -> onnx.ModelProto:
     """ONNX version of `ltrec.models.AudienceScorer` with the catalogue inside the graph.
 
     Inputs: `query_embedding` [Q, D] (from item_lookup), `weighted_user_embedding` [U, D] (the
@@ -651,7 +694,7 @@ def audience_scorer_graph(item_table: np.ndarray) -> onnx.ModelProto:
         ),
     ]
     inits = [
-        numpy_helper.from_array(np.asarray(item_table, dtype=np.float32), "item_table"),
+        table_initializer(item_table, "item_table", external_dir),
         numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "neg_inf"),
         numpy_helper.from_array(np.array([[contract.PADDING_INDEX]], dtype=np.int64), "pad_cell"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "one_axis"),
@@ -686,8 +729,13 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
         producer_name="ltrec-export",
         ir_version=10,  # onnxruntime 1.31 and the NGC image read IR <= 10
     )
-    onnx.checker.check_model(model)
+    if not _points_at_external_data(model):  # those are checked where they lie, by `save`
+        onnx.checker.check_model(model)
     return model
+
+
+def _points_at_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def session(path: Path) -> ort.InferenceSession:

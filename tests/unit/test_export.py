@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
@@ -230,6 +231,67 @@ def test_a_catalogue_past_64_mib_is_mapped_from_external_data() -> None:
     dim = 64
     assert not onnx_graphs.needs_external_data(np.empty((100_000, dim), np.float32))
     assert onnx_graphs.needs_external_data(np.empty((1_000_001, dim), np.float32))
+
+
+def test_a_catalogue_table_goes_straight_to_external_data_and_answers_as_embedded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the threshold a graph's catalogue is written to the data file and only pointed at
+    (no protobuf copy: past 2 GiB none can hold it); `save` appends the graph's other large
+    tensors (the scorer's popularity row) to the same file; onnxruntime answers as with the
+    table embedded, for the item lookup, the scorer and the audience scorer."""
+    monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_BYTES", 1024)
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((400, 8)).astype(np.float32)  # 12.5 KiB
+    table[0] = 0.0
+    popularity = rng.integers(0, 50, 400)
+    builders = {
+        "item_lookup": lambda d: onnx_graphs.item_lookup_graph(table, d),
+        "scorer": lambda d: onnx_graphs.scorer_graph(
+            table, popularity, overlay=True, item_filter=True, external_dir=d
+        ),
+        "audience": lambda d: onnx_graphs.audience_scorer_graph(table, d),
+    }
+    feeds = {
+        "item_lookup": {
+            contract.QUERY_ITEMS: np.array([[3, 7, 0]], np.int64),
+            contract.EXTRA_ITEM_VECTORS: np.zeros((1, 0, 8), np.float32),
+        },
+        "scorer": {
+            contract.WEIGHTED_USER_EMBEDDING: rng.standard_normal((2, 8)).astype(np.float32),
+            contract.HISTORY_ITEMS: np.array([[5, 0], [9, 11]], np.int64),
+            contract.EXCLUDE_ITEMS: np.zeros((2, 1), np.int64),
+            contract.LONG_TAIL_WEIGHT: np.array([[0.0], [0.3]], np.float32),
+            contract.TOP_K: np.array([[5], [5]], np.int64),
+            contract.EXTRA_ITEM_VECTORS: np.zeros((2, 0, 8), np.float32),
+            contract.EXTRA_POPULARITY: np.zeros((2, 0), np.float32),
+            contract.ITEM_ELIGIBLE: np.ones((2, 1), bool),
+        },
+        "audience": {
+            contract.QUERY_EMBEDDING: rng.standard_normal((2, 8)).astype(np.float32),
+            contract.WEIGHTED_USER_EMBEDDING: rng.standard_normal((6, 8)).astype(np.float32),
+            contract.USER_ACTIVITY: np.ones(6, np.float32),
+            contract.EXCLUDE_ITEMS: np.zeros((1, 1), np.int64),
+            contract.TOP_K: np.array([3], np.int64),
+            contract.EXTRA_ITEM_VECTORS: np.zeros((0, 8), np.float32),
+        },
+    }
+    for name, build in builders.items():
+        embedded = ort.InferenceSession(build(None).SerializeToString())
+        path = tmp_path / name / "model.onnx"
+        graph = build(path.parent)
+        stored = [t for t in graph.graph.initializer if t.name == "item_table"]
+        assert stored[0].data_location == onnx.TensorProto.EXTERNAL
+        assert not stored[0].HasField("raw_data")
+        onnx_graphs.save(graph, path, external=True)
+        data = path.parent / onnx_graphs.EXTERNAL_DATA_FILE
+        assert data.stat().st_size >= table.nbytes
+        assert path.stat().st_size < table.nbytes  # the graph only points at it
+        mapped = ort.InferenceSession(str(path))
+        for want, got in zip(
+            embedded.run(None, feeds[name]), mapped.run(None, feeds[name]), strict=True
+        ):
+            np.testing.assert_array_equal(want, got)
 
 
 ENSEMBLE_WIRING = {
