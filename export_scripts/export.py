@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import shutil
 import sys
@@ -52,6 +53,20 @@ from ltrec_core.artifacts import (
 )
 
 PARITY_TOLERANCE = 1e-4
+
+
+def parity_tolerance(model_name: str, n_items: int) -> float:
+    """The largest ONNX-vs-torch difference accepted for `model_name`'s outputs.
+
+    The audience scorer's figures are relative and rest on a softmax normaliser summed over the
+    whole catalogue in float32, whose rounding grows as the square root of the terms summed
+    (torch and onnxruntime sum in different orders): 1.4e-4 at ten million items. Its tolerance
+    grows the same way past a million items; a wrong graph is off by far more."""
+    if model_name == contract.AUDIENCE_SCORER_MODEL:
+        return PARITY_TOLERANCE * max(1.0, math.sqrt((n_items + 1) / 1_000_000))
+    return PARITY_TOLERANCE
+
+
 VERSION = "1"  # Triton version folder; the model version string lives in the metadata
 OWNED_MODELS = (
     contract.ENSEMBLE_MODEL,
@@ -441,7 +456,10 @@ def _export_into(
         for tensor, value in diffs.items():
             log(f"parity {model_name}.{tensor}: max abs diff {value:.2e}")
     failed = [
-        f"{m}.{t}={v}" for m, d in parity.items() for t, v in d.items() if v > PARITY_TOLERANCE
+        f"{m}.{t}={v}"
+        for m, d in parity.items()
+        for t, v in d.items()
+        if v > parity_tolerance(m, cfg.n_items)
     ]
     if failed:
         raise RuntimeError(f"ONNX graphs disagree with torch: {', '.join(failed)}")

@@ -958,3 +958,13 @@ def test_a_tuned_default_out_of_bounds_is_refused(
         "the checkpoint's SimilarItems long-tail weight must be in [0, 2], got 3; give one with "
         "--default-similar-long-tail-weight" in capsys.readouterr().err
     )
+
+
+def test_parity_tolerance_widens_only_for_the_audience_softmax_of_large_catalogues() -> None:
+    tol = export_module.parity_tolerance
+    base = export_module.PARITY_TOLERANCE
+    for model in (contract.USER_ENCODER_MODEL, contract.SCORER_MODEL, contract.ITEM_LOOKUP_MODEL):
+        assert tol(model, 10_000_000) == base
+    assert tol(contract.AUDIENCE_SCORER_MODEL, 3_883) == base
+    assert tol(contract.AUDIENCE_SCORER_MODEL, 999_999) == base
+    assert 3.1 * base < tol(contract.AUDIENCE_SCORER_MODEL, 10_000_000) < 3.2 * base
