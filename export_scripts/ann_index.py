@@ -15,16 +15,12 @@ re-ranked exactly, 2 shared cores; CPU seconds of the build, search on one threa
                                                   nprobe 512:   0.997, p50 29 ms, p99 49-58 ms
 
 (the same at long-tail weight 0 and at the default). Served through the gateway, nprobe 256
-gave recall@10 0.951 and 0.944 against the exact scan (two runs at 1M): on the 0.95 line, so at
-1M the default probes 512 lists (0.996 in the sweep, 5 ms). A probe scans N / lists rows, so the
-default is a scan budget (`nprobe_for`: about 640k rows, at most 512 lists): 512 lists at 1M,
-262 at 10M, where 512 would cost 29 ms p50 on one thread. So `kind="auto"` (the default) builds HNSW
-below `IVF_MIN_ITEMS` and IVF-Flat from there: at 100k IVF already matches HNSW's recall and
-latency for a third of the build, and its build grows as N·lists (k-means assignment), not as
-HNSW's graph insertion, which is what makes 10M buildable on 2 cores. IVF lists stay fp32
-("flat"): 8-bit lists ("sq8", selectable) are 3.6x smaller with the same recall (the re-rank
-reads the fp32 vectors) but were searched far slower at 65 dimensions (1M items, nprobe 256:
-50 ms p50 against 1.1 ms; faiss' SIMD scanners want a multiple of 8).
+gave recall@10 0.951 and 0.944 against the exact scan (two runs at 1M): on the 0.95 line, so the
+default probes 512 lists (0.996 in the sweep, 5 ms). Served at 10M (`reports/bench-10m`), the
+served queries are harder than the sweep's: 262 lists gave 0.912 (0.983 in the sweep), 512 gave
+0.969 at p99 39 ms, each query's lists searched by every core (`ann_scorer`). A probe scans
+N / lists rows, so the default is a scan budget (`nprobe_for`: 1.3M rows, at most 512 lists):
+512 lists up to 10M items, fewer beyond.
 """
 
 from __future__ import annotations
@@ -52,11 +48,12 @@ IVF_ENCODINGS = ("flat", "sq8")  # what an IVF list stores: fp32 rows, or 8 bits
 IVF_MIN_ITEMS = 100_000
 
 
-# IVF search budget: about this many rows scanned per query (nprobe lists of N / lists rows). At
-# 1M items (4000 lists) the cap of 512 lists binds; at 10M (4096 lists of about 2,400 rows) it
-# gives 262 lists: recall@10 0.983 and a 15 ms p50 on one thread, where 512 lists gave 0.997 at
-# 29 ms and a p99 past 50 ms (reports/bench-10m/ann_sweep.md).
-IVF_SCAN_ROWS = 640_000
+# IVF search budget: about this many rows scanned per query (nprobe lists of N / lists rows), at
+# most IVF_MAX_NPROBE lists. Up to 10M items (4096 lists of about 2,400 rows) the cap binds: served
+# at 10M, 512 lists gave recall@10 0.969 against the exact scan at p99 39 ms (the scorer splits a
+# query's lists between the cores), where a 640k-row budget (262 lists) gave 0.912
+# (reports/bench-10m). Past that the budget keeps a query's scan, and its latency, bounded.
+IVF_SCAN_ROWS = 1_300_000
 IVF_MAX_NPROBE = 512
 
 
@@ -84,7 +81,7 @@ class IndexSpec:
     ivf_lists: int = 0  # 0: ivf_lists_for(N)
     ivf_encoding: str = "flat"
     # 0: nprobe_for(N, lists): 512 at 1M items, 4000 lists (recall@10 0.996; served, 256 gave
-    # 0.944-0.951), 262 at 10M (0.983)
+    # 0.944-0.951) and at 10M (served 0.969, p99 39 ms), fewer beyond
     nprobe: int = 0
     threads: int = 0  # build threads; 0: faiss' default (all cores)
 

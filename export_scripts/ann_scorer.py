@@ -59,7 +59,9 @@ class SearchSettings:
     exact_below: int = 20_000
     # Candidate lists grow ×4 up to this, then the eligible items are scanned exactly.
     max_fetch: int = 8192
-    threads: int = 1
+    # Search threads; 0: faiss' default, every core of the serving machine. Each row is searched
+    # alone (its own fetch), so an IVF index splits one query's probed lists among them.
+    threads: int = 0
     popularity_scale: float = 1.0  # the folding's (`popularity_scale`)
     index: dict[str, Any] = field(default_factory=dict)  # how it was built (for the record)
 
@@ -138,10 +140,12 @@ class AnnScorer:
         self.log_popularity = log_popularity
         self.settings = settings
         self.n_rows = vectors.shape[0]  # N+1, the padding row included
-        faiss.omp_set_num_threads(settings.threads)
+        if settings.threads:
+            faiss.omp_set_num_threads(settings.threads)
         base = faiss.extract_index_ivf(index) if "IVF" in type(index).__name__ else index
         if hasattr(base, "nprobe"):
             base.nprobe = settings.nprobe
+            base.parallel_mode = 1  # one query at a time: its lists, not the queries, in parallel
         self._hnsw = hasattr(index, "hnsw")
 
     @classmethod
