@@ -50,12 +50,16 @@ def test_quick_sweep_writes_a_row_per_setting_and_batches_form(tmp_path: Path) -
         for run in row["runs"]:
             assert run["throughput_rps"] > 0 and run["p50_ms"] > 0, (row["batcher"], run)
             assert run["errors"] == 0, run["first_error"]
-            # Triton answered every measured request, one scorer row each
-            assert run["requests"] == run["scorer_rows"] == batching_sweep.QUICK.requests
-            if row["setting"]["dynamic"] and run["concurrency"] >= 8:
+            # Triton answered every measured request, one scorer row each; the gateway may have
+            # coalesced several into one Triton request (LTREC_TRITON_COALESCE, on by default)
+            assert run["scorer_rows"] == batching_sweep.QUICK.requests, run
+            assert 0 < run["requests"] <= run["scorer_rows"], run
+            if run["concurrency"] >= 8:  # batches formed, at the gateway or in Triton
                 assert run["scorer_executions"] < run["scorer_rows"], (row["batcher"], run)
-            if not row["setting"]["dynamic"]:
-                assert run["scorer_executions"] == run["scorer_rows"], run
+            if not row["setting"]["dynamic"]:  # no batcher: each Triton request executes alone
+                assert run["scorer_executions"] == run["requests"], run
+            else:  # the batcher may merge Triton's requests, never split one
+                assert run["scorer_executions"] <= run["requests"], run
 
     table = [
         line
