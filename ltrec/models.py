@@ -385,7 +385,10 @@ class Recommender(nn.Module):
         n_rows = self.text_features.shape[0]
         if torch.is_grad_enabled() or self.training or n_rows <= TABLE_CHUNK_ROWS:
             return self._content_rows(0, n_rows)
-        table = torch.empty(n_rows, self.cfg.embedding_dim, dtype=self.text_features.dtype)
+        features = self.text_features
+        table = torch.empty(
+            n_rows, self.cfg.embedding_dim, dtype=features.dtype, device=features.device
+        )
         for start in range(0, n_rows, TABLE_CHUNK_ROWS):
             stop = min(start + TABLE_CHUNK_ROWS, n_rows)
             table[start:stop] = self._content_rows(start, stop)

@@ -24,7 +24,7 @@ import asyncio
 import contextvars
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,14 +102,18 @@ class Coalescer:
     ) -> dict[str, np.ndarray]:
         """As `TritonClient.infer`, for inputs of one row each ([1, ...]); outputs [1, ...]."""
         key = _key(model_name, output_names, inputs)
-        if key is None:
-            return await self._triton.infer(
+
+        def alone() -> Awaitable[dict[str, np.ndarray]]:
+            return self._triton.infer(
                 inputs,
                 deadline=deadline,
                 request_id=request_id,
                 model_name=model_name,
                 output_names=output_names,
             )
+
+        if key is None:
+            return await alone()
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
@@ -118,13 +122,7 @@ class Coalescer:
             lane.in_flight += 1
             try:
                 self._rows[model_name].observe(1)
-                return await self._triton.infer(
-                    inputs,
-                    deadline=deadline,
-                    request_id=request_id,
-                    model_name=model_name,
-                    output_names=output_names,
-                )
+                return await alone()
             finally:
                 lane.in_flight -= 1
                 self._dispatch(key, lane)
