@@ -49,6 +49,7 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.errors: list[str] = []  # exports that could not be read, said when a wait fails
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -58,17 +59,28 @@ class OtlpReceiver:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def wait_for(
-        self, ready: Callable[[list[ReceivedSpan]], bool], timeout_s: float = 20.0
+        self,
+        ready: Callable[[list[ReceivedSpan]], bool],
+        timeout_s: float = 20.0,
+        *,
+        fail: bool = True,
     ) -> list[ReceivedSpan]:
-        """The spans once `ready(spans)` holds (exporters batch); fails after the timeout."""
+        """The spans once `ready(spans)` holds (exporters batch). After the timeout: fails, or
+        with `fail=False` returns what came (the caller then flushes an exporter and waits
+        again)."""
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
                 spans = list(self.spans)
+                errors = list(self.errors)
             if ready(spans):
                 return spans
             if time.monotonic() > deadline:
-                raise AssertionError(f"spans not received in {timeout_s} s: {spans}")
+                if not fail:
+                    return spans
+                raise AssertionError(
+                    f"spans not received in {timeout_s} s: {spans}; exports refused: {errors}"
+                )
             time.sleep(0.1)
 
     def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
@@ -77,13 +89,19 @@ class OtlpReceiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802  (the http.server name)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                request = trace_service_pb2.ExportTraceServiceRequest()
-                if self.headers.get("Content-Type", "").startswith("application/json"):
-                    json_format.ParseDict(_hex_ids_as_base64(json.loads(body)), request)
-                else:
-                    request.ParseFromString(body)
+                try:
+                    if self.headers.get("Content-Encoding") == "gzip":
+                        body = gzip.decompress(body)
+                    request = trace_service_pb2.ExportTraceServiceRequest()
+                    if self.headers.get("Content-Type", "").startswith("application/json"):
+                        json_format.ParseDict(_hex_ids_as_base64(json.loads(body)), request)
+                    else:
+                        request.ParseFromString(body)
+                except Exception as error:  # a test's failure message says why, not a thread
+                    with receiver._lock:
+                        receiver.errors.append(f"{self.headers.get('User-Agent')}: {error!r}")
+                    self.send_error(400, str(error))
+                    return
                 receiver._add(request)
                 answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
