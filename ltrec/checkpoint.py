@@ -130,5 +130,7 @@ def load_checkpoint(path: Path) -> tuple[Recommender, Checkpoint]:
     # The checkpoint's tensors become the model's (no copy): at millions of items the ID table
     # alone is gigabytes, and a copy would live as long as the checkpoint object.
     model.load_state_dict(ckpt.state_dict, assign=True)
+    imputed = ckpt.summary.get("new_item_ids") or {}
+    model.fusion.new_item_scale = float(imputed.get("scale", 1.0))
     model.eval()
     return model, ckpt

@@ -119,6 +119,8 @@ class ItemFusion(nn.Module):
         nn.init.zeros_(self.attributes.weight)
         # Fitted after training, not by gradient (`ltrec.new_item_ids`); zero until then.
         self.new_item_ids: nn.Linear | None = None
+        # The scale the fitted map carries (chosen on validation; a checkpoint's summary says it).
+        self.new_item_scale = 1.0
         if cfg.new_item_id_map and cfg.id_embeddings:
             self.new_item_ids = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
             nn.init.zeros_(self.new_item_ids.weight)

@@ -223,6 +223,14 @@ def _cold_start(report: dict) -> list[str]:
                 f"(w = {without['weight']:g})"
             )
             lines.append(_row([label, f(without["recall@10"]), f(without["ndcg@10"]), ""]))
+        unscaled = c.get("unscaled_map") or {}
+        for row in unscaled.values():
+            label = (
+                f"{m['label']}, new-item map at scale 1 (the plain ridge prediction; served: "
+                f"{c['map_scale']:g}, chosen on validation; w = {row['weight']:g})"
+            )
+            cells = [f(row["recall@10"]), f(row["ndcg@10"]), f(row["all_cases_ndcg@10"])]
+            lines.append(_row([label, *cells]))
         weighted = c.get("event_weighted_map")
         for key in ("weight_0", "at_default_weight") if weighted else ():
             row = weighted[key]

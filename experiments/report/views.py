@@ -59,6 +59,7 @@ from ltrec.models import Recommender
 from ltrec.new_item_ids import (
     EVENT_WEIGHTED_EXPONENTS,
     impute_new_item_ids,
+    with_map_scale,
     without_new_item_ids,
 )
 from ltrec.prepared import Prepared, prepare
@@ -371,6 +372,22 @@ def cold_view(
             models["ours"]["cold_start"]["without_new_item_ids"] = at_zero_and_default(
                 plain, cold_prepared.popularity, cold_cases, cold_default
             )
+            scale = float(model.fusion.new_item_scale)
+            models["ours"]["cold_start"]["map_scale"] = scale
+            if scale != 1.0:
+                # The ablation of the map's scale: the plain ridge prediction (scale 1).
+                unscaled = with_map_scale(model, cold_prepared.popularity, 1.0)
+                unscaled_score = model_score_fn(unscaled, unscaled.cfg.max_history)
+                on_cold = at_zero_and_default(
+                    unscaled_score, cold_prepared.popularity, cold_cases, cold_default
+                )
+                on_every = at_zero_and_default(
+                    unscaled_score, cold_prepared.popularity, every, cold_default
+                )
+                models["ours"]["cold_start"]["unscaled_map"] = {
+                    key: {**figures, "all_cases_ndcg@10": on_every[key]["ndcg@10"]}
+                    for key, figures in on_cold.items()
+                }
             models["ours"]["cold_start"]["event_weighted_map"] = event_weighted_view(
                 model, prepared, cold_prepared, cold_split, cold, cold_cases, cold_default["chosen"]
             )

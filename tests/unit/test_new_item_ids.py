@@ -14,10 +14,14 @@ from ltrec.new_item_ids import (
     EVENT_WEIGHTED_EXPONENTS,
     POPULARITY_EXPONENTS,
     RIDGE_GRID,
+    SCALES,
+    choose_scale,
     cross_validated_r2,
     fit_ridge,
     fold_out_ndcg,
+    fold_out_scales,
     impute_new_item_ids,
+    with_map_scale,
     without_new_item_ids,
 )
 from ltrec_core import contract
@@ -190,3 +194,79 @@ def test_validation_chooses_the_fit_weighting_that_places_new_items_best() -> No
     assert chosen["ndcg@10"] > max(
         g["ndcg@10"] for g in done["grid"] if g["popularity_exponent"] == 0.0
     )
+
+
+def test_the_scale_is_the_largest_within_the_tolerance_of_scale_one() -> None:
+    def grid(*ndcgs: float) -> list[dict[str, float]]:
+        return [
+            {"scale": s, "ndcg@10": n} for s, n in zip((1.0, 1.5, 2.0, 3.0), ndcgs, strict=True)
+        ]
+
+    assert choose_scale(grid(0.20, 0.199, 0.197, 0.15)) == 2.0  # -1.5% kept, -25% not
+    assert choose_scale(grid(0.20, 0.195, 0.199, 0.15)) == 2.0  # not the first to fall out
+    assert choose_scale(grid(0.20, 0.19, 0.18, 0.15)) == 1.0  # every larger scale costs > 2%
+    assert choose_scale(grid(0.20, 0.21, 0.22, 0.23)) == 3.0
+
+
+def test_an_exact_map_is_best_at_scale_one_and_a_scaled_one_costs() -> None:
+    content, ids, users, histories, targets = _ranking_fixture()
+    rows = np.arange(1, len(content))
+    ones = np.ones(len(content))
+    grid = fold_out_scales(content, ids, ones, 1e-8, rows, users, histories, targets)
+    assert [g["scale"] for g in grid] == list(SCALES)
+    # Every target is its user's top item, and an exact map folds every item back in place.
+    assert grid[0]["ndcg@10"] == pytest.approx(1.0)
+    assert grid[0]["new_item_ndcg@10"] == pytest.approx(1.0)
+    assert grid[0]["new_item_recall@10"] == pytest.approx(1.0)
+    assert grid[-1]["ndcg@10"] < 0.95  # three times the ID vector misplaces items
+    assert choose_scale(grid) < SCALES[-1]
+    # The same figure as fold_out_ndcg at scale 1 (the cases with a fitted target).
+    assert grid[0]["new_item_ndcg@10"] == pytest.approx(
+        fold_out_ndcg(content, ids, ones, 1e-8, rows, users, histories, targets, folds=10)
+    )
+
+
+def test_a_chosen_scale_multiplies_the_map_and_its_ablation_undoes_it() -> None:
+    torch.manual_seed(0)
+    model = Recommender(CFG, torch.randn(CFG.n_items + 1, CFG.text_dim)).eval()
+    popularity = np.arange(CFG.n_items + 1) % 5
+    popularity[0] = 0
+    _trained_like(model, popularity)
+    assert model.item_ids is not None and model.fusion.new_item_ids is not None
+    with torch.no_grad():  # ID vectors only partly predictable from content
+        model.item_ids.weight.add_(torch.randn_like(model.item_ids.weight) * 2.0)
+        model.item_ids.weight[torch.from_numpy(popularity <= 0)] = 0.0
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(300, CFG.embedding_dim))
+    histories = [np.array([1]) for _ in users]
+    targets = rng.choice(np.flatnonzero(popularity > 0), size=len(users))
+    plain = copy.deepcopy(model)
+    unit = impute_new_item_ids(
+        plain, popularity, validation=(users, histories, targets), scales=(1.0,)
+    )
+    done = impute_new_item_ids(
+        model, popularity, validation=(users, histories, targets), scales=(1.0, 4.0)
+    )
+    assert unit["scale"] == 1.0 and "scale_grid" not in unit
+    assert done["scale"] == choose_scale(done["scale_grid"])
+    assert [g["scale"] for g in done["scale_grid"]] == [1.0, 4.0]
+    scale = done["scale"]
+    assert model.fusion.new_item_scale == scale
+    assert plain.fusion.new_item_ids is not None
+    torch.testing.assert_close(
+        model.fusion.new_item_ids.weight, scale * plain.fusion.new_item_ids.weight
+    )
+    forced = copy.deepcopy(plain)
+    impute_new_item_ids(forced, popularity, validation=(users, histories, targets), scales=(4.0,))
+    assert forced.fusion.new_item_scale == 4.0
+    assert forced.fusion.new_item_ids is not None and forced.item_ids is not None
+    torch.testing.assert_close(
+        forced.fusion.new_item_ids.bias, 4.0 * plain.fusion.new_item_ids.bias
+    )
+    # The ablation at scale 1 is the plain fit again, the scaled model itself untouched.
+    back = with_map_scale(forced, popularity, 1.0)
+    assert back.fusion.new_item_scale == 1.0 and back.item_ids is not None
+    torch.testing.assert_close(back.item_ids.weight, plain.item_ids.weight)
+    torch.testing.assert_close(back.item_table(), plain.item_table())
+    assert forced.fusion.new_item_scale == 4.0
+    assert not torch.allclose(forced.item_table(), plain.item_table())

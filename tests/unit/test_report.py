@@ -53,6 +53,7 @@ from ltrec.evaluation import (
 )
 from ltrec.models import ModelConfig
 from ltrec.neural_baselines import build_model
+from ltrec.new_item_ids import SCALES
 from ltrec.prepared import Prepared, prepare
 from ltrec.scoring import model_score_fn
 from ltrec.train import _loss, target_distribution
@@ -376,6 +377,11 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     # new-item map fitted event-weighted, its Audience and demand figures beside the served map's.
     ours_cold = report["models"]["ours"]["cold_start"]
     assert set(ours_cold["all_cases_ndcg@10"]) == {"weight_0", "at_default_weight"}
+    # The new-item map's scale chosen on validation, and its ablation at scale 1 when it is not 1.
+    assert ours_cold["map_scale"] in SCALES
+    assert ("unscaled_map" in ours_cold) == (ours_cold["map_scale"] != 1.0)
+    for row in (ours_cold.get("unscaled_map") or {}).values():
+        assert 0 <= row["all_cases_ndcg@10"] <= 1 and 0 <= row["recall@10"] <= 1
     weighted = ours_cold["event_weighted_map"]
     assert weighted["popularity_exponent"] in (0.0, 0.5, 1.0)
     for key in ("weight_0", "at_default_weight"):
