@@ -622,7 +622,7 @@ async def test_shutdown_keeps_serving_through_the_drain_while_not_serving(
     repository: Path,
 ) -> None:
     async with running_gateway(
-        repository, FakeTransport(), shutdown_drain_seconds=0.6, max_connection_age_seconds=0.2
+        repository, FakeTransport(), shutdown_drain_seconds=3.0, max_connection_age_seconds=0.2
     ) as gw:
         health = health_pb2_grpc.HealthStub(gw.channel)
         stopping = asyncio.create_task(gw.server.stop(5.0))
