@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
 DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
+# Why a stream ended when nothing went wrong (not logged as a failure).
+CLOSED = "the stream to Triton was closed"
+RETIRED = "the stream to Triton was replaced"
 
 
 class StreamCall(Protocol):
@@ -121,17 +124,17 @@ class InferStream:
             if self._pending.get(request_id) is future:
                 del self._pending[request_id]
             if self._retiring and not self._pending:
-                self.close("retired")
+                self._fail(RETIRED)
 
     def retire(self) -> None:
         """No new calls; cancelled once the calls it carries have their answers (or left)."""
         self._retiring = True
         if not self._pending:
-            self.close("retired")
+            self._fail(RETIRED)
 
-    def close(self, reason: str = "closed") -> None:
+    def close(self) -> None:
         """Cancels the stream; calls still waiting fail with UNAVAILABLE."""
-        self._fail(reason)
+        self._fail(CLOSED)
 
     async def wait_closed(self) -> None:
         await asyncio.gather(self._writer, self._reader, return_exceptions=True)
@@ -187,7 +190,7 @@ class InferStream:
         if self._failure is not None:
             return
         self._failure = reason
-        if reason != "retired":
+        if reason not in (CLOSED, RETIRED):
             logger.warning("%s: %s (%d calls in flight fail)", self._name, reason, self.in_flight)
         for future in self._pending.values():
             if not future.done():
