@@ -47,6 +47,7 @@ from server.triton_client import (
     TritonClient,
     TritonTransport,
 )
+from server.triton_stream import StreamingTritonTransport
 from server.user_vectors import UserVectors
 from server.validation import RequestLimits
 
@@ -173,6 +174,15 @@ def create_server(
             retries=config.triton_retries,
             backoff_seconds=config.triton_retry_backoff_seconds,
         )
+        if config.triton_transport == "stream":
+            transport = StreamingTritonTransport.connect(
+                config.triton_url,
+                transport,
+                retries=config.triton_retries,
+                backoff_seconds=config.triton_retry_backoff_seconds,
+                streams=config.triton_streams,
+                max_age_seconds=config.triton_stream_max_age_seconds,
+            )
     triton = TritonClient(transport, timeout_seconds=config.triton_timeout_seconds)
     ranking: TritonClient | Coalescer = (
         Coalescer(
@@ -436,10 +446,11 @@ async def serve(config: GatewayConfig) -> None:
         logger.info("metrics on :%d/metrics", config.metrics_port)
     await server.start()
     logger.info(
-        "gateway listening on %s:%d, Triton at %s (event loop %s)",
+        "gateway listening on %s:%d, Triton at %s (%s calls, event loop %s)",
         config.grpc_host,
         port,
         config.triton_url,
+        config.triton_transport,
         type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
 

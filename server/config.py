@@ -20,6 +20,9 @@ from server.stores.history_redis import check_address
 
 HISTORY_STORES = ("sqlite", "redis", "off")
 EVENT_LOOPS = ("uvloop", "asyncio")
+TRITON_TRANSPORTS = ("unary", "stream")
+# ModelStreamInfer streams per model at most (LTREC_TRITON_STREAMS).
+MAX_TRITON_STREAMS = 16
 # Upper bounds of the RecommendBatch limits (memory: window x max message bytes per stream).
 MAX_BATCH_STREAM_WINDOW = 1024
 MAX_BATCH_IN_FLIGHT = 4096
@@ -74,6 +77,13 @@ class GatewayConfig:
     # call of up to 64 rows (`server.coalesce`); never a wait at low load. false: one call each.
     triton_coalesce: bool = True
     triton_coalesce_max_in_flight: int = 1
+    # How inference reaches Triton (`server.triton_stream`): stream, messages on long-lived
+    # ModelStreamInfer streams (triton_streams per model, each replaced after
+    # triton_stream_max_age_seconds, below Triton's --grpc-max-connection-age grace); unary, one
+    # ModelInfer call each (with gRPC's retries). Traced calls are always unary.
+    triton_transport: str = "unary"
+    triton_streams: int = 1
+    triton_stream_max_age_seconds: float = 20.0
     # The event loop: asyncio's, or uvloop (when it can be imported; else asyncio's, with a
     # warning). uvloop measured no faster here (benchmarks/gateway_ab.py), so it is not pinned.
     event_loop: str = "asyncio"
@@ -214,6 +224,7 @@ class GatewayConfig:
             "items_poll_interval_seconds",
             "items_encode_timeout_seconds",
             "history_timeout_seconds",
+            "triton_stream_max_age_seconds",
         ):
             value = getattr(self, name)
             _check(value, name, math.isfinite(value) and value > 0, "a finite number > 0")
@@ -234,6 +245,19 @@ class GatewayConfig:
             "triton_coalesce_max_in_flight",
             1 <= self.triton_coalesce_max_in_flight <= MAX_COALESCE_IN_FLIGHT,
             f"in [1, {MAX_COALESCE_IN_FLIGHT}]",
+        )
+        transport = self.triton_transport
+        _check(
+            transport,
+            "triton_transport",
+            transport in TRITON_TRANSPORTS,
+            f"one of {TRITON_TRANSPORTS}",
+        )
+        _check(
+            self.triton_streams,
+            "triton_streams",
+            1 <= self.triton_streams <= MAX_TRITON_STREAMS,
+            f"in [1, {MAX_TRITON_STREAMS}]",
         )
         loop = self.event_loop
         _check(loop, "event_loop", loop in EVENT_LOOPS, f"one of {EVENT_LOOPS}")
@@ -373,7 +397,7 @@ class GatewayConfig:
                     values[spec.name] = Path(raw.strip()) if raw.strip() else None
                 elif spec.name == "log_level":
                     values[spec.name] = raw.strip().upper()
-                elif spec.name in ("history_store", "admin_auth", "event_loop"):
+                elif spec.name in ("history_store", "admin_auth", "event_loop", "triton_transport"):
                     values[spec.name] = raw.strip().lower()
                 else:
                     values[spec.name] = raw.strip()

@@ -25,7 +25,8 @@ from ltrec.checkpoint import load_checkpoint
 from ltrec.models import Scorer, UserEncoder
 from ltrec.text_encoder import load_text_model, tokenize
 from ltrec_core import contract
-from server.gen.ltrec.v1 import recommender_pb2
+from server.config import GatewayConfig
+from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.stack import (  # noqa: F401  (fixture `stack`)
     Stack,
@@ -379,6 +380,46 @@ def test_concurrent_recommends_batch_in_triton_and_answer_as_alone(stack: Stack)
     assert rows == 3 * len(requests)
     assert calls < rows, (calls, rows)
     assert all(len(items) == request.k for items, request in zip(alone, requests, strict=True))
+
+
+def test_the_other_triton_transport_answers_the_same_lists(stack: Stack, tmp_path: Path) -> None:
+    """A replica whose Triton calls take the other transport than the stack's gateway (unary
+    ModelInfer calls or ModelStreamInfer streams, `server.triton_stream`) answers the same
+    requests, alone and 32 at once (coalesced over the stream), with the same lists."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    default = GatewayConfig(allow_plaintext=True).triton_transport
+    other = "unary" if default == "stream" else "stream"
+    ids = stack.catalogue["item_id"].tolist()
+    requests = [
+        _request(ids[n * 11 % len(ids) : n * 11 % len(ids) + 1 + n % 30], k=1 + n % 12)
+        for n in range(32)
+    ]
+
+    def answers(stub: recommender_pb2_grpc.RecommenderStub) -> list[list[tuple[str, str]]]:
+        def answer(request: recommender_pb2.RecommendRequest) -> list[tuple[str, str]]:
+            reply = stub.Recommend(request, timeout=30)
+            return [(item.item_id, item.reason) for item in reply.items]
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            together = list(pool.map(answer, requests))
+        assert together == [answer(request) for request in requests]
+        return together
+
+    env = {
+        "LTREC_FEEDBACK_REPLICA": f"transport-{other}",
+        "LTREC_HISTORY_STORE": "off",
+        "LTREC_TRITON_TRANSPORT": other,
+    }
+    log = tmp_path / "gateway.log"
+    replica = start_replica(stack.repo, stack.triton.grpc_url, log, env)
+    try:
+        over_other = answers(replica.stub)
+    finally:
+        replica.close()
+    assert over_other == answers(stack.stub)
+    assert all(len(items) == request.k for items, request in zip(over_other, requests, strict=True))
+    assert f"({other} calls," in log.read_text()
 
 
 def test_triton_down_gives_unavailable_then_not_serving(stack: Stack) -> None:

@@ -3,6 +3,8 @@ real `tritonclient.grpc.aio` transport (wire names, dtypes and shapes; request m
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -13,12 +15,15 @@ _NUMPY_DTYPES = {"INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 
 
 class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Triton's KServe v2 gRPC surface, enough for ModelReady and ModelInfer."""
+    """Triton's KServe v2 gRPC surface, enough for ModelReady, ModelInfer and ModelStreamInfer."""
 
     def __init__(self) -> None:
         self.requests: list[service_pb2.ModelInferRequest] = []
         # The gRPC metadata of each ModelInfer (`traceparent` when the gateway traces).
         self.metadata: list[dict[str, str | bytes]] = []
+        # Requests that came on ModelStreamInfer streams, and how many streams were opened.
+        self.stream_requests: list[service_pb2.ModelInferRequest] = []
+        self.streams_opened = 0
 
     async def ModelReady(
         self, request: service_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext
@@ -30,6 +35,20 @@ class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.ModelInferResponse:
         self.requests.append(request)
         self.metadata.append(dict(context.invocation_metadata() or ()))
+        return self.answer(request)
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """As Triton for a model that is not decoupled: one answer per request, in order."""
+        self.streams_opened += 1
+        async for request in request_iterator:
+            self.stream_requests.append(request)
+            yield service_pb2.ModelStreamInferResponse(infer_response=self.answer(request))
+
+    def answer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         inputs = self.decode(request)
         top_k = int(inputs[contract.TOP_K].reshape(-1)[0])
         # every reason: the oldest history item (the first after the left padding)
