@@ -39,7 +39,7 @@ from ltrec.evaluation import (
     ranking_metrics,
     with_split,
 )
-from ltrec.new_item_ids import without_new_item_ids
+from ltrec.new_item_ids import with_map_scale, without_new_item_ids
 from ltrec.prepared import prepare
 from ltrec.scoring import model_score_fn
 from ltrec.train import TrainConfig, train
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"as trained": model}
     if imputed.get("applied"):  # the ablation: the same model with zero ID vectors for them
         variants["without predicted ID vectors"] = without_new_item_ids(model, warm.popularity)
+        if model.fusion.new_item_scale != 1.0:  # and with the plain ridge prediction
+            variants["plain map (scale 1)"] = with_map_scale(model, warm.popularity, 1.0)
     figures = []
     for variant, m in variants.items():
         score = model_score_fn(m, m.cfg.max_history)
