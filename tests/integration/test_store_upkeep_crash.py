@@ -114,7 +114,11 @@ def test_items_survive_compactions_killed_anywhere_and_a_poller_stays_consistent
     final = state_of(tmp_path)
     acked = [i for a in acks for i in a.ids]
     assert len(acked) > 200, "the writers hardly wrote"
-    assert done is not None and done.generation > KILLS, "compactions rarely published"
+    # The compactions published, killed or not. The restart's pass may find nothing to fold
+    # (None) when the writers closed no segment since the last pass: a slow machine.
+    latest = item_log.latest_snapshot(tmp_path).generation
+    assert done is None or done.generation == latest
+    assert latest > KILLS, f"compactions rarely published: generation {latest}"
     # Every acknowledged upsert is there, live, unless an acknowledged (or the in-flight)
     # delete of its item came later; nothing else changes an item.
     lost = []
