@@ -3,13 +3,20 @@ real `tritonclient.grpc.aio` transport (wire names, dtypes and shapes; request m
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from ltrec_core import contract
+from server.app import create_server
+from server.config import GatewayConfig
+from server.gen.ltrec.v1 import recommender_pb2_grpc
+from tests.support.gateway import write_repository
 
 _NUMPY_DTYPES = {"INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 
@@ -73,3 +80,35 @@ class FakeTritonService(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)
         }
+
+
+@contextlib.asynccontextmanager
+async def gateway_over_fake_triton(
+    tmp_path: Path, **config: Any
+) -> AsyncIterator[tuple[recommender_pb2_grpc.RecommenderStub, FakeTritonService]]:
+    """A whole gateway (`config` on top of the plaintext test settings) in front of a
+    `FakeTritonService` served over real gRPC: the gateway's stub and the fake."""
+    triton = grpc.aio.server()
+    fake = FakeTritonService()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, triton)
+    triton_port = triton.add_insecure_port("127.0.0.1:0")
+    await triton.start()
+    settings: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "model_repository": write_repository(tmp_path / "model_repository"),
+        "triton_url": f"127.0.0.1:{triton_port}",
+        "allow_plaintext": True,
+        "feedback_dir": tmp_path / "feedback",
+        "items_dir": tmp_path / "items",
+        "history_sqlite_path": tmp_path / "history" / "history.sqlite3",
+    }
+    server, port = create_server(GatewayConfig(**{**settings, **config}))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield recommender_pb2_grpc.RecommenderStub(channel), fake
+    finally:
+        await server.stop(None)
+        await triton.stop(None)

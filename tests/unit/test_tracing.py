@@ -12,14 +12,11 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
-from tritonclient.grpc import service_pb2_grpc
 
 from ltrec_core import contract
 from server import tracing
-from server.app import create_server
-from server.config import GatewayConfig
 from server.errors import StartupError
-from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from server.gen.ltrec.v1 import recommender_pb2
 from tests.support.gateway import (
     FakeTransport,
     event,
@@ -28,10 +25,9 @@ from tests.support.gateway import (
     run_async,
     running_gateway,
     unavailable,
-    write_repository,
 )
 from tests.support.tracing import by_name
-from tests.support.triton_fake import FakeTritonService
+from tests.support.triton_fake import FakeTritonService, gateway_over_fake_triton
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -203,34 +199,11 @@ async def _recommend_through_the_wire(
     tmp_path: Path, metadata: tuple[tuple[str, str], ...]
 ) -> FakeTritonService:
     """One Recommend through the gateway and the real tritonclient transport to a fake Triton."""
-    triton = grpc.aio.server()
-    fake = FakeTritonService()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, triton)
-    triton_port = triton.add_insecure_port("127.0.0.1:0")
-    await triton.start()
-    config = GatewayConfig(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        metrics_port=0,
-        model_repository=write_repository(tmp_path / "model_repository"),
-        triton_url=f"127.0.0.1:{triton_port}",
-        allow_plaintext=True,
-        feedback_dir=tmp_path / "feedback",
-        items_dir=tmp_path / "items",
-        history_sqlite_path=tmp_path / "history" / "history.sqlite3",
-    )
-    server, port = create_server(config)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = recommender_pb2_grpc.RecommenderStub(channel)
-            request = recommender_pb2.RecommendRequest(
-                k=2, history=[event("i1", recommender_pb2.EVENT_TYPE_VIEW, 100)]
-            )
-            response = await stub.Recommend(request, metadata=metadata, timeout=5)
-    finally:
-        await server.stop(None)
-        await triton.stop(None)
+    async with gateway_over_fake_triton(tmp_path) as (stub, fake):
+        request = recommender_pb2.RecommendRequest(
+            k=2, history=[event("i1", recommender_pb2.EVENT_TYPE_VIEW, 100)]
+        )
+        response = await stub.Recommend(request, metadata=metadata, timeout=5)
     assert [item.item_id for item in response.items] == ["i2"]  # i1 is history: dropped
     return fake
 

@@ -14,14 +14,13 @@ import grpc
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from ltrec_core import contract
-from server.app import create_server
 from server.config import ConfigError, GatewayConfig
 from server.errors import BackendTimeout, BackendUnavailable
-from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
+from server.gen.ltrec.v1 import recommender_pb2
 from server.triton_client import TritonClient, status_code
 from server.triton_stream import (
     AnsweredWithError,
@@ -30,8 +29,8 @@ from server.triton_stream import (
     infer_request,
     outputs_of,
 )
-from tests.support.gateway import event, run_async, write_repository
-from tests.support.triton_fake import FakeTritonService
+from tests.support.gateway import event, run_async
+from tests.support.triton_fake import FakeTritonService, gateway_over_fake_triton
 
 OUTPUT = "score"
 MODEL = contract.ENSEMBLE_MODEL
@@ -441,40 +440,16 @@ def test_transport_settings_are_validated_naming_the_variable() -> None:
 
 
 async def _recommend(tmp_path: Path, transport_name: str) -> tuple[list[str], FakeTritonService]:
-    triton = grpc.aio.server()
-    fake = FakeTritonService()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, triton)
-    triton_port = triton.add_insecure_port("127.0.0.1:0")
-    await triton.start()
-    config = GatewayConfig(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        metrics_port=0,
-        model_repository=write_repository(tmp_path / "model_repository"),
-        triton_url=f"127.0.0.1:{triton_port}",
-        triton_transport=transport_name,
-        allow_plaintext=True,
-        feedback_dir=tmp_path / "feedback",
-        items_dir=tmp_path / "items",
-        history_sqlite_path=tmp_path / "history" / "history.sqlite3",
-    )
-    server, port = create_server(config)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = recommender_pb2_grpc.RecommenderStub(channel)
-            answers = []
-            for k in (2, 3, 1):
-                request = recommender_pb2.RecommendRequest(
-                    k=k,
-                    history=[event("i1", recommender_pb2.EVENT_TYPE_VIEW, 100)],
-                    request_id=f"wire-{k}",
-                )
-                response = await stub.Recommend(request, timeout=5)
-                answers.append(",".join(item.item_id for item in response.items))
-    finally:
-        await server.stop(None)
-        await triton.stop(None)
+    async with gateway_over_fake_triton(tmp_path, triton_transport=transport_name) as (stub, fake):
+        answers = []
+        for k in (2, 3, 1):
+            request = recommender_pb2.RecommendRequest(
+                k=k,
+                history=[event("i1", recommender_pb2.EVENT_TYPE_VIEW, 100)],
+                request_id=f"wire-{k}",
+            )
+            response = await stub.Recommend(request, timeout=5)
+            answers.append(",".join(item.item_id for item in response.items))
     return answers, fake
 
 
