@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from ltrec_core import contract
@@ -129,6 +129,17 @@ class TritonTransport(Protocol):
     async def close(self) -> None: ...
 
 
+def result_outputs(result: InferResult, output_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named outputs of a Triton answer as arrays; an output it lacks is an error."""
+    outputs: dict[str, np.ndarray] = {}
+    for name in output_names:
+        array = result.as_numpy(name)
+        if array is None:
+            raise InferenceServerException(f"output {name} missing from the response")
+        outputs[name] = array
+    return outputs
+
+
 class GrpcTritonTransport:
     """The production transport over `tritonclient.grpc.aio`: one channel to `url`, any gRPC
     target (`host:port`, `dns:///name:port`, `ipv4:a:p,b:p`), spread and retried by
@@ -167,13 +178,7 @@ class GrpcTritonTransport:
             # The current (Triton attempt) span as `traceparent`: Triton's traces join ours.
             headers=tracing.outgoing_headers(),
         )
-        outputs: dict[str, np.ndarray] = {}
-        for name in output_names:
-            array = result.as_numpy(name)
-            if array is None:
-                raise InferenceServerException(f"output {name} missing from the response")
-            outputs[name] = array
-        return outputs
+        return result_outputs(result, output_names)
 
     async def is_model_ready(self, model_name: str, *, client_timeout: float) -> bool:
         return bool(await self._client.is_model_ready(model_name, client_timeout=client_timeout))

@@ -39,7 +39,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, ser
 
 from server import tracing
 from server.config import MAX_TRITON_STREAMS
-from server.triton_client import TritonTransport, channel_args
+from server.triton_client import TritonTransport, channel_args, result_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +232,7 @@ def infer_request(
 def outputs_of(
     answer: service_pb2.ModelInferResponse, output_names: Sequence[str]
 ) -> dict[str, np.ndarray]:
-    result = InferResult(answer)
-    outputs: dict[str, np.ndarray] = {}
-    for name in output_names:
-        array = result.as_numpy(name)
-        if array is None:
-            raise InferenceServerException(f"output {name} missing from the response")
-        outputs[name] = array
-    return outputs
+    return result_outputs(InferResult(answer), output_names)
 
 
 class StreamingTritonTransport:
