@@ -118,6 +118,35 @@ def cross_validated_r2(
     return scores
 
 
+def _folds(fit_rows: np.ndarray, n_rows: int, folds: int, seed: int) -> np.ndarray:
+    """Each catalogue row's fold, -1 for rows outside `fit_rows` (split into `folds` seeded,
+    disjoint folds)."""
+    order = np.random.default_rng(seed).permutation(fit_rows)
+    fold_of = np.full(n_rows, -1)
+    for k, part in enumerate(np.array_split(order, folds)):
+        fold_of[part] = k
+    return fold_of
+
+
+def _history_cells(histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(case, item) of every history item of a chunk of cases, to mask at once."""
+    rows = np.concatenate([np.full(len(history), i) for i, history in enumerate(histories)])
+    cols = np.concatenate(list(histories))
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def _target_ranks(
+    scores: np.ndarray, cells: tuple[np.ndarray, np.ndarray], targets: np.ndarray
+) -> np.ndarray:
+    """Each case's target rank (0 = first) with padding and the case's history masked (in
+    place), ties counted against the target: every other item scored at least as high ranks
+    above it, as in `ltrec.evaluation`."""
+    scores[:, 0] = -np.inf
+    scores[cells] = -np.inf
+    target = scores[np.arange(len(scores)), targets]
+    return np.asarray((scores >= target[:, None]).sum(axis=1) - 1)
+
+
 def fold_out_ndcg(
     content: np.ndarray,
     ids: np.ndarray,
@@ -139,10 +168,7 @@ def fold_out_ndcg(
 
     `user_vectors` [C, D] are the validation cases' user vectors, `histories` their history
     indices and `targets` their target indices."""
-    order = np.random.default_rng(seed).permutation(fit_rows)
-    fold_of = np.full(len(content), -1)
-    for k, part in enumerate(np.array_split(order, folds)):
-        fold_of[part] = k
+    fold_of = _folds(fit_rows, len(content), folds, seed)
     table = content + ids
     gains, cases = 0.0, 0
     for k in range(folds):
@@ -155,13 +181,8 @@ def fold_out_ndcg(
         step = max(1, SCORE_BUDGET // len(content))
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            scores = user_vectors[chunk] @ folded.T
-            scores[:, 0] = -np.inf
-            for i, r in enumerate(chunk):
-                scores[i, histories[r]] = -np.inf
-            target = scores[np.arange(len(chunk)), targets[chunk]]
-            # Ties against the target: every other item scored at least as high ranks above it.
-            rank = (scores >= target[:, None]).sum(axis=1) - 1
+            cells = _history_cells([histories[int(r)] for r in chunk])
+            rank = _target_ranks(user_vectors[chunk] @ folded.T, cells, targets[chunk])
             hit = rank < 10
             gains += float((1.0 / np.log2(rank[hit] + 2.0)).sum())
         cases += len(rows)
@@ -187,10 +208,7 @@ def fold_out_scales(
     (ridge with `weights` and `lam`). Full ranking over the rows of `content` (row 0 padding),
     the user's history excluded, ties counted against the target, as in `fold_out_ndcg`; every
     case counts in every fold, so the every-case figure is the mean over folds."""
-    order = np.random.default_rng(seed).permutation(fit_rows)
-    fold_of = np.full(len(content), -1)
-    for k, part in enumerate(np.array_split(order, folds)):
-        fold_of[part] = k
+    fold_of = _folds(fit_rows, len(content), folds, seed)
     table = content + ids
     every = np.zeros(len(scales))
     new_gain, new_hits = np.zeros(len(scales)), np.zeros(len(scales))
@@ -203,21 +221,16 @@ def fold_out_scales(
         predicted = content[part] @ w + b
         new_cases += int((fold_of[targets] == k).sum())
         for start in range(0, len(targets), step):
-            cases = range(start, min(start + step, len(targets)))
-            chunk = np.asarray(cases)
+            chunk = np.arange(start, min(start + step, len(targets)))
             users = user_vectors[chunk]
             base = users @ table.T
             plain, spread = users @ content[part].T, users @ predicted.T
-            rows = np.concatenate([np.full(len(histories[r]), i) for i, r in enumerate(cases)])
-            cols = np.concatenate([histories[r] for r in cases])
+            cells = _history_cells([histories[int(r)] for r in chunk])
             is_new = fold_of[targets[chunk]] == k
             for j, scale in enumerate(scales):
                 scores = base.copy()
                 scores[:, part] = plain + scale * spread
-                scores[:, 0] = -np.inf
-                scores[rows.astype(np.int64), cols.astype(np.int64)] = -np.inf
-                target = scores[np.arange(len(chunk)), targets[chunk]]
-                rank = (scores >= target[:, None]).sum(axis=1) - 1
+                rank = _target_ranks(scores, cells, targets[chunk])
                 gain = np.where(rank < 10, 1.0 / np.log2(np.maximum(rank, 0) + 2.0), 0.0)
                 every[j] += float(gain.sum())
                 new_gain[j] += float(gain[is_new].sum())
