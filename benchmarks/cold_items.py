@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant, m in variants.items():
         score = model_score_fn(m, m.cfg.max_history)
         for weight in sorted({*WEIGHTS, default}):
-            scorer = long_tail_adjusted(score, warm.popularity, weight)
+            scorer = long_tail_adjusted(score, ckpt.long_tail_counts, weight)
             cold_metrics, _ = evaluate(scorer, cases, ks=(K,), progress=False)
             all_ranks, top = evaluate_lists(scorer, every, k=K, progress=False)
             all_metrics = ranking_metrics(all_ranks, ks=(K,))

@@ -42,7 +42,7 @@ class NaiveRecommender(recommender_pb2_grpc.RecommenderServicer):
             table = model.item_table()
         self.encoder = UserEncoder(table, model.user_tower).eval()
         self.context_weighting = model.context_weighting.eval()
-        self.scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt.popularity))).eval()
+        self.scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt.long_tail_counts))).eval()
         self.model_version = self.metadata.model_version
 
     def Recommend(

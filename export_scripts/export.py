@@ -119,7 +119,7 @@ def write_catalogue(path: Path, ckpt: Checkpoint, fields: CatalogueFields) -> No
                     idx,
                     item_id,
                     title,
-                    int(ckpt.popularity[idx]),
+                    int(ckpt.long_tail_counts[idx]),
                     int(ckpt.long_tail[idx]),
                     category,
                     brand,
@@ -346,9 +346,11 @@ def _export_into(
     )
     parity[contract.CONTEXT_WEIGHTING_MODEL] = {contract.WEIGHTED_USER_EMBEDDING: diff}
 
-    # scorer: the catalogue and its popularity inside the graph, overlay rows appended; or, for
+    # scorer: the catalogue and its long-tail counts (the model's exposure of each item; training
+    # popularity for a checkpoint from before) inside the graph, overlay rows appended; or, for
     # a large catalogue, the ANN index with an exact re-rank (a Python-backend model)
-    popularity = torch.from_numpy(np.asarray(ckpt.popularity))
+    counts = np.asarray(ckpt.long_tail_counts)
+    popularity = torch.from_numpy(counts)
     external = onnx_graphs.needs_external_data(table)
     chosen = choose_retrieval(cfg.n_items, retrieval)
     # An exact scan holds [rows, N] score matrices: fewer rows per execution on a large catalogue.
@@ -361,9 +363,7 @@ def _export_into(
     ann: dict[str, Any] = {}
     if chosen == "ann":
         folder = output / contract.SCORER_MODEL / VERSION
-        ann = ann_index.write_ann_scorer(
-            folder, table.numpy(), np.asarray(ckpt.popularity), ann_spec, log
-        )
+        ann = ann_index.write_ann_scorer(folder, table.numpy(), counts, ann_spec, log)
         ann["check"] = ann_index.check_recall(
             folder, (0.0, default_long_tail_weight), np.random.default_rng(0)
         )
@@ -382,7 +382,7 @@ def _export_into(
         path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
         graph = onnx_graphs.scorer_graph(
             table.numpy(),
-            np.asarray(ckpt.popularity),
+            counts,
             scan=catalogue_scan,
             overlay=True,
             item_filter=True,

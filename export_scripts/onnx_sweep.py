@@ -45,9 +45,12 @@ def onnx_sweep(
     workdir: Path,
     batch_size: int = 128,
     progress: bool = True,
+    counts: np.ndarray | None = None,
 ) -> dict[float, dict[str, float]]:
     """The sweep through the exported graphs, user_encoder -> context_weighting -> scorer,
-    as Triton runs them; the history goes to the scorer whole, so it is excluded as in torch."""
+    as Triton runs them; the history goes to the scorer whole, so it is excluded as in torch.
+    The scorer's term penalises `counts` (the model's exposure, as exported; `popularity` when
+    None); the lists' popularity figures use `popularity`."""
     model.eval()
     with torch.no_grad():
         table = model.item_table().detach()
@@ -58,7 +61,8 @@ def onnx_sweep(
     onnx_graphs.export_context_weighting(
         model.context_weighting, model.cfg.embedding_dim, paths["context_weighting"]
     )
-    onnx.save(onnx_graphs.scorer_graph(table.numpy(), popularity), str(paths["scorer"]))
+    term = popularity if counts is None else counts
+    onnx.save(onnx_graphs.scorer_graph(table.numpy(), term), str(paths["scorer"]))
     sessions = {name: onnx_graphs.session(path) for name, path in paths.items()}
     # TopK needs k <= catalogue rows; slots the catalogue cannot fill stay -1, as in torch.
     width = min(max(KS), len(popularity))

@@ -33,6 +33,14 @@ class Checkpoint:
     attribute_ids: np.ndarray | None  # INT64 [N+1, ATTRIBUTE_SLOTS]
     popularity: np.ndarray  # [N+1] training interactions
     long_tail: np.ndarray  # [N+1] bool
+    # INT64 [N+1]: the model's exposure of each item (`ltrec.evaluation.exposure_counts`), the
+    # long-tail term's count; None in checkpoints from before it, whose term uses `popularity`.
+    exposure: np.ndarray | None = None
+
+    @property
+    def long_tail_counts(self) -> np.ndarray:
+        """What the served long-tail term penalises, `w * log(1 + count)`, per catalogue index."""
+        return self.popularity if self.exposure is None else self.exposure
 
     # The metadata's fields, read through.
     @property
@@ -75,6 +83,7 @@ class Checkpoint:
             "attribute_ids": self.attribute_ids,
             "popularity": self.popularity,
             "long_tail": self.long_tail,
+            "exposure": self.exposure,
             **meta,
         }
 
@@ -96,6 +105,7 @@ class Checkpoint:
             attribute_ids=raw.get("attribute_ids"),
             popularity=raw["popularity"],
             long_tail=raw["long_tail"],
+            exposure=raw.get("exposure"),
         )
 
 

@@ -213,18 +213,28 @@ def tune_similar_items_weight(
     valid_pairs: EvalCases,
     relative: Sequence[float] = RELATIVE_GRID,
     tolerance: float = LONG_TAIL_TOLERANCE,
+    counts: np.ndarray | None = None,
 ) -> dict:
     """SimilarItems' default long-tail weight: `tune_long_tail_weight`'s rule (the largest grid
     weight whose validation NDCG@10 is at least (1 - tolerance) times weight 0's) on the
     item-to-item cases, over the scale-aware grid `scaled_grid(similarity_scale(...))`.
+    `counts`: the term's per-item count (a trained model's exposure, which the served scorer
+    penalises), `popularity` when None.
 
     Returns `tune_long_tail_weight`'s dict (chosen, tolerance, grid rows) with each row's
     relative weight `f`, the `scale`, and the number of `cases`.
     """
-    scale = similarity_scale(score_fn, popularity, valid_pairs)
+    counts = popularity if counts is None else counts
+    scale = similarity_scale(score_fn, counts, valid_pairs)
     pairs = scaled_grid(scale, relative)
     tuned = tune_long_tail_weight(
-        score_fn, popularity, tail, valid_pairs, grid=[w for _, w in pairs], tolerance=tolerance
+        score_fn,
+        popularity,
+        tail,
+        valid_pairs,
+        grid=[w for _, w in pairs],
+        tolerance=tolerance,
+        counts=counts,
     )
     for row, (f, _) in zip(tuned["grid"], pairs, strict=True):
         row["relative_weight"] = f
@@ -232,11 +242,18 @@ def tune_similar_items_weight(
 
 
 def item_to_item_metrics(
-    score_fn: ScoreFn, popularity: np.ndarray, tail: np.ndarray, cases: EvalCases, weight: float
+    score_fn: ScoreFn,
+    popularity: np.ndarray,
+    tail: np.ndarray,
+    cases: EvalCases,
+    weight: float,
+    counts: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Recall@10 and NDCG@10 of the targets, and the top-10 lists' long-tail metrics."""
+    """Recall@10 and NDCG@10 of the targets, and the top-10 lists' long-tail metrics; the term
+    penalises `counts` (`popularity` when None)."""
+    term = popularity if counts is None else counts
     ranks, top = evaluate_lists(
-        long_tail_adjusted(score_fn, popularity, weight), cases, k=K, progress=False
+        long_tail_adjusted(score_fn, term, weight), cases, k=K, progress=False
     )
     return {**ranking_metrics(ranks, ks=(K,)), **long_tail_metrics(top, popularity, tail)}
 
@@ -246,20 +263,23 @@ def compare(
     popularity: np.ndarray,
     tail: np.ndarray,
     split: LeaveOneOut,
+    counts: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, dict]:
     """Per model: its SimilarItems default chosen on validation pairs, and the test pairs'
-    figures at weight 0 and at that default."""
+    figures at weight 0 and at that default. `counts[name]`: what a model's long-tail term
+    penalises (`popularity` for a model not in it)."""
     valid, test = validation_pairs(split), held_out_pairs(split)
     out: dict[str, dict] = {}
     for name, score_fn in models.items():
-        tuned = tune_similar_items_weight(score_fn, popularity, tail, valid)
+        term = (counts or {}).get(name)
+        tuned = tune_similar_items_weight(score_fn, popularity, tail, valid, counts=term)
         out[name] = {
             "default": tuned,
             "test": {
                 "cases": len(test),
-                "weight_0": item_to_item_metrics(score_fn, popularity, tail, test, 0.0),
+                "weight_0": item_to_item_metrics(score_fn, popularity, tail, test, 0.0, term),
                 "at_default": item_to_item_metrics(
-                    score_fn, popularity, tail, test, tuned["chosen"]
+                    score_fn, popularity, tail, test, tuned["chosen"], term
                 ),
             },
         }
@@ -273,28 +293,30 @@ def compare_baskets(
     split: LeaveOneOut,
     similar_items_defaults: Mapping[str, float],
     size: int = BASKET_SIZE,
+    counts: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, dict]:
     """Per model: its basket default chosen on validation baskets (`tune_similar_items_weight`'s
     rule and grid), and the test baskets' figures at weight 0, at that default and at
     `similar_items_defaults[name]` (its pair measure's default: what a served basket request
-    gets)."""
+    gets; `counts` as for `compare`)."""
     valid, test = validation_baskets(split, size), held_out_baskets(split, size)
     out: dict[str, dict] = {}
     for name, score_fn in models.items():
-        tuned = tune_similar_items_weight(score_fn, popularity, tail, valid)
+        term = (counts or {}).get(name)
+        tuned = tune_similar_items_weight(score_fn, popularity, tail, valid, counts=term)
         similar = similar_items_defaults[name]
         out[name] = {
             "size": size,
             "default": tuned,
             "test": {
                 "cases": len(test),
-                "weight_0": item_to_item_metrics(score_fn, popularity, tail, test, 0.0),
+                "weight_0": item_to_item_metrics(score_fn, popularity, tail, test, 0.0, term),
                 "at_default": item_to_item_metrics(
-                    score_fn, popularity, tail, test, tuned["chosen"]
+                    score_fn, popularity, tail, test, tuned["chosen"], term
                 ),
                 "at_similar_items_default": {
                     "weight": similar,
-                    **item_to_item_metrics(score_fn, popularity, tail, test, similar),
+                    **item_to_item_metrics(score_fn, popularity, tail, test, similar, term),
                 },
             },
         }
@@ -400,7 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         table = model.item_table().numpy()
     results = measure_all(
-        table, prepared.split, len(prepared.item_ids), prepared.popularity, args.basket_size
+        table,
+        prepared.split,
+        len(prepared.item_ids),
+        prepared.popularity,
+        args.basket_size,
+        ckpt.exposure,
     )
     stored = ckpt.summary.get("similar_items_long_tail_weight")
     knn_settings = results["itemknn"]["settings"]
@@ -434,14 +461,18 @@ def measure_all(
     n_items: int,
     popularity: np.ndarray,
     basket_size: int = BASKET_SIZE,
+    ours_counts: np.ndarray | None = None,
 ) -> dict[str, dict]:
-    """Both measures for ours (`item_table`, as served) and ItemKNN (tuned per measure on its
-    validation): `compare`'s figures per model, its basket figures under "basket", ItemKNN's
-    settings under "settings" (and the basket's under "basket"/"settings")."""
+    """Both measures for ours (`item_table`, as served: its long-tail term penalises
+    `ours_counts`, the checkpoint's exposure; `popularity` when None) and ItemKNN (tuned per
+    measure on its validation; its term penalises `popularity`): `compare`'s figures per model,
+    its basket figures under "basket", ItemKNN's settings under "settings" (and the basket's
+    under "basket"/"settings")."""
+    counts = None if ours_counts is None else {"ours": ours_counts}
     tail = long_tail_mask(popularity)
     ours = vector_score_fn(item_table)
     knn, knn_settings = itemknn_score_fn(split.train, n_items, validation_pairs(split))
-    results = compare({"ours": ours, "itemknn": knn}, popularity, tail, split)
+    results = compare({"ours": ours, "itemknn": knn}, popularity, tail, split, counts)
     results["itemknn"]["settings"] = knn_settings
     basket_knn, basket_settings = itemknn_score_fn(
         split.train, n_items, validation_baskets(split, basket_size)
@@ -453,6 +484,7 @@ def measure_all(
         split,
         {name: r["default"]["chosen"] for name, r in results.items()},
         basket_size,
+        counts,
     )
     baskets["itemknn"]["settings"] = basket_settings
     for name, figures in baskets.items():

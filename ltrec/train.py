@@ -31,9 +31,9 @@ from ltrec.evaluation import (
     EvalCases,
     evaluate,
     long_tail_mask,
+    long_tail_term,
     make_cases,
     most_popular,
-    tune_long_tail_weight,
 )
 from ltrec.image_encoder import IMAGE_MODEL_NAME
 from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vector_score_fn
@@ -602,18 +602,15 @@ def train(
     )
     model, fitted = fit(prepared, cfg, model, progress=progress, world=world)
     # The serving default of the long-tail weight, on validation (export reads it).
-    long_tail_weight = tune_long_tail_weight(
-        model_score_fn(model, model_cfg.max_history),
-        prepared.popularity,
-        long_tail_mask(prepared.popularity),
-        valid_cases,
+    long_tail_weight, exposure = long_tail_term(
+        model_score_fn(model, model_cfg.max_history), prepared.popularity, valid_cases
     )
     summary = {
         "text_model": TEXT_MODEL_NAME,
         "image_model": IMAGE_MODEL_NAME,
         **fitted,
         "long_tail_weight": long_tail_weight,
-        "similar_items_long_tail_weight": tune_similar_items_default(model, prepared),
+        "similar_items_long_tail_weight": tune_similar_items_default(model, prepared, exposure),
         "most_popular_valid": popular_metrics,
         "data": {"dir": str(prepared.data_dir), "cleaning": prepared.report},
     }
@@ -641,6 +638,7 @@ def train(
             attribute_ids=prepared.attribute_ids,
             popularity=prepared.popularity,
             long_tail=long_tail_mask(prepared.popularity),
+            exposure=exposure,
         ),
         out_dir / "checkpoint.pt",
     )
@@ -662,22 +660,24 @@ def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
     valid_cases = make_cases(
         prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
     )
-    tuned = tune_long_tail_weight(
-        model_score_fn(model, model.cfg.max_history),
-        prepared.popularity,
-        long_tail_mask(prepared.popularity),
-        valid_cases,
+    tuned, ckpt.exposure = long_tail_term(
+        model_score_fn(model, model.cfg.max_history), prepared.popularity, valid_cases
     )
     ckpt.summary["long_tail_weight"] = tuned
-    ckpt.summary["similar_items_long_tail_weight"] = tune_similar_items_default(model, prepared)
+    ckpt.summary["similar_items_long_tail_weight"] = tune_similar_items_default(
+        model, prepared, ckpt.exposure
+    )
     save_checkpoint(ckpt, path)
     (out_dir / "metrics.json").write_text(json.dumps(ckpt.summary, indent=2))
     return ckpt.summary
 
 
-def tune_similar_items_default(model: Recommender, prepared: Prepared) -> dict:
+def tune_similar_items_default(
+    model: Recommender, prepared: Prepared, exposure: np.ndarray | None
+) -> dict:
     """SimilarItems' serving default of the long-tail weight, on validation item to item
-    (`ltrec.item_to_item`): its item-item scores are on another scale than Recommend's."""
+    (`ltrec.item_to_item`): its item-item scores are on another scale than Recommend's. The
+    served scorer's term penalises `exposure` (the checkpoint's; popularity when None)."""
     model.eval()
     with torch.no_grad():
         table = model.item_table().numpy()
@@ -686,6 +686,7 @@ def tune_similar_items_default(model: Recommender, prepared: Prepared) -> dict:
         prepared.popularity,
         long_tail_mask(prepared.popularity),
         validation_pairs(prepared.split),
+        counts=exposure,
     )
 
 
@@ -693,7 +694,8 @@ def _long_tail_line(tuned: dict) -> str:
     at = {row["weight"]: row for row in tuned["grid"]}
     chosen, zero = at[tuned["chosen"]], at[0.0]
     return (
-        f"long-tail weight (serving default, chosen on validation): {tuned['chosen']:g}, the "
+        f"long-tail weight (serving default, chosen on validation; the term penalises "
+        f"log(1 + {tuned.get('counts', 'popularity')})): {tuned['chosen']:g}, the "
         f"largest with NDCG@10 within {tuned['tolerance']:.0%} of weight 0's: NDCG@10 "
         f"{chosen['ndcg@10']:.4f} vs {zero['ndcg@10']:.4f}, Coverage@10 "
         f"{chosen['coverage@10']:.4f} vs {zero['coverage@10']:.4f}, tail share of the lists "

@@ -73,6 +73,7 @@ CHECKPOINT_ARRAYS: tuple[str, ...] = (
     "attribute_ids",
     "popularity",
     "long_tail",
+    "exposure",
 )
 
 

@@ -154,7 +154,9 @@ def markdown(report: dict) -> str:
         "",
         "## Serving-time long-tail weight (ours, text + ID)",
         "",
-        "Scores adjusted as served: `score - w * log(1 + popularity)`. Each figure computed twice: "
+        "Scores adjusted as served: `score - w * log(1 + count)`, where an item's count is "
+        + _term_count_phrase(report)
+        + ". Each figure computed twice: "
         "in torch (full ranking) and through the exported ONNX graphs run by onnxruntime "
         "(user_encoder -> context_weighting -> scorer, top-50 read from the scorer's output). "
         + _default_weight_sentence(report),
@@ -198,11 +200,95 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"ONNX vs torch, every figure of every weight (Recall/NDCG@10/50, Coverage, ARP, APLT, "
-        f"Gini): {'identical' if matches else 'NOT identical'} at {PRECISION} decimals; largest "
-        f"absolute difference {worst:.2g}.",
+        f"Gini): {'identical' if matches else 'NOT identical'} as printed ({PRECISION} decimals, "
+        f"ARP 1); largest absolute difference {worst:.2g}"
+        + (
+            " (below the printed precision of the figure it is in)."
+            if matches and worst >= 0.5 * 10**-PRECISION
+            else "."
+        ),
         "",
         "![long-tail plot](report.png)",
         "",
     ]
+    lines += _popularity_term_ablation(report)
     lines += _item_to_item_section(report)
     return "\n".join(lines)
+
+
+def _term_count_phrase(report: dict) -> str:
+    counts = (report.get("long_tail_default") or {}).get("counts", "popularity")
+    if counts.startswith("exposure@"):
+        depth = counts.split("@", 1)[1]
+        return (
+            f"its exposure: how many training users' top-{depth} lists hold it (weight 0, "
+            "validation histories; 0 for an item nobody trained on)"
+        )
+    return "its training popularity"
+
+
+def _popularity_term_ablation(report: dict) -> list[str]:
+    """The served term (exposure) against the term on training popularity, each at the default
+    the same validation rule chooses for it; nothing for a report from before exposure."""
+    default = report.get("long_tail_default") or {}
+    ablation = default.get("popularity_term")
+    served = next((s for s in report["long_tail_sweep"] if s.get("default")), None)
+    if not ablation or served is None:
+        return []
+    f = _printed
+    zero = next(s for s in report["long_tail_sweep"] if s["weight"] == 0.0)["torch"]
+
+    def row(label: str, weight: float, valid: dict, t: dict, tail_ndcg: float | None) -> str:
+        cost = t["ndcg@10"] / zero["ndcg@10"] - 1 if zero["ndcg@10"] else 0.0
+        return _row(
+            [
+                label,
+                f"{weight:g}",
+                f(valid["ndcg@10"]),
+                f(valid["coverage@10"]),
+                f(t["ndcg@10"]),
+                f"{cost:+.2%}",
+                "-" if tail_ndcg is None else f(tail_ndcg),
+                f(t["coverage@10"]),
+                f(t["aplt@10"]),
+            ]
+        )
+
+    chosen = next(r for r in default["grid"] if r["weight"] == default["chosen"])
+    tail_at_default = (default.get("test_tail") or {}).get("ndcg@10")
+    return [
+        "The term's count, ablated: each count at the default the same rule chooses for it on "
+        "validation (the largest weight within "
+        f"{default['tolerance']:.0%} of weight 0's validation NDCG@10). Cost = test NDCG@10 "
+        "against weight 0's.",
+        "",
+        _row(
+            [
+                "count",
+                "w",
+                "validation NDCG@10",
+                "validation Coverage@10",
+                "test NDCG@10",
+                "cost",
+                "tail NDCG@10",
+                "Coverage@10",
+                "APLT@10",
+            ]
+        ),
+        _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]),
+        row(
+            f"exposure ({default.get('counts', '')}, served)",
+            default["chosen"],
+            chosen,
+            served["torch"],
+            tail_at_default,
+        ),
+        row(
+            "training popularity (served before)",
+            ablation["chosen"],
+            ablation["validation"],
+            ablation["test"],
+            (ablation.get("test_tail") or {}).get("ndcg@10"),
+        ),
+        "",
+    ]

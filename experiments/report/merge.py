@@ -34,7 +34,9 @@ def merge_reports(parts: list[dict]) -> dict:
     Rows keep the order of MODELS; a row present in several parts keeps, per view (test figures,
     fit, cold start, short histories), what the first part that has it says, where the parts are
     taken, for a neural row trained in several of them, in order of its best validation NDCG@10
-    (the run chosen on validation; `chosen_on_validation` names the part). The
+    (the run chosen on validation; `chosen_on_validation` names the part); a row loaded from a
+    checkpoint (`fit.checkpoint`) is taken from the first part that loaded one, the served model
+    the long-tail sweep measures, whatever the others' validation. The
     first part's long-tail sweep and default stay (every part measures the same "ours" when they
     share a checkpoint); a view's sizes (cold start, short histories) come from the first part
     that ran it.
@@ -58,9 +60,17 @@ def merge_reports(parts: list[dict]) -> dict:
         # in several parts (different schedules) is taken first from the part whose run has the
         # best validation NDCG@10, as if its schedule were one more setting chosen on validation.
         having = [i for i, part in enumerate(parts) if name in part["models"]]
-        order = sorted(having, key=lambda i: -_validation(parts[i]["models"][name]))
-        if len({_validation(parts[i]["models"][name]) for i in having} - {_NONE}) > 1:
-            chosen[name] = order[0]
+        loaded = [
+            i for i in having if (parts[i]["models"][name].get("fit") or {}).get("checkpoint")
+        ]
+        if loaded:
+            # A row loaded from a checkpoint is no schedule to choose on validation: the first
+            # part that loaded one is the served model, whose long-tail sweep the report keeps.
+            order = [loaded[0], *(i for i in having if i != loaded[0])]
+        else:
+            order = sorted(having, key=lambda i: -_validation(parts[i]["models"][name]))
+            if len({_validation(parts[i]["models"][name]) for i in having} - {_NONE}) > 1:
+                chosen[name] = order[0]
         merged_row = rows.setdefault(name, {})
         for i in order:
             for key, value in parts[i]["models"][name].items():

@@ -46,6 +46,7 @@ from ltrec.evaluation import (
     held_out_cases,
     long_tail_adjusted,
     long_tail_mask,
+    long_tail_term,
     measure,
     paired_difference,
     short_unordered_split,
@@ -98,12 +99,19 @@ def context_fields(prepared: Prepared) -> dict[str, dict[str, float]]:
 
 
 def parity(torch_row: dict, onnx_row: dict) -> dict:
+    """The largest difference of a weight's figures, and whether they print the same: ARP (a
+    mean popularity, in the hundreds) to 1 decimal as the tables print it, the rest (shares) to
+    `PRECISION` decimals."""
     keys = [k for k in onnx_row if isinstance(onnx_row[k], float)]
     diff = max(abs(torch_row[k] - onnx_row[k]) for k in keys)
+
+    def printed(key: str, value: float) -> str:
+        return f"{value:.1f}" if key.startswith("arp@") else _printed(value)
+
     return {
         "max_abs_diff": diff,
         "match_at_printed_precision": all(
-            _printed(torch_row[k]) == _printed(onnx_row[k]) for k in keys
+            printed(k, torch_row[k]) == printed(k, onnx_row[k]) for k in keys
         ),
     }
 
@@ -151,19 +159,31 @@ def main_view(
     # chooses on validation (`ltrec.evaluation.tune_long_tail_weight`) among the weights.
     ours = fitted["ours"]
     assert ours.model is not None
-    default = tune_long_tail_weight(ours.score_fn, popularity, tail, validation_cases(prepared))
+    # The term penalises the model's exposure of each item (`ltrec.evaluation.exposure_counts`),
+    # as training stores it for the export.
+    raw = cached(ours.score_fn)
+    valid = validation_cases(prepared)
+    default, counts = long_tail_term(raw, popularity, valid)
     weights = sorted({*LONG_TAIL_WEIGHTS, default["chosen"]})
     print(f"long-tail weight chosen on validation: {default['chosen']:g}", file=sys.stderr)
-    raw = cached(ours.score_fn)
     sweep_torch = {
-        w: measure(
-            long_tail_adjusted(raw, popularity, w), cases, popularity, tail, f"w={w}", progress
-        )[0]
+        w: measure(long_tail_adjusted(raw, counts, w), cases, popularity, tail, f"w={w}", progress)[
+            0
+        ]
         for w in weights
     }
+    default["test_tail"] = sweep_torch[default["chosen"]]["tail"]
+    default["popularity_term"] = popularity_term_ablation(raw, popularity, tail, valid, cases)
     with tempfile.TemporaryDirectory() as tmp:
         sweep_onnx = onnx_sweep(
-            ours.model, cases, popularity, tail, weights, Path(tmp), progress=progress
+            ours.model,
+            cases,
+            popularity,
+            tail,
+            weights,
+            Path(tmp),
+            progress=progress,
+            counts=counts,
         )
     sweep = []
     for w in weights:
@@ -179,8 +199,33 @@ def main_view(
         )
     del fitted, raw
     # SimilarItems item to item: ours as served and an item-item ItemKNN (ltrec.item_to_item).
-    similar = item_to_item_view(prepared, ours.model)
+    similar = item_to_item_view(prepared, ours.model, counts)
     return models, sweep, default, similar
+
+
+def popularity_term_ablation(
+    score: ScoreFn, popularity: np.ndarray, tail: np.ndarray, valid: EvalCases, cases: EvalCases
+) -> dict[str, Any]:
+    """The ablation of the term's count: `w * log(1 + training popularity)`, as served before
+    exposure, at the default the same rule chooses for it on validation; its validation and
+    test figures, to set beside the served term's."""
+    tuned = tune_long_tail_weight(score, popularity, tail, valid)
+    chosen = tuned["chosen"]
+    test, _ = measure(
+        long_tail_adjusted(score, popularity, chosen),
+        cases,
+        popularity,
+        tail,
+        "popularity term",
+        progress=False,
+    )
+    return {
+        "chosen": chosen,
+        "validation": next(r for r in tuned["grid"] if r["weight"] == chosen),
+        "validation_weight_0": tuned["grid"][0],
+        "test": {k: v for k, v in test.items() if k not in ("tail", "head")},
+        "test_tail": test.get("tail"),
+    }
 
 
 def run_report(
@@ -337,15 +382,14 @@ def cold_view(
             "fit": cold_fitted[name].info,
         }
     if "ours" in cold_fitted:  # as served: at the default weight its own training would choose
-        served = cold_fitted["ours"].score_fn
-        cold_default = tune_long_tail_weight(
-            served,
-            cold_prepared.popularity,
-            long_tail_mask(cold_prepared.popularity),
-            validation_cases(cold_prepared),
+        served = cached(cold_fitted["ours"].score_fn)
+        # Its term's counts: its exposure on the cold split's validation; the held-out items have
+        # no training events, so they count 0, as items added when serving do.
+        cold_default, cold_counts = long_tail_term(
+            served, cold_prepared.popularity, validation_cases(cold_prepared)
         )
         metrics, _ = evaluate(
-            long_tail_adjusted(served, cold_prepared.popularity, cold_default["chosen"]),
+            long_tail_adjusted(served, cold_counts, cold_default["chosen"]),
             cold_cases,
             ks=(K,),
             desc="cold ours at the default weight",
@@ -359,7 +403,7 @@ def cold_view(
         # What the new items' places cost or give the whole test set (every test case, the
         # cold targets among them), at weight 0 and at the default weight.
         every = held_out_cases(cold_prepared)
-        at_weights = at_zero_and_default(served, cold_prepared.popularity, every, cold_default)
+        at_weights = at_zero_and_default(served, cold_counts, every, cold_default)
         models["ours"]["cold_start"]["all_cases_ndcg@10"] = {
             key: figures["ndcg@10"] for key, figures in at_weights.items()
         }
@@ -370,7 +414,7 @@ def cold_view(
             ablated = without_new_item_ids(model, cold_prepared.popularity)
             plain = model_score_fn(ablated, ablated.cfg.max_history)
             models["ours"]["cold_start"]["without_new_item_ids"] = at_zero_and_default(
-                plain, cold_prepared.popularity, cold_cases, cold_default
+                plain, cold_counts, cold_cases, cold_default
             )
             scale = float(model.fusion.new_item_scale)
             models["ours"]["cold_start"]["map_scale"] = scale
@@ -378,18 +422,21 @@ def cold_view(
                 # The ablation of the map's scale: the plain ridge prediction (scale 1).
                 unscaled = with_map_scale(model, cold_prepared.popularity, 1.0)
                 unscaled_score = model_score_fn(unscaled, unscaled.cfg.max_history)
-                on_cold = at_zero_and_default(
-                    unscaled_score, cold_prepared.popularity, cold_cases, cold_default
-                )
-                on_every = at_zero_and_default(
-                    unscaled_score, cold_prepared.popularity, every, cold_default
-                )
+                on_cold = at_zero_and_default(unscaled_score, cold_counts, cold_cases, cold_default)
+                on_every = at_zero_and_default(unscaled_score, cold_counts, every, cold_default)
                 models["ours"]["cold_start"]["unscaled_map"] = {
                     key: {**figures, "all_cases_ndcg@10": on_every[key]["ndcg@10"]}
                     for key, figures in on_cold.items()
                 }
             models["ours"]["cold_start"]["event_weighted_map"] = event_weighted_view(
-                model, prepared, cold_prepared, cold_split, cold, cold_cases, cold_default["chosen"]
+                model,
+                prepared,
+                cold_prepared,
+                cold_split,
+                cold,
+                cold_cases,
+                cold_default["chosen"],
+                cold_counts,
             )
         if model is not None:
             models["ours"]["cold_start"]["audience"] = audience_view(
@@ -410,12 +457,14 @@ def event_weighted_view(
     cold: np.ndarray,
     cold_cases: EvalCases,
     default_weight: float,
+    counts: np.ndarray,
 ) -> dict[str, Any]:
     """The ablation of the new-item map's weighting: the same trained model with its map fitted
     event-weighted (items weighed by popularity^a, a and the penalty chosen on the cold split's
     validation, `ltrec.new_item_ids.EVENT_WEIGHTED_EXPONENTS`) instead of the served default
     (every item alike). Cold-item and all-case accuracy at weight 0 and at the served default
-    weight, and the Audience and demand figures, to set beside the served map's."""
+    weight; the term penalises `counts`), and the Audience and demand figures, to set beside the
+    served map's."""
     weighted = copy.deepcopy(model)
     valid = validation_cases(cold_prepared)
     vectors = user_vectors(weighted, valid, weighted.cfg.max_history)
@@ -427,10 +476,8 @@ def event_weighted_view(
     )
     score = model_score_fn(weighted, weighted.cfg.max_history)
     tuning = {"chosen": default_weight}
-    on_cold = at_zero_and_default(score, cold_prepared.popularity, cold_cases, tuning)
-    on_every = at_zero_and_default(
-        score, cold_prepared.popularity, held_out_cases(cold_prepared), tuning
-    )
+    on_cold = at_zero_and_default(score, counts, cold_cases, tuning)
+    on_every = at_zero_and_default(score, counts, held_out_cases(cold_prepared), tuning)
     figures: dict[str, Any] = {
         "popularity_exponent": fit.get("popularity_exponent"),
         "ridge_lambda": fit.get("ridge_lambda"),
@@ -442,15 +489,15 @@ def event_weighted_view(
 
 
 def at_zero_and_default(
-    score: ScoreFn, popularity: np.ndarray, cases: EvalCases, tuning: dict[str, Any]
+    score: ScoreFn, counts: np.ndarray, cases: EvalCases, tuning: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """A scorer's figures on `cases` at weight 0 and at the default weight `tuning["chosen"]`
-    (`tune_long_tail_weight`'s answer), as served: {"weight_0": ..., "at_default_weight": ...},
-    each with its weight."""
+    (`tune_long_tail_weight`'s answer), as served (the term penalising `counts`):
+    {"weight_0": ..., "at_default_weight": ...}, each with its weight."""
     figures = {}
     for key, weight in (("weight_0", 0.0), ("at_default_weight", float(tuning["chosen"]))):
         metrics, _ = evaluate(
-            long_tail_adjusted(score, popularity, weight), cases, ks=(K,), progress=False
+            long_tail_adjusted(score, counts, weight), cases, ks=(K,), progress=False
         )
         figures[key] = {"weight": weight, **metrics}
     return figures
@@ -480,15 +527,16 @@ def audience_view(
 # --- Writing ------------------------------------------------------------------------------------
 
 
-def item_to_item_view(prepared: Prepared, model: Recommender) -> dict:
+def item_to_item_view(prepared: Prepared, model: Recommender, counts: np.ndarray) -> dict:
     """SimilarItems measured item to item and by baskets (`ltrec.item_to_item`): ours as served
     (item-vector dot products; a basket's mean vector) and ItemKNN's shrunk cosine (summed over a
     basket; its settings tuned on each measure's validation), each at weight 0 and at its own
     default chosen on validation on the scale-aware grid (baskets: also at the SimilarItems
-    default, which a served basket request gets)."""
+    default, which a served basket request gets). Ours' term penalises `counts` (its exposure),
+    ItemKNN's training popularity."""
     model.eval()
     with torch.no_grad():
         table = model.item_table().numpy()
     return item_to_item.measure_all(
-        table, prepared.split, len(prepared.item_ids), prepared.popularity
+        table, prepared.split, len(prepared.item_ids), prepared.popularity, ours_counts=counts
     )

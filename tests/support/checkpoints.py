@@ -69,6 +69,9 @@ def write_checkpoint(path: Path) -> dict:
         model.context_weighting.mlp[-1].bias.normal_(std=0.5)
     popularity = rng.integers(0, 500, size=N_ITEMS + 1).astype(np.int64)
     popularity[contract.PADDING_INDEX] = 0
+    # The model's exposure of each item, the served long-tail term's count: unlike popularity,
+    # so a test can tell which one a graph or file carries (0 where nobody trained on the item).
+    exposure = np.where(popularity > 0, rng.integers(0, 300, size=N_ITEMS + 1), 0).astype(np.int64)
     item_ids = [f"item-{i}" for i in range(1, N_ITEMS + 1)]
     titles = [SPECIAL_TITLES.get(i, f"Title {i}") for i in range(1, N_ITEMS + 1)]
     summary = {
@@ -91,6 +94,7 @@ def write_checkpoint(path: Path) -> dict:
         "attribute_ids": np.zeros((N_ITEMS + 1, contract.ATTRIBUTE_SLOTS), dtype=np.int64),
         "popularity": popularity,
         "long_tail": long_tail_mask(popularity),
+        "exposure": exposure,
         "item_ids": item_ids,
         "titles": titles,
         "texts": [f"{t} | category" for t in titles],

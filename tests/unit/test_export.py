@@ -25,7 +25,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export_scripts import export as export_module
 from export_scripts import onnx_graphs, triton_config
-from ltrec.checkpoint import load_checkpoint
+from ltrec.checkpoint import Checkpoint, load_checkpoint
 from ltrec.models import ItemLookup, Scorer, UserEncoder
 from ltrec_core import contract
 from ltrec_core.artifacts import CatalogueFields, content_hash, read_repository_metadata
@@ -573,7 +573,7 @@ def test_chained_onnx_models_recommend_what_torch_does(
             torch.from_numpy(hist), torch.from_numpy(types), t_extra
         )
         t_weighted = model.context_weighting(t_user, torch.from_numpy(context))
-        t_items, t_scores, t_reasons = Scorer(table, torch.from_numpy(ckpt["popularity"]))(
+        t_items, t_scores, t_reasons = Scorer(table, torch.from_numpy(ckpt["exposure"]))(
             t_weighted,
             torch.from_numpy(hist),
             torch.from_numpy(exclude),
@@ -642,7 +642,7 @@ def test_a_new_item_is_recommended_and_has_similar_items_through_onnx(exported: 
     with torch.no_grad():
         table = model.item_table()
         t_query = ItemLookup(table)(torch.tensor([[N_ITEMS + 2]]), torch.from_numpy(extra))
-        t_items, t_scores, _ = Scorer(table, torch.from_numpy(ckpt["popularity"]))(
+        t_items, t_scores, _ = Scorer(table, torch.from_numpy(ckpt["exposure"]))(
             t_query,
             torch.tensor([[N_ITEMS + 2]]),
             torch.tensor([[5]]),
@@ -688,7 +688,7 @@ def test_a_filter_returns_k_items_in_the_unfiltered_order(exported: Exported, sc
         with torch.no_grad():
             table = model.item_table().numpy()
         graph = onnx_graphs.scorer_graph(
-            table, np.asarray(ckpt["popularity"]), scan="int8", overlay=True, item_filter=True
+            table, np.asarray(ckpt["exposure"]), scan="int8", overlay=True, item_filter=True
         )
         scorer = ort.InferenceSession(graph.SerializeToString())
     else:
@@ -786,12 +786,31 @@ def test_catalogue_csv(exported: Exported) -> None:
     assert [int(r[0]) for r in body] == list(range(1, N_ITEMS + 1))
     assert [r[2] for r in body] == exported.ckpt["titles"]
     assert body[0][2] == "Heat, The (1995)" and body[3][2] == "Two\nlines"
-    assert [int(r[3]) for r in body] == exported.ckpt["popularity"][1:].tolist()
+    # The count the long-tail term penalises: the model's exposure of each item, not popularity.
+    assert [int(r[3]) for r in body] == exported.ckpt["exposure"][1:].tolist()
+    assert exported.ckpt["exposure"][1:].tolist() != exported.ckpt["popularity"][1:].tolist()
     assert [r[4] == "1" for r in body] == exported.ckpt["long_tail"][1:].tolist()
     # ceil(20% of 40) = 8 head items.
     assert sum(r[4] == "0" for r in body) == 8
     # The fields the checkpoint stored, as the gateway's filters read them.
     assert [tuple(r[5:]) for r in body] == [item_fields(i) for i in range(1, N_ITEMS + 1)]
+
+
+def test_a_checkpoint_from_before_exposure_penalises_training_popularity(tmp_path: Path) -> None:
+    """Without stored exposure the term's count is training popularity, as it was served then:
+    in the catalogue file and in the scorer's graph."""
+    raw = write_checkpoint(tmp_path / "checkpoint.pt")
+    del raw["exposure"]
+    ckpt = Checkpoint.from_dict(raw)
+    assert ckpt.exposure is None and ckpt.long_tail_counts is ckpt.popularity
+    path = tmp_path / contract.CATALOGUE_FILE
+    export_module.write_catalogue(path, ckpt, export_module.catalogue_fields(ckpt))
+    with path.open(encoding="utf-8", newline="") as f:
+        body = list(csv.reader(f))[1:]
+    assert [int(r[3]) for r in body] == raw["popularity"][1:].tolist()
+    stored = Checkpoint.from_dict(write_checkpoint(tmp_path / "other.pt"))
+    assert stored.long_tail_counts is stored.exposure
+    assert Checkpoint.from_dict(stored.to_dict()).exposure.tolist() == stored.exposure.tolist()
 
 
 def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
@@ -812,7 +831,7 @@ def test_gateway_loads_the_exported_repository(exported: Exported) -> None:
     assert catalogue.titles[1:] == ckpt["titles"]
     assert catalogue.index_of["item-3"] == 3
     assert catalogue.titles[2] == 'Say "Hi", Bob'
-    assert catalogue.popularity.tolist() == ckpt["popularity"].tolist()
+    assert catalogue.popularity.tolist() == ckpt["exposure"].tolist()
     assert catalogue.long_tail.tolist() == ckpt["long_tail"].tolist()
     # The fields the filters compare, from the catalogue file: "books|fiction" is a prefix of
     # two categories; "acme" a brand.

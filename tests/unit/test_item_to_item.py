@@ -226,6 +226,32 @@ def test_scale_aware_default_by_hand() -> None:
     assert tuned["scale"] == pytest.approx(0.1118, abs=1e-4) and tuned["cases"] == 3
 
 
+def test_the_served_counts_set_the_scale_and_the_term() -> None:
+    """With counts (ours: its exposure), the scale is the spread of log(1 + counts) and the
+    term penalises them: here counts that swap items 1 and 2 keep the popular item 1 first at
+    every weight, where popularity sinks it."""
+    e = math.e
+    popularity = np.array([0, e**2 - 1, 0, e**2 - 1, 0, e - 1])
+    counts = np.array([0, 0, e**2 - 1, e**2 - 1, 0, e - 1])
+    tail = np.array([False, False, True, False, True, True])
+    score = fixed_scores([0.0, 0.3, 0.1, 0.3, 0.1, 1.0])
+    cases = pair_cases(
+        events([("a", 5), ("b", 5), ("c", 5)]), events([("a", 1), ("b", 1), ("c", 1)])
+    )
+    by_counts = tune_similar_items_weight(
+        score, popularity, tail, cases, relative=(0.0, 1.0, 2.0), counts=counts
+    )
+    assert by_counts["scale"] == pytest.approx(similarity_scale(score, counts, cases))
+    # Item 1 (count 0) ties item 3 at weight 0 (second, ties against) and leads it after.
+    assert [row["ndcg@10"] for row in by_counts["grid"]] == pytest.approx(
+        [1 / math.log2(3), 1.0, 1.0]
+    )
+    by_popularity = tune_similar_items_weight(score, popularity, tail, cases, relative=(0.0, 2.0))
+    assert by_popularity["grid"][1]["ndcg@10"] < 1 / math.log2(3)
+    plain = item_to_item_metrics(score, popularity, tail, cases, 0.5, counts)
+    assert plain["ndcg@10"] == 1.0 and plain["arp@10"] > 0
+
+
 def test_scaled_grid_rounds_drops_repeats_and_starts_at_zero() -> None:
     assert scaled_grid(0.0123456, (0.0, 0.5, 1.0)) == [(0.0, 0.0), (0.5, 0.00617), (1.0, 0.0123)]
     assert scaled_grid(0.0, (0.0, 0.5, 1.0)) == [(0.0, 0.0)]  # no spread: only weight 0

@@ -32,23 +32,30 @@ from experiments.report.settings import (
     quick_config,
 )
 from ltrec import baselines
+from ltrec.checkpoint import load_checkpoint, read_checkpoint
 from ltrec.data import leave_one_out, load_dataset
 from ltrec.evaluation import (
+    EXPOSURE_DEPTH,
+    LONG_TAIL_GRID,
     EvalCases,
+    cached,
     cold_start_split,
     evaluate,
     evaluate_lists,
     events_in_order,
+    exposure_counts,
     gini,
     held_out_cases,
     long_tail_adjusted,
     long_tail_metrics,
+    long_tail_term,
     paired_difference,
     short_unordered_split,
     shuffled_context,
     subsample_users,
     top_k_items,
     tune_long_tail_weight,
+    validation_cases,
     with_split,
 )
 from ltrec.models import ModelConfig
@@ -164,6 +171,78 @@ def test_default_long_tail_weight_by_hand() -> None:
     assert loose["chosen"] == 1.0  # 0.5 >= 0.66 * 0.75
     with pytest.raises(ValueError, match="start at 0"):
         tune_long_tail_weight(score, popularity, tail, toy, grid=(0.5, 1.0))
+
+
+def test_a_cached_scorer_tells_sets_of_cases_apart() -> None:
+    """One cache over validation and then test cases: the same rows of another set are scored
+    again, not answered from the first set's batch; a repeat is answered from the cache."""
+    calls = []
+
+    def score(c: EvalCases, rows: np.ndarray) -> np.ndarray:
+        calls.append(len(calls))
+        return np.tile(c.targets[rows, None].astype(np.float64), (1, 3))
+
+    raw = cached(score)
+    valid, test = cases([[]], [1]), cases([[]], [2])
+    assert raw(valid, np.arange(1)).tolist() == [[1.0, 1.0, 1.0]]
+    assert raw(test, np.arange(1)).tolist() == [[2.0, 2.0, 2.0]]
+    assert raw(valid, np.arange(1)).tolist() == [[1.0, 1.0, 1.0]] and len(calls) == 2
+
+
+def test_exposure_counts_by_hand() -> None:
+    """Per item, how many top-`depth` lists (history excluded) hold it; an item nobody trained
+    on counts 0 however often it is listed, and so does padding. Lists are at most a tenth of
+    the catalogue deep (30 items here: 3)."""
+    toy = cases([[1], [], [2]], [4, 4, 4])
+    popularity = np.ones(31, dtype=np.int64)
+    popularity[[0, 5]] = 0  # padding, and item 5 that nobody trained on
+    row = 100.0 - np.arange(31)
+    row[5] = 200.0
+
+    def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return np.tile(row, (len(rows), 1))
+
+    # Top 2 per case: [5, 2] (1 is history), [5, 1], [5, 1]; item 5 counts 0.
+    counts = exposure_counts(score, toy, popularity, depth=2)
+    assert counts.tolist() == [0, 2, 1] + [0] * 28
+    # Top 3: [5, 2, 3], [5, 1, 2], [5, 1, 3]; a depth of 10 is held to 3.
+    want = [0, 2, 2, 2] + [0] * 27
+    assert exposure_counts(score, toy, popularity, depth=3).tolist() == want
+    assert exposure_counts(score, toy, popularity, depth=10).tolist() == want
+
+
+def test_the_term_penalises_its_counts_and_the_lists_keep_popularity() -> None:
+    """`counts` moves the ranking; ARP and the tail share still read training popularity."""
+    toy = cases([[]], [2])
+    popularity = np.array([0, 100, 1])
+    tail = np.array([False, False, True])
+
+    def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return np.array([[0.0, 2.0, 1.5]])
+
+    # By popularity, w = 1 sinks item 1 (2 - log 101 < 1.5 - log 2); by counts that leave item
+    # 1 unpenalised (count 0) and item 2 penalised, the order stays.
+    counts = np.array([0, 0, 50])
+    by_popularity = tune_long_tail_weight(score, popularity, tail, toy, grid=(0.0, 1.0))
+    by_counts = tune_long_tail_weight(score, popularity, tail, toy, grid=(0.0, 1.0), counts=counts)
+    assert [r["ndcg@10"] for r in by_popularity["grid"]] == pytest.approx([1 / math.log2(3), 1.0])
+    assert [r["ndcg@10"] for r in by_counts["grid"]] == pytest.approx([1 / math.log2(3)] * 2)
+    assert by_counts["grid"][1]["arp@10"] == pytest.approx(50.5)  # (100 + 1) / 2, popularity
+
+
+def test_long_tail_term_tunes_on_the_models_own_exposure() -> None:
+    toy = cases([[], []], [4, 3])
+    popularity = np.array([0, 9, 9, 1, 1])
+    rows_scores = np.array([[0.0, 4.0, 3.0, 2.0, 1.0], [0.0, 4.0, 3.0, 1.0, 2.0]])
+
+    def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+        return rows_scores[rows]
+
+    tuned, counts = long_tail_term(score, popularity, toy)
+    # A 4-item catalogue: lists of 1 (a tenth of it, at least 1), item 1 tops both.
+    assert counts.tolist() == [0, 2, 0, 0, 0]
+    assert tuned["counts"] == f"exposure@{EXPOSURE_DEPTH}"
+    assert tuned["chosen"] in LONG_TAIL_GRID
 
 
 # --- The context ablation ------------------------------------------------------------------------
@@ -655,6 +734,14 @@ def test_merge_reports_joins_parts_and_refuses_other_data() -> None:
     first["models"]["sasrec"] = trained(0.20, 0.18)  # the same validation: the first part's
     assert merge_reports([first, second])["models"]["sasrec"]["test"] == {"ndcg@10": 0.18}
     assert merge_reports([first, second])["chosen_on_validation"] == {}
+    # Rows loaded from checkpoints are no schedules: the first part that loaded one (the served
+    # model, whose sweep the report keeps) gives the row, though another validates better.
+    for row, valid in ((first, 0.19), (second, 0.20)):
+        row["models"]["sasrec"]["fit"] |= {"checkpoint": True, "best": {"ndcg@10": valid}}
+    merged = merge_reports([first, second])
+    assert merged["models"]["sasrec"]["test"] == {"ndcg@10": 0.18}
+    assert merged["chosen_on_validation"] == {}
+    assert merged["models"]["sasrec"]["short_history"] == {"ndcg@10": 0.1}
 
     # A refit view (short histories) run in two parts with different settings: that view is
     # taken from the part whose refit validates better there, whatever the order of the parts
@@ -803,6 +890,18 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     summary = train(prepare(tiny_data, cache), cfg, out, progress=False)
     tuned = summary["long_tail_weight"]
     assert [row["weight"] for row in tuned["grid"]][0] == 0.0
+    # The term's count is the model's exposure, stored for the export and what the tuning used.
+    assert tuned["counts"] == f"exposure@{EXPOSURE_DEPTH}"
+    stored = read_checkpoint(out / "checkpoint.pt")
+    prepared = prepare(tiny_data, cache)
+    model, _ = load_checkpoint(out / "checkpoint.pt")
+    want = exposure_counts(
+        model_score_fn(model, model.cfg.max_history),
+        validation_cases(prepared),
+        prepared.popularity,
+    )
+    assert stored.exposure is not None and stored.exposure.tolist() == want.tolist()
+    assert want.sum() > 0 and (want[prepared.popularity == 0] == 0).all()
     assert tuned["chosen"] in [row["weight"] for row in tuned["grid"]]
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
     assert json.loads((out / "metrics.json").read_text())["long_tail_weight"] == tuned
@@ -814,7 +913,7 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     # A checkpoint from before the tuning: export falls back to 0, and the retune command
     # stores the same choices again.
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    del ckpt["summary"]["long_tail_weight"], ckpt["summary"][SIMILAR]
+    del ckpt["summary"]["long_tail_weight"], ckpt["summary"][SIMILAR], ckpt["exposure"]
     torch.save(ckpt, out / "checkpoint.pt")
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") is None
     assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) is None
@@ -822,6 +921,7 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     assert train_main([*args, "--tune-long-tail-only"]) == 0
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
     assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) == similar["chosen"]
+    assert read_checkpoint(out / "checkpoint.pt").exposure.tolist() == want.tolist()
     # No checkpoint there: a clear error.
     other = tmp_path / "nothing"
     other.mkdir()
