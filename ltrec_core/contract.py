@@ -164,8 +164,9 @@ CATALOGUE_FILE = "ltrec_catalogue.csv"  # CATALOGUE_COLUMNS, one row per item (i
 # The catalogue file's header: the export writes it, the gateway refuses any other. category,
 # brand and price_bucket (one of `ltrec_core.item_text.PRICE_BUCKETS`, or empty) are the item's
 # fields as training read them; the gateway filters on them (ItemFilter). popularity is the count
-# the long-tail term penalises, `w * log(1 + popularity)`: the model's exposure of the item over
-# the training users' top-50 lists (training interactions for a checkpoint from before exposure);
+# the long-tail term penalises, `w * log(1 + popularity)`: the model's exposure of the item (1 +
+# how many training users' top-50 lists hold it; training interactions for a checkpoint from
+# before exposure);
 # an item replaced by UpsertItems keeps it, a new one gets 0. long_tail is the training head/tail
 # flag (the top 20% of items by interactions are the head).
 CATALOGUE_COLUMNS: tuple[str, ...] = (

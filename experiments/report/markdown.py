@@ -221,7 +221,7 @@ def _term_count_phrase(report: dict) -> str:
     if counts.startswith("exposure@"):
         depth = counts.split("@", 1)[1]
         return (
-            f"its exposure: how many training users' top-{depth} lists hold it (weight 0, "
+            f"its exposure: 1 + how many training users' top-{depth} lists hold it (weight 0, "
             "validation histories; 0 for an item nobody trained on)"
         )
     return "its training popularity"

@@ -57,7 +57,7 @@ def test_a_basket_returns_k_items_none_of_the_basket_ranked_as_torch_ranks_them(
     with torch.no_grad():
         table = model.item_table()
         pooled = ItemLookup(table)(query)
-        scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt.popularity)))
+        scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt.long_tail_counts)))
         items, scores, reasons = scorer(
             pooled, query, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[weight]]), K
         )

@@ -174,7 +174,7 @@ def test_image_bearing_items_are_served_as_torch_ranks_them(stack: Stack) -> Non
                 region = 1 + ckpt["vocabularies"]["region"].index("eu-west")
                 context = torch.tensor([[23, 7, device, region]])
                 weighted = model.context_weighting(user, context)
-                top, _, _ = Scorer(table, torch.from_numpy(np.asarray(ckpt["popularity"])))(
+                top, _, _ = Scorer(table, torch.from_numpy(np.asarray(ckpt.long_tail_counts)))(
                     weighted, hist, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[0.0]]), 10
                 )
             assert served == [ckpt["item_ids"][i - 1] for i in top[0].tolist()]

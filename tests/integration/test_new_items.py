@@ -268,7 +268,7 @@ def test_the_served_ranking_is_the_torch_models_with_the_new_items_appended(
         table = model.item_table()
         user = UserEncoder(table, model.user_tower)(hist, types, extra)
         weighted = model.context_weighting(user, torch.tensor([[23, 7, 0, region]]))
-        items, scores, _ = Scorer(table, torch.from_numpy(np.asarray(ckpt["popularity"])))(
+        items, scores, _ = Scorer(table, torch.from_numpy(np.asarray(ckpt.long_tail_counts)))(
             weighted,
             hist,
             torch.zeros(1, 1, dtype=torch.long),

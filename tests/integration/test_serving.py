@@ -74,7 +74,7 @@ def test_served_ranking_is_the_torch_models_ranking(stack: Stack) -> None:
         table = model.item_table()
         user = UserEncoder(table, model.user_tower)(hist, types)
         weighted = model.context_weighting(user, context)
-        scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt["popularity"])))
+        scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt.long_tail_counts)))
         for weight in (0.0, 1.0):
             items, scores, _ = scorer(
                 weighted, hist, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[weight]]), 10

@@ -202,11 +202,12 @@ def test_exposure_counts_by_hand() -> None:
     def score(_: EvalCases, rows: np.ndarray) -> np.ndarray:
         return np.tile(row, (len(rows), 1))
 
-    # Top 2 per case: [5, 2] (1 is history), [5, 1], [5, 1]; item 5 counts 0.
+    # Top 2 per case: [5, 2] (1 is history), [5, 1], [5, 1]; a trained item counts 1 + its
+    # lists, item 5 (untrained) 0 however often it is listed.
     counts = exposure_counts(score, toy, popularity, depth=2)
-    assert counts.tolist() == [0, 2, 1] + [0] * 28
+    assert counts.tolist() == [0, 3, 2, 1, 1, 0] + [1] * 25
     # Top 3: [5, 2, 3], [5, 1, 2], [5, 1, 3]; a depth of 10 is held to 3.
-    want = [0, 2, 2, 2] + [0] * 27
+    want = [0, 3, 3, 3, 1, 0] + [1] * 25
     assert exposure_counts(score, toy, popularity, depth=3).tolist() == want
     assert exposure_counts(score, toy, popularity, depth=10).tolist() == want
 
@@ -240,7 +241,7 @@ def test_long_tail_term_tunes_on_the_models_own_exposure() -> None:
 
     tuned, counts = long_tail_term(score, popularity, toy)
     # A 4-item catalogue: lists of 1 (a tenth of it, at least 1), item 1 tops both.
-    assert counts.tolist() == [0, 2, 0, 0, 0]
+    assert counts.tolist() == [0, 3, 1, 1, 1]
     assert tuned["counts"] == f"exposure@{EXPOSURE_DEPTH}"
     assert tuned["chosen"] in LONG_TAIL_GRID
 
@@ -901,7 +902,8 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
         prepared.popularity,
     )
     assert stored.exposure is not None and stored.exposure.tolist() == want.tolist()
-    assert want.sum() > 0 and (want[prepared.popularity == 0] == 0).all()
+    trained = prepared.popularity > 0
+    assert (want[~trained] == 0).all() and (want[trained] >= 1).all() and want.max() > 1
     assert tuned["chosen"] in [row["weight"] for row in tuned["grid"]]
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
     assert json.loads((out / "metrics.json").read_text())["long_tail_weight"] == tuned
