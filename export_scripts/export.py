@@ -350,7 +350,6 @@ def _export_into(
     # popularity for a checkpoint from before) inside the graph, overlay rows appended; or, for
     # a large catalogue, the ANN index with an exact re-rank (a Python-backend model)
     counts = np.asarray(ckpt.long_tail_counts)
-    popularity = torch.from_numpy(counts)
     external = onnx_graphs.needs_external_data(table)
     chosen = choose_retrieval(cfg.n_items, retrieval)
     # An exact scan holds [rows, N] score matrices: fewer rows per execution on a large catalogue.
@@ -378,7 +377,7 @@ def _export_into(
             contract.SCORER_MODEL, triton_config.scorer_io(dim), batching=batching
         )
     else:
-        scorer = Scorer(table, popularity).eval()
+        scorer = Scorer(table, torch.from_numpy(counts)).eval()
         path = output / contract.SCORER_MODEL / VERSION / "model.onnx"
         graph = onnx_graphs.scorer_graph(
             table.numpy(),
