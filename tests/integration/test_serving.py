@@ -260,12 +260,18 @@ def test_a_traced_recommend_is_one_trace_from_the_caller_into_triton(
     trace holds the gateway's RPC span, its stage spans, the Triton call and Triton's own spans
     under it; the answer is the untraced one, and the gateway's log is JSON lines carrying the
     trace id."""
-    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    caller_span = "00f067aa0ba902b7"
     request = _request(stack.history, k=10)
-    request.request_id = "traced-1"
+    # Span export is best effort (an OpenTelemetry exporter drops a batch it cannot deliver):
+    # Triton's spans of one traced request were lost twice in about ten full runs, with nothing
+    # in its log. What is checked is the propagation, so up to three traced requests are sent,
+    # each its own trace and request id, and the first whose spans all arrive is examined.
+    attempts = [(f"4bf92f3577b34da6a3ce929d0e0e473{n}", f"traced-{n}") for n in (1, 2, 3)]
+    caller_trace, request_id = attempts[0]
 
     def both_services(got: list[ReceivedSpan]) -> bool:
-        return {"ltrec-gateway", "triton"} <= {span.service for span in got}
+        services = {span.service for span in got if span.trace_id == caller_trace}
+        return {"ltrec-gateway", "triton"} <= services
 
     with OtlpReceiver() as collector:
         # rate=0: Triton traces only the requests that bring a trace context (the gateway's).
@@ -294,18 +300,24 @@ def test_a_traced_recommend_is_one_trace_from_the_caller_into_triton(
             }
             replica = start_replica(stack.repo, triton.grpc_url, tmp_path / "gateway.log", env)
             try:
-                traceparent = (("traceparent", f"00-{caller_trace}-{caller_span}-01"),)
-                traced = replica.stub.Recommend(request, metadata=traceparent, timeout=10)
+                for caller_trace, request_id in attempts:
+                    request.request_id = request_id
+                    traceparent = (("traceparent", f"00-{caller_trace}-{caller_span}-01"),)
+                    traced = replica.stub.Recommend(request, metadata=traceparent, timeout=10)
+                    # Triton's exporter batches on its own schedule, which a loaded machine can
+                    # stretch.
+                    if both_services(collector.wait_for(both_services, timeout_s=20, fail=False)):
+                        break
             finally:
                 replica.close()
-            # Triton's exporter batches on its own schedule, which a loaded machine can stretch;
-            # its graceful stop (leaving this block) flushes what is still queued.
-            collector.wait_for(both_services, timeout_s=20, fail=False)
-        spans = collector.wait_for(both_services, timeout_s=20)
+            # Its graceful stop (leaving this block) flushes what is still queued.
+        received = collector.wait_for(both_services, timeout_s=20)
     untraced = stack.stub.Recommend(request, timeout=10)
     assert [i.item_id for i in traced.items] == [i.item_id for i in untraced.items]
 
-    assert {span.trace_id for span in spans} == {caller_trace}
+    # Every span is in a caller's trace (none starts a trace of its own); the one examined here.
+    assert {span.trace_id for span in received} <= {trace for trace, _ in attempts}
+    spans = [span for span in received if span.trace_id == caller_trace]
     gateway = {span.name: span for span in spans if span.service == "ltrec-gateway"}
     rpc = gateway["ltrec.v1.Recommender/Recommend"]
     assert rpc.parent_span_id == caller_span
@@ -320,7 +332,7 @@ def test_a_traced_recommend_is_one_trace_from_the_caller_into_triton(
     assert [span.attributes["triton.model_name"] for span in models] == [contract.ENSEMBLE_MODEL]
 
     log = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines()]
-    (access,) = [line for line in log if line.get("request_id") == "traced-1"]
+    (access,) = [line for line in log if line.get("request_id") == request_id]
     assert (access["trace_id"], access["span_id"]) == (caller_trace, rpc.span_id)
 
 
