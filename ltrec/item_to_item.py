@@ -1,6 +1,7 @@
 """SimilarItems measured item to item, and the scale-aware choice of its default long-tail weight.
 
-Recommend and SimilarItems share the served scorer, `score - w * log(1 + popularity)`, but not
+Recommend and SimilarItems share the served scorer, `score - w * log(1 + count)` (the count: the
+model's exposure of the item, `ltrec.evaluation.exposure_counts`, or training popularity), but not
 the scale of `score`: Recommend's are user-item dot products (around 5-6 at the top on ML-1M),
 SimilarItems' are item-item dot products (around 0.2-0.3 for close neighbours). A weight chosen
 for the first drowns the second in the popularity term, so SimilarItems gets a default of its

@@ -31,12 +31,13 @@ def _item_to_item_section(report: dict) -> list[str]:
         "## SimilarItems, item to item (test)",
         "",
         "Given a user's validation item, is the test item among its 10 most similar items? The "
-        "catalogue ranked by the SimilarItems score minus `w * log(1 + popularity)`, the query "
+        "catalogue ranked by the SimilarItems score minus `w * log(1 + count)` (ours: the served "
+        "count, its exposure when the checkpoint has one; ItemKNN: training popularity), the query "
         "excluded: ours as served (item-vector dot products), ItemKNN by its shrunk item-item "
         "cosine (settings tuned on this task's validation). Each model's default `w` is chosen on "
         "validation (query = last training item, target = validation item): the largest weight "
         f"within {tolerance:.0%} of weight 0's NDCG@10 on a grid of `f * scale`, where `scale` is "
-        "the model's score spread over the spread of log-popularity (`ltrec/item_to_item.py`).",
+        "the model's score spread over the spread of log(1 + count) (`ltrec/item_to_item.py`).",
         "",
         _row(["model", "w", "f", "Recall@10", "NDCG@10", "Coverage@10", "APLT@10"]),
         _row(["---"] + ["---:"] * 6),
