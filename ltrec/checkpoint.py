@@ -142,5 +142,7 @@ def load_checkpoint(path: Path) -> tuple[Recommender, Checkpoint]:
     model.load_state_dict(ckpt.state_dict, assign=True)
     imputed = ckpt.summary.get("new_item_ids") or {}
     model.fusion.new_item_scale = float(imputed.get("scale", 1.0))
+    if imputed.get("offset") is not None:
+        model.fusion.new_item_offset = np.asarray(imputed["offset"], dtype=np.float64)
     model.eval()
     return model, ckpt

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,8 +120,10 @@ class ItemFusion(nn.Module):
         nn.init.zeros_(self.attributes.weight)
         # Fitted after training, not by gradient (`ltrec.new_item_ids`); zero until then.
         self.new_item_ids: nn.Linear | None = None
-        # The scale the fitted map carries (chosen on validation; a checkpoint's summary says it).
+        # The boost the fitted map carries (chosen on validation; a checkpoint's summary says
+        # it): its scale, and the offset added to its intercept (None: no offset).
         self.new_item_scale = 1.0
+        self.new_item_offset: np.ndarray | None = None
         if cfg.new_item_id_map and cfg.id_embeddings:
             self.new_item_ids = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
             nn.init.zeros_(self.new_item_ids.weight)

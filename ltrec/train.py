@@ -646,11 +646,13 @@ def train(
     return summary
 
 
-def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
+def retune_long_tail_weight(prepared: Prepared, out_dir: Path, refit_map: bool = False) -> dict:
     """Choose the long-tail weight's serving default again for `out_dir`'s checkpoint (one
     trained before training chose it, or to see it on other data of the same catalogue), and
-    store it in the checkpoint and metrics.json; SimilarItems' too. Returns the checkpoint's
-    summary, which holds both choices."""
+    store it in the checkpoint and metrics.json; SimilarItems' too. With `refit_map`, the
+    new-item map and its boost are fitted again first, as training fits them
+    (`impute_new_item_ids`; where new items land moves the exposure counts). Returns the
+    checkpoint's summary, which holds the choices."""
     path = out_dir / "checkpoint.pt"
     model, ckpt = load_checkpoint(path)
     if ckpt.item_ids != prepared.item_ids or not np.array_equal(
@@ -660,6 +662,15 @@ def retune_long_tail_weight(prepared: Prepared, out_dir: Path) -> dict:
     valid_cases = make_cases(
         prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
     )
+    if refit_map and getattr(model.fusion, "new_item_ids", None) is not None:
+        # The model's tensors are the checkpoint's (`load_checkpoint`): the fit writes into both.
+        vectors = user_vectors(model, valid_cases, model.cfg.max_history)
+        ckpt.summary["new_item_ids"] = impute_new_item_ids(
+            model,
+            prepared.popularity,
+            seed=int(ckpt.summary.get("train_config", {}).get("seed", 0)),
+            validation=(vectors, valid_cases.histories, valid_cases.targets),
+        )
     tuned, ckpt.exposure = long_tail_term(
         model_score_fn(model, model.cfg.max_history), prepared.popularity, valid_cases
     )
@@ -806,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint in --out on --data's validation split, and store it there",
     )
     parser.add_argument(
+        "--refit-new-item-map",
+        action="store_true",
+        help="with --tune-long-tail-only: first fit the new-item map and its boost again "
+        "(as training does), then choose the long-tail defaults",
+    )
+    parser.add_argument(
         "--softmax-precision",
         choices=("auto", "float32", "bfloat16"),
         default=TrainConfig.softmax_precision,
@@ -874,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, cfg: TrainConfig, world: World, started: float) -> int:
     """`main` once the settings are read: prepare, train (on every rank), report (on rank 0)."""
+    if args.refit_new_item_map and not args.tune_long_tail_only:
+        print("error: --refit-new-item-map goes with --tune-long-tail-only", file=sys.stderr)
+        return 2
     if args.tune_long_tail_only and not world.main:
         return 0
     # Rank 0 prepares first, so that it alone encodes and caches the item texts; the other ranks
@@ -892,7 +912,7 @@ def _run(args: argparse.Namespace, cfg: TrainConfig, world: World, started: floa
         prepared = prepare(args.data, args.cache)
     if args.tune_long_tail_only:
         try:
-            stored = retune_long_tail_weight(prepared, args.out)
+            stored = retune_long_tail_weight(prepared, args.out, args.refit_new_item_map)
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -227,8 +227,9 @@ def _cold_start(report: dict) -> list[str]:
         unscaled = c.get("unscaled_map") or {}
         for row in unscaled.values():
             label = (
-                f"{m['label']}, new-item map at scale 1 (the plain ridge prediction; served: "
-                f"{c['map_scale']:g}, chosen on validation; w = {row['weight']:g})"
+                f"{m['label']}, plain new-item map (the ridge prediction, scale 1, no shift; "
+                f"served: scale {c['map_scale']:g}, shift {c.get('map_shift', 0.0):g}, chosen "
+                f"on validation; w = {row['weight']:g})"
             )
             cells = [f(row["recall@10"]), f(row["ndcg@10"]), f(row["all_cases_ndcg@10"])]
             lines.append(_row([label, *cells]))

@@ -60,7 +60,7 @@ from ltrec.models import Recommender
 from ltrec.new_item_ids import (
     EVENT_WEIGHTED_EXPONENTS,
     impute_new_item_ids,
-    with_map_scale,
+    with_plain_map,
     without_new_item_ids,
 )
 from ltrec.prepared import Prepared, prepare
@@ -417,10 +417,13 @@ def cold_view(
                 plain, cold_counts, cold_cases, cold_default
             )
             scale = float(model.fusion.new_item_scale)
+            offset = getattr(model.fusion, "new_item_offset", None)
+            shift = float((cold_fitted["ours"].info.get("new_item_ids") or {}).get("shift", 0.0))
             models["ours"]["cold_start"]["map_scale"] = scale
-            if scale != 1.0:
-                # The ablation of the map's scale: the plain ridge prediction (scale 1).
-                unscaled = with_map_scale(model, cold_prepared.popularity, 1.0)
+            models["ours"]["cold_start"]["map_shift"] = shift
+            if scale != 1.0 or (offset is not None and np.any(offset)):
+                # The ablation of the map's boost: the plain ridge prediction (scale 1, no shift).
+                unscaled = with_plain_map(model, cold_prepared.popularity)
                 unscaled_score = model_score_fn(unscaled, unscaled.cfg.max_history)
                 on_cold = at_zero_and_default(unscaled_score, cold_counts, cold_cases, cold_default)
                 on_every = at_zero_and_default(unscaled_score, cold_counts, every, cold_default)

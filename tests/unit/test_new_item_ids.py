@@ -15,13 +15,15 @@ from ltrec.new_item_ids import (
     POPULARITY_EXPONENTS,
     RIDGE_GRID,
     SCALES,
-    choose_scale,
+    SHIFTS,
+    choose_boost,
     cross_validated_r2,
     fit_ridge,
+    fold_out_boosts,
     fold_out_ndcg,
-    fold_out_scales,
     impute_new_item_ids,
-    with_map_scale,
+    shift_direction,
+    with_plain_map,
     without_new_item_ids,
 )
 from ltrec_core import contract
@@ -196,37 +198,140 @@ def test_validation_chooses_the_fit_weighting_that_places_new_items_best() -> No
     )
 
 
-def test_the_scale_is_the_largest_within_the_tolerance_of_scale_one() -> None:
-    def grid(*ndcgs: float) -> list[dict[str, float]]:
-        return [
-            {"scale": s, "ndcg@10": n} for s, n in zip((1.0, 1.5, 2.0, 3.0), ndcgs, strict=True)
-        ]
+def test_the_boost_ranks_new_items_best_within_the_tolerance_of_the_plain_map() -> None:
+    def grid(*points: tuple[float, float, float, float]) -> list[dict[str, float]]:
+        keys = ("scale", "shift", "ndcg@10", "new_item_ndcg@10")
+        return [dict(zip(keys, point, strict=True)) for point in points]
 
-    assert choose_scale(grid(0.20, 0.199, 0.197, 0.15)) == 2.0  # -1.5% kept, -25% not
-    assert choose_scale(grid(0.20, 0.195, 0.199, 0.15)) == 2.0  # not the first to fall out
-    assert choose_scale(grid(0.20, 0.19, 0.18, 0.15)) == 1.0  # every larger scale costs > 2%
-    assert choose_scale(grid(0.20, 0.21, 0.22, 0.23)) == 3.0
+    def chosen(*points: tuple[float, float, float, float]) -> tuple[float, float]:
+        best = choose_boost(grid(*points))
+        return best["scale"], best["shift"]
+
+    plain = (1.0, 0.0, 0.20, 0.01)
+    # -1.5% kept, -2.5% not: the best new-item figure among those kept.
+    assert chosen(
+        plain, (2.0, 0.0, 0.197, 0.03), (1.0, 0.5, 0.1985, 0.04), (2.0, 0.5, 0.195, 0.09)
+    ) == (1.0, 0.5)
+    # Not the largest boost: the one that ranks new items best.
+    assert chosen(plain, (3.0, 0.0, 0.199, 0.02), (1.5, 0.2, 0.199, 0.05)) == (1.5, 0.2)
+    # Every boost costs more than 2%: the plain map, whatever the new items gain.
+    assert chosen(plain, (2.0, 0.0, 0.19, 0.5), (1.0, 1.0, 0.18, 0.9)) == (1.0, 0.0)
+    # A tie goes to the smaller boost; the plain map is the reference wherever it is listed.
+    assert chosen((1.5, 0.0, 0.2, 0.05), plain, (1.0, 0.5, 0.2, 0.05)) == (1.0, 0.5)
 
 
-def test_an_exact_map_is_best_at_scale_one_and_a_scaled_one_costs() -> None:
+def _boosts_by_brute_force(
+    content: np.ndarray,
+    ids: np.ndarray,
+    users: np.ndarray,
+    histories: list[np.ndarray],
+    targets: np.ndarray,
+    scales: tuple[float, ...],
+    shifts: tuple[float, ...],
+    direction: np.ndarray,
+    folds: int,
+) -> list[dict[str, float]]:
+    """fold_out_boosts' figures computed the plain way: the whole catalogue re-scored for
+    every fold and boost, each case's target ranked against it."""
+    rows = np.arange(1, len(content))
+    order = np.random.default_rng(0).permutation(rows)
+    fold_of = np.full(len(content), -1)
+    for k, part in enumerate(np.array_split(order, folds)):
+        fold_of[part] = k
+    out = []
+    for scale in scales:
+        for shift in shifts:
+            every = gain_new = hits_new = 0.0
+            n_new = 0
+            for k in range(folds):
+                part, rest = fold_of == k, (fold_of >= 0) & (fold_of != k)
+                w, b = fit_ridge(content[rest], ids[rest], 1e-8)
+                table = content + ids
+                table[part] = content[part] + scale * (content[part] @ w + b) + shift * direction
+                for u, history, target in zip(users, histories, targets, strict=True):
+                    scores = table @ u
+                    scores[0] = -np.inf
+                    scores[history] = -np.inf
+                    rank = int((scores >= scores[target]).sum()) - 1
+                    gain = 1.0 / np.log2(rank + 2.0) if rank < 10 else 0.0
+                    every += gain
+                    if part[target]:
+                        n_new += 1
+                        gain_new += gain
+                        hits_new += rank < 10
+            out.append(
+                {
+                    "scale": scale,
+                    "shift": shift,
+                    "ndcg@10": every / (folds * len(targets)),
+                    "new_item_ndcg@10": gain_new / n_new,
+                    "new_item_recall@10": hits_new / n_new,
+                }
+            )
+    return out
+
+
+def test_fold_out_boosts_ranks_as_the_plain_computation_does() -> None:
+    content, ids, users, histories, targets = _ranking_fixture(n_items=60, seed=5)
+    rng = np.random.default_rng(1)
+    ids = ids + rng.normal(size=ids.shape)  # only partly predictable: ranks move with boosts
+    ids[0] = 0.0
+    users, histories, targets = users[:80], histories[:80], targets[:80]
+    direction = shift_direction(users, content + ids)
+    scales, shifts = (1.0, 2.0), (0.0, 0.5, 1.0)
+    got = fold_out_boosts(
+        content, ids, np.ones(len(content)), 1e-8, np.arange(1, len(content)), users,
+        histories, targets, scales=scales, shifts=shifts, direction=direction, folds=4,
+    )  # fmt: skip
+    want = _boosts_by_brute_force(
+        content, ids, users, histories, targets, scales, shifts, direction, folds=4
+    )
+    assert [(g["scale"], g["shift"]) for g in got] == [(w["scale"], w["shift"]) for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w)
+    # The boosts move ranks (the comparison is not between constant figures).
+    assert len({round(g["ndcg@10"], 9) for g in got}) == len(got)
+    with pytest.raises(ValueError, match="direction"):
+        fold_out_boosts(
+            content, ids, np.ones(len(content)), 1e-8, np.arange(1, len(content)), users,
+            histories, targets, shifts=(0.0, 1.0),
+        )  # fmt: skip
+
+
+def test_the_shift_direction_raises_the_mean_user_by_one_spread_of_its_scores() -> None:
+    rng = np.random.default_rng(4)
+    users = rng.normal(size=(50, 6)) + 3.0
+    table = rng.normal(size=(31, 6))
+    direction = shift_direction(users, table)
+    spread = (users @ table[1:].T).std(axis=1).mean()
+    assert users.mean(axis=0) @ direction == pytest.approx(spread)
+    assert (users @ direction).mean() == pytest.approx(spread)  # on average, every user too
+    assert not shift_direction(np.zeros((3, 6)), table).any()
+
+
+def test_an_exact_map_is_best_unboosted_and_a_boosted_one_costs() -> None:
     content, ids, users, histories, targets = _ranking_fixture()
     rows = np.arange(1, len(content))
     ones = np.ones(len(content))
-    grid = fold_out_scales(content, ids, ones, 1e-8, rows, users, histories, targets)
-    assert [g["scale"] for g in grid] == list(SCALES)
+    direction = shift_direction(users, content + ids)
+    grid = fold_out_boosts(
+        content, ids, ones, 1e-8, rows, users, histories, targets, shifts=SHIFTS,
+        direction=direction,
+    )  # fmt: skip
+    assert [(g["scale"], g["shift"]) for g in grid] == [(a, t) for a in SCALES for t in SHIFTS]
     # Every target is its user's top item, and an exact map folds every item back in place.
     assert grid[0]["ndcg@10"] == pytest.approx(1.0)
     assert grid[0]["new_item_ndcg@10"] == pytest.approx(1.0)
     assert grid[0]["new_item_recall@10"] == pytest.approx(1.0)
-    assert grid[-1]["ndcg@10"] < 0.95  # three times the ID vector misplaces items
-    assert choose_scale(grid) < SCALES[-1]
-    # The same figure as fold_out_ndcg at scale 1 (the cases with a fitted target).
+    assert grid[-1]["ndcg@10"] < 0.95  # three times the ID vector, shifted, misplaces items
+    assert choose_boost(grid) == grid[0]
+    # The same figure as fold_out_ndcg unboosted (the cases with a fitted target).
     assert grid[0]["new_item_ndcg@10"] == pytest.approx(
         fold_out_ndcg(content, ids, ones, 1e-8, rows, users, histories, targets, folds=10)
     )
 
 
-def test_a_chosen_scale_multiplies_the_map_and_its_ablation_undoes_it() -> None:
+def test_a_chosen_boost_scales_and_shifts_the_map_and_its_ablation_undoes_it() -> None:
     torch.manual_seed(0)
     model = Recommender(CFG, torch.randn(CFG.n_items + 1, CFG.text_dim)).eval()
     popularity = np.arange(CFG.n_items + 1) % 5
@@ -237,36 +342,53 @@ def test_a_chosen_scale_multiplies_the_map_and_its_ablation_undoes_it() -> None:
         model.item_ids.weight.add_(torch.randn_like(model.item_ids.weight) * 2.0)
         model.item_ids.weight[torch.from_numpy(popularity <= 0)] = 0.0
     rng = np.random.default_rng(0)
-    users = rng.normal(size=(300, CFG.embedding_dim))
+    users = rng.normal(size=(300, CFG.embedding_dim)) + 1.0
     histories = [np.array([1]) for _ in users]
     targets = rng.choice(np.flatnonzero(popularity > 0), size=len(users))
+    validation = (users, histories, targets)
     plain = copy.deepcopy(model)
     unit = impute_new_item_ids(
-        plain, popularity, validation=(users, histories, targets), scales=(1.0,)
+        plain, popularity, validation=validation, scales=(1.0,), shifts=(0.0,)
     )
+    assert unit["scale"] == 1.0 and unit["shift"] == 0.0 and "boost_grid" not in unit
+    assert not np.any(unit["offset"])
     done = impute_new_item_ids(
-        model, popularity, validation=(users, histories, targets), scales=(1.0, 4.0)
+        model, popularity, validation=validation, scales=(1.0, 4.0), shifts=(0.0, 0.5)
     )
-    assert unit["scale"] == 1.0 and "scale_grid" not in unit
-    assert done["scale"] == choose_scale(done["scale_grid"])
-    assert [g["scale"] for g in done["scale_grid"]] == [1.0, 4.0]
-    scale = done["scale"]
-    assert model.fusion.new_item_scale == scale
-    assert plain.fusion.new_item_ids is not None
-    torch.testing.assert_close(
-        model.fusion.new_item_ids.weight, scale * plain.fusion.new_item_ids.weight
-    )
+    assert [(g["scale"], g["shift"]) for g in done["boost_grid"]] == [
+        (1.0, 0.0), (1.0, 0.5), (4.0, 0.0), (4.0, 0.5)
+    ]  # fmt: skip
+    best = choose_boost(done["boost_grid"])
+    assert (done["scale"], done["shift"]) == (best["scale"], best["shift"])
+    assert model.fusion.new_item_scale == done["scale"]
     forced = copy.deepcopy(plain)
-    impute_new_item_ids(forced, popularity, validation=(users, histories, targets), scales=(4.0,))
+    impute_new_item_ids(forced, popularity, validation=validation, scales=(4.0,), shifts=(0.5,))
     assert forced.fusion.new_item_scale == 4.0
     assert forced.fusion.new_item_ids is not None and forced.item_ids is not None
+    assert plain.fusion.new_item_ids is not None
+    # The direction is measured on the catalogue as training leaves it (no predicted rows).
+    untouched = without_new_item_ids(plain, popularity).item_table().detach()
+    direction = shift_direction(users, untouched.double().numpy())
+    offset = torch.from_numpy(forced.fusion.new_item_offset).float()
+    torch.testing.assert_close(offset, 0.5 * torch.from_numpy(direction).float())
     torch.testing.assert_close(
-        forced.fusion.new_item_ids.bias, 4.0 * plain.fusion.new_item_ids.bias
+        forced.fusion.new_item_ids.weight, 4.0 * plain.fusion.new_item_ids.weight
     )
-    # The ablation at scale 1 is the plain fit again, the scaled model itself untouched.
-    back = with_map_scale(forced, popularity, 1.0)
+    torch.testing.assert_close(
+        forced.fusion.new_item_ids.bias, 4.0 * plain.fusion.new_item_ids.bias + offset
+    )
+    # A new item's score rises for the users the mean user stands for.
+    untrained = torch.from_numpy(popularity <= 0)
+    untrained[0] = False
+    with torch.no_grad():
+        lift = forced.item_table() - 4.0 * plain.item_table() + 3.0 * plain.content_table()
+    torch.testing.assert_close(lift[untrained], offset.expand(int(untrained.sum()), -1))
+    # The ablation is the plain fit again, the boosted model itself untouched.
+    back = with_plain_map(forced, popularity)
     assert back.fusion.new_item_scale == 1.0 and back.item_ids is not None
+    assert back.fusion.new_item_ids is not None
     torch.testing.assert_close(back.item_ids.weight, plain.item_ids.weight)
+    torch.testing.assert_close(back.fusion.new_item_ids.bias, plain.fusion.new_item_ids.bias)
     torch.testing.assert_close(back.item_table(), plain.item_table())
     assert forced.fusion.new_item_scale == 4.0
     assert not torch.allclose(forced.item_table(), plain.item_table())

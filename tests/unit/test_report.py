@@ -60,7 +60,7 @@ from ltrec.evaluation import (
 )
 from ltrec.models import ModelConfig
 from ltrec.neural_baselines import build_model
-from ltrec.new_item_ids import SCALES
+from ltrec.new_item_ids import SCALES, SHIFTS
 from ltrec.prepared import Prepared, prepare
 from ltrec.scoring import model_score_fn
 from ltrec.train import _loss, target_distribution
@@ -457,9 +457,11 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     # new-item map fitted event-weighted, its Audience and demand figures beside the served map's.
     ours_cold = report["models"]["ours"]["cold_start"]
     assert set(ours_cold["all_cases_ndcg@10"]) == {"weight_0", "at_default_weight"}
-    # The new-item map's scale chosen on validation, and its ablation at scale 1 when it is not 1.
-    assert ours_cold["map_scale"] in SCALES
-    assert ("unscaled_map" in ours_cold) == (ours_cold["map_scale"] != 1.0)
+    # The new-item map's boost chosen on validation, and its ablation (the plain map) when the
+    # boost is not the plain map's.
+    assert ours_cold["map_scale"] in SCALES and ours_cold["map_shift"] in SHIFTS
+    boosted = ours_cold["map_scale"] != 1.0 or ours_cold["map_shift"] != 0.0
+    assert ("unscaled_map" in ours_cold) == boosted
     for row in (ours_cold.get("unscaled_map") or {}).values():
         assert 0 <= row["all_cases_ndcg@10"] <= 1 and 0 <= row["recall@10"] <= 1
     weighted = ours_cold["event_weighted_map"]
@@ -924,6 +926,14 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
     assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) == similar["chosen"]
     assert read_checkpoint(out / "checkpoint.pt").exposure.tolist() == want.tolist()
+    # The new-item map fitted again first: the same data chooses the same map and boost.
+    fitted = summary["new_item_ids"]
+    assert train_main([*args, "--tune-long-tail-only", "--refit-new-item-map"]) == 0
+    refit = read_checkpoint(out / "checkpoint.pt")
+    assert {k: refit.summary["new_item_ids"][k] for k in ("scale", "shift", "ridge_lambda")} == {
+        k: fitted[k] for k in ("scale", "shift", "ridge_lambda")
+    }
+    assert train_main([*args, "--refit-new-item-map"]) == 2  # only with the retune
     # No checkpoint there: a clear error.
     other = tmp_path / "nothing"
     other.mkdir()
