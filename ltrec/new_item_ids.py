@@ -27,13 +27,14 @@ validation cases, the penalty is chosen by cross-validated R^2 and the items wei
 
 A ridge prediction is shrunk towards the catalogue's mean ID vector (content explains little of
 an ID vector), so every new item looks like a bland average item and rarely reaches anyone's top
-10. Two boosts restore its reach: a scale of the fitted map (the spread trained ID vectors have)
-and a shift of every prediction along the mean user vector (a new item's score rises by about
-the same amount for every user, as an item bias would). The pair is chosen on validation with a
-tenth of the items scored as new at a time (`fold_out_boosts`, `choose_boost`): the one that
-ranks the items scored as new best (their validation NDCG@10) among those whose NDCG@10 over
-every case stays within 2% of the plain fit's, so new items reach the users their content points
-to, at a bounded cost to the known items they displace.
+10. A boost restores its reach: a scale of the fitted map (the spread trained ID vectors have)
+and, optionally (`TrainConfig.new_item_shift`, off by default), a shift of every prediction
+along the mean user vector (a new item's score rises by about the same amount for every user, as
+an item bias would). The boost is chosen on validation with a tenth of the items scored as new
+at a time (`fold_out_boosts`, `choose_boost`): the one that ranks the items scored as new best
+(their validation NDCG@10) among those whose NDCG@10 over every case stays within 2% of the
+plain fit's, so new items reach the users their content points to, at a bounded cost to the
+known items they displace.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ POPULARITY_EXPONENTS = (0.0,)
 # content, shrunk towards the catalogue's mean since content predicts little of it (R^2 about
 # 0.06 on ML-1M): every new item scores like a bland average item and rarely makes a top 10.
 # A larger s restores the spread that trained ID vectors have, so new items reach the users
-# whose tastes their content points to, at a cost to the known items they displace. The chosen
-# s is the largest whose validation NDCG@10 over every case, with a tenth of the items scored as
-# new at a time (`fold_out_scales`), is within SCALE_TOLERANCE of s = 1's: the same rule and
-# budget as the serving default long-tail weight (`ltrec.evaluation.tune_long_tail_weight`).
+# whose tastes their content points to, at a cost to the known items they displace. The scale
+# kept is the one whose items scored as new rank best within SCALE_TOLERANCE of s = 1's NDCG@10
+# over every case, a tenth of the items scored as new at a time (`fold_out_boosts`,
+# `choose_boost`): the same budget as the serving default long-tail weight
+# (`ltrec.evaluation.tune_long_tail_weight`).
 SCALES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 # Shifts t of the predicted ID vector along the mean user direction, in units of the spread of a
 # user's scores (`shift_direction`): a new item's score rises by t times that spread for a user
@@ -75,10 +77,11 @@ SCALES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 # the users its predicted ID vector points to and lowers it for the others; the shift raises it
 # for all. On ML-1M's cold split (validation, a tenth of the items scored as new at a time), the
 # shift alone reaches new-item Recall@10 0.050 for -0.95% NDCG@10 over every case, the scale
-# alone 0.039 for the same cost. Chosen with the scale (`choose_boost`), in steps of 0.05: the
-# choice sits at the edge of the 2% budget, and steps of 0.1 left up to half a point of it unused
-# (the cold split's first run kept scale 1.5 and shift 0.2 at -1.7%, scale 1 and shift 0.4 tying
-# with it on new-item NDCG@10).
+# alone 0.039 for the same cost. Off by default (`TrainConfig.new_item_shift` says what it
+# costs the served split and Audience). Chosen with the scale (`choose_boost`), in steps of
+# 0.05: the choice sits at the edge of the 2% budget, and steps of 0.1 left up to half a point
+# of it unused (the cold split's first run kept scale 1.5 and shift 0.2 at -1.7%, scale 1 and
+# shift 0.4 tying with it on new-item NDCG@10).
 SHIFTS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 SCALE_TOLERANCE = 0.02
 SCALE_FOLDS = 10
@@ -336,7 +339,7 @@ def impute_new_item_ids(
     validation: tuple[np.ndarray, Sequence[np.ndarray], np.ndarray] | None = None,
     exponents: Sequence[float] = POPULARITY_EXPONENTS,
     scales: Sequence[float] = SCALES,
-    shifts: Sequence[float] = SHIFTS,
+    shifts: Sequence[float] = (0.0,),
 ) -> dict:
     """Fit the content -> ID map on the items with training events, store it in the model's
     `fusion.new_item_ids` and write its prediction into the ID rows of the catalogue items
@@ -345,7 +348,8 @@ def impute_new_item_ids(
     `validation` (user vectors [C, D], history indices, target indices of the validation
     cases, as the model scores them) chooses the popularity exponent (from `exponents`) and
     the penalty by `fold_out_ndcg`, then the scale of the prediction (from `scales`) and its
-    shift along the mean user direction (from `shifts`, `shift_direction`) together by
+    shift along the mean user direction (from `shifts`: none by default, as training's default;
+    `SHIFTS` with `TrainConfig.new_item_shift`; `shift_direction`) together by
     `fold_out_boosts` and `choose_boost`; without it, the penalty is chosen by cross-validated
     R^2, every item weighs alike, the scale is 1 and there is no shift. Returns what was done,
     for the training summary (`offset`: the shift's vector, added to the map's intercept)."""

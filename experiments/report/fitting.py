@@ -267,14 +267,16 @@ GRID_KEYS = (
     "order_augmentation",
     "set_context",
     "softmax_exclude",
+    "new_item_shift",
 )
 TEXT_KEYS = ("set_context", "softmax_exclude")
 
 
 def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
     """`train` with a neural grid point applied: "lr", "batch_size", "weight_decay",
-    "order_augmentation", "set_context" and "softmax_exclude" to the training, "dropout" and
-    "embedding_dim" (the width of every vector: item, state and user) to the model."""
+    "order_augmentation", "set_context", "softmax_exclude" and "new_item_shift" (1: on, 0: off)
+    to the training, "dropout" and "embedding_dim" (the width of every vector: item, state and
+    user) to the model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
@@ -297,8 +299,18 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
         order_augmentation=float(params.get("order_augmentation", train.order_augmentation)),
         set_context=str(params.get("set_context", train.set_context)),
         softmax_exclude=str(params.get("softmax_exclude", train.softmax_exclude)),
+        new_item_shift=_switch(params.get("new_item_shift", train.new_item_shift)),
         model=model,
     )
+
+
+def _switch(value: float | str | bool) -> bool:
+    """A grid point's on/off setting: 1 or 0 (a bool as it stands)."""
+    if isinstance(value, bool):
+        return value
+    if float(value) not in (0.0, 1.0):
+        raise ValueError(f"new_item_shift must be 0 or 1, got {value}")
+    return float(value) == 1.0
 
 
 def _screen(

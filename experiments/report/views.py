@@ -59,6 +59,7 @@ from ltrec.evaluation import (
 from ltrec.models import Recommender
 from ltrec.new_item_ids import (
     EVENT_WEIGHTED_EXPONENTS,
+    SHIFTS,
     impute_new_item_ids,
     with_plain_map,
     without_new_item_ids,
@@ -440,6 +441,7 @@ def cold_view(
                 cold_cases,
                 cold_default["chosen"],
                 cold_counts,
+                bool((cold_fitted["ours"].info.get("train_config") or {}).get("new_item_shift")),
             )
         if model is not None:
             models["ours"]["cold_start"]["audience"] = audience_view(
@@ -461,6 +463,7 @@ def event_weighted_view(
     cold_cases: EvalCases,
     default_weight: float,
     counts: np.ndarray,
+    shift: bool = False,
 ) -> dict[str, Any]:
     """The ablation of the new-item map's weighting: the same trained model with its map fitted
     event-weighted (items weighed by popularity^a, a and the penalty chosen on the cold split's
@@ -476,6 +479,7 @@ def event_weighted_view(
         cold_prepared.popularity,
         validation=(vectors, valid.histories, valid.targets),
         exponents=EVENT_WEIGHTED_EXPONENTS,
+        shifts=SHIFTS if shift else (0.0,),  # the boost's grid as the model's training had it
     )
     score = model_score_fn(weighted, weighted.cfg.max_history)
     tuning = {"chosen": default_weight}

@@ -926,8 +926,11 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     assert checkpoint_long_tail_weight(out / "checkpoint.pt") == tuned["chosen"]
     assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) == similar["chosen"]
     assert read_checkpoint(out / "checkpoint.pt").exposure.tolist() == want.tolist()
-    # The new-item map fitted again first: the same data chooses the same map and boost.
+    # The new-item map fitted again first: the same data chooses the same map and boost. By
+    # default the boost only scales (no shift along the mean user).
     fitted = summary["new_item_ids"]
+    assert fitted["shift"] == 0.0 and not any(fitted["offset"])
+    assert {g["shift"] for g in fitted["boost_grid"]} == {0.0}
     assert train_main([*args, "--tune-long-tail-only", "--refit-new-item-map"]) == 0
     refit = read_checkpoint(out / "checkpoint.pt")
     assert {k: refit.summary["new_item_ids"][k] for k in ("scale", "shift", "ridge_lambda")} == {
@@ -952,6 +955,11 @@ def test_grid_points_set_training_and_model_settings() -> None:
     assert cfg.set_context == "others"
     with pytest.raises(ValueError, match="neural grid keys"):
         with_settings(ltrec.train.TrainConfig(), {"momentum": 0.9})
+    # the new-item map's shift: an on/off setting, off by default
+    assert not ltrec.train.TrainConfig().new_item_shift
+    assert with_settings(ltrec.train.TrainConfig(), {"new_item_shift": 1.0}).new_item_shift
+    with pytest.raises(ValueError, match="new_item_shift must be 0 or 1"):
+        with_settings(ltrec.train.TrainConfig(), {"new_item_shift": 0.5})
     # capacity and regularisation: the width goes to the model, the weight decay to training
     wide = with_settings(ltrec.train.TrainConfig(), {"embedding_dim": 128.0, "weight_decay": 1.0})
     assert (wide.model["embedding_dim"], wide.weight_decay) == (128, 1.0)
@@ -1047,3 +1055,23 @@ def test_targets_are_judged_from_the_reports_own_figures() -> None:
     assert "(stretch met)" in texts[1]
     # without the rows a target needs, it is left out, not judged
     assert _targets({"models": {}, "long_tail_sweep": []}) == []
+
+
+def test_training_with_the_new_item_shift_chooses_the_boost_on_the_shift_grid(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from ltrec.new_item_ids import SHIFTS
+    from ltrec.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=16,
+        new_item_shift=True,
+        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
+    )
+    summary = train(prepare(tiny_data, tmp_path / "cache"), cfg, tmp_path / "model", progress=False)
+    fitted = summary["new_item_ids"]
+    assert {g["shift"] for g in fitted["boost_grid"]} == set(SHIFTS)
+    assert fitted["shift"] in SHIFTS and summary["train_config"]["new_item_shift"] is True
+    boost = (fitted["scale"], fitted["shift"])
+    assert [(g["scale"], g["shift"]) for g in fitted["boost_grid"]].count(boost) == 1
