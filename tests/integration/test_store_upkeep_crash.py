@@ -136,7 +136,7 @@ def test_items_survive_compactions_killed_anywhere_and_a_poller_stays_consistent
     assert polled == final
     print(
         f"\ncompaction kill test: {len(acked)} acknowledged, {KILLS} compactors killed after "
-        f"{passes} passes, generation {done.generation}, {len(final)} items, 0 lost"
+        f"{passes} passes, generation {latest}, {len(final)} items, 0 lost"
     )
 
 

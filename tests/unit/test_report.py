@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -876,19 +877,25 @@ def test_shuffled_training_context_keeps_the_events(tiny_data: Path, tmp_path: P
     assert np.array_equal(np.sort(mixed.context, axis=0), np.sort(seqs.context, axis=0))
 
 
+def _tiny_train_config(**overrides: Any) -> ltrec.train.TrainConfig:
+    """One epoch of a one-layer, 16-d model on the tiny data (seconds)."""
+    return ltrec.train.TrainConfig(
+        epochs=1,
+        batch_size=16,
+        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
+        **overrides,
+    )
+
+
 def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     from export_scripts.export import SIMILAR_ITEMS_WEIGHT as SIMILAR
     from export_scripts.export import checkpoint_long_tail_weight
-    from ltrec.train import TrainConfig, train
     from ltrec.train import main as train_main
+    from ltrec.train import train
 
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=16,
-        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
-    )
+    cfg = _tiny_train_config()
     cache, out = tmp_path / "cache", tmp_path / "model"
     summary = train(prepare(tiny_data, cache), cfg, out, progress=False)
     tuned = summary["long_tail_weight"]
@@ -1061,14 +1068,9 @@ def test_training_with_the_new_item_shift_chooses_the_boost_on_the_shift_grid(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     from ltrec.new_item_ids import SHIFTS
-    from ltrec.train import TrainConfig, train
+    from ltrec.train import train
 
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=16,
-        new_item_shift=True,
-        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
-    )
+    cfg = _tiny_train_config(new_item_shift=True)
     summary = train(prepare(tiny_data, tmp_path / "cache"), cfg, tmp_path / "model", progress=False)
     fitted = summary["new_item_ids"]
     assert {g["shift"] for g in fitted["boost_grid"]} == set(SHIFTS)
