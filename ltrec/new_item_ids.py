@@ -84,6 +84,14 @@ SCALES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 # shift 0.4 tying with it on new-item NDCG@10).
 SHIFTS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 SCALE_TOLERANCE = 0.02
+
+
+def shift_grid(shift: bool) -> tuple[float, ...]:
+    """The shifts `impute_new_item_ids` searches: `SHIFTS` when the shift is on
+    (`TrainConfig.new_item_shift`), none otherwise."""
+    return SHIFTS if shift else (0.0,)
+
+
 SCALE_FOLDS = 10
 EVENT_WEIGHTED_EXPONENTS = (0.0, 0.5, 1.0)
 FOLDS = 5

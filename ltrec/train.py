@@ -38,7 +38,7 @@ from ltrec.evaluation import (
 from ltrec.image_encoder import IMAGE_MODEL_NAME
 from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vector_score_fn
 from ltrec.models import ModelConfig, Recommender
-from ltrec.new_item_ids import SHIFTS, impute_new_item_ids
+from ltrec.new_item_ids import impute_new_item_ids, shift_grid
 from ltrec.prepared import Prepared, item_side, prepare
 from ltrec.scoring import model_score_fn, user_vectors
 from ltrec.sequences import Sequences
@@ -572,7 +572,7 @@ def fit(
         prepared.popularity,
         seed=cfg.seed,
         validation=validation,
-        shifts=SHIFTS if cfg.new_item_shift else (0.0,),
+        shifts=shift_grid(cfg.new_item_shift),
     )
     summary = {
         "train_config": asdict(cfg),
@@ -686,7 +686,7 @@ def retune_long_tail_weight(
             prepared.popularity,
             seed=int(trained_with.get("seed", 0)),
             validation=(vectors, valid_cases.histories, valid_cases.targets),
-            shifts=SHIFTS if shift or trained_with.get("new_item_shift") else (0.0,),
+            shifts=shift_grid(shift or bool(trained_with.get("new_item_shift"))),
         )
     tuned, ckpt.exposure = long_tail_term(
         model_score_fn(model, model.cfg.max_history), prepared.popularity, valid_cases
@@ -918,6 +918,13 @@ def _run(args: argparse.Namespace, cfg: TrainConfig, world: World, started: floa
     """`main` once the settings are read: prepare, train (on every rank), report (on rank 0)."""
     if args.refit_new_item_map and not args.tune_long_tail_only:
         print("error: --refit-new-item-map goes with --tune-long-tail-only", file=sys.stderr)
+        return 2
+    if args.tune_long_tail_only and args.new_item_shift and not args.refit_new_item_map:
+        print(
+            "error: --new-item-shift with --tune-long-tail-only needs --refit-new-item-map "
+            "(the shift is part of the new-item map's fit)",
+            file=sys.stderr,
+        )
         return 2
     if args.tune_long_tail_only and not world.main:
         return 0

@@ -59,8 +59,8 @@ from ltrec.evaluation import (
 from ltrec.models import Recommender
 from ltrec.new_item_ids import (
     EVENT_WEIGHTED_EXPONENTS,
-    SHIFTS,
     impute_new_item_ids,
+    shift_grid,
     with_plain_map,
     without_new_item_ids,
 )
@@ -479,7 +479,7 @@ def event_weighted_view(
         cold_prepared.popularity,
         validation=(vectors, valid.histories, valid.targets),
         exponents=EVENT_WEIGHTED_EXPONENTS,
-        shifts=SHIFTS if shift else (0.0,),  # the boost's grid as the model's training had it
+        shifts=shift_grid(shift),  # the boost's grid as the model's training had it
     )
     score = model_score_fn(weighted, weighted.cfg.max_history)
     tuning = {"chosen": default_weight}

@@ -944,6 +944,8 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
         k: fitted[k] for k in ("scale", "shift", "ridge_lambda")
     }
     assert train_main([*args, "--refit-new-item-map"]) == 2  # only with the retune
+    # the shift is part of the map's fit: with the retune, only when the map is refitted
+    assert train_main([*args, "--tune-long-tail-only", "--new-item-shift"]) == 2
     # No checkpoint there: a clear error.
     other = tmp_path / "nothing"
     other.mkdir()
