@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ltrec.checkpoint import load_checkpoint
 from ltrec.evaluation import (
     cold_start_split,
@@ -39,7 +41,7 @@ from ltrec.evaluation import (
     ranking_metrics,
     with_split,
 )
-from ltrec.new_item_ids import with_plain_map, without_new_item_ids
+from ltrec.new_item_ids import as_added_items, with_plain_map, without_new_item_ids
 from ltrec.prepared import prepare
 from ltrec.scoring import model_score_fn
 from ltrec.train import TrainConfig, train
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         train(warm, config, args.out, progress=False)
     model, ckpt = load_checkpoint(checkpoint)
     assert model.item_ids is not None
+    # The cold items stand for products added after training: the vectors UpsertItems gives
+    # them (a catalogue item without events gets the map without the boost's shift).
+    as_added_items(model, np.flatnonzero(cold))
     imputed = ckpt.summary.get("new_item_ids") or {"applied": False}
     print(
         f"cold items: {int(cold.sum())}; their ID vectors predicted from content "

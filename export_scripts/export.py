@@ -42,7 +42,7 @@ import torch
 from export_scripts import ann_index, onnx_graphs, triton_config
 from ltrec.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
 from ltrec.data import sha256_file
-from ltrec.models import AudienceScorer, ItemEncoder, ItemLookup, Scorer, UserEncoder
+from ltrec.models import AudienceScorer, ItemEncoder, ItemLookup, Recommender, Scorer, UserEncoder
 from ltrec.prepared import dataset_item_fields
 from ltrec_core import contract
 from ltrec_core.artifacts import (
@@ -253,6 +253,15 @@ LONG_TAIL_WEIGHT_MAX = 2.0  # the largest long-tail weight a request may ask for
 # 32 ms on 2 cores (reports/bench), near the 50 ms target, and grows with the catalogue.
 ANN_MIN_ITEMS = 1_000_000
 RETRIEVALS = ("auto", "exact", "ann")
+
+
+def _new_item_offset(model: Recommender) -> list[float]:
+    """The new-item boost's shift the item encoder adds (`ltrec.new_item_ids`); [] without one."""
+    offset = getattr(model.fusion, "new_item_offset", None)
+    if offset is None or getattr(model.fusion, "new_item_ids", None) is None:
+        return []
+    values = np.asarray(offset, dtype=np.float64)
+    return [float(v) for v in values] if values.any() else []
 
 
 def choose_retrieval(n_items: int, requested: str = "auto") -> str:
@@ -499,6 +508,7 @@ def _export_into(
         audience=True,
         # The Recommend and SimilarItems ensembles take at most the scorer's rows.
         max_batch_rows=scorer_rows,
+        new_item_offset=_new_item_offset(model),
         vocabularies=ckpt.vocabularies,
         text_model=summary["text_model"],
         model_config=ckpt.model_config,

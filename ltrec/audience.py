@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from ltrec.data import LeaveOneOut
 from ltrec.evaluation import cold_start_split, events_in_order, with_split
 from ltrec.models import AudienceScorer, Recommender
+from ltrec.new_item_ids import added_item_vectors, audience_vectors
 from ltrec.sequences import build_sequences
 from ltrec_core import contract
 
@@ -194,8 +195,13 @@ def evaluate_audience(
     if trained_on_held_out:  # the held-out rows as an added item's: content only
         full_table = full_table.clone()
         full_table[held_out] = table[held_out]
+    else:  # the held-out rows as added items' (`UpsertItems`), the new-item boost included
+        full_table = full_table.clone()
+        full_table[held_out] = added_item_vectors(model, held_out).to(full_table.dtype)
     scorer = AudienceScorer(full_table)
     query = full_table[held_out]
+    if not trained_on_held_out:  # an added item's query as the gateway sends it: no shift
+        query = audience_vectors(model, query)
     expected = expected_interactions(scorer, query, vectors, activity)
     probability = expected / activity[None, :]
 

@@ -95,13 +95,11 @@ class TrainConfig:
     # negatives. Chosen on validation where the report screens it.
     softmax_exclude: str = "none"
     # Whether the new-item map's boost may shift its predictions along the mean user vector as
-    # well as scale them (`ltrec.new_item_ids.SHIFTS`; off: scales only). Off by default: on
-    # ML-1M's cold split the shift lifts cold-item Recall@10 at the default weight from 0.0357
-    # to 0.0553, but on the served split it lifts the catalogue items without any event for
-    # every user, so the default long-tail weight falls (0.15 -> 0.125) and Coverage@10 with it
-    # (0.701 -> 0.691), and it skews Audience towards mainstream users (recall@100 0.134 ->
-    # 0.106): README, "New items".
-    new_item_shift: bool = False
+    # well as scale them (`ltrec.new_item_ids.SHIFTS`; off: scales only), for items added after
+    # training (catalogue items without events get the map without the shift). On ML-1M's cold
+    # split it lifts cold-item Recall@10 at the default weight from 0.0357 (scale only) to
+    # the 0.05 target: README, "New items".
+    new_item_shift: bool = True
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
@@ -659,14 +657,14 @@ def train(
 
 
 def retune_long_tail_weight(
-    prepared: Prepared, out_dir: Path, refit_map: bool = False, shift: bool = False
+    prepared: Prepared, out_dir: Path, refit_map: bool = False, shift: bool | None = None
 ) -> dict:
     """Choose the long-tail weight's serving default again for `out_dir`'s checkpoint (one
     trained before training chose it, or to see it on other data of the same catalogue), and
     store it in the checkpoint and metrics.json; SimilarItems' too. With `refit_map`, the
     new-item map and its boost are fitted again first, as training fits them
     (`impute_new_item_ids`; where new items land moves the exposure counts), its boost allowed
-    to shift when `shift` is set or the checkpoint was trained with `new_item_shift`. Returns
+    to shift as `shift` says (None: as the checkpoint was trained, `new_item_shift`). Returns
     the checkpoint's summary, which holds the choices."""
     path = out_dir / "checkpoint.pt"
     model, ckpt = load_checkpoint(path)
@@ -686,7 +684,7 @@ def retune_long_tail_weight(
             prepared.popularity,
             seed=int(trained_with.get("seed", 0)),
             validation=(vectors, valid_cases.histories, valid_cases.targets),
-            shifts=shift_grid(shift or bool(trained_with.get("new_item_shift"))),
+            shifts=shift_grid(bool(trained_with.get("new_item_shift")) if shift is None else shift),
         )
     tuned, ckpt.exposure = long_tail_term(
         model_score_fn(model, model.cfg.max_history), prepared.popularity, valid_cases
@@ -785,10 +783,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--new-item-shift",
-        action="store_true",
-        help="let the new-item map's boost shift its predictions along the mean user vector, "
-        "not only scale them (chosen on validation; off by default); with "
-        "--refit-new-item-map, for that refit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the new-item map's boost may shift added items' predictions along the "
+        "mean user vector, not only scale them (chosen on validation; on by default); with "
+        "--refit-new-item-map, for that refit (default there: as the checkpoint was trained)",
     )
     parser.add_argument(
         "--id-dropout",
@@ -892,7 +891,9 @@ def main(argv: list[str] | None = None) -> int:
             logit_adjustment=args.logit_adjustment,
             set_context=args.set_context,
             softmax_exclude=args.softmax_exclude,
-            new_item_shift=args.new_item_shift,
+            new_item_shift=(
+                TrainConfig.new_item_shift if args.new_item_shift is None else args.new_item_shift
+            ),
             model={
                 "embedding_dim": args.embedding_dim,
                 "n_layers": args.layers,
@@ -919,9 +920,9 @@ def _run(args: argparse.Namespace, cfg: TrainConfig, world: World, started: floa
     if args.refit_new_item_map and not args.tune_long_tail_only:
         print("error: --refit-new-item-map goes with --tune-long-tail-only", file=sys.stderr)
         return 2
-    if args.tune_long_tail_only and args.new_item_shift and not args.refit_new_item_map:
+    if args.tune_long_tail_only and args.new_item_shift is not None and not args.refit_new_item_map:
         print(
-            "error: --new-item-shift with --tune-long-tail-only needs --refit-new-item-map "
+            "error: --[no-]new-item-shift with --tune-long-tail-only needs --refit-new-item-map "
             "(the shift is part of the new-item map's fit)",
             file=sys.stderr,
         )

@@ -288,7 +288,11 @@ def create_server(
             history,
             eraser=eraser,
             batch=batch,
-            audiences=None if user_vectors is None else Audiences(user_vectors, triton),
+            audiences=(
+                None
+                if user_vectors is None
+                else Audiences(user_vectors, triton, metadata.new_item_offset)
+            ),
         ),
         server,
         interceptors,

@@ -59,6 +59,7 @@ from ltrec.evaluation import (
 from ltrec.models import Recommender
 from ltrec.new_item_ids import (
     EVENT_WEIGHTED_EXPONENTS,
+    as_added_items,
     impute_new_item_ids,
     shift_grid,
     with_plain_map,
@@ -373,6 +374,16 @@ def cold_view(
         name for name in names if name not in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, *MAIN_VIEW_ONLY)
     ]
     cold_fitted = fit_all(cold_prepared, cfg, "cold", None, progress, cold_names)
+    for name, fitted in cold_fitted.items():
+        model = fitted.model
+        if model is not None and getattr(model.fusion, "new_item_ids", None) is not None:
+            # The held-out items stand for products added after training: their vectors are
+            # those UpsertItems gives (the map's whole boost; a catalogue item without events
+            # gets it without the shift).
+            as_added_items(model, np.flatnonzero(cold))
+            cold_fitted[name] = dataclasses.replace(
+                fitted, score_fn=model_score_fn(model, model.cfg.max_history)
+            )
     for name in cold_names:
         metrics, _ = evaluate(
             cold_fitted[name].score_fn, cold_cases, ks=(K,), desc=f"cold {name}", progress=progress
@@ -481,6 +492,7 @@ def event_weighted_view(
         exponents=EVENT_WEIGHTED_EXPONENTS,
         shifts=shift_grid(shift),  # the boost's grid as the model's training had it
     )
+    as_added_items(weighted, np.flatnonzero(cold))  # as the served map's view has them
     score = model_score_fn(weighted, weighted.cfg.max_history)
     tuning = {"chosen": default_weight}
     on_cold = at_zero_and_default(score, counts, cold_cases, tuning)

@@ -16,6 +16,9 @@ from ltrec.new_item_ids import (
     RIDGE_GRID,
     SCALES,
     SHIFTS,
+    added_item_vectors,
+    as_added_items,
+    audience_vectors,
     choose_boost,
     cross_validated_r2,
     fit_ridge,
@@ -377,12 +380,37 @@ def test_a_chosen_boost_scales_and_shifts_the_map_and_its_ablation_undoes_it() -
     torch.testing.assert_close(
         forced.fusion.new_item_ids.bias, 4.0 * plain.fusion.new_item_ids.bias + offset
     )
-    # A new item's score rises for the users the mean user stands for.
     untrained = torch.from_numpy(popularity <= 0)
     untrained[0] = False
+    rows = np.flatnonzero(untrained.numpy())
     with torch.no_grad():
         lift = forced.item_table() - 4.0 * plain.item_table() + 3.0 * plain.content_table()
-    torch.testing.assert_close(lift[untrained], offset.expand(int(untrained.sum()), -1))
+    # A catalogue item without training events is not new: its row is scaled, not shifted.
+    torch.testing.assert_close(lift[untrained], torch.zeros_like(lift[untrained]))
+    # An added item's vector (the item encoder's: content + the map) is shifted: its score rises
+    # for the users the mean user stands for.
+    added = added_item_vectors(forced, rows)
+    with torch.no_grad():
+        content = forced.content_table()[untrained]  # `ItemEncoder`: vector + map(vector)
+        torch.testing.assert_close(added, content + forced.fusion.new_item_ids(content))
+        torch.testing.assert_close(
+            added - 4.0 * plain.item_table()[untrained] + 3.0 * content,
+            offset.expand(len(rows), -1),
+        )
+    # Audience scores an added item without the shift: the scaled prediction.
+    torch.testing.assert_close(audience_vectors(forced, added), forced.item_table()[untrained])
+    # `as_added_items` gives catalogue rows those vectors (the cold view's held-out items), in
+    # place, and the plain-map ablation undoes the shift on them too.
+    as_added = copy.deepcopy(forced)
+    as_added_items(as_added, rows)
+    with torch.no_grad():
+        torch.testing.assert_close(as_added.item_table()[untrained], added)
+        torch.testing.assert_close(
+            as_added.item_table()[~untrained], forced.item_table()[~untrained]
+        )
+    torch.testing.assert_close(
+        with_plain_map(as_added, popularity).item_table(), plain.item_table()
+    )
     # The ablation is the plain fit again, the boosted model itself untouched.
     back = with_plain_map(forced, popularity)
     assert back.fusion.new_item_scale == 1.0 and back.item_ids is not None

@@ -934,18 +934,27 @@ def test_training_chooses_the_serving_long_tail_weight_and_export_reads_it(
     assert checkpoint_long_tail_weight(out / "checkpoint.pt", SIMILAR) == similar["chosen"]
     assert read_checkpoint(out / "checkpoint.pt").exposure.tolist() == want.tolist()
     # The new-item map fitted again first: the same data chooses the same map and boost. By
-    # default the boost only scales (no shift along the mean user).
+    # default the boost may shift as well as scale (the shift grid is searched).
+    from ltrec.new_item_ids import SHIFTS
+
     fitted = summary["new_item_ids"]
-    assert fitted["shift"] == 0.0 and not any(fitted["offset"])
-    assert {g["shift"] for g in fitted["boost_grid"]} == {0.0}
+    assert {g["shift"] for g in fitted["boost_grid"]} == set(SHIFTS)
+    assert summary["train_config"]["new_item_shift"] is True
     assert train_main([*args, "--tune-long-tail-only", "--refit-new-item-map"]) == 0
     refit = read_checkpoint(out / "checkpoint.pt")
-    assert {k: refit.summary["new_item_ids"][k] for k in ("scale", "shift", "ridge_lambda")} == {
-        k: fitted[k] for k in ("scale", "shift", "ridge_lambda")
-    }
+    keys = ("scale", "shift", "ridge_lambda", "offset")
+    assert {k: refit.summary["new_item_ids"][k] for k in keys} == {k: fitted[k] for k in keys}
+    # and without the shift when asked: the scale-only grid
+    assert train_main(
+        [*args, "--tune-long-tail-only", "--refit-new-item-map", "--no-new-item-shift"]
+    ) == 0  # fmt: skip
+    scaled = read_checkpoint(out / "checkpoint.pt").summary["new_item_ids"]
+    assert scaled["shift"] == 0.0 and not any(scaled["offset"])
+    assert {g["shift"] for g in scaled["boost_grid"]} == {0.0}
     assert train_main([*args, "--refit-new-item-map"]) == 2  # only with the retune
     # the shift is part of the map's fit: with the retune, only when the map is refitted
     assert train_main([*args, "--tune-long-tail-only", "--new-item-shift"]) == 2
+    assert train_main([*args, "--tune-long-tail-only", "--no-new-item-shift"]) == 2
     # No checkpoint there: a clear error.
     other = tmp_path / "nothing"
     other.mkdir()
@@ -964,9 +973,9 @@ def test_grid_points_set_training_and_model_settings() -> None:
     assert cfg.set_context == "others"
     with pytest.raises(ValueError, match="neural grid keys"):
         with_settings(ltrec.train.TrainConfig(), {"momentum": 0.9})
-    # the new-item map's shift: an on/off setting, off by default
-    assert not ltrec.train.TrainConfig().new_item_shift
-    assert with_settings(ltrec.train.TrainConfig(), {"new_item_shift": 1.0}).new_item_shift
+    # the new-item map's shift: an on/off setting, on by default
+    assert ltrec.train.TrainConfig().new_item_shift
+    assert not with_settings(ltrec.train.TrainConfig(), {"new_item_shift": 0.0}).new_item_shift
     with pytest.raises(ValueError, match="new_item_shift must be 0 or 1"):
         with_settings(ltrec.train.TrainConfig(), {"new_item_shift": 0.5})
     # capacity and regularisation: the width goes to the model, the weight decay to training
@@ -1066,16 +1075,16 @@ def test_targets_are_judged_from_the_reports_own_figures() -> None:
     assert _targets({"models": {}, "long_tail_sweep": []}) == []
 
 
-def test_training_with_the_new_item_shift_chooses_the_boost_on_the_shift_grid(
+def test_training_without_the_new_item_shift_chooses_a_scale_only(
     tiny_data: Path, tmp_path: Path
 ) -> None:
-    from ltrec.new_item_ids import SHIFTS
+    from ltrec.new_item_ids import SCALES
     from ltrec.train import train
 
-    cfg = _tiny_train_config(new_item_shift=True)
+    cfg = _tiny_train_config(new_item_shift=False)
     summary = train(prepare(tiny_data, tmp_path / "cache"), cfg, tmp_path / "model", progress=False)
     fitted = summary["new_item_ids"]
-    assert {g["shift"] for g in fitted["boost_grid"]} == set(SHIFTS)
-    assert fitted["shift"] in SHIFTS and summary["train_config"]["new_item_shift"] is True
-    boost = (fitted["scale"], fitted["shift"])
-    assert [(g["scale"], g["shift"]) for g in fitted["boost_grid"]].count(boost) == 1
+    assert {g["shift"] for g in fitted["boost_grid"]} == {0.0}
+    assert [g["scale"] for g in fitted["boost_grid"]] == list(SCALES)
+    assert fitted["shift"] == 0.0 and not any(fitted["offset"])
+    assert summary["train_config"]["new_item_shift"] is False
