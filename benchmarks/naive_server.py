@@ -40,7 +40,7 @@ class NaiveRecommender(recommender_pb2_grpc.RecommenderServicer):
         model, ckpt = load_checkpoint(checkpoint)
         with torch.no_grad():
             table = model.item_table()
-        self.encoder = UserEncoder(table, model.user_tower).eval()
+        self.encoder = UserEncoder(table, model.user_tower, model.added_item_offset()).eval()
         self.context_weighting = model.context_weighting.eval()
         self.scorer = Scorer(table, torch.from_numpy(np.asarray(ckpt.long_tail_counts))).eval()
         self.model_version = self.metadata.model_version

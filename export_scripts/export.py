@@ -42,7 +42,7 @@ import torch
 from export_scripts import ann_index, onnx_graphs, triton_config
 from ltrec.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
 from ltrec.data import sha256_file
-from ltrec.models import AudienceScorer, ItemEncoder, ItemLookup, Recommender, Scorer, UserEncoder
+from ltrec.models import AudienceScorer, ItemEncoder, ItemLookup, Scorer, UserEncoder
 from ltrec.prepared import dataset_item_fields
 from ltrec_core import contract
 from ltrec_core.artifacts import (
@@ -255,15 +255,6 @@ ANN_MIN_ITEMS = 1_000_000
 RETRIEVALS = ("auto", "exact", "ann")
 
 
-def _new_item_offset(model: Recommender) -> list[float]:
-    """The new-item boost's shift the item encoder adds (`ltrec.new_item_ids`); [] without one."""
-    offset = getattr(model.fusion, "new_item_offset", None)
-    if offset is None or getattr(model.fusion, "new_item_ids", None) is None:
-        return []
-    values = np.asarray(offset, dtype=np.float64)
-    return [float(v) for v in values] if values.any() else []
-
-
 def choose_retrieval(n_items: int, requested: str = "auto") -> str:
     """ "exact" or "ann": the request, or by catalogue size for "auto"."""
     if requested not in RETRIEVALS:
@@ -309,7 +300,7 @@ def _export_into(
     parity: dict[str, dict[str, float]] = {}
 
     # user encoder: history -> user embedding (item table inside, overlay rows appended)
-    encoder = UserEncoder(table, model.user_tower).eval()
+    encoder = UserEncoder(table, model.user_tower, model.added_item_offset()).eval()
     path = output / contract.USER_ENCODER_MODEL / VERSION / "model.onnx"
     onnx_graphs.export_user_encoder(encoder, path, overlay=True)
     worst = 0.0
@@ -410,11 +401,15 @@ def _export_into(
 
     # item lookup (SimilarItems): catalogue indices (one item, or a basket) -> their mean vector
     path = output / contract.ITEM_LOOKUP_MODEL / VERSION / "model.onnx"
-    graph = onnx_graphs.item_lookup_graph(table.numpy(), path.parent)
+    # (an added item as a query: without the new-item boost's shift, `ItemLookup`)
+    offset = model.added_item_offset()
+    graph = onnx_graphs.item_lookup_graph(
+        table.numpy(), path.parent, None if offset is None else offset.numpy()
+    )
     onnx_graphs.save(graph, path, external=external)
     parity[contract.ITEM_LOOKUP_MODEL] = {
         contract.QUERY_EMBEDDING: onnx_graphs.item_lookup_parity(
-            path, ItemLookup(table).eval(), dim, cfg.n_items, rng
+            path, ItemLookup(table, offset).eval(), dim, cfg.n_items, rng
         )
     }
 
@@ -508,7 +503,6 @@ def _export_into(
         audience=True,
         # The Recommend and SimilarItems ensembles take at most the scorer's rows.
         max_batch_rows=scorer_rows,
-        new_item_offset=_new_item_offset(model),
         vocabularies=ckpt.vocabularies,
         text_model=summary["text_model"],
         model_config=ckpt.model_config,

@@ -293,15 +293,24 @@ def _overlay_inits(n_rows: int) -> list[onnx.TensorProto]:
     ]
 
 
-def _overlay_rows_nodes(dim: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _overlay_rows_nodes(
+    dim: int, offset: np.ndarray | None = None
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """`extra_rows` (each row's overlay plus one zero row, [B, M+1, D]) and `n_extra` (M, a
-    scalar)."""
+    scalar); with `offset` [D], the overlay rows minus it (an added item read as a query, without
+    the new-item boost's shift: `ltrec.models.ItemLookup`)."""
     n = helper.make_node
     inits = [
         numpy_helper.from_array(np.array([0, 0, 0, 0, 1, 0], dtype=np.int64), "pad_one_row"),
     ]
-    nodes = [
-        n("Pad", [contract.EXTRA_ITEM_VECTORS, "pad_one_row"], ["extra_rows"]),
+    source = contract.EXTRA_ITEM_VECTORS
+    nodes = []
+    if offset is not None:
+        inits.append(numpy_helper.from_array(offset.astype(np.float32), "added_item_offset"))
+        nodes.append(n("Sub", [source, "added_item_offset"], ["extra_unshifted"]))
+        source = "extra_unshifted"
+    nodes += [
+        n("Pad", [source, "pad_one_row"], ["extra_rows"]),
         n("Shape", [contract.EXTRA_ITEM_VECTORS], ["n_extra_1d"], start=1, end=2),
         n("Squeeze", ["n_extra_1d", "zero_axis"], ["n_extra"]),
     ]
@@ -588,13 +597,18 @@ def scorer_graph(
     return _model(graph)
 
 
-def item_lookup_graph(item_table: np.ndarray, external_dir: Path | None = None) -> onnx.ModelProto:
+def item_lookup_graph(
+    item_table: np.ndarray,
+    external_dir: Path | None = None,
+    added_item_offset: np.ndarray | None = None,
+) -> onnx.ModelProto:
     """ONNX version of `ltrec.models.ItemLookup`: `query_items` [B, L] (a basket, padded with
     `PADDING_INDEX`) -> `query_embedding` [B, D], the mean of the items' vectors, each from the
-    trained table or the overlay (SimilarItems' first step). L = 1 is the single-item query,
-    whose embedding is exactly the item's vector."""
+    trained table or the overlay (SimilarItems' and Audience's first step), an overlay row less
+    `added_item_offset` when there is one. L = 1 is the single-item query, whose embedding is
+    exactly the item's vector."""
     n_rows, dim = item_table.shape
-    rows_nodes, rows_inits = _overlay_rows_nodes(dim)
+    rows_nodes, rows_inits = _overlay_rows_nodes(dim, added_item_offset)
     n = helper.make_node
     nodes = [
         *rows_nodes,

@@ -419,6 +419,18 @@ class Recommender(nn.Module):
                 table = table.index_add(0, rows, image)
         return table
 
+    def added_item_offset(self) -> torch.Tensor | None:
+        """The new-item boost's shift [D] (`ltrec.new_item_ids`) that the item encoder adds to
+        every item added after training, or None without one. It lifts such an item as a
+        candidate; where an added item is read as a history event or a query (the user encoder,
+        the item lookup), it is taken back out (`UserEncoder`, `ItemLookup`)."""
+        offset = getattr(self.fusion, "new_item_offset", None)
+        if offset is None or getattr(self.fusion, "new_item_ids", None) is None:
+            return None
+        if not np.any(offset):
+            return None
+        return torch.as_tensor(np.asarray(offset), dtype=torch.float32)
+
     def item_table(self) -> torch.Tensor:
         """Item vectors of the whole catalogue, [N+1, D], row 0 zero (padding)."""
         table = self.content_table()
@@ -464,15 +476,41 @@ def overlay_rows(
     return torch.where((indices >= n_rows).unsqueeze(-1), added, trained)
 
 
+def _offset_buffer(
+    module: nn.Module, item_table: torch.Tensor, offset: torch.Tensor | None
+) -> None:
+    """`added_item_offset` [D]: zeros without one."""
+    shift = torch.zeros(item_table.shape[1]) if offset is None else offset.detach().float()
+    module.register_buffer("added_item_offset", shift.clone())
+
+
+def _unshifted(module: nn.Module, extra: torch.Tensor | None) -> torch.Tensor | None:
+    """An added item's vector as a history event or a query: without the new-item boost's shift
+    (`Recommender.added_item_offset`)."""
+    if extra is None:
+        return None
+    offset = module.added_item_offset
+    assert isinstance(offset, torch.Tensor)
+    return extra - offset.to(extra.dtype)
+
+
 class UserEncoder(nn.Module):
     """Exported user encoder: history indices -> user embedding (item table baked in).
 
     `extra_item_vectors` [M, D] are items added after training; history index N+1+j is row j.
+    `added_item_offset` (`Recommender.added_item_offset`) is taken out of them: the new-item
+    boost's shift lifts an added item as a candidate, not as an event of a history.
     """
 
-    def __init__(self, item_table: torch.Tensor, user_tower: UserTower) -> None:
+    def __init__(
+        self,
+        item_table: torch.Tensor,
+        user_tower: UserTower,
+        added_item_offset: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.register_buffer("item_table", item_table.detach().clone())
+        _offset_buffer(self, item_table, added_item_offset)
         self.user_tower = user_tower
 
     def forward(
@@ -481,27 +519,34 @@ class UserEncoder(nn.Module):
         history_event_types: torch.Tensor,
         extra_item_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        vectors = overlay_rows(self.item_table, extra_item_vectors, history_items)
+        extra = _unshifted(self, extra_item_vectors)
+        vectors = overlay_rows(self.item_table, extra, history_items)
         return self.user_tower(vectors, history_items, history_event_types)
 
 
 class ItemLookup(nn.Module):
     """Exported for SimilarItems: the catalogue indices of a row's query items [B, L] (a basket;
     `PADDING_INDEX` pads) -> the mean of their vectors [B, D] (zeros for an all-padding row).
+    Added items' vectors without the new-item boost's shift (`added_item_offset`, as
+    `UserEncoder`): it lifts an item as a candidate, not as a query (SimilarItems, Audience).
 
     The mean, not the sum: a candidate's score is then the mean of its single-item SimilarItems
     scores against the basket items, on their scale, so SimilarItems' default long-tail weight
     keeps its meaning; and a one-item basket is exactly that item's vector.
     """
 
-    def __init__(self, item_table: torch.Tensor) -> None:
+    def __init__(
+        self, item_table: torch.Tensor, added_item_offset: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.register_buffer("item_table", item_table.detach().clone())
+        _offset_buffer(self, item_table, added_item_offset)
 
     def forward(
         self, query_items: torch.Tensor, extra_item_vectors: torch.Tensor | None = None
     ) -> torch.Tensor:
-        vectors = overlay_rows(self.item_table, extra_item_vectors, query_items)  # [B, L, D]
+        extra = _unshifted(self, extra_item_vectors)  # a query, not a candidate: no shift
+        vectors = overlay_rows(self.item_table, extra, query_items)  # [B, L, D]
         mask = (query_items != contract.PADDING_INDEX).to(vectors.dtype).unsqueeze(-1)
         count = mask.sum(dim=1).clamp(min=1.0)
         return (vectors * mask).sum(dim=1) / count

@@ -212,10 +212,6 @@ class RepositoryMetadata:
     # The most rows one Recommend or SimilarItems ensemble call takes (their max_batch_size,
     # lowered on a large catalogue): the gateway never coalesces more requests into one call.
     max_batch_rows: int = contract.MAX_BATCH_SIZE
-    # The new-item boost's shift, [embedding_dim] (`ltrec.new_item_ids`), which the item encoder
-    # adds to every item added after training; Audience and ForecastDemand take it back out of
-    # their query items. Empty: no shift (or exported before it).
-    new_item_offset: list[float] = field(default_factory=list)
     model_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     n_items: int = 0
@@ -261,7 +257,6 @@ class RepositoryMetadata:
             "basket_lookup": self.basket_lookup,
             "audience": self.audience,
             "max_batch_rows": self.max_batch_rows,
-            "new_item_offset": self.new_item_offset,
             "vocabularies": self.vocabularies.to_json(),
             "text_model": self.text_model,
             "model_config": self.model_config,
@@ -378,20 +373,6 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
             f"got {max_batch_rows!r}"
         )
 
-    offset = raw.get("new_item_offset", [])
-    if (
-        not isinstance(offset, list)
-        or len(offset) not in (0, dim)
-        or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in offset
-        )
-    ):
-        raise fail(
-            f"new_item_offset must be a list of {dim} finite numbers (embedding_dim) or empty, "
-            f"got {offset!r}"
-        )
-
     return RepositoryMetadata(
         model_version=model_version,
         embedding_dim=dim,
@@ -407,7 +388,6 @@ def read_repository_metadata(path: Path) -> RepositoryMetadata:
         basket_lookup=raw.get("basket_lookup") is True,
         audience=raw.get("audience") is True,
         max_batch_rows=max_batch_rows,
-        new_item_offset=[float(v) for v in offset],
         model_config=model_config if isinstance(model_config, dict) else {},
         created_at=optional("created_at", str, ""),
         n_items=optional("n_items", int, 0),

@@ -288,11 +288,7 @@ def create_server(
             history,
             eraser=eraser,
             batch=batch,
-            audiences=(
-                None
-                if user_vectors is None
-                else Audiences(user_vectors, triton, metadata.new_item_offset)
-            ),
+            audiences=None if user_vectors is None else Audiences(user_vectors, triton),
         ),
         server,
         interceptors,

@@ -2,8 +2,7 @@
 
 The users (`server.user_vectors`: the history store's most recently active users, as user
 vectors) go to Triton's `audience` ensemble with the items: the items' vectors (trained, or
-added by UpsertItems: the overlay goes with the request; a queried added item's vector without
-the new-item boost's shift, `ModelMetadata.new_item_offset`), the users' vectors under the
+added by UpsertItems: the overlay goes with the request), the users' vectors under the
 request's context (the context weighting of Recommend), and the audience scorer, which gives per
 item its top k users by expected interactions, activity x p(item | user), and their sum
 (`ltrec.models.AudienceScorer` defines it; the export checks the graph against it).
@@ -68,17 +67,9 @@ def block_users(catalogue: Catalogue) -> int:
 class Audiences:
     """Scores items against the known users (one `UserVectors` per gateway)."""
 
-    def __init__(
-        self, users: UserVectors, triton: TritonClient, new_item_offset: Sequence[float] = ()
-    ) -> None:
+    def __init__(self, users: UserVectors, triton: TritonClient) -> None:
         self.users = users
         self._triton = triton
-        # Taken out of an added item's vector before it is scored against the users: the
-        # new-item boost's shift (`ltrec.new_item_ids`) lifts the item for every user, and
-        # a lift for everyone must not rank its users by how close each is to the mean user.
-        self._offset = (
-            np.asarray(new_item_offset, dtype=np.float32) if len(new_item_offset) else None
-        )
 
     async def score(
         self,
@@ -106,8 +97,6 @@ class Audiences:
         queries, query_extra = overlay_subset(
             np.asarray(item_indices, dtype=np.int64).reshape(-1, 1), catalogue
         )
-        if self._offset is not None and query_extra.size:
-            query_extra = query_extra - self._offset  # the added items' vectors, unshifted
         step = block_users(catalogue)
         excluded = exclusions((), catalogue)
         tops: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]] = []

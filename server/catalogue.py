@@ -61,10 +61,6 @@ class ModelMetadata:
     # The hash of the repository's files (`ltrec_core.artifacts.content_hash`); "" when exported
     # before it. With the version, what Triton must serve for this gateway to be SERVING.
     content_hash: str = ""
-    # The new-item boost's shift the item encoder added to every added item's vector
-    # (`RepositoryMetadata.new_item_offset`); Audience takes it out of its query items. Empty:
-    # none.
-    new_item_offset: tuple[float, ...] = ()
 
     @classmethod
     def from_repository(cls, metadata: RepositoryMetadata) -> ModelMetadata:
@@ -85,7 +81,6 @@ class ModelMetadata:
             audience=metadata.audience,
             max_batch_rows=metadata.max_batch_rows,
             content_hash=metadata.content_hash,
-            new_item_offset=tuple(metadata.new_item_offset),
         )
 
 

@@ -190,7 +190,8 @@ def test_the_served_audience_and_demand_are_torchs(stack: Stack) -> None:
     with torch.no_grad():
         extra = encode_new_items(model, texts, [attribute_ids(g, "", "") for g in GENRES])
         table = model.item_table()
-        vectors = UserEncoder(table, model.user_tower)(hist, types, extra)
+        encoder = UserEncoder(table, model.user_tower, model.added_item_offset())
+        vectors = encoder(hist, types, extra)
         weighted = model.context_weighting(
             vectors, torch.tensor([[23, 7, 0, region]]).expand(len(users), -1)
         )

@@ -266,7 +266,7 @@ def test_the_served_ranking_is_the_torch_models_with_the_new_items_appended(
     with torch.no_grad():
         extra = encode_new_items(model, texts, [attribute_ids(g, "", "") for g in GENRES])
         table = model.item_table()
-        user = UserEncoder(table, model.user_tower)(hist, types, extra)
+        user = UserEncoder(table, model.user_tower, model.added_item_offset())(hist, types, extra)
         weighted = model.context_weighting(user, torch.tensor([[23, 7, 0, region]]))
         items, scores, _ = Scorer(table, torch.from_numpy(np.asarray(ckpt.long_tail_counts)))(
             weighted,

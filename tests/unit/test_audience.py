@@ -8,7 +8,6 @@ answer; metrics and log lines carry no id; the example client."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -294,37 +293,6 @@ async def test_what_triton_is_sent(repository: Path) -> None:
     assert call.inputs[contract.CONTEXT].tolist() == [[16, 3, 2, 2]] * 4
     assert sorted(call.inputs[contract.USER_ACTIVITY].tolist()) == [1.0, 2.0, 3.0, 3.0]
     assert call.inputs[contract.TOP_K].tolist() == [4]
-
-
-@run_async
-async def test_an_added_item_is_scored_without_the_new_item_shift(repository: Path) -> None:
-    """The item encoder adds the new-item boost's shift (the repository's `new_item_offset`) to
-    every added item, a lift for every user; the audience query takes it back out, so the lift
-    does not rank the users, while the softmax's catalogue keeps the served vectors."""
-    path = repository / contract.METADATA_FILE
-    offset = [0.5, -1.0, 0.25, 2.0]
-    path.write_text(json.dumps({**json.loads(path.read_text()), "new_item_offset": offset}))
-    now = int(time.time())
-    fake = FakeTransport()
-    async with running_gateway(repository, fake) as gw:
-        await clicks(gw, HISTORIES, now)
-        new = recommender_pb2.Item(item_id="new-film", title="toy space")
-        await gw.stub.UpsertItems(recommender_pb2.UpsertItemsRequest(items=[new]))
-        await gw.stub.Audience(audience("new-film", k=10))
-        added = fake.ranking_calls(contract.AUDIENCE_MODEL)[-1]
-        await gw.stub.Audience(audience("i4", k=10))
-        trained = fake.ranking_calls(contract.AUDIENCE_MODEL)[-1]
-    served = added.inputs[contract.EXTRA_ITEM_VECTORS]
-    query = added.inputs[contract.QUERY_EXTRA_ITEM_VECTORS]
-    assert served.shape == (1, 4) and query.shape == (1, 1, 4)
-    np.testing.assert_allclose(query[0, 0], served[0] - np.float32(offset), rtol=1e-6)
-    # a trained item's query reads the trained table (its row is not shifted), nothing to take out
-    assert trained.inputs[contract.QUERY_EXTRA_ITEM_VECTORS].shape[1] == 0
-    # a malformed offset stops the start, naming the field and the bound
-    path.write_text(json.dumps({**json.loads(path.read_text()), "new_item_offset": [1.0]}))
-    with pytest.raises(Exception, match="new_item_offset must be a list of 4 finite numbers"):
-        async with running_gateway(repository, FakeTransport()):
-            pass
 
 
 ERRORS = [

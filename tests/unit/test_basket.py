@@ -119,6 +119,55 @@ def test_the_exports_parity_check_covers_baskets(tmp_path: Path) -> None:
     assert onnx_graphs.item_lookup_parity(path, first, 6, 29, rng) > 1e-2
 
 
+def test_an_added_item_is_looked_up_and_encoded_without_the_new_item_shift(tmp_path: Path) -> None:
+    """The item encoder adds the new-item boost's shift to every added item (a lift as a
+    candidate); read as a query (the item lookup of SimilarItems and Audience) or as a history
+    event (the user encoder), an added item's vector is the overlay row less that shift, in torch
+    and in the exported graph; trained rows are untouched."""
+    from ltrec.models import ModelConfig, Recommender, UserEncoder
+
+    rng = np.random.default_rng(7)
+    table = rng.standard_normal((30, 6)).astype(np.float32)
+    offset = rng.standard_normal(6).astype(np.float32)
+    extra = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    query = np.array([[30, 5, 0], [32, 31, 2]], dtype=np.int64)  # added items beside trained
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx_graphs.item_lookup_graph(table, added_item_offset=offset), path)
+    shifted = ItemLookup(torch.from_numpy(table), torch.from_numpy(offset))
+    plain = ItemLookup(torch.from_numpy(table))
+    want = plain(torch.from_numpy(query), torch.from_numpy(extra - offset)).numpy()
+    got = shifted(torch.from_numpy(query), torch.from_numpy(extra)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(got, plain(torch.from_numpy(query), torch.from_numpy(extra)).numpy())
+    (graph,) = ort.InferenceSession(str(path)).run(
+        None, {contract.QUERY_ITEMS: query, contract.EXTRA_ITEM_VECTORS: extra}
+    )
+    np.testing.assert_allclose(graph, want, atol=1e-5)
+    assert onnx_graphs.item_lookup_parity(path, shifted, 6, 29, rng) < 1e-5
+    assert onnx_graphs.item_lookup_parity(path, plain, 6, 29, rng) > 1e-2  # the check would see
+    trained_only = np.array([[3, 4, 0]], dtype=np.int64)
+    np.testing.assert_allclose(
+        shifted(torch.from_numpy(trained_only), torch.from_numpy(extra[:1])).numpy(),
+        table[[3, 4]].mean(axis=0, keepdims=True),
+        atol=1e-6,
+    )
+    # The user encoder reads a history's added items the same way.
+    cfg = ModelConfig(
+        n_items=29, n_devices=2, n_regions=2, embedding_dim=6, n_layers=1, n_heads=2, max_history=4
+    )
+    model = Recommender(cfg, torch.zeros(30, 384)).eval()
+    history = torch.tensor([[0, 7, 30, 31]])
+    types = torch.ones_like(history)
+    with torch.no_grad():
+        encoded = UserEncoder(torch.from_numpy(table), model.user_tower, torch.from_numpy(offset))(
+            history, types, torch.from_numpy(extra[0])
+        )
+        reference = UserEncoder(torch.from_numpy(table), model.user_tower)(
+            history, types, torch.from_numpy(extra[0] - offset)
+        )
+    torch.testing.assert_close(encoded, reference)
+
+
 # --- the gateway --------------------------------------------------------------------------------
 
 

@@ -28,12 +28,7 @@ from export_scripts import onnx_graphs, triton_config
 from ltrec.checkpoint import Checkpoint, load_checkpoint
 from ltrec.models import ItemLookup, Scorer, UserEncoder
 from ltrec_core import contract
-from ltrec_core.artifacts import (
-    ArtifactError,
-    CatalogueFields,
-    content_hash,
-    read_repository_metadata,
-)
+from ltrec_core.artifacts import CatalogueFields, content_hash, read_repository_metadata
 from server.catalogue import load_model_repository
 from server.gen.ltrec.v1 import recommender_pb2
 from server.item_filter import eligibility
@@ -876,34 +871,6 @@ def test_metadata_records_version_and_file_hashes(exported: Exported) -> None:
         data = (repo / name).read_bytes()
         assert entry["sha256"] == hashlib.sha256(data).hexdigest(), name
         assert entry["bytes"] == len(data), name
-
-
-def test_the_new_item_shift_goes_to_the_metadata_for_the_gateway(
-    exported: Exported, tmp_path: Path
-) -> None:
-    """The item encoder adds the new-item boost's shift to added items; the metadata carries it
-    (the gateway takes it out of Audience's query items), [] when the map has none."""
-    model, _ = load_checkpoint(exported.checkpoint)
-    assert exported.metadata["new_item_offset"] == export_module._new_item_offset(model)
-    model.fusion.new_item_offset = None
-    assert export_module._new_item_offset(model) == []
-    model.fusion.new_item_offset = np.zeros(CFG.embedding_dim)
-    assert export_module._new_item_offset(model) == []
-    shift = np.linspace(-1.0, 1.0, CFG.embedding_dim)
-    model.fusion.new_item_offset = shift
-    if model.fusion.new_item_ids is None:  # the map the offset belongs to
-        model.fusion.new_item_ids = torch.nn.Linear(CFG.embedding_dim, CFG.embedding_dim)
-    assert export_module._new_item_offset(model) == shift.tolist()
-    # read back by the gateway's loader: the length must be the embedding width
-    raw = {**exported.metadata, "new_item_offset": shift.tolist()}
-    (tmp_path / contract.METADATA_FILE).write_text(json.dumps(raw))
-    assert read_repository_metadata(tmp_path / contract.METADATA_FILE).new_item_offset == (
-        shift.tolist()
-    )
-    for bad in ([1.0], "x", [math.nan] * CFG.embedding_dim, [True] * CFG.embedding_dim):
-        (tmp_path / contract.METADATA_FILE).write_text(json.dumps({**raw, "new_item_offset": bad}))
-        with pytest.raises(ArtifactError, match="new_item_offset must be a list of"):
-            read_repository_metadata(tmp_path / contract.METADATA_FILE)
 
 
 def test_ensemble_config_carries_the_repository_identity(exported: Exported) -> None:
