@@ -8,8 +8,8 @@ training by ridge regression over the items that had training events (the penalt
 k-fold cross-validated R^2 on those items, never on test data), and stands in for the missing
 ID vector:
 
-- catalogue items without training events get `map(content)` as their ID vector row, without
-  the boost's shift (below);
+- catalogue items without training events get `map(content)` as their ID vector row, with
+  the best boost that has no shift (below);
 - items added after training (`UpsertItems`, the exported item encoder) get
   `content + map(content)` from the same map (`ItemEncoder`), the shift included.
 
@@ -39,14 +39,18 @@ items they displace.
 
 The shift is for items added after training, and only for them. A catalogue item without
 training events was listed through the whole training window and nobody picked it: it is not
-new, and lifting it for every user costs list places that no one takes (on ML-1M, 177 films
-nobody rated; lifted, they lowered the served default long-tail weight and its Coverage@10). So
-its row gets the map without the shift (`impute_new_item_ids`), while the map itself, which the
-item encoder applies to added items, carries it; `as_added_items` gives catalogue rows the added
-items' vectors (the cold-start view's held-out items stand for products added after training).
-The shift is a lift for every user, and a lift for every user does not reorder the users of one
-item: Audience and ForecastDemand score an added item by its vector without the shift
-(`audience_vectors`; the gateway subtracts the exported offset).
+new, and lifting it for every user costs list places that no one takes (on ML-1M, 179 films
+without training events; lifted, they lowered the served default long-tail weight and its
+Coverage@10). So its row gets the map with the best boost among those without a shift
+(`impute_new_item_ids`: the scale the same rule keeps on the grid's unshifted points), while
+the map itself, which the
+item encoder applies to added items, carries the chosen scale and shift; `as_added_items`
+gives catalogue rows the added items' vectors (the cold-start view's held-out items stand for
+products added after training). And the shift lifts an added item as a candidate only: a lift
+for every user does not reorder the users of one item, nor say what a history of it or a query
+of it means, so where an added item is read as a query (SimilarItems, Audience and
+ForecastDemand: the exported item lookup) or as a history event (the user encoder), its vector
+is taken without the shift (`ltrec.models.ItemLookup`, `UserEncoder`; `audience_vectors` here).
 """
 
 from __future__ import annotations
@@ -362,9 +366,10 @@ def impute_new_item_ids(
     shifts: Sequence[float] = (0.0,),
 ) -> dict:
     """Fit the content -> ID map on the items with training events, store it in the model's
-    `fusion.new_item_ids` (the boost's shift in its intercept, for items added after training)
-    and write its prediction without the shift into the ID rows of the catalogue items without
-    training events. A model without ID vectors or without the map is left as it is.
+    `fusion.new_item_ids` (with the chosen boost, its shift in the intercept: for items added
+    after training) and write the prediction with the best unshifted boost
+    (`catalogue_scale`) into the ID rows of the catalogue items without training events. A
+    model without ID vectors or without the map is left as it is.
 
     `validation` (user vectors [C, D], history indices, target indices of the validation
     cases, as the model scores them) chooses the popularity exponent (from `exponents`) and
@@ -417,7 +422,7 @@ def impute_new_item_ids(
             "fold_out_ndcg@10": best["ndcg@10"],
             "grid": grid,
         }
-    scale, shift = 1.0, 0.0
+    scale, shift, catalogue_scale = 1.0, 0.0, 1.0
     offset = np.zeros(ids.shape[1])
     # (1.0,) and (0.0,): the plain fit, no search
     if validation is not None and (tuple(scales) != (1.0,) or tuple(shifts) != (0.0,)):
@@ -432,20 +437,24 @@ def impute_new_item_ids(
         best = choose_boost(boost_grid)
         scale, shift = best["scale"], best["shift"]
         offset = shift * direction
+        # The catalogue rows get no shift, so their scale is the best among the unshifted
+        # points (the same rule; the plain fit when the grid has none).
+        unshifted = [g for g in boost_grid if g["shift"] == 0.0]
+        catalogue_scale = choose_boost(unshifted)["scale"] if unshifted else 1.0
         chosen["boost_grid"] = boost_grid
         chosen["shift_unit_norm"] = float(np.linalg.norm(direction))
     chosen["scale"] = scale
     chosen["shift"] = shift
     chosen["offset"] = offset.tolist()
+    chosen["catalogue_scale"] = catalogue_scale
     weights = counts[trained] ** chosen["popularity_exponent"]
     w, b = fit_ridge(content[trained], ids[trained], chosen["ridge_lambda"], weights)
-    w, b = scale * w, scale * b + offset
     with torch.no_grad():
-        new_item_ids.weight.copy_(torch.from_numpy(w.T))
-        new_item_ids.bias.copy_(torch.from_numpy(b))
+        new_item_ids.weight.copy_(torch.from_numpy(scale * w.T))
+        new_item_ids.bias.copy_(torch.from_numpy(scale * b + offset))
         if untrained.any():  # listed through training, not new: no shift
             rows = torch.from_numpy(np.flatnonzero(untrained))
-            predicted = torch.from_numpy(content[untrained] @ w + b - offset)
+            predicted = torch.from_numpy(catalogue_scale * (content[untrained] @ w + b))
             model.item_ids.weight[rows] = predicted.to(model.item_ids.weight.dtype)
     model.fusion.new_item_scale = scale  # what `with_plain_map` undoes
     model.fusion.new_item_offset = offset

@@ -383,9 +383,22 @@ def test_a_chosen_boost_scales_and_shifts_the_map_and_its_ablation_undoes_it() -
     untrained = torch.from_numpy(popularity <= 0)
     untrained[0] = False
     rows = np.flatnonzero(untrained.numpy())
+    # A catalogue item without training events is not new: its row gets the best boost without
+    # a shift, here none on the grid, so the plain prediction; with an unshifted point (4, 0)
+    # on the grid, that point's scale.
+    assert (
+        done["catalogue_scale"]
+        == choose_boost([g for g in done["boost_grid"] if g["shift"] == 0.0])["scale"]
+    )
     with torch.no_grad():
-        lift = forced.item_table() - 4.0 * plain.item_table() + 3.0 * plain.content_table()
-    # A catalogue item without training events is not new: its row is scaled, not shifted.
+        torch.testing.assert_close(forced.item_table()[untrained], plain.item_table()[untrained])
+    scaled = copy.deepcopy(plain)
+    fit = impute_new_item_ids(
+        scaled, popularity, validation=validation, scales=(4.0,), shifts=(0.0, 0.5)
+    )
+    assert fit["catalogue_scale"] == 4.0
+    with torch.no_grad():
+        lift = scaled.item_table() - 4.0 * plain.item_table() + 3.0 * plain.content_table()
     torch.testing.assert_close(lift[untrained], torch.zeros_like(lift[untrained]))
     # An added item's vector (the item encoder's: content + the map) is shifted: its score rises
     # for the users the mean user stands for.
@@ -398,7 +411,10 @@ def test_a_chosen_boost_scales_and_shifts_the_map_and_its_ablation_undoes_it() -
             offset.expand(len(rows), -1),
         )
     # Audience scores an added item without the shift: the scaled prediction.
-    torch.testing.assert_close(audience_vectors(forced, added), forced.item_table()[untrained])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            audience_vectors(forced, added), content + 4.0 * plain.item_ids.weight[untrained]
+        )
     # `as_added_items` gives catalogue rows those vectors (the cold view's held-out items), in
     # place, and the plain-map ablation undoes the shift on them too.
     as_added = copy.deepcopy(forced)
@@ -419,4 +435,7 @@ def test_a_chosen_boost_scales_and_shifts_the_map_and_its_ablation_undoes_it() -
     torch.testing.assert_close(back.fusion.new_item_ids.bias, plain.fusion.new_item_ids.bias)
     torch.testing.assert_close(back.item_table(), plain.item_table())
     assert forced.fusion.new_item_scale == 4.0
-    assert not torch.allclose(forced.item_table(), plain.item_table())
+    assert not torch.allclose(forced.fusion.new_item_ids.bias, plain.fusion.new_item_ids.bias)
+    # and for a boosted catalogue row too
+    assert not torch.allclose(scaled.item_table(), plain.item_table())
+    torch.testing.assert_close(with_plain_map(scaled, popularity).item_table(), plain.item_table())
