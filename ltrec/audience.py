@@ -200,7 +200,7 @@ def evaluate_audience(
         full_table[held_out] = added_item_vectors(model, held_out).to(full_table.dtype)
     scorer = AudienceScorer(full_table)
     query = full_table[held_out]
-    if not trained_on_held_out:  # an added item's query as the gateway sends it: no shift
+    if not trained_on_held_out:  # an added item as a query, as the item lookup reads it: no shift
         query = audience_vectors(model, query)
     expected = expected_interactions(scorer, query, vectors, activity)
     probability = expected / activity[None, :]

@@ -379,7 +379,7 @@ def cold_view(
         if model is not None and getattr(model.fusion, "new_item_ids", None) is not None:
             # The held-out items stand for products added after training: their vectors are
             # those UpsertItems gives (the map's whole boost; a catalogue item without events
-            # gets it without the shift).
+            # gets the best boost without a shift).
             as_added_items(model, np.flatnonzero(cold))
             cold_fitted[name] = dataclasses.replace(
                 fitted, score_fn=model_score_fn(model, model.cfg.max_history)
