@@ -43,14 +43,15 @@ new, and lifting it for every user costs list places that no one takes (on ML-1M
 without training events; lifted, they lowered the served default long-tail weight and its
 Coverage@10). So its row gets the map with the best boost among those without a shift
 (`impute_new_item_ids`: the scale the same rule keeps on the grid's unshifted points), while
-the map itself, which the
-item encoder applies to added items, carries the chosen scale and shift; `as_added_items`
-gives catalogue rows the added items' vectors (the cold-start view's held-out items stand for
-products added after training). And the shift lifts an added item as a candidate only: a lift
-for every user does not reorder the users of one item, nor say what a history of it or a query
-of it means, so where an added item is read as a query (SimilarItems, Audience and
-ForecastDemand: the exported item lookup) or as a history event (the user encoder), its vector
-is taken without the shift (`ltrec.models.ItemLookup`, `UserEncoder`; `audience_vectors` here).
+the map itself, which the item encoder applies to added items, carries the chosen scale and
+shift; `as_added_items` gives catalogue rows the added items' vectors (the cold-start view's
+held-out items stand for products added after training).
+
+And the shift lifts an added item as a candidate only: a lift for every user does not reorder
+the users of one item, nor say what a history of it or a query of it means. So where an added
+item is read as a query (SimilarItems, Audience and ForecastDemand: the exported item lookup) or
+as a history event (the user encoder), its vector is taken without the shift
+(`ltrec.models.ItemLookup`, `UserEncoder`; `audience_vectors` here).
 """
 
 from __future__ import annotations
