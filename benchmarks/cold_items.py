@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     model, ckpt = load_checkpoint(checkpoint)
     assert model.item_ids is not None
     # The cold items stand for products added after training: the vectors UpsertItems gives
-    # them (a catalogue item without events gets the map without the boost's shift).
+    # them (a catalogue item without events gets the best boost without a shift).
     as_added_items(model, np.flatnonzero(cold))
     imputed = ckpt.summary.get("new_item_ids") or {"applied": False}
     print(

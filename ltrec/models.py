@@ -476,20 +476,19 @@ def overlay_rows(
     return torch.where((indices >= n_rows).unsqueeze(-1), added, trained)
 
 
-def _offset_buffer(
-    module: nn.Module, item_table: torch.Tensor, offset: torch.Tensor | None
-) -> None:
-    """`added_item_offset` [D]: zeros without one."""
-    shift = torch.zeros(item_table.shape[1]) if offset is None else offset.detach().float()
-    module.register_buffer("added_item_offset", shift.clone())
+def _offset_buffer(module: nn.Module, offset: torch.Tensor | None) -> None:
+    """`added_item_offset` [D], or None without one (the graph then has no subtraction)."""
+    module.register_buffer(
+        "added_item_offset", None if offset is None else offset.detach().float().clone()
+    )
 
 
 def _unshifted(module: nn.Module, extra: torch.Tensor | None) -> torch.Tensor | None:
     """An added item's vector as a history event or a query: without the new-item boost's shift
     (`Recommender.added_item_offset`)."""
-    if extra is None:
-        return None
     offset = module.added_item_offset
+    if extra is None or offset is None:
+        return extra
     assert isinstance(offset, torch.Tensor)
     return extra - offset.to(extra.dtype)
 
@@ -510,7 +509,7 @@ class UserEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("item_table", item_table.detach().clone())
-        _offset_buffer(self, item_table, added_item_offset)
+        _offset_buffer(self, added_item_offset)
         self.user_tower = user_tower
 
     def forward(
@@ -540,7 +539,7 @@ class ItemLookup(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("item_table", item_table.detach().clone())
-        _offset_buffer(self, item_table, added_item_offset)
+        _offset_buffer(self, added_item_offset)
 
     def forward(
         self, query_items: torch.Tensor, extra_item_vectors: torch.Tensor | None = None

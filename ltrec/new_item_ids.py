@@ -504,7 +504,7 @@ def with_plain_map(model: Recommender, popularity: np.ndarray) -> Recommender:
         copied.fusion.new_item_offset = np.zeros(ids.shape[1])
         # The rows as `impute_new_item_ids` leaves them (no shift), or as `as_added_items` does
         # (the shift): the plain prediction either way.
-        ids[rows] = _mapped(copied, rows)
+        ids[rows] = _mapped(copied, _content_rows(copied, rows))
     return copied
 
 
@@ -516,8 +516,9 @@ def as_added_items(model: Recommender, rows: np.ndarray) -> None:
     if model.item_ids is None or getattr(model.fusion, "new_item_ids", None) is None:
         return
     index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    predicted = _mapped(model, _content_rows(model, index), with_offset=True)
     with torch.no_grad():
-        model.item_ids.weight[index] = _mapped(model, index, with_offset=True)
+        model.item_ids.weight[index] = predicted
 
 
 def added_item_vectors(model: Recommender, rows: np.ndarray) -> torch.Tensor:
@@ -525,40 +526,41 @@ def added_item_vectors(model: Recommender, rows: np.ndarray) -> torch.Tensor:
     (content + the map's prediction, its whole boost), whatever their ID rows hold now: the
     rows of `model.item_table()` otherwise."""
     index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    with torch.no_grad():
-        if model.item_ids is None or getattr(model.fusion, "new_item_ids", None) is None:
+    if model.item_ids is None or getattr(model.fusion, "new_item_ids", None) is None:
+        with torch.no_grad():
             return model.item_table()[index]
-        was_training = model.training
-        model.eval()
-        content = model.content_table()[index]
-        model.train(was_training)
-        return content + _mapped(model, index, with_offset=True).to(content.dtype)
+    content = _content_rows(model, index)
+    return content + _mapped(model, content, with_offset=True).to(content.dtype)
 
 
 def audience_vectors(model: Recommender, vectors: torch.Tensor) -> torch.Tensor:
     """Added items' vectors as Audience and ForecastDemand score them: without the boost's shift
-    (`fusion.new_item_offset`), a lift for every user that would otherwise rank an item's users
-    by how close each is to the mean user."""
-    offset = getattr(model.fusion, "new_item_offset", None)
-    if offset is None or not np.any(offset):
-        return vectors
-    return vectors - torch.as_tensor(np.asarray(offset), dtype=vectors.dtype)
+    (`Recommender.added_item_offset`), a lift for every user that would otherwise rank an item's
+    users by how close each is to the mean user (the exported item lookup does the same)."""
+    offset = model.added_item_offset()
+    return vectors if offset is None else vectors - offset.to(vectors.dtype)
 
 
-def _mapped(model: Recommender, rows: torch.Tensor, with_offset: bool = False) -> torch.Tensor:
-    """The map's prediction for catalogue `rows` (their content vectors), without the offset
-    unless `with_offset`."""
-    new_item_ids = model.fusion.new_item_ids
-    assert new_item_ids is not None and model.item_ids is not None
+def _content_rows(model: Recommender, rows: torch.Tensor) -> torch.Tensor:
+    """The content vectors of catalogue `rows`, as evaluation computes them (eval mode)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
         content = model.content_table()[rows]
-        predicted = new_item_ids(content.to(new_item_ids.weight.dtype))
-        offset = getattr(model.fusion, "new_item_offset", None)
-        if not with_offset and offset is not None:
-            predicted = predicted - torch.as_tensor(np.asarray(offset), dtype=predicted.dtype)
     model.train(was_training)
+    return content
+
+
+def _mapped(model: Recommender, content: torch.Tensor, with_offset: bool = False) -> torch.Tensor:
+    """The map's prediction (an ID vector) for `content` vectors, without the boost's shift
+    unless `with_offset`."""
+    new_item_ids = model.fusion.new_item_ids
+    assert new_item_ids is not None and model.item_ids is not None
+    with torch.no_grad():
+        predicted = new_item_ids(content.to(new_item_ids.weight.dtype))
+    offset = None if with_offset else model.added_item_offset()
+    if offset is not None:
+        predicted = predicted - offset.to(predicted.dtype)
     return predicted.to(model.item_ids.weight.dtype)
 
 
