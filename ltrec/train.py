@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ltrec.baselines import cooccurrence, interaction_matrix
 from ltrec.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ltrec.data import DatasetError
 from ltrec.distributed import SINGLE, World, join, leave, world_from_env
@@ -100,6 +101,21 @@ class TrainConfig:
     # split it lifts cold-item Recall@10 at the default weight from 0.0357 (scale only) to
     # the 0.05 target: README, "New items".
     new_item_shift: bool = True
+    # Full softmax with set_context "others" only: distil an EASE teacher (Steck 2019, fitted on
+    # the training events with ridge `distill_lam`, each event scored without its own user:
+    # `window_teacher_scores`) into the model. Each training event's loss adds `distill_weight`
+    # x the cross-entropy between the teacher's distribution over the catalogue (its scores from
+    # the window's other items, standardised per event, times `distill_sharpness`, softmaxed)
+    # and the model's. 0: no teacher. The served model is the student alone. On ML-1M's short,
+    # order-free view a soft teacher (sharpness 0.5: the top of its distribution spread over
+    # hundreds of items) beat a sharp one (1) on validation: README, "Figures".
+    distill_weight: float = 0.0
+    distill_lam: float = 100.0
+    distill_sharpness: float = 0.5
+    # The share of the softmax's items, most trained first, whose columns the teacher's
+    # distribution covers (1: all). EASE is reliable where items have data; below, the model's
+    # own loss and the items' text speak alone.
+    distill_head_share: float = 1.0
     seed: int = 0
     threads: int = 0  # 0 = torch default
     model: dict[str, float | int] = field(default_factory=dict)  # ModelConfig overrides
@@ -124,6 +140,17 @@ class TrainConfig:
             raise ValueError("softmax_exclude applies to the full softmax only (loss='full')")
         if self.set_context == "others" and self.model.get("set_pooling") is False:
             raise ValueError("set_context 'others' needs set pooling (it replaces its mean)")
+        if self.distill_weight < 0 or self.distill_lam <= 0 or self.distill_sharpness <= 0:
+            raise ValueError(
+                "distill_weight must be >= 0 and distill_lam, distill_sharpness > 0, got "
+                f"{self.distill_weight:g}, {self.distill_lam:g}, {self.distill_sharpness:g}"
+            )
+        if not 0.0 < self.distill_head_share <= 1.0:
+            raise ValueError(
+                f"distill_head_share must be in (0, 1], got {self.distill_head_share:g}"
+            )
+        if self.distill_weight and (self.loss != "full" or self.set_context != "others"):
+            raise ValueError("distill_weight needs the full softmax and set_context 'others'")
 
 
 # Batch widths are rounded up to a multiple of this: a handful of distinct tensor shapes per
@@ -279,12 +306,99 @@ def window_exclusions(
     return rows[kept], columns[kept]
 
 
+# The EASE teacher's inverse is dense: N^2 float64 while it is computed (3.2 GB at 20,000 items).
+DISTILL_MAX_ITEMS = 20_000
+
+
+def ease_teacher(prepared: Prepared, cfg: TrainConfig) -> torch.Tensor:
+    """P = (X^T X + lam I)^-1 [N+1, N+1] over the training events, from which EASE's weights
+    follow (Steck 2019): the distillation teacher (`window_teacher_scores`). Rows and columns
+    of padding and of items without training events are zero."""
+    n_items = len(prepared.item_ids)
+    if n_items > DISTILL_MAX_ITEMS:
+        raise ValueError(
+            f"distill_weight: the EASE teacher is a dense {n_items:,} x {n_items:,} inverse; "
+            f"catalogues of at most {DISTILL_MAX_ITEMS:,} items can have one"
+        )
+    gram = cooccurrence(interaction_matrix(prepared.split.train, n_items))
+    return ease_inverse(gram, cfg.distill_lam)
+
+
+def ease_inverse(gram: np.ndarray, lam: float) -> torch.Tensor:
+    """(gram + lam I)^-1 over the items with interactions (the rest zero), float32."""
+    active = np.flatnonzero(np.diag(gram) > 0)
+    g = gram[np.ix_(active, active)]
+    g[np.diag_indices_from(g)] += lam
+    inverse = np.zeros(gram.shape, dtype=np.float32)
+    inverse[np.ix_(active, active)] = np.linalg.inv(g)
+    return torch.from_numpy(inverse)
+
+
+def window_teacher_scores(targets: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The EASE teacher's scores [events, N+1] of each real event of the windows `targets`
+    [B, W] (row-major, as `targets[targets != 0]`), from the window's other items, by an EASE
+    fitted without the window's user: out of sample, as the teacher will be at test time.
+
+    A model fitted with the user would score the user's own training events from having seen
+    them (a quarter of its probability on the target, on ML-1M's short view): distilling that
+    only repeats the labels. The user's part of X^T X is x x^T (x: the indicator of the
+    window's items), so removing it is a rank-one update of the inverse (Sherman-Morrison):
+    P_u = P + (P x)(P x)^T / (1 - x^T P x), which costs |window| x N per window, not a refit.
+    The weights are then B_u[i, j] = -P_u[i, j] / P_u[j, j] (zero on the diagonal), and an
+    event's score the sum of its window's other rows. The window is the user's history when it
+    fits whole (a longer history keeps the rest of its events in)."""
+    valid = targets != contract.PADDING_INDEX
+    keep = valid.to(inverse.dtype)
+    rows = inverse[targets] * keep.unsqueeze(2)  # [B, W, N+1]: P[I, :]
+    spread = rows.sum(1)  # [B, N+1]: P x
+    own = (torch.gather(spread, 1, targets) * keep).sum(1)  # [B]: x^T P x
+    scale = 1.0 / (1.0 - own).clamp(min=1e-6)
+    spread_at_window = torch.gather(spread, 1, targets) * keep  # [B, W]: (P x)[I]
+    user_rows = rows + (scale.unsqueeze(1) * spread_at_window).unsqueeze(2) * spread.unsqueeze(1)
+    diagonal = torch.diagonal(inverse) + scale.unsqueeze(1) * spread.square()  # diag(P_u)
+    weights = -user_rows / diagonal.clamp(min=1e-12).unsqueeze(1)  # B_u[I, :]
+    weights = weights.scatter(2, targets.unsqueeze(2), 0.0) * keep.unsqueeze(2)
+    return (weights.sum(1, keepdim=True) - weights)[valid]
+
+
+def distill_loss(
+    users: torch.Tensor,
+    table: torch.Tensor,
+    targets: torch.Tensor,
+    active: torch.Tensor,
+    teacher: torch.Tensor,
+    excluded: tuple[torch.Tensor, torch.Tensor],
+    sharpness: float,
+    taught: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy from the teacher's distribution to the model's over the softmax's
+    columns (`active`); each event's excluded columns (its window's other items) are left out
+    of both. The teacher's scores (`window_teacher_scores`) are standardised per event and
+    multiplied by `sharpness` before its softmax."""
+    scores = window_teacher_scores(targets, teacher)[:, active]
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[excluded[0], excluded[1]] = True
+    if taught is not None:  # the columns the teacher speaks for (`distill_head_share`)
+        mask |= ~taught.unsqueeze(0)
+    kept = (~mask).sum(1, keepdim=True).clamp(min=1)
+    mean = scores.masked_fill(mask, 0.0).sum(1, keepdim=True) / kept
+    centred = (scores - mean).masked_fill(mask, 0.0)
+    spread = (centred.square().sum(1, keepdim=True) / kept).sqrt().clamp(min=1e-6)
+    teacher_probs = torch.softmax(
+        (centred / spread * sharpness).masked_fill(mask, float("-inf")), dim=1
+    )
+    logits = (users @ table[active].T).masked_fill(mask, float("-inf"))
+    log_probs = torch.log_softmax(logits, dim=1).masked_fill(mask, 0.0)
+    return -(teacher_probs * log_probs).sum(1).mean()
+
+
 def _loss(
     model: Recommender,
     batch: tuple[torch.Tensor, ...],
     cfg: TrainConfig,
     log_q: torch.Tensor,
     q: torch.Tensor,
+    teacher: torch.Tensor | None = None,
 ) -> torch.Tensor:
     hist, hist_types, targets, context = batch
     table = model.item_table()
@@ -304,18 +418,30 @@ def _loss(
         active = torch.nonzero(q > 0).squeeze(1)
         column = torch.full(q.shape, -1, dtype=torch.long)
         column[active] = torch.arange(len(active))
-        return full_softmax_loss(
+        excluded = (
+            window_exclusions(targets, column, cfg.softmax_exclude)
+            if cfg.softmax_exclude != "none"
+            else None
+        )
+        loss = full_softmax_loss(
             users,
             table[active],
             column[target],
             matmul_dtype=matmul_dtype(cfg.softmax_precision),
             bias=cfg.logit_adjustment * log_q[active] if cfg.logit_adjustment else None,
-            excluded=(
-                window_exclusions(targets, column, cfg.softmax_exclude)
-                if cfg.softmax_exclude != "none"
-                else None
-            ),
+            excluded=excluded,
         )
+        if teacher is not None and cfg.distill_weight:
+            if excluded is None:
+                excluded = window_exclusions(targets, column, "others")
+            taught = None
+            if cfg.distill_head_share < 1.0:  # the most popular share of the softmax's items
+                share = q[active]
+                taught = share >= torch.quantile(share, 1.0 - cfg.distill_head_share)
+            loss = loss + cfg.distill_weight * distill_loss(
+                users, table, targets, active, teacher, excluded, cfg.distill_sharpness, taught
+            )
+        return loss
     # Sampled softmax: negatives drawn by popularity, logits corrected by log q (logQ) unless
     # the ablation turns the correction off.
     negatives = torch.multinomial(q, cfg.negatives, replacement=True)
@@ -393,25 +519,36 @@ class _StepLoss(torch.nn.Module):
     gradient averaging is armed by a forward call, and `_loss` calls the model's parts)."""
 
     def __init__(
-        self, model: Recommender, cfg: TrainConfig, log_q: torch.Tensor, q: torch.Tensor
+        self,
+        model: Recommender,
+        cfg: TrainConfig,
+        log_q: torch.Tensor,
+        q: torch.Tensor,
+        teacher: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.cfg, self.log_q, self.q = cfg, log_q, q
+        self.cfg, self.log_q, self.q, self.teacher = cfg, log_q, q, teacher
 
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
-        return _loss(self.model, batch, self.cfg, self.log_q, self.q)
+        return _loss(self.model, batch, self.cfg, self.log_q, self.q, self.teacher)
 
 
 def _distributed_step_loss(
-    model: Recommender, cfg: TrainConfig, log_q: torch.Tensor, q: torch.Tensor
+    model: Recommender,
+    cfg: TrainConfig,
+    log_q: torch.Tensor,
+    q: torch.Tensor,
+    teacher: torch.Tensor | None = None,
 ) -> torch.nn.Module:
     """`_StepLoss` under DDP. Unused parameters are expected (the image path of a catalogue
     without images, parts only serving uses): DDP must look for them every step, and it leaves
     their gradients unset as one process does, so AdamW skips them alike. Buffers are constant
     features, not running statistics: nothing to broadcast each step."""
     return torch.nn.parallel.DistributedDataParallel(
-        _StepLoss(model, cfg, log_q, q), find_unused_parameters=True, forward_sync_buffers=False
+        _StepLoss(model, cfg, log_q, q, teacher),
+        find_unused_parameters=True,
+        forward_sync_buffers=False,
     )
 
 
@@ -448,7 +585,8 @@ def fit(
     model_cfg = model.cfg
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     q, log_q = target_distribution(prepared.popularity)
-    step_loss = _distributed_step_loss(model, cfg, log_q, q) if world.distributed else None
+    teacher = ease_teacher(prepared, cfg) if cfg.distill_weight else None
+    step_loss = _distributed_step_loss(model, cfg, log_q, q, teacher) if world.distributed else None
     split = prepared.split
     if valid_cases is None and world.main:
         valid_cases = make_cases(
@@ -486,7 +624,7 @@ def fit(
         )
         for batch, share in bar:
             if step_loss is None:
-                loss = _loss(model, batch, cfg, log_q, q)
+                loss = _loss(model, batch, cfg, log_q, q, teacher)
                 scaled = loss
             else:
                 world.seed_step(cfg.seed, step)
@@ -828,6 +966,32 @@ def main(argv: list[str] | None = None) -> int:
         "items are positives, not negatives)",
     )
     parser.add_argument(
+        "--distill-weight",
+        type=float,
+        default=TrainConfig.distill_weight,
+        help="weight of an EASE teacher's distribution in each event's loss (needs "
+        "--set-context others; 0 = no teacher): the served model is the student alone",
+    )
+    parser.add_argument(
+        "--distill-lam",
+        type=float,
+        default=TrainConfig.distill_lam,
+        help="the EASE teacher's ridge (with --distill-weight)",
+    )
+    parser.add_argument(
+        "--distill-sharpness",
+        type=float,
+        default=TrainConfig.distill_sharpness,
+        help="the EASE teacher's standardised scores are multiplied by this before its softmax",
+    )
+    parser.add_argument(
+        "--distill-head-share",
+        type=float,
+        default=TrainConfig.distill_head_share,
+        help="the share of items, most trained first, whose columns the EASE teacher's "
+        "distribution covers (with --distill-weight; 1 = all)",
+    )
+    parser.add_argument(
         "--no-set-pooling",
         action="store_true",
         help="the user tower reads the history as a sequence only (no running mean of the "
@@ -891,6 +1055,10 @@ def main(argv: list[str] | None = None) -> int:
             logit_adjustment=args.logit_adjustment,
             set_context=args.set_context,
             softmax_exclude=args.softmax_exclude,
+            distill_weight=args.distill_weight,
+            distill_lam=args.distill_lam,
+            distill_sharpness=args.distill_sharpness,
+            distill_head_share=args.distill_head_share,
             new_item_shift=(
                 TrainConfig.new_item_shift if args.new_item_shift is None else args.new_item_shift
             ),

@@ -87,6 +87,7 @@ FACTORIES: dict[str, ModelFactory] = {
     "ours": _text_and_id,
     "ours_converged": _text_and_id,
     "ours_no_set": _text_and_id_no_set,
+    "ours_no_teacher": _text_and_id,  # our row's settings, distillation off (fit_all)
     "ours_no_context": _text_and_id_no_context,
     "ours_context_shuffled": _text_and_id,  # trained on shuffled context (fit_all)
     "ours_sampled": _text_and_id,  # trained with LOSS_VARIANTS' loss (fit_all)
@@ -151,8 +152,30 @@ def fit_all(
         )
         print(f"{view}: {name} best {best}", file=sys.stderr)
 
+    trained_with: dict[str, TrainConfig] = {}  # each neural row's settings, as trained
     for name in NEURAL:
         if name not in wanted:
+            continue
+        if name == "ours_no_teacher":
+            # The distillation ablation: exactly our row's settings without the teacher, only
+            # when our row had one (else it would train the same model twice).
+            taught = trained_with.get("ours")
+            if taught is None or not taught.distill_weight:
+                continue
+            model, summary = neural_baselines.fit_recommender(
+                prepared,
+                dataclasses.replace(taught, distill_weight=0.0),
+                FACTORIES[name],
+                name=f"{view}: {name}",
+                progress=progress,
+            )
+            info = {
+                "tuning": "our row's settings, the teacher off; early stopping on validation "
+                "NDCG@10",
+                "teacher_off": True,
+                **summary,
+            }
+            fitted[name] = Fitted(model_score_fn(model, model.cfg.max_history), info, model)
             continue
         if name == "ours" and checkpoint is not None:
             model, ckpt = checkpoint
@@ -182,6 +205,7 @@ def fit_all(
                 train_cfg, screening, screened = _screen(
                     name, view, cfg, train_cfg, train_on, valid_on, progress
                 )
+            trained_with[name] = train_cfg
             model, summary = neural_baselines.fit_recommender(
                 train_on,
                 train_cfg,
@@ -268,15 +292,20 @@ GRID_KEYS = (
     "set_context",
     "softmax_exclude",
     "new_item_shift",
+    "distill_weight",
+    "distill_lam",
+    "distill_sharpness",
+    "distill_head_share",
 )
 TEXT_KEYS = ("set_context", "softmax_exclude")
 
 
 def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
     """`train` with a neural grid point applied: "lr", "batch_size", "weight_decay",
-    "order_augmentation", "set_context", "softmax_exclude" and "new_item_shift" (1: on, 0: off)
-    to the training, "dropout" and "embedding_dim" (the width of every vector: item, state and
-    user) to the model."""
+    "order_augmentation", "set_context", "softmax_exclude", "new_item_shift" (1: on, 0: off),
+    "distill_weight", "distill_lam", "distill_sharpness", "distill_head_share" to the training,
+    "dropout" and "embedding_dim" (the width of every vector: item, state and user) to the
+    model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
@@ -300,6 +329,10 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
         set_context=str(params.get("set_context", train.set_context)),
         softmax_exclude=str(params.get("softmax_exclude", train.softmax_exclude)),
         new_item_shift=_switch(params.get("new_item_shift", train.new_item_shift)),
+        distill_weight=float(params.get("distill_weight", train.distill_weight)),
+        distill_lam=float(params.get("distill_lam", train.distill_lam)),
+        distill_sharpness=float(params.get("distill_sharpness", train.distill_sharpness)),
+        distill_head_share=float(params.get("distill_head_share", train.distill_head_share)),
         model=model,
     )
 

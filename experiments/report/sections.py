@@ -620,6 +620,8 @@ def _tuned(info: dict) -> str:
             )
         fixed = info.get("fixed_settings")
         given = f"settings given ({settings_text(fixed)}), " if fixed else ""
+        if info.get("teacher_off"):
+            given = "our row's settings with distill_weight 0, "
         return f"{source}{given}best epoch {info['best'].get('epoch')}"
     return info.get("tuning", "")
 

@@ -48,6 +48,7 @@ MODELS: dict[str, str] = {
     "ours": "ours, text + ID items",
     "ours_converged": "ours, text + ID items, trained to convergence here",
     "ours_no_set": "ours, history as a sequence only (no set pooling)",
+    "ours_no_teacher": "ours, without its EASE teacher",
     "ours_no_context": "ours, no context weighting",
     "ours_context_shuffled_test": "ours, context shuffled at test",
     "ours_context_shuffled": "ours, context shuffled in training and test",
@@ -62,6 +63,7 @@ NEURAL = (
     "ours",
     "ours_converged",
     "ours_no_set",
+    "ours_no_teacher",
     "ours_no_context",
     "ours_context_shuffled",
     "ours_sampled",
@@ -93,6 +95,11 @@ CONTEXT_ABLATIONS = ("ours_no_context", "ours_context_shuffled_test", "ours_cont
 # Rows fitted in the main view only: the ablations of context and loss, and the converged run of
 # the served model (the other views retrain "ours" from scratch anyway).
 MAIN_VIEW_ONLY = ("ours_converged",)
+
+# The distillation ablation: our row's settings with the EASE teacher off
+# (`TrainConfig.distill_weight` 0), in the short view only, and only when our row there trains
+# with a teacher (otherwise it would be the same model twice).
+SHORT_VIEW_ONLY = ("ours_no_teacher",)
 
 SHUFFLED_AT_TEST = ("ours_context_shuffled_test", "ours_context_shuffled")
 

@@ -26,6 +26,7 @@ from experiments.report.settings import (
     MAIN_VIEW_ONLY,
     MODELS,
     SHORT_HISTORY,
+    SHORT_VIEW_ONLY,
     SHUFFLED_AT_TEST,
     ReportConfig,
     _printed,
@@ -270,10 +271,16 @@ def run_report(
     names = [name for name in MODELS if name in cfg.models or name == "ours"]
     if "main" in cfg.views:
         models, sweep, default, similar = main_view(
-            prepared, cfg, names, loaded, cases, tail, progress
+            prepared,
+            cfg,
+            [name for name in names if name not in SHORT_VIEW_ONLY],
+            loaded,
+            cases,
+            tail,
+            progress,
         )
     else:  # rows measured in other views only (a part of a report run in parts)
-        models = {name: {"label": MODELS[name]} for name in names}
+        models = {name: {"label": MODELS[name]} for name in names if name not in SHORT_VIEW_ONLY}
         sweep, default, similar = [], None, None
 
     split = prepared.split
@@ -339,6 +346,9 @@ def short_view(
         f"short view: {len(split.train)} training events, {len(cases)} test cases", file=sys.stderr
     )
     fitted = fit_all(short, cfg, "short", None, progress, rows)
+    rows = [name for name in rows if name in fitted]  # the teacher ablation needs a teacher
+    for name in rows:
+        models.setdefault(name, {"label": MODELS[name]})
     for name in rows:
         figures, _ = measure(fitted[name].score_fn, cases, short.popularity, tail, name, progress)
         models[name]["short_history"] = {
@@ -371,7 +381,9 @@ def cold_view(
         file=sys.stderr,
     )
     cold_names = [
-        name for name in names if name not in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, *MAIN_VIEW_ONLY)
+        name
+        for name in names
+        if name not in (*CONTEXT_ABLATIONS, *LOSS_VARIANTS, *MAIN_VIEW_ONLY, *SHORT_VIEW_ONLY)
     ]
     cold_fitted = fit_all(cold_prepared, cfg, "cold", None, progress, cold_names)
     for name, fitted in cold_fitted.items():

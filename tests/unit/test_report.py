@@ -30,6 +30,7 @@ from experiments.report.settings import (
     LOSS_VARIANTS,
     MAIN_VIEW_ONLY,
     MODELS,
+    SHORT_VIEW_ONLY,
     quick_config,
 )
 from ltrec import baselines
@@ -437,7 +438,8 @@ def test_quick_report_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert set(report["models"]) == set(MODELS)
+    # every row, but the teacher ablation: the quick run's own row has no teacher to ablate
+    assert set(report["models"]) == set(MODELS) - set(SHORT_VIEW_ONLY)
     assert set(CONTEXT_ABLATIONS) < set(MODELS)
     accuracy = {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 50)}
     long_tail = {f"{m}@10" for m in ("coverage", "arp", "aplt", "gini")}
@@ -841,6 +843,35 @@ def test_fixed_settings_replace_the_screen(tiny_data: Path, tmp_path: Path) -> N
     ):
         with pytest.raises(SystemExit):
             main([*args, "--quick", *bad])
+
+
+def test_the_teacher_ablation_trains_our_settings_without_the_teacher(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
+    taught = "ours:set_context=others,softmax_exclude=others,distill_weight=1,lr=3e-3"
+    rows = ["--models", "ours_no_teacher", "--views", "main,short"]
+    assert main([*args, "--quick", "--no-progress", *rows, "--settings", taught]) == 0
+    report = json.loads((out / "report.json").read_text())
+    ours, ablation = report["models"]["ours"], report["models"]["ours_no_teacher"]
+    assert "test" not in ablation and "short_history" in ablation  # the short view only
+    taught_config = ours["short_history"]["fit"]["train_config"]
+    assert taught_config["distill_weight"] == 1.0 and taught_config["lr"] == 3e-3
+    config = ablation["short_history"]["fit"]["train_config"]
+    assert config["distill_weight"] == 0.0
+    assert {k: v for k, v in config.items() if k != "distill_weight"} == {
+        k: v for k, v in taught_config.items() if k != "distill_weight"
+    }
+    assert ablation["short_history"] != ours["short_history"]
+    row = f"| {MODELS['ours_no_teacher']} |"
+    assert any(
+        line.startswith(row) and "our row's settings with distill_weight 0" in line
+        for line in (out / "report.md").read_text().splitlines()
+    )
+    # without a teacher on our row there is nothing to ablate: no row, rather than a twin
+    assert main([*args, "--quick", "--no-progress", *rows]) == 0
+    assert "ours_no_teacher" not in json.loads((out / "report.json").read_text())["models"]
 
 
 def test_report_runs_only_the_chosen_rows(tiny_data: Path, tmp_path: Path) -> None:

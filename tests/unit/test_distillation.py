@@ -1,0 +1,178 @@
+"""Distilling an EASE teacher into the model (`TrainConfig.distill_weight`): the teacher scores
+each training event out of sample (an EASE fitted without the event's user), and the loss pulls
+the model's distribution towards the teacher's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ltrec.models import ModelConfig, Recommender
+from ltrec.train import (
+    TrainConfig,
+    _batches,
+    _loss,
+    distill_loss,
+    ease_inverse,
+    window_exclusions,
+    window_teacher_scores,
+)
+from tests.support.datasets import sequences
+
+
+def _ease_without(x: np.ndarray, user: int, lam: float) -> np.ndarray:
+    """EASE's weights refitted from scratch on every user but `user` (the items the full data
+    has stay in the inverse), diagonal zero."""
+    gram = x.T @ x
+    active = np.flatnonzero(np.diag(gram) > 0)
+    rest = np.delete(x, user, axis=0)
+    g = (rest.T @ rest)[np.ix_(active, active)] + lam * np.eye(len(active))
+    p = np.linalg.inv(g)
+    weights = np.zeros_like(gram)
+    weights[np.ix_(active, active)] = -p / np.diag(p)[None, :]
+    np.fill_diagonal(weights, 0.0)
+    return weights
+
+
+def test_teacher_scores_equal_an_ease_refitted_without_the_user() -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.random((25, 15)) < 0.3).astype(np.float64)
+    x[:, 0] = 0.0  # padding
+    x[:, 5] = 0.0
+    x[3, 5] = 1.0  # an item only user 3 has: without them it is known by the ridge alone
+    x[:, 9] = 0.0  # an item nobody has
+    lam = 3.0
+    inverse = ease_inverse(x.T @ x, lam)
+    users = [3, 7, 11]
+    windows = [rng.permutation(np.flatnonzero(x[u])) for u in users]
+    width = max(map(len, windows)) + 2  # right padding
+    targets = torch.zeros(len(users), width, dtype=torch.long)
+    for row, items in enumerate(windows):
+        targets[row, : len(items)] = torch.from_numpy(items)
+    got = window_teacher_scores(targets, inverse).numpy()
+    want = []
+    for user, items in zip(users, windows, strict=True):
+        weights = _ease_without(x, user, lam)
+        want += [weights[items].sum(0) - weights[t] for t in items]  # the window's other rows
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+    # in sample it would differ: the user's own co-occurrences would vouch for their targets
+    full = _ease_without(np.vstack([x, np.zeros((1, 15))]), 25, lam)
+    in_sample = np.stack([full[windows[0]].sum(0) - full[t] for t in windows[0]])
+    assert np.abs(in_sample - got[: len(windows[0])]).max() > 0.01
+
+
+def test_distillation_pulls_the_model_towards_the_teacher() -> None:
+    torch.manual_seed(0)
+    targets = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    active = torch.arange(1, 8)  # items 1..7 are softmax columns 0..6
+    column = torch.full((8,), -1, dtype=torch.long)
+    column[active] = torch.arange(7)
+    excluded = window_exclusions(targets, column, "others")
+    x = np.zeros((6, 8))
+    x[0, [1, 2, 3, 6]] = x[1, [2, 3, 6]] = x[2, [4, 5, 7]] = x[3, [1, 6]] = x[4, [4, 7]] = 1.0
+    inverse = ease_inverse(x.T @ x, 1.0)
+    table = torch.randn(8, 8)  # as many dimensions as columns: any logits can be reached
+    users = torch.zeros(5, 8, requires_grad=True)
+    optimiser = torch.optim.Adam([users], lr=0.1)
+    for _ in range(300):  # the distillation term alone, on the user vectors alone
+        optimiser.zero_grad()
+        loss = distill_loss(users, table, targets, active, inverse, excluded, 1.0)
+        assert torch.isfinite(loss)  # the excluded columns are out of both distributions
+        loss.backward()
+        optimiser.step()
+    scores = window_teacher_scores(targets, inverse)[:, active]
+    # event 0 (target 1, others 2 and 3): item 6 goes with 2 and 3 in the data, item 7 never
+    assert scores[0, column[6]] > scores[0, column[7]]
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[excluded] = True
+    logits = (users.detach() @ table[active].T).masked_fill(mask, float("-inf"))
+    # the model now ranks each event's candidates as the teacher does
+    assert torch.equal(logits.argmax(1), scores.masked_fill(mask, float("-inf")).argmax(1))
+    assert logits[0, column[6]] > logits[0, column[7]]
+
+
+def test_distillation_weight_changes_the_loss_only_when_asked() -> None:
+    cfg = ModelConfig(
+        n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2, set_pooling=True
+    )
+    torch.manual_seed(0)
+    model = Recommender(cfg, torch.randn(31, 384)).eval()
+    seqs = sequences([6, 9, 4])
+    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
+    batch = next(_batches(seqs, 10, 8, np.random.default_rng(0)))
+    q = torch.full((31,), 1 / 30)
+    q[0] = 0
+    log_q = torch.log(q.clamp(min=1e-12))
+    x = np.zeros((3, 31))
+    x[0, seqs.items[:6]] = x[1, seqs.items[6:15]] = x[2, seqs.items[15:]] = 1.0
+    inverse = ease_inverse(x.T @ x, 10.0)
+    plain_cfg = TrainConfig(set_context="others", softmax_exclude="others")
+    taught_cfg = TrainConfig(set_context="others", softmax_exclude="others", distill_weight=0.5)
+    plain = _loss(model, batch, plain_cfg, log_q, q)
+    assert torch.equal(_loss(model, batch, plain_cfg, log_q, q, inverse), plain)  # weight 0
+    taught = _loss(model, batch, taught_cfg, log_q, q, inverse)
+    assert taught.item() > plain.item()  # a cross-entropy added: positive
+
+
+def test_distillation_settings_that_would_be_ignored_are_refused() -> None:
+    with pytest.raises(ValueError, match="needs the full softmax and set_context 'others'"):
+        TrainConfig(distill_weight=1.0)  # set_context "prefix"
+    with pytest.raises(ValueError, match="needs the full softmax and set_context 'others'"):
+        TrainConfig(distill_weight=1.0, set_context="others", loss="sampled")
+    with pytest.raises(ValueError, match="distill_weight must be >= 0"):
+        TrainConfig(distill_weight=-1.0, set_context="others")
+    with pytest.raises(ValueError, match="distill_lam, distill_sharpness > 0"):
+        TrainConfig(distill_weight=1.0, set_context="others", distill_sharpness=0.0)
+    with pytest.raises(ValueError, match=r"distill_head_share must be in \(0, 1\]"):
+        TrainConfig(distill_weight=1.0, set_context="others", distill_head_share=0.0)
+    TrainConfig(distill_weight=1.0, set_context="others")  # a valid pair
+
+
+def test_train_cli_names_the_bad_distillation_setting(capsys: pytest.CaptureFixture) -> None:
+    from ltrec.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "missing", "--out", "unused", "--distill-weight", "1"])
+    assert exit_info.value.code == 2
+    assert "set_context 'others'" in capsys.readouterr().err
+
+
+def test_the_teacher_refuses_a_catalogue_too_large_for_its_dense_inverse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    import ltrec.train
+
+    monkeypatch.setattr(ltrec.train, "DISTILL_MAX_ITEMS", 5)
+    prepared = types.SimpleNamespace(item_ids=[f"i{n}" for n in range(6)])
+    cfg = TrainConfig(distill_weight=1.0, set_context="others")
+    with pytest.raises(ValueError, match="catalogues of at most 5 items"):
+        ltrec.train.ease_teacher(prepared, cfg)  # type: ignore[arg-type]
+
+
+def test_the_teacher_speaks_only_for_its_columns() -> None:
+    """With `taught`, the distillation term reads the teacher on those columns alone: the
+    model's scores of the other columns get no gradient from it, and the teacher's scores there
+    do not change it."""
+    torch.manual_seed(0)
+    targets = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    active = torch.arange(1, 8)
+    column = torch.full((8,), -1, dtype=torch.long)
+    column[active] = torch.arange(7)
+    excluded = window_exclusions(targets, column, "others")
+    x = np.zeros((6, 8))
+    x[0, [1, 2, 3, 6]] = x[1, [2, 3, 6]] = x[2, [4, 5, 7]] = x[3, [1, 6]] = x[4, [4, 7]] = 1.0
+    inverse = ease_inverse(x.T @ x, 1.0)
+    taught = torch.zeros(7, dtype=torch.bool)
+    taught[column[[1, 5, 6]]] = True
+    table = torch.randn(8, 4, requires_grad=True)
+    users = torch.randn(5, 4)
+    loss = distill_loss(users, table, targets, active, inverse, excluded, 1.0, taught)
+    loss.backward()
+    assert table.grad is not None
+    rows_with_gradient = set(torch.nonzero(table.grad.abs().sum(1)).flatten().tolist())
+    assert rows_with_gradient == {1, 5, 6}  # the taught items' rows only
+    whole = distill_loss(users, table, targets, active, inverse, excluded, 1.0)
+    assert not torch.isclose(whole, loss)
