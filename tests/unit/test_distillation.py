@@ -62,16 +62,25 @@ def test_teacher_scores_equal_an_ease_refitted_without_the_user() -> None:
     assert np.abs(in_sample - got[: len(windows[0])]).max() > 0.01
 
 
-def test_distillation_pulls_the_model_towards_the_teacher() -> None:
-    torch.manual_seed(0)
+Pairs = tuple[torch.Tensor, torch.Tensor]
+
+
+def _toy_windows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pairs, torch.Tensor]:
+    """Two windows over 7 items (softmax columns 0..6 = items 1..7) and the EASE inverse of six
+    users' histories: (targets, active, column, excluded, inverse)."""
     targets = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
-    active = torch.arange(1, 8)  # items 1..7 are softmax columns 0..6
+    active = torch.arange(1, 8)
     column = torch.full((8,), -1, dtype=torch.long)
     column[active] = torch.arange(7)
     excluded = window_exclusions(targets, column, "others")
     x = np.zeros((6, 8))
     x[0, [1, 2, 3, 6]] = x[1, [2, 3, 6]] = x[2, [4, 5, 7]] = x[3, [1, 6]] = x[4, [4, 7]] = 1.0
-    inverse = ease_inverse(x.T @ x, 1.0)
+    return targets, active, column, excluded, ease_inverse(x.T @ x, 1.0)
+
+
+def test_distillation_pulls_the_model_towards_the_teacher() -> None:
+    torch.manual_seed(0)
+    targets, active, column, excluded, inverse = _toy_windows()
     table = torch.randn(8, 8)  # as many dimensions as columns: any logits can be reached
     users = torch.zeros(5, 8, requires_grad=True)
     optimiser = torch.optim.Adam([users], lr=0.1)
@@ -157,14 +166,7 @@ def test_the_teacher_speaks_only_for_its_columns() -> None:
     model's scores of the other columns get no gradient from it, and the teacher's scores there
     do not change it."""
     torch.manual_seed(0)
-    targets = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
-    active = torch.arange(1, 8)
-    column = torch.full((8,), -1, dtype=torch.long)
-    column[active] = torch.arange(7)
-    excluded = window_exclusions(targets, column, "others")
-    x = np.zeros((6, 8))
-    x[0, [1, 2, 3, 6]] = x[1, [2, 3, 6]] = x[2, [4, 5, 7]] = x[3, [1, 6]] = x[4, [4, 7]] = 1.0
-    inverse = ease_inverse(x.T @ x, 1.0)
+    targets, active, column, excluded, inverse = _toy_windows()
     taught = torch.zeros(7, dtype=torch.bool)
     taught[column[[1, 5, 6]]] = True
     table = torch.randn(8, 4, requires_grad=True)
