@@ -346,7 +346,8 @@ def window_teacher_scores(targets: torch.Tensor, inverse: torch.Tensor) -> torch
     P_u = P + (P x)(P x)^T / (1 - x^T P x), which costs |window| x N per window, not a refit.
     The weights are then B_u[i, j] = -P_u[i, j] / P_u[j, j] (zero on the diagonal), and an
     event's score the sum of its window's other rows. The window is the user's history when it
-    fits whole (a longer history keeps the rest of its events in)."""
+    fits whole (a longer history keeps the rest of its events in; an item repeated in a window
+    counts twice in x, where X, binary, has it once)."""
     valid = targets != contract.PADDING_INDEX
     keep = valid.to(inverse.dtype)
     rows = inverse[targets] * keep.unsqueeze(2)  # [B, W, N+1]: P[I, :]
@@ -1122,6 +1123,13 @@ def _run(args: argparse.Namespace, cfg: TrainConfig, world: World, started: floa
         print(_long_tail_line(stored["long_tail_weight"]))
         print(_similar_items_line(stored["similar_items_long_tail_weight"]))
         return 0
+    if cfg.distill_weight and len(prepared.item_ids) > DISTILL_MAX_ITEMS:  # every rank stops
+        print(
+            f"error: --distill-weight: the EASE teacher is a dense N x N inverse; this catalogue "
+            f"has {len(prepared.item_ids):,} items, at most {DISTILL_MAX_ITEMS:,} can have one",
+            file=sys.stderr,
+        )
+        return 2
     if not world.main:
         train(prepared, cfg, args.out, progress=False, world=world)
         return 0

@@ -4,6 +4,8 @@ the model's distribution towards the teacher's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,20 @@ def test_the_teacher_speaks_only_for_its_columns() -> None:
     assert rows_with_gradient == {1, 5, 6}  # the taught items' rows only
     whole = distill_loss(users, table, targets, active, inverse, excluded, 1.0)
     assert not torch.isclose(whole, loss)
+
+
+def test_train_cli_stops_before_training_on_a_catalogue_too_large_for_the_teacher(
+    tiny_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    import ltrec.train
+
+    monkeypatch.setattr(ltrec.train, "DISTILL_MAX_ITEMS", 5)
+    taught = ["--set-context", "others", "--softmax-exclude", "others", "--distill-weight", "1"]
+    out = tmp_path / "model"
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
+    assert ltrec.train.main([*args, *taught, "--epochs", "1", "--no-progress"]) == 2
+    assert "at most 5 can have one" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
