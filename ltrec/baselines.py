@@ -76,6 +76,16 @@ def itemknn_weights(gram: np.ndarray, neighbours: int, shrink: float) -> np.ndar
     return sim.astype(np.float32)
 
 
+def ease_inverse(gram: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """(X^T X + lambda I)^-1 over the items with training interactions: (those items' indices,
+    the inverse among them). Items without interactions (and padding) have zero rows and
+    columns in X^T X and are left out, so the inverse is smaller."""
+    active = np.flatnonzero(np.diag(gram) > 0)
+    g = gram[np.ix_(active, active)].copy()
+    g[np.diag_indices_from(g)] += lam
+    return active, np.linalg.inv(g)
+
+
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     """B = I - P diagMat(1 / diag(P)) with P = (X^T X + lambda I)^-1, i.e. B_ij = -P_ij / P_jj
     off the diagonal and 0 on it (Steck 2019, eq. 8).
@@ -83,10 +93,7 @@ def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     Items without training interactions (and padding) have zero rows and columns in X^T X, so
     their weights are exactly zero; they are left out of the inverse, which is then smaller.
     """
-    active = np.flatnonzero(np.diag(gram) > 0)
-    g = gram[np.ix_(active, active)].copy()
-    g[np.diag_indices_from(g)] += lam
-    p = np.linalg.inv(g)
+    active, p = ease_inverse(gram, lam)
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
     weights = np.zeros(gram.shape, dtype=np.float32)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ltrec.baselines import cooccurrence, interaction_matrix
+from ltrec.baselines import cooccurrence, ease_inverse, interaction_matrix
 from ltrec.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ltrec.data import DatasetError
 from ltrec.distributed import SINGLE, World, join, leave, world_from_env
@@ -321,17 +321,16 @@ def ease_teacher(prepared: Prepared, cfg: TrainConfig) -> torch.Tensor:
             f"catalogues of at most {DISTILL_MAX_ITEMS:,} items can have one"
         )
     gram = cooccurrence(interaction_matrix(prepared.split.train, n_items))
-    return ease_inverse(gram, cfg.distill_lam)
+    return teacher_inverse(gram, cfg.distill_lam)
 
 
-def ease_inverse(gram: np.ndarray, lam: float) -> torch.Tensor:
-    """(gram + lam I)^-1 over the items with interactions (the rest zero), float32."""
-    active = np.flatnonzero(np.diag(gram) > 0)
-    g = gram[np.ix_(active, active)]
-    g[np.diag_indices_from(g)] += lam
-    inverse = np.zeros(gram.shape, dtype=np.float32)
-    inverse[np.ix_(active, active)] = np.linalg.inv(g)
-    return torch.from_numpy(inverse)
+def teacher_inverse(gram: np.ndarray, lam: float) -> torch.Tensor:
+    """EASE's inverse (`ltrec.baselines.ease_inverse`) as a float32 [N+1, N+1] tensor, zero
+    for padding and items without interactions."""
+    active, inverse = ease_inverse(gram, lam)
+    full = np.zeros(gram.shape, dtype=np.float32)
+    full[np.ix_(active, active)] = inverse
+    return torch.from_numpy(full)
 
 
 def window_teacher_scores(targets: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.report.fitting import parse_settings
+from experiments.report.fitting import parse_settings, with_settings
 from experiments.report.markdown import markdown
 from experiments.report.merge import merge_reports
 from experiments.report.plot import plot
 from experiments.report.settings import (
     MODELS,
     NEURAL,
+    SHORT_VIEW_ONLY,
     ReportConfig,
     quick_config,
 )
@@ -153,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--settings: 'ours' comes from --checkpoint, it is not trained here")
         if row in fixed:
             parser.error(f"--settings: {row!r} is given twice")
+        if row in SHORT_VIEW_ONLY:
+            parser.error(f"--settings: {row!r} trains our row's settings with the teacher off")
+        try:  # a setting the training would refuse stops the run here, not hours into it
+            with_settings(cfg.train, point)
+        except ValueError as exc:
+            parser.error(f"--settings: {row}: {exc}")
         fixed[row] = point
     cfg = dataclasses.replace(
         cfg,

@@ -9,7 +9,9 @@ from unittest.mock import patch
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+import ltrec.models
 import ltrec.prepared
 import ltrec.text_encoder
 import ltrec.train
@@ -91,3 +93,25 @@ def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data = write_tiny_data(tmp_path / "data")
     monkeypatch.setattr(ltrec.prepared, "cached_text_features", fake_text_features)
     return data
+
+
+LossInputs = tuple[
+    ltrec.models.Recommender, tuple[torch.Tensor, ...], Sequences, torch.Tensor, torch.Tensor
+]
+
+
+def toy_loss_inputs(set_pooling: bool = False) -> LossInputs:
+    """A small seeded model (30 items), one training batch of three users' windows (6, 9 and 4
+    random items), and a uniform target distribution: what `ltrec.train._loss` takes.
+    Returns (model, batch, sequences, q, log q)."""
+    cfg = ltrec.models.ModelConfig(
+        n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2, set_pooling=set_pooling
+    )
+    torch.manual_seed(0)
+    model = ltrec.models.Recommender(cfg, torch.randn(31, 384)).eval()
+    seqs = sequences([6, 9, 4])
+    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
+    batch = next(ltrec.train._batches(seqs, 10, 8, np.random.default_rng(0)))
+    q = torch.full((31,), 1 / 30)
+    q[0] = 0
+    return model, tuple(batch), seqs, q, torch.log(q.clamp(min=1e-12))

@@ -10,17 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from ltrec.models import ModelConfig, Recommender
 from ltrec.train import (
     TrainConfig,
-    _batches,
     _loss,
     distill_loss,
-    ease_inverse,
+    teacher_inverse,
     window_exclusions,
     window_teacher_scores,
 )
-from tests.support.datasets import sequences
+from tests.support.datasets import toy_loss_inputs
 
 
 def _ease_without(x: np.ndarray, user: int, lam: float) -> np.ndarray:
@@ -45,7 +43,7 @@ def test_teacher_scores_equal_an_ease_refitted_without_the_user() -> None:
     x[3, 5] = 1.0  # an item only user 3 has: without them it is known by the ridge alone
     x[:, 9] = 0.0  # an item nobody has
     lam = 3.0
-    inverse = ease_inverse(x.T @ x, lam)
+    inverse = teacher_inverse(x.T @ x, lam)
     users = [3, 7, 11]
     windows = [rng.permutation(np.flatnonzero(x[u])) for u in users]
     width = max(map(len, windows)) + 2  # right padding
@@ -77,7 +75,7 @@ def _toy_windows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pairs, tor
     excluded = window_exclusions(targets, column, "others")
     x = np.zeros((6, 8))
     x[0, [1, 2, 3, 6]] = x[1, [2, 3, 6]] = x[2, [4, 5, 7]] = x[3, [1, 6]] = x[4, [4, 7]] = 1.0
-    return targets, active, column, excluded, ease_inverse(x.T @ x, 1.0)
+    return targets, active, column, excluded, teacher_inverse(x.T @ x, 1.0)
 
 
 def test_distillation_pulls_the_model_towards_the_teacher() -> None:
@@ -104,20 +102,10 @@ def test_distillation_pulls_the_model_towards_the_teacher() -> None:
 
 
 def test_distillation_weight_changes_the_loss_only_when_asked() -> None:
-    cfg = ModelConfig(
-        n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2, set_pooling=True
-    )
-    torch.manual_seed(0)
-    model = Recommender(cfg, torch.randn(31, 384)).eval()
-    seqs = sequences([6, 9, 4])
-    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
-    batch = next(_batches(seqs, 10, 8, np.random.default_rng(0)))
-    q = torch.full((31,), 1 / 30)
-    q[0] = 0
-    log_q = torch.log(q.clamp(min=1e-12))
+    model, batch, seqs, q, log_q = toy_loss_inputs(set_pooling=True)
     x = np.zeros((3, 31))
     x[0, seqs.items[:6]] = x[1, seqs.items[6:15]] = x[2, seqs.items[15:]] = 1.0
-    inverse = ease_inverse(x.T @ x, 10.0)
+    inverse = teacher_inverse(x.T @ x, 10.0)
     plain_cfg = TrainConfig(set_context="others", softmax_exclude="others")
     taught_cfg = TrainConfig(set_context="others", softmax_exclude="others", distill_weight=0.5)
     plain = _loss(model, batch, plain_cfg, log_q, q)

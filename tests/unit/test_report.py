@@ -840,6 +840,9 @@ def test_fixed_settings_replace_the_screen(tiny_data: Path, tmp_path: Path) -> N
         ["--models", "sasrec", "--settings", "ours_text:lr=1e-3"],  # a row not run
         ["--settings", "sasrec:lr=1e-3", "--settings", "sasrec:lr=2e-3"],  # given twice
         ["--checkpoint", "model.pt", "--settings", "ours:lr=1e-3"],  # not trained here
+        ["--settings", "ours:distill_weight=1"],  # a teacher needs set_context others
+        ["--settings", "ours:set_context=all"],  # no such reading
+        ["--models", "ours_no_teacher", "--settings", "ours_no_teacher:lr=1e-3"],  # ours' own
     ):
         with pytest.raises(SystemExit):
             main([*args, "--quick", *bad])

@@ -21,7 +21,7 @@ from ltrec.train import (
     leave_one_out_means,
 )
 from ltrec_core import contract
-from tests.support.datasets import sequences
+from tests.support.datasets import sequences, toy_loss_inputs
 
 LENGTHS = [3, 40, 7, 120, 15, 2, 60, 33, 9, 80, 5, 250, 18]
 
@@ -134,18 +134,9 @@ def test_leave_one_out_means_average_the_other_real_items() -> None:
 def test_set_context_others_reads_the_whole_window() -> None:
     """With set_context "others" the set term of the state predicting item j is the mean of every
     other item of the window (leave_one_out_means), not the running mean: another loss."""
-    cfg = ModelConfig(
-        n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2, set_pooling=True
-    )
-    torch.manual_seed(0)
-    model = Recommender(cfg, torch.randn(31, 384)).eval()
+    model, batch, _, q, log_q = toy_loss_inputs(set_pooling=True)
+    cfg = model.cfg
     torch.nn.init.normal_(model.user_tower.set_projection.weight)
-    seqs = sequences([6, 9, 4])
-    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
-    batch = next(_batches(seqs, 10, 8, np.random.default_rng(0)))
-    q = torch.full((31,), 1 / 30)
-    q[0] = 0
-    log_q = torch.log(q.clamp(min=1e-12))
     prefix = _loss(model, batch, TrainConfig(set_context="prefix"), log_q, q)
     others = _loss(model, batch, TrainConfig(set_context="others"), log_q, q)
     assert not torch.isclose(prefix, others, atol=1e-4)
@@ -181,15 +172,7 @@ def test_window_exclusions_pair_each_event_with_its_windows_other_items() -> Non
 
 
 def test_softmax_exclusion_changes_the_loss_only_when_asked() -> None:
-    cfg = ModelConfig(n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2)
-    torch.manual_seed(0)
-    model = Recommender(cfg, torch.randn(31, 384)).eval()
-    seqs = sequences([6, 9, 4])
-    seqs.items[:] = np.random.default_rng(0).integers(1, 31, len(seqs.items))
-    batch = next(_batches(seqs, 10, 8, np.random.default_rng(0)))
-    q = torch.full((31,), 1 / 30)
-    q[0] = 0
-    log_q = torch.log(q.clamp(min=1e-12))
+    model, batch, _, q, log_q = toy_loss_inputs()
     plain = _loss(model, batch, TrainConfig(), log_q, q)
     prefix = _loss(model, batch, TrainConfig(softmax_exclude="prefix"), log_q, q)
     others = _loss(model, batch, TrainConfig(softmax_exclude="others"), log_q, q)
