@@ -296,6 +296,7 @@ GRID_KEYS = (
     "distill_lam",
     "distill_sharpness",
     "distill_head_share",
+    "distill_debias",
 )
 TEXT_KEYS = ("set_context", "softmax_exclude")
 
@@ -303,9 +304,9 @@ TEXT_KEYS = ("set_context", "softmax_exclude")
 def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
     """`train` with a neural grid point applied: "lr", "batch_size", "weight_decay",
     "order_augmentation", "set_context", "softmax_exclude", "new_item_shift" (1: on, 0: off),
-    "distill_weight", "distill_lam", "distill_sharpness", "distill_head_share" to the training,
-    "dropout" and "embedding_dim" (the width of every vector: item, state and user) to the
-    model."""
+    "distill_weight", "distill_lam", "distill_sharpness", "distill_head_share", "distill_debias"
+    to the training, "dropout" and "embedding_dim" (the width of every vector: item, state and
+    user) to the model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
@@ -333,6 +334,7 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
         distill_lam=float(params.get("distill_lam", train.distill_lam)),
         distill_sharpness=float(params.get("distill_sharpness", train.distill_sharpness)),
         distill_head_share=float(params.get("distill_head_share", train.distill_head_share)),
+        distill_debias=float(params.get("distill_debias", train.distill_debias)),
         model=model,
     )
 

@@ -28,9 +28,6 @@ from ltrec.train import TrainConfig
 LONG_TAIL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5)
 
 
-LONG_TAIL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5)
-
-
 COLD_SHARE = 0.1
 
 

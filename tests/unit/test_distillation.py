@@ -4,6 +4,7 @@ the model's distribution towards the teacher's."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,40 @@ def test_distillation_pulls_the_model_towards_the_teacher() -> None:
     assert logits[0, column[6]] > logits[0, column[7]]
 
 
+def _fitted_logits(prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Pairs]:
+    """The user vectors fitted to the distillation term alone (with `prior`, if any), as logits
+    over the toy windows' columns: (logits, column, excluded)."""
+    torch.manual_seed(0)
+    targets, active, column, excluded, inverse = _toy_windows()
+    table = torch.randn(8, 8)
+    users = torch.zeros(5, 8, requires_grad=True)
+    optimiser = torch.optim.Adam([users], lr=0.1)
+    for _ in range(400):
+        optimiser.zero_grad()
+        distill_loss(users, table, targets, active, inverse, excluded, 1.0, prior=prior).backward()
+        optimiser.step()
+    return users.detach() @ table[active].T, column, excluded
+
+
+def test_the_debiased_teacher_loses_its_popularity_prior() -> None:
+    """`distill_debias`: the teacher's logits minus debias x log q. Fitted to the term alone,
+    the model's logit of a column the prior penalises drops against the others by about the
+    penalty, the others keep their gaps."""
+    plain, column, _ = _fitted_logits(None)
+    prior = torch.zeros(7)
+    prior[column[6]] = 1.0  # as if item 6 were e times as popular, at debias 1
+    debiased, _, _ = _fitted_logits(prior)
+    event, other = 0, column[7]  # event 0's candidates 6 and 7 (its others are 2 and 3)
+    drop = (plain[event, column[6]] - plain[event, other]) - (
+        debiased[event, column[6]] - debiased[event, other]
+    )
+    assert 0.7 < drop.item() < 1.3
+    kept = (plain[event, column[4]] - plain[event, other]) - (
+        debiased[event, column[4]] - debiased[event, other]
+    )
+    assert abs(kept.item()) < 0.2
+
+
 def test_distillation_weight_changes_the_loss_only_when_asked() -> None:
     model, batch, seqs, q, log_q = toy_loss_inputs(set_pooling=True)
     x = np.zeros((3, 31))
@@ -112,6 +147,12 @@ def test_distillation_weight_changes_the_loss_only_when_asked() -> None:
     assert torch.equal(_loss(model, batch, plain_cfg, log_q, q, inverse), plain)  # weight 0
     taught = _loss(model, batch, taught_cfg, log_q, q, inverse)
     assert taught.item() > plain.item()  # a cross-entropy added: positive
+    # the toy's q is uniform, a prior that moves nothing; a popular half makes it count
+    skewed = log_q.clone()
+    skewed[1:16] += 1.0
+    debiased_cfg = dataclasses.replace(taught_cfg, distill_debias=1.0)
+    assert torch.equal(_loss(model, batch, taught_cfg, skewed, q, inverse), taught)
+    assert not torch.isclose(_loss(model, batch, debiased_cfg, skewed, q, inverse), taught)
 
 
 def test_distillation_settings_that_would_be_ignored_are_refused() -> None:
@@ -125,6 +166,8 @@ def test_distillation_settings_that_would_be_ignored_are_refused() -> None:
         TrainConfig(distill_weight=1.0, set_context="others", distill_sharpness=0.0)
     with pytest.raises(ValueError, match=r"distill_head_share must be in \(0, 1\]"):
         TrainConfig(distill_weight=1.0, set_context="others", distill_head_share=0.0)
+    with pytest.raises(ValueError, match=r"distill_debias must be in \[0, 2\], got 3"):
+        TrainConfig(distill_weight=1.0, set_context="others", distill_debias=3.0)
     TrainConfig(distill_weight=1.0, set_context="others")  # a valid pair
 
 
