@@ -228,3 +228,21 @@ def test_train_cli_stops_before_training_on_a_catalogue_too_large_for_the_teache
     assert ltrec.train.main([*args, *taught, "--epochs", "1", "--no-progress"]) == 2
     assert "at most 5 can have one" in capsys.readouterr().err
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_train_cli_trains_with_a_debiased_teacher(tiny_data: Path, tmp_path: Path) -> None:
+    """The command line end to end: a teacher without its popularity prior trains, and the
+    checkpoint records the setting (the report and a retraining read it from there)."""
+    import ltrec.train
+    from ltrec.checkpoint import read_checkpoint
+
+    out = tmp_path / "model"
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
+    taught = ["--set-context", "others", "--softmax-exclude", "others", "--distill-weight", "1"]
+    code = ltrec.train.main(
+        [*args, *taught, "--distill-debias", "0.6", "--epochs", "1", "--no-progress"]
+    )
+    assert code == 0
+    summary = read_checkpoint(out / "checkpoint.pt").summary
+    assert summary["train_config"]["distill_debias"] == 0.6
+    assert summary["train_config"]["distill_weight"] == 1.0
