@@ -35,6 +35,7 @@ from ltrec.evaluation import (
     long_tail_term,
     make_cases,
     most_popular,
+    ranking_metrics,
 )
 from ltrec.image_encoder import IMAGE_MODEL_NAME
 from ltrec.item_to_item import tune_similar_items_weight, validation_pairs, vector_score_fn
@@ -611,6 +612,13 @@ def fit(
         valid_cases = make_cases(
             split.train, split.valid, prepared.device_vocab, prepared.region_vocab
         )
+    # Validation cases whose target is a long-tail item (`long_tail_mask` of training
+    # popularity): each validation also reports their NDCG@10, the long tail's own figure.
+    tail_cases = (
+        long_tail_mask(prepared.popularity)[valid_cases.targets]
+        if valid_cases is not None
+        else None
+    )
     window = model_cfg.max_history + 1
     steps_per_epoch = math.ceil(len(prepared.train_sequences) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -686,19 +694,27 @@ def fit(
                     file=sys.stderr,
                 )
             else:
-                metrics, _ = evaluate(
+                metrics, ranks = evaluate(
                     model_score_fn(model, model_cfg.max_history),
                     valid_cases,  # type: ignore[arg-type]
                     desc="validation",
                     progress=progress,
                 )
+                if tail_cases is not None and tail_cases.any():
+                    tail_ranks = ranks[tail_cases]
+                    metrics["tail_ndcg@10"] = ranking_metrics(tail_ranks, (10,))["ndcg@10"]
                 elapsed = time.monotonic() - started
                 record.update(
                     seconds=elapsed, validation_seconds=time.monotonic() - trained, **metrics
                 )
+                tail_text = (
+                    f"tail ndcg@10 {metrics['tail_ndcg@10']:.4f}  "
+                    if "tail_ndcg@10" in metrics
+                    else ""
+                )
                 print(
                     f"{label}epoch {epoch}: loss {record['loss']:.4f}  valid recall@10 "
-                    f"{metrics['recall@10']:.4f}  ndcg@10 {metrics['ndcg@10']:.4f}  "
+                    f"{metrics['recall@10']:.4f}  ndcg@10 {metrics['ndcg@10']:.4f}  {tail_text}"
                     f"({record['train_epoch_seconds']:.1f} s training + "
                     f"{record['validation_seconds']:.1f} s validation; {elapsed / 60:.1f} min)",
                     file=sys.stderr,

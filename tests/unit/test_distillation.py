@@ -246,3 +246,4 @@ def test_train_cli_trains_with_a_debiased_teacher(tiny_data: Path, tmp_path: Pat
     summary = read_checkpoint(out / "checkpoint.pt").summary
     assert summary["train_config"]["distill_debias"] == 0.6
     assert summary["train_config"]["distill_weight"] == 1.0
+    assert 0.0 <= summary["best"]["tail_ndcg@10"] <= 1.0  # validation's long-tail figure

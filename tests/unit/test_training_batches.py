@@ -237,7 +237,7 @@ def _fit_with_scripted_validation(
 
     def scripted(score_fn, cases, **kwargs):  # type: ignore[no-untyped-def]
         value = next(calls)
-        return {"ndcg@10": value, "recall@10": value}, None
+        return {"ndcg@10": value, "recall@10": value}, SCRIPTED_RANKS
 
     monkeypatch.setattr(train_module, "evaluate", scripted)
     seqs = sequences(LENGTHS)
@@ -249,8 +249,24 @@ def _fit_with_scripted_validation(
         n_items=30, n_devices=3, n_regions=6, embedding_dim=16, n_heads=2, max_history=20
     )
     model = Recommender(model_cfg, torch.randn(31, 384))
-    _, summary = train_module.fit(prepared, cfg, model, progress=False, valid_cases=object())  # type: ignore[arg-type]
+    popular, rare = int(np.argmax(prepared.popularity)), int(np.argmin(prepared.popularity[1:])) + 1
+    cases = types.SimpleNamespace(targets=np.array([popular, rare]))  # ranked 0 and 20
+    _, summary = train_module.fit(prepared, cfg, model, progress=False, valid_cases=cases)  # type: ignore[arg-type]
     return summary
+
+
+SCRIPTED_RANKS = np.array([0, 20])  # the scripted validation's two cases: a hit, then a miss
+
+
+def test_validation_reports_the_long_tail_cases_on_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each validation adds NDCG@10 over the cases whose target is a long-tail item: here the
+    rare target's case, ranked 20 (a miss), whatever the overall figure."""
+    cfg = TrainConfig(epochs=2, batch_size=4, patience=50, max_minutes=1e6)
+    summary = _fit_with_scripted_validation(monkeypatch, [0.3, 0.4], cfg)
+    assert summary["best"]["ndcg@10"] == 0.4
+    assert summary["best"]["tail_ndcg@10"] == 0.0  # the popular target's hit does not count
 
 
 def test_validation_every_few_epochs_then_every_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
