@@ -18,6 +18,8 @@ from experiments.report.settings import (
     MODELS,
     NEURAL,
     ReportConfig,
+    grid_keys,
+    long_tail_choice,
     settings_text,
 )
 from ltrec import baselines, neural_baselines
@@ -245,13 +247,19 @@ def fit_all(
             if kept is not None:
                 info["kept"] = kept
             if screening:
-                keys = " and ".join(cfg.neural_grids[name][0])
+                keys = " and ".join(grid_keys(cfg.neural_grids[name]))
                 info["tuning"] = (
                     f"{keys} chosen on validation NDCG@10 after {cfg.screen_epochs} epochs "
-                    "each, then early stopping on validation NDCG@10"
+                    "each"
+                    + (
+                        " (the long-tail rule: the most debiased teacher within 2% of the best)"
+                        if any(point.get("long_tail_rule") for point in screening)
+                        else ""
+                    )
+                    + ", then early stopping on validation NDCG@10"
                 )
                 info["screening"] = screening
-                info["screened"] = list(cfg.neural_grids[name][0])
+                info["screened"] = grid_keys(cfg.neural_grids[name])
         fitted[name] = Fitted(model_score_fn(model, model.cfg.max_history), info, model)
     if "ours_context_shuffled_test" in wanted:
         ours = fitted["ours"]  # no training: the main row's model, tested on shuffled context
@@ -297,6 +305,7 @@ GRID_KEYS = (
     "distill_sharpness",
     "distill_head_share",
     "distill_debias",
+    "seed",
 )
 TEXT_KEYS = ("set_context", "softmax_exclude")
 
@@ -305,8 +314,9 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
     """`train` with a neural grid point applied: "lr", "batch_size", "weight_decay",
     "order_augmentation", "set_context", "softmax_exclude", "new_item_shift" (1: on, 0: off),
     "distill_weight", "distill_lam", "distill_sharpness", "distill_head_share", "distill_debias"
-    to the training, "dropout" and "embedding_dim" (the width of every vector: item, state and
-    user) to the model."""
+    and "seed" (the initial weights and the batches; another seed is another run of the same
+    settings) to the training, "dropout" and "embedding_dim" (the width of every vector: item,
+    state and user) to the model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
@@ -335,8 +345,17 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
         distill_sharpness=float(params.get("distill_sharpness", train.distill_sharpness)),
         distill_head_share=float(params.get("distill_head_share", train.distill_head_share)),
         distill_debias=float(params.get("distill_debias", train.distill_debias)),
+        seed=_whole(params.get("seed", train.seed), "seed"),
         model=model,
     )
+
+
+def _whole(value: float | str | int, key: str) -> int:
+    """A grid value that must be a whole number (a seed): 1.0 -> 1; 1.5 is refused, naming `key`."""
+    number = float(value)
+    if number != int(number) or number < 0:
+        raise ValueError(f"{key} must be a whole number >= 0, got {value!r}")
+    return int(number)
 
 
 def _switch(value: float | str | bool) -> bool:
@@ -359,8 +378,10 @@ def _screen(
 ) -> tuple[TrainConfig, list[dict], tuple[Recommender, dict]]:
     """Each point of the row's grid trained for `cfg.screen_epochs` epochs, a complete short
     schedule (warm-up, cosine decay to 5%, no early stop); returns the training config of the
-    best point by validation NDCG@10, every point's figures, and the best point's model and
-    training summary (the row keeps it if it beats the converged run on validation).
+    best point by validation NDCG@10 (moved by `long_tail_choice` to the point with the most
+    tail within 2% of it, where points differ only in LONG_TAIL_KEYS), every point's figures,
+    and the chosen point's model and training summary (the row keeps it if it beats the
+    converged run on validation).
 
     A short annealed run ranks settings by how well they learn, at a fraction of the cost of
     converging each; its known bias is towards settings that learn fast (a higher learning rate,
@@ -385,8 +406,17 @@ def _screen(
             {**params, **summary["best"], "seconds": summary["train_seconds"]}  # type: ignore[dict-item]
         )
         runs.append((trial_model, summary))
-    index = max(range(len(points)), key=lambda i: points[i]["ndcg@10"])
-    chosen = {key: points[index][key] for key in cfg.neural_grids[name][0]}
+    best = max(range(len(points)), key=lambda i: points[i]["ndcg@10"])
+    index = long_tail_choice(points, best)
+    chosen = dict(cfg.neural_grids[name][index])
+    points[index]["chosen"] = True
+    if index != best:
+        points[index]["long_tail_rule"] = True
+        print(
+            f"{view}: {name} the long-tail rule keeps {settings_text(chosen)} (validation "
+            f"NDCG@10 {points[index]['ndcg@10']:.4f}, the best {points[best]['ndcg@10']:.4f})",
+            file=sys.stderr,
+        )
     print(f"{view}: {name} settings chosen on validation {chosen}", file=sys.stderr)
     return with_settings(train_cfg, chosen), points, runs[index]
 

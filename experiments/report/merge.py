@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from experiments.report.settings import (
     MODELS,
+    long_tail_choice,
 )
 
 # What must agree for rows of separate runs to share one table.
@@ -26,6 +27,67 @@ def _validation(row: dict, view: str | None = None) -> float:
 # Views that refit every row on their own split: a row run in several parts takes each of these
 # from the part whose refit has the best validation NDCG@10 in that view.
 _REFIT_VIEWS = ("short_history", "cold_start")
+
+
+# A refit view's figures that several seeds of one setting average (`_refit_choice`).
+_FIGURES = ("recall@10", "ndcg@10", "coverage@10", "tail", "head")
+
+
+def _refit_choice(runs: list[tuple[int, dict]]) -> tuple[dict, int] | None:
+    """A refit view's figures and the index of the part they come from, for a row run in
+    several parts; None when there is nothing to choose (one run, or runs that validate alike).
+
+    Runs whose settings (`fit.fixed_settings`) differ only in "seed" are one setting: its
+    validation NDCG@10 is their mean, and its figures are their means (each seed's in "seeds").
+    The setting with the best validation NDCG@10 is kept, then moved by `long_tail_choice` to
+    the one with the most tail within 2% of it, where settings differ only in LONG_TAIL_KEYS
+    (for example the teacher's debias). A run without fixed settings is a setting of its own."""
+    groups: dict[str, list[tuple[int, dict]]] = {}
+    points: list[dict] = []
+    for i, view in runs:
+        fixed = (view.get("fit") or {}).get("fixed_settings")
+        settings = {k: v for k, v in fixed.items() if k != "seed"} if fixed else {"part": float(i)}
+        key = repr(sorted(settings.items()))
+        if key not in groups:
+            points.append(settings)
+        groups.setdefault(key, []).append((i, view))
+    members = list(groups.values())
+    for point, group in zip(points, members, strict=True):
+        point["ndcg@10"] = sum(_validation({"fit": view.get("fit")}) for _, view in group) / len(
+            group
+        )
+    if len({point["ndcg@10"] for point in points} - {_NONE}) <= 1 and all(
+        len(group) == 1 for group in members
+    ):
+        return None
+    best = max(range(len(points)), key=lambda j: points[j]["ndcg@10"])
+    group = members[long_tail_choice(points, best)]
+    first, view = min(group, key=lambda run: _seed(run[1]))
+    if len(group) == 1:
+        return view, first
+    merged = dict(view)
+    for figure in _FIGURES:
+        if all(figure in other for _, other in group):
+            merged[figure] = _mean([other[figure] for _, other in group])
+    merged["seeds"] = [
+        {"seed": _seed(other), "validation_ndcg@10": _validation({"fit": other.get("fit")})}
+        | {figure: other[figure] for figure in _FIGURES if figure in other}
+        for _, other in sorted(group, key=lambda run: _seed(run[1]))
+    ]
+    return merged, first
+
+
+def _seed(view: dict) -> int:
+    return int(((view.get("fit") or {}).get("fixed_settings") or {}).get("seed", 0))
+
+
+def _mean(values: list) -> object:
+    """The mean of numbers, or of dicts of numbers key by key (a figure's tail and head parts)."""
+    if isinstance(values[0], dict):
+        return {key: _mean([value[key] for value in values]) for key in values[0]}
+    if isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+        return sum(float(value) for value in values) / len(values)
+    return values[0]
 
 
 def merge_reports(parts: list[dict]) -> dict:
@@ -77,11 +139,9 @@ def merge_reports(parts: list[dict]) -> dict:
                 merged_row.setdefault(key, value)
         for view in _REFIT_VIEWS:
             runs = [i for i in having if view in parts[i]["models"][name]]
-            scores = {_validation(parts[i]["models"][name], view) for i in runs} - {_NONE}
-            if len(scores) > 1:
-                best = max(runs, key=lambda i: _validation(parts[i]["models"][name], view))
-                merged_row[view] = parts[best]["models"][name][view]
-                chosen[f"{name}.{view}"] = best
+            picked = _refit_choice([(i, parts[i]["models"][name][view]) for i in runs])
+            if picked is not None:
+                merged_row[view], chosen[f"{name}.{view}"] = picked
     data = dict(first["data"])
     for prefix in ("cold_", "short_"):  # a view's sizes, from the first part that ran it
         for part in parts:

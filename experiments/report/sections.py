@@ -174,11 +174,24 @@ def _short_history(report: dict) -> list[str]:
                     f(v["ndcg@10"]),
                     f(v["tail"]["ndcg@10"]),
                     f(v["coverage@10"]),
-                    _tuned(v["fit"]),
+                    _tuned(v["fit"]) + _seeds(v),
                 ]
             )
         )
     return lines
+
+
+def _seeds(view: dict) -> str:
+    """For figures that are a mean over seeds (a merge of parts): how many, and each seed's
+    test NDCG@10 and tail NDCG@10."""
+    seeds = view.get("seeds")
+    if not seeds:
+        return ""
+    each = "; ".join(
+        f"seed {s['seed']}: {_printed(s['ndcg@10'])} / {_printed(s['tail']['ndcg@10'])}"
+        for s in seeds
+    )
+    return f"; figures the mean of {len(seeds)} seeds (NDCG@10 / tail: {each})"
 
 
 def _cold_start(report: dict) -> list[str]:
@@ -404,7 +417,11 @@ def _convergence(report: dict) -> list[str]:
                 _row(
                     [
                         *(
-                            point[key] if isinstance(point[key], str) else f"{point[key]:g}"
+                            "–"  # the point keeps the row's base setting
+                            if key not in point
+                            else point[key]
+                            if isinstance(point[key], str)
+                            else f"{point[key]:g}"
                             for key in keys
                         ),
                         _printed(point["ndcg@10"]),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ltrec.evaluation import LONG_TAIL_TOLERANCE
 from ltrec.train import TrainConfig
 
 LONG_TAIL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5)
@@ -110,6 +111,59 @@ OURS_READINGS: tuple[dict[str, float | str], ...] = (
 )
 
 
+# Our row's teacher recipe (ML-1M's short, order-free view, README "Figures"): the set reading, a
+# wider model with strong weight decay, and an EASE teacher whose popularity prior is taken off
+# (`TrainConfig.distill_debias`) by one of several amounts, chosen by `long_tail_choice`.
+TEACHER_RECIPE: dict[str, float | str] = {
+    "order_augmentation": 1.0,
+    "set_context": "others",
+    "softmax_exclude": "others",
+    "lr": 2e-3,
+    "embedding_dim": 128.0,
+    "weight_decay": 1.0,
+    "distill_weight": 1.0,
+    "distill_sharpness": 0.5,
+}
+TEACHER_DEBIAS = (0.5, 1.0, 2.0)
+
+# Settings that trade overall accuracy for the long tail, larger meaning more tail: between runs
+# that differ only in them, `long_tail_choice` applies the served long-tail weight's rule.
+LONG_TAIL_KEYS = ("distill_debias",)
+
+
+def long_tail_choice(
+    points: list[dict], best: int, key: str = "ndcg@10", tolerance: float = LONG_TAIL_TOLERANCE
+) -> int:
+    """The index of the point to keep once `best` (the best by validation `key`) is known: among
+    the points whose settings equal `best`'s but for LONG_TAIL_KEYS, the one with the most tail
+    (largest values, compared in LONG_TAIL_KEYS order) whose validation `key` is within
+    `tolerance` (relative) of `best`'s, as the served long-tail weight is chosen (the largest
+    within 2% of weight 0's NDCG@10). Points are settings plus their validation figure; a point
+    without a long-tail key counts it as 0. `best` itself when no other point qualifies."""
+
+    def others(point: dict) -> dict:
+        return {
+            k: v for k, v in point.items() if k not in (*LONG_TAIL_KEYS, key) and _is_setting(k)
+        }
+
+    def tail(point: dict) -> tuple[float, ...]:
+        return tuple(float(point.get(k, 0.0)) for k in LONG_TAIL_KEYS)
+
+    floor = (1.0 - tolerance) * float(points[best][key])
+    candidates = [
+        i
+        for i, point in enumerate(points)
+        if others(point) == others(points[best]) and float(point[key]) >= floor
+    ]
+    return max(candidates, key=lambda i: (tail(points[i]), i == best))
+
+
+def _is_setting(name: str) -> bool:
+    """Whether a screening point's key is a setting (not a figure such as "epoch" or "recall@10",
+    nor its "seconds")."""
+    return "@" not in name and name not in ("epoch", "seconds", "tail_ndcg@10")
+
+
 @dataclass
 class ReportConfig:
     """Sizes and grids of one run; `--quick` swaps in a CI-sized one."""
@@ -129,10 +183,9 @@ class ReportConfig:
         default_factory=lambda: [{"lam": lam} for lam in (50, 100, 250, 500, 1000, 2500, 5000)]
     )
     # Per neural row, training settings chosen on validation for that row: each point trains
-    # `screen_epochs` epochs, and the best by validation NDCG@10 is then trained to convergence.
-    # Keys: "lr", "batch_size", "weight_decay", "order_augmentation", "set_context",
-    # "softmax_exclude" (TrainConfig), "dropout" and "embedding_dim" (ModelConfig); every point of
-    # a row's grid has the same keys.
+    # `screen_epochs` epochs, and the best by validation NDCG@10 (then `long_tail_choice`) is
+    # trained to convergence. Keys: GRID_KEYS of `fitting` (TrainConfig's, "dropout" and
+    # "embedding_dim" of ModelConfig); a key a point leaves out keeps the row's base setting.
     neural_grids: dict[str, list[dict[str, float | str]]] = field(
         default_factory=lambda: {
             "sasrec": [
@@ -151,8 +204,13 @@ class ReportConfig:
             # The set reading predicts each item from all the others and leaves the others out
             # of its softmax (TrainConfig.softmax_exclude): they are positives, not negatives.
             # Each reading at two learning rates, as SASRec's are screened (on the short view,
-            # 20-epoch screens: 1e-3 beat 2e-3, and 5e-4 beat 1e-3 over 40 epochs).
-            "ours": [{**reading, "lr": lr} for reading in OURS_READINGS for lr in (5e-4, 1e-3)],
+            # 20-epoch screens: 1e-3 beat 2e-3, and 5e-4 beat 1e-3 over 40 epochs); then the
+            # teacher recipe at each amount of debiasing (points set the keys they change; the
+            # others keep the row's base settings).
+            "ours": [
+                *({**reading, "lr": lr} for reading in OURS_READINGS for lr in (5e-4, 1e-3)),
+                *({**TEACHER_RECIPE, "distill_debias": debias} for debias in TEACHER_DEBIAS),
+            ],
         }
     )
     screen_epochs: int = 10
@@ -169,10 +227,10 @@ class ReportConfig:
     # TrainConfig fields set on the command line; they win over a checkpoint's training config.
     train_overrides: dict[str, float | int] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for name, grid in self.neural_grids.items():
-            if any(set(point) != set(grid[0]) for point in grid):
-                raise ValueError(f"every point of {name}'s neural grid must set the same keys")
+
+def grid_keys(grid: list[dict[str, float | str]]) -> list[str]:
+    """Every key some point of a neural grid sets, in the order they first appear."""
+    return list(dict.fromkeys(key for point in grid for key in point))
 
 
 def quick_config() -> ReportConfig:

@@ -1,0 +1,166 @@
+"""How the report chooses between settings: the long-tail rule (`long_tail_choice`) in a row's
+screen and between parts, seeds of one setting averaged by the merge, and the default grid's
+teacher points."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import ltrec.train
+from experiments.report import fitting
+from experiments.report.fitting import with_settings
+from experiments.report.merge import _SAME_DATA, merge_reports
+from experiments.report.sections import _seeds
+from experiments.report.settings import (
+    TEACHER_DEBIAS,
+    ReportConfig,
+    grid_keys,
+    long_tail_choice,
+    quick_config,
+)
+from ltrec import neural_baselines
+from ltrec.prepared import prepare
+
+BASE = {"lr": 2e-3, "distill_weight": 1.0}
+
+
+def test_the_long_tail_rule_takes_the_most_debiased_setting_within_two_percent() -> None:
+    points = [
+        {**BASE, "distill_debias": 0.6, "ndcg@10": 0.1077},  # the best
+        {**BASE, "distill_debias": 1.0, "ndcg@10": 0.1075},
+        {**BASE, "distill_debias": 1.5, "ndcg@10": 0.1068},
+        {**BASE, "distill_debias": 2.0, "ndcg@10": 0.1040},  # 3.4% below: out
+        {**BASE, "ndcg@10": 0.1070},  # no debias: counts as 0
+    ]
+    assert long_tail_choice(points, 0) == 2
+    # a looser tolerance reaches further; none keeps the best
+    assert long_tail_choice(points, 0, tolerance=0.05) == 3
+    assert long_tail_choice(points, 0, tolerance=0.0) == 0
+    # a setting that differs in anything else is never a candidate, however well it validates
+    other = [{**points[0]}, {**BASE, "lr": 1e-3, "distill_debias": 2.0, "ndcg@10": 0.1076}]
+    assert long_tail_choice(other, 0) == 0
+    # figures (other than the chosen key) and timings are not settings
+    timed = [
+        {**points[0], "epoch": 50, "seconds": 9.0, "recall@10": 0.2},
+        {**points[2], "epoch": 31, "seconds": 7.0, "recall@10": 0.1},
+    ]
+    assert long_tail_choice(timed, 0) == 1
+
+
+def test_the_default_grid_screens_the_debiased_teacher() -> None:
+    grid = ReportConfig().neural_grids["ours"]
+    taught = [point for point in grid if point.get("distill_weight")]
+    assert sorted(point["distill_debias"] for point in taught) == sorted(TEACHER_DEBIAS)
+    assert len(TEACHER_DEBIAS) > 1  # several, for the long-tail rule to choose between
+    for point in grid:  # every point is a valid training config
+        train = with_settings(ltrec.train.TrainConfig(), point)
+        assert train.distill_weight == point.get("distill_weight", 0.0)
+    assert {"lr", "set_context", "distill_debias", "embedding_dim"} <= set(grid_keys(grid))
+    # the teacher's points differ only in the debias: the rule can move between them
+    best = {**taught[0], "ndcg@10": 0.1}
+    assert long_tail_choice([best, {**taught[-1], "ndcg@10": 0.099}], 0) == 1
+
+
+def test_seed_is_a_setting() -> None:
+    assert with_settings(ltrec.train.TrainConfig(), {"seed": 2.0}).seed == 2
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        with_settings(ltrec.train.TrainConfig(), {"seed": 1.5})
+
+
+def _part(views: dict[str, dict]) -> dict:
+    return {
+        "data": {key: 1 for key in _SAME_DATA},
+        "models": {"ours": {"label": "o", **views}},
+        "seconds": 1.0,
+    }
+
+
+def _short(valid: float, test: float, tail: float, **fixed: float) -> dict:
+    return {
+        "short_history": {
+            "ndcg@10": test,
+            "tail": {"ndcg@10": tail},
+            "fit": {"best": {"ndcg@10": valid}, "fixed_settings": {**BASE, **fixed}},
+        }
+    }
+
+
+def test_the_merge_applies_the_long_tail_rule_between_parts() -> None:
+    parts = [
+        _part(_short(0.1077, 0.115, 0.032, distill_debias=0.6)),
+        _part(_short(0.1067, 0.111, 0.038, distill_debias=2.0)),
+        _part(_short(0.1000, 0.108, 0.050, distill_debias=3.0)),  # 7% below: out
+        _part(_short(0.1076, 0.116, 0.031, lr=1e-3, distill_debias=4.0)),  # another lr
+    ]
+    for order in (parts, parts[::-1]):
+        merged = merge_reports(order)
+        view = merged["models"]["ours"]["short_history"]
+        assert view["tail"] == {"ndcg@10": 0.038}
+        assert merged["chosen_on_validation"] == {"ours.short_history": order.index(parts[1])}
+
+
+def test_the_merge_averages_the_seeds_of_one_setting() -> None:
+    seed0 = _part(_short(0.104, 0.110, 0.030, distill_debias=0.6))
+    seed1 = _part(_short(0.106, 0.114, 0.034, distill_debias=0.6, seed=1.0))
+    lone = _part(_short(0.1055, 0.200, 0.100, distill_debias=0.6, lr=1e-3))
+    merged = merge_reports([lone, seed1, seed0])
+    view = merged["models"]["ours"]["short_history"]
+    # the two seeds validate 0.105 on average, below the lone run's 0.1055: the lone run wins
+    assert view["ndcg@10"] == 0.200 and "seeds" not in view
+    lone["models"]["ours"]["short_history"]["fit"]["best"]["ndcg@10"] = 0.1045
+    merged = merge_reports([lone, seed1, seed0])
+    view = merged["models"]["ours"]["short_history"]
+    assert view["ndcg@10"] == pytest.approx(0.112)
+    assert view["tail"]["ndcg@10"] == pytest.approx(0.032)
+    assert [s["seed"] for s in view["seeds"]] == [0, 1]
+    assert [s["ndcg@10"] for s in view["seeds"]] == [0.110, 0.114]
+    assert view["fit"]["fixed_settings"].get("seed", 0) == 0  # the first seed's fit
+    assert merged["chosen_on_validation"] == {"ours.short_history": 2}
+    assert _seeds(view).startswith("; figures the mean of 2 seeds")
+    assert "seed 1: 0.1140 / 0.0340" in _seeds(view)
+    assert _seeds(merged["models"]["ours"]["short_history"] | {"seeds": []}) == ""
+
+
+def test_the_screen_applies_the_long_tail_rule(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Screen points that differ only in the debias: the one with the most debias within 2% of
+    the best is trained on; a point further below is not."""
+    prepared = prepare(tiny_data, tmp_path / "cache")
+    recipe = {"order_augmentation": 1.0, "set_context": "others", "softmax_exclude": "others"}
+    grid: list[dict[str, float | str]] = [
+        {**recipe, "distill_weight": 1.0, "distill_debias": debias} for debias in (0.5, 1.0, 2.0)
+    ]
+    cfg = dataclasses.replace(quick_config(), screen_epochs=1, neural_grids={"ours": grid})
+    # validation by debias: 1.0 is the best, 2.0 within 2% of it, 0.5 far below
+    validation = {0.5: 0.10, 1.0: 0.20, 2.0: 0.197}
+    trained: list[float] = []
+    real_fit = neural_baselines.fit_recommender
+
+    def fake_fit(train_on, train_cfg, factory, **kwargs):  # type: ignore[no-untyped-def]
+        model, summary = real_fit(
+            train_on, dataclasses.replace(train_cfg, epochs=1), factory, **kwargs
+        )
+        screening = "screen" in kwargs.get("name", "")
+        summary["best"] = {
+            **summary["best"],
+            "ndcg@10": validation[train_cfg.distill_debias] if screening else 0.5,
+        }
+        if not screening:
+            trained.append(train_cfg.distill_debias)
+        return model, summary
+
+    monkeypatch.setattr(neural_baselines, "fit_recommender", fake_fit)
+    fitted = fitting.fit_all(prepared, cfg, "short", None, False, ["ours"])["ours"]
+    assert trained == [2.0]
+    assert [p["distill_debias"] for p in fitted.info["screening"]] == [0.5, 1.0, 2.0]
+    assert [bool(p.get("chosen")) for p in fitted.info["screening"]] == [False, False, True]
+    assert "the long-tail rule" in fitted.info["tuning"]
+    validation[2.0] = 0.19  # 5% below the best: the best is kept
+    trained.clear()
+    fitted = fitting.fit_all(prepared, cfg, "short", None, False, ["ours"])["ours"]
+    assert trained == [1.0]
+    assert "the long-tail rule" not in fitted.info["tuning"]
