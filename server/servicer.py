@@ -175,7 +175,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 timestamp=request.context.timestamp or int(time.time()),
                 device=request.context.device,
                 region=request.context.region,
-            ).to_json()
+            )
         )
         if request.remember_history and self._history is not None:
             await self._history.remember(request_events(request), now)

@@ -31,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ltrec_core import feedback_log
 from ltrec_core.erasure import ErasureError, load_or_create_key
@@ -49,11 +49,26 @@ SURVEY_INTERVAL_SECONDS = 60.0
 SERVED_LINGER_SECONDS = 0.05
 
 
+class Offered(Protocol):
+    """A record `offer` takes as it is (a `ServedRecord`): encoded later, off the request."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class _Pending:
-    data: bytes
+    data: bytes | None  # None: an offered record, encoded with its batch in the writer thread
     records: int
     done: asyncio.Future[None] | None  # None: a served list nobody waits for
+    offered: dict[str, Any] | Offered | None = None
+
+    def encoded(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        record = self.offered
+        if record is None:
+            raise ValueError("a pending entry holds neither its bytes nor its record")
+        return encode_lines([record if isinstance(record, dict) else record.to_json()])
 
 
 class FeedbackStore:
@@ -137,12 +152,14 @@ class FeedbackStore:
         self._enqueue(_Pending(encode_lines(records), len(records), done))
         await asyncio.shield(done)
 
-    def offer(self, record: dict[str, Any]) -> bool:
-        """Queues a record without waiting for the disk; False (and counted) when it is dropped."""
+    def offer(self, record: dict[str, Any] | Offered) -> bool:
+        """Queues a record without waiting for the disk; False (and counted) when it is dropped.
+        The record is turned into its JSON line in the writer's thread, with its batch, not on
+        the caller's request path; a record object must not change after it is offered."""
         if self._closing or self._task is None or self._pending_records >= self.max_pending_records:
             metrics.FEEDBACK_DROPPED_TOTAL.inc()
             return False
-        self._enqueue(_Pending(encode_lines([record]), 1, None))
+        self._enqueue(_Pending(None, 1, None, record))
         return True
 
     async def erasure_key(self) -> bytes:
@@ -228,7 +245,7 @@ class FeedbackStore:
         # batch's sync covers them), so Recommend traffic alone costs no fsync per request.
         sync = any(p.done is not None for p in batch)
         try:
-            await asyncio.to_thread(self._log.write, b"".join(p.data for p in batch), sync=sync)
+            await asyncio.to_thread(self._write, batch, sync)
         except OSError as exc:
             metrics.FEEDBACK_WRITE_ERRORS_TOTAL.inc()
             logger.error("feedback store: write to %s failed: %s", self._segment, exc)
@@ -244,6 +261,10 @@ class FeedbackStore:
         for pending in batch:
             if pending.done is not None and not pending.done.done():
                 pending.done.set_result(None)
+
+    def _write(self, batch: list[_Pending], sync: bool) -> None:
+        """In a worker thread: the batch's lines (offered records encoded here) in one write."""
+        self._log.write(b"".join(p.encoded() for p in batch), sync=sync)
 
     def _new_segment(self, path: Path) -> None:
         self._segment = path

@@ -289,6 +289,38 @@ def test_reader_skips_a_torn_tail_and_counts_it(tmp_path: Path) -> None:
     assert stats.by_kind == {"feedback": 2, "served": 1}
 
 
+def test_offered_records_are_encoded_off_the_event_loop_in_order(tmp_path: Path) -> None:
+    """A record object given to `offer` (Recommend's served list) becomes its JSON line in the
+    writer's thread, not on the request's event loop, and lands between the records appended
+    before and after it, in order."""
+    import threading
+
+    encoded_in: list[str] = []
+
+    class Served:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def to_json(self) -> dict[str, Any]:
+            encoded_in.append(threading.current_thread().name)
+            return {"kind": "served", "n": self.n}
+
+    async def write() -> str:
+        store = FeedbackStore(tmp_path, replica="r1")
+        store.open()
+        await store.start()
+        store.offer(Served(1))
+        store.offer({"kind": "served", "n": 2})  # a dict still works
+        await store.append([{"kind": "feedback", "n": 3}])
+        store.offer(Served(4))
+        await store.close()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(write())
+    assert [r["n"] for r in read_records(tmp_path)] == [1, 2, 3, 4]
+    assert len(encoded_in) == 2 and loop_thread not in encoded_in
+
+
 def test_replica_names_are_file_name_safe() -> None:
     assert feedback_store.replica_name("ltrec-gateway-7d9f/../x y") == "ltrec-gateway-7d9f_.._x_y"
     assert feedback_store.replica_name("")  # the host name
