@@ -5,6 +5,7 @@ to convergence, the ablations' variants.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -353,7 +354,7 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
 def _whole(value: float | str | int, key: str) -> int:
     """A grid value that must be a whole number (a seed): 1.0 -> 1; 1.5 is refused, naming `key`."""
     number = float(value)
-    if number != int(number) or number < 0:
+    if not math.isfinite(number) or number != int(number) or number < 0:
         raise ValueError(f"{key} must be a whole number >= 0, got {value!r}")
     return int(number)
 

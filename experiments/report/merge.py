@@ -53,9 +53,7 @@ def _refit_choice(runs: list[tuple[int, dict]]) -> tuple[dict, int] | None:
         groups.setdefault(key, []).append((i, view))
     members = list(groups.values())
     for point, group in zip(points, members, strict=True):
-        point["ndcg@10"] = sum(_validation({"fit": view.get("fit")}) for _, view in group) / len(
-            group
-        )
+        point["ndcg@10"] = sum(_validation(view) for _, view in group) / len(group)
     if len({point["ndcg@10"] for point in points} - {_NONE}) <= 1 and all(
         len(group) == 1 for group in members
     ):
@@ -70,7 +68,7 @@ def _refit_choice(runs: list[tuple[int, dict]]) -> tuple[dict, int] | None:
         if all(figure in other for _, other in group):
             merged[figure] = _mean([other[figure] for _, other in group])
     merged["seeds"] = [
-        {"seed": _seed(other), "validation_ndcg@10": _validation({"fit": other.get("fit")})}
+        {"seed": _seed(other), "validation_ndcg@10": _validation(other)}
         | {figure: other[figure] for figure in _FIGURES if figure in other}
         for _, other in sorted(group, key=lambda run: _seed(run[1]))
     ]

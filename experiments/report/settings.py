@@ -161,7 +161,7 @@ def long_tail_choice(
 def _is_setting(name: str) -> bool:
     """Whether a screening point's key is a setting (not a figure such as "epoch" or "recall@10",
     nor its "seconds")."""
-    return "@" not in name and name not in ("epoch", "seconds", "tail_ndcg@10")
+    return "@" not in name and name not in ("epoch", "seconds")
 
 
 @dataclass

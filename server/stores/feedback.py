@@ -57,18 +57,24 @@ class Offered(Protocol):
 
 @dataclass
 class _Pending:
-    data: bytes | None  # None: an offered record, encoded with its batch in the writer thread
+    # The bytes of appended records, or an offered record, encoded with its batch in the writer
+    # thread (`encoded`).
+    payload: bytes | dict[str, Any] | Offered
     records: int
     done: asyncio.Future[None] | None  # None: a served list nobody waits for
-    offered: dict[str, Any] | Offered | None = None
 
     def encoded(self) -> bytes:
-        if self.data is not None:
-            return self.data
-        record = self.offered
-        if record is None:
-            raise ValueError("a pending entry holds neither its bytes nor its record")
-        return encode_lines([record if isinstance(record, dict) else record.to_json()])
+        """The entry's JSON lines; an offered record that cannot be encoded is dropped (counted
+        and logged), never the batch it is in nor the writer."""
+        if isinstance(self.payload, bytes):
+            return self.payload
+        try:
+            record = self.payload if isinstance(self.payload, dict) else self.payload.to_json()
+            return encode_lines([record])
+        except (TypeError, ValueError) as exc:
+            metrics.FEEDBACK_DROPPED_TOTAL.inc()
+            logger.error("feedback store: an offered record could not be encoded: %s", exc)
+            return b""
 
 
 class FeedbackStore:
@@ -159,7 +165,7 @@ class FeedbackStore:
         if self._closing or self._task is None or self._pending_records >= self.max_pending_records:
             metrics.FEEDBACK_DROPPED_TOTAL.inc()
             return False
-        self._enqueue(_Pending(None, 1, None, record))
+        self._enqueue(_Pending(record, 1, None))
         return True
 
     async def erasure_key(self) -> bytes:

@@ -321,6 +321,26 @@ def test_offered_records_are_encoded_off_the_event_loop_in_order(tmp_path: Path)
     assert len(encoded_in) == 2 and loop_thread not in encoded_in
 
 
+def test_an_offered_record_that_cannot_be_encoded_is_dropped_alone(tmp_path: Path) -> None:
+    """Encoding happens in the writer's thread: a record it cannot encode is dropped and
+    counted, and neither its batch nor later records are lost."""
+    dropped_before = sample("ltrec_gateway_feedback_served_lists_dropped_total")
+
+    async def write() -> None:
+        store = FeedbackStore(tmp_path, replica="r1")
+        store.open()
+        await store.start()
+        store.offer({"kind": "served", "n": 1})
+        store.offer({"kind": "served", "n": object()})  # not JSON
+        await store.append([{"kind": "feedback", "n": 2}])  # the same batch
+        await store.append([{"kind": "feedback", "n": 3}])  # the writer still runs
+        await store.close()
+
+    asyncio.run(write())
+    assert [r["n"] for r in read_records(tmp_path)] == [1, 2, 3]
+    assert sample("ltrec_gateway_feedback_served_lists_dropped_total") - dropped_before == 1
+
+
 def test_replica_names_are_file_name_safe() -> None:
     assert feedback_store.replica_name("ltrec-gateway-7d9f/../x y") == "ltrec-gateway-7d9f_.._x_y"
     assert feedback_store.replica_name("")  # the host name

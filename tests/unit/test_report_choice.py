@@ -66,8 +66,9 @@ def test_the_default_grid_screens_the_debiased_teacher() -> None:
 
 def test_seed_is_a_setting() -> None:
     assert with_settings(ltrec.train.TrainConfig(), {"seed": 2.0}).seed == 2
-    with pytest.raises(ValueError, match="seed must be a whole number"):
-        with_settings(ltrec.train.TrainConfig(), {"seed": 1.5})
+    for bad in (1.5, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="seed must be a whole number"):
+            with_settings(ltrec.train.TrainConfig(), {"seed": bad})
 
 
 def _part(views: dict[str, dict]) -> dict:
