@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=Path, default=Path("data/ml-1m/events.parquet"))
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("build/profile"))
+    parser.add_argument("--rate", type=int, default=2000, help="samples per second")
+    parser.add_argument(
+        "--nonblocking",
+        action="store_true",
+        help="sample without pausing the gateway (less slowdown, at a low rate the same shares)",
+    )
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         # warm-up outside the profile
         asyncio.run(clients.recommend(stack.gateway.address, workload.requests[:200], 1))
         spy = subprocess.Popen(
-            [py_spy, "record", "--pid", str(stack.gateway_pid), "--rate", "2000", "--format"]
-            + ["raw", "--output", str(folded), "--gil"],
+            [py_spy, "record", "--pid", str(stack.gateway_pid), "--rate", str(args.rate)]
+            + ["--format", "raw", "--output", str(folded), "--gil"]
+            + (["--nonblocking"] if args.nonblocking else []),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -109,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parts = summarise(folded)
     total = sum(n for _, n in parts) or 1
     per_request_ms = 1e3 * seconds[0] / args.requests
-    print(f"gateway CPU samples by part (rate 2000/s; {per_request_ms:.2f} ms per request):")
+    print(f"gateway CPU samples by part (rate {args.rate}/s; {per_request_ms:.2f} ms per request):")
     for name, n in parts:
-        print(f"  {name:40} {100 * n / total:5.1f} %  ~{n / 2000 * 1e3 / args.requests:.3f} ms/req")
+        share = n / args.rate * 1e3 / args.requests
+        print(f"  {name:40} {100 * n / total:5.1f} %  ~{share:.3f} ms/req")
     return 0
 
 

@@ -25,9 +25,12 @@ def main() -> int:
     try:
         config = GatewayConfig.from_env()
         logging.getLogger().setLevel(config.log_level)
+        log.flush_interval = config.log_flush_interval_seconds
         if config.workers > 1:
             log.stop()
-            log = configure_logging(config.log_level, pid=True)
+            log = configure_logging(
+                config.log_level, pid=True, flush_interval=config.log_flush_interval_seconds
+            )
             return supervise(config, run_worker)
         return run(config)
     except StartupError as exc:

@@ -431,7 +431,9 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 def run_worker(config: GatewayConfig) -> int:
     """`run` in a worker process of `server.workers`: its own log writer, lines with its pid."""
-    log = configure_logging(config.log_level, pid=True)
+    log = configure_logging(
+        config.log_level, pid=True, flush_interval=config.log_flush_interval_seconds
+    )
     try:
         return run(config)
     finally:

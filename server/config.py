@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.errors import StartupError
+from server.logs import DEFAULT_FLUSH_INTERVAL_SECONDS, MAX_FLUSH_INTERVAL_SECONDS
 from server.stores.history import (
     DEFAULT_RETENTION_SECONDS,
     MAX_RETENTION_SECONDS,
@@ -110,6 +111,9 @@ class GatewayConfig:
     # replicas and a draining replica loses its connections without losing calls.
     max_connection_age_seconds: float = 30.0
     log_level: str = "INFO"
+    # The log's writer thread writes what is queued this often (0: each line as it comes);
+    # warnings and errors go at once (`server.logs`).
+    log_flush_interval_seconds: float = DEFAULT_FLUSH_INTERVAL_SECONDS
     # TLS: a PEM certificate chain and key serve gRPC over TLS; with a client CA as well, callers
     # must present a certificate it signed (mutual TLS). Without them the gateway refuses to
     # start unless plaintext is explicitly allowed (local development, a mesh that adds mTLS).
@@ -261,6 +265,13 @@ class GatewayConfig:
         )
         loop = self.event_loop
         _check(loop, "event_loop", loop in EVENT_LOOPS, f"one of {EVENT_LOOPS}")
+        flush = self.log_flush_interval_seconds
+        _check(
+            flush,
+            "log_flush_interval_seconds",
+            0 <= flush <= MAX_FLUSH_INTERVAL_SECONDS,
+            f"in [0, {MAX_FLUSH_INTERVAL_SECONDS:g}]",
+        )
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _check(self.log_level, "log_level", self.log_level in levels, f"one of {levels}")
         for name in (

@@ -68,6 +68,14 @@ def test_config_reads_prefixed_environment_variables(tmp_path: Path) -> None:
         ({"LTREC_TRITON_TIMEOUT_SECONDS": "0"}, "LTREC_TRITON_TIMEOUT_SECONDS must be a finite"),
         ({"LTREC_TRITON_TIMEOUT_SECONDS": "soon"}, "LTREC_TRITON_TIMEOUT_SECONDS must be a number"),
         ({"LTREC_TRITON_RETRIES": "-1"}, "LTREC_TRITON_RETRIES must be in [0, 4], got -1"),
+        (
+            {"LTREC_LOG_FLUSH_INTERVAL_SECONDS": "2"},
+            "LTREC_LOG_FLUSH_INTERVAL_SECONDS must be in [0, 1], got 2.0",
+        ),
+        (
+            {"LTREC_LOG_FLUSH_INTERVAL_SECONDS": "nan"},
+            "LTREC_LOG_FLUSH_INTERVAL_SECONDS must be in [0, 1], got nan",
+        ),
         # gRPC's retry policy allows at most 5 attempts.
         ({"LTREC_TRITON_RETRIES": "5"}, "LTREC_TRITON_RETRIES must be in [0, 4], got 5"),
         (

@@ -20,7 +20,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from server.gen.ltrec.v1 import recommender_pb2
-from server.logs import EXCEPTION_FIELD, LINE_FIELDS, TRACE_FIELDS, JsonLog, configure_logging
+from server.logs import (
+    DEFAULT_FLUSH_INTERVAL_SECONDS,
+    EXCEPTION_FIELD,
+    LINE_FIELDS,
+    TRACE_FIELDS,
+    JsonLog,
+    configure_logging,
+)
 from tests.support.gateway import (
     FakeTransport,
     full_request,
@@ -133,6 +140,45 @@ def test_lines_outside_a_span_carry_no_trace_ids(written: Written) -> None:
     }
     assert not set(TRACE_FIELDS) & set(warning)
     assert "ValueError: why" in failure[EXCEPTION_FIELD] and failure["message"] == "failed"
+
+
+def test_lines_wait_for_the_interval_but_a_warning_goes_at_once() -> None:
+    """With a long interval an INFO line waits in the queue (no wake of the writer per line), a
+    WARNING wakes the writer and takes the lines queued before it along, in order; stop()
+    writes the rest."""
+    stream = io.StringIO()
+    log = configure_logging(logging.INFO, stream, flush_interval=1.0)
+    try:
+        logger = logging.getLogger("server.test")
+        logger.info("first")
+        time.sleep(0.2)
+        assert stream.getvalue() == ""
+        logger.warning("second")
+        deadline = time.monotonic() + 0.5
+        while stream.getvalue().count("\n") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [line["message"] for line in _parse(stream.getvalue())] == ["first", "second"]
+        logger.info("third")
+    finally:
+        log.stop()
+    assert [line["message"] for line in _parse(stream.getvalue())][-1] == "third"
+
+
+def test_the_default_interval_writes_within_it_and_zero_writes_each_line() -> None:
+    for interval in (DEFAULT_FLUSH_INTERVAL_SECONDS, 0.0):
+        stream = io.StringIO()
+        log = configure_logging(logging.INFO, stream, flush_interval=interval, pid=True)
+        try:
+            logging.getLogger("server.test").info("one")
+            deadline = time.monotonic() + interval + 0.5
+            while not stream.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            (line,) = _parse(stream.getvalue())
+            assert line["message"] == "one" and line["pid"] == os.getpid()
+        finally:
+            log.stop()
+    with pytest.raises(ValueError, match="flush_interval must be in"):
+        log.flush_interval = -1
 
 
 def test_python_m_server_logs_json_from_the_first_line(tmp_path: Path) -> None:
