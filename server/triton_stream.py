@@ -34,12 +34,12 @@ from typing import Protocol, cast
 
 import grpc
 import numpy as np
-from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype, serialize_byte_tensor
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from server import tracing
 from server.config import MAX_TRITON_STREAMS
-from server.triton_client import TritonTransport, channel_args, result_outputs
+from server.triton_client import TritonTransport, channel_args, infer_request, response_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -208,31 +208,10 @@ def _unavailable(reason: str) -> InferenceServerException:
     return InferenceServerException(reason, status=UNAVAILABLE)
 
 
-def infer_request(
-    model_name: str,
-    inputs: Mapping[str, np.ndarray],
-    output_names: Sequence[str],
-    request_id: str,
-) -> service_pb2.ModelInferRequest:
-    """The `ModelInferRequest` tritonclient would build: raw tensor contents, C order."""
-    request = service_pb2.ModelInferRequest(model_name=model_name, id=request_id)
-    for name, array in inputs.items():
-        datatype = np_to_triton_dtype(array.dtype)
-        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-        if datatype == "BYTES":
-            serialized = serialize_byte_tensor(array)
-            request.raw_input_contents.append(serialized.item() if serialized.size else b"")
-        else:
-            request.raw_input_contents.append(array.tobytes())
-    for name in output_names:
-        request.outputs.add(name=name)
-    return request
-
-
 def outputs_of(
     answer: service_pb2.ModelInferResponse, output_names: Sequence[str]
 ) -> dict[str, np.ndarray]:
-    return result_outputs(InferResult(answer), output_names)
+    return response_outputs(answer, output_names)
 
 
 class StreamingTritonTransport:

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
 
 from server.errors import BackendError, BackendTimeout, BackendUnavailable
 from server.gen.ltrec.v1 import recommender_pb2
@@ -19,7 +21,10 @@ from server.triton_client import (
     GrpcTritonTransport,
     TritonClient,
     channel_args,
+    infer_request,
+    response_outputs,
     service_config,
+    status_code,
 )
 from tests.support.fake_triton import FakeTriton, serving
 from tests.support.gateway import run_async, running_gateway
@@ -203,3 +208,38 @@ async def test_gateway_recommends_after_a_retried_unavailable(repository: Path) 
             await transport.close()
     assert [item.item_id for item in response.items] == ["i3"]
     assert fake.attempts == 3
+
+
+def test_response_outputs_read_raw_contents_by_name_and_refuse_a_missing_one() -> None:
+    scores = np.array([[0.5, -1.25]], dtype=np.float32)
+    items = np.array([[7, 3]], dtype=np.int64)
+    response = service_pb2.ModelInferResponse(model_name="m")
+    for name, array, datatype in (("top_scores", scores, "FP32"), ("top_items", items, "INT64")):
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+    read = response_outputs(response, ["top_items", "top_scores"])
+    np.testing.assert_array_equal(read["top_items"], items)
+    np.testing.assert_array_equal(read["top_scores"], scores)
+    assert read["top_items"].dtype == np.int64 and read["top_scores"].shape == (1, 2)
+    with pytest.raises(InferenceServerException, match="output reasons missing"):
+        response_outputs(response, ["top_items", "reasons"])
+    # What the request carries is what tritonclient would send: names, types, shapes, bytes.
+    request = infer_request("m", {"top_items": items}, ["top_scores"], "r-1")
+    assert (request.model_name, request.id) == ("m", "r-1")
+    assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [
+        ("top_items", "INT64", [1, 2])
+    ]
+    assert request.raw_input_contents == [items.tobytes()]
+    assert [o.name for o in request.outputs] == ["top_scores"]
+
+
+@run_async
+async def test_a_triton_error_keeps_its_grpc_status_for_the_gateway() -> None:
+    async with serving(FakeTriton(always=grpc.StatusCode.INVALID_ARGUMENT)) as (fake,):
+        transport = GrpcTritonTransport(fake.address)
+        try:
+            with pytest.raises(InferenceServerException) as caught:
+                await transport.infer("m", INPUTS, ["out"], client_timeout=5, request_id="r")
+        finally:
+            await transport.close()
+    assert status_code(caught.value) == "INVALID_ARGUMENT"
