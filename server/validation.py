@@ -80,19 +80,33 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
             f"history must have at most {limits.max_history} events, got {len(request.history)}"
         )
     for position, event in enumerate(request.history):
-        field = f"history[{position}]"
-        _item_id(f"{field}.item_id", event.item_id)
-        if event.event_type not in _EVENT_TYPES:
-            raise InvalidArgument(
-                f"{field}.event_type must be a defined EventType, got {event.event_type}"
-            )
-        _timestamp(f"{field}.timestamp", event.timestamp)
+        # The common case checked without naming the field; a failing event is checked again
+        # below, field by field, for the error that names it.
+        item_id = event.item_id
+        if (
+            not item_id
+            or len(item_id) > MAX_ITEM_ID_CHARS
+            or event.event_type not in _EVENT_TYPES
+            or not 0 <= event.timestamp <= MAX_TIMESTAMP_SECONDS
+        ):
+            _history_event(position, event)
 
     _exclusions(request.exclude_item_ids, limits)
     _long_tail_weight(request, limits)
     _context("context", request.context)
     _history_options(request, limits)
-    _item_filter("filter", request.filter, limits)
+    if request.HasField("filter"):  # unset: nothing to check, unknown fields included
+        _item_filter("filter", request.filter, limits)
+
+
+def _history_event(position: int, event: recommender_pb2.HistoryEvent) -> None:
+    field = f"history[{position}]"
+    _item_id(f"{field}.item_id", event.item_id)
+    if event.event_type not in _EVENT_TYPES:
+        raise InvalidArgument(
+            f"{field}.event_type must be a defined EventType, got {event.event_type}"
+        )
+    _timestamp(f"{field}.timestamp", event.timestamp)
 
 
 def _history_options(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
@@ -131,7 +145,8 @@ def validate_similar_request(
     _k(request.k, limits)
     _exclusions(request.exclude_item_ids, limits)
     _long_tail_weight(request, limits)
-    _item_filter("filter", request.filter, limits)
+    if request.HasField("filter"):  # unset: nothing to check, unknown fields included
+        _item_filter("filter", request.filter, limits)
 
 
 def _similar_query(request: recommender_pb2.SimilarItemsRequest, limits: RequestLimits) -> None:
@@ -337,7 +352,8 @@ def _exclusions(item_ids: Sequence[str], limits: RequestLimits) -> None:
             f"exclude_item_ids must have at most {limits.max_exclude} ids, got {len(item_ids)}"
         )
     for position, item_id in enumerate(item_ids):
-        _item_id(f"exclude_item_ids[{position}]", item_id)
+        if not item_id or len(item_id) > MAX_ITEM_ID_CHARS:
+            _item_id(f"exclude_item_ids[{position}]", item_id)
 
 
 def _item_filter(
