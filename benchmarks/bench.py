@@ -87,7 +87,7 @@ QUICK = replace(
     keep=100,
     warmup=20,
 )
-SECTIONS = ("systems", "history", "scale")
+SECTIONS = ("systems", "history", "scale", "training")
 
 
 def machine() -> dict[str, Any]:
@@ -572,6 +572,17 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"p99 {r['gateway_p99_ms']:.1f} ms, Triton peak {r['triton_peak_rss_mib']:.0f} MiB",
             r["gateway_p99_ms"] < 50 and r["triton_peak_rss_mib"] < 2000,
         )
+    training = {r["processes"]: r for r in results.get("training", [])}
+    if 1 in training and 2 in training:
+        one, two = training[1], training[2]
+        gap = abs(two["final_ndcg"] - one["final_ndcg"])
+        add(
+            "`torchrun --nproc_per_node 2` on the tiny dataset: final validation NDCG@10 within "
+            "0.01 of one process, wall time reported",
+            f"{two['final_ndcg']:.4f} vs {one['final_ndcg']:.4f} (gap {gap:.4f}); wall "
+            f"{two['wall_s']:.1f} s vs {one['wall_s']:.1f} s",
+            gap <= 0.01,
+        )
     scale = results.get("scale")
     if scale and not any(r["scan"] == "ann" and r["items"] >= TEN_MILLION for r in scale):
         add(
@@ -672,6 +683,16 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in args.sections:
         log("catalogue size:")
         results["scale"] = scale_section(plan, checkpoint, workdir, log)
+    if "training" in args.sections:
+        log("multi-process training (torchrun, the tiny dataset):")
+        from benchmarks import ddp
+
+        results["training"] = ddp.compare((1, 2))
+        for row in results["training"]:
+            log(
+                f"  {row['processes']} process(es): wall {row['wall_s']:.1f} s, final "
+                f"validation NDCG@10 {row['final_ndcg']:.4f}"
+            )
     results["machine"]["load_after"] = os.getloadavg()[0]
     results["targets"] = evaluate_targets(results)
     results["seconds"] = time.monotonic() - started

@@ -98,6 +98,28 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def training_table(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        [
+            {
+                "processes": r["processes"],
+                "wall": f"{r['wall_s']:.1f}",
+                "train": f"{r['train_s']:.1f}",
+                "final": f"{r['final_ndcg']:.4f}",
+                "best": f"{r['best_ndcg']:.4f}",
+            }
+            for r in rows
+        ],
+        [
+            ("processes", "processes"),
+            ("wall", "wall s (launch included)"),
+            ("train", "training loop s"),
+            ("final", "final validation NDCG@10"),
+            ("best", "best validation NDCG@10"),
+        ],
+    )
+
+
 def targets_table(targets: list[dict[str, Any]]) -> str:
     return markdown_table(
         targets,
@@ -146,6 +168,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"{contract.MAX_BATCH_SIZE} requests at once)",
             "",
             scale_table(results["scale"]),
+            "",
+        ]
+    if results.get("training"):
+        first = results["training"][0]
+        lines += [
+            "## Multi-process training (torchrun, DDP over gloo; the tests' tiny dataset: "
+            f"{first['users']} users, {first['epochs']} epochs, the same global batch of "
+            f"{first['batch_size']} users and seed)",
+            "",
+            training_table(results["training"]),
             "",
         ]
     if results.get("targets"):

@@ -503,3 +503,27 @@ def test_synthetic_catalogue_exports_a_scorer_that_ranks_like_numpy(tmp_path: Pa
         )
         assert items[0].tolist() == want.tolist()
         np.testing.assert_allclose(scores[0], want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_torchrun_row_is_judged_on_the_final_validation_gap() -> None:
+    def run(processes: int, final: float, wall: float) -> dict:
+        return {
+            "processes": processes,
+            "wall_s": wall,
+            "train_s": wall / 4,
+            "final_ndcg": final,
+            "best_ndcg": final,
+            "users": 200,
+            "epochs": 6,
+            "batch_size": 32,
+        }
+
+    results: dict = {"training": [run(1, 0.6768, 4.2), run(2, 0.6700, 5.7)]}
+    (target,) = bench.evaluate_targets(results)
+    assert target["target"].startswith("`torchrun --nproc_per_node 2`")
+    assert target["met"] is True and "gap 0.0068" in target["measured"]
+    assert "5.7 s vs 4.2 s" in target["measured"]
+    results["training"][1] = run(2, 0.6600, 5.7)
+    assert bench.evaluate_targets(results)[0]["met"] is False
+    table = report.training_table(results["training"])
+    assert "| 2 | 5.7 | 1.4 | 0.6600 | 0.6600 |" in table
