@@ -40,7 +40,7 @@ from server.features import build_features, build_similar_features, context_buck
 from server.forget import UserEraser
 from server.gen.ltrec.v1 import recommender_pb2, recommender_pb2_grpc
 from server.history import SOURCE_NAMES, choose_history, feedback_events, request_events
-from server.interceptors import current_request_id
+from server.interceptors import after_response, current_request_id
 from server.item_encoder import ItemRow, TritonItemEncoder
 from server.item_filter import filter_fields
 from server.item_images import ImageProblem, ItemImages, LoadedImage
@@ -163,20 +163,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             )
         with _POSTPROCESS.time():
             items = build_items(outputs, features, catalogue)
-        _count_filter("Recommend", request.filter, request.k, len(items))
-        _count_served("Recommend", items)
-        # The served list goes to the feedback store without waiting for the disk.
-        self._feedback.offer(
-            ServedRecord(
-                request_id=request_id,
-                user_id=request.user_id,
-                items=[item.item_id for item in items],
-                model_version=self._metadata.model_version,
-                timestamp=request.context.timestamp or int(time.time()),
-                device=request.context.device,
-                region=request.context.region,
-            )
-        )
+        # The served list goes to the feedback store, and the served items to the metrics, once
+        # the answer is on its way (neither changes it).
+        after_response(self._served, request, request_id, items)
         if request.remember_history and self._history is not None:
             await self._history.remember(request_events(request), now)
         _HISTORY_SOURCES[history.source].inc()
@@ -187,6 +176,26 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             skipped_history_items=features.skipped_history_items,
             history_source=history.source,
             history_events=features.history_events,
+        )
+
+    def _served(
+        self,
+        request: recommender_pb2.RecommendRequest,
+        request_id: str,
+        items: list[recommender_pb2.RecommendedItem],
+    ) -> None:
+        _count_filter("Recommend", request.filter, request.k, len(items))
+        _count_served("Recommend", items)
+        self._feedback.offer(
+            ServedRecord(
+                request_id=request_id,
+                user_id=request.user_id,
+                items=[item.item_id for item in items],
+                model_version=self._metadata.model_version,
+                timestamp=request.context.timestamp or int(time.time()),
+                device=request.context.device,
+                region=request.context.region,
+            )
         )
 
     async def SimilarItems(

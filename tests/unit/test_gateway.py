@@ -636,3 +636,34 @@ async def test_shutdown_keeps_serving_through_the_drain_while_not_serving(
             await asyncio.sleep(0.05)
         assert not stopping.done()
         await stopping
+
+
+@run_async
+async def test_bookkeeping_after_a_response_runs_in_the_next_turn_in_the_requests_context(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The access line, counters and served list of an answered RPC are recorded after the
+    answer is handed to gRPC (the loop's next turn), in the RPC's context; a failure there is
+    logged, never raised; without a running loop the work happens at once."""
+    import contextvars
+
+    from server.interceptors import after_response
+
+    current: contextvars.ContextVar[str] = contextvars.ContextVar("current", default="none")
+    seen: list[tuple[str, str]] = []
+    current.set("rpc-1")
+    after_response(lambda label: seen.append((label, current.get())), "deferred")
+    current.set("rpc-2")  # the context as it was when the RPC asked stays the callback's
+    assert seen == []
+    await asyncio.sleep(0)
+    assert seen == [("deferred", "rpc-1")]
+
+    def fails() -> None:
+        raise RuntimeError("bookkeeping broke")
+
+    with caplog.at_level(logging.ERROR):
+        after_response(fails)
+        await asyncio.sleep(0)
+    assert "bookkeeping after a response failed" in caplog.text
+    await asyncio.to_thread(after_response, seen.append, ("no loop", "at once"))
+    assert seen[-1] == ("no loop", "at once")
