@@ -184,8 +184,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         request_id: str,
         items: list[recommender_pb2.RecommendedItem],
     ) -> None:
-        _count_filter("Recommend", request.filter, request.k, len(items))
-        _count_served("Recommend", items)
+        _count_answer("Recommend", request.filter, request.k, items)
         self._feedback.offer(
             ServedRecord(
                 request_id=request_id,
@@ -223,8 +222,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             )
         with _POSTPROCESS.time():
             items = build_similar_items(outputs, features, catalogue)
-        _count_filter("SimilarItems", request.filter, request.k, len(items))
-        _count_served("SimilarItems", items)
+        after_response(_count_answer, "SimilarItems", request.filter, request.k, items)
         return recommender_pb2.SimilarItemsResponse(
             items=items, model_version=self._metadata.model_version, request_id=request_id
         )
@@ -455,6 +453,16 @@ def _served_index(catalogue: Catalogue, item_id: str, field: str) -> int:
     if index is None or catalogue.is_hidden(index):
         raise NotFound(f"{field} {item_id!r} is not in the catalogue")
     return index
+
+
+def _count_answer(
+    method: str,
+    item_filter: recommender_pb2.ItemFilter,
+    k: int,
+    items: list[recommender_pb2.RecommendedItem],
+) -> None:
+    _count_filter(method, item_filter, k, len(items))
+    _count_served(method, items)
 
 
 def _count_filter(
