@@ -214,22 +214,31 @@ def systems_section(
     log: Callable[[str], None],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     _, catalogue = load_model_repository(repo)
-    log(f"floor: {len(floor_workload.tensors)} requests per concurrency")
-    floor_runs = run_floor(repo, floor_workload, plan.concurrency, plan.keep, workdir)
-    floor_by_c = {r["concurrency"]: r for r in floor_runs}
-    floor_answers = {
-        int(i): [catalogue.item_ids[j] for j in items]
-        for i, items in floor_runs[0].pop("top_items").items()
-    }
-    for r in floor_runs[1:]:
-        r.pop("top_items")
-    rows: list[dict[str, Any]] = [{"system": "floor", **r} for r in floor_runs]
+    floor_by_c: dict[int, dict[str, Any]] = {}
+    floor_answers: dict[int, list[str]] = {}
+    rows: list[dict[str, Any]] = []
     kept: dict[str, dict[int, Any]] = {}
     with (
         serving_stack(repo, workdir / "logs") as stack,
         naive_peer(checkpoint, repo, workdir / "logs") as (naive_address, naive_pid),
     ):
         for c in plan.concurrency:
+            # The floor at each concurrency just before the systems compared with it (the
+            # servers idle meanwhile): a machine whose speed drifts over the run moves both.
+            (floor_row,) = run_floor(
+                repo, floor_workload, (c,), plan.keep if not floor_by_c else 0, workdir
+            )
+            answers = floor_row.pop("top_items")
+            if not floor_by_c:
+                floor_answers = {
+                    int(i): [catalogue.item_ids[j] for j in items] for i, items in answers.items()
+                }
+            floor_by_c[c] = floor_row
+            rows.append({"system": "floor", **floor_row})
+            log(
+                f"  floor    c={c:<3} p50 {floor_row['p50_ms']:7.2f} ms  p99 "
+                f"{floor_row['p99_ms']:7.2f} ms  {floor_row['throughput_rps']:8.1f} req/s"
+            )
             keep = plan.keep if c == 8 else 0
             runs: list[tuple[str, Client, dict[str, int]]] = [
                 (
