@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         help="sample without pausing the gateway (less slowdown, at a low rate the same shares)",
     )
     args = parser.parse_args(argv)
+    if not 1 <= args.rate <= 10_000:
+        parser.error(f"--rate must be in [1, 10000] samples per second, got {args.rate}")
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
     workload = build_workload(args.repo, args.requests, events_path=args.events)

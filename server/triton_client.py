@@ -192,11 +192,10 @@ def response_outputs(
 
 def rpc_exception(error: grpc.RpcError) -> InferenceServerException:
     """A gRPC error as tritonclient raises it: `status` is `StatusCode.<NAME>`."""
-    call = error if isinstance(error, grpc.aio.AioRpcError | grpc.Call) else None
-    if call is None:
+    if not isinstance(error, grpc.aio.AioRpcError):  # the aio channel raises only these
         return InferenceServerException(str(error), status="StatusCode.UNKNOWN")
     return InferenceServerException(
-        call.details() or "", status=str(call.code()), debug_details=call.debug_error_string()
+        error.details() or "", status=str(error.code()), debug_details=error.debug_error_string()
     )
 
 

@@ -208,12 +208,6 @@ def _unavailable(reason: str) -> InferenceServerException:
     return InferenceServerException(reason, status=UNAVAILABLE)
 
 
-def outputs_of(
-    answer: service_pb2.ModelInferResponse, output_names: Sequence[str]
-) -> dict[str, np.ndarray]:
-    return response_outputs(answer, output_names)
-
-
 class StreamingTritonTransport:
     """`TritonTransport` whose inference goes over `ModelStreamInfer` streams (`streams` per
     model, calls spread over them in turn), and everything else (readiness, configuration, any
@@ -300,7 +294,7 @@ class StreamingTritonTransport:
                 client_timeout=remaining,
                 request_id=request_id,
             )
-        return outputs_of(answer, output_names)
+        return response_outputs(answer, output_names)
 
     def _stream(self, model_name: str) -> InferStream:
         streams = self._by_model.get(model_name)

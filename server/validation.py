@@ -80,14 +80,12 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
             f"history must have at most {limits.max_history} events, got {len(request.history)}"
         )
     for position, event in enumerate(request.history):
-        # The common case checked without naming the field; a failing event is checked again
-        # below, field by field, for the error that names it.
-        item_id = event.item_id
-        if (
-            not item_id
-            or len(item_id) > MAX_ITEM_ID_CHARS
-            or event.event_type not in _EVENT_TYPES
-            or not 0 <= event.timestamp <= MAX_TIMESTAMP_SECONDS
+        # The rules checked without naming the field; a failing event is checked again,
+        # field by field, for the error that names it.
+        if not (
+            _item_id_ok(event.item_id)
+            and event.event_type in _EVENT_TYPES
+            and _timestamp_ok(event.timestamp)
         ):
             _history_event(position, event)
 
@@ -352,7 +350,7 @@ def _exclusions(item_ids: Sequence[str], limits: RequestLimits) -> None:
             f"exclude_item_ids must have at most {limits.max_exclude} ids, got {len(item_ids)}"
         )
     for position, item_id in enumerate(item_ids):
-        if not item_id or len(item_id) > MAX_ITEM_ID_CHARS:
+        if not _item_id_ok(item_id):
             _item_id(f"exclude_item_ids[{position}]", item_id)
 
 
@@ -439,12 +437,21 @@ def _max_chars(field: str, value: str, bound: int) -> None:
         raise InvalidArgument(f"{field} must be at most {bound} characters, got {len(value)}")
 
 
+def _item_id_ok(value: str) -> bool:
+    """`_item_id`'s rule, without building the field's name (the fast path of long lists)."""
+    return bool(value) and len(value) <= MAX_ITEM_ID_CHARS
+
+
 def _item_id(field: str, value: str) -> None:
     if not value:
         raise InvalidArgument(f"{field} must be non-empty")
     _max_chars(field, value, MAX_ITEM_ID_CHARS)
 
 
+def _timestamp_ok(value: int) -> bool:
+    return 0 <= value <= MAX_TIMESTAMP_SECONDS
+
+
 def _timestamp(field: str, value: int) -> None:
-    if not 0 <= value <= MAX_TIMESTAMP_SECONDS:
+    if not _timestamp_ok(value):
         raise InvalidArgument(f"{field} must be in [0, {MAX_TIMESTAMP_SECONDS}], got {value}")

@@ -21,13 +21,12 @@ from ltrec_core import contract
 from server.config import ConfigError, GatewayConfig
 from server.errors import BackendTimeout, BackendUnavailable
 from server.gen.ltrec.v1 import recommender_pb2
-from server.triton_client import TritonClient, status_code
+from server.triton_client import TritonClient, response_outputs, status_code
 from server.triton_stream import (
     AnsweredWithError,
     InferStream,
     StreamingTritonTransport,
     infer_request,
-    outputs_of,
 )
 from tests.support.gateway import event, run_async
 from tests.support.triton_fake import FakeTritonService, gateway_over_fake_triton
@@ -106,7 +105,7 @@ async def written(call: FakeCall, n: int) -> list[str]:
 
 
 def value(answer: service_pb2.ModelInferResponse) -> float:
-    return float(outputs_of(answer, [OUTPUT])[OUTPUT][0, 0])
+    return float(response_outputs(answer, [OUTPUT])[OUTPUT][0, 0])
 
 
 # --- One stream ----------------------------------------------------------------------------------
