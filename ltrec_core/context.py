@@ -47,5 +47,7 @@ def time_buckets(
 
 def time_bucket(seconds: float) -> tuple[int, int]:
     """`time_buckets` of one moment; fractions of a second are floored, as a clock reads them."""
-    hour, weekday = time_buckets([math.floor(seconds)])
-    return int(hour[0]), int(weekday[0])
+    # The same arithmetic in Python integers (floor division floors as numpy's does): no arrays
+    # for one moment, on the gateway's path.
+    whole = math.floor(seconds)
+    return whole // 3600 % 24 + 1, (whole // 86400 + 3) % 7 + 1

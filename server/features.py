@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +39,15 @@ EVENT_TYPE_NAMES: dict[int, str] = {
 EVENT_TYPE_INDEX: dict[int, int] = {
     value: 1 + contract.EVENT_TYPES.index(name) for value, name in EVENT_TYPE_NAMES.items()
 }
+# A history event as the features read it: (timestamp, item_id, EventType value).
+HistoryRow = tuple[int, str, int]
+_TIMESTAMP = itemgetter(0)
+
+
+def history_rows(events: Iterable[recommender_pb2.HistoryEvent]) -> list[HistoryRow]:
+    """Each event's fields read once: reading a message's field is the costly part of a long
+    history, so validation reads them and hands the rows on (`build_features`)."""
+    return [(event.timestamp, event.item_id, event.event_type) for event in events]
 
 
 @dataclass(frozen=True)
@@ -79,26 +89,28 @@ def build_features(
     metadata: ModelMetadata,
     catalogue: Catalogue,
     now_seconds: float,
-    history: Sequence[recommender_pb2.HistoryEvent] | None = None,
+    history: Sequence[HistoryRow] | None = None,
 ) -> Features:
     """Expects a validated request; unknown history ids are skipped and counted. A filter value
     the catalogue does not have is InvalidArgument.
 
-    `history` replaces the request's own (the stored history of its user, `server.history`).
+    `history`: the rows to read instead of the request's history (the request's as validation
+    read them, or the stored history of its user; `server.history`).
     """
-    given = request.history if history is None else history
+    given = history_rows(request.history) if history is None else history
     # sorted() is stable: events given oldest first keep their order on ties and missing times.
-    events = sorted(given, key=lambda event: event.timestamp)
+    events = sorted(given, key=_TIMESTAMP)
+    index_of = catalogue.index_of
     items: list[int] = []
     event_types: list[int] = []
     skipped = 0
-    for event in events:
-        index = catalogue.index_of.get(event.item_id)
+    for _, item_id, event_type in events:
+        index = index_of.get(item_id)
         if index is None:
             skipped += 1
             continue
         items.append(index)
-        event_types.append(EVENT_TYPE_INDEX[event.event_type])
+        event_types.append(EVENT_TYPE_INDEX[event_type])
     items = items[-metadata.max_history :]
     event_types = event_types[-metadata.max_history :]
     used = len(items)

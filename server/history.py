@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from server.features import EVENT_TYPE_NAMES
+from server.features import EVENT_TYPE_NAMES, HistoryRow, history_rows
 from server.gen.ltrec.v1 import recommender_pb2
 from server.stores.history import HistoryStore, StoredEvent
 
@@ -37,16 +37,23 @@ SOURCE_NAMES: dict[recommender_pb2.HistorySource, str] = {
 
 @dataclass(frozen=True)
 class ChosenHistory:
-    events: Sequence[recommender_pb2.HistoryEvent]
+    events: Sequence[HistoryRow]
     source: recommender_pb2.HistorySource
 
 
 async def choose_history(
-    request: recommender_pb2.RecommendRequest, store: HistoryStore | None, now: float
+    request: recommender_pb2.RecommendRequest,
+    store: HistoryStore | None,
+    now: float,
+    rows: Sequence[HistoryRow] | None = None,
 ) -> ChosenHistory:
-    """Expects a validated request."""
+    """Expects a validated request; `rows`: its history as validation read it (read here when
+    None)."""
     if request.history:
-        return ChosenHistory(request.history, recommender_pb2.HISTORY_SOURCE_REQUEST)
+        return ChosenHistory(
+            history_rows(request.history) if rows is None else rows,
+            recommender_pb2.HISTORY_SOURCE_REQUEST,
+        )
     if request.user_id and store is not None:
         max_age = (
             request.stored_history_max_age_seconds
@@ -55,16 +62,17 @@ async def choose_history(
         )
         stored = await store.recent(request.user_id, now, max_age)
         if stored:
-            return ChosenHistory(as_history_events(stored), recommender_pb2.HISTORY_SOURCE_STORED)
+            return ChosenHistory(stored_rows(stored), recommender_pb2.HISTORY_SOURCE_STORED)
     return ChosenHistory((), recommender_pb2.HISTORY_SOURCE_NONE)
 
 
-def as_history_events(stored: Iterable[StoredEvent]) -> list[recommender_pb2.HistoryEvent]:
+def stored_rows(stored: Iterable[StoredEvent]) -> list[HistoryRow]:
+    """Stored events as the features read a request's (`server.features.HistoryRow`)."""
     return [
-        recommender_pb2.HistoryEvent(
-            item_id=event.item_id,
-            event_type=_EVENT_TYPE_VALUES.get(event.event_type, recommender_pb2.EVENT_TYPE_VIEW),
-            timestamp=event.timestamp,
+        (
+            event.timestamp,
+            event.item_id,
+            _EVENT_TYPE_VALUES.get(event.event_type, recommender_pb2.EVENT_TYPE_VIEW),
         )
         for event in stored
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -23,20 +24,22 @@ def build_items(
 ) -> list[recommender_pb2.RecommendedItem]:
     """Keeps the request's first k (a batch returns its largest k) and drops the -inf padding of
     short rankings; anything inconsistent is a backend error."""
-    history = features.history_items[0]
-    event_types = features.history_event_types[0]
+    history = features.history_items[0].tolist()
+    event_types = features.history_event_types[0].tolist()
     # The scorer already removes these (and the items the filter leaves out); checking again
     # keeps a masking bug from reaching users.
-    never = set(history.tolist()) | set(features.exclude_items[0].tolist())
+    never = set(history)
+    never.update(features.exclude_items[0].tolist())
+    has_history = features.has_history
 
     def reason(long_tail: bool, position: int) -> str:
         if (
-            features.has_history
+            has_history
             and 0 <= position < len(history)
             and history[position] != contract.PADDING_INDEX
         ):
-            verb = _VERBS[contract.EVENT_TYPES[int(event_types[position]) - 1]]
-            return f'Because you {verb} "{catalogue.titles[int(history[position])]}"'
+            verb = _VERBS[contract.EVENT_TYPES[event_types[position] - 1]]
+            return f'Because you {verb} "{catalogue.titles[history[position]]}"'
         return LONG_TAIL_REASON if long_tail else POPULAR_REASON
 
     return _ranked_items(
@@ -81,25 +84,29 @@ def _ranked_items(
     items, scores, positions = items[:top_k], scores[:top_k], positions[:top_k]
     never = never | {contract.PADDING_INDEX}
     passes = eligible.reshape(-1)  # [N+M+1], or [1] for every item
+    filtered = len(passes) > 1
+    size = catalogue.size
+    long_tails = catalogue.long_tail
+    item_ids, titles = catalogue.item_ids, catalogue.titles
 
     response: list[recommender_pb2.RecommendedItem] = []
     for index, score, position in zip(
         items.tolist(), scores.tolist(), positions.tolist(), strict=True
     ):
-        if not np.isfinite(score):
+        if not math.isfinite(score):
             continue
-        if not 0 < index <= catalogue.size:
+        if not 0 < index <= size:
             raise BackendError(
-                f"ensemble returned catalogue index {index} outside [1, {catalogue.size}]: "
+                f"ensemble returned catalogue index {index} outside [1, {size}]: "
                 "is the model repository from the same export as the catalogue?"
             )
-        if index in never or not passes[index if len(passes) > 1 else 0]:
+        if index in never or not passes[index if filtered else 0]:
             continue
-        long_tail = bool(catalogue.long_tail[index])
+        long_tail = bool(long_tails[index])
         response.append(
             recommender_pb2.RecommendedItem(
-                item_id=catalogue.item_ids[index],
-                title=catalogue.titles[index],
+                item_id=item_ids[index],
+                title=titles[index],
                 score=score,
                 long_tail=long_tail,
                 reason=reason(long_tail, position),

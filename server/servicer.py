@@ -148,11 +148,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     ) -> recommender_pb2.RecommendResponse:
         """One Recommend, from validation to the response; raises `server.errors`."""
         with _VALIDATE.time():
-            validate_request(request, self._limits)
+            rows = validate_request(request, self._limits)
         self._check_model_version(request.model_version)
         now = time.time()
         with _HISTORY.time():
-            history = await choose_history(request, self._history, now)
+            history = await choose_history(request, self._history, now, rows)
         catalogue = self._items.catalogue  # one snapshot for the whole request
         with _FEATURES.time():
             features = build_features(request, self._metadata, catalogue, now, history.events)

@@ -13,6 +13,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ltrec_core.item_attributes import category_path, label
 from server.errors import InvalidArgument
+from server.features import HistoryRow, history_rows
 from server.gen.ltrec.v1 import recommender_pb2
 
 MAX_USER_ID_CHARS = 256
@@ -67,8 +68,11 @@ class RequestLimits:
     max_forecast_items: int = 100
 
 
-def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestLimits) -> None:
-    """Raises InvalidArgument for the first field out of bounds."""
+def validate_request(
+    request: recommender_pb2.RecommendRequest, limits: RequestLimits
+) -> list[HistoryRow]:
+    """Raises InvalidArgument for the first field out of bounds. Returns the request's history
+    as it read it (`history_rows`), for `build_features`, which then reads no event again."""
     _max_chars("user_id", request.user_id, MAX_USER_ID_CHARS)
     _request_id("request_id", request.request_id)
     _max_chars("model_version", request.model_version, MAX_REQUEST_ID_CHARS)
@@ -79,15 +83,12 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
         raise InvalidArgument(
             f"history must have at most {limits.max_history} events, got {len(request.history)}"
         )
-    for position, event in enumerate(request.history):
+    rows = history_rows(request.history)
+    for position, (timestamp, item_id, event_type) in enumerate(rows):
         # The rules checked without naming the field; a failing event is checked again,
         # field by field, for the error that names it.
-        if not (
-            _item_id_ok(event.item_id)
-            and event.event_type in _EVENT_TYPES
-            and _timestamp_ok(event.timestamp)
-        ):
-            _history_event(position, event)
+        if not (_item_id_ok(item_id) and event_type in _EVENT_TYPES and _timestamp_ok(timestamp)):
+            _history_event(position, request.history[position])
 
     _exclusions(request.exclude_item_ids, limits)
     _long_tail_weight(request, limits)
@@ -95,6 +96,7 @@ def validate_request(request: recommender_pb2.RecommendRequest, limits: RequestL
     _history_options(request, limits)
     if request.HasField("filter"):  # unset: nothing to check, unknown fields included
         _item_filter("filter", request.filter, limits)
+    return rows
 
 
 def _history_event(position: int, event: recommender_pb2.HistoryEvent) -> None:
