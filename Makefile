@@ -177,9 +177,11 @@ evaluate-quick: install $(DATA_DIR)/source.json
 	$(PY) -m experiments.report --data $(DATA_DIR) --out reports/quick --quick
 
 # Performance: the in-process floor, direct Triton, the gateway and a naive torch peer side by
-# side, then history length and catalogue size (benchmarks/bench.py). `bench` writes
-# reports/bench/ and the README's table; `bench-quick` (a few minutes, reports/bench-quick/,
-# git-ignored) trains a tiny model first when there is no trained checkpoint.
+# side, then history length and catalogue size (benchmarks/bench.py). `bench` (about 16 minutes
+# on 2 cores, 9 of them for the 10M-item ANN row, which needs 13 GB of disk and 12 GB of memory
+# while it runs) writes reports/bench/ and the README's table; `bench-quick` (a few minutes, no
+# 10M row, reports/bench-quick/, git-ignored) trains a tiny model first when there is no trained
+# checkpoint.
 BENCH_ARGS ?=
 bench: install $(ARTIFACTS)/checkpoint.pt
 	$(PY) -m benchmarks.bench --checkpoint $(ARTIFACTS)/checkpoint.pt --data $(DATA_DIR) \

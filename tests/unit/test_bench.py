@@ -227,6 +227,17 @@ def test_the_10m_ann_row_is_judged_on_both_recalls_and_p99(
     assert "numpy scan" in target["measured"] and "9000 MiB" in target["measured"]
 
 
+def test_the_full_plan_serves_10m_items_through_the_ann_scorer_and_the_quick_one_does_not() -> None:
+    assert (bench.TEN_MILLION, "ann") in bench.FULL.scales
+    # The 10M row has no exact fp32 row of its size: the numpy scan is its reference.
+    assert (bench.TEN_MILLION, "fp32") not in bench.FULL.scales
+    assert max(items for items, _ in bench.QUICK.scales) < bench.TEN_MILLION
+    # Every other size runs in both modes, and an ANN row at 1M has its fp32 row first.
+    assert set(bench.QUICK.scales) == set(bench.FULL.scales) - {(bench.TEN_MILLION, "ann")}
+    order = list(bench.FULL.scales)
+    assert order.index((1_000_000, "fp32")) < order.index((1_000_000, "ann"))
+
+
 def test_recall_and_identical_lists() -> None:
     reference = {0: ["a", "b"], 1: ["c", "d"]}
     assert bench._recall(reference, {0: ["b", "a"], 1: ["c", "x"]}) == pytest.approx(0.75)
