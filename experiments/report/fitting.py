@@ -306,6 +306,7 @@ GRID_KEYS = (
     "distill_sharpness",
     "distill_head_share",
     "distill_debias",
+    "distill_cosine",
     "seed",
 )
 TEXT_KEYS = ("set_context", "softmax_exclude")
@@ -314,10 +315,10 @@ TEXT_KEYS = ("set_context", "softmax_exclude")
 def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainConfig:
     """`train` with a neural grid point applied: "lr", "batch_size", "weight_decay",
     "order_augmentation", "set_context", "softmax_exclude", "new_item_shift" (1: on, 0: off),
-    "distill_weight", "distill_lam", "distill_sharpness", "distill_head_share", "distill_debias"
-    and "seed" (the initial weights and the batches; another seed is another run of the same
-    settings) to the training, "dropout" and "embedding_dim" (the width of every vector: item,
-    state and user) to the model."""
+    "distill_weight", "distill_lam", "distill_sharpness", "distill_head_share", "distill_debias",
+    "distill_cosine" and "seed" (the initial weights and the batches; another seed is another
+    run of the same settings) to the training, "dropout" and "embedding_dim" (the width of every
+    vector: item, state and user) to the model."""
     unknown = set(params) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"neural grid keys must be {', '.join(GRID_KEYS)}, got {sorted(unknown)}")
@@ -346,6 +347,7 @@ def with_settings(train: TrainConfig, params: dict[str, float | str]) -> TrainCo
         distill_sharpness=float(params.get("distill_sharpness", train.distill_sharpness)),
         distill_head_share=float(params.get("distill_head_share", train.distill_head_share)),
         distill_debias=float(params.get("distill_debias", train.distill_debias)),
+        distill_cosine=float(params.get("distill_cosine", train.distill_cosine)),
         seed=_whole(params.get("seed", train.seed), "seed"),
         model=model,
     )

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from ltrec.train import (
+    Teacher,
     TrainConfig,
     _loss,
     distill_loss,
     teacher_inverse,
+    window_cosine_scores,
     window_exclusions,
     window_teacher_scores,
 )
@@ -140,7 +142,7 @@ def test_distillation_weight_changes_the_loss_only_when_asked() -> None:
     model, batch, seqs, q, log_q = toy_loss_inputs(set_pooling=True)
     x = np.zeros((3, 31))
     x[0, seqs.items[:6]] = x[1, seqs.items[6:15]] = x[2, seqs.items[15:]] = 1.0
-    inverse = teacher_inverse(x.T @ x, 10.0)
+    inverse = Teacher(teacher_inverse(x.T @ x, 10.0))
     plain_cfg = TrainConfig(set_context="others", softmax_exclude="others")
     taught_cfg = TrainConfig(set_context="others", softmax_exclude="others", distill_weight=0.5)
     plain = _loss(model, batch, plain_cfg, log_q, q)
@@ -153,6 +155,79 @@ def test_distillation_weight_changes_the_loss_only_when_asked() -> None:
     debiased_cfg = dataclasses.replace(taught_cfg, distill_debias=1.0)
     assert torch.equal(_loss(model, batch, taught_cfg, skewed, q, inverse), taught)
     assert not torch.isclose(_loss(model, batch, debiased_cfg, skewed, q, inverse), taught)
+
+
+def _cosine_without(x: np.ndarray, user: int) -> np.ndarray:
+    """Item-item cosines (co-occurrences over the square root of both counts) refitted from
+    scratch on every user but `user`, diagonal zero, zero where an item has no events."""
+    rest = np.delete(x, user, axis=0)
+    gram = rest.T @ rest
+    counts = np.diag(gram)
+    norm = np.sqrt(np.outer(counts, counts))
+    cosine = np.divide(gram, norm, out=np.zeros_like(gram), where=norm > 0)
+    np.fill_diagonal(cosine, 0.0)
+    return cosine
+
+
+def test_cosine_teacher_scores_equal_cosines_refitted_without_the_user() -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.random((30, 14)) < 0.35).astype(np.float64)
+    x[:, 0] = 0.0  # padding
+    x[:, 6] = 0.0
+    x[4, 6] = 1.0  # an item only user 4 has: without them it co-occurs with nothing
+    users = [4, 9, 17]
+    windows = [rng.permutation(np.flatnonzero(x[u])) for u in users]
+    width = max(map(len, windows)) + 1
+    targets = torch.zeros(len(users), width, dtype=torch.long)
+    for row, items in enumerate(windows):
+        targets[row, : len(items)] = torch.from_numpy(items)
+    gram = torch.from_numpy((x.T @ x).astype(np.float32))
+    got = window_cosine_scores(targets, gram).numpy()
+    want = []
+    for user, items in zip(users, windows, strict=True):
+        cosine = _cosine_without(x, user)
+        want += [cosine[items].sum(0) - cosine[t] for t in items]
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-5)
+    assert np.isfinite(got).all()
+    # in sample the user's own co-occurrences would raise their window's items
+    full = _cosine_without(np.vstack([x, np.zeros((1, 14))]), 30)
+    in_sample = np.stack([full[windows[0]].sum(0) - full[t] for t in windows[0]])
+    assert np.abs(in_sample - got[: len(windows[0])]).max() > 0.01
+
+
+def test_the_cosine_share_mixes_the_teachers() -> None:
+    torch.manual_seed(0)
+    targets, active, _, excluded, inverse = _toy_windows()
+    x = np.zeros((6, 8))
+    x[0, [1, 2, 3, 6]] = x[1, [2, 3, 6]] = x[2, [4, 5, 7]] = x[3, [1, 6]] = x[4, [4, 7]] = 1.0
+    gram = torch.from_numpy((x.T @ x).astype(np.float32))
+    table = torch.randn(8, 8)
+    users = torch.randn(5, 8)
+
+    def loss(share: float | None) -> float:
+        cosine = None if share is None else (gram, share)
+        return distill_loss(
+            users, table, targets, active, inverse, excluded, 1.0, cosine=cosine
+        ).item()
+
+    ease_alone = loss(None)
+    assert loss(0.0) == pytest.approx(ease_alone)  # share 0: EASE's distribution as before
+    assert loss(0.5) != pytest.approx(ease_alone, abs=1e-4)
+    assert loss(1.0) != pytest.approx(loss(0.5), abs=1e-4)
+
+
+def test_the_cosine_teacher_is_in_the_training_loss_only_when_asked() -> None:
+    model, batch, seqs, q, log_q = toy_loss_inputs(set_pooling=True)
+    x = np.zeros((3, 31))
+    x[0, seqs.items[:6]] = x[1, seqs.items[6:15]] = x[2, seqs.items[15:]] = 1.0
+    gram = torch.from_numpy((x.T @ x).astype(np.float32))
+    teacher = Teacher(teacher_inverse(x.T @ x, 10.0), gram)
+    cfg = TrainConfig(set_context="others", softmax_exclude="others", distill_weight=0.5)
+    ease_only = _loss(model, batch, cfg, log_q, q, Teacher(teacher.inverse))
+    mixed_cfg = dataclasses.replace(cfg, distill_cosine=0.5)
+    assert not torch.isclose(_loss(model, batch, mixed_cfg, log_q, q, teacher), ease_only)
+    with pytest.raises(ValueError, match=r"distill_cosine must be in \[0, 1\]"):
+        dataclasses.replace(cfg, distill_cosine=1.5)
 
 
 def test_distillation_settings_that_would_be_ignored_are_refused() -> None:
