@@ -253,7 +253,7 @@ def fit_all(
                     f"{keys} chosen on validation NDCG@10 after {cfg.screen_epochs} epochs "
                     "each"
                     + (
-                        " (the long-tail rule: the most debiased teacher within 2% of the best)"
+                        " (the long-tail rule: the most validation tail within 2% of the best)"
                         if any(point.get("long_tail_rule") for point in screening)
                         else ""
                     )

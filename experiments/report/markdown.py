@@ -31,8 +31,8 @@ def _parts_sentence(report: dict) -> str:
         text += (
             " Rows trained in several parts (different schedules or settings) are taken from "
             "the run with the best validation NDCG@10 (in a refit view, the seeds of one "
-            "setting averaged and the long-tail rule applied: the most debiased teacher within "
-            "2% of the best): "
+            "setting averaged and the long-tail rule applied: the most validation tail "
+            "NDCG@10 within 2% of the best): "
             + ", ".join(
                 f"{report['models'][key]['label']}{VIEW_NAMES.get(view, '')} from part "
                 f"{index + 1} (created {parts[index].get('created')})"

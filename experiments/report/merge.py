@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from experiments.report.settings import (
     MODELS,
+    TAIL_FIGURE,
     long_tail_choice,
 )
 
@@ -14,13 +15,14 @@ _SAME_DATA = ("dir", "items", "users_evaluated", "users_sampled", "train_events"
 _NONE = float("-inf")
 
 
-def _validation(row: dict, view: str | None = None) -> float:
-    """A row's best validation NDCG@10 in its main-view training, or with `view` (a view that
-    refits the row, such as "short_history") in that view's training; -inf when it has none (a
-    non-neural row, a checkpoint's figures count: they are its training's)."""
+def _validation(row: dict, view: str | None = None, figure: str = "ndcg@10") -> float:
+    """A row's best validation NDCG@10 (or `figure` of its best epoch) in its main-view
+    training, or with `view` (a view that refits the row, such as "short_history") in that
+    view's training; -inf when it has none (a non-neural row, a checkpoint's figures count: they
+    are its training's)."""
     where = row if view is None else (row.get(view) or {})
     best = (where.get("fit") or {}).get("best") or {}
-    value = best.get("ndcg@10") if isinstance(best, dict) else None
+    value = best.get(figure) if isinstance(best, dict) else None
     return float(value) if value is not None else _NONE
 
 
@@ -54,6 +56,9 @@ def _refit_choice(runs: list[tuple[int, dict]]) -> tuple[dict, int] | None:
     members = list(groups.values())
     for point, group in zip(points, members, strict=True):
         point["ndcg@10"] = sum(_validation(view) for _, view in group) / len(group)
+        tails = [_validation(view, figure=TAIL_FIGURE) for _, view in group]
+        if _NONE not in tails:
+            point[TAIL_FIGURE] = sum(tails) / len(tails)
     if len({point["ndcg@10"] for point in points} - {_NONE}) <= 1 and all(
         len(group) == 1 for group in members
     ):

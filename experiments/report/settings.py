@@ -128,7 +128,10 @@ TEACHER_DEBIAS = (0.5, 1.0, 2.0)
 
 # Settings that trade overall accuracy for the long tail, larger meaning more tail: between runs
 # that differ only in them, `long_tail_choice` applies the served long-tail weight's rule.
-LONG_TAIL_KEYS = ("distill_debias",)
+LONG_TAIL_KEYS = ("distill_debias", "distill_cosine")
+# A point's validation NDCG@10 over the cases whose target is a long-tail item (training's
+# summary): where every candidate has it, the rule measures "the most tail" by it.
+TAIL_FIGURE = "tail_ndcg@10"
 
 
 def long_tail_choice(
@@ -136,10 +139,12 @@ def long_tail_choice(
 ) -> int:
     """The index of the point to keep once `best` (the best by validation `key`) is known: among
     the points whose settings equal `best`'s but for LONG_TAIL_KEYS, the one with the most tail
-    (largest values, compared in LONG_TAIL_KEYS order) whose validation `key` is within
-    `tolerance` (relative) of `best`'s, as the served long-tail weight is chosen (the largest
-    within 2% of weight 0's NDCG@10). Points are settings plus their validation figure; a point
-    without a long-tail key counts it as 0. `best` itself when no other point qualifies."""
+    whose validation `key` is within `tolerance` (relative) of `best`'s, as the served long-tail
+    weight is chosen (the largest within 2% of weight 0's NDCG@10). The most tail is the highest
+    validation TAIL_FIGURE where every candidate has one (two tail settings, the teacher's
+    debias and its cosine share, have no common order), else the largest settings, compared in
+    LONG_TAIL_KEYS order. Points are settings plus their validation figures; a point without a
+    long-tail key counts it as 0. `best` itself when no other point qualifies."""
 
     def others(point: dict) -> dict:
         return {
@@ -155,6 +160,11 @@ def long_tail_choice(
         for i, point in enumerate(points)
         if others(point) == others(points[best]) and float(point[key]) >= floor
     ]
+    if all(TAIL_FIGURE in points[i] for i in candidates):
+        return max(
+            candidates,
+            key=lambda i: (float(points[i][TAIL_FIGURE]), tail(points[i]), i == best),
+        )
     return max(candidates, key=lambda i: (tail(points[i]), i == best))
 
 

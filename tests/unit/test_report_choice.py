@@ -50,6 +50,61 @@ def test_the_long_tail_rule_takes_the_most_debiased_setting_within_two_percent()
     assert long_tail_choice(timed, 0) == 1
 
 
+def test_the_long_tail_rule_measures_the_most_tail_by_validation_when_it_can() -> None:
+    """Two tail settings (the teacher's debias, its cosine share) have no common order: where
+    every candidate has a validation tail figure, the highest within 2% is kept."""
+    points = [
+        {**BASE, "distill_debias": 1.0, "ndcg@10": 0.1079, "tail_ndcg@10": 0.038},  # the best
+        {**BASE, "distill_debias": 2.0, "ndcg@10": 0.1065, "tail_ndcg@10": 0.044},
+        {
+            **BASE,
+            "distill_debias": 1.0,
+            "distill_cosine": 0.5,
+            "ndcg@10": 0.1070,
+            "tail_ndcg@10": 0.047,
+        },  # fmt: skip
+        {
+            **BASE,
+            "distill_debias": 0.0,
+            "distill_cosine": 1.0,
+            "ndcg@10": 0.1040,
+            "tail_ndcg@10": 0.060,
+        },  # fmt: skip  # 3.6% below: out
+    ]
+    assert long_tail_choice(points, 0) == 2
+    # without the figure on every candidate, the settings' order decides (debias first)
+    del points[2]["tail_ndcg@10"]
+    assert long_tail_choice(points, 0) == 1
+    # a higher tail figure never brings in a setting that differs in anything else
+    other = [points[0], {**BASE, "lr": 1e-3, "ndcg@10": 0.1078, "tail_ndcg@10": 0.09}]
+    assert long_tail_choice(other, 0) == 0
+
+
+def test_the_merge_measures_the_tail_by_each_settings_mean_validation_figure() -> None:
+    def part(valid: float, valid_tail: float, test: float, **fixed: float) -> dict:
+        view = _short(valid, test, 0.0, **fixed)
+        view["short_history"]["fit"]["best"]["tail_ndcg@10"] = valid_tail
+        return _part(view)
+
+    parts = [
+        part(0.1080, 0.038, 0.113, distill_debias=1.0, seed=1.0),
+        part(0.1078, 0.039, 0.113, distill_debias=1.0, seed=2.0),
+        part(0.1066, 0.044, 0.109, distill_debias=2.0, seed=1.0),
+        part(0.1064, 0.045, 0.109, distill_debias=2.0, seed=2.0),
+        part(0.1072, 0.048, 0.118, distill_debias=1.0, distill_cosine=0.5, seed=1.0),
+        part(0.1070, 0.046, 0.116, distill_debias=1.0, distill_cosine=0.5, seed=2.0),
+    ]
+    merged = merge_reports(parts)
+    view = merged["models"]["ours"]["short_history"]
+    assert view["ndcg@10"] == pytest.approx(0.117)  # the cosine setting's two seeds
+    assert merged["chosen_on_validation"] == {"ours.short_history": 4}
+    # one seed without the figure: the settings' order decides, and debias 2 is kept
+    del parts[5]["models"]["ours"]["short_history"]["fit"]["best"]["tail_ndcg@10"]
+    assert merge_reports(parts)["models"]["ours"]["short_history"]["ndcg@10"] == pytest.approx(
+        0.109
+    )
+
+
 def test_the_default_grid_screens_the_debiased_teacher() -> None:
     grid = ReportConfig().neural_grids["ours"]
     taught = [point for point in grid if point.get("distill_weight")]
@@ -149,6 +204,8 @@ def test_the_screen_applies_the_long_tail_rule(
         summary["best"] = {
             **summary["best"],
             "ndcg@10": validation[train_cfg.distill_debias] if screening else 0.5,
+            # the more debias, the more validation tail (the rule measures the tail by it)
+            "tail_ndcg@10": train_cfg.distill_debias / 10,
         }
         if not screening:
             trained.append(train_cfg.distill_debias)
