@@ -125,6 +125,13 @@ TEACHER_RECIPE: dict[str, float | str] = {
     "distill_sharpness": 0.5,
 }
 TEACHER_DEBIAS = (0.5, 1.0, 2.0)
+# The teacher points the default grid screens: each amount of debiasing, and debias 1 with the
+# cosine co-teacher at half (`TrainConfig.distill_cosine`; on ML-1M's short view above debias 2
+# on validation overall and on the tail, README "Figures").
+TEACHER_POINTS: tuple[dict[str, float | str], ...] = (
+    *({**TEACHER_RECIPE, "distill_debias": debias} for debias in TEACHER_DEBIAS),
+    {**TEACHER_RECIPE, "distill_debias": 1.0, "distill_cosine": 0.5},
+)
 
 # Settings that trade overall accuracy for the long tail, larger meaning more tail: between runs
 # that differ only in them, `long_tail_choice` applies the served long-tail weight's rule.
@@ -215,11 +222,11 @@ class ReportConfig:
             # of its softmax (TrainConfig.softmax_exclude): they are positives, not negatives.
             # Each reading at two learning rates, as SASRec's are screened (on the short view,
             # 20-epoch screens: 1e-3 beat 2e-3, and 5e-4 beat 1e-3 over 40 epochs); then the
-            # teacher recipe at each amount of debiasing (points set the keys they change; the
-            # others keep the row's base settings).
+            # teacher recipe at each amount of debiasing and with the cosine co-teacher (points
+            # set the keys they change; the others keep the row's base settings).
             "ours": [
                 *({**reading, "lr": lr} for reading in OURS_READINGS for lr in (5e-4, 1e-3)),
-                *({**TEACHER_RECIPE, "distill_debias": debias} for debias in TEACHER_DEBIAS),
+                *(dict(point) for point in TEACHER_POINTS),
             ],
         }
     )

@@ -108,8 +108,13 @@ def test_the_merge_measures_the_tail_by_each_settings_mean_validation_figure() -
 def test_the_default_grid_screens_the_debiased_teacher() -> None:
     grid = ReportConfig().neural_grids["ours"]
     taught = [point for point in grid if point.get("distill_weight")]
-    assert sorted(point["distill_debias"] for point in taught) == sorted(TEACHER_DEBIAS)
+    plain = [point for point in taught if not point.get("distill_cosine")]
+    assert sorted(point["distill_debias"] for point in plain) == sorted(TEACHER_DEBIAS)
     assert len(TEACHER_DEBIAS) > 1  # several, for the long-tail rule to choose between
+    # and the cosine co-teacher, which differs from them only in long-tail settings
+    (cosine,) = [point for point in taught if point.get("distill_cosine")]
+    assert cosine["distill_cosine"] == 0.5 and cosine["distill_debias"] == 1.0
+    assert with_settings(ltrec.train.TrainConfig(), cosine).distill_cosine == 0.5
     for point in grid:  # every point is a valid training config
         train = with_settings(ltrec.train.TrainConfig(), point)
         assert train.distill_weight == point.get("distill_weight", 0.0)
