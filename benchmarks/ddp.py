@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.processes) < 1:
         parser.error(f"--processes must be at least 1, got {min(args.processes)}")
+    for name, value, low in (("users", args.users, 10), ("epochs", args.epochs, 1)):
+        if value < low:
+            parser.error(f"--{name} must be at least {low}, got {value}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     rows = compare(
         args.processes,
         users=args.users,

@@ -160,6 +160,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.distill_cosine <= 1.0:
             raise ValueError(f"distill_cosine must be in [0, 1], got {self.distill_cosine:g}")
+        if self.distill_cosine and not self.distill_weight:
+            raise ValueError("distill_cosine mixes into the EASE teacher: it needs distill_weight")
         if not 0.0 <= self.distill_debias <= 2.0:
             raise ValueError(f"distill_debias must be in [0, 2], got {self.distill_debias:g}")
         if not 0.0 < self.distill_head_share <= 1.0:

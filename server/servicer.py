@@ -167,7 +167,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         # the answer is on its way (neither changes it).
         after_response(self._served, request, request_id, items)
         if request.remember_history and self._history is not None:
-            await self._history.remember(request_events(request), now)
+            await self._history.remember(request_events(request, rows), now)
         _HISTORY_SOURCES[history.source].inc()
         return recommender_pb2.RecommendResponse(
             items=items,

@@ -228,6 +228,9 @@ def test_the_cosine_teacher_is_in_the_training_loss_only_when_asked() -> None:
     assert not torch.isclose(_loss(model, batch, mixed_cfg, log_q, q, teacher), ease_only)
     with pytest.raises(ValueError, match=r"distill_cosine must be in \[0, 1\]"):
         dataclasses.replace(cfg, distill_cosine=1.5)
+    # without the EASE teacher it would be ignored: refused
+    with pytest.raises(ValueError, match="distill_cosine mixes into the EASE teacher"):
+        dataclasses.replace(cfg, distill_weight=0.0, distill_cosine=0.5)
 
 
 def test_distillation_settings_that_would_be_ignored_are_refused() -> None:
@@ -322,3 +325,20 @@ def test_train_cli_trains_with_a_debiased_teacher(tiny_data: Path, tmp_path: Pat
     assert summary["train_config"]["distill_debias"] == 0.6
     assert summary["train_config"]["distill_weight"] == 1.0
     assert 0.0 <= summary["best"]["tail_ndcg@10"] <= 1.0  # validation's long-tail figure
+
+
+def test_train_cli_trains_with_the_cosine_co_teacher(tiny_data: Path, tmp_path: Path) -> None:
+    """The command line end to end with both teachers; the checkpoint records the share."""
+    import ltrec.train
+    from ltrec.checkpoint import read_checkpoint
+
+    out = tmp_path / "model"
+    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
+    taught = ["--set-context", "others", "--softmax-exclude", "others", "--distill-weight", "1"]
+    code = ltrec.train.main(
+        [*args, *taught, "--distill-cosine", "0.5", "--epochs", "1", "--no-progress"]
+    )
+    assert code == 0
+    summary = read_checkpoint(out / "checkpoint.pt").summary
+    assert summary["train_config"]["distill_cosine"] == 0.5
+    assert 0.0 <= summary["best"]["tail_ndcg@10"] <= 1.0

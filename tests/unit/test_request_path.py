@@ -15,7 +15,7 @@ from server.catalogue import Catalogue, ModelMetadata
 from server.errors import BackendError
 from server.features import build_features, history_rows
 from server.gen.ltrec.v1 import recommender_pb2
-from server.history import stored_rows
+from server.history import request_events, stored_rows
 from server.postprocess import build_items
 from server.stores.history import StoredEvent
 from server.validation import RequestLimits, validate_request
@@ -79,6 +79,17 @@ def test_validation_returns_the_rows_it_read_and_the_features_read_them_alike() 
     assert given.history_event_types.tolist()[0][-1] == 1 + contract.EVENT_TYPES.index("rating")
     assert given.skipped_history_items == 1 and given.history_events == 4
     assert rows == history_rows(req.history)  # the caller's rows are not reordered
+
+
+def test_remembered_events_come_from_the_validated_rows_alike() -> None:
+    req = request()
+    req.user_id = "u1"
+    rows = validate_request(req, LIMITS)
+    remembered = request_events(req, rows)
+    assert remembered == request_events(req)
+    # oldest first, the event without a timestamp left out
+    assert [event.item_id for _, event in remembered] == ["unknown", "i1", "i2", "i3", "i6"]
+    assert {user for user, _ in remembered} == {"u1"}
 
 
 def test_an_invalid_event_is_still_named_by_its_position() -> None:
