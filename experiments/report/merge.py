@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from experiments.report.settings import (
+    LONG_TAIL_KEYS,
     MODELS,
     TAIL_FIGURE,
+    _is_setting,
     long_tail_choice,
 )
 
@@ -64,11 +66,13 @@ def _refit_choice(runs: list[tuple[int, dict]]) -> tuple[dict, int] | None:
     ):
         return None
     best = max(range(len(points)), key=lambda j: points[j]["ndcg@10"])
-    group = members[long_tail_choice(points, best)]
+    kept = long_tail_choice(points, best)
+    group = members[kept]
     first, view = min(group, key=lambda run: _seed(run[1]))
-    if len(group) == 1:
-        return view, first
     merged = dict(view)
+    merged["compared"] = _compared(points, members, best, kept)
+    if len(group) == 1:
+        return merged, first
     for figure in _FIGURES:
         if all(figure in other for _, other in group):
             merged[figure] = _mean([other[figure] for _, other in group])
@@ -78,6 +82,53 @@ def _refit_choice(runs: list[tuple[int, dict]]) -> tuple[dict, int] | None:
         for _, other in sorted(group, key=lambda run: _seed(run[1]))
     ]
     return merged, first
+
+
+def _compared(
+    points: list[dict], members: list[list[tuple[int, dict]]], best: int, kept: int
+) -> list[dict]:
+    """The settings a refit view chose between, for the report's table (an ablation of what
+    the settings change): per setting, the settings that differ between them (or the part that
+    screened its own), its seeds, its validation figures (what chose) and its test figures'
+    means (for the record), best validation first."""
+    fixed = [point for point in points if "part" not in point]
+    names = sorted({k for point in fixed for k in point if _is_setting(k)})
+    varying = [k for k in names if len({repr(point.get(k)) for point in fixed}) > 1]
+    table = []
+    for j, (point, group) in enumerate(zip(points, members, strict=True)):
+        views = [view for _, view in group]
+        table.append(
+            {
+                "settings": {
+                    k: point.get(k, 0.0)  # a long-tail key left out is 0 (`long_tail_choice`)
+                    for k in varying
+                    if k in point or (k in LONG_TAIL_KEYS and "part" not in point)
+                },
+                "part": group[0][0] if "part" in point else None,
+                "seeds": sorted(_seed(view) for view in views),
+                "validation_ndcg@10": point["ndcg@10"],
+                "validation_tail_ndcg@10": point.get(TAIL_FIGURE),
+                "ndcg@10": _mean_of(views, ("ndcg@10",)),
+                "tail_ndcg@10": _mean_of(views, ("tail", "ndcg@10")),
+                "coverage@10": _mean_of(views, ("coverage@10",)),
+                "best_on_validation": j == best,
+                "kept": j == kept,
+            }
+        )
+    return sorted(table, key=lambda row: -row["validation_ndcg@10"])
+
+
+def _mean_of(views: list[dict], path: tuple[str, ...]) -> float | None:
+    """The mean over views of the figure at `path` (keys in turn), None where one lacks it."""
+    values = []
+    for view in views:
+        value: object = view
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, (int, float)):
+            return None
+        values.append(float(value))
+    return sum(values) / len(values)
 
 
 def _seed(view: dict) -> int:

@@ -178,6 +178,70 @@ def _short_history(report: dict) -> list[str]:
                 ]
             )
         )
+    for m in rows:
+        lines += _compared(m["label"], m["short_history"].get("compared") or [])
+    return lines
+
+
+def _compared(label: str, table: list[dict]) -> list[str]:
+    """The settings a merge chose a row's refit view from (`merge._compared`): what validation
+    saw, and each setting's test figures for the record (an ablation of what they change)."""
+    if len(table) < 2:
+        return []
+    f = _printed
+
+    def optional(value: float | None) -> str:
+        return "" if value is None else f(value)
+
+    def settings(row: dict) -> str:
+        if row["part"] is not None:
+            return f"its run's own screen (part {row['part'] + 1})"
+        return (
+            ", ".join(
+                f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in row["settings"].items()
+            )
+            or "as the others"
+        )
+
+    lines = [
+        "",
+        f"{label}: the settings the merge chose between (seeds averaged; chosen on validation "
+        "NDCG@10, then the long-tail rule: the most validation tail NDCG@10 within 2% of the "
+        "best; test figures for the record):",
+        "",
+        _row(
+            [
+                "settings",
+                "seeds",
+                "validation NDCG@10",
+                "validation tail NDCG@10",
+                "NDCG@10",
+                "tail NDCG@10",
+                "Coverage@10",
+                "",
+            ]
+        ),
+        _row(["---", "---", "---:", "---:", "---:", "---:", "---:", "---"]),
+    ]
+    for row in table:
+        mark = "**kept**" if row["kept"] else ""
+        if row["best_on_validation"] and not row["kept"]:
+            mark = "best on validation"
+        lines.append(
+            _row(
+                [
+                    settings(row),
+                    ", ".join(str(seed) for seed in row["seeds"]),
+                    f(row["validation_ndcg@10"]),
+                    optional(row["validation_tail_ndcg@10"]),
+                    optional(row["ndcg@10"]),
+                    optional(row["tail_ndcg@10"]),
+                    optional(row["coverage@10"]),
+                    mark,
+                ]
+            )
+        )
     return lines
 
 

@@ -13,7 +13,7 @@ import ltrec.train
 from experiments.report import fitting
 from experiments.report.fitting import with_settings
 from experiments.report.merge import _SAME_DATA, merge_reports
-from experiments.report.sections import _seeds
+from experiments.report.sections import _compared, _seeds
 from experiments.report.settings import (
     TEACHER_DEBIAS,
     ReportConfig,
@@ -98,6 +98,30 @@ def test_the_merge_measures_the_tail_by_each_settings_mean_validation_figure() -
     view = merged["models"]["ours"]["short_history"]
     assert view["ndcg@10"] == pytest.approx(0.117)  # the cosine setting's two seeds
     assert merged["chosen_on_validation"] == {"ours.short_history": 4}
+    # the report's table of what was compared: best validation first, the kept one marked,
+    # only the settings that differ, a long-tail key left out shown as 0
+    table = view["compared"]
+    assert [row["settings"] for row in table] == [
+        {"distill_cosine": 0.0, "distill_debias": 1.0},
+        {"distill_cosine": 0.5, "distill_debias": 1.0},
+        {"distill_cosine": 0.0, "distill_debias": 2.0},
+    ]
+    assert [row["kept"] for row in table] == [False, True, False]
+    assert [row["best_on_validation"] for row in table] == [True, False, False]
+    assert table[0]["validation_ndcg@10"] == pytest.approx(0.1079)
+    assert table[1]["validation_tail_ndcg@10"] == pytest.approx(0.047)
+    assert table[2]["ndcg@10"] == pytest.approx(0.109) and table[1]["seeds"] == [1, 2]
+    lines = _compared("ours", table)
+    assert len(lines) == 5 + len(table)
+    assert lines[6].startswith("| distill_cosine 0.5, distill_debias 1 | 1, 2 | 0.1071 | 0.0470 |")
+    assert lines[6].endswith("| **kept** |") and lines[5].endswith("| best on validation |")
+    assert _compared("ours", table[:1]) == []  # nothing to compare
+    # a run whose settings its own screen chose is named by its part
+    screened = _part(_short(0.1090, 0.120, 0.030))
+    del screened["models"]["ours"]["short_history"]["fit"]["fixed_settings"]
+    table = merge_reports([*parts, screened])["models"]["ours"]["short_history"]["compared"]
+    assert table[0]["part"] == 6 and table[0]["settings"] == {} and table[0]["kept"]
+    assert "its run's own screen (part 7)" in _compared("ours", table)[5]
     # one seed without the figure: the settings' order decides, and debias 2 is kept
     del parts[5]["models"]["ours"]["short_history"]["fit"]["best"]["tail_ndcg@10"]
     assert merge_reports(parts)["models"]["ours"]["short_history"]["ndcg@10"] == pytest.approx(
