@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import ltrec.train
-from experiments.report import fitting
+from experiments.report import fitting, views
 from experiments.report.fitting import with_settings
 from experiments.report.merge import _SAME_DATA, merge_reports
 from experiments.report.sections import _compared, _seeds
@@ -251,3 +251,29 @@ def test_the_screen_applies_the_long_tail_rule(
     fitted = fitting.fit_all(prepared, cfg, "short", None, False, ["ours"])["ours"]
     assert trained == [1.0]
     assert "the long-tail rule" not in fitted.info["tuning"]
+
+
+def test_the_short_view_validates_after_every_epoch(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Patience counts epochs: the short view, where validation is cheap, checks every one of
+    them, and its neural rows are fitted with that config (the main view keeps its own)."""
+    cfg = quick_config()
+    assert cfg.train.validate_every > 1  # else this test proves nothing
+    short = views.short_view_config(cfg)
+    assert short.train.validate_every == 1
+    assert dataclasses.replace(short.train, validate_every=cfg.train.validate_every) == cfg.train
+    assert dataclasses.replace(short, train=cfg.train) == cfg
+    seen: list[ReportConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit_all(prepared, fit_cfg, view, *args):  # type: ignore[no-untyped-def]
+        seen.append(fit_cfg)
+        raise Stop
+
+    monkeypatch.setattr(views, "fit_all", fake_fit_all)
+    with pytest.raises(Stop):
+        views.short_view(prepare(tiny_data, tmp_path / "cache"), cfg, ["ours"], {}, False)
+    assert [c.train.validate_every for c in seen] == [1]
