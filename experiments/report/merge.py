@@ -106,7 +106,7 @@ def _compared(
                 },
                 "part": group[0][0] if "part" in point else None,
                 "seeds": sorted(_seed(view) for view in views),
-                "validation_ndcg@10": point["ndcg@10"],
+                "validation_ndcg@10": point["ndcg@10"] if point["ndcg@10"] != _NONE else None,
                 "validation_tail_ndcg@10": point.get(TAIL_FIGURE),
                 "ndcg@10": _mean_of(views, ("ndcg@10",)),
                 "tail_ndcg@10": _mean_of(views, ("tail", "ndcg@10")),
@@ -115,7 +115,7 @@ def _compared(
                 "kept": j == kept,
             }
         )
-    return sorted(table, key=lambda row: -row["validation_ndcg@10"])
+    return sorted(table, key=lambda row: -(row["validation_ndcg@10"] or _NONE))
 
 
 def _mean_of(views: list[dict], path: tuple[str, ...]) -> float | None:

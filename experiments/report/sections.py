@@ -233,7 +233,7 @@ def _compared(label: str, table: list[dict]) -> list[str]:
                 [
                     settings(row),
                     ", ".join(str(seed) for seed in row["seeds"]),
-                    f(row["validation_ndcg@10"]),
+                    optional(row["validation_ndcg@10"]),
                     optional(row["validation_tail_ndcg@10"]),
                     optional(row["ndcg@10"]),
                     optional(row["tail_ndcg@10"]),

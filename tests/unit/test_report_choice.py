@@ -122,6 +122,12 @@ def test_the_merge_measures_the_tail_by_each_settings_mean_validation_figure() -
     table = merge_reports([*parts, screened])["models"]["ours"]["short_history"]["compared"]
     assert table[0]["part"] == 6 and table[0]["settings"] == {} and table[0]["kept"]
     assert "its run's own screen (part 7)" in _compared("ours", table)[5]
+    # a run without a validation figure is listed last, its figure left blank
+    unvalidated = _part(_short(0.0, 0.130, 0.040, distill_debias=3.0))
+    del unvalidated["models"]["ours"]["short_history"]["fit"]["best"]["ndcg@10"]
+    table = merge_reports([*parts, unvalidated])["models"]["ours"]["short_history"]["compared"]
+    assert table[-1]["validation_ndcg@10"] is None and not table[-1]["kept"]
+    assert _compared("ours", table)[-1].startswith("| distill_cosine 0, distill_debias 3 | 0 |  |")
     # one seed without the figure: the settings' order decides, and debias 2 is kept
     del parts[5]["models"]["ours"]["short_history"]["fit"]["best"]["tail_ndcg@10"]
     assert merge_reports(parts)["models"]["ours"]["short_history"]["ndcg@10"] == pytest.approx(
