@@ -79,15 +79,14 @@ def stored_rows(stored: Iterable[StoredEvent]) -> list[HistoryRow]:
 
 
 def request_events(
-    request: recommender_pb2.RecommendRequest, rows: Sequence[HistoryRow] | None = None
+    request: recommender_pb2.RecommendRequest, rows: Sequence[HistoryRow]
 ) -> list[tuple[str, StoredEvent]]:
-    """A remembered request's events, oldest first; those without a timestamp are left out
-    (they cannot be placed in time, nor told from a repeat when the history is sent again).
-    `rows`: its history as validation read it (read here when None)."""
-    given = history_rows(request.history) if rows is None else rows
+    """A remembered request's events, oldest first, from `rows` (its history as validation
+    read it: `server.features.history_rows`); those without a timestamp are left out (they
+    cannot be placed in time, nor told from a repeat when the history is sent again)."""
     return [
         (request.user_id, StoredEvent(timestamp, EVENT_TYPE_NAMES[event_type], item_id))
-        for timestamp, item_id, event_type in sorted(given, key=lambda row: row[0])
+        for timestamp, item_id, event_type in sorted(rows, key=lambda row: row[0])
         if timestamp > 0
     ]
 

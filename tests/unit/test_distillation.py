@@ -308,37 +308,25 @@ def test_train_cli_stops_before_training_on_a_catalogue_too_large_for_the_teache
     assert not (out / "checkpoint.pt").exists()
 
 
-def test_train_cli_trains_with_a_debiased_teacher(tiny_data: Path, tmp_path: Path) -> None:
-    """The command line end to end: a teacher without its popularity prior trains, and the
-    checkpoint records the setting (the report and a retraining read it from there)."""
+@pytest.mark.parametrize(
+    ("flag", "key", "value"),
+    [("--distill-debias", "distill_debias", 0.6), ("--distill-cosine", "distill_cosine", 0.5)],
+)
+def test_train_cli_trains_with_a_teacher_setting(
+    tiny_data: Path, tmp_path: Path, flag: str, key: str, value: float
+) -> None:
+    """The command line end to end: a teacher without its popularity prior, or with the cosine
+    co-teacher mixed in, trains, and the checkpoint records the setting (the report and a
+    retraining read it from there)."""
     import ltrec.train
     from ltrec.checkpoint import read_checkpoint
 
     out = tmp_path / "model"
     args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
     taught = ["--set-context", "others", "--softmax-exclude", "others", "--distill-weight", "1"]
-    code = ltrec.train.main(
-        [*args, *taught, "--distill-debias", "0.6", "--epochs", "1", "--no-progress"]
-    )
+    code = ltrec.train.main([*args, *taught, flag, str(value), "--epochs", "1", "--no-progress"])
     assert code == 0
     summary = read_checkpoint(out / "checkpoint.pt").summary
-    assert summary["train_config"]["distill_debias"] == 0.6
+    assert summary["train_config"][key] == value
     assert summary["train_config"]["distill_weight"] == 1.0
     assert 0.0 <= summary["best"]["tail_ndcg@10"] <= 1.0  # validation's long-tail figure
-
-
-def test_train_cli_trains_with_the_cosine_co_teacher(tiny_data: Path, tmp_path: Path) -> None:
-    """The command line end to end with both teachers; the checkpoint records the share."""
-    import ltrec.train
-    from ltrec.checkpoint import read_checkpoint
-
-    out = tmp_path / "model"
-    args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
-    taught = ["--set-context", "others", "--softmax-exclude", "others", "--distill-weight", "1"]
-    code = ltrec.train.main(
-        [*args, *taught, "--distill-cosine", "0.5", "--epochs", "1", "--no-progress"]
-    )
-    assert code == 0
-    summary = read_checkpoint(out / "checkpoint.pt").summary
-    assert summary["train_config"]["distill_cosine"] == 0.5
-    assert 0.0 <= summary["best"]["tail_ndcg@10"] <= 1.0

@@ -86,7 +86,11 @@ def test_remembered_events_come_from_the_validated_rows_alike() -> None:
     req.user_id = "u1"
     rows = validate_request(req, LIMITS)
     remembered = request_events(req, rows)
-    assert remembered == request_events(req)
+    # the request's own events, as a second reading of the message would give them
+    ordered = sorted(req.history, key=lambda event: event.timestamp)
+    assert [(event.timestamp, event.item_id) for _, event in remembered] == [
+        (event.timestamp, event.item_id) for event in ordered if event.timestamp > 0
+    ]
     # oldest first, the event without a timestamp left out
     assert [event.item_id for _, event in remembered] == ["unknown", "i1", "i2", "i3", "i6"]
     assert {user for user, _ in remembered} == {"u1"}
