@@ -1,0 +1,164 @@
+"""What tail accuracy each score-time long-tail lever buys, and at what overall cost, on one
+trained checkpoint: the frontier behind the main view's tail target.
+
+Three levers, each a per-item term added to the model's scores (the history still excluded):
+
+- ``exposure``: ``- w * log(1 + exposure)``, the served long-tail term (the checkpoint's counts);
+- ``popularity``: ``- w * log(1 + training popularity)``, the term before exposure;
+- ``step``: ``+ b`` on every long-tail item (outside the most popular 20%, the report's tail
+  mask), which moves tail items up past head items without reordering either group: the most
+  direct lever on tail-target NDCG@10 there is.
+
+Each row gives NDCG@10, tail-target and head-target NDCG@10 and Coverage@10, with the changes
+from the plain model; then, per lever, the overall NDCG@10 it gives up for a given tail gain
+(linear between grid points; ``--tail-gain``, default 20%, the 1.2x of issue 12). Figures are on
+validation unless ``--split test`` (read test only to report, never to choose)::
+
+    python -m experiments.tail_levers --checkpoint artifacts/ml-1m/checkpoint.pt --data data/ml-1m
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ltrec import evaluation as ev
+
+GRIDS: dict[str, tuple[float, ...]] = {
+    "exposure": (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
+    "popularity": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
+    "step": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7),
+}
+
+
+def tail_step(score_fn: ev.ScoreFn, tail: np.ndarray, boost: float) -> ev.ScoreFn:
+    """score + boost on every long-tail item (`tail`, [N+1] bool)."""
+    lift = boost * np.asarray(tail, dtype=np.float64)
+
+    def score(cases: ev.EvalCases, rows: np.ndarray) -> np.ndarray:
+        return score_fn(cases, rows).astype(np.float64) + lift
+
+    return score
+
+
+def figures(score_fn: ev.ScoreFn, cases: ev.EvalCases, popularity: np.ndarray) -> dict:
+    """NDCG@10 overall, on tail targets and on head targets, and Coverage@10."""
+    tail = ev.long_tail_mask(popularity)
+    ranks, top = ev.evaluate_lists(score_fn, cases, k=ev.K, progress=False)
+    on_tail = tail[cases.targets]
+    return {
+        "ndcg": ev.ranking_metrics(ranks, (ev.K,))[f"ndcg@{ev.K}"],
+        "tail": ev.ranking_metrics(ranks[on_tail], (ev.K,))[f"ndcg@{ev.K}"],
+        "head": ev.ranking_metrics(ranks[~on_tail], (ev.K,))[f"ndcg@{ev.K}"],
+        "coverage": ev.long_tail_metrics(top, popularity, tail)[f"coverage@{ev.K}"],
+    }
+
+
+def frontier(
+    score_fn: ev.ScoreFn,
+    cases: ev.EvalCases,
+    popularity: np.ndarray,
+    exposure: np.ndarray,
+    grids: Mapping[str, Sequence[float]] = GRIDS,
+) -> dict:
+    """The plain model's figures and every lever's at each grid point."""
+    raw = ev.cached(score_fn)
+    tail = ev.long_tail_mask(popularity)
+    made = {
+        "exposure": lambda w: ev.long_tail_adjusted(raw, exposure, w),
+        "popularity": lambda w: ev.long_tail_adjusted(raw, popularity, w),
+        "step": lambda b: tail_step(raw, tail, b),
+    }
+    levers = {
+        name: [{"weight": float(w), **figures(made[name](w), cases, popularity)} for w in grid]
+        for name, grid in grids.items()
+    }
+    return {"plain": figures(raw, cases, popularity), "levers": levers}
+
+
+def cost_of_tail_gain(plain: dict, rows: list[dict], gain: float) -> float | None:
+    """The relative overall NDCG@10 change at which the lever's tail NDCG@10 first reaches
+    (1 + gain) x the plain model's, linear between grid points; None when no grid point does."""
+    want = (1.0 + gain) * plain["tail"]
+    points = [(0.0, plain["tail"], plain["ndcg"])] + [
+        (r["weight"], r["tail"], r["ndcg"]) for r in rows
+    ]
+    for (_, t0, n0), (_, t1, n1) in zip(points, points[1:], strict=False):
+        if t0 < want <= t1:
+            ndcg = n0 + (n1 - n0) * (want - t0) / (t1 - t0)
+            return ndcg / plain["ndcg"] - 1.0
+    return 0.0 if plain["tail"] >= want else None
+
+
+def render(result: dict, gain: float) -> list[str]:
+    plain = result["plain"]
+    lines = [
+        "| lever | weight | NDCG@10 | change | tail NDCG@10 | change | head NDCG@10 "
+        "| Coverage@10 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| none | 0 | {plain['ndcg']:.4f} | | {plain['tail']:.4f} | | {plain['head']:.4f} "
+        f"| {plain['coverage']:.3f} |",
+    ]
+    for name, rows in result["levers"].items():
+        for r in rows:
+            lines.append(
+                f"| {name} | {r['weight']:g} | {r['ndcg']:.4f} | "
+                f"{r['ndcg'] / plain['ndcg'] - 1:+.2%} | {r['tail']:.4f} | "
+                f"{r['tail'] / plain['tail'] - 1:+.2%} | {r['head']:.4f} | {r['coverage']:.3f} |"
+            )
+    lines.append("")
+    for name, rows in result["levers"].items():
+        cost = cost_of_tail_gain(plain, rows, gain)
+        said = "is not reached on the grid" if cost is None else f"costs NDCG@10 {cost:+.2%}"
+        lines.append(f"{name}: tail NDCG@10 +{gain:.0%} {said}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--cache", type=Path, default=Path("artifacts/cache"))
+    parser.add_argument("--split", choices=("valid", "test"), default="valid")
+    parser.add_argument("--tail-gain", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    if args.tail_gain <= 0:
+        parser.error(f"--tail-gain must be above 0, got {args.tail_gain}")
+
+    from ltrec.checkpoint import load_checkpoint
+    from ltrec.data import DatasetError
+    from ltrec.prepared import prepare
+    from ltrec.scoring import model_score_fn
+
+    try:
+        prepared = prepare(args.data, args.cache)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.item_ids != prepared.item_ids or not np.array_equal(
+        ckpt.popularity, prepared.popularity
+    ):
+        print(
+            f"error: {args.checkpoint} was not trained on this split of {args.data}",
+            file=sys.stderr,
+        )
+        return 2
+    cases = ev.validation_cases(prepared) if args.split == "valid" else ev.held_out_cases(prepared)
+    result = frontier(
+        model_score_fn(model, int(ckpt.model_config["max_history"])),
+        cases,
+        prepared.popularity,
+        np.asarray(ckpt.long_tail_counts),
+    )
+    print(f"{args.checkpoint}, {args.split} ({len(cases)} users)")
+    print("\n".join(render(result, args.tail_gain)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

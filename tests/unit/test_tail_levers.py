@@ -1,0 +1,105 @@
+"""The tail-lever frontier (`experiments.tail_levers`): each lever moves what it should, the
+cost of a tail gain is read off the grid by hand arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments import tail_levers
+from ltrec.evaluation import EvalCases, long_tail_mask
+
+# Ten items (index 0 is padding); items 1 and 2 are the head (the most popular 20%).
+POPULARITY = np.array([0, 100, 90, 9, 8, 7, 6, 5, 4, 3, 2])
+# Four users, no history; two want a head item, two a tail item. Head items score 1.0 and 0.9,
+# tail items 0.8 down to 0.1, except each user's own target, placed as the cases need.
+TARGETS = np.array([1, 2, 7, 9])
+
+
+def scores() -> np.ndarray:
+    base = np.array([0.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    return np.tile(base, (len(TARGETS), 1))
+
+
+def cases() -> EvalCases:
+    n = len(TARGETS)
+    return EvalCases(
+        histories=[np.zeros(0, dtype=np.int64) for _ in range(n)],
+        event_types=[np.zeros(0, dtype=np.int64) for _ in range(n)],
+        targets=TARGETS.copy(),
+        context=np.zeros((n, 4), dtype=np.int64),
+    )
+
+
+def score_fn(_: EvalCases, rows: np.ndarray) -> np.ndarray:
+    return scores()[rows]
+
+
+def ndcg(rank: int) -> float:
+    return 1.0 / np.log2(rank + 2) if rank < 10 else 0.0
+
+
+def test_the_fixture_has_the_head_it_says() -> None:
+    assert list(np.flatnonzero(~long_tail_mask(POPULARITY))) == [0, 1, 2]
+
+
+def test_plain_figures_by_hand() -> None:
+    got = tail_levers.figures(score_fn, cases(), POPULARITY)
+    # Ranks: item 1 -> 0, item 2 -> 1, item 7 -> 6, item 9 -> 8.
+    assert got["head"] == pytest.approx((ndcg(0) + ndcg(1)) / 2)
+    assert got["tail"] == pytest.approx((ndcg(6) + ndcg(8)) / 2)
+    assert got["ndcg"] == pytest.approx((ndcg(0) + ndcg(1) + ndcg(6) + ndcg(8)) / 4)
+
+
+def test_the_step_lifts_tail_targets_past_head_items_only() -> None:
+    # +0.25: tail items 3 (1.05), 4 (0.95), 5 (0.85), ...; head items 1 (1.0) and 2 (0.9).
+    got = tail_levers.figures(
+        tail_levers.tail_step(score_fn, long_tail_mask(POPULARITY), 0.25), cases(), POPULARITY
+    )
+    # Item 1 (1.0) now has item 3 above it; item 2 (0.9) has items 3, 1 and 4.
+    assert got["head"] == pytest.approx((ndcg(1) + ndcg(3)) / 2)
+    # Item 7 (0.65) has tail items 3-6 and both head items above it: rank 6 still; item 9
+    # (0.45): 3-8 and both head items: rank 8. The step never reorders the tail.
+    assert got["tail"] == pytest.approx((ndcg(6) + ndcg(8)) / 2)
+    big = tail_levers.figures(
+        tail_levers.tail_step(score_fn, long_tail_mask(POPULARITY), 5.0), cases(), POPULARITY
+    )
+    # Every tail item above every head item: item 7 rank 4, item 9 rank 6; item 1 rank 8.
+    assert big["tail"] == pytest.approx((ndcg(4) + ndcg(6)) / 2)
+    assert big["head"] == pytest.approx((ndcg(8) + ndcg(9)) / 2)
+
+
+def test_the_frontier_holds_every_lever_and_grid_point() -> None:
+    grids = {"exposure": (0.1, 0.5), "popularity": (0.2,), "step": (0.25, 5.0)}
+    result = tail_levers.frontier(score_fn, cases(), POPULARITY, POPULARITY, grids)
+    assert result["plain"] == tail_levers.figures(score_fn, cases(), POPULARITY)
+    assert {k: tuple(r["weight"] for r in v) for k, v in result["levers"].items()} == grids
+    # The exposure term on these counts is the popularity term: the same weight, the same row.
+    pop = tail_levers.frontier(score_fn, cases(), POPULARITY, POPULARITY, {"popularity": (0.1,)})
+    assert result["levers"]["exposure"][0] == pop["levers"]["popularity"][0]
+    assert result["levers"]["step"][1]["tail"] > result["plain"]["tail"]
+
+
+def test_cost_of_a_tail_gain_is_interpolated_between_grid_points() -> None:
+    plain = {"ndcg": 0.2, "tail": 0.1}
+    rows = [
+        {"weight": 0.1, "ndcg": 0.198, "tail": 0.11},
+        {"weight": 0.2, "ndcg": 0.19, "tail": 0.13},
+    ]
+    # +20% = tail 0.12: halfway from 0.11 to 0.13, NDCG 0.194, -3%.
+    assert tail_levers.cost_of_tail_gain(plain, rows, 0.2) == pytest.approx(-0.03)
+    # +5%: between the plain model and the first point, NDCG 0.199.
+    assert tail_levers.cost_of_tail_gain(plain, rows, 0.05) == pytest.approx(-0.005)
+    assert tail_levers.cost_of_tail_gain(plain, rows, 0.5) is None
+
+
+def test_rendered_lines_name_each_lever_and_its_cost() -> None:
+    result = tail_levers.frontier(score_fn, cases(), POPULARITY, POPULARITY, {"step": (0.25, 5.0)})
+    # The step's tail NDCG@10 goes from 0.317 to 0.360 (+13.6%) at +5: +10% is reached on the
+    # grid, at a cost to overall NDCG@10; +20% is not.
+    lines = tail_levers.render(result, 0.1)
+    assert lines[2].startswith("| none | 0 |")
+    assert any(line.startswith("| step | 5 |") for line in lines)
+    assert lines[-1].startswith("step: tail NDCG@10 +10% costs NDCG@10 -")
+    last = tail_levers.render(result, 0.2)[-1]
+    assert last == "step: tail NDCG@10 +20% is not reached on the grid"
