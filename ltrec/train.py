@@ -378,16 +378,25 @@ def window_teacher_scores(targets: torch.Tensor, inverse: torch.Tensor) -> torch
     counts twice in x, where X, binary, has it once)."""
     valid = targets != contract.PADDING_INDEX
     keep = valid.to(inverse.dtype)
-    rows = inverse[targets] * keep.unsqueeze(2)  # [B, W, N+1]: P[I, :]
+    # In place on the one [B, W, N+1] tensor: at ML-1M's size this is 2-3x faster than a
+    # temporary per step (the loop makes one such tensor per training step).
+    rows = inverse[targets].mul_(keep.unsqueeze(2))  # [B, W, N+1]: P[I, :]
     spread = rows.sum(1)  # [B, N+1]: P x
-    own = (torch.gather(spread, 1, targets) * keep).sum(1)  # [B]: x^T P x
-    scale = 1.0 / (1.0 - own).clamp(min=1e-6)
     spread_at_window = torch.gather(spread, 1, targets) * keep  # [B, W]: (P x)[I]
-    user_rows = rows + (scale.unsqueeze(1) * spread_at_window).unsqueeze(2) * spread.unsqueeze(1)
+    own = spread_at_window.sum(1)  # [B]: x^T P x
+    scale = 1.0 / (1.0 - own).clamp(min=1e-6)
+    # P_u[I, :] = P[I, :] + scale (P x)[I] (P x)^T, a batched outer product added in place.
+    rows.baddbmm_((scale.unsqueeze(1) * spread_at_window).unsqueeze(2), spread.unsqueeze(1))
     diagonal = torch.diagonal(inverse) + scale.unsqueeze(1) * spread.square()  # diag(P_u)
-    weights = -user_rows / diagonal.clamp(min=1e-12).unsqueeze(1)  # B_u[I, :]
-    weights = weights.scatter(2, targets.unsqueeze(2), 0.0) * keep.unsqueeze(2)
-    return (weights.sum(1, keepdim=True) - weights)[valid]
+    rows.mul_((-1.0 / diagonal.clamp(min=1e-12)).unsqueeze(1))  # B_u[I, :]; padding rows 0
+    return _others_sum(rows.scatter_(2, targets.unsqueeze(2), 0.0), valid)
+
+
+def _others_sum(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[events, N+1]: for each real event of the windows, the sum of its window's other rows
+    of `weights` [B, W, N+1] (rows of padding are zero)."""
+    window = torch.arange(weights.shape[0]).unsqueeze(1).expand_as(valid)[valid]
+    return weights.sum(1)[window].sub_(weights[valid])
 
 
 def window_cosine_scores(targets: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -403,13 +412,14 @@ def window_cosine_scores(targets: torch.Tensor, gram: torch.Tensor) -> torch.Ten
     x = torch.zeros(targets.shape[0], gram.shape[0], dtype=gram.dtype)
     x.scatter_(1, targets, keep)  # binary: a repeat in a window counts once, as in X
     x[:, contract.PADDING_INDEX] = 0.0
-    rows = (gram[targets] - x.unsqueeze(1)) * keep.unsqueeze(2)  # [B, W, N+1]: C_u[I, :]
-    own = (counts[targets] - 1.0).clamp(min=0.0)  # [B, W]: n_i - 1
-    other = (counts.unsqueeze(0) - x).clamp(min=0.0)  # [B, N+1]: n_j - x_j
-    norm = (own.unsqueeze(2) * other.unsqueeze(1)).sqrt()
-    weights = torch.where(norm > 0, rows / norm.clamp(min=1e-12), torch.zeros_like(rows))
-    weights = weights.scatter(2, targets.unsqueeze(2), 0.0) * keep.unsqueeze(2)
-    return (weights.sum(1, keepdim=True) - weights)[valid]
+    own = counts[targets] - 1.0  # [B, W]: n_i - 1
+    other = counts.unsqueeze(0) - x  # [B, N+1]: n_j - x_j
+    # 1 / sqrt of each count, 0 where it is not positive; padding rows 0 too.
+    own_scale = torch.where(own > 0, own.clamp(min=1e-12).rsqrt(), torch.zeros_like(own)) * keep
+    other_scale = torch.where(other > 0, other.clamp(min=1e-12).rsqrt(), torch.zeros_like(other))
+    weights = gram[targets].sub_(x.unsqueeze(1))  # [B, W, N+1]: C_u[I, :], then cos_u, in place
+    weights.mul_(other_scale.unsqueeze(1)).mul_(own_scale.unsqueeze(2))
+    return _others_sum(weights.scatter_(2, targets.unsqueeze(2), 0.0), valid)
 
 
 def _standardised(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
