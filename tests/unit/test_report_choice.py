@@ -15,6 +15,7 @@ from experiments.report.fitting import with_settings
 from experiments.report.merge import _SAME_DATA, merge_reports
 from experiments.report.sections import _compared, _seeds
 from experiments.report.settings import (
+    SHORT_VIEW_EPOCHS,
     TEACHER_DEBIAS,
     ReportConfig,
     grid_keys,
@@ -283,3 +284,22 @@ def test_the_short_view_validates_after_every_epoch(
     with pytest.raises(Stop):
         views.short_view(prepare(tiny_data, tmp_path / "cache"), cfg, ["ours"], {}, False)
     assert [c.train.validate_every for c in seen] == [1]
+
+
+def test_the_short_view_anneals_within_its_epochs_unless_told() -> None:
+    """The report's default schedule (200 epochs) is cut to SHORT_VIEW_EPOCHS on the short view,
+    so its learning rate anneals before patience stops it; a schedule at most that long, or one
+    given on the command line (--epochs), is kept; the main view's is never touched."""
+    cfg = ReportConfig()
+    assert cfg.train.epochs > SHORT_VIEW_EPOCHS  # else this test proves nothing
+    short = views.short_view_config(cfg)
+    assert short.train.epochs == SHORT_VIEW_EPOCHS
+    assert short.train.patience == cfg.train.patience
+    assert cfg.train.epochs == ReportConfig().train.epochs  # the caller's config is unchanged
+    given = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, epochs=128),
+        train_overrides={"epochs": 128},
+    )
+    assert views.short_view_config(given).train.epochs == 128
+    assert views.short_view_config(quick_config()).train.epochs == quick_config().train.epochs
