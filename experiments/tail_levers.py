@@ -129,24 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tail_gain <= 0:
         parser.error(f"--tail-gain must be above 0, got {args.tail_gain}")
 
-    from ltrec.checkpoint import load_checkpoint
+    from ltrec.checkpoint import SplitMismatch
     from ltrec.data import DatasetError
-    from ltrec.prepared import prepare
+    from ltrec.prepared import prepare_for_checkpoint
     from ltrec.scoring import model_score_fn
 
     try:
-        prepared = prepare(args.data, args.cache)
-    except DatasetError as exc:
+        prepared, model, ckpt = prepare_for_checkpoint(args.data, args.cache, args.checkpoint)
+    except (DatasetError, SplitMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    model, ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.item_ids != prepared.item_ids or not np.array_equal(
-        ckpt.popularity, prepared.popularity
-    ):
-        print(
-            f"error: {args.checkpoint} was not trained on this split of {args.data}",
-            file=sys.stderr,
-        )
         return 2
     cases = ev.validation_cases(prepared) if args.split == "valid" else ev.held_out_cases(prepared)
     result = frontier(

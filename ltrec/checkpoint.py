@@ -133,6 +133,23 @@ def checkpoint_side(ckpt: Checkpoint) -> ItemSide:
     )
 
 
+class SplitMismatch(ValueError):
+    """A checkpoint was trained on another catalogue or training split than the one given."""
+
+
+def load_checkpoint_for(
+    path: Path, item_ids: list[str], popularity: np.ndarray
+) -> tuple[Recommender, Checkpoint]:
+    """`load_checkpoint`, refused (`SplitMismatch`) unless the checkpoint was trained on this
+    catalogue (`item_ids`) and training split (`popularity`, per catalogue index)."""
+    model, ckpt = load_checkpoint(path)
+    if ckpt.item_ids != item_ids or not np.array_equal(ckpt.popularity, popularity):
+        raise SplitMismatch(
+            f"{path} was not trained on this split (catalogue or training popularity differ)"
+        )
+    return model, ckpt
+
+
 def load_checkpoint(path: Path) -> tuple[Recommender, Checkpoint]:
     ckpt = read_checkpoint(path)
     cfg = ModelConfig(**ckpt.model_config)

@@ -402,23 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--basket-size must be at least 1, got {args.basket_size}")
     import torch
 
-    from ltrec.checkpoint import load_checkpoint
+    from ltrec.checkpoint import SplitMismatch
     from ltrec.data import DatasetError
-    from ltrec.prepared import prepare
+    from ltrec.prepared import prepare_for_checkpoint
 
     try:
-        prepared = prepare(args.data, args.cache)
-    except DatasetError as exc:
+        prepared, model, ckpt = prepare_for_checkpoint(args.data, args.cache, args.checkpoint)
+    except (DatasetError, SplitMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    model, ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.item_ids != prepared.item_ids or not np.array_equal(
-        ckpt.popularity, prepared.popularity
-    ):
-        print(
-            f"error: {args.checkpoint} was not trained on this split of {args.data}",
-            file=sys.stderr,
-        )
         return 2
     with torch.no_grad():
         table = model.item_table().numpy()

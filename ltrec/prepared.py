@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ltrec.checkpoint import Checkpoint, load_checkpoint_for
 from ltrec.data import LeaveOneOut, item_texts, leave_one_out, load_dataset, price_buckets
 from ltrec.image_encoder import cached_image_features
-from ltrec.models import ItemSide
+from ltrec.models import ItemSide, Recommender
 from ltrec.sequences import Sequences, build_sequences, build_vocabulary
 from ltrec.text_encoder import cached_text_features
 from ltrec_core import contract
@@ -93,6 +94,16 @@ def prepare(data_dir: Path, cache_dir: Path) -> Prepared:
         report=report,
         report_text=report_text,
     )
+
+
+def prepare_for_checkpoint(
+    data_dir: Path, cache_dir: Path, checkpoint: Path
+) -> tuple[Prepared, Recommender, Checkpoint]:
+    """The dataset (`prepare`) and the checkpoint trained on it (`load_checkpoint_for`): a
+    command's start. Raises DatasetError or SplitMismatch, whose messages say what is wrong."""
+    prepared = prepare(data_dir, cache_dir)
+    model, ckpt = load_checkpoint_for(checkpoint, prepared.item_ids, prepared.popularity)
+    return prepared, model, ckpt
 
 
 def item_fields(items: pd.DataFrame) -> CatalogueFields:

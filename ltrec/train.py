@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ltrec.baselines import cooccurrence, ease_inverse, interaction_matrix
-from ltrec.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ltrec.checkpoint import Checkpoint, load_checkpoint_for, save_checkpoint
 from ltrec.data import DatasetError
 from ltrec.distributed import SINGLE, World, join, leave, world_from_env
 from ltrec.evaluation import (
@@ -907,11 +907,7 @@ def retune_long_tail_weight(
     to shift as `shift` says (None: as the checkpoint was trained, `new_item_shift`). Returns
     the checkpoint's summary, which holds the choices."""
     path = out_dir / "checkpoint.pt"
-    model, ckpt = load_checkpoint(path)
-    if ckpt.item_ids != prepared.item_ids or not np.array_equal(
-        ckpt.popularity, prepared.popularity
-    ):
-        raise ValueError(f"{path} was not trained on this split (catalogue or popularity differ)")
+    model, ckpt = load_checkpoint_for(path, prepared.item_ids, prepared.popularity)
     valid_cases = make_cases(
         prepared.split.train, prepared.split.valid, prepared.device_vocab, prepared.region_vocab
     )

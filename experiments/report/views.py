@@ -35,7 +35,7 @@ from experiments.report.settings import (
 from export_scripts.onnx_sweep import onnx_sweep
 from ltrec import item_to_item
 from ltrec.audience import evaluate_audience
-from ltrec.checkpoint import Checkpoint, load_checkpoint
+from ltrec.checkpoint import Checkpoint, SplitMismatch, load_checkpoint_for
 from ltrec.evaluation import (
     HEAD_SHARE,
     KS,
@@ -250,15 +250,11 @@ def run_report(
         sampled = cfg.users
     loaded: tuple[Recommender, Checkpoint] | None = None
     if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint)
+        try:
+            loaded = load_checkpoint_for(checkpoint, prepared.item_ids, prepared.popularity)
+        except SplitMismatch as exc:
+            raise SystemExit(f"error: {exc}; leave out --checkpoint to train here") from exc
         ckpt = loaded[1]
-        if ckpt.item_ids != prepared.item_ids or not np.array_equal(
-            ckpt.popularity, prepared.popularity
-        ):
-            raise SystemExit(
-                f"error: {checkpoint} was not trained on this split of {data} "
-                "(catalogue or training popularity differ); leave out --checkpoint to train here"
-            )
         trained_cfg = ckpt.summary.get("train_config")
         if trained_cfg:  # the ablations get the checkpoint's sizes and training budget
             train = TrainConfig(**{**trained_cfg, **cfg.train_overrides})

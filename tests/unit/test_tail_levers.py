@@ -3,6 +3,8 @@ cost of a tail gain is read off the grid by hand arithmetic."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,35 @@ def test_rendered_lines_name_each_lever_and_its_cost() -> None:
     assert lines[-1].startswith("step: tail NDCG@10 +10% costs NDCG@10 -")
     last = tail_levers.render(result, 0.2)[-1]
     assert last == "step: tail NDCG@10 +20% is not reached on the grid"
+
+
+def test_the_command_reads_a_trained_checkpoint_and_refuses_another_split(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ltrec.prepared import prepare
+    from ltrec.train import TrainConfig, train
+    from tests.support.checkpoints import write_checkpoint
+
+    cache, out = tmp_path / "cache", tmp_path / "model"
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=16,
+        model={"embedding_dim": 16, "n_layers": 1, "n_heads": 1, "max_history": 20},
+    )
+    train(prepare(tiny_data, cache), cfg, out, progress=False)
+    args = ["--data", str(tiny_data), "--cache", str(cache)]
+    assert tail_levers.main([*args, "--checkpoint", str(out / "checkpoint.pt")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "valid" in printed[0]
+    assert any(line.startswith("| step | 0.7 |") for line in printed)
+    assert printed[-3].startswith("exposure: tail NDCG@10 +20% ")
+    # A checkpoint of another catalogue: refused with the reason, nothing printed as figures.
+    other = tmp_path / "other.pt"
+    write_checkpoint(other)
+    assert tail_levers.main([*args, "--checkpoint", str(other)]) == 2
+    captured = capsys.readouterr()
+    assert "was not trained on this split" in captured.err and captured.out == ""
+    with pytest.raises(SystemExit) as refused:
+        tail_levers.main([*args, "--checkpoint", str(other), "--tail-gain", "0"])
+    assert refused.value.code == 2
+    assert "--tail-gain must be above 0, got 0.0" in capsys.readouterr().err
