@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         prepared, model, ckpt = prepare_for_checkpoint(args.data, args.cache, args.checkpoint)
-    except (DatasetError, SplitMismatch) as exc:
+    except (DatasetError, SplitMismatch, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cases = ev.validation_cases(prepared) if args.split == "valid" else ev.held_out_cases(prepared)

@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         prepared, model, ckpt = prepare_for_checkpoint(args.data, args.cache, args.checkpoint)
-    except (DatasetError, SplitMismatch) as exc:
+    except (DatasetError, SplitMismatch, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with torch.no_grad():

@@ -133,6 +133,8 @@ def test_the_command_reads_a_trained_checkpoint_and_refuses_another_split(
     assert tail_levers.main([*args, "--checkpoint", str(other)]) == 2
     captured = capsys.readouterr()
     assert "was not trained on this split" in captured.err and captured.out == ""
+    assert tail_levers.main([*args, "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:
         tail_levers.main([*args, "--checkpoint", str(other), "--tail-gain", "0"])
     assert refused.value.code == 2
