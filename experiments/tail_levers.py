@@ -46,15 +46,17 @@ def tail_step(score_fn: ev.ScoreFn, tail: np.ndarray, boost: float) -> ev.ScoreF
 
 
 def figures(score_fn: ev.ScoreFn, cases: ev.EvalCases, popularity: np.ndarray) -> dict:
-    """NDCG@10 overall, on tail targets and on head targets, and Coverage@10."""
-    tail = ev.long_tail_mask(popularity)
-    ranks, top = ev.evaluate_lists(score_fn, cases, k=ev.K, progress=False)
-    on_tail = tail[cases.targets]
+    """NDCG@10 overall, on tail targets and on head targets, and Coverage@10: the report's
+    own row figures (`ltrec.evaluation.measure`), the ones a lever is read against."""
+    got, _ = ev.measure(
+        score_fn, cases, popularity, ev.long_tail_mask(popularity), "levers", progress=False
+    )
+    ndcg = f"ndcg@{ev.K}"
     return {
-        "ndcg": ev.ranking_metrics(ranks, (ev.K,))[f"ndcg@{ev.K}"],
-        "tail": ev.ranking_metrics(ranks[on_tail], (ev.K,))[f"ndcg@{ev.K}"],
-        "head": ev.ranking_metrics(ranks[~on_tail], (ev.K,))[f"ndcg@{ev.K}"],
-        "coverage": ev.long_tail_metrics(top, popularity, tail)[f"coverage@{ev.K}"],
+        "ndcg": got[ndcg],
+        "tail": got["tail"][ndcg],
+        "head": got["head"][ndcg],
+        "coverage": got[f"coverage@{ev.K}"],
     }
 
 
