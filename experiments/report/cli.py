@@ -102,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         "same data into one report in --out (the first file's long-tail sweep is kept; a row "
         "in several files is taken from the first)",
     )
+    parser.add_argument(
+        "--tail-levers",
+        action="store_true",
+        help="main view: also measure each neural row's score-time long-tail levers (the "
+        "exposure and popularity terms, a step on long-tail items) on validation and test: "
+        "what tail NDCG@10 each buys and what it costs overall (python -m "
+        "experiments.tail_levers does it for a checkpoint)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.merge:
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         views=views,
         screen_epochs=args.screen_epochs if args.screen_epochs else cfg.screen_epochs,
         fixed_settings=fixed,
+        tail_levers=args.tail_levers,
     )
     try:
         report = run_report(

@@ -199,6 +199,8 @@ def fit_all(
                 train_on = with_shuffled_context(prepared, cfg.seed + 1)
                 valid_on = shuffled_context(valid, cfg.seed + 2)
             train_cfg = dataclasses.replace(cfg.train, **LOSS_VARIANTS.get(name, {}))  # type: ignore[arg-type]
+            if name in cfg.row_epochs:
+                train_cfg = dataclasses.replace(train_cfg, epochs=cfg.row_epochs[name])
             screening: list[dict] = []
             screened: tuple[Recommender, dict] | None = None
             fixed = cfg.fixed_settings.get(name)

@@ -13,6 +13,7 @@ from experiments.report.sections import (
     _short_history,
     _targets,
     _tuned,
+    tail_levers_section,
 )
 from experiments.report.settings import (
     MODELS,
@@ -214,6 +215,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     lines += _popularity_term_ablation(report)
+    lines += tail_levers_section(report)
     lines += _item_to_item_section(report)
     return "\n".join(lines)
 

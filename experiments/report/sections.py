@@ -839,3 +839,45 @@ def _targets(report: dict) -> list[str]:
     ]
     lines += [_row([target, figure, _verdict(met)]) for target, figure, met in rows]
     return lines
+
+
+def tail_levers_section(report: dict) -> list[str]:
+    """Each neural row's score-time long-tail levers (`--tail-levers`, `experiments.tail_levers`):
+    the row's plain NDCG@10 and tail NDCG@10, and what each lever's tail gain costs overall."""
+    rows = {name: m for name, m in report["models"].items() if m.get("tail_levers")}
+    if not rows:
+        return []
+    gain = next(iter(rows.values()))["tail_levers"]["tail_gain"]
+    levers = list(next(iter(rows.values()))["tail_levers"]["valid"]["levers"])
+    lines = [
+        "",
+        "## Score-time long-tail levers",
+        "",
+        f"Per neural row, what each score-time term costs in overall NDCG@10 for +{gain:.0%} "
+        "tail-target NDCG@10 (linear between the grid's points; python -m "
+        "experiments.tail_levers lists every point): the exposure term "
+        "`- w log(1 + exposure)` on the row's own exposure, the popularity term, and a step `+b` "
+        "on every long-tail item. \u2013: not reached on the grid.",
+        "",
+        _row(
+            ["model", "split", "NDCG@10", "tail NDCG@10"]
+            + [f"{lever}: cost of +{gain:.0%} tail" for lever in levers]
+        ),
+        _row(["---", "---", "---:", "---:"] + ["---:"] * len(levers)),
+    ]
+    for m in rows.values():
+        for split in ("valid", "test"):
+            got = m["tail_levers"][split]
+            costs = [got["tail_gain_cost"].get(lever) for lever in levers]
+            lines.append(
+                _row(
+                    [
+                        m["label"] if split == "valid" else "",
+                        "validation" if split == "valid" else "test",
+                        _printed(got["plain"]["ndcg"]),
+                        _printed(got["plain"]["tail"]),
+                    ]
+                    + ["\u2013" if c is None else f"{100 * c:+.2f}%" for c in costs]
+                )
+            )
+    return lines

@@ -822,9 +822,19 @@ def test_fixed_settings_replace_the_screen(tiny_data: Path, tmp_path: Path) -> N
     out = tmp_path / "report"
     args = ["--data", str(tiny_data), "--out", str(out), "--cache", str(tmp_path / "cache")]
     fixed = ["--settings", "sasrec:lr=3e-3,dropout=0.4,weight_decay=0.5", "--patience", "7"]
-    assert main([*args, "--quick", "--no-progress", "--models", "sasrec", *fixed]) == 0
-    fit = json.loads((out / "report.json").read_text())["models"]["sasrec"]["fit"]
+    levers = ["--tail-levers"]
+    assert main([*args, "--quick", "--no-progress", "--models", "sasrec", *fixed, *levers]) == 0
+    rows = json.loads((out / "report.json").read_text())["models"]
+    fit = rows["sasrec"]["fit"]
     assert "screening" not in fit
+    # --tail-levers: each neural row's lever frontier on validation and test, and its table
+    assert set(rows["sasrec"]["tail_levers"]) == {"valid", "test", "tail_gain"}
+    assert set(rows["ours"]["tail_levers"]["test"]["levers"]) == {"exposure", "popularity", "step"}
+    # the plain model's test figures are the row's own
+    plain = rows["sasrec"]["tail_levers"]["test"]["plain"]
+    assert plain["ndcg"] == pytest.approx(rows["sasrec"]["test"]["ndcg@10"])
+    assert plain["tail"] == pytest.approx(rows["sasrec"]["test"]["tail"]["ndcg@10"])
+    assert "## Score-time long-tail levers" in (out / "report.md").read_text()
     assert fit["fixed_settings"] == {"lr": 3e-3, "dropout": 0.4, "weight_decay": 0.5}
     assert fit["train_config"]["lr"] == 3e-3 and fit["model_config"]["dropout"] == 0.4
     assert fit["train_config"]["patience"] == 7 and fit["train_config"]["weight_decay"] == 0.5

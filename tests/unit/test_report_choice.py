@@ -286,20 +286,61 @@ def test_the_short_view_validates_after_every_epoch(
     assert [c.train.validate_every for c in seen] == [1]
 
 
-def test_the_short_view_anneals_within_its_epochs_unless_told() -> None:
-    """The report's default schedule (200 epochs) is cut to SHORT_VIEW_EPOCHS on the short view,
-    so its learning rate anneals before patience stops it; a schedule at most that long, or one
-    given on the command line (--epochs), is kept; the main view's is never touched."""
+def test_the_short_view_anneals_ours_within_its_epochs_unless_told() -> None:
+    """The report's default schedule (200 epochs) is cut to SHORT_VIEW_EPOCHS on the short view
+    for ours (SHORT_VIEW_EPOCHS_ROWS) alone, so its learning rate anneals before patience stops
+    it; the other rows keep the report's schedule; a schedule at most that long, or one given on
+    the command line (--epochs), is kept; the main view's is never touched."""
     cfg = ReportConfig()
     assert cfg.train.epochs > SHORT_VIEW_EPOCHS  # else this test proves nothing
     short = views.short_view_config(cfg)
-    assert short.train.epochs == SHORT_VIEW_EPOCHS
+    assert short.row_epochs == {"ours": SHORT_VIEW_EPOCHS}
+    assert short.train.epochs == cfg.train.epochs  # the other rows' schedule
     assert short.train.patience == cfg.train.patience
-    assert cfg.train.epochs == ReportConfig().train.epochs  # the caller's config is unchanged
+    assert cfg.row_epochs == {}  # the caller's config is unchanged
     given = dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, epochs=128),
         train_overrides={"epochs": 128},
     )
+    assert views.short_view_config(given).row_epochs == {}
     assert views.short_view_config(given).train.epochs == 128
-    assert views.short_view_config(quick_config()).train.epochs == quick_config().train.epochs
+    assert views.short_view_config(quick_config()).row_epochs == {}
+
+
+def test_a_rows_own_epochs_reach_its_training_and_its_teacher_ablation(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`row_epochs` shortens the named row's schedule only: ours and the ablation that trains
+    ours' settings without the teacher get it, SASRec and the text-only row keep `train`'s."""
+    prepared = prepare(tiny_data, tmp_path / "cache")
+    teacher = {
+        "order_augmentation": 1.0,
+        "set_context": "others",
+        "softmax_exclude": "others",
+        "distill_weight": 1.0,
+    }
+    base = quick_config()
+    cfg = dataclasses.replace(
+        base,
+        train=dataclasses.replace(base.train, epochs=7),
+        row_epochs={"ours": 3},
+        fixed_settings={"ours": teacher},
+        neural_grids={},
+    )
+    epochs: dict[str, int] = {}
+    real_fit = neural_baselines.fit_recommender
+
+    def fake_fit(train_on, train_cfg, factory, **kwargs):  # type: ignore[no-untyped-def]
+        epochs[kwargs["name"]] = train_cfg.epochs
+        return real_fit(train_on, dataclasses.replace(train_cfg, epochs=1), factory, **kwargs)
+
+    monkeypatch.setattr(neural_baselines, "fit_recommender", fake_fit)
+    rows = ["ours", "ours_no_teacher", "sasrec", "ours_text"]
+    fitting.fit_all(prepared, cfg, "short", None, False, rows)
+    assert epochs == {
+        "short: ours": 3,
+        "short: ours_no_teacher": 3,
+        "short: sasrec": 7,
+        "short: ours_text": 7,
+    }

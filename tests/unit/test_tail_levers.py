@@ -93,6 +93,39 @@ def test_cost_of_a_tail_gain_is_interpolated_between_grid_points() -> None:
     # +5%: between the plain model and the first point, NDCG 0.199.
     assert tail_levers.cost_of_tail_gain(plain, rows, 0.05) == pytest.approx(-0.005)
     assert tail_levers.cost_of_tail_gain(plain, rows, 0.5) is None
+    # A model with no tail NDCG@10 has no gain to price (not "free").
+    assert tail_levers.cost_of_tail_gain({"ndcg": 0.2, "tail": 0.0}, rows, 0.2) is None
+
+
+def test_the_report_measures_a_rows_levers_on_validation_and_test() -> None:
+    """`--tail-levers`: a row's frontier on both splits, each with what +20% tail costs per
+    lever, and the report's Markdown table of them."""
+    from experiments.report.sections import tail_levers_section
+    from experiments.report.views import row_tail_levers
+
+    valid = cases()
+    test = cases()
+    test.targets[:] = [1, 2, 3, 4]  # test: the tail targets rank 2 and 3, not 6 and 8
+    got = row_tail_levers(score_fn, valid, test, POPULARITY, POPULARITY)
+    assert got["tail_gain"] == tail_levers.TAIL_GAIN
+    assert got["valid"]["plain"] == tail_levers.figures(score_fn, valid, POPULARITY)
+    assert got["test"]["plain"]["tail"] == pytest.approx((ndcg(2) + ndcg(3)) / 2)
+    assert got["test"]["plain"]["tail"] > got["valid"]["plain"]["tail"]
+    for split in ("valid", "test"):
+        result = got[split]
+        assert set(result["tail_gain_cost"]) == {"exposure", "popularity", "step"}
+        for lever, rows in result["levers"].items():
+            want = tail_levers.cost_of_tail_gain(result["plain"], rows, tail_levers.TAIL_GAIN)
+            assert result["tail_gain_cost"][lever] == want
+    # Without counts the exposure term counts the row's own top lists: not popularity here.
+    own = row_tail_levers(score_fn, valid, test, POPULARITY, None)
+    assert own["valid"]["levers"]["exposure"] != got["valid"]["levers"]["exposure"]
+    report = {"models": {"sasrec": {"label": "SASRec", "tail_levers": got}, "ease": {}}}
+    lines = tail_levers_section(report)
+    assert lines[1] == "## Score-time long-tail levers"
+    body = [line for line in lines if line.startswith("| SASRec |") or line.startswith("|  |")]
+    assert len(body) == 2 and "| validation |" in body[0] and "| test |" in body[1]
+    assert tail_levers_section({"models": {"ease": {}}}) == []
 
 
 def test_rendered_lines_name_each_lever_and_its_cost() -> None:
