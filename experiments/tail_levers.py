@@ -15,6 +15,10 @@ from the plain model; then, per lever, the overall NDCG@10 it gives up for a giv
 validation unless ``--split test`` (read test only to report, never to choose)::
 
     python -m experiments.tail_levers --checkpoint artifacts/ml-1m/checkpoint.pt --data data/ml-1m
+
+Rows of reports run with ``--tail-levers`` compare without scoring again: the most tail NDCG@10
+each row's levers reach at the other rows' overall NDCG@10 (``--compare
+reports/parts/A/report.json:ours_converged reports/parts/B/report.json:sasrec``).
 """
 
 from __future__ import annotations
@@ -101,6 +105,61 @@ def cost_of_tail_gain(plain: dict, rows: list[dict], gain: float) -> float | Non
     return 0.0 if plain["tail"] >= want else None
 
 
+def tail_at_overall(plain: dict, rows: list[dict], floor: float) -> float | None:
+    """The most tail-target NDCG@10 a lever reaches while overall NDCG@10 stays at or above
+    `floor`: over the plain model and the lever's grid points in order, linear between
+    neighbours (a segment that crosses the floor counts up to the crossing); None when no point
+    of the lever is at or above the floor."""
+    points = [(plain["tail"], plain["ndcg"])] + [(r["tail"], r["ndcg"]) for r in rows]
+    best = [t for t, n in points if n >= floor]
+    for (t0, n0), (t1, n1) in zip(points, points[1:], strict=False):
+        if (n0 - floor) * (n1 - floor) < 0:  # the segment crosses the floor
+            best.append(t0 + (t1 - t0) * (floor - n0) / (n1 - n0))
+    return max(best) if best else None
+
+
+def compare(named: Mapping[str, dict], split: str) -> list[str]:
+    """Two or more rows' lever frontiers (`--tail-levers` in their reports) side by side: each
+    row's plain figures, and the most tail NDCG@10 each of its levers reaches at every other
+    row's plain overall NDCG@10, as a multiple of that row's tail NDCG@10."""
+    lines = []
+    for name, result in named.items():
+        plain = result[split]["plain"]
+        lines.append(f"{name}: NDCG@10 {plain['ndcg']:.4f}, tail NDCG@10 {plain['tail']:.4f}")
+    for name, result in named.items():
+        for other, theirs in named.items():
+            if other == name:
+                continue
+            floor = theirs[split]["plain"]
+            for lever, rows in result[split]["levers"].items():
+                got = tail_at_overall(result[split]["plain"], rows, floor["ndcg"])
+                said = (
+                    "not reached"
+                    if got is None
+                    else f"{got:.4f} ({got / floor['tail']:.2f}x {other}'s)"
+                )
+                lines.append(
+                    f"{name} at {other}'s NDCG@10 ({floor['ndcg']:.4f}), {lever}: tail NDCG@10 "
+                    + said
+                )
+    return lines
+
+
+def _report_row(text: str) -> tuple[str, dict]:
+    """`PATH:ROW` -> (its name, the row's `tail_levers` from the report.json at PATH)."""
+    import json
+
+    path, sep, row = text.rpartition(":")
+    if not sep or not path or not row:
+        raise ValueError(f"{text!r}: give REPORT_JSON:ROW")
+    models = json.loads(Path(path).read_text())["models"]
+    if row not in models:
+        raise ValueError(f"{path} has no row {row!r}")
+    if not models[row].get("tail_levers"):
+        raise ValueError(f"{path}: row {row!r} has no tail levers (run the report --tail-levers)")
+    return f"{row} ({Path(path).parent.name})", models[row]["tail_levers"]
+
+
 def render(result: dict, gain: float) -> list[str]:
     plain = result["plain"]
     lines = [
@@ -127,14 +186,35 @@ def render(result: dict, gain: float) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--data", type=Path, help="dataset directory")
     parser.add_argument("--cache", type=Path, default=Path("artifacts/cache"))
     parser.add_argument("--split", choices=("valid", "test"), default="valid")
     parser.add_argument("--tail-gain", type=float, default=TAIL_GAIN)
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="REPORT_JSON:ROW",
+        help="no scoring: compare rows whose report ran with --tail-levers: the most tail "
+        "NDCG@10 each row's levers reach at each other row's overall NDCG@10",
+    )
     args = parser.parse_args(argv)
     if args.tail_gain <= 0:
         parser.error(f"--tail-gain must be above 0, got {args.tail_gain}")
+    if args.compare:
+        if len(args.compare) < 2:
+            parser.error("--compare: give at least two REPORT_JSON:ROW")
+        try:
+            named = dict(_report_row(text) for text in args.compare)
+            if len(named) < len(args.compare):
+                raise ValueError("a row is given twice")
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            print(f"error: --compare: {exc}", file=sys.stderr)
+            return 2
+        print("\n".join(compare(named, args.split)))
+        return 0
+    if args.checkpoint is None or args.data is None:
+        parser.error("give --checkpoint and --data (or --compare)")
 
     from ltrec.checkpoint import SplitMismatch
     from ltrec.data import DatasetError

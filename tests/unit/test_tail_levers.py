@@ -172,3 +172,61 @@ def test_the_command_reads_a_trained_checkpoint_and_refuses_another_split(
         tail_levers.main([*args, "--checkpoint", str(other), "--tail-gain", "0"])
     assert refused.value.code == 2
     assert "--tail-gain must be above 0, got 0.0" in capsys.readouterr().err
+
+
+def test_the_tail_a_lever_reaches_above_an_overall_floor() -> None:
+    plain = {"ndcg": 0.2, "tail": 0.1}
+    rows = [
+        {"weight": 0.1, "ndcg": 0.198, "tail": 0.11},
+        {"weight": 0.2, "ndcg": 0.19, "tail": 0.13},
+    ]
+    # floor 0.194: halfway between the two points, tail 0.12
+    assert tail_levers.tail_at_overall(plain, rows, 0.194) == pytest.approx(0.12)
+    assert tail_levers.tail_at_overall(plain, rows, 0.19) == pytest.approx(0.13)
+    assert tail_levers.tail_at_overall(plain, rows, 0.2) == pytest.approx(0.1)
+    assert tail_levers.tail_at_overall(plain, rows, 0.21) is None  # nothing reaches it
+    # a lever that first gains overall: its best point above the floor counts
+    up = [{"weight": 0.1, "ndcg": 0.205, "tail": 0.105}, {"weight": 0.2, "ndcg": 0.18, "tail": 0.2}]
+    assert tail_levers.tail_at_overall(plain, up, 0.204) == pytest.approx(0.105 + 0.095 * 0.04)
+
+
+def _levers(ndcg: float, tail: float, rows: list[dict]) -> dict:
+    result = {"plain": {"ndcg": ndcg, "tail": tail}, "levers": {"step": rows}}
+    return {"valid": result, "test": result, "tail_gain": 0.2}
+
+
+def test_rows_compare_at_each_others_overall(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--compare: row A (0.2 / 0.1, its step reaching 0.13 at 0.19) at row B's overall 0.19
+    reaches tail 0.13, 1.3x B's 0.1; B (0.19 / 0.1, no lever point above A's 0.2) does not."""
+    import json
+
+    a = _levers(0.2, 0.1, [{"weight": 0.2, "ndcg": 0.19, "tail": 0.13}])
+    b = _levers(0.19, 0.1, [{"weight": 0.2, "ndcg": 0.18, "tail": 0.12}])
+    lines = tail_levers.compare({"A": a, "B": b}, "test")
+    assert lines[0] == "A: NDCG@10 0.2000, tail NDCG@10 0.1000"
+    assert "A at B's NDCG@10 (0.1900), step: tail NDCG@10 0.1300 (1.30x B's)" in lines
+    assert "B at A's NDCG@10 (0.2000), step: tail NDCG@10 not reached" in lines
+    for name, levers in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(
+            json.dumps({"models": {"sasrec": {"tail_levers": levers}, "ease": {}}})
+        )
+    given = [f"{tmp_path / 'a' / 'report.json'}:sasrec", f"{tmp_path / 'b' / 'report.json'}:sasrec"]
+    assert tail_levers.main(["--compare", *given, "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "sasrec (a) at sasrec (b)'s NDCG@10 (0.1900), step: tail NDCG@10 0.1300" in out
+    for bad, said in (
+        ([given[0], f"{tmp_path / 'a' / 'report.json'}:ease"], "no tail levers"),
+        ([given[0], f"{tmp_path / 'a' / 'report.json'}:ours"], "has no row 'ours'"),
+        ([given[0], "report.json"], "give REPORT_JSON:ROW"),
+        ([given[0], given[0]], "given twice"),
+        ([given[0], f"{tmp_path / 'missing.json'}:sasrec"], "missing.json"),
+    ):
+        assert tail_levers.main(["--compare", *bad]) == 2
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tail_levers.main(["--compare", given[0]])
+    with pytest.raises(SystemExit):
+        tail_levers.main(["--split", "test"])  # neither a checkpoint nor --compare
