@@ -152,7 +152,13 @@ def _report_row(text: str) -> tuple[str, dict]:
     path, sep, row = text.rpartition(":")
     if not sep or not path or not row:
         raise ValueError(f"{text!r}: give REPORT_JSON:ROW")
-    models = json.loads(Path(path).read_text())["models"]
+    try:
+        report = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from exc
+    models = report.get("models") if isinstance(report, dict) else None
+    if not isinstance(models, dict):
+        raise ValueError(f"{path} is not a report.json (it has no models)")
     if row not in models:
         raise ValueError(f"{path} has no row {row!r}")
     if not models[row].get("tail_levers"):
@@ -204,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare:
         if len(args.compare) < 2:
             parser.error("--compare: give at least two REPORT_JSON:ROW")
+        if args.checkpoint is not None or args.data is not None:
+            parser.error("--compare reads reports: it takes no --checkpoint or --data")
         try:
             named = dict(_report_row(text) for text in args.compare)
             if len(named) < len(args.compare):

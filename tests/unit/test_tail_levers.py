@@ -217,12 +217,16 @@ def test_rows_compare_at_each_others_overall(
     assert tail_levers.main(["--compare", *given, "--split", "test"]) == 0
     out = capsys.readouterr().out
     assert "sasrec (a) at sasrec (b)'s NDCG@10 (0.1900), step: tail NDCG@10 0.1300" in out
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
     for bad, said in (
         ([given[0], f"{tmp_path / 'a' / 'report.json'}:ease"], "no tail levers"),
         ([given[0], f"{tmp_path / 'a' / 'report.json'}:ours"], "has no row 'ours'"),
         ([given[0], "report.json"], "give REPORT_JSON:ROW"),
         ([given[0], given[0]], "given twice"),
         ([given[0], f"{tmp_path / 'missing.json'}:sasrec"], "missing.json"),
+        ([given[0], f"{tmp_path / 'list.json'}:sasrec"], "is not a report.json"),
+        ([given[0], f"{tmp_path / 'broken.json'}:sasrec"], "broken.json"),
     ):
         assert tail_levers.main(["--compare", *bad]) == 2
         assert said in capsys.readouterr().err
@@ -230,3 +234,6 @@ def test_rows_compare_at_each_others_overall(
         tail_levers.main(["--compare", given[0]])
     with pytest.raises(SystemExit):
         tail_levers.main(["--split", "test"])  # neither a checkpoint nor --compare
+    with pytest.raises(SystemExit):  # --compare scores nothing: a checkpoint is a mistake
+        tail_levers.main(["--compare", *given, "--checkpoint", "model.pt"])
+    assert "takes no --checkpoint" in capsys.readouterr().err
